@@ -1,0 +1,156 @@
+//! Decisions: what a ledger implies for a subject, and the snapshot Tally publishes.
+//!
+//! [`DecisionSnapshot`] is the wire format of `tally.decisions.v1` (key = subject) and of the
+//! API's `GET /v1/subjects/{subject}/decision`. Its `version` only grows per subject.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::metric::Metric;
+
+/// What happens when a quota is breached.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Action {
+    /// Refuse requests until the period resets (the default).
+    #[default]
+    Block,
+    /// Allow, but route to a cheaper model.
+    Degrade { fallback_model: String },
+    /// Refuse for now; the caller retries at the quota's `resets_at`.
+    Queue,
+    /// Allow and flag the overage.
+    Soft,
+}
+
+impl Action {
+    /// Whether a breach under this action refuses the request.
+    pub fn denies(&self) -> bool {
+        matches!(self, Action::Block | Action::Queue)
+    }
+}
+
+/// The state of one quota for one subject and period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaState {
+    Ok,
+    Warning,
+    Breached,
+}
+
+/// The state of a quota given its usage, its limit, burst headroom and warning thresholds
+/// (in percent of `limit`). Breached once `used` reaches `limit + burst`: at that point the
+/// next unit would exceed the budget. Warning once a threshold below 100% is reached.
+pub fn quota_state(used: i64, limit: i64, burst: i64, thresholds_percent: &[u32]) -> QuotaState {
+    if used >= limit.saturating_add(burst) {
+        return QuotaState::Breached;
+    }
+    let warned = thresholds_percent
+        .iter()
+        .filter(|&&t| t < 100)
+        .any(|&t| (used as i128) * 100 >= (limit as i128) * (t as i128));
+    if warned {
+        QuotaState::Warning
+    } else {
+        QuotaState::Ok
+    }
+}
+
+/// The highest threshold (percent of the limit) that `used` has reached, if any. The
+/// aggregator records fired thresholds so each fires once per subject, quota and period.
+pub fn highest_threshold_reached(used: i64, limit: i64, thresholds_percent: &[u32]) -> Option<u32> {
+    thresholds_percent
+        .iter()
+        .copied()
+        .filter(|&t| (used as i128) * 100 >= (limit as i128) * (t as i128))
+        .max()
+}
+
+/// One quota's line in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaDecision {
+    /// The quota's name within its tier, e.g. `monthly_tokens`.
+    pub quota: String,
+    pub metric: Metric,
+    /// The period spec as configured, e.g. `month`, `day`, `60s`, `rolling 7d`.
+    pub period: String,
+    /// The scope the quota applies to; `null` for all scopes.
+    pub scope: Option<String>,
+    pub state: QuotaState,
+    pub action: Action,
+    pub used: i64,
+    pub limit: i64,
+    /// `max(limit + burst - used, 0)`.
+    pub remaining: i64,
+    pub resets_at: DateTime<Utc>,
+}
+
+/// A per-subject decision snapshot, as published on `tally.decisions.v1`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionSnapshot {
+    pub subject: String,
+    /// False when any quota with a denying action (`block`, `queue`) is breached.
+    pub allowed: bool,
+    /// Grows with every snapshot published for this subject.
+    pub version: i64,
+    pub calculated_at: DateTime<Utc>,
+    /// The effective tier the quotas came from.
+    pub tier: String,
+    pub quotas: Vec<QuotaDecision>,
+}
+
+impl DecisionSnapshot {
+    pub fn allowed_for(quotas: &[QuotaDecision]) -> bool {
+        !quotas.iter().any(|q| q.state == QuotaState::Breached && q.action.denies())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn breached_at_limit_plus_burst_not_before() {
+        assert_eq!(quota_state(99, 100, 0, &[80]), QuotaState::Warning);
+        assert_eq!(quota_state(100, 100, 0, &[80]), QuotaState::Breached);
+        assert_eq!(quota_state(100, 100, 10, &[80]), QuotaState::Warning);
+        assert_eq!(quota_state(110, 100, 10, &[80]), QuotaState::Breached);
+        assert_eq!(quota_state(79, 100, 0, &[80]), QuotaState::Ok);
+        assert_eq!(quota_state(0, 100, 0, &[]), QuotaState::Ok);
+    }
+
+    #[test]
+    fn highest_threshold_is_the_largest_reached() {
+        assert_eq!(highest_threshold_reached(79, 100, &[80, 100]), None);
+        assert_eq!(highest_threshold_reached(80, 100, &[80, 100]), Some(80));
+        assert_eq!(highest_threshold_reached(150, 100, &[100, 80]), Some(100));
+    }
+
+    #[test]
+    fn only_block_and_queue_deny() {
+        let q = |action| QuotaDecision {
+            quota: "q".into(),
+            metric: Metric::TotalTokens,
+            period: "month".into(),
+            scope: None,
+            state: QuotaState::Breached,
+            action,
+            used: 10,
+            limit: 10,
+            remaining: 0,
+            resets_at: DateTime::<Utc>::UNIX_EPOCH,
+        };
+        assert!(!DecisionSnapshot::allowed_for(&[q(Action::Block)]));
+        assert!(!DecisionSnapshot::allowed_for(&[q(Action::Queue)]));
+        assert!(DecisionSnapshot::allowed_for(&[q(Action::Soft)]));
+        assert!(DecisionSnapshot::allowed_for(&[q(Action::Degrade { fallback_model: "small".into() })]));
+    }
+
+    #[test]
+    fn action_wire_format_is_tagged() {
+        let json = serde_json::to_string(&Action::Degrade { fallback_model: "m".into() }).unwrap();
+        assert_eq!(json, r#"{"type":"degrade","fallback_model":"m"}"#);
+        assert_eq!(serde_json::to_string(&Action::Block).unwrap(), r#"{"type":"block"}"#);
+    }
+}

@@ -1,0 +1,397 @@
+//! Usage events: parsing, validation and the canonical form.
+//!
+//! Accepted shapes (JSON objects):
+//! - the plain Tally event: required `id` (1..128 chars, the dedupe key), `subject`, `time`
+//!   (RFC 3339 event time); optional `api_key`, `scope` (default ""), `model`, `requests`
+//!   (default 1), `input_tokens`, `output_tokens`, `cached_tokens` (default 0),
+//!   `cost_micros`, `attributes` (string map) and `corrects` (the id of an event this one
+//!   reverts);
+//! - a CloudEvents 1.0 envelope (`specversion`, `id`, `source`, `type`, `subject`, `time`,
+//!   `data`), whose `data` holds the optional fields above. Its dedupe key is `source`+`id`.
+//!
+//! Unknown fields are rejected: a misspelt `input_token` must not silently count zero.
+//! A raw `api_key` never leaves [`parse_event`]: the canonical form carries only its SHA-256
+//! (`api_key_sha256`), so keys are not stored or logged in clear anywhere downstream.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::metric::Amounts;
+
+/// Longest accepted `id`, in characters.
+pub const MAX_ID_CHARS: usize = 128;
+/// Longest accepted `subject`, `scope`, `model`, in characters.
+pub const MAX_NAME_CHARS: usize = 256;
+/// How far in the future an event time may be.
+pub const MAX_FUTURE: Duration = Duration::minutes(5);
+
+/// A validated usage event in canonical form. Serializing it gives the bytes Tally's own
+/// ingest produces to `tally.usage.v1`; parsing those bytes gives the same event back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageEvent {
+    /// The dedupe key: the event's `id`, or for a CloudEvent a key built from `source`+`id`.
+    pub id: String,
+    pub subject: String,
+    pub time: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_sha256: Option<String>,
+    #[serde(default)]
+    pub scope: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    pub requests: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cached_tokens: i64,
+    /// `None` when the sender gave no cost; the aggregator may price it from the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_micros: Option<i64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
+    /// The dedupe key of the event this one reverts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corrects: Option<String>,
+}
+
+impl UsageEvent {
+    pub fn amounts(&self) -> Amounts {
+        Amounts {
+            requests: self.requests,
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+            cached_tokens: self.cached_tokens,
+            cost_micros: self.cost_micros.unwrap_or(0),
+        }
+    }
+
+    /// The canonical JSON bytes of this event.
+    pub fn to_canonical_json(&self) -> Vec<u8> {
+        // Serializing a struct of strings, integers and a BTreeMap cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// A digest of the canonical form. Two deliveries with the same `id` and the same
+    /// fingerprint are one event; the same `id` with another fingerprint is a conflict.
+    pub fn fingerprint(&self) -> String {
+        hex::encode(Sha256::digest(self.to_canonical_json()))
+    }
+}
+
+/// Why an event was refused, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("field `{field}`: {message}")]
+pub struct EventError {
+    pub field: String,
+    pub message: String,
+}
+
+fn err(field: &str, message: impl Into<String>) -> EventError {
+    EventError { field: field.to_string(), message: message.into() }
+}
+
+/// The SHA-256 of an API key, hex encoded: the only form in which Tally stores a key.
+pub fn hash_api_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// Parses one event from JSON bytes.
+pub fn parse_event(bytes: &[u8]) -> Result<UsageEvent, EventError> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| err("$", format!("not valid JSON: {e}")))?;
+    event_from_value(value)
+}
+
+/// Validates one event already parsed as JSON.
+pub fn event_from_value(value: Value) -> Result<UsageEvent, EventError> {
+    let Value::Object(obj) = value else {
+        return Err(err("$", "an event must be a JSON object"));
+    };
+    if obj.contains_key("specversion") {
+        from_cloudevent(obj)
+    } else {
+        from_plain(obj)
+    }
+}
+
+const PLAIN_FIELDS: &[&str] = &[
+    "id", "subject", "time", "api_key", "api_key_sha256", "scope", "model", "requests", "input_tokens",
+    "output_tokens", "cached_tokens", "cost_micros", "attributes", "corrects",
+];
+const DATA_FIELDS: &[&str] = &[
+    "api_key", "api_key_sha256", "scope", "model", "requests", "input_tokens", "output_tokens",
+    "cached_tokens", "cost_micros", "attributes", "corrects",
+];
+const CLOUDEVENT_FIELDS: &[&str] = &[
+    "specversion", "id", "source", "type", "subject", "time", "data", "datacontenttype", "dataschema",
+];
+
+fn reject_unknown(obj: &Map<String, Value>, allowed: &[&str], prefix: &str) -> Result<(), EventError> {
+    match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(err(&format!("{prefix}{k}"), "unknown field")),
+        None => Ok(()),
+    }
+}
+
+fn from_plain(obj: Map<String, Value>) -> Result<UsageEvent, EventError> {
+    reject_unknown(&obj, PLAIN_FIELDS, "")?;
+    let id = required_str(&obj, "id", "id", MAX_ID_CHARS)?;
+    let subject = required_str(&obj, "subject", "subject", MAX_NAME_CHARS)?;
+    let time = required_time(&obj, "time")?;
+    build(id, subject, time, &obj, "")
+}
+
+fn from_cloudevent(obj: Map<String, Value>) -> Result<UsageEvent, EventError> {
+    reject_unknown(&obj, CLOUDEVENT_FIELDS, "")?;
+    match obj.get("specversion") {
+        Some(Value::String(v)) if v == "1.0" => {}
+        _ => return Err(err("specversion", "must be \"1.0\"")),
+    }
+    let ce_id = required_str(&obj, "id", "id", MAX_ID_CHARS)?;
+    let source = required_str(&obj, "source", "source", 1024)?;
+    required_str(&obj, "type", "type", 1024)?;
+    let subject = required_str(&obj, "subject", "subject", MAX_NAME_CHARS)?;
+    let time = required_time(&obj, "time")?;
+    let data = match obj.get("data") {
+        Some(Value::Object(d)) => d.clone(),
+        Some(_) => return Err(err("data", "must be a JSON object")),
+        None => Map::new(),
+    };
+    reject_unknown(&data, DATA_FIELDS, "data.")?;
+    // Length-prefixed so that no (source, id) pair can collide with another.
+    let id = format!("ce:{}:{}:{}", source.len(), source, ce_id);
+    build(id, subject, time, &data, "data.")
+}
+
+fn build(
+    id: String,
+    subject: String,
+    time: DateTime<Utc>,
+    obj: &Map<String, Value>,
+    prefix: &str,
+) -> Result<UsageEvent, EventError> {
+    let f = |name: &str| format!("{prefix}{name}");
+    let api_key_sha256 = match (obj.get("api_key"), obj.get("api_key_sha256")) {
+        (Some(_), Some(_)) => return Err(err(&f("api_key"), "give api_key or api_key_sha256, not both")),
+        (Some(Value::String(k)), None) if !k.is_empty() => Some(hash_api_key(k)),
+        (Some(_), None) => return Err(err(&f("api_key"), "must be a non-empty string")),
+        (None, Some(Value::String(h))) if is_sha256_hex(h) => Some(h.clone()),
+        (None, Some(_)) => return Err(err(&f("api_key_sha256"), "must be 64 lowercase hex characters")),
+        (None, None) => None,
+    };
+    let scope = optional_str(obj, "scope", &f("scope"))?.unwrap_or_default();
+    let model = optional_str(obj, "model", &f("model"))?;
+    let requests = optional_count(obj, "requests", &f("requests"))?.unwrap_or(1);
+    let input_tokens = optional_count(obj, "input_tokens", &f("input_tokens"))?.unwrap_or(0);
+    let output_tokens = optional_count(obj, "output_tokens", &f("output_tokens"))?.unwrap_or(0);
+    let cached_tokens = optional_count(obj, "cached_tokens", &f("cached_tokens"))?.unwrap_or(0);
+    let cost_micros = optional_count(obj, "cost_micros", &f("cost_micros"))?;
+    let attributes = attributes(obj, &f("attributes"))?;
+    let corrects = match obj.get("corrects") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if !s.is_empty() && s.chars().count() <= 1024 => Some(s.clone()),
+        Some(_) => return Err(err(&f("corrects"), "must be the non-empty id of the event to revert")),
+    };
+    if corrects.as_deref() == Some(id.as_str()) {
+        return Err(err(&f("corrects"), "an event cannot correct itself"));
+    }
+    Ok(UsageEvent {
+        id,
+        subject,
+        time,
+        api_key_sha256,
+        scope,
+        model,
+        requests,
+        input_tokens,
+        output_tokens,
+        cached_tokens,
+        cost_micros,
+        attributes,
+        corrects,
+    })
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn required_str(obj: &Map<String, Value>, key: &str, field: &str, max: usize) -> Result<String, EventError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Err(err(field, "is required")),
+        Some(Value::String(s)) => check_len(s, field, max),
+        Some(_) => Err(err(field, "must be a string")),
+    }
+}
+
+fn optional_str(obj: &Map<String, Value>, key: &str, field: &str) -> Result<Option<String>, EventError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(Some(String::new())),
+        Some(Value::String(s)) => check_len(s, field, MAX_NAME_CHARS).map(Some),
+        Some(_) => Err(err(field, "must be a string")),
+    }
+}
+
+fn check_len(s: &str, field: &str, max: usize) -> Result<String, EventError> {
+    let n = s.chars().count();
+    if n == 0 {
+        Err(err(field, "must not be empty"))
+    } else if n > max {
+        Err(err(field, format!("is {n} characters long; the limit is {max}")))
+    } else {
+        Ok(s.to_string())
+    }
+}
+
+fn required_time(obj: &Map<String, Value>, field: &str) -> Result<DateTime<Utc>, EventError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Err(err(field, "is required")),
+        Some(Value::String(s)) => DateTime::parse_from_rfc3339(s)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| err(field, format!("must be an RFC 3339 time such as 2026-11-22T10:00:00Z ({e})"))),
+        Some(_) => Err(err(field, "must be an RFC 3339 string")),
+    }
+}
+
+fn optional_count(obj: &Map<String, Value>, key: &str, field: &str) -> Result<Option<i64>, EventError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(v) if v >= 0 => Ok(Some(v)),
+            _ => Err(err(field, format!("must be a non-negative integer, got {n}"))),
+        },
+        Some(_) => Err(err(field, "must be a non-negative integer")),
+    }
+}
+
+fn attributes(obj: &Map<String, Value>, field: &str) -> Result<BTreeMap<String, String>, EventError> {
+    match obj.get("attributes") {
+        None | Some(Value::Null) => Ok(BTreeMap::new()),
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => Ok((k.clone(), s.clone())),
+                _ => Err(err(&format!("{field}.{k}"), "attribute values must be strings")),
+            })
+            .collect(),
+        Some(_) => Err(err(field, "must be an object of strings")),
+    }
+}
+
+/// Where an event's time stands against the lateness window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timeliness {
+    OnTime,
+    /// Older than the lateness window allows.
+    TooLate,
+    /// More than [`MAX_FUTURE`] ahead of `now`.
+    InFuture,
+}
+
+/// Classifies an event time against `now` and the lateness window.
+pub fn timeliness(time: DateTime<Utc>, now: DateTime<Utc>, lateness: Duration) -> Timeliness {
+    if time > now + MAX_FUTURE {
+        Timeliness::InFuture
+    } else if time < now - lateness {
+        Timeliness::TooLate
+    } else {
+        Timeliness::OnTime
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<UsageEvent, EventError> {
+        event_from_value(v)
+    }
+
+    #[test]
+    fn minimal_event_gets_defaults() {
+        let e = parse(json!({"id": "e1", "subject": "alice", "time": "2026-11-22T10:00:00+01:00"})).unwrap();
+        assert_eq!(e.requests, 1);
+        assert_eq!(e.input_tokens, 0);
+        assert_eq!(e.scope, "");
+        assert_eq!(e.cost_micros, None);
+        assert_eq!(e.time.to_rfc3339(), "2026-11-22T09:00:00+00:00");
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases = [
+            (json!({"subject": "a", "time": "2026-11-22T10:00:00Z"}), "id"),
+            (json!({"id": "", "subject": "a", "time": "2026-11-22T10:00:00Z"}), "id"),
+            (json!({"id": "x".repeat(129), "subject": "a", "time": "2026-11-22T10:00:00Z"}), "id"),
+            (json!({"id": "e", "time": "2026-11-22T10:00:00Z"}), "subject"),
+            (json!({"id": "e", "subject": "a", "time": "yesterday"}), "time"),
+            (json!({"id": "e", "subject": "a", "time": "2026-11-22T10:00:00Z", "input_tokens": -1}), "input_tokens"),
+            (json!({"id": "e", "subject": "a", "time": "2026-11-22T10:00:00Z", "output_tokens": 1.5}), "output_tokens"),
+            (json!({"id": "e", "subject": "a", "time": "2026-11-22T10:00:00Z", "input_token": 5}), "input_token"),
+            (json!({"id": "e", "subject": "a", "time": "2026-11-22T10:00:00Z", "attributes": {"k": 1}}), "attributes.k"),
+            (json!({"id": "e", "subject": "a", "time": "2026-11-22T10:00:00Z", "corrects": "e"}), "corrects"),
+        ];
+        for (value, field) in cases {
+            let e = parse(value.clone()).unwrap_err();
+            assert_eq!(e.field, field, "for {value}");
+        }
+    }
+
+    #[test]
+    fn id_of_exactly_128_chars_is_accepted() {
+        assert!(parse(json!({"id": "é".repeat(128), "subject": "a", "time": "2026-11-22T10:00:00Z"})).is_ok());
+    }
+
+    #[test]
+    fn api_key_is_replaced_by_its_hash() {
+        let e = parse(json!({"id": "e", "subject": "a", "time": "2026-11-22T10:00:00Z", "api_key": "sk-secret"})).unwrap();
+        let json = String::from_utf8(e.to_canonical_json()).unwrap();
+        assert!(!json.contains("sk-secret"));
+        assert_eq!(e.api_key_sha256.as_deref(), Some(hash_api_key("sk-secret").as_str()));
+    }
+
+    #[test]
+    fn canonical_form_round_trips_with_same_fingerprint() {
+        let e = parse(json!({
+            "id": "e", "subject": "a", "time": "2026-11-22T10:00:00Z", "api_key": "k", "model": "m",
+            "input_tokens": 3, "output_tokens": 4, "cost_micros": 9, "attributes": {"b": "2", "a": "1"}
+        }))
+        .unwrap();
+        let again = parse_event(&e.to_canonical_json()).unwrap();
+        assert_eq!(again, e);
+        assert_eq!(again.fingerprint(), e.fingerprint());
+        let mut other = e.clone();
+        other.output_tokens += 1;
+        assert_ne!(other.fingerprint(), e.fingerprint());
+    }
+
+    #[test]
+    fn cloudevent_dedupe_key_uses_source_and_id() {
+        let ce = |source: &str| {
+            json!({"specversion": "1.0", "id": "1", "source": source, "type": "usage", "subject": "a",
+                   "time": "2026-11-22T10:00:00Z", "data": {"input_tokens": 7}})
+        };
+        let a = parse(ce("gw-a")).unwrap();
+        let b = parse(ce("gw-b")).unwrap();
+        assert_ne!(a.id, b.id);
+        assert_eq!(a.input_tokens, 7);
+        let bad = parse(json!({"specversion": "1.0", "id": "1", "source": "s", "type": "t", "subject": "a",
+                               "time": "2026-11-22T10:00:00Z", "data": {"tokens": 1}}))
+        .unwrap_err();
+        assert_eq!(bad.field, "data.tokens");
+    }
+
+    #[test]
+    fn timeliness_bounds() {
+        let now: DateTime<Utc> = "2026-11-22T12:00:00Z".parse().unwrap();
+        let late = Duration::days(35);
+        assert_eq!(timeliness(now + Duration::minutes(5), now, late), Timeliness::OnTime);
+        assert_eq!(timeliness(now + Duration::minutes(5) + Duration::seconds(1), now, late), Timeliness::InFuture);
+        assert_eq!(timeliness(now - late, now, late), Timeliness::OnTime);
+        assert_eq!(timeliness(now - late - Duration::seconds(1), now, late), Timeliness::TooLate);
+    }
+}
