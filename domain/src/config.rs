@@ -1,1 +1,1192 @@
-//! (being written: see issue 3)
+//! The tier configuration file (YAML) and its validation.
+//!
+//! [`Config::from_yaml_str`] parses and validates the whole file and either returns a
+//! [`Config`] in which every reference resolves, or [`ConfigErrors`] listing **every**
+//! problem found, each with its location: a path such as `tiers.pro.quotas[1].period`
+//! (tiers are named by their `name`, other lists by index, maps by key) and, for YAML
+//! syntax and top-level shape errors, the line and column serde_yaml reports. Unknown
+//! keys are rejected everywhere. Nothing is half-applied: a file with any error yields no
+//! `Config`.
+//!
+//! # Format
+//!
+//! ```yaml
+//! default_tier: free            # required: the tier of subjects nothing else matches
+//! timezone: UTC                 # calendar periods' timezone when neither the subject
+//!                               # nor its tier has one (default UTC)
+//! quotas:                       # base quotas, multiplied by each tier's rate_multiplier
+//!   - name: rpm
+//!     metric: requests          # requests | input_tokens | output_tokens |
+//!                               # cached_tokens | total_tokens | cost_micros
+//!     rate: 10/m                # a rate (limit + window), or `period` + `limit`
+//!   - name: monthly_tokens
+//!     metric: total_tokens
+//!     period: month             # see crate::period for the grammar
+//!     limit: 100000
+//!     scope: chat               # optional: count only usage in this scope
+//!     burst: 0                  # optional headroom above the limit (default 0)
+//!     thresholds: [80, 95]      # warning thresholds in percent (default [80])
+//!     action: degrade           # block (default) | degrade | queue | soft
+//!     fallback_model: small     # required with degrade, refused otherwise
+//! tiers:
+//!   - name: pro
+//!     priority: 10              # higher wins among a subject's groups (default 0)
+//!     rate_multiplier: 10       # > 0 (default 1)
+//!     timezone: America/New_York
+//!     action: soft              # default action of this tier's quotas
+//!     explicit_limits:          # replace a base quota outright in one scope
+//!       - {scope: batch, metric: requests, rate: 5000/h}   # `quota: rpm` to name it
+//!     quotas: []                # the tier's own quotas, not multiplied; one named
+//!                               # like a base quota replaces it
+//! groups: {engineering: pro}    # group -> tier
+//! members: {alice: [engineering]}           # subject -> groups
+//! subjects: {alice: {timezone: Europe/London}}
+//! assignments:                  # explicit tier per subject, until expires_at (exclusive)
+//!   - {subject: bob, tier: pro, expires_at: 2027-01-01T00:00:00Z, reason: trial}
+//! overrides:                    # temporary limits; starts_at inclusive, expires_at exclusive
+//!   - subject: carol
+//!     scope: api                # optional: only requests in this scope
+//!     quota: rpm                # optional: only this quota (default: every quota)
+//!     limit: 1000               # or `rate: 1000/h` (which also sets the window)
+//!     starts_at: 2026-11-01T00:00:00Z       # optional (default: already started)
+//!     expires_at: 2026-12-01T00:00:00Z
+//!     reason: launch week
+//!     created_by: ops@example.com
+//! api_keys:                     # keys are stored only as SHA-256 hex of the key
+//!   - {key_sha256: "<64 hex>", tier: pro, label: acme-prod}
+//! prices:                       # integer micro-dollars per 1 000 000 tokens
+//!   gpt-4o: {input: 2500000, output: 10000000, cached: 1250000}
+//! ```
+//!
+//! Prices are in micro-dollars (1e-6 USD) **per million tokens**, the unit providers
+//! publish, so every real price list is an exact integer ($0.075 / 1M = 75 000). `cached`
+//! defaults to the input price; cached tokens are priced separately from `input_tokens`
+//! (see [`ModelPrice::cost_micros`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_yaml::Value;
+
+use crate::decision::Action;
+use crate::metric::Metric;
+use crate::period::PeriodSpec;
+use crate::rate::{valid_multiplier, Rate};
+use crate::tier::{ExplicitLimit, QuotaDef, Tier, DEFAULT_THRESHOLDS};
+
+/// A validated configuration. Every tier, group and quota it references exists.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub default_tier: String,
+    pub timezone: Tz,
+    pub quotas: Vec<QuotaDef>,
+    /// In file order; names are distinct.
+    pub tiers: Vec<Tier>,
+    /// Group name -> tier name.
+    pub groups: BTreeMap<String, String>,
+    /// Subject -> the groups it belongs to.
+    pub members: BTreeMap<String, Vec<String>>,
+    /// Subject -> its own timezone.
+    pub subject_timezones: BTreeMap<String, Tz>,
+    pub assignments: Vec<Assignment>,
+    pub overrides: Vec<Override>,
+    /// SHA-256 hex (lowercase) of the key -> the key's entry.
+    pub api_keys: BTreeMap<String, ApiKey>,
+    /// Model name -> price.
+    pub prices: BTreeMap<String, ModelPrice>,
+}
+
+/// An explicit tier for one subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub subject: String,
+    pub tier: String,
+    /// Exclusive; `None`: never expires.
+    pub expires_at: Option<DateTime<Utc>>,
+    pub reason: Option<String>,
+}
+
+impl Assignment {
+    pub fn active_at(&self, at: DateTime<Utc>) -> bool {
+        self.expires_at.is_none_or(|end| at < end)
+    }
+}
+
+/// What an override sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverrideLimit {
+    /// A new limit over the quota's own window.
+    Limit(i64),
+    /// A new limit and window.
+    Rate(Rate),
+}
+
+/// A temporary limit for one subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Override {
+    pub subject: String,
+    /// `None`: requests in every scope.
+    pub scope: Option<String>,
+    /// `None`: every quota of the subject's tier.
+    pub quota: Option<String>,
+    pub limit: OverrideLimit,
+    /// Inclusive; `None`: already started.
+    pub starts_at: Option<DateTime<Utc>>,
+    /// Exclusive.
+    pub expires_at: DateTime<Utc>,
+    pub reason: String,
+    pub created_by: String,
+}
+
+impl Override {
+    /// Active from `starts_at` inclusive to `expires_at` exclusive.
+    pub fn active_at(&self, at: DateTime<Utc>) -> bool {
+        self.starts_at.is_none_or(|start| start <= at) && at < self.expires_at
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub key_sha256: String,
+    pub tier: String,
+    pub label: Option<String>,
+}
+
+/// A model's price in micro-dollars per 1 000 000 tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelPrice {
+    pub input: u64,
+    pub output: u64,
+    pub cached: u64,
+}
+
+impl ModelPrice {
+    /// The cost of one request in micro-dollars:
+    /// `(input × input_price + output × output_price + cached × cached_price) / 1e6`,
+    /// rounded to the nearest micro-dollar (ties to even), saturating.
+    pub fn cost_micros(&self, input_tokens: i64, output_tokens: i64, cached_tokens: i64) -> i64 {
+        let total = i128::from(input_tokens) * i128::from(self.input)
+            + i128::from(output_tokens) * i128::from(self.output)
+            + i128::from(cached_tokens) * i128::from(self.cached);
+        let (q, r) = (total.div_euclid(1_000_000), total.rem_euclid(1_000_000));
+        let q = if r > 500_000 || (r == 500_000 && q % 2 != 0) { q + 1 } else { q };
+        i64::try_from(q).unwrap_or(if q < 0 { i64::MIN } else { i64::MAX })
+    }
+}
+
+impl Config {
+    pub fn tier(&self, name: &str) -> Option<&Tier> {
+        self.tiers.iter().find(|t| t.name == name)
+    }
+
+    /// The tier of an API key, looked up by the SHA-256 hex of the key
+    /// ([`crate::event::hash_api_key`]).
+    pub fn api_key_tier(&self, key_sha256: &str) -> Option<&str> {
+        self.api_keys.get(key_sha256).map(|k| k.tier.as_str())
+    }
+
+    pub fn price(&self, model: &str) -> Option<&ModelPrice> {
+        self.prices.get(model)
+    }
+
+    /// Parses and validates a configuration file; see the module docs.
+    pub fn from_yaml_str(text: &str) -> Result<Config, ConfigErrors> {
+        if text.trim().is_empty() {
+            return Err(ConfigErrors(vec![ConfigError::at("", "the configuration is empty; `default_tier` is required")]));
+        }
+        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| ConfigErrors(vec![ConfigError::from_yaml(&e)]))?;
+        let mut v = Validator::default();
+        let config = v.config(raw);
+        if v.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(v.errors))
+        }
+    }
+}
+
+/// One problem in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Where, e.g. `tiers.pro.quotas[1].period`; empty for the whole file.
+    pub path: String,
+    /// 1-based, when the YAML parser knows it.
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn at(path: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError { path: path.to_string(), line: None, column: None, message: message.into() }
+    }
+
+    fn from_yaml(e: &serde_yaml::Error) -> ConfigError {
+        let text = e.to_string();
+        let location = e.location();
+        // serde_yaml appends " at line L column C"; the location is kept apart instead.
+        let message = match (location.as_ref(), text.rfind(" at line ")) {
+            (Some(_), Some(i)) => text[..i].to_string(),
+            _ => text,
+        };
+        ConfigError {
+            path: String::new(),
+            line: location.as_ref().map(|l| l.line()),
+            column: location.as_ref().map(|l| l.column()),
+            message,
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)?;
+        if let (Some(line), Some(column)) = (self.line, self.column) {
+            write!(f, " (line {line}, column {column})")?;
+        }
+        Ok(())
+    }
+}
+
+/// Every problem found in a configuration file, in file order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        write!(f, "{n} error{} in the configuration", if n == 1 { "" } else { "s" })?;
+        for e in &self.0 {
+            write!(f, "\n  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+// ---- raw shapes, as written in the file ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    default_tier: Option<String>,
+    timezone: Option<String>,
+    quotas: Option<Vec<Value>>,
+    tiers: Option<Vec<Value>>,
+    groups: Option<Pairs<Value>>,
+    members: Option<Pairs<Value>>,
+    subjects: Option<Pairs<Value>>,
+    assignments: Option<Vec<Value>>,
+    overrides: Option<Vec<Value>>,
+    api_keys: Option<Vec<Value>>,
+    prices: Option<Pairs<Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuota {
+    name: String,
+    metric: String,
+    period: Option<String>,
+    rate: Option<String>,
+    limit: Option<i64>,
+    scope: Option<String>,
+    burst: Option<i64>,
+    thresholds: Option<Vec<i64>>,
+    action: Option<String>,
+    fallback_model: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTier {
+    name: String,
+    priority: Option<i64>,
+    rate_multiplier: Option<f64>,
+    timezone: Option<String>,
+    action: Option<String>,
+    fallback_model: Option<String>,
+    explicit_limits: Option<Vec<Value>>,
+    quotas: Option<Vec<Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExplicit {
+    scope: String,
+    metric: String,
+    quota: Option<String>,
+    rate: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSubject {
+    timezone: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAssignment {
+    subject: String,
+    tier: String,
+    expires_at: Option<String>,
+    reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOverride {
+    subject: String,
+    scope: Option<String>,
+    quota: Option<String>,
+    rate: Option<String>,
+    limit: Option<i64>,
+    starts_at: Option<String>,
+    expires_at: String,
+    reason: String,
+    created_by: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApiKey {
+    key_sha256: Option<String>,
+    /// Only so that a plaintext key gets a clear refusal; its value is never kept.
+    key: Option<serde::de::IgnoredAny>,
+    tier: String,
+    label: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrice {
+    input: u64,
+    output: u64,
+    cached: Option<u64>,
+}
+
+/// A YAML mapping kept as ordered pairs, so duplicate keys can be reported instead of
+/// silently overwriting each other.
+struct Pairs<V>(Vec<(String, V)>);
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for Pairs<V> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct PairsVisitor<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for PairsVisitor<V> {
+            type Value = Pairs<V>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a mapping")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Pairs<V>, A::Error> {
+                let mut pairs = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, V>()? {
+                    pairs.push((k, v));
+                }
+                Ok(Pairs(pairs))
+            }
+        }
+        deserializer.deserialize_map(PairsVisitor(std::marker::PhantomData))
+    }
+}
+
+// ---- validation ----
+
+#[derive(Default)]
+struct Validator {
+    errors: Vec<ConfigError>,
+}
+
+fn item_path(list: &str, i: usize) -> String {
+    format!("{list}[{i}]")
+}
+
+impl Validator {
+    fn err(&mut self, path: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError::at(path, message));
+    }
+
+    /// Deserializes one item, recording a shape error (unknown key, wrong type) at `path`.
+    fn item<T: serde::de::DeserializeOwned>(&mut self, value: Value, path: &str) -> Option<T> {
+        match serde_yaml::from_value(value) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.err(path, ConfigError::from_yaml(&e).message);
+                None
+            }
+        }
+    }
+
+    fn timezone(&mut self, name: &str, path: &str) -> Option<Tz> {
+        match name.parse::<Tz>() {
+            Ok(tz) => Some(tz),
+            Err(_) => {
+                self.err(path, format!("unknown timezone `{name}`: expected an IANA name such as Europe/London or UTC"));
+                None
+            }
+        }
+    }
+
+    fn time(&mut self, text: &str, path: &str) -> Option<DateTime<Utc>> {
+        match DateTime::parse_from_rfc3339(text.trim()) {
+            Ok(t) => Some(t.with_timezone(&Utc)),
+            Err(e) => {
+                self.err(path, format!("`{text}` is not an RFC 3339 time such as 2026-12-01T00:00:00Z ({e})"));
+                None
+            }
+        }
+    }
+
+    fn non_empty(&mut self, text: &str, path: &str) -> bool {
+        if text.trim().is_empty() {
+            self.err(path, "must not be empty");
+            false
+        } else {
+            true
+        }
+    }
+
+    fn action(&mut self, action: Option<&str>, fallback: Option<&str>, path: &str) -> Option<Action> {
+        let fallback_path = format!("{path}.fallback_model");
+        match (action, fallback) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                self.err(&fallback_path, "only allowed with `action: degrade`");
+                None
+            }
+            (Some("degrade"), Some(model)) if !model.trim().is_empty() => {
+                Some(Action::Degrade { fallback_model: model.to_string() })
+            }
+            (Some("degrade"), _) => {
+                self.err(&fallback_path, "is required with `action: degrade`: the model to fall back to");
+                None
+            }
+            (Some(other), Some(_)) if ["block", "queue", "soft"].contains(&other) => {
+                self.err(&fallback_path, "only allowed with `action: degrade`");
+                None
+            }
+            (Some("block"), None) => Some(Action::Block),
+            (Some("queue"), None) => Some(Action::Queue),
+            (Some("soft"), None) => Some(Action::Soft),
+            (Some(other), _) => {
+                self.err(&format!("{path}.action"), format!("unknown action `{other}`: expected block, degrade, queue or soft"));
+                None
+            }
+        }
+    }
+
+    fn metric(&mut self, text: &str, path: &str) -> Option<Metric> {
+        match text.parse::<Metric>() {
+            Ok(m) => Some(m),
+            Err(e) => {
+                self.err(path, e.to_string());
+                None
+            }
+        }
+    }
+
+    fn rate(&mut self, text: &str, path: &str) -> Option<Rate> {
+        match text.parse::<Rate>() {
+            Ok(r) if i64::try_from(r.limit).is_ok() => Some(r),
+            Ok(_) => {
+                self.err(path, format!("limit in `{text}` is too large (at most {})", i64::MAX));
+                None
+            }
+            Err(e) => {
+                self.err(path, e.to_string());
+                None
+            }
+        }
+    }
+
+    fn limit_and_period(&mut self, raw: &RawQuota, path: &str) -> Option<(i64, PeriodSpec)> {
+        match (&raw.period, &raw.rate, raw.limit) {
+            (Some(_), Some(_), _) => {
+                self.err(path, "give `rate` or `period` with `limit`, not both");
+                None
+            }
+            (None, Some(_), Some(_)) => {
+                self.err(&format!("{path}.limit"), "not allowed with `rate`, which already sets the limit");
+                None
+            }
+            (None, Some(rate), None) => self.rate(rate, &format!("{path}.rate")).map(|r| (r.limit as i64, r.period)),
+            (Some(_), None, None) => {
+                self.err(&format!("{path}.limit"), "is required with `period`");
+                None
+            }
+            (Some(period), None, Some(limit)) => {
+                let period = match period.parse::<PeriodSpec>() {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        self.err(&format!("{path}.period"), e.to_string());
+                        None
+                    }
+                };
+                let limit = self.count(limit, &format!("{path}.limit"));
+                Some((limit?, period?))
+            }
+            (None, None, _) => {
+                self.err(path, "needs `rate` (e.g. 10/m) or `period` and `limit`");
+                None
+            }
+        }
+    }
+
+    fn count(&mut self, n: i64, path: &str) -> Option<i64> {
+        if n < 0 {
+            self.err(path, format!("must be 0 or more, got {n}"));
+            None
+        } else {
+            Some(n)
+        }
+    }
+
+    fn thresholds(&mut self, raw: Option<&[i64]>, path: &str) -> Option<Vec<u32>> {
+        let Some(raw) = raw else { return Some(DEFAULT_THRESHOLDS.to_vec()) };
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (i, &t) in raw.iter().enumerate() {
+            match u32::try_from(t) {
+                Ok(t) if (1..=1000).contains(&t) => {
+                    if out.contains(&t) {
+                        self.err(&format!("{path}[{i}]"), format!("threshold {t} is listed twice"));
+                        ok = false;
+                    }
+                    out.push(t);
+                }
+                _ => {
+                    self.err(&format!("{path}[{i}]"), format!("threshold {t} must be a percentage from 1 to 1000"));
+                    ok = false;
+                }
+            }
+        }
+        out.sort_unstable();
+        ok.then_some(out)
+    }
+
+    fn quota(&mut self, value: Value, path: &str) -> Option<QuotaDef> {
+        let raw: RawQuota = self.item(value, path)?;
+        let before = self.errors.len();
+        self.non_empty(&raw.name, &format!("{path}.name"));
+        let metric = self.metric(&raw.metric, &format!("{path}.metric"));
+        let limit_period = self.limit_and_period(&raw, path);
+        let burst = self.count(raw.burst.unwrap_or(0), &format!("{path}.burst"));
+        let thresholds = self.thresholds(raw.thresholds.as_deref(), &format!("{path}.thresholds"));
+        let action = self.action(raw.action.as_deref(), raw.fallback_model.as_deref(), path);
+        if let Some(scope) = &raw.scope {
+            self.non_empty(scope, &format!("{path}.scope"));
+        }
+        if self.errors.len() != before {
+            return None;
+        }
+        let (limit, period) = limit_period?;
+        Some(QuotaDef {
+            name: raw.name,
+            metric: metric?,
+            period,
+            limit,
+            scope: raw.scope,
+            burst: burst?,
+            thresholds: thresholds?,
+            action,
+        })
+    }
+
+    fn quotas(&mut self, values: Vec<Value>, list: &str) -> Vec<QuotaDef> {
+        let mut out: Vec<QuotaDef> = Vec::new();
+        let mut names = BTreeSet::new();
+        for (i, value) in values.into_iter().enumerate() {
+            let path = item_path(list, i);
+            if let Some(name) = value.get("name").and_then(Value::as_str) {
+                if !names.insert(name.to_string()) {
+                    self.err(&format!("{path}.name"), format!("duplicate quota name `{name}`"));
+                }
+            }
+            if let Some(q) = self.quota(value, &path) {
+                out.push(q);
+            }
+        }
+        out
+    }
+
+    fn explicit(&mut self, value: Value, path: &str, base: &[QuotaDef]) -> Option<ExplicitLimit> {
+        let raw: RawExplicit = self.item(value, path)?;
+        let scope_ok = self.non_empty(&raw.scope, &format!("{path}.scope"));
+        let metric = self.metric(&raw.metric, &format!("{path}.metric"));
+        let rate = self.rate(&raw.rate, &format!("{path}.rate"));
+        let metric = metric?;
+        let target_ok = match &raw.quota {
+            Some(name) => match base.iter().find(|b| &b.name == name) {
+                None => {
+                    self.err(&format!("{path}.quota"), format!("no base quota is named `{name}`"));
+                    false
+                }
+                Some(b) if b.metric != metric => {
+                    self.err(&format!("{path}.metric"), format!("base quota `{name}` measures {}, not {metric}", b.metric));
+                    false
+                }
+                Some(_) => true,
+            },
+            None => {
+                let matching: Vec<&str> = base.iter().filter(|b| b.metric == metric).map(|b| b.name.as_str()).collect();
+                match matching.len() {
+                    1 => true,
+                    0 => {
+                        self.err(&format!("{path}.metric"), format!("no base quota measures {metric}; an explicit limit replaces one"));
+                        false
+                    }
+                    _ => {
+                        self.err(
+                            &format!("{path}.quota"),
+                            format!("base quotas {} all measure {metric}: name the one to replace with `quota`", matching.join(", ")),
+                        );
+                        false
+                    }
+                }
+            }
+        };
+        if !(scope_ok && target_ok) {
+            return None;
+        }
+        Some(ExplicitLimit { scope: raw.scope, metric, quota: raw.quota, rate: rate? })
+    }
+
+    fn tier(&mut self, value: Value, index: usize, base: &[QuotaDef], seen: &BTreeSet<String>) -> Option<Tier> {
+        let raw: RawTier = self.item(value, &item_path("tiers", index))?;
+        let errors_before = self.errors.len();
+        let path = if raw.name.trim().is_empty() || seen.contains(&raw.name) {
+            item_path("tiers", index)
+        } else {
+            format!("tiers.{}", raw.name)
+        };
+        let name_ok = self.non_empty(&raw.name, &format!("{path}.name"));
+        if seen.contains(&raw.name) {
+            self.err(&format!("{path}.name"), format!("duplicate tier name `{}`", raw.name));
+        }
+        let multiplier = raw.rate_multiplier.unwrap_or(1.0);
+        if !valid_multiplier(multiplier) {
+            self.err(&format!("{path}.rate_multiplier"), format!("must be a number above 0, got {multiplier}"));
+        }
+        let timezone = raw.timezone.as_deref().map(|tz| self.timezone(tz, &format!("{path}.timezone")));
+        let action = self.action(raw.action.as_deref(), raw.fallback_model.as_deref(), &path);
+        let quotas = self.quotas(raw.quotas.unwrap_or_default(), &format!("{path}.quotas"));
+        let mut explicit_limits: Vec<ExplicitLimit> = Vec::new();
+        for (i, value) in raw.explicit_limits.unwrap_or_default().into_iter().enumerate() {
+            let epath = format!("{path}.explicit_limits[{i}]");
+            if let Some(e) = self.explicit(value, &epath, base) {
+                let target = |x: &ExplicitLimit| (x.scope.clone(), x.metric, x.quota.clone());
+                if explicit_limits.iter().any(|o| target(o) == target(&e)) {
+                    self.err(&epath, format!("a second explicit limit for scope `{}` and {}", e.scope, e.metric));
+                }
+                if let Some(q) = quotas.iter().find(|q| e.quota.as_deref().is_none_or(|n| n == q.name) && base.iter().any(|b| b.name == q.name && b.metric == e.metric)) {
+                    self.err(&epath, format!("base quota `{}` is replaced by this tier's own quota, so this explicit limit would never apply", q.name));
+                }
+                explicit_limits.push(e);
+            }
+        }
+        if !name_ok || self.errors.len() != errors_before {
+            return None;
+        }
+        Some(Tier {
+            name: raw.name,
+            priority: raw.priority.unwrap_or(0),
+            rate_multiplier: multiplier,
+            timezone: timezone.flatten(),
+            action,
+            quotas,
+            explicit_limits,
+        })
+    }
+
+    fn tier_ref(&mut self, tier: &str, tiers: &BTreeSet<String>, path: &str) {
+        if !tiers.contains(tier) {
+            let known: Vec<&str> = tiers.iter().map(String::as_str).collect();
+            self.err(path, format!("unknown tier `{tier}` (tiers: {})", known.join(", ")));
+        }
+    }
+
+    fn unique_keys<V>(&mut self, pairs: &Pairs<V>, section: &str) {
+        let mut seen = BTreeSet::new();
+        for (k, _) in &pairs.0 {
+            if !seen.insert(k.as_str()) {
+                self.err(&format!("{section}.{k}"), format!("`{k}` appears twice"));
+            }
+        }
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Config {
+        let timezone = match raw.timezone.as_deref() {
+            Some(name) => self.timezone(name, "timezone").unwrap_or(Tz::UTC),
+            None => Tz::UTC,
+        };
+        let quotas = self.quotas(raw.quotas.unwrap_or_default(), "quotas");
+
+        let mut tiers: Vec<Tier> = Vec::new();
+        let mut tier_names = BTreeSet::new();
+        for (i, value) in raw.tiers.unwrap_or_default().into_iter().enumerate() {
+            // Names are collected from the raw items so that references to a tier with an
+            // error elsewhere are not reported as unknown as well.
+            let name = value.get("name").and_then(Value::as_str).map(str::to_string);
+            if let Some(t) = self.tier(value, i, &quotas, &tier_names) {
+                tiers.push(t);
+            }
+            if let Some(name) = name {
+                tier_names.insert(name);
+            }
+        }
+        if tier_names.is_empty() {
+            self.err("tiers", "at least one tier is required");
+        }
+
+        let default_tier = match raw.default_tier {
+            Some(t) => {
+                self.tier_ref(&t, &tier_names, "default_tier");
+                t
+            }
+            None => {
+                self.err("default_tier", "is required: the tier of subjects nothing else matches");
+                String::new()
+            }
+        };
+
+        let groups = self.groups(raw.groups.unwrap_or(Pairs(Vec::new())), &tier_names);
+        let members = self.members(raw.members.unwrap_or(Pairs(Vec::new())), &groups);
+        let subject_timezones = self.subjects(raw.subjects.unwrap_or(Pairs(Vec::new())));
+        let assignments = self.assignments(raw.assignments.unwrap_or_default(), &tier_names);
+        let quota_names: BTreeSet<String> =
+            quotas.iter().chain(tiers.iter().flat_map(|t| t.quotas.iter())).map(|q| q.name.clone()).collect();
+        let overrides = self.overrides(raw.overrides.unwrap_or_default(), &quota_names);
+        let api_keys = self.api_keys(raw.api_keys.unwrap_or_default(), &tier_names);
+        let prices = self.prices(raw.prices.unwrap_or(Pairs(Vec::new())));
+
+        Config {
+            default_tier,
+            timezone,
+            quotas,
+            tiers,
+            groups,
+            members,
+            subject_timezones,
+            assignments,
+            overrides,
+            api_keys,
+            prices,
+        }
+    }
+
+    fn groups(&mut self, pairs: Pairs<Value>, tiers: &BTreeSet<String>) -> BTreeMap<String, String> {
+        self.unique_keys(&pairs, "groups");
+        let mut out = BTreeMap::new();
+        for (group, value) in pairs.0 {
+            let path = format!("groups.{group}");
+            match value {
+                Value::String(tier) => {
+                    self.tier_ref(&tier, tiers, &path);
+                    out.insert(group, tier);
+                }
+                _ => self.err(&path, "must be the name of a tier"),
+            }
+        }
+        out
+    }
+
+    fn members(&mut self, pairs: Pairs<Value>, groups: &BTreeMap<String, String>) -> BTreeMap<String, Vec<String>> {
+        self.unique_keys(&pairs, "members");
+        let mut out = BTreeMap::new();
+        for (subject, value) in pairs.0 {
+            let path = format!("members.{subject}");
+            let Some(list) = self.item::<Vec<String>>(value, &path) else { continue };
+            for (i, group) in list.iter().enumerate() {
+                if !groups.contains_key(group) {
+                    self.err(&format!("{path}[{i}]"), format!("unknown group `{group}`"));
+                }
+            }
+            out.insert(subject, list);
+        }
+        out
+    }
+
+    fn subjects(&mut self, pairs: Pairs<Value>) -> BTreeMap<String, Tz> {
+        self.unique_keys(&pairs, "subjects");
+        let mut out = BTreeMap::new();
+        for (subject, value) in pairs.0 {
+            let path = format!("subjects.{subject}");
+            let Some(raw) = self.item::<RawSubject>(value, &path) else { continue };
+            if let Some(tz) = raw.timezone.and_then(|tz| self.timezone(&tz, &format!("{path}.timezone"))) {
+                out.insert(subject, tz);
+            }
+        }
+        out
+    }
+
+    fn assignments(&mut self, values: Vec<Value>, tiers: &BTreeSet<String>) -> Vec<Assignment> {
+        let mut out: Vec<Assignment> = Vec::new();
+        for (i, value) in values.into_iter().enumerate() {
+            let path = item_path("assignments", i);
+            let Some(raw) = self.item::<RawAssignment>(value, &path) else { continue };
+            let subject_ok = self.non_empty(&raw.subject, &format!("{path}.subject"));
+            self.tier_ref(&raw.tier, tiers, &format!("{path}.tier"));
+            let expires_at = raw.expires_at.as_deref().map(|t| self.time(t, &format!("{path}.expires_at")));
+            if out.iter().any(|a| a.subject == raw.subject) {
+                self.err(&format!("{path}.subject"), format!("`{}` already has an assignment", raw.subject));
+            }
+            if subject_ok && expires_at.is_none_or(|t| t.is_some()) {
+                out.push(Assignment { subject: raw.subject, tier: raw.tier, expires_at: expires_at.flatten(), reason: raw.reason });
+            }
+        }
+        out
+    }
+
+    fn overrides(&mut self, values: Vec<Value>, quota_names: &BTreeSet<String>) -> Vec<Override> {
+        let mut out: Vec<Override> = Vec::new();
+        for (i, value) in values.into_iter().enumerate() {
+            let path = item_path("overrides", i);
+            let Some(raw) = self.item::<RawOverride>(value, &path) else { continue };
+            if let Some(o) = self.override_item(raw, &path, quota_names) {
+                let key = |x: &Override| (x.subject.clone(), x.scope.clone(), x.quota.clone());
+                let overlapping = out.iter().find(|p| {
+                    key(p) == key(&o)
+                        && p.starts_at.is_none_or(|s| s < o.expires_at)
+                        && o.starts_at.is_none_or(|s| s < p.expires_at)
+                });
+                if overlapping.is_some() {
+                    self.err(&path, format!("overlaps another override for `{}` with the same scope and quota", o.subject));
+                }
+                out.push(o);
+            }
+        }
+        out
+    }
+
+    fn override_item(&mut self, raw: RawOverride, path: &str, quota_names: &BTreeSet<String>) -> Option<Override> {
+        let before = self.errors.len();
+        self.non_empty(&raw.subject, &format!("{path}.subject"));
+        self.non_empty(&raw.reason, &format!("{path}.reason"));
+        self.non_empty(&raw.created_by, &format!("{path}.created_by"));
+        if let Some(scope) = &raw.scope {
+            self.non_empty(scope, &format!("{path}.scope"));
+        }
+        if let Some(q) = &raw.quota {
+            if !quota_names.contains(q) {
+                self.err(&format!("{path}.quota"), format!("no quota is named `{q}`"));
+            }
+        }
+        let limit = match (&raw.rate, raw.limit) {
+            (Some(_), Some(_)) => {
+                self.err(path, "give `rate` or `limit`, not both");
+                None
+            }
+            (None, None) => {
+                self.err(path, "needs `limit` or `rate`: an override sets the limit itself");
+                None
+            }
+            (Some(rate), None) => self.rate(rate, &format!("{path}.rate")).map(OverrideLimit::Rate),
+            (None, Some(limit)) => self.count(limit, &format!("{path}.limit")).map(OverrideLimit::Limit),
+        };
+        let starts_at = raw.starts_at.as_deref().map(|t| self.time(t, &format!("{path}.starts_at")));
+        let expires_at = self.time(&raw.expires_at, &format!("{path}.expires_at"));
+        if let (Some(Some(start)), Some(end)) = (starts_at, expires_at) {
+            if start >= end {
+                self.err(&format!("{path}.expires_at"), "must be after starts_at");
+            }
+        }
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(Override {
+            subject: raw.subject,
+            scope: raw.scope,
+            quota: raw.quota,
+            limit: limit?,
+            starts_at: starts_at.flatten(),
+            expires_at: expires_at?,
+            reason: raw.reason,
+            created_by: raw.created_by,
+        })
+    }
+
+    fn api_keys(&mut self, values: Vec<Value>, tiers: &BTreeSet<String>) -> BTreeMap<String, ApiKey> {
+        let mut out = BTreeMap::new();
+        for (i, value) in values.into_iter().enumerate() {
+            let path = item_path("api_keys", i);
+            let Some(raw) = self.item::<RawApiKey>(value, &path) else { continue };
+            self.tier_ref(&raw.tier, tiers, &format!("{path}.tier"));
+            if raw.key.is_some() {
+                self.err(
+                    &format!("{path}.key"),
+                    "plaintext API keys are not accepted: give `key_sha256`, the SHA-256 hex of the key (e.g. `printf %s KEY | sha256sum`)",
+                );
+                continue;
+            }
+            let Some(hash) = raw.key_sha256.map(|h| h.trim().to_ascii_lowercase()) else {
+                self.err(&format!("{path}.key_sha256"), "is required: the SHA-256 hex of the key");
+                continue;
+            };
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                self.err(&format!("{path}.key_sha256"), "must be 64 hex characters (a SHA-256 digest)");
+                continue;
+            }
+            if out.contains_key(&hash) {
+                self.err(&format!("{path}.key_sha256"), "the same key is listed twice");
+                continue;
+            }
+            out.insert(hash.clone(), ApiKey { key_sha256: hash, tier: raw.tier, label: raw.label });
+        }
+        out
+    }
+
+    fn prices(&mut self, pairs: Pairs<Value>) -> BTreeMap<String, ModelPrice> {
+        self.unique_keys(&pairs, "prices");
+        let mut out = BTreeMap::new();
+        for (model, value) in pairs.0 {
+            let path = format!("prices.{model}");
+            if let Some(raw) = self.item::<RawPrice>(value, &path) {
+                out.insert(model, ModelPrice { input: raw.input, output: raw.output, cached: raw.cached.unwrap_or(raw.input) });
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::hash_api_key;
+
+    const EXAMPLE: &str = include_str!("../../examples/tiers.yaml");
+
+    fn errors(yaml: &str) -> Vec<ConfigError> {
+        Config::from_yaml_str(yaml).expect_err("should be refused").0
+    }
+
+    fn paths(yaml: &str) -> Vec<String> {
+        errors(yaml).into_iter().map(|e| e.path).collect()
+    }
+
+    #[test]
+    fn example_file_parses() {
+        let config = Config::from_yaml_str(EXAMPLE).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.default_tier, "free");
+        let names: Vec<&str> = config.tiers.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["free", "pro", "enterprise"]);
+        assert!(config.quotas.iter().any(|q| q.metric == Metric::TotalTokens && q.period == PeriodSpec::Month));
+        assert!(config.quotas.iter().any(|q| q.metric == Metric::CostMicros && q.period == PeriodSpec::Day));
+        assert!(config.quotas.iter().any(|q| q.period == PeriodSpec::Fixed { seconds: 60 }));
+        assert!(config.tiers.iter().any(|t| !t.explicit_limits.is_empty()));
+        assert!(config.tiers.iter().any(|t| matches!(t.action, Some(Action::Degrade { .. }))));
+        assert!(!config.groups.is_empty() && !config.assignments.is_empty() && !config.overrides.is_empty());
+        assert_eq!(config.api_key_tier(&hash_api_key("sk-example-pro")), Some("pro"));
+        assert!(config.price("gpt-4o").is_some());
+    }
+
+    #[test]
+    fn minimal_config() {
+        let c = Config::from_yaml_str("default_tier: free\ntiers: [{name: free}]\n").unwrap();
+        assert_eq!(c.timezone, Tz::UTC);
+        assert_eq!(c.tier("free").unwrap().rate_multiplier, 1.0);
+        assert!(c.quotas.is_empty());
+    }
+
+    #[test]
+    fn quota_forms() {
+        let c = Config::from_yaml_str(
+            "default_tier: free
+tiers: [{name: free}]
+quotas:
+  - {name: rpm, metric: requests, rate: 10/m}
+  - {name: tokens, metric: total_tokens, period: month@15, limit: 5, burst: 2, thresholds: [95, 50], scope: chat, action: queue}
+",
+        )
+        .unwrap();
+        assert_eq!((c.quotas[0].limit, c.quotas[0].period), (10, PeriodSpec::Fixed { seconds: 60 }));
+        assert_eq!(c.quotas[0].thresholds, vec![80]);
+        let t = &c.quotas[1];
+        assert_eq!((t.limit, t.burst, t.period), (5, 2, PeriodSpec::MonthAnchored { day: 15 }));
+        assert_eq!(t.thresholds, vec![50, 95]);
+        assert_eq!((t.scope.as_deref(), &t.action), (Some("chat"), &Some(Action::Queue)));
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_path() {
+        let yaml = "default_tier: gold
+timezone: Mars/Olympus
+quotas:
+  - {name: rpm, metric: requests, rate: 10/fortnight}
+  - {name: rpm, metric: tokens, period: month, limit: -1}
+tiers:
+  - name: free
+  - name: pro
+    rate_multiplier: 0
+    timezone: Nowhere/City
+    quotas:
+      - {name: a, metric: requests, rate: 1/m}
+      - {name: b, metric: requests, period: 5q, limit: 3}
+      - {name: c, metric: requests, rate: 1/m, action: degrade}
+  - name: free
+groups: {eng: platinum}
+members: {alice: [eng, nosuch]}
+subjects: {alice: {timezone: Bad/Zone}}
+assignments:
+  - {subject: bob, tier: silver, expires_at: tomorrow}
+overrides:
+  - {subject: carol, limit: 5, rate: 5/m, expires_at: 2026-12-01T00:00:00Z, reason: r, created_by: me}
+  - {subject: carol, quota: nope, limit: 5, starts_at: 2026-12-02T00:00:00Z, expires_at: 2026-12-01T00:00:00Z, reason: r, created_by: me}
+api_keys:
+  - {key: sk-plaintext, tier: pro}
+  - {key_sha256: abc, tier: pro}
+";
+        let got = paths(yaml);
+        let want = [
+            "timezone",
+            "quotas[0].rate",
+            "quotas[1].metric",
+            "quotas[1].limit",
+            "quotas[1].name",
+            "tiers.pro.rate_multiplier",
+            "tiers.pro.timezone",
+            "tiers.pro.quotas[1].period",
+            "tiers.pro.quotas[2].fallback_model",
+            "tiers[2].name",
+            "default_tier",
+            "groups.eng",
+            "members.alice[1]",
+            "subjects.alice.timezone",
+            "assignments[0].tier",
+            "assignments[0].expires_at",
+            "overrides[0]",
+            "overrides[1].quota",
+            "overrides[1].expires_at",
+            "api_keys[0].key",
+            "api_keys[1].key_sha256",
+        ];
+        for w in want {
+            assert!(got.iter().any(|p| p == w), "missing error at {w}; got {got:#?}");
+        }
+        assert_eq!(got.len(), want.len(), "{got:#?}");
+    }
+
+    #[test]
+    fn plaintext_keys_never_appear_in_errors() {
+        let errs = errors("default_tier: free\ntiers: [{name: free}]\napi_keys: [{key: sk-very-secret, tier: free}]\n");
+        let text = ConfigErrors(errs).to_string();
+        assert!(text.contains("key_sha256"));
+        assert!(!text.contains("sk-very-secret"), "{text}");
+    }
+
+    #[test]
+    fn syntax_and_shape_errors_carry_the_line() {
+        let errs = errors("default_tier: free\ntiers: [{name: free}]\nbogus: 1\n");
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].line, Some(3), "{:?}", errs[0]);
+        assert!(errs[0].message.contains("unknown field `bogus`"), "{}", errs[0].message);
+        let errs = errors("default_tier: free\ntiers: [{name: free}\n");
+        assert!(errs[0].line.is_some());
+    }
+
+    #[test]
+    fn unknown_keys_inside_items_are_refused() {
+        let got = errors("default_tier: free\ntiers: [{name: free, quotas: [{name: q, metric: requests, rate: 1/m, perod: day}]}]\n");
+        assert_eq!(got[0].path, "tiers.free.quotas[0]");
+        assert!(got[0].message.contains("unknown field `perod`"), "{}", got[0].message);
+    }
+
+    #[test]
+    fn duplicate_map_keys_are_reported() {
+        assert_eq!(paths("default_tier: free\ntiers: [{name: free}]\ngroups: {a: free, a: free}\n"), ["groups.a"]);
+    }
+
+    #[test]
+    fn quota_shape_rules() {
+        let base = "default_tier: free\ntiers: [{name: free}]\nquotas:\n  - ";
+        let cases = [
+            ("{name: q, metric: requests}", "quotas[0]"),
+            ("{name: q, metric: requests, period: day}", "quotas[0].limit"),
+            ("{name: q, metric: requests, rate: 1/m, limit: 5}", "quotas[0].limit"),
+            ("{name: q, metric: requests, rate: 1/m, period: day, limit: 5}", "quotas[0]"),
+            ("{name: q, metric: requests, rate: 1/m, burst: -1}", "quotas[0].burst"),
+            ("{name: q, metric: requests, rate: 1/m, thresholds: [0]}", "quotas[0].thresholds[0]"),
+            ("{name: q, metric: requests, rate: 1/m, thresholds: [80, 80]}", "quotas[0].thresholds[1]"),
+            ("{name: q, metric: requests, rate: 1/m, action: explode}", "quotas[0].action"),
+            ("{name: q, metric: requests, rate: 1/m, action: block, fallback_model: m}", "quotas[0].fallback_model"),
+            ("{name: '', metric: requests, rate: 1/m}", "quotas[0].name"),
+        ];
+        for (quota, path) in cases {
+            assert_eq!(paths(&format!("{base}{quota}\n")), [path], "{quota}");
+        }
+    }
+
+    #[test]
+    fn explicit_limits_must_name_one_base_quota() {
+        let yaml = |explicit: &str| {
+            format!(
+                "default_tier: free
+quotas:
+  - {{name: rpm, metric: requests, rate: 10/m}}
+  - {{name: rpd, metric: requests, rate: 1000/d}}
+  - {{name: tokens, metric: total_tokens, rate: 1000/month}}
+tiers:
+  - name: free
+    explicit_limits: [{explicit}]
+"
+            )
+        };
+        assert!(Config::from_yaml_str(&yaml("{scope: api, metric: total_tokens, rate: 5/h}")).is_ok());
+        assert!(Config::from_yaml_str(&yaml("{scope: api, metric: requests, quota: rpm, rate: 5/h}")).is_ok());
+        assert_eq!(paths(&yaml("{scope: api, metric: requests, rate: 5/h}")), ["tiers.free.explicit_limits[0].quota"]);
+        assert_eq!(paths(&yaml("{scope: api, metric: cost_micros, rate: 5/h}")), ["tiers.free.explicit_limits[0].metric"]);
+        assert_eq!(paths(&yaml("{scope: api, metric: requests, quota: tokens, rate: 5/h}")), ["tiers.free.explicit_limits[0].metric"]);
+        assert_eq!(paths(&yaml("{scope: api, metric: requests, quota: rpm, rate: 5/0s}")), ["tiers.free.explicit_limits[0].rate"]);
+    }
+
+    #[test]
+    fn overlapping_overrides_for_the_same_target_are_refused() {
+        let yaml = |second_start: &str| {
+            format!(
+                "default_tier: free
+tiers: [{{name: free}}]
+overrides:
+  - {{subject: a, limit: 1, starts_at: 2026-01-01T00:00:00Z, expires_at: 2026-02-01T00:00:00Z, reason: r, created_by: me}}
+  - {{subject: a, limit: 2, starts_at: {second_start}, expires_at: 2026-03-01T00:00:00Z, reason: r, created_by: me}}
+  - {{subject: a, scope: api, limit: 3, starts_at: 2026-01-15T00:00:00Z, expires_at: 2026-03-01T00:00:00Z, reason: r, created_by: me}}
+"
+            )
+        };
+        // Back to back (end exclusive) is fine; a different scope may overlap.
+        assert!(Config::from_yaml_str(&yaml("2026-02-01T00:00:00Z")).is_ok());
+        assert_eq!(paths(&yaml("2026-01-31T23:59:59Z")), ["overrides[1]"]);
+    }
+
+    #[test]
+    fn api_key_hashes_are_normalised_and_unique() {
+        let upper = hash_api_key("k").to_ascii_uppercase();
+        let c = Config::from_yaml_str(&format!("default_tier: free\ntiers: [{{name: free}}]\napi_keys: [{{key_sha256: {upper}, tier: free}}]\n")).unwrap();
+        assert_eq!(c.api_key_tier(&hash_api_key("k")), Some("free"));
+        let dup = format!("default_tier: free\ntiers: [{{name: free}}]\napi_keys: [{{key_sha256: {upper}, tier: free}}, {{key_sha256: {upper}, tier: free}}]\n");
+        assert_eq!(paths(&dup), ["api_keys[1].key_sha256"]);
+    }
+
+    #[test]
+    fn prices_are_per_million_tokens() {
+        let p = ModelPrice { input: 2_500_000, output: 10_000_000, cached: 1_250_000 };
+        // 1000 in × $2.50/M + 500 out × $10/M + 2000 cached × $1.25/M = $0.0025 + $0.005 + $0.0025.
+        assert_eq!(p.cost_micros(1000, 500, 2000), 10_000);
+        let cheap = ModelPrice { input: 75_000, output: 300_000, cached: 37_500 };
+        assert_eq!(cheap.cost_micros(1, 0, 0), 0); // 0.075 micro-dollars rounds to 0
+        assert_eq!(cheap.cost_micros(20, 0, 0), 2); // 1.5 -> 2 (ties to even)
+        assert_eq!(cheap.cost_micros(10, 0, 0), 1); // 0.75 -> 1
+        let c = Config::from_yaml_str("default_tier: f\ntiers: [{name: f}]\nprices: {m: {input: 7, output: 9}}\n").unwrap();
+        assert_eq!(c.price("m"), Some(&ModelPrice { input: 7, output: 9, cached: 7 }));
+    }
+
+    #[test]
+    fn errors_display_one_per_line() {
+        let e = Config::from_yaml_str("default_tier: nope\ntiers: [{name: free}]\n").unwrap_err();
+        assert_eq!(e.to_string(), "1 error in the configuration\n  default_tier: unknown tier `nope` (tiers: free)");
+    }
+}

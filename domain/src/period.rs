@@ -621,7 +621,8 @@ mod tests {
 
     #[test]
     fn rejects_with_the_reason() {
-        let cases: &[(&str, fn(&PeriodError) -> bool)] = &[
+        type Check = fn(&PeriodError) -> bool;
+        let cases: &[(&str, Check)] = &[
             ("", |e| matches!(e, PeriodError::Empty)),
             ("fortnight", |e| matches!(e, PeriodError::UnknownUnit { unit, .. } if unit == "fortnight")),
             ("30", |e| matches!(e, PeriodError::MissingUnit { .. })),

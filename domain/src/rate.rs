@@ -245,7 +245,8 @@ mod tests {
         let window = |check: fn(&PeriodError) -> bool| {
             move |e: &RateError| matches!(e, RateError::Window { source, .. } if check(source))
         };
-        let cases: Vec<(&str, Box<dyn Fn(&RateError) -> bool>)> = vec![
+        type Check = Box<dyn Fn(&RateError) -> bool>;
+        let cases: Vec<(&str, Check)> = vec![
             ("", Box::new(|e| matches!(e, RateError::Empty))),
             ("/m", Box::new(|e| matches!(e, RateError::MissingLimit { .. }))),
             ("-5/m", Box::new(|e| matches!(e, RateError::NegativeLimit { .. }))),
