@@ -1,1 +1,78 @@
-//! tally-aggregator
+//! The aggregator: usage events in, exactly-once ledgers and decision snapshots out.
+//!
+//! # Delivery guarantee
+//! Every usage event is counted in the ledgers exactly once, however often the broker
+//! delivers it. The aggregator consumes the usage topic with auto-commit off and, for each
+//! batch, in ONE Postgres transaction:
+//! 1. records each event id with the fingerprint of its canonical form (`processed_events`);
+//!    an id seen before with the same fingerprint is a duplicate and is skipped, with another
+//!    fingerprint a conflict and is quarantined;
+//! 2. applies the ledger deltas of the new events with one bulk statement;
+//! 3. writes changed decision snapshots (with a per-subject version that only grows) and
+//!    quarantined events to the `outbox`;
+//! 4. advances the consumed offsets stored in `consumer_offsets`, refusing the whole batch if
+//!    it does not start exactly at the stored offset or if this instance no longer owns the
+//!    partition at the epoch it claimed (fencing).
+//!
+//! Offsets live in Postgres; the offsets committed to Kafka afterwards are only a hint for
+//! where to resume fetching, and anything below the stored offset is skipped on arrival.
+//! The outbox is relayed to Kafka by [`relay`] after the commit, so a crash between commit
+//! and publish republishes (at least once) but never loses a snapshot; consumers keep the
+//! highest version.
+
+pub mod consumer;
+pub mod plan;
+pub mod policy;
+pub mod relay;
+pub mod store;
+
+use std::time::Duration;
+
+use tally_common::kafka::KafkaSettings;
+use tally_common::postgres::PostgresSettings;
+
+/// The aggregator's own settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AggregatorSettings {
+    /// Consumer group of the ledger path. Instances in one group split the partitions.
+    #[arg(long, env = "TALLY_AGGREGATOR_GROUP", default_value = "tally-ledger")]
+    pub group: String,
+    /// Tier configuration (YAML). Without it, the built-in default tier applies.
+    #[arg(long = "config", env = "TALLY_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+    /// Most events in one batch (one Postgres transaction).
+    #[arg(long, env = "TALLY_AGGREGATOR_MAX_BATCH", default_value_t = 5000)]
+    pub max_batch: usize,
+    /// Longest wait, in milliseconds, to fill a batch once its first event arrived.
+    #[arg(long, env = "TALLY_AGGREGATOR_MAX_WAIT_MS", default_value_t = 50)]
+    pub max_wait_ms: u64,
+    /// Events older than this many days go to quarantine.
+    #[arg(long, env = "TALLY_LATENESS_DAYS", default_value_t = 35)]
+    pub lateness_days: i64,
+    /// A subject whose quota states did not change still gets a fresh snapshot (with its new
+    /// usage) at most this often, in milliseconds. A state change is published at once.
+    #[arg(long, env = "TALLY_SNAPSHOT_REFRESH_MS", default_value_t = 1000)]
+    pub snapshot_refresh_ms: u64,
+    /// Address of the aggregator's `/healthz` and `/metrics`.
+    #[arg(long = "listen", env = "TALLY_AGGREGATOR_LISTEN", default_value = "127.0.0.1:8082")]
+    pub listen: std::net::SocketAddr,
+    /// Longest time, in seconds, to drain and commit on shutdown.
+    #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT_SECONDS", default_value_t = 10)]
+    pub shutdown_timeout_seconds: u64,
+}
+
+impl AggregatorSettings {
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_millis(self.max_wait_ms)
+    }
+}
+
+/// Runs the aggregator until `shutdown` resolves, then drains and commits.
+pub async fn run(
+    settings: AggregatorSettings,
+    kafka: KafkaSettings,
+    postgres: PostgresSettings,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    consumer::run(settings, kafka, postgres, shutdown).await
+}

@@ -1,1 +1,7 @@
-//! CLI
+//! The `tally` command line: one binary for every service and operator command.
+//!
+//! `main.rs` only parses arguments and dispatches; each command lives in its own module.
+
+pub mod demo;
+pub mod explain;
+pub mod setup;

@@ -1,1 +1,106 @@
-fn main() {}
+//! `tally`: Tally's one binary. Run `tally --help` for the commands.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tally_aggregator::AggregatorSettings;
+use tally_api::ApiSettings;
+use tally_cli::{demo, setup};
+use tally_common::clickhouse::ClickHouseSettings;
+use tally_common::kafka::KafkaSettings;
+use tally_common::postgres::PostgresSettings;
+use tally_common::{shutdown, telemetry};
+use tally_ingest::IngestSettings;
+
+/// Tally: exactly-once quota metering for LLM and API platforms.
+///
+/// Every setting can also be given as an environment variable (shown in each command's help).
+#[derive(Parser)]
+#[command(name = "tally", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP ingest service (POST /v1/events).
+    Ingest {
+        #[command(flatten)]
+        ingest: IngestSettings,
+        #[command(flatten)]
+        kafka: KafkaSettings,
+    },
+    /// Run the aggregator: exactly-once ledgers and decision snapshots.
+    Aggregator {
+        #[command(flatten)]
+        aggregator: AggregatorSettings,
+        #[command(flatten)]
+        kafka: KafkaSettings,
+        #[command(flatten)]
+        postgres: PostgresSettings,
+    },
+    /// Run the API service: decisions and usage.
+    Api {
+        #[command(flatten)]
+        api: ApiSettings,
+        #[command(flatten)]
+        kafka: KafkaSettings,
+        #[command(flatten)]
+        postgres: PostgresSettings,
+    },
+    /// Create the Postgres database if missing and apply the Postgres migrations.
+    Migrate {
+        #[command(flatten)]
+        postgres: PostgresSettings,
+    },
+    /// Prepare a stack: Postgres database and migrations, ClickHouse tables, Kafka topics.
+    Setup {
+        #[command(flatten)]
+        kafka: KafkaSettings,
+        #[command(flatten)]
+        postgres: PostgresSettings,
+        #[command(flatten)]
+        clickhouse: ClickHouseSettings,
+        /// Do not touch ClickHouse.
+        #[arg(long)]
+        skip_clickhouse: bool,
+    },
+    /// Send a short demo load and watch one user cross a limit and get blocked.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: failed to start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Ingest { ingest, kafka } => tally_ingest::run(ingest, kafka, shutdown::signal()).await?,
+        Command::Aggregator { aggregator, kafka, postgres } => {
+            tally_aggregator::run(aggregator, kafka, postgres, shutdown::signal()).await?
+        }
+        Command::Api { api, kafka, postgres } => tally_api::run(api, kafka, postgres, shutdown::signal()).await?,
+        Command::Migrate { postgres } => setup::migrate_postgres(&postgres).await?,
+        Command::Setup { kafka, postgres, clickhouse, skip_clickhouse } => {
+            setup::setup(&kafka, &postgres, &clickhouse, skip_clickhouse).await?
+        }
+        Command::Demo(args) => return demo::run(args).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}

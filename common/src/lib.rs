@@ -1,1 +1,12 @@
-//! tally-common
+//! What Tally's services share: Kafka and Postgres settings and clients, the topic set,
+//! the Prometheus metrics registry, tracing set-up and the shutdown signal.
+//!
+//! Nothing here knows about metering rules (that is `tally-domain`) or about one service's
+//! data path.
+
+pub mod clickhouse;
+pub mod kafka;
+pub mod metrics;
+pub mod postgres;
+pub mod shutdown;
+pub mod telemetry;

@@ -1,0 +1,376 @@
+//! The consume loop: batches from the usage topic, partition ownership, fencing, retries.
+//!
+//! Rebalance callbacks only post a note on a channel (they never block); the loop claims
+//! assigned partitions in Postgres and seeks to the stored offset before it counts anything
+//! from them. A message is counted only if it is exactly the next offset of a partition this
+//! instance owns: lower offsets were counted already, a gap makes the loop seek back.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::Utc;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::producer::FutureProducer;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use tally_common::kafka::KafkaSettings;
+use tally_common::metrics::{Counter, Gauge, Registry, Timing};
+use tally_common::postgres::PostgresSettings;
+use tokio::sync::Notify;
+
+use crate::plan::{parse_batch, Delivery};
+use crate::policy::Policy;
+use crate::store::{Range, Store, StoreError};
+use crate::{relay, AggregatorSettings};
+
+/// What a rebalance callback tells the loop.
+#[derive(Debug)]
+enum Note {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
+
+struct RebalanceNotes {
+    topic: String,
+    tx: Mutex<Sender<Note>>,
+}
+
+impl RebalanceNotes {
+    fn partitions(&self, tpl: &TopicPartitionList) -> Vec<i32> {
+        tpl.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition()).collect()
+    }
+    fn post(&self, note: Note) {
+        if let Ok(tx) = self.tx.lock() {
+            let _ = tx.send(note);
+        }
+    }
+}
+
+impl ClientContext for RebalanceNotes {}
+
+impl ConsumerContext for RebalanceNotes {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            self.post(Note::Revoked(self.partitions(tpl)));
+        }
+    }
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            self.post(Note::Assigned(self.partitions(tpl)));
+        }
+    }
+}
+
+/// A partition this instance owns.
+#[derive(Debug, Clone, Copy)]
+struct Owned {
+    epoch: i64,
+    /// The next offset to count.
+    next: i64,
+    /// When the loop last asked the consumer to seek to `next`.
+    sought_at: Option<Instant>,
+}
+
+struct Metrics {
+    registry: Registry,
+    counted: Counter,
+    duplicates: Counter,
+    quarantined: Counter,
+    snapshots: Counter,
+    batches: Timing,
+    fenced: Counter,
+    db_retries: Counter,
+    owned_partitions: Gauge,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let r = Registry::default();
+        Metrics {
+            counted: r.counter("tally_aggregator_events_counted_total", "events counted in the ledgers", &[]),
+            duplicates: r.counter("tally_aggregator_events_duplicate_total", "redelivered events skipped by dedupe", &[]),
+            quarantined: r.counter("tally_aggregator_events_quarantined_total", "events sent to quarantine", &[]),
+            snapshots: r.counter("tally_aggregator_snapshots_total", "decision snapshots written to the outbox", &[]),
+            batches: Timing::new(
+                &r,
+                "tally_aggregator_batch_micros_total",
+                "tally_aggregator_batches_total",
+                "time spent committing batches",
+            ),
+            fenced: r.counter("tally_aggregator_batches_fenced_total", "batches refused by fencing", &[]),
+            db_retries: r.counter("tally_aggregator_database_retries_total", "batch commits retried after a database error", &[]),
+            owned_partitions: r.gauge("tally_aggregator_owned_partitions", "partitions this instance owns", &[]),
+            registry: r,
+        }
+    }
+}
+
+struct Loop {
+    settings: AggregatorSettings,
+    consumer: StreamConsumer<RebalanceNotes>,
+    notes: Receiver<Note>,
+    store: Store,
+    policy: Policy,
+    owned: HashMap<i32, Owned>,
+    relay_wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
+}
+
+/// Runs the aggregator (see the crate docs).
+pub async fn run(
+    settings: AggregatorSettings,
+    kafka: KafkaSettings,
+    postgres: PostgresSettings,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let policy = Policy::load(settings.config.as_deref())?;
+    let pool = postgres.connect().await?;
+    let (tx, notes) = channel();
+    let context = RebalanceNotes { topic: kafka.usage_topic.clone(), tx: Mutex::new(tx) };
+    let consumer: StreamConsumer<RebalanceNotes> = kafka
+        .consumer_config(&settings.group)
+        .create_with_context(context)
+        .context("failed to create the usage consumer")?;
+    consumer
+        .subscribe(&[kafka.usage_topic.as_str()])
+        .with_context(|| format!("failed to subscribe to {}", kafka.usage_topic))?;
+    let producer: FutureProducer = kafka.producer_config().create().context("failed to create the outbox producer")?;
+    let store = Store {
+        pool: pool.clone(),
+        group: settings.group.clone(),
+        topic: kafka.usage_topic.clone(),
+        owner: format!("aggregator-{}", uuid::Uuid::new_v4()),
+        decisions_topic: kafka.decisions_topic.clone(),
+        quarantine_topic: kafka.quarantine_topic.clone(),
+    };
+    let metrics = Arc::new(Metrics::new());
+    let (relay_wake, relay_stop) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let relay_task = tokio::spawn(relay::run(pool.clone(), producer.clone(), relay_wake.clone(), relay_stop.clone()));
+    let health = spawn_health_server(&settings, metrics.clone()).await?;
+    tracing::info!(group = %settings.group, topic = %kafka.usage_topic, owner = %store.owner, "aggregator consuming");
+    let timeout = Duration::from_secs(settings.shutdown_timeout_seconds);
+    let mut state = Loop { settings, consumer, notes, store, policy, owned: HashMap::new(), relay_wake, metrics };
+    state.consume_until(shutdown).await;
+    // Drain: the loop has committed its last batch; publish what the outbox holds.
+    relay_stop.notify_one();
+    let _ = tokio::time::timeout(timeout, relay_task).await;
+    let _ = tokio::time::timeout(timeout, relay::drain(&pool, &producer)).await;
+    health.abort();
+    tracing::info!("aggregator stopped");
+    Ok(())
+}
+
+async fn spawn_health_server(settings: &AggregatorSettings, metrics: Arc<Metrics>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("failed to listen on {}", settings.listen))?;
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(move || async move { metrics.registry.render() }));
+    Ok(tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    }))
+}
+
+impl Loop {
+    async fn consume_until(&mut self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            let batch = tokio::select! {
+                biased;
+                _ = &mut shutdown => return,
+                batch = self.next_batch() => batch,
+            };
+            self.apply_notes().await;
+            let deliveries = self.accept_in_order(batch);
+            if deliveries.is_empty() {
+                continue;
+            }
+            self.commit_with_retry(deliveries).await;
+        }
+    }
+
+    /// Waits for a first message, then takes more until the batch is full or `max_wait` passed.
+    async fn next_batch(&mut self) -> Vec<Delivery> {
+        let mut batch = Vec::new();
+        let deadline = loop {
+            match self.consumer.recv().await {
+                Ok(m) => {
+                    batch.push(to_delivery(&m));
+                    break tokio::time::Instant::now() + self.settings.max_wait();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "usage consumer error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        while batch.len() < self.settings.max_batch {
+            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(to_delivery(&m)),
+                Ok(Err(e)) => tracing::warn!(error = %e, "usage consumer error"),
+                Err(_) => break,
+            }
+        }
+        batch
+    }
+
+    /// Applies rebalance notes: claims assigned partitions (seeking to the stored offset) and
+    /// forgets revoked ones.
+    async fn apply_notes(&mut self) {
+        while let Ok(note) = self.notes.try_recv() {
+            match note {
+                Note::Revoked(partitions) => {
+                    for p in partitions {
+                        self.owned.remove(&p);
+                    }
+                }
+                Note::Assigned(partitions) => {
+                    for p in partitions {
+                        self.claim(p).await;
+                    }
+                }
+            }
+        }
+        self.metrics.owned_partitions.set(self.owned.len() as i64);
+    }
+
+    async fn claim(&mut self, partition: i32) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.store.claim(partition).await {
+                Ok(claim) => {
+                    tracing::info!(partition, next_offset = claim.next_offset, epoch = claim.epoch, "claimed partition");
+                    let mut owned = Owned { epoch: claim.epoch, next: claim.next_offset, sought_at: None };
+                    self.seek(partition, &mut owned);
+                    self.owned.insert(partition, owned);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "failed to claim partition; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    fn seek(&self, partition: i32, owned: &mut Owned) {
+        owned.sought_at = Some(Instant::now());
+        if let Err(e) = self.consumer.seek(&self.store.topic, partition, Offset::Offset(owned.next), Duration::from_secs(1)) {
+            tracing::debug!(partition, offset = owned.next, error = %e, "seek not possible yet");
+        }
+    }
+
+    /// Keeps, per owned partition, only the run of messages that continues exactly from the
+    /// next offset to count. Lower offsets were counted already; a gap triggers a seek back.
+    fn accept_in_order(&mut self, batch: Vec<Delivery>) -> Vec<Delivery> {
+        let mut cursor: HashMap<i32, i64> = self.owned.iter().map(|(p, o)| (*p, o.next)).collect();
+        let mut accepted = Vec::with_capacity(batch.len());
+        for d in batch {
+            let Some(next) = cursor.get_mut(&d.partition) else { continue };
+            if d.offset == *next {
+                *next += 1;
+                accepted.push(d);
+            } else if d.offset > *next {
+                self.seek_if_due(d.partition);
+            }
+        }
+        accepted
+    }
+
+    fn seek_if_due(&mut self, partition: i32) {
+        let Some(mut owned) = self.owned.get(&partition).copied() else { return };
+        if owned.sought_at.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+            tracing::info!(partition, offset = owned.next, "gap before the stored offset; seeking");
+            self.seek(partition, &mut owned);
+            self.owned.insert(partition, owned);
+        }
+    }
+
+    fn ranges(&self, deliveries: &[Delivery]) -> Vec<Range> {
+        let mut ranges: HashMap<i32, Range> = HashMap::new();
+        for d in deliveries {
+            let epoch = self.owned.get(&d.partition).map_or(0, |o| o.epoch);
+            ranges
+                .entry(d.partition)
+                .and_modify(|r| r.next = d.offset + 1)
+                .or_insert(Range { partition: d.partition, epoch, start: d.offset, next: d.offset + 1 });
+        }
+        let mut ranges: Vec<Range> = ranges.into_values().collect();
+        ranges.sort_by_key(|r| r.partition);
+        ranges
+    }
+
+    /// Commits the batch, retrying database errors until it succeeds or is fenced.
+    async fn commit_with_retry(&mut self, deliveries: Vec<Delivery>) {
+        let ranges = self.ranges(&deliveries);
+        let lateness = chrono::Duration::days(self.settings.lateness_days);
+        let refresh = chrono::Duration::milliseconds(self.settings.snapshot_refresh_ms as i64);
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let now = Utc::now();
+            let parsed = parse_batch(&deliveries, now, lateness);
+            let started = Instant::now();
+            match self.store.commit_batch(&ranges, parsed, &self.policy, now, refresh).await {
+                Ok(outcome) => {
+                    self.metrics.batches.record(started.elapsed());
+                    self.metrics.counted.add(outcome.counted as u64);
+                    self.metrics.duplicates.add(outcome.duplicates as u64);
+                    self.metrics.quarantined.add(outcome.quarantined as u64);
+                    self.metrics.snapshots.add(outcome.snapshots as u64);
+                    self.advance(&ranges);
+                    self.relay_wake.notify_one();
+                    return;
+                }
+                Err(StoreError::Fenced { partition, .. }) => {
+                    self.metrics.fenced.inc();
+                    tracing::warn!(partition, "batch refused by fencing; dropping the partition until it is assigned again");
+                    self.owned.remove(&partition);
+                    self.rewind(&ranges);
+                    return;
+                }
+                Err(e) => {
+                    self.metrics.db_retries.inc();
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "batch commit failed; consumption paused");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// After a commit: the next offsets move on, and Kafka gets them as a resume hint.
+    fn advance(&mut self, ranges: &[Range]) {
+        let mut hint = TopicPartitionList::new();
+        for r in ranges {
+            if let Some(o) = self.owned.get_mut(&r.partition) {
+                o.next = r.next;
+                let _ = hint.add_partition_offset(&self.store.topic, r.partition, Offset::Offset(r.next));
+            }
+        }
+        if hint.count() > 0 {
+            if let Err(e) = self.consumer.commit(&hint, CommitMode::Async) {
+                tracing::debug!(error = %e, "offset hint not committed to Kafka");
+            }
+        }
+    }
+
+    /// After a refused batch: the other partitions re-read from where they were.
+    fn rewind(&mut self, ranges: &[Range]) {
+        for r in ranges {
+            if let Some(mut owned) = self.owned.get(&r.partition).copied() {
+                owned.next = r.start;
+                self.seek(r.partition, &mut owned);
+                self.owned.insert(r.partition, owned);
+            }
+        }
+    }
+}
+
+fn to_delivery<M: Message>(m: &M) -> Delivery {
+    Delivery { partition: m.partition(), offset: m.offset(), payload: m.payload().map(<[u8]>::to_vec) }
+}

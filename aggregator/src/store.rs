@@ -1,0 +1,360 @@
+//! Postgres side of the ledger path: partition claims (fencing) and the one-transaction
+//! batch commit described in the crate docs.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use chrono::{DateTime, Duration, Utc};
+use sqlx::{PgPool, Postgres, Transaction};
+use tally_domain::decision::DecisionSnapshot;
+use tally_domain::event::UsageEvent;
+
+use crate::plan::{self, Candidate, LedgerDelta, LedgerKey, Parsed, Quarantined};
+use crate::policy::Policy;
+
+/// Why a batch was not committed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// This instance lost the partition, or the batch does not continue from the stored
+    /// offset. The batch is refused; the partition must be claimed again before consuming.
+    #[error("fenced on partition {partition}: batch starts at {start}, epoch {epoch}, but the stored owner/offset differ")]
+    Fenced { partition: i32, start: i64, epoch: i64 },
+    /// Postgres failed; the same batch can be retried.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+impl StoreError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Database(_))
+    }
+}
+
+/// A partition this instance owns, with the offset to resume from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub partition: i32,
+    pub next_offset: i64,
+    pub epoch: i64,
+}
+
+/// The offsets one batch covers on one partition: `start..next`.
+#[derive(Debug, Clone, Copy)]
+pub struct Range {
+    pub partition: i32,
+    pub epoch: i64,
+    pub start: i64,
+    pub next: i64,
+}
+
+/// What a committed batch did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub counted: usize,
+    pub duplicates: usize,
+    pub quarantined: usize,
+    pub snapshots: usize,
+}
+
+/// The aggregator's handle on its Postgres tables.
+#[derive(Clone)]
+pub struct Store {
+    pub pool: PgPool,
+    pub group: String,
+    pub topic: String,
+    /// This instance's identity in `consumer_offsets.owner`.
+    pub owner: String,
+    pub decisions_topic: String,
+    pub quarantine_topic: String,
+}
+
+impl Store {
+    /// Takes ownership of `partition` for this instance: bumps the epoch (fencing out the
+    /// previous owner) and returns the offset to resume from.
+    pub async fn claim(&self, partition: i32) -> Result<Claim, sqlx::Error> {
+        let (next_offset, epoch): (i64, i64) = sqlx::query_as(
+            "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset, owner, epoch)
+             VALUES ($1, $2, $3, 0, $4, 1)
+             ON CONFLICT (group_id, topic, partition)
+             DO UPDATE SET owner = EXCLUDED.owner, epoch = consumer_offsets.epoch + 1, updated_at = now()
+             RETURNING next_offset, epoch",
+        )
+        .bind(&self.group)
+        .bind(&self.topic)
+        .bind(partition)
+        .bind(&self.owner)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Claim { partition, next_offset, epoch })
+    }
+
+    /// Commits one batch atomically (see the crate docs for the steps).
+    pub async fn commit_batch(
+        &self,
+        ranges: &[Range],
+        parsed: Parsed,
+        policy: &Policy,
+        now: DateTime<Utc>,
+        refresh: Duration,
+    ) -> Result<Outcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let Parsed { candidates, mut quarantined, duplicates } = parsed;
+        let (fresh, seen_before) = record_event_ids(&mut tx, &candidates).await?;
+        let mut outcome = Outcome { duplicates, ..Outcome::default() };
+        for c in candidates.iter().filter(|c| !fresh.contains(&c.event.id)) {
+            match seen_before.get(&c.event.id) {
+                Some(fp) if *fp == c.fingerprint => outcome.duplicates += 1,
+                _ => quarantined.push(plan::conflict(&c.event.id, &c.delivery)),
+            }
+        }
+        let counted: Vec<&UsageEvent> = candidates.iter().filter(|c| fresh.contains(&c.event.id)).map(|c| &c.event).collect();
+        outcome.counted = counted.len();
+        apply_ledger_deltas(&mut tx, &plan::ledger_deltas(&counted, policy)).await?;
+        outcome.snapshots = self.publish_decisions(&mut tx, &counted, policy, now, refresh).await?;
+        outcome.quarantined = quarantined.len();
+        self.enqueue_quarantine(&mut tx, &quarantined).await?;
+        self.advance_offsets(&mut tx, ranges).await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn advance_offsets(&self, tx: &mut Transaction<'_, Postgres>, ranges: &[Range]) -> Result<(), StoreError> {
+        for r in ranges {
+            let updated = sqlx::query(
+                "UPDATE consumer_offsets SET next_offset = $1, updated_at = now()
+                 WHERE group_id = $2 AND topic = $3 AND partition = $4 AND owner = $5 AND epoch = $6 AND next_offset = $7",
+            )
+            .bind(r.next)
+            .bind(&self.group)
+            .bind(&self.topic)
+            .bind(r.partition)
+            .bind(&self.owner)
+            .bind(r.epoch)
+            .bind(r.start)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+            if updated != 1 {
+                return Err(StoreError::Fenced { partition: r.partition, start: r.start, epoch: r.epoch });
+            }
+        }
+        Ok(())
+    }
+
+    async fn enqueue_quarantine(&self, tx: &mut Transaction<'_, Postgres>, items: &[Quarantined]) -> Result<(), sqlx::Error> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = items.iter().map(|q| q.event_id.clone().unwrap_or_default()).collect();
+        let payloads: Vec<Vec<u8>> = items.iter().map(|q| serde_json::to_vec(q).unwrap_or_default()).collect();
+        enqueue(tx, &self.quarantine_topic, &keys, &payloads).await
+    }
+
+    /// Recomputes the decision of every subject that got usage, and writes a new snapshot
+    /// (version + 1) to `decisions` and the outbox where [`plan::should_publish`] says so.
+    async fn publish_decisions(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        counted: &[&UsageEvent],
+        policy: &Policy,
+        now: DateTime<Utc>,
+        refresh: Duration,
+    ) -> Result<usize, sqlx::Error> {
+        // The latest event per subject says which API key (and so which key tier) applies.
+        let mut latest: BTreeMap<&str, &UsageEvent> = BTreeMap::new();
+        for e in counted {
+            latest.insert(e.subject.as_str(), e);
+        }
+        if latest.is_empty() {
+            return Ok(0);
+        }
+        let subjects: Vec<String> = latest.keys().map(|s| s.to_string()).collect();
+        let previous = previous_snapshots(tx, &subjects).await?;
+        let plans: Vec<_> = latest
+            .iter()
+            .map(|(subject, e)| {
+                let resolved = policy.resolve(subject, e.api_key_sha256.as_deref(), "", now);
+                let keys = plan::current_keys(subject, &resolved.quotas, resolved.timezone, now);
+                (subject, resolved, keys)
+            })
+            .collect();
+        let all_keys: Vec<&LedgerKey> = plans.iter().flat_map(|(_, _, keys)| keys.iter().map(|(k, _)| k)).collect();
+        let used = read_used(tx, &all_keys).await?;
+        let mut snapshots = Vec::new();
+        for (subject, resolved, keys) in &plans {
+            let quotas = plan::decide(&resolved.quotas, keys, &used);
+            let prev = previous.get(**subject);
+            if !plan::should_publish(prev, &resolved.tier, &quotas, now, refresh) {
+                continue;
+            }
+            snapshots.push(DecisionSnapshot {
+                subject: subject.to_string(),
+                allowed: DecisionSnapshot::allowed_for(&quotas),
+                version: prev.map_or(1, |p| p.version + 1),
+                calculated_at: now,
+                tier: resolved.tier.clone(),
+                quotas,
+            });
+        }
+        save_snapshots(tx, &snapshots).await?;
+        let keys: Vec<String> = snapshots.iter().map(|s| s.subject.clone()).collect();
+        let payloads: Vec<Vec<u8>> = snapshots.iter().map(|s| serde_json::to_vec(s).unwrap_or_default()).collect();
+        enqueue(tx, &self.decisions_topic, &keys, &payloads).await?;
+        Ok(snapshots.len())
+    }
+}
+
+/// Inserts the dedupe records; returns the ids that were new and, for the others, the
+/// fingerprint they were first counted with.
+async fn record_event_ids(
+    tx: &mut Transaction<'_, Postgres>,
+    candidates: &[Candidate],
+) -> Result<(HashSet<String>, HashMap<String, String>), sqlx::Error> {
+    if candidates.is_empty() {
+        return Ok((HashSet::new(), HashMap::new()));
+    }
+    let ids: Vec<&str> = candidates.iter().map(|c| c.event.id.as_str()).collect();
+    let fingerprints: Vec<&str> = candidates.iter().map(|c| c.fingerprint.as_str()).collect();
+    let subjects: Vec<&str> = candidates.iter().map(|c| c.event.subject.as_str()).collect();
+    let times: Vec<DateTime<Utc>> = candidates.iter().map(|c| c.event.time).collect();
+    let fresh: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO processed_events (event_id, fingerprint, subject, event_time)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[])
+         ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+    )
+    .bind(&ids)
+    .bind(&fingerprints)
+    .bind(&subjects)
+    .bind(&times)
+    .fetch_all(&mut **tx)
+    .await?;
+    let fresh: HashSet<String> = fresh.into_iter().collect();
+    let others: Vec<&str> = ids.iter().copied().filter(|id| !fresh.contains(*id)).collect();
+    let seen_before: HashMap<String, String> = if others.is_empty() {
+        HashMap::new()
+    } else {
+        sqlx::query_as::<_, (String, String)>("SELECT event_id, fingerprint FROM processed_events WHERE event_id = ANY($1)")
+            .bind(&others)
+            .fetch_all(&mut **tx)
+            .await?
+            .into_iter()
+            .collect()
+    };
+    Ok((fresh, seen_before))
+}
+
+/// Adds the deltas to the ledgers with one bulk upsert.
+async fn apply_ledger_deltas(
+    tx: &mut Transaction<'_, Postgres>,
+    deltas: &BTreeMap<LedgerKey, LedgerDelta>,
+) -> Result<(), sqlx::Error> {
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    let mut cols: (Vec<&str>, Vec<&str>, Vec<&str>, Vec<&str>, Vec<DateTime<Utc>>, Vec<DateTime<Utc>>, Vec<i64>, Vec<&str>, Vec<i64>) =
+        Default::default();
+    for (k, d) in deltas {
+        cols.0.push(&k.subject);
+        cols.1.push(&k.metric);
+        cols.2.push(&k.scope);
+        cols.3.push(&k.period);
+        cols.4.push(k.period_start);
+        cols.5.push(d.period_end);
+        cols.6.push(d.used);
+        cols.7.push(&d.quota);
+        cols.8.push(d.limit);
+    }
+    sqlx::query(
+        "INSERT INTO ledgers (subject, metric, scope, period, period_start, period_end, used, quota, limit_value)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
+                              $7::bigint[], $8::text[], $9::bigint[])
+         ON CONFLICT (subject, metric, scope, period, period_start) DO UPDATE
+         SET used = ledgers.used + EXCLUDED.used, quota = EXCLUDED.quota, limit_value = EXCLUDED.limit_value,
+             updated_at = now()",
+    )
+    .bind(&cols.0)
+    .bind(&cols.1)
+    .bind(&cols.2)
+    .bind(&cols.3)
+    .bind(&cols.4)
+    .bind(&cols.5)
+    .bind(&cols.6)
+    .bind(&cols.7)
+    .bind(&cols.8)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The `used` of each requested ledger row that exists.
+async fn read_used(tx: &mut Transaction<'_, Postgres>, keys: &[&LedgerKey]) -> Result<HashMap<LedgerKey, i64>, sqlx::Error> {
+    let subjects: Vec<&str> = keys.iter().map(|k| k.subject.as_str()).collect();
+    let metrics: Vec<&str> = keys.iter().map(|k| k.metric.as_str()).collect();
+    let scopes: Vec<&str> = keys.iter().map(|k| k.scope.as_str()).collect();
+    let periods: Vec<&str> = keys.iter().map(|k| k.period.as_str()).collect();
+    let starts: Vec<DateTime<Utc>> = keys.iter().map(|k| k.period_start).collect();
+    let rows: Vec<(String, String, String, String, DateTime<Utc>, i64)> = sqlx::query_as(
+        "SELECT l.subject, l.metric, l.scope, l.period, l.period_start, l.used
+         FROM ledgers l
+         JOIN UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) AS k(subject, metric, scope, period, period_start)
+           USING (subject, metric, scope, period, period_start)",
+    )
+    .bind(&subjects)
+    .bind(&metrics)
+    .bind(&scopes)
+    .bind(&periods)
+    .bind(&starts)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(subject, metric, scope, period, period_start, used)| (LedgerKey { subject, metric, scope, period, period_start }, used))
+        .collect())
+}
+
+/// The stored snapshots of `subjects`, locked for this transaction.
+async fn previous_snapshots(
+    tx: &mut Transaction<'_, Postgres>,
+    subjects: &[String],
+) -> Result<HashMap<String, DecisionSnapshot>, sqlx::Error> {
+    let rows: Vec<(String, sqlx::types::Json<DecisionSnapshot>)> =
+        sqlx::query_as("SELECT subject, snapshot FROM decisions WHERE subject = ANY($1) ORDER BY subject FOR UPDATE")
+            .bind(subjects)
+            .fetch_all(&mut **tx)
+            .await?;
+    Ok(rows.into_iter().map(|(s, j)| (s, j.0)).collect())
+}
+
+async fn save_snapshots(tx: &mut Transaction<'_, Postgres>, snapshots: &[DecisionSnapshot]) -> Result<(), sqlx::Error> {
+    if snapshots.is_empty() {
+        return Ok(());
+    }
+    let subjects: Vec<&str> = snapshots.iter().map(|s| s.subject.as_str()).collect();
+    let versions: Vec<i64> = snapshots.iter().map(|s| s.version).collect();
+    let bodies: Vec<serde_json::Value> = snapshots.iter().map(|s| serde_json::to_value(s).unwrap_or_default()).collect();
+    sqlx::query(
+        "INSERT INTO decisions (subject, version, snapshot)
+         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::jsonb[])
+         ON CONFLICT (subject) DO UPDATE SET version = EXCLUDED.version, snapshot = EXCLUDED.snapshot, published_at = now()
+         WHERE decisions.version < EXCLUDED.version",
+    )
+    .bind(&subjects)
+    .bind(&versions)
+    .bind(&bodies)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Appends messages to the outbox.
+async fn enqueue(tx: &mut Transaction<'_, Postgres>, topic: &str, keys: &[String], payloads: &[Vec<u8>]) -> Result<(), sqlx::Error> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("INSERT INTO outbox (topic, key, payload) SELECT $1, * FROM UNNEST($2::text[], $3::bytea[])")
+        .bind(topic)
+        .bind(keys)
+        .bind(payloads)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! ClickHouse settings and DDL.
+//!
+//! The DDL in `migrations/clickhouse` is written for both ClickHouse 18.16 (the local stack)
+//! and current releases; each file is applied in name order over the HTTP interface and
+//! every statement is idempotent (`IF NOT EXISTS`).
+
+use anyhow::{bail, Context};
+
+/// Where ClickHouse is.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClickHouseSettings {
+    /// ClickHouse HTTP URL.
+    #[arg(long = "clickhouse-url", env = "TALLY_CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
+    pub url: String,
+    /// ClickHouse database for usage history.
+    #[arg(long = "clickhouse-database", env = "TALLY_CLICKHOUSE_DATABASE", default_value = "tally")]
+    pub database: String,
+}
+
+const DDL: &[(&str, &str)] = &[("0001_usage.sql", include_str!("../../migrations/clickhouse/0001_usage.sql"))];
+
+impl ClickHouseSettings {
+    async fn execute(&self, client: &reqwest::Client, sql: &str) -> anyhow::Result<()> {
+        let response = client
+            .post(&self.url)
+            .body(sql.to_string())
+            .send()
+            .await
+            .with_context(|| format!("failed to reach ClickHouse at {}", self.url))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            bail!("ClickHouse refused a statement ({status}): {}", body.trim());
+        }
+        Ok(())
+    }
+
+    /// Creates the history database and tables if they do not exist.
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        let client = reqwest::Client::new();
+        self.execute(&client, &format!("CREATE DATABASE IF NOT EXISTS `{}`", self.database)).await?;
+        for (name, text) in DDL {
+            for statement in text.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                let sql = statement.replace("{database}", &self.database);
+                self.execute(&client, &sql).await.with_context(|| format!("in {name}"))?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,93 @@
+//! Kafka settings, client configuration and topic creation.
+//!
+//! Clients are plain librdkafka (through rdkafka) so the same code runs against Apache
+//! Kafka, Redpanda and the tansu broker of the local stack.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientConfig;
+
+/// Where the broker is and what Tally's topics are called.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaSettings {
+    /// Bootstrap brokers, comma separated.
+    #[arg(long = "kafka-brokers", env = "TALLY_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// Topic of usage events.
+    #[arg(long, env = "TALLY_USAGE_TOPIC", default_value = "tally.usage.v1")]
+    pub usage_topic: String,
+    /// Compacted topic of per-subject decision snapshots (key = subject).
+    #[arg(long, env = "TALLY_DECISIONS_TOPIC", default_value = "tally.decisions.v1")]
+    pub decisions_topic: String,
+    /// Topic of rejected events with the reason.
+    #[arg(long, env = "TALLY_QUARANTINE_TOPIC", default_value = "tally.quarantine.v1")]
+    pub quarantine_topic: String,
+    /// Topic of control-plane changes.
+    #[arg(long, env = "TALLY_CONTROL_TOPIC", default_value = "tally.control.v1")]
+    pub control_topic: String,
+    /// Partitions given to topics Tally creates.
+    #[arg(long, env = "TALLY_TOPIC_PARTITIONS", default_value_t = 4)]
+    pub partitions: i32,
+}
+
+impl KafkaSettings {
+    fn base(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        c
+    }
+
+    /// An idempotent, acks=all, lz4 producer: a delivered message was written once.
+    pub fn producer_config(&self) -> ClientConfig {
+        let mut c = self.base();
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", "lz4")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "30000");
+        c
+    }
+
+    /// A consumer in `group` that never commits on its own: offsets are the caller's.
+    pub fn consumer_config(&self, group: &str) -> ClientConfig {
+        let mut c = self.base();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000");
+        c
+    }
+
+    /// Creates Tally's four topics if they do not exist yet.
+    pub async fn ensure_topics(&self) -> anyhow::Result<()> {
+        let admin: AdminClient<DefaultClientContext> =
+            self.base().create().context("failed to create the Kafka admin client")?;
+        let compact = [("cleanup.policy", "compact")];
+        let topics = [
+            NewTopic::new(&self.usage_topic, self.partitions, TopicReplication::Fixed(1)),
+            NewTopic::new(&self.decisions_topic, self.partitions, TopicReplication::Fixed(1))
+                .set(compact[0].0, compact[0].1),
+            NewTopic::new(&self.quarantine_topic, self.partitions, TopicReplication::Fixed(1)),
+            NewTopic::new(&self.control_topic, 1, TopicReplication::Fixed(1)),
+        ];
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = admin
+            .create_topics(&topics, &opts)
+            .await
+            .with_context(|| format!("failed to create topics on {}", self.brokers))?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => bail!("failed to create topic {topic}: {code}"),
+            }
+        }
+        Ok(())
+    }
+}

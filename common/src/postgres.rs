@@ -1,0 +1,83 @@
+//! Postgres settings, pool, database creation and migrations.
+//!
+//! Migrations live in `migrations/postgres` at the repo root and are embedded in the binary.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+
+/// Where Tally's Postgres database is.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PostgresSettings {
+    /// Postgres URL of Tally's database, e.g. postgres://postgres@127.0.0.1:5432/tally.
+    #[arg(long = "database-url", env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/tally")]
+    pub url: String,
+    /// Connections in the pool.
+    #[arg(long = "database-pool-size", env = "TALLY_DATABASE_POOL_SIZE", default_value_t = 8)]
+    pub pool_size: u32,
+}
+
+impl PostgresSettings {
+    fn options(&self) -> anyhow::Result<PgConnectOptions> {
+        self.url
+            .parse::<PgConnectOptions>()
+            .context("TALLY_DATABASE_URL is not a valid Postgres URL")
+            .map(|o| o.disable_statement_logging())
+    }
+
+    /// The database name in the URL.
+    pub fn database(&self) -> anyhow::Result<String> {
+        Ok(self.options()?.get_database().unwrap_or("postgres").to_string())
+    }
+
+    pub async fn connect(&self) -> anyhow::Result<PgPool> {
+        PgPoolOptions::new()
+            .max_connections(self.pool_size)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(self.options()?)
+            .await
+            .with_context(|| format!("failed to connect to Postgres database {}", self.database().unwrap_or_default()))
+    }
+
+    /// Creates the database named in the URL if it does not exist, connecting to the
+    /// server's `postgres` database to do so.
+    pub async fn create_database_if_missing(&self) -> anyhow::Result<()> {
+        let name = self.database()?;
+        let admin = self.options()?.database("postgres");
+        let mut conn = admin.connect().await.context("failed to connect to the Postgres server")?;
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut conn)
+            .await?;
+        if !exists {
+            let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+            match sqlx::query(&format!("CREATE DATABASE {quoted}")).execute(&mut conn).await {
+                Ok(_) => {}
+                // Another process created it between our check and our CREATE.
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+                Err(e) => return Err(e).with_context(|| format!("failed to create database {name}")),
+            }
+        }
+        conn.close().await.ok();
+        Ok(())
+    }
+
+    /// Drops the database named in the URL (used by tests to clean up).
+    pub async fn drop_database(&self) -> anyhow::Result<()> {
+        let name = self.database()?;
+        let mut conn = self.options()?.database("postgres").connect().await?;
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")).execute(&mut conn).await?;
+        Ok(())
+    }
+}
+
+/// Applies the embedded Postgres migrations.
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::migrate!("../migrations/postgres")
+        .run(pool)
+        .await
+        .context("failed to run the Postgres migrations")
+}
