@@ -1,0 +1,41 @@
+//! The opt-in testcontainers path (`TALLY_TEST_CONTAINERS=1`, `--features containers`): one
+//! Kafka (KRaft), Postgres and ClickHouse per test process, started on first use and kept
+//! for the process's life. Tests isolate themselves by names exactly as on the local stack.
+
+use std::sync::OnceLock;
+
+use testcontainers_modules::clickhouse::ClickHouse;
+use testcontainers_modules::kafka::apache::{Kafka, KAFKA_PORT};
+use testcontainers_modules::postgres::Postgres;
+use testcontainers_modules::testcontainers::runners::SyncRunner;
+use testcontainers_modules::testcontainers::Container;
+
+use super::Servers;
+
+struct Started {
+    _kafka: Container<Kafka>,
+    _postgres: Container<Postgres>,
+    _clickhouse: Container<ClickHouse>,
+    servers: Servers,
+}
+
+static STARTED: OnceLock<Started> = OnceLock::new();
+
+fn start() -> Started {
+    let kafka = Kafka::default().start().expect("start the Kafka container");
+    let postgres = Postgres::default().start().expect("start the Postgres container");
+    let clickhouse = ClickHouse::default().start().expect("start the ClickHouse container");
+    let servers = Servers {
+        kafka: format!("127.0.0.1:{}", kafka.get_host_port_ipv4(KAFKA_PORT).expect("kafka port")),
+        postgres: format!(
+            "postgres://postgres:postgres@127.0.0.1:{}/postgres",
+            postgres.get_host_port_ipv4(5432).expect("postgres port")
+        ),
+        clickhouse: format!("http://127.0.0.1:{}", clickhouse.get_host_port_ipv4(8123).expect("clickhouse port")),
+    };
+    Started { _kafka: kafka, _postgres: postgres, _clickhouse: clickhouse, servers }
+}
+
+pub fn servers() -> Servers {
+    STARTED.get_or_init(start).servers.clone()
+}

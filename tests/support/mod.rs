@@ -1,0 +1,252 @@
+//! The black-box test harness: runs the real `tally` binary against the real broker,
+//! Postgres and ClickHouse, with names of its own per test so tests never share state.
+//!
+//! Where the servers come from:
+//! - by default, the local stack (`scripts/stack up`), at the addresses in
+//!   `TALLY_KAFKA_BROKERS`, `TALLY_DATABASE_URL` and `TALLY_CLICKHOUSE_URL` (the stack's
+//!   defaults when unset). Each test gets its own Postgres database, ClickHouse database,
+//!   topics and consumer group, all named after a random suffix;
+//! - on a machine with Docker, `TALLY_TEST_CONTAINERS=1` with `--features containers` starts
+//!   them with testcontainers instead (see `containers.rs`). Everything else is the same.
+#![allow(dead_code)]
+
+#[cfg(feature = "containers")]
+mod containers;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Addresses of the servers the tests use.
+#[derive(Debug, Clone)]
+pub struct Servers {
+    pub kafka: String,
+    /// A Postgres URL on the server; its database name is replaced per test.
+    pub postgres: String,
+    pub clickhouse: String,
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_string())
+}
+
+impl Servers {
+    pub fn get() -> Servers {
+        if std::env::var("TALLY_TEST_CONTAINERS").as_deref() == Ok("1") {
+            #[cfg(feature = "containers")]
+            return containers::servers();
+            #[cfg(not(feature = "containers"))]
+            panic!("TALLY_TEST_CONTAINERS=1 needs the tests built with `--features containers`");
+        }
+        Servers {
+            kafka: env_or("TALLY_KAFKA_BROKERS", "127.0.0.1:9092"),
+            postgres: env_or("TALLY_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres"),
+            clickhouse: env_or("TALLY_CLICKHOUSE_URL", "http://127.0.0.1:8123"),
+        }
+    }
+}
+
+/// A free loopback port (bound and released; the service binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port")
+}
+
+fn with_database(url: &str, db: &str) -> String {
+    let (base, _) = url.rsplit_once('/').expect("TALLY_DATABASE_URL has no database part");
+    let query = url.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    format!("{base}/{db}{query}")
+}
+
+/// One test's own Tally: names, environment and running services.
+pub struct Tally {
+    pub id: String,
+    pub servers: Servers,
+    pub database_url: String,
+    pub usage_topic: String,
+    pub group: String,
+    pub ingest_url: String,
+    pub api_url: String,
+    pub aggregator_url: String,
+    pub config: Option<PathBuf>,
+    log_dir: PathBuf,
+    children: Vec<(String, Child)>,
+    http: reqwest::Client,
+}
+
+impl Tally {
+    /// Names for a new test and `tally setup` run for them; no service started yet.
+    pub fn prepare(config_yaml: Option<&str>) -> Tally {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let servers = Servers::get();
+        let log_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("tally-tests").join(&id);
+        std::fs::create_dir_all(&log_dir).expect("create log dir");
+        let config = config_yaml.map(|yaml| {
+            let path = log_dir.join("tiers.yaml");
+            std::fs::write(&path, yaml).expect("write config");
+            path
+        });
+        let tally = Tally {
+            database_url: with_database(&servers.postgres, &format!("tally_test_{id}")),
+            usage_topic: format!("test.{id}.usage.v1"),
+            group: format!("tally-ledger-{id}"),
+            ingest_url: format!("http://127.0.0.1:{}", free_port()),
+            api_url: format!("http://127.0.0.1:{}", free_port()),
+            aggregator_url: format!("http://127.0.0.1:{}", free_port()),
+            id,
+            servers,
+            config,
+            log_dir,
+            children: Vec::new(),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client"),
+        };
+        let out = tally.command(&["setup"]).output().expect("run tally setup");
+        assert!(out.status.success(), "tally setup failed: {}", String::from_utf8_lossy(&out.stderr));
+        tally
+    }
+
+    /// Prepares and starts ingest, aggregator and API, and waits until they answer.
+    pub async fn start(config_yaml: Option<&str>) -> Tally {
+        let mut t = Tally::prepare(config_yaml);
+        t.spawn("ingest");
+        t.spawn("aggregator");
+        t.spawn("api");
+        t.wait_healthy().await;
+        t
+    }
+
+    /// `tally <args>` with this test's environment.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tally"));
+        cmd.args(args)
+            .env("TALLY_KAFKA_BROKERS", &self.servers.kafka)
+            .env("TALLY_DATABASE_URL", &self.database_url)
+            .env("TALLY_CLICKHOUSE_URL", &self.servers.clickhouse)
+            .env("TALLY_CLICKHOUSE_DATABASE", format!("tally_test_{}", self.id))
+            .env("TALLY_USAGE_TOPIC", &self.usage_topic)
+            .env("TALLY_DECISIONS_TOPIC", format!("test.{}.decisions.v1", self.id))
+            .env("TALLY_QUARANTINE_TOPIC", format!("test.{}.quarantine.v1", self.id))
+            .env("TALLY_CONTROL_TOPIC", format!("test.{}.control.v1", self.id))
+            .env("TALLY_AGGREGATOR_GROUP", &self.group)
+            .env("TALLY_INGEST_LISTEN", self.ingest_url.trim_start_matches("http://"))
+            .env("TALLY_API_LISTEN", self.api_url.trim_start_matches("http://"))
+            .env("TALLY_AGGREGATOR_LISTEN", self.aggregator_url.trim_start_matches("http://"))
+            .env("RUST_LOG", "info,sqlx=warn,rdkafka=warn");
+        if let Some(config) = &self.config {
+            cmd.env("TALLY_CONFIG", config);
+        }
+        cmd
+    }
+
+    /// Starts `tally <service>` in the background, its output in the test's log directory.
+    pub fn spawn(&mut self, service: &str) {
+        let n = self.children.len();
+        let log = std::fs::File::create(self.log_dir.join(format!("{service}-{n}.log"))).expect("create log");
+        let child = self
+            .command(&[service])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("failed to start tally {service}: {e}"));
+        self.children.push((service.to_string(), child));
+    }
+
+    /// Kills (SIGKILL) every running process of `service`.
+    pub fn kill(&mut self, service: &str) {
+        for (name, child) in self.children.iter_mut().filter(|(n, _)| n == service) {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = name;
+        }
+        self.children.retain(|(n, _)| n != service);
+    }
+
+    pub async fn wait_healthy(&self) {
+        for url in [&self.ingest_url, &self.api_url, &self.aggregator_url] {
+            let healthz = format!("{url}/healthz");
+            let ok = wait_for(Duration::from_secs(30), || async {
+                self.http.get(&healthz).send().await.map(|r| r.status().is_success()).unwrap_or(false)
+            })
+            .await;
+            assert!(ok, "{healthz} did not answer; logs in {}", self.log_dir.display());
+        }
+    }
+
+    pub async fn post_events(&self, body: &Value) -> (u16, Value) {
+        let r = self.http.post(format!("{}/v1/events", self.ingest_url)).json(body).send().await.expect("post events");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, url: &str) -> (u16, Value) {
+        let r = self.http.get(url).send().await.expect("get");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn decision(&self, subject: &str) -> Option<Value> {
+        let (status, body) = self.get(&format!("{}/v1/subjects/{subject}/decision", self.api_url)).await;
+        (status == 200).then_some(body)
+    }
+
+    pub async fn usage(&self, subject: &str) -> Value {
+        let (status, body) = self.get(&format!("{}/v1/subjects/{subject}/usage", self.api_url)).await;
+        assert_eq!(status, 200, "usage of {subject}: {body}");
+        body
+    }
+
+    /// The `used` of a subject's ledger row for `metric` (all scopes), summed over periods.
+    pub async fn used(&self, subject: &str, metric: &str) -> i64 {
+        let usage = self.usage(subject).await;
+        usage["ledgers"]
+            .as_array()
+            .map(|rows| {
+                rows.iter()
+                    .filter(|r| r["metric"] == metric && r["scope"].is_null())
+                    .map(|r| r["used"].as_i64().unwrap_or(0))
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    /// A counter or gauge value from a service's `/metrics`.
+    pub async fn metric(&self, base_url: &str, name: &str) -> i64 {
+        let text = self.http.get(format!("{base_url}/metrics")).send().await.expect("metrics").text().await.unwrap_or_default();
+        text.lines()
+            .filter(|l| l.split(|c| c == ' ' || c == '{').next() == Some(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+            .sum()
+    }
+
+    pub fn log_dir(&self) -> &std::path::Path {
+        &self.log_dir
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        for (_, child) in self.children.iter_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls `check` every 100 ms until it holds or `timeout` passes; returns whether it held.
+pub async fn wait_for<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
