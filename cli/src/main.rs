@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tally_aggregator::AggregatorSettings;
 use tally_api::ApiSettings;
-use tally_cli::{demo, setup};
+use tally_cli::explain::{ExplainCommand, ValidateConfigArgs};
+use tally_cli::{demo, explain, setup};
 use tally_common::clickhouse::ClickHouseSettings;
 use tally_common::kafka::KafkaSettings;
 use tally_common::postgres::PostgresSettings;
@@ -68,6 +69,11 @@ enum Command {
     },
     /// Send a short demo load and watch one user cross a limit and get blocked.
     Demo(demo::DemoArgs),
+    /// Explain a period, a rate or a subject's effective tier; prints one JSON object.
+    #[command(subcommand)]
+    Explain(ExplainCommand),
+    /// Check a tier configuration file: a summary, or every error with its location.
+    ValidateConfig(ValidateConfigArgs),
 }
 
 fn main() -> ExitCode {
@@ -101,6 +107,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             setup::setup(&kafka, &postgres, &clickhouse, skip_clickhouse).await?
         }
         Command::Demo(args) => return demo::run(args).await,
+        Command::Explain(cmd) => return Ok(exit_code(explain::run_explain_cli(cmd))),
+        Command::ValidateConfig(args) => return Ok(exit_code(explain::run_validate_config(args))),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
