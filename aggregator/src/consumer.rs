@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 
 use crate::plan::{parse_batch, Delivery};
 use crate::policy::Policy;
-use crate::store::{Range, Store, StoreError};
+use crate::store::{Range, Store, StoreError, Subjects};
 use crate::{relay, AggregatorSettings};
 
 /// What a rebalance callback tells the loop.
@@ -116,6 +116,9 @@ struct Loop {
     owned: HashMap<i32, Owned>,
     relay_wake: Arc<Notify>,
     metrics: Arc<Metrics>,
+    /// Subjects with usage not yet in a published snapshot, and when they were last flushed.
+    deferred: Subjects,
+    last_refresh: Instant,
 }
 
 /// Runs the aggregator (see the crate docs).
@@ -151,7 +154,18 @@ pub async fn run(
     let health = spawn_health_server(&settings, metrics.clone()).await?;
     tracing::info!(group = %settings.group, topic = %kafka.usage_topic, owner = %store.owner, "aggregator consuming");
     let timeout = Duration::from_secs(settings.shutdown_timeout_seconds);
-    let mut state = Loop { settings, consumer, notes, store, policy, owned: HashMap::new(), relay_wake, metrics };
+    let mut state = Loop {
+        settings,
+        consumer,
+        notes,
+        store,
+        policy,
+        owned: HashMap::new(),
+        relay_wake,
+        metrics,
+        deferred: Subjects::new(),
+        last_refresh: Instant::now(),
+    };
     state.consume_until(shutdown).await;
     // Drain: the loop has committed its last batch; publish what the outbox holds.
     relay_stop.notify_one();
@@ -186,18 +200,43 @@ impl Loop {
             };
             self.apply_notes().await;
             let deliveries = self.accept_in_order(batch);
-            if deliveries.is_empty() {
-                continue;
+            if !deliveries.is_empty() {
+                self.commit_with_retry(deliveries).await;
             }
-            self.commit_with_retry(deliveries).await;
+            self.refresh_if_due().await;
+        }
+    }
+
+    fn refresh_interval(&self) -> Duration {
+        Duration::from_millis(self.settings.snapshot_refresh_ms)
+    }
+
+    /// Publishes the deferred snapshots once the refresh interval has passed. A failure keeps
+    /// them deferred for the next try.
+    async fn refresh_if_due(&mut self) {
+        if self.deferred.is_empty() || self.last_refresh.elapsed() < self.refresh_interval() {
+            return;
+        }
+        match self.store.refresh_decisions(&self.deferred, &self.policy, Utc::now()).await {
+            Ok(n) => {
+                self.metrics.snapshots.add(n as u64);
+                self.deferred.clear();
+                self.last_refresh = Instant::now();
+                self.relay_wake.notify_one();
+            }
+            Err(e) => tracing::warn!(error = %e, "deferred snapshots not published; retrying"),
         }
     }
 
     /// Waits for a first message, then takes more until the batch is full or `max_wait` passed.
+    /// Returns an empty batch when deferred snapshots are due before any message came.
     async fn next_batch(&mut self) -> Vec<Delivery> {
         let mut batch = Vec::new();
+        let idle = self.refresh_interval();
         let deadline = loop {
-            match self.consumer.recv().await {
+            let first = tokio::time::timeout(idle, self.consumer.recv()).await;
+            let Ok(first) = first else { return batch };
+            match first {
                 Ok(m) => {
                     batch.push(to_delivery(&m));
                     break tokio::time::Instant::now() + self.settings.max_wait();
@@ -323,6 +362,7 @@ impl Loop {
                     self.metrics.quarantined.add(outcome.quarantined as u64);
                     self.metrics.snapshots.add(outcome.snapshots as u64);
                     self.advance(&ranges);
+                    self.deferred.extend(outcome.deferred);
                     self.relay_wake.notify_one();
                     return;
                 }

@@ -53,6 +53,9 @@ pub struct Outcome {
     pub duplicates: usize,
     pub quarantined: usize,
     pub snapshots: usize,
+    /// Subjects whose usage changed without a state change, and whose snapshot waits for the
+    /// refresh interval; the loop publishes them with [`Store::refresh_decisions`].
+    pub deferred: Subjects,
 }
 
 /// The aggregator's handle on its Postgres tables.
@@ -109,7 +112,9 @@ impl Store {
         let counted: Vec<&UsageEvent> = candidates.iter().filter(|c| fresh.contains(&c.event.id)).map(|c| &c.event).collect();
         outcome.counted = counted.len();
         apply_ledger_deltas(&mut tx, &plan::ledger_deltas(&counted, policy)).await?;
-        outcome.snapshots = self.publish_decisions(&mut tx, &counted, policy, now, refresh).await?;
+        let (snapshots, deferred) = self.publish_decisions(&mut tx, &subjects_of(&counted), policy, now, refresh).await?;
+        outcome.snapshots = snapshots;
+        outcome.deferred = deferred;
         outcome.quarantined = quarantined.len();
         self.enqueue_quarantine(&mut tx, &quarantined).await?;
         self.advance_offsets(&mut tx, ranges).await?;
@@ -149,30 +154,27 @@ impl Store {
         enqueue(tx, &self.quarantine_topic, &keys, &payloads).await
     }
 
-    /// Recomputes the decision of every subject that got usage, and writes a new snapshot
-    /// (version + 1) to `decisions` and the outbox where [`plan::should_publish`] says so.
+    /// Recomputes the decisions of `subjects` (subject -> the API key hash of its latest
+    /// event) and writes a new snapshot (version + 1) to `decisions` and the outbox where
+    /// [`plan::should_publish`] says so. Returns the subjects whose usage changed but whose
+    /// snapshot was deferred by the refresh interval.
     async fn publish_decisions(
         &self,
         tx: &mut Transaction<'_, Postgres>,
-        counted: &[&UsageEvent],
+        subjects: &Subjects,
         policy: &Policy,
         now: DateTime<Utc>,
         refresh: Duration,
-    ) -> Result<usize, sqlx::Error> {
-        // The latest event per subject says which API key (and so which key tier) applies.
-        let mut latest: BTreeMap<&str, &UsageEvent> = BTreeMap::new();
-        for e in counted {
-            latest.insert(e.subject.as_str(), e);
+    ) -> Result<(usize, Subjects), sqlx::Error> {
+        if subjects.is_empty() {
+            return Ok((0, Subjects::new()));
         }
-        if latest.is_empty() {
-            return Ok(0);
-        }
-        let subjects: Vec<String> = latest.keys().map(|s| s.to_string()).collect();
-        let previous = previous_snapshots(tx, &subjects).await?;
-        let plans: Vec<_> = latest
+        let names: Vec<String> = subjects.keys().cloned().collect();
+        let previous = previous_snapshots(tx, &names).await?;
+        let plans: Vec<_> = subjects
             .iter()
-            .map(|(subject, e)| {
-                let resolved = policy.resolve(subject, e.api_key_sha256.as_deref(), "", now);
+            .map(|(subject, key)| {
+                let resolved = policy.resolve(subject, key.as_deref(), "", now);
                 let keys = plan::current_keys(subject, &resolved.quotas, resolved.timezone, now);
                 (subject, resolved, keys)
             })
@@ -180,10 +182,15 @@ impl Store {
         let all_keys: Vec<&LedgerKey> = plans.iter().flat_map(|(_, _, keys)| keys.iter().map(|(k, _)| k)).collect();
         let used = read_used(tx, &all_keys).await?;
         let mut snapshots = Vec::new();
+        let mut deferred = Subjects::new();
         for (subject, resolved, keys) in &plans {
             let quotas = plan::decide(&resolved.quotas, keys, &used);
-            let prev = previous.get(**subject);
+            let prev = previous.get(subject.as_str());
             if !plan::should_publish(prev, &resolved.tier, &quotas, now, refresh) {
+                if !plan::should_publish(prev, &resolved.tier, &quotas, now, Duration::zero()) {
+                    continue;
+                }
+                deferred.insert(subject.to_string(), subjects.get(subject.as_str()).cloned().flatten());
                 continue;
             }
             snapshots.push(DecisionSnapshot {
@@ -199,8 +206,25 @@ impl Store {
         let keys: Vec<String> = snapshots.iter().map(|s| s.subject.clone()).collect();
         let payloads: Vec<Vec<u8>> = snapshots.iter().map(|s| serde_json::to_vec(s).unwrap_or_default()).collect();
         enqueue(tx, &self.decisions_topic, &keys, &payloads).await?;
-        Ok(snapshots.len())
+        Ok((snapshots.len(), deferred))
     }
+
+    /// Publishes the snapshots that [`Outcome::deferred`] held back, in a transaction of its
+    /// own. Returns how many were published.
+    pub async fn refresh_decisions(&self, subjects: &Subjects, policy: &Policy, now: DateTime<Utc>) -> Result<usize, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let (published, _) = self.publish_decisions(&mut tx, subjects, policy, now, Duration::zero()).await?;
+        tx.commit().await?;
+        Ok(published)
+    }
+}
+
+/// Subjects to decide for, each with the API key hash of its latest event.
+pub type Subjects = BTreeMap<String, Option<String>>;
+
+/// The subjects of `events`, each with the API key of its latest event.
+fn subjects_of(events: &[&UsageEvent]) -> Subjects {
+    events.iter().map(|e| (e.subject.clone(), e.api_key_sha256.clone())).collect()
 }
 
 /// Inserts the dedupe records; returns the ids that were new and, for the others, the
