@@ -123,6 +123,8 @@ fn bad_input_is_one_line_on_stderr_with_exit_code_2() {
     let config = example_config();
     let cases: &[(&[&str], &str)] = &[
         (&["explain", "rate", "5/0s"], "zero"),
+        (&["explain", "rate", "-5/m"], "negative limit"),
+        (&["explain", "period", "-5m", "--at", "2026-03-08T00:00:00Z"], "negative window"),
         (&["explain", "rate", "5/-30s"], "negative"),
         (&["explain", "rate", "/m"], "missing number"),
         (&["explain", "rate", "5/fortnight"], "unknown unit"),

@@ -37,6 +37,7 @@ pub enum ExplainCommand {
     /// The period (start, end) containing an instant.
     Period {
         /// day, week, month, month@15, year, minute, hour, 30s, 5m, 2h, 1d, rolling 7d
+        #[arg(allow_hyphen_values = true)]
         period: String,
         /// The instant, RFC 3339 (e.g. 2026-03-08T10:00:00Z).
         #[arg(long)]
@@ -51,9 +52,10 @@ pub enum ExplainCommand {
     /// A rate's limit and window after applying a tier.
     Rate {
         /// e.g. 10/m, 5000/h, 5/30s, 100000/month
+        #[arg(allow_hyphen_values = true)]
         rate: String,
         /// The tier's rate_multiplier.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         multiplier: Option<f64>,
         /// An explicit limit for a scope, SCOPE=RATE (repeatable).
         #[arg(long = "explicit", value_name = "SCOPE=RATE")]
@@ -161,7 +163,8 @@ pub fn run_explain(cmd: ExplainCommand) -> Result<Value, ExplainError> {
 pub fn run_explain_cli(cmd: ExplainCommand) -> i32 {
     match run_explain(cmd) {
         Ok(value) => {
-            println!("{}", serde_json::to_string_pretty(&value).unwrap_or_else(|_| value.to_string()));
+            let text = serde_json::to_string_pretty(&value).unwrap_or_else(|_| value.to_string());
+            print_stdout(&format!("{text}\n"));
             0
         }
         Err(e) => {
@@ -169,6 +172,13 @@ pub fn run_explain_cli(cmd: ExplainCommand) -> i32 {
             e.exit_code()
         }
     }
+}
+
+/// Writes to stdout, ignoring a closed pipe (`tally … | head`) instead of panicking.
+fn print_stdout(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 fn parse_at(text: &str) -> Result<DateTime<Utc>, ExplainError> {
@@ -311,7 +321,7 @@ pub fn run_validate_config(args: ValidateConfigArgs) -> i32 {
     };
     match validate_report(&text, &name) {
         Ok(summary) => {
-            print!("{summary}");
+            print_stdout(&summary);
             0
         }
         Err(errors) => {
