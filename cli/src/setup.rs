@@ -20,7 +20,7 @@ pub async fn setup(kafka: &KafkaSettings, pg: &PostgresSettings, ch: &ClickHouse
     if skip_clickhouse {
         eprintln!("[setup] clickhouse: skipped");
     } else {
-        eprintln!("[setup] clickhouse: creating database {} and tables", ch.database);
+        eprintln!("[setup] clickhouse: creating database {} and tables", ch.clickhouse_database);
         ch.migrate().await?;
     }
     eprintln!("[setup] kafka: creating topics {}, {}, {}, {}", kafka.usage_topic, kafka.decisions_topic, kafka.quarantine_topic, kafka.control_topic);

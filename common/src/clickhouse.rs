@@ -11,10 +11,10 @@ use anyhow::{bail, Context};
 pub struct ClickHouseSettings {
     /// ClickHouse HTTP URL.
     #[arg(long = "clickhouse-url", env = "TALLY_CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
-    pub url: String,
+    pub clickhouse_url: String,
     /// ClickHouse database for usage history.
     #[arg(long = "clickhouse-database", env = "TALLY_CLICKHOUSE_DATABASE", default_value = "tally")]
-    pub database: String,
+    pub clickhouse_database: String,
 }
 
 const DDL: &[(&str, &str)] = &[("0001_usage.sql", include_str!("../../migrations/clickhouse/0001_usage.sql"))];
@@ -22,11 +22,11 @@ const DDL: &[(&str, &str)] = &[("0001_usage.sql", include_str!("../../migrations
 impl ClickHouseSettings {
     async fn execute(&self, client: &reqwest::Client, sql: &str) -> anyhow::Result<()> {
         let response = client
-            .post(&self.url)
+            .post(&self.clickhouse_url)
             .body(sql.to_string())
             .send()
             .await
-            .with_context(|| format!("failed to reach ClickHouse at {}", self.url))?;
+            .with_context(|| format!("failed to reach ClickHouse at {}", self.clickhouse_url))?;
         let status = response.status();
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
@@ -38,10 +38,10 @@ impl ClickHouseSettings {
     /// Creates the history database and tables if they do not exist.
     pub async fn migrate(&self) -> anyhow::Result<()> {
         let client = reqwest::Client::new();
-        self.execute(&client, &format!("CREATE DATABASE IF NOT EXISTS `{}`", self.database)).await?;
+        self.execute(&client, &format!("CREATE DATABASE IF NOT EXISTS `{}`", self.clickhouse_database)).await?;
         for (name, text) in DDL {
             for statement in text.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-                let sql = statement.replace("{database}", &self.database);
+                let sql = statement.replace("{database}", &self.clickhouse_database);
                 self.execute(&client, &sql).await.with_context(|| format!("in {name}"))?;
             }
         }

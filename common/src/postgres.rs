@@ -13,7 +13,7 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 pub struct PostgresSettings {
     /// Postgres URL of Tally's database, e.g. postgres://postgres@127.0.0.1:5432/tally.
     #[arg(long = "database-url", env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/tally")]
-    pub url: String,
+    pub database_url: String,
     /// Connections in the pool.
     #[arg(long = "database-pool-size", env = "TALLY_DATABASE_POOL_SIZE", default_value_t = 8)]
     pub pool_size: u32,
@@ -21,7 +21,7 @@ pub struct PostgresSettings {
 
 impl PostgresSettings {
     fn options(&self) -> anyhow::Result<PgConnectOptions> {
-        self.url
+        self.database_url
             .parse::<PgConnectOptions>()
             .context("TALLY_DATABASE_URL is not a valid Postgres URL")
             .map(|o| o.disable_statement_logging())
