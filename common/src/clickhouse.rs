@@ -19,6 +19,12 @@ pub struct ClickHouseSettings {
 
 const DDL: &[(&str, &str)] = &[("0001_usage.sql", include_str!("../../migrations/clickhouse/0001_usage.sql"))];
 
+/// The statements of a DDL file: `--` comment lines dropped, split on `;`.
+fn statements(text: &str) -> Vec<String> {
+    let code: String = text.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n");
+    code.split(';').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+}
+
 impl ClickHouseSettings {
     async fn execute(&self, client: &reqwest::Client, sql: &str) -> anyhow::Result<()> {
         let response = client
@@ -40,11 +46,20 @@ impl ClickHouseSettings {
         let client = reqwest::Client::new();
         self.execute(&client, &format!("CREATE DATABASE IF NOT EXISTS `{}`", self.clickhouse_database)).await?;
         for (name, text) in DDL {
-            for statement in text.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            for statement in statements(text) {
                 let sql = statement.replace("{database}", &self.clickhouse_database);
                 self.execute(&client, &sql).await.with_context(|| format!("in {name}"))?;
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn comment_only_parts_are_not_statements() {
+        let text = "-- heading; with a semicolon\nCREATE TABLE a (x UInt8) ENGINE = Memory;\n-- trailing note\n";
+        assert_eq!(super::statements(text), vec!["CREATE TABLE a (x UInt8) ENGINE = Memory".to_string()]);
     }
 }
