@@ -17,7 +17,10 @@ pub struct ClickHouseSettings {
     pub clickhouse_database: String,
 }
 
-const DDL: &[(&str, &str)] = &[("0001_usage.sql", include_str!("../../migrations/clickhouse/0001_usage.sql"))];
+const DDL: &[(&str, &str)] = &[
+    ("0001_usage.sql", include_str!("../../migrations/clickhouse/0001_usage.sql")),
+    ("0002_rollups.sql", include_str!("../../migrations/clickhouse/0002_rollups.sql")),
+];
 
 /// The statements of a DDL file: `--` comment lines dropped, split on `;`.
 fn statements(text: &str) -> Vec<String> {

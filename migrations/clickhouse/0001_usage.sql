@@ -1,9 +1,16 @@
--- Usage history. Written for ClickHouse 18.16 and current releases alike: no DateTime64
--- (milliseconds in their own column), no LowCardinality.
+-- Usage history: one row per event the ledger counted. Written for ClickHouse 18.16 and
+-- current releases alike: no DateTime64 (milliseconds in their own column), no
+-- LowCardinality, no insert deduplication relied upon.
+--
+-- Replay safety: the sort key (subject, time, event_id) is fixed by a counted event (the
+-- same id always comes with the same canonical form, hence the same subject and time), so a
+-- replayed insert is collapsed by ReplacingMergeTree. The writer also skips ids already
+-- present, so physical duplicates only exist after a crash between insert and progress
+-- commit; every read uses FINAL.
 CREATE TABLE IF NOT EXISTS `{database}`.usage_events (
     event_id       String,
     subject        String,
-    time           DateTime,
+    time           DateTime('UTC'),
     time_ms        UInt16,
     scope          String,
     model          String,
@@ -13,7 +20,8 @@ CREATE TABLE IF NOT EXISTS `{database}`.usage_events (
     output_tokens  Int64,
     cached_tokens  Int64,
     cost_micros    Int64,
-    inserted_at    DateTime
+    fingerprint    String,
+    inserted_at    DateTime('UTC')
 ) ENGINE = ReplacingMergeTree(inserted_at)
 PARTITION BY toYYYYMM(time)
 ORDER BY (subject, time, event_id);

@@ -1,0 +1,134 @@
+//! Postgres side of the history writer: its own stored offsets (`history_offsets`, claimed
+//! and fenced like the aggregator's) and the ledger's truth (`consumer_offsets` of the ledger
+//! group, `processed_events`).
+
+use std::collections::HashMap;
+
+use sqlx::PgPool;
+
+/// Why progress was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum ProgressError {
+    /// Another instance claimed the partition, or the batch does not continue from the stored
+    /// offset. The batch's ClickHouse writes are harmless (idempotent); the partition must be
+    /// claimed again before writing more.
+    #[error("fenced on partition {partition}: batch starts at {start}, epoch {epoch}, but the stored owner/offset differ")]
+    Fenced { partition: i32, start: i64, epoch: i64 },
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// A partition this instance owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub partition: i32,
+    pub next_offset: i64,
+    pub epoch: i64,
+}
+
+/// The offsets a batch covers on one partition: `start..next`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    pub partition: i32,
+    pub epoch: i64,
+    pub start: i64,
+    pub next: i64,
+}
+
+#[derive(Clone)]
+pub struct Progress {
+    pub pool: PgPool,
+    pub group: String,
+    pub ledger_group: String,
+    pub topic: String,
+    pub owner: String,
+}
+
+impl Progress {
+    /// Takes `partition` for this instance (bumping its epoch) and returns where to resume.
+    pub async fn claim(&self, partition: i32) -> Result<Claim, sqlx::Error> {
+        let (next_offset, epoch): (i64, i64) = sqlx::query_as(
+            "INSERT INTO history_offsets (group_id, topic, partition, next_offset, owner, epoch)
+             VALUES ($1, $2, $3, 0, $4, 1)
+             ON CONFLICT (group_id, topic, partition)
+             DO UPDATE SET owner = EXCLUDED.owner, epoch = history_offsets.epoch + 1, updated_at = now()
+             RETURNING next_offset, epoch",
+        )
+        .bind(&self.group)
+        .bind(&self.topic)
+        .bind(partition)
+        .bind(&self.owner)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Claim { partition, next_offset, epoch })
+    }
+
+    /// Advances the stored offsets of every range in one transaction, or none of them.
+    pub async fn advance(&self, ranges: &[Range]) -> Result<(), ProgressError> {
+        let mut tx = self.pool.begin().await?;
+        for r in ranges {
+            let updated = sqlx::query(
+                "UPDATE history_offsets SET next_offset = $1, updated_at = now()
+                 WHERE group_id = $2 AND topic = $3 AND partition = $4 AND owner = $5 AND epoch = $6 AND next_offset = $7",
+            )
+            .bind(r.next)
+            .bind(&self.group)
+            .bind(&self.topic)
+            .bind(r.partition)
+            .bind(&self.owner)
+            .bind(r.epoch)
+            .bind(r.start)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if updated != 1 {
+                return Err(ProgressError::Fenced { partition: r.partition, start: r.start, epoch: r.epoch });
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The ledger's stored next offset per partition: every message below it has been
+    /// counted, skipped as a duplicate or quarantined by the aggregator.
+    pub async fn ledger_offsets(&self, partitions: &[i32]) -> Result<HashMap<i32, i64>, sqlx::Error> {
+        let rows: Vec<(i32, i64)> = sqlx::query_as(
+            "SELECT partition, next_offset FROM consumer_offsets WHERE group_id = $1 AND topic = $2 AND partition = ANY($3)",
+        )
+        .bind(&self.ledger_group)
+        .bind(&self.topic)
+        .bind(partitions)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// The fingerprint each of `ids` was counted with, for the ids the ledger counted.
+    pub async fn counted(&self, ids: &[&str]) -> Result<HashMap<String, String>, sqlx::Error> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows: Vec<(String, String)> = sqlx::query_as("SELECT event_id, fingerprint FROM processed_events WHERE event_id = ANY($1)")
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Messages the ledger consumed but history has not yet written, over every partition of
+    /// the topic this writer's group knows (0 when history is caught up).
+    pub async fn lag(&self) -> Result<i64, sqlx::Error> {
+        let lag: Option<i64> = sqlx::query_scalar(
+            "SELECT sum(GREATEST(l.next_offset - COALESCE(h.next_offset, 0), 0))::bigint
+             FROM consumer_offsets l
+             LEFT JOIN history_offsets h ON h.group_id = $2 AND h.topic = l.topic AND h.partition = l.partition
+             WHERE l.group_id = $1 AND l.topic = $3",
+        )
+        .bind(&self.ledger_group)
+        .bind(&self.group)
+        .bind(&self.topic)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(lag.unwrap_or(0))
+    }
+}

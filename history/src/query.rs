@@ -1,0 +1,510 @@
+//! History queries for dashboards: time series and top subjects.
+//!
+//! Contract:
+//! - Ranges are half-open `[from, to)`; `from` and `to` are RFC 3339 instants or dates
+//!   (`2026-11-01`, local midnight in the query's timezone).
+//! - Buckets are `hour`, `day` or `month` in the query's timezone (IANA name, default UTC),
+//!   DST-correct. Limits: an `hour` series spans at most 31 days, `day` at most 366 days,
+//!   `month` at most 5 years; at most [`MAX_SERIES`] series per answer (the largest first,
+//!   `truncated` says when more existed); top-N at most [`MAX_TOP`] subjects over at most
+//!   366 days.
+//! - Answers come from the daily rollup when every bucket edge is a UTC midnight, from the
+//!   hourly rollup when every edge is a whole UTC hour, else from the raw rows; `source`
+//!   says which. All three read with `FINAL`, so replays never show.
+//! - Bad input is a [`QueryError`] naming the field; nothing is queried.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Duration, NaiveDate, Offset, TimeZone, Timelike, Utc};
+use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
+use tally_domain::metric::Metric;
+use tally_domain::period::PeriodSpec;
+
+use crate::ch::{quote, Ch, ChError};
+
+pub const MAX_SERIES: usize = 100;
+pub const DEFAULT_SERIES: usize = 10;
+pub const MAX_TOP: usize = 1000;
+pub const DEFAULT_TOP: usize = 10;
+
+/// Bad query input, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct QueryError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn bad(field: &'static str, message: impl Into<String>) -> QueryError {
+    QueryError { field, message: message.into() }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Granularity {
+    Hour,
+    Day,
+    Month,
+}
+
+impl Granularity {
+    fn parse(s: &str) -> Result<Self, QueryError> {
+        match s {
+            "hour" => Ok(Granularity::Hour),
+            "day" => Ok(Granularity::Day),
+            "month" => Ok(Granularity::Month),
+            _ => Err(bad("granularity", format!("unknown granularity {s:?}: expected hour, day or month"))),
+        }
+    }
+    fn max_range(self) -> Duration {
+        match self {
+            Granularity::Hour => Duration::days(31),
+            Granularity::Day => Duration::days(366),
+            Granularity::Month => Duration::days(5 * 366),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupBy {
+    Model,
+    Scope,
+    Subject,
+}
+
+impl GroupBy {
+    fn column(self) -> &'static str {
+        match self {
+            GroupBy::Model => "model",
+            GroupBy::Scope => "scope",
+            GroupBy::Subject => "subject",
+        }
+    }
+}
+
+/// Where an answer was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Daily,
+    Hourly,
+    Raw,
+}
+
+impl Source {
+    fn table(self) -> &'static str {
+        match self {
+            Source::Daily => "usage_daily",
+            Source::Hourly => "usage_hourly",
+            Source::Raw => "usage_events",
+        }
+    }
+    fn time_column(self) -> &'static str {
+        match self {
+            Source::Daily => "day",
+            Source::Hourly => "hour",
+            Source::Raw => "time",
+        }
+    }
+}
+
+/// Filters shared by series and top-N.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Filters {
+    pub subject: Option<String>,
+    pub scope: Option<String>,
+    pub model: Option<String>,
+}
+
+/// A validated time-series query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeriesQuery {
+    pub metric: Metric,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub granularity: Granularity,
+    pub timezone: Tz,
+    pub filters: Filters,
+    pub group_by: Option<GroupBy>,
+    pub limit: usize,
+}
+
+/// A validated top-N query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopQuery {
+    pub metric: Metric,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub filters: Filters,
+    pub limit: usize,
+}
+
+/// Raw query-string parameters, as the API receives them.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Params {
+    pub metric: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub granularity: Option<String>,
+    pub tz: Option<String>,
+    pub subject: Option<String>,
+    pub scope: Option<String>,
+    pub model: Option<String>,
+    pub group_by: Option<String>,
+    pub limit: Option<String>,
+}
+
+fn parse_instant(field: &'static str, s: &str, tz: Tz) -> Result<DateTime<Utc>, QueryError> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return tally_domain::period::start_of_day(d, tz).ok_or_else(|| bad(field, format!("{s} has no midnight in {tz}")));
+    }
+    Err(bad(field, format!("{s:?} is neither an RFC 3339 instant nor a date (YYYY-MM-DD)")))
+}
+
+fn parse_limit(s: Option<&str>, default: usize, max: usize) -> Result<usize, QueryError> {
+    match s {
+        None => Ok(default),
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(bad("limit", format!("must be an integer from 1 to {max}"))),
+        },
+    }
+}
+
+fn parse_common(p: &Params, tz: Tz, max_range: Duration) -> Result<(Metric, DateTime<Utc>, DateTime<Utc>, Filters), QueryError> {
+    let metric = match p.metric.as_deref() {
+        None => Metric::TotalTokens,
+        Some(m) => m.parse::<Metric>().map_err(|e| bad("metric", e.to_string()))?,
+    };
+    let from = parse_instant("from", p.from.as_deref().ok_or_else(|| bad("from", "required"))?, tz)?;
+    let to = parse_instant("to", p.to.as_deref().ok_or_else(|| bad("to", "required"))?, tz)?;
+    if to <= from {
+        return Err(bad("to", "must be after `from`"));
+    }
+    if to - from > max_range {
+        return Err(bad("to", format!("the range is longer than the limit of {} days", max_range.num_days())));
+    }
+    let nonempty = |field: &'static str, v: &Option<String>| match v {
+        Some(s) if s.is_empty() && field == "subject" => Err(bad(field, "must not be empty")),
+        Some(s) if s.chars().count() > 256 => Err(bad(field, "longer than 256 characters")),
+        other => Ok(other.clone()),
+    };
+    let filters =
+        Filters { subject: nonempty("subject", &p.subject)?, scope: nonempty("scope", &p.scope)?, model: nonempty("model", &p.model)? };
+    Ok((metric, from, to, filters))
+}
+
+impl SeriesQuery {
+    pub fn parse(p: &Params) -> Result<SeriesQuery, QueryError> {
+        let timezone = match p.tz.as_deref() {
+            None => Tz::UTC,
+            Some(name) => name.parse::<Tz>().map_err(|_| bad("tz", format!("unknown timezone {name:?}")))?,
+        };
+        let granularity = Granularity::parse(p.granularity.as_deref().unwrap_or("day"))?;
+        let (metric, from, to, filters) = parse_common(p, timezone, granularity.max_range())?;
+        let group_by = match p.group_by.as_deref() {
+            None | Some("") | Some("none") => None,
+            Some("model") => Some(GroupBy::Model),
+            Some("scope") => Some(GroupBy::Scope),
+            Some("subject") => Some(GroupBy::Subject),
+            Some(other) => return Err(bad("group_by", format!("unknown grouping {other:?}: expected model, scope or subject"))),
+        };
+        let limit = parse_limit(p.limit.as_deref(), DEFAULT_SERIES, MAX_SERIES)?;
+        Ok(SeriesQuery { metric, from, to, granularity, timezone, filters, group_by, limit })
+    }
+
+    /// The starts of the buckets covering `[from, to)`, plus the end of the last one.
+    pub fn bucket_edges(&self) -> Vec<DateTime<Utc>> {
+        bucket_edges(self.from, self.to, self.granularity, self.timezone)
+    }
+
+    /// The cheapest table whose buckets tile these query buckets exactly.
+    pub fn source(&self) -> Source {
+        let mut edges = self.bucket_edges();
+        edges[0] = self.from;
+        if let Some(last) = edges.last_mut() {
+            *last = self.to;
+        }
+        source_for(&edges)
+    }
+}
+
+impl TopQuery {
+    pub fn parse(p: &Params) -> Result<TopQuery, QueryError> {
+        let (metric, from, to, filters) = parse_common(p, Tz::UTC, Duration::days(366))?;
+        let limit = parse_limit(p.limit.as_deref(), DEFAULT_TOP, MAX_TOP)?;
+        Ok(TopQuery { metric, from, to, filters, limit })
+    }
+}
+
+fn source_for(edges: &[DateTime<Utc>]) -> Source {
+    let aligned = |secs: i64| edges.iter().all(|t| t.timestamp().rem_euclid(secs) == 0 && t.timestamp_subsec_nanos() == 0);
+    if aligned(86_400) {
+        Source::Daily
+    } else if aligned(3_600) {
+        Source::Hourly
+    } else {
+        Source::Raw
+    }
+}
+
+/// The start of the local hour containing `t` in `tz` (offsets need not be whole hours).
+fn local_hour_start(t: DateTime<Utc>, tz: Tz) -> DateTime<Utc> {
+    let local = t.with_timezone(&tz);
+    t - Duration::seconds(i64::from(local.minute()) * 60 + i64::from(local.second())) - Duration::nanoseconds(i64::from(local.nanosecond()))
+}
+
+/// Bucket starts from the bucket containing `from` up to the first edge at or after `to`.
+pub fn bucket_edges(from: DateTime<Utc>, to: DateTime<Utc>, g: Granularity, tz: Tz) -> Vec<DateTime<Utc>> {
+    let mut edges = Vec::new();
+    let mut start = match g {
+        Granularity::Hour => local_hour_start(from, tz),
+        Granularity::Day => PeriodSpec::Day.window(from, tz).start,
+        Granularity::Month => PeriodSpec::Month.window(from, tz).start,
+    };
+    edges.push(start);
+    while start < to {
+        start = match g {
+            Granularity::Hour => local_hour_start(start + Duration::hours(1), tz).max(start + Duration::minutes(1)),
+            Granularity::Day => PeriodSpec::Day.window(start, tz).end,
+            Granularity::Month => PeriodSpec::Month.window(start, tz).end,
+        };
+        edges.push(start);
+    }
+    edges
+}
+
+/// Whether `tz` is UTC-like (offset 0) at `t`.
+pub fn utc_offset_seconds(tz: Tz, t: DateTime<Utc>) -> i32 {
+    tz.offset_from_utc_datetime(&t.naive_utc()).fix().local_minus_utc()
+}
+
+fn metric_expr(m: Metric) -> &'static str {
+    match m {
+        Metric::Requests => "requests",
+        Metric::InputTokens => "input_tokens",
+        Metric::OutputTokens => "output_tokens",
+        Metric::CachedTokens => "cached_tokens",
+        Metric::TotalTokens => "input_tokens + output_tokens",
+        Metric::CostMicros => "cost_micros",
+    }
+}
+
+fn where_clause(column: &str, from: DateTime<Utc>, to: DateTime<Utc>, f: &Filters) -> String {
+    let mut w = format!(
+        "{column} >= toDateTime({}, 'UTC') AND {column} < toDateTime({}, 'UTC')",
+        from.timestamp(),
+        // A raw row at 10:00:00.500 has `time` 10:00:00: compare whole seconds, rounding the
+        // end up so that `to` excludes exactly the instants at or after it.
+        to.timestamp() + i64::from(to.timestamp_subsec_nanos() > 0)
+    );
+    if let Some(s) = &f.subject {
+        w.push_str(&format!(" AND subject = {}", quote(s)));
+    }
+    if let Some(s) = &f.scope {
+        w.push_str(&format!(" AND scope = {}", quote(s)));
+    }
+    if let Some(m) = &f.model {
+        w.push_str(&format!(" AND model = {}", quote(m)));
+    }
+    w
+}
+
+/// One point of a series.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Point {
+    pub start: DateTime<Utc>,
+    pub value: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Series {
+    /// The model, scope or subject of this series; `null` without grouping.
+    pub key: Option<String>,
+    pub total: i64,
+    pub points: Vec<Point>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SeriesAnswer {
+    pub metric: Metric,
+    pub granularity: Granularity,
+    pub timezone: String,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub group_by: Option<GroupBy>,
+    pub filters: Filters,
+    pub source: Source,
+    pub series: Vec<Series>,
+    /// More series existed than `limit`; the largest are kept.
+    pub truncated: bool,
+}
+
+#[derive(Deserialize)]
+struct BucketRow {
+    b: i64,
+    k: String,
+    v: i64,
+}
+
+/// Runs a series query.
+pub async fn series(ch: &Ch, q: &SeriesQuery) -> Result<SeriesAnswer, ChError> {
+    let source = q.source();
+    let col = source.time_column();
+    let tz = quote(q.timezone.name());
+    let bucket = match q.granularity {
+        Granularity::Hour => format!("toUInt32(toStartOfHour({col}, {tz}))"),
+        Granularity::Day => format!("toUInt32(toStartOfDay({col}, {tz}))"),
+        Granularity::Month => format!("toUInt32(toDateTime(toStartOfMonth({col}, {tz}), {tz}))"),
+    };
+    let key = q.group_by.map_or("''", GroupBy::column);
+    let sql = format!(
+        "SELECT {bucket} AS b, {key} AS k, sum({m}) AS v FROM {table} FINAL WHERE {w} GROUP BY b, k",
+        m = metric_expr(q.metric),
+        table = ch.table(source.table()),
+        w = where_clause(col, q.from, q.to, &q.filters),
+    );
+    let rows: Vec<BucketRow> = ch.select(&sql).await?;
+    let edges = q.bucket_edges();
+    let (series, truncated) = assemble(&edges, rows.into_iter().map(|r| (r.b, r.k, r.v)), q.group_by.is_some(), q.limit);
+    Ok(SeriesAnswer {
+        metric: q.metric,
+        granularity: q.granularity,
+        timezone: q.timezone.name().to_string(),
+        from: q.from,
+        to: q.to,
+        group_by: q.group_by,
+        filters: q.filters.clone(),
+        source,
+        series,
+        truncated,
+    })
+}
+
+/// Builds zero-filled series over `edges` from `(bucket start, key, value)` rows, keeping the
+/// `limit` largest series by total.
+fn assemble(edges: &[DateTime<Utc>], rows: impl Iterator<Item = (i64, String, i64)>, grouped: bool, limit: usize) -> (Vec<Series>, bool) {
+    let starts: Vec<i64> = edges[..edges.len().saturating_sub(1)].iter().map(|t| t.timestamp()).collect();
+    let mut by_key: HashMap<String, BTreeMap<usize, i64>> = HashMap::new();
+    for (b, k, v) in rows {
+        // The bucket whose start is the last one at or before `b`.
+        let i = starts.partition_point(|s| *s <= b).saturating_sub(1);
+        *by_key.entry(k).or_default().entry(i).or_default() += v;
+    }
+    if !grouped && by_key.is_empty() {
+        by_key.insert(String::new(), BTreeMap::new());
+    }
+    let mut series: Vec<Series> = by_key
+        .into_iter()
+        .map(|(k, values)| {
+            let points: Vec<Point> =
+                edges.iter().take(starts.len()).enumerate().map(|(i, t)| Point { start: *t, value: values.get(&i).copied().unwrap_or(0) }).collect();
+            Series { key: grouped.then_some(k), total: points.iter().map(|p| p.value).sum(), points }
+        })
+        .collect();
+    series.sort_by(|a, b| b.total.cmp(&a.total).then_with(|| a.key.cmp(&b.key)));
+    let truncated = series.len() > limit;
+    series.truncate(limit);
+    (series, truncated)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopSubject {
+    pub subject: String,
+    pub value: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TopAnswer {
+    pub metric: Metric,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub filters: Filters,
+    pub source: Source,
+    pub subjects: Vec<TopSubject>,
+}
+
+/// The subjects with the largest `metric` over the range.
+pub async fn top(ch: &Ch, q: &TopQuery) -> Result<TopAnswer, ChError> {
+    let source = source_for(&[q.from, q.to]);
+    let sql = format!(
+        "SELECT subject, sum({m}) AS value FROM {table} FINAL WHERE {w} GROUP BY subject ORDER BY value DESC, subject LIMIT {limit}",
+        m = metric_expr(q.metric),
+        table = ch.table(source.table()),
+        w = where_clause(source.time_column(), q.from, q.to, &q.filters),
+        limit = q.limit,
+    );
+    let subjects = ch.select(&sql).await?;
+    Ok(TopAnswer { metric: q.metric, from: q.from, to: q.to, filters: q.filters.clone(), source, subjects })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> Params {
+        let v: serde_json::Map<String, serde_json::Value> = pairs.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect();
+        serde_json::from_value(serde_json::Value::Object(v)).unwrap()
+    }
+
+    fn t(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn bad_input_names_the_field() {
+        let err = |p: &[(&str, &str)]| SeriesQuery::parse(&params(p)).unwrap_err().field;
+        assert_eq!(err(&[("to", "2026-11-02")]), "from");
+        assert_eq!(err(&[("from", "2026-11-02"), ("to", "2026-11-01")]), "to");
+        assert_eq!(err(&[("from", "yesterday"), ("to", "2026-11-01")]), "from");
+        assert_eq!(err(&[("from", "2026-01-01"), ("to", "2026-03-01"), ("granularity", "hour")]), "to");
+        assert_eq!(err(&[("from", "2026-11-01"), ("to", "2026-11-02"), ("metric", "tokens")]), "metric");
+        assert_eq!(err(&[("from", "2026-11-01"), ("to", "2026-11-02"), ("tz", "Mars/Base")]), "tz");
+        assert_eq!(err(&[("from", "2026-11-01"), ("to", "2026-11-02"), ("group_by", "colour")]), "group_by");
+        assert_eq!(err(&[("from", "2026-11-01"), ("to", "2026-11-02"), ("limit", "0")]), "limit");
+        assert_eq!(err(&[("from", "2026-11-01"), ("to", "2026-11-02"), ("granularity", "week")]), "granularity");
+    }
+
+    #[test]
+    fn day_buckets_follow_dst_and_pick_the_rollup() {
+        let p = params(&[("from", "2026-03-28"), ("to", "2026-03-31"), ("tz", "Europe/London")]);
+        let q = SeriesQuery::parse(&p).unwrap();
+        assert_eq!(q.from, t("2026-03-28T00:00:00Z"));
+        assert_eq!(q.bucket_edges(), vec![t("2026-03-28T00:00:00Z"), t("2026-03-29T00:00:00Z"), t("2026-03-29T23:00:00Z"), t("2026-03-30T23:00:00Z")]);
+        // London days after the change start at 23:00 UTC: whole hours, not midnights.
+        assert_eq!(q.source(), Source::Hourly);
+        let utc = SeriesQuery::parse(&params(&[("from", "2026-11-01"), ("to", "2026-12-01"), ("granularity", "month")])).unwrap();
+        assert_eq!(utc.source(), Source::Daily);
+        let kolkata = SeriesQuery::parse(&params(&[("from", "2026-11-01"), ("to", "2026-11-03"), ("tz", "Asia/Kolkata")])).unwrap();
+        assert_eq!(kolkata.source(), Source::Raw);
+        let odd = SeriesQuery::parse(&params(&[("from", "2026-11-01T00:30:00Z"), ("to", "2026-11-01T05:00:00Z"), ("granularity", "hour")])).unwrap();
+        assert_eq!(odd.source(), Source::Raw);
+    }
+
+    #[test]
+    fn hour_buckets_in_a_half_hour_zone() {
+        let edges = bucket_edges(t("2026-11-01T00:10:00Z"), t("2026-11-01T02:00:00Z"), Granularity::Hour, "Asia/Kolkata".parse().unwrap());
+        assert_eq!(edges, vec![t("2026-10-31T23:30:00Z"), t("2026-11-01T00:30:00Z"), t("2026-11-01T01:30:00Z"), t("2026-11-01T02:30:00Z")]);
+    }
+
+    #[test]
+    fn series_are_zero_filled_and_limited() {
+        let edges = vec![t("2026-11-01T00:00:00Z"), t("2026-11-02T00:00:00Z"), t("2026-11-03T00:00:00Z")];
+        let day2 = t("2026-11-02T00:00:00Z").timestamp();
+        let rows = vec![(day2, "a".to_string(), 5), (day2 + 3600, "a".to_string(), 1), (day2, "b".to_string(), 9), (day2, "c".to_string(), 1)];
+        let (series, truncated) = assemble(&edges, rows.into_iter(), true, 2);
+        assert!(truncated);
+        assert_eq!(series.len(), 2);
+        assert_eq!(series[0].key.as_deref(), Some("b"));
+        assert_eq!(series[1].points.iter().map(|p| p.value).collect::<Vec<_>>(), vec![0, 6]);
+        let (empty, _) = assemble(&edges, std::iter::empty(), false, 10);
+        assert_eq!(empty.len(), 1);
+        assert_eq!(empty[0].total, 0);
+        assert_eq!(empty[0].points.len(), 2);
+    }
+}

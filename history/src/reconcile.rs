@@ -1,0 +1,316 @@
+//! Month-end reconciliation: the Postgres ledger against the ClickHouse history and against
+//! the events the ledger accepted (`processed_events`).
+//!
+//! For a billing period `YYYY-MM`:
+//! - every ledger row (subject, metric, scope, period, period start) whose window belongs to
+//!   the month is compared with the sum of its metric over the same window (and scope) in the
+//!   raw history; calendar windows start at local midnight in the subject's timezone, so a
+//!   row belongs to the month when it starts no earlier than 14 hours before the month's
+//!   first UTC midnight and before its last UTC midnight plus 12 hours, and ends by that
+//!   midnight plus 14 hours (rolling windows are not ledger rows and are skipped);
+//! - for every subject, the events the ledger accepted with an event time in the UTC month
+//!   are compared with the distinct event ids in history, and history's row count with its
+//!   distinct ids (a duplicate would show there).
+//!
+//! The report lists every drift with its size; [`Report::ok`] is true only with zero drift.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+use crate::ch::{quote, Ch};
+
+/// A billing period: a calendar month named `YYYY-MM`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Month {
+    pub year: i32,
+    pub month: u32,
+}
+
+impl Month {
+    pub fn parse(s: &str) -> Result<Month, String> {
+        let bad = || format!("period {s:?} is not a month: expected YYYY-MM, e.g. 2026-11");
+        let (y, m) = s.split_once('-').ok_or_else(bad)?;
+        if y.len() != 4 || m.len() != 2 {
+            return Err(bad());
+        }
+        let year: i32 = y.parse().map_err(|_| bad())?;
+        let month: u32 = m.parse().map_err(|_| bad())?;
+        NaiveDate::from_ymd_opt(year, month, 1).ok_or_else(bad)?;
+        Ok(Month { year, month })
+    }
+
+    pub fn name(&self) -> String {
+        format!("{:04}-{:02}", self.year, self.month)
+    }
+
+    /// The month's first UTC midnight.
+    pub fn start(&self) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(self.year, self.month, 1, 0, 0, 0).single().unwrap_or_default()
+    }
+
+    /// The next month's first UTC midnight.
+    pub fn end(&self) -> DateTime<Utc> {
+        let (y, m) = if self.month == 12 { (self.year + 1, 1) } else { (self.year, self.month + 1) };
+        Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).single().unwrap_or_default()
+    }
+
+    /// The month containing `t` (UTC).
+    pub fn of(t: DateTime<Utc>) -> Month {
+        Month { year: t.year(), month: t.month() }
+    }
+}
+
+/// Largest timezone offsets east and west of UTC, in hours.
+const EAST: i64 = 14;
+const WEST: i64 = 12;
+
+/// One ledger row compared with history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerCheck {
+    pub subject: String,
+    pub quota: String,
+    pub metric: String,
+    /// `*` for all scopes.
+    pub scope: String,
+    pub period: String,
+    pub period_start: DateTime<Utc>,
+    pub period_end: DateTime<Utc>,
+    pub ledger: i64,
+    pub history: i64,
+    /// `history - ledger`.
+    pub drift: i64,
+}
+
+/// One subject's events in the UTC month: accepted by the ledger vs in history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventCheck {
+    pub subject: String,
+    pub accepted_events: i64,
+    pub history_rows: i64,
+    pub history_distinct_ids: i64,
+    /// `history_distinct_ids - accepted_events`.
+    pub drift: i64,
+    /// `history_rows - history_distinct_ids`.
+    pub duplicates: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub period: String,
+    pub month_start: DateTime<Utc>,
+    pub month_end: DateTime<Utc>,
+    pub subject: Option<String>,
+    pub ledger_rows: usize,
+    pub subjects: usize,
+    /// Ledger rows whose history differs.
+    pub ledger_drifts: Vec<LedgerCheck>,
+    /// Subjects whose accepted events and history differ, or with duplicates in history.
+    pub event_drifts: Vec<EventCheck>,
+    pub accepted_events: i64,
+    pub history_events: i64,
+    pub ok: bool,
+}
+
+impl Report {
+    /// A human summary: one line per drift, then the verdict.
+    pub fn to_text(&self) -> String {
+        let mut out = format!(
+            "reconciliation of {} ({} .. {}){}: {} ledger rows, {} subjects, {} accepted events, {} in history\n",
+            self.period,
+            self.month_start.to_rfc3339(),
+            self.month_end.to_rfc3339(),
+            self.subject.as_ref().map(|s| format!(" for subject {s}")).unwrap_or_default(),
+            self.ledger_rows,
+            self.subjects,
+            self.accepted_events,
+            self.history_events
+        );
+        for d in &self.ledger_drifts {
+            out.push_str(&format!(
+                "DRIFT ledger  subject={} quota={} metric={} scope={} period={} start={} ledger={} history={} drift={:+}\n",
+                d.subject, d.quota, d.metric, d.scope, d.period, d.period_start.to_rfc3339(), d.ledger, d.history, d.drift
+            ));
+        }
+        for d in &self.event_drifts {
+            out.push_str(&format!(
+                "DRIFT events  subject={} accepted={} history_ids={} history_rows={} drift={:+} duplicates={}\n",
+                d.subject, d.accepted_events, d.history_distinct_ids, d.history_rows, d.drift, d.duplicates
+            ));
+        }
+        out.push_str(if self.ok {
+            "ok: zero drift\n"
+        } else {
+            "FAILED: drift found\n"
+        });
+        out
+    }
+}
+
+type LedgerRow = (String, String, String, String, DateTime<Utc>, DateTime<Utc>, i64, String);
+
+/// The ledger rows of `month` (see the module docs), optionally for one subject.
+pub async fn ledger_rows(pool: &PgPool, month: Month, subject: Option<&str>) -> Result<Vec<LedgerRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT subject, metric, scope, period, period_start, period_end, used, quota FROM ledgers
+         WHERE period_start >= $1 AND period_start < $2 AND period_end <= $3 AND ($4::text IS NULL OR subject = $4)
+         ORDER BY subject, metric, scope, period, period_start",
+    )
+    .bind(month.start() - Duration::hours(EAST))
+    .bind(month.end() + Duration::hours(WEST))
+    .bind(month.end() + Duration::hours(EAST))
+    .bind(subject)
+    .fetch_all(pool)
+    .await
+}
+
+fn metric_expr(metric: &str) -> Option<&'static str> {
+    Some(match metric {
+        "requests" => "requests",
+        "input_tokens" => "input_tokens",
+        "output_tokens" => "output_tokens",
+        "cached_tokens" => "cached_tokens",
+        "total_tokens" => "input_tokens + output_tokens",
+        "cost_micros" => "cost_micros",
+        _ => return None,
+    })
+}
+
+#[derive(Deserialize)]
+struct Sums {
+    #[serde(flatten)]
+    values: BTreeMap<String, i64>,
+}
+
+/// History sums for each ledger row, in the order given (100 rows per ClickHouse query).
+async fn history_for(ch: &Ch, rows: &[LedgerRow]) -> anyhow::Result<Vec<i64>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(100) {
+        let subjects: BTreeSet<&String> = chunk.iter().map(|r| &r.0).collect();
+        let min = chunk.iter().map(|r| r.4.timestamp()).min().unwrap_or(0);
+        let max = chunk.iter().map(|r| r.5.timestamp()).max().unwrap_or(0);
+        let columns: Vec<String> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, (subject, metric, scope, _, start, end, _, _))| {
+                let expr = metric_expr(metric).unwrap_or("0");
+                let scope_cond = if scope == "*" { String::new() } else { format!(" AND scope = {}", quote(scope)) };
+                format!(
+                    "sumIf({expr}, subject = {} AND time >= toDateTime({}, 'UTC') AND time < toDateTime({}, 'UTC'){scope_cond}) AS c{i}",
+                    quote(subject),
+                    start.timestamp(),
+                    end.timestamp()
+                )
+            })
+            .collect();
+        let sql = format!(
+            "SELECT {} FROM {} FINAL WHERE subject IN ({}) AND time >= toDateTime({min}, 'UTC') AND time < toDateTime({max}, 'UTC')",
+            columns.join(", "),
+            ch.table("usage_events"),
+            subjects.iter().map(|s| quote(s)).collect::<Vec<_>>().join(", ")
+        );
+        let answer: Vec<Sums> = ch.select(&sql).await?;
+        let values = answer.into_iter().next().map(|s| s.values).unwrap_or_default();
+        out.extend((0..chunk.len()).map(|i| values.get(&format!("c{i}")).copied().unwrap_or(0)));
+    }
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+struct HistoryCount {
+    subject: String,
+    rows: i64,
+    ids: i64,
+}
+
+/// Reconciles `month` (optionally one subject).
+pub async fn reconcile(pool: &PgPool, ch: &Ch, month: Month, subject: Option<&str>) -> anyhow::Result<Report> {
+    let rows = ledger_rows(pool, month, subject).await?;
+    let history = history_for(ch, &rows).await?;
+    let ledger_drifts: Vec<LedgerCheck> = rows
+        .iter()
+        .zip(history)
+        .filter(|(r, h)| r.6 != *h)
+        .map(|((subject, metric, scope, period, start, end, used, quota), h)| LedgerCheck {
+            subject: subject.clone(),
+            quota: quota.clone(),
+            metric: metric.clone(),
+            scope: scope.clone(),
+            period: period.clone(),
+            period_start: *start,
+            period_end: *end,
+            ledger: *used,
+            history: h,
+            drift: h - used,
+        })
+        .collect();
+
+    let accepted: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT subject, count(*) FROM processed_events WHERE event_time >= $1 AND event_time < $2 AND ($3::text IS NULL OR subject = $3)
+         GROUP BY subject",
+    )
+    .bind(month.start())
+    .bind(month.end())
+    .bind(subject)
+    .fetch_all(pool)
+    .await?;
+    let subject_filter = subject.map(|s| format!(" AND subject = {}", quote(s))).unwrap_or_default();
+    let in_history: Vec<HistoryCount> = ch
+        .select(&format!(
+            "SELECT subject, toInt64(count()) AS rows, toInt64(uniqExact(event_id)) AS ids FROM {} FINAL \
+             WHERE time >= toDateTime({}, 'UTC') AND time < toDateTime({}, 'UTC'){subject_filter} GROUP BY subject",
+            ch.table("usage_events"),
+            month.start().timestamp(),
+            month.end().timestamp()
+        ))
+        .await?;
+    let mut by_subject: BTreeMap<String, EventCheck> = BTreeMap::new();
+    let blank = |s: &str| EventCheck { subject: s.to_string(), accepted_events: 0, history_rows: 0, history_distinct_ids: 0, drift: 0, duplicates: 0 };
+    for (s, n) in &accepted {
+        by_subject.entry(s.clone()).or_insert_with(|| blank(s)).accepted_events = *n;
+    }
+    for h in &in_history {
+        let e = by_subject.entry(h.subject.clone()).or_insert_with(|| blank(&h.subject));
+        e.history_rows = h.rows;
+        e.history_distinct_ids = h.ids;
+    }
+    for e in by_subject.values_mut() {
+        e.drift = e.history_distinct_ids - e.accepted_events;
+        e.duplicates = e.history_rows - e.history_distinct_ids;
+    }
+    let accepted_events = by_subject.values().map(|e| e.accepted_events).sum();
+    let history_events = by_subject.values().map(|e| e.history_distinct_ids).sum();
+    let subjects = by_subject.len();
+    let event_drifts: Vec<EventCheck> = by_subject.into_values().filter(|e| e.drift != 0 || e.duplicates != 0).collect();
+    Ok(Report {
+        period: month.name(),
+        month_start: month.start(),
+        month_end: month.end(),
+        subject: subject.map(str::to_string),
+        ledger_rows: rows.len(),
+        subjects,
+        ok: ledger_drifts.is_empty() && event_drifts.is_empty(),
+        ledger_drifts,
+        event_drifts,
+        accepted_events,
+        history_events,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_parse_and_bound() {
+        let m = Month::parse("2026-12").unwrap();
+        assert_eq!(m.start(), "2026-12-01T00:00:00Z".parse::<DateTime<Utc>>().unwrap());
+        assert_eq!(m.end(), "2027-01-01T00:00:00Z".parse::<DateTime<Utc>>().unwrap());
+        assert_eq!(m.name(), "2026-12");
+        for bad in ["2026-13", "2026-1", "26-11", "2026/11", "", "2026-11-01"] {
+            assert!(Month::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
