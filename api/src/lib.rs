@@ -6,7 +6,10 @@
 //!   back to the `decisions` table in Postgres. Every answer says its age (`age_ms`, from the
 //!   snapshot's `calculated_at`) and its `source`.
 //! - Ledgers are read from Postgres; the API never writes them.
+//! - Usage history, top subjects and reconciliation are read from ClickHouse (and the
+//!   ledger) by [`history`]; a ClickHouse outage only fails those routes.
 
+pub mod history;
 pub mod routes;
 pub mod view;
 
@@ -14,6 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use tally_common::clickhouse::ClickHouseSettings;
 use tally_common::kafka::KafkaSettings;
 use tally_common::postgres::PostgresSettings;
 
@@ -30,17 +34,19 @@ pub async fn run(
     settings: ApiSettings,
     kafka: KafkaSettings,
     postgres: PostgresSettings,
+    clickhouse: ClickHouseSettings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let pool = postgres.connect().await?;
     let view = Arc::new(view::DecisionView::default());
     let feeder = view::spawn_feeder(view.clone(), &kafka)?;
+    let history = Arc::new(history::HistoryState { ch: tally_history::ch::Ch::new(&clickhouse), pool: pool.clone() });
     let state = routes::AppState::new(view, pool);
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("failed to listen on {}", settings.listen))?;
     tracing::info!(listen = %settings.listen, topic = %kafka.decisions_topic, "api listening");
-    let served = axum::serve(listener, routes::router(state)).with_graceful_shutdown(shutdown).await;
+    let served = axum::serve(listener, routes::router(state).merge(history::router(history))).with_graceful_shutdown(shutdown).await;
     feeder.abort();
     served.context("api server failed")
 }

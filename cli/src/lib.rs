@@ -2,6 +2,10 @@
 //!
 //! `main.rs` only parses arguments and dispatches; each command lives in its own module.
 
+pub mod close_period;
 pub mod demo;
 pub mod explain;
+pub mod export;
+pub mod history;
+pub mod reconcile;
 pub mod setup;

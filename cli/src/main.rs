@@ -6,7 +6,8 @@ use clap::{Parser, Subcommand};
 use tally_aggregator::AggregatorSettings;
 use tally_api::ApiSettings;
 use tally_cli::explain::{ExplainCommand, ValidateConfigArgs};
-use tally_cli::{demo, explain, setup};
+use tally_cli::{close_period, demo, explain, export, reconcile, setup};
+use tally_history::WriterSettings;
 use tally_common::clickhouse::ClickHouseSettings;
 use tally_common::kafka::KafkaSettings;
 use tally_common::postgres::PostgresSettings;
@@ -41,7 +42,7 @@ enum Command {
         #[command(flatten)]
         postgres: PostgresSettings,
     },
-    /// Run the API service: decisions and usage.
+    /// Run the API service: decisions, usage, history and reconciliation.
     Api {
         #[command(flatten)]
         api: ApiSettings,
@@ -49,7 +50,26 @@ enum Command {
         kafka: KafkaSettings,
         #[command(flatten)]
         postgres: PostgresSettings,
+        #[command(flatten)]
+        clickhouse: ClickHouseSettings,
     },
+    /// Run the history writer: usage rows and rollups in ClickHouse, in its own group.
+    HistoryWriter {
+        #[command(flatten)]
+        writer: WriterSettings,
+        #[command(flatten)]
+        kafka: KafkaSettings,
+        #[command(flatten)]
+        postgres: PostgresSettings,
+        #[command(flatten)]
+        clickhouse: ClickHouseSettings,
+    },
+    /// Compare ledgers, history and accepted events for a month; exit 0 only with zero drift.
+    Reconcile(reconcile::ReconcileArgs),
+    /// Export a month's billing lines as CSV or JSON.
+    Export(export::ExportArgs),
+    /// Close a month for billing (after its grace time); later usage becomes adjustments.
+    ClosePeriod(close_period::ClosePeriodArgs),
     /// Create the Postgres database if missing and apply the Postgres migrations.
     Migrate {
         #[command(flatten)]
@@ -101,7 +121,13 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Aggregator { aggregator, kafka, postgres } => {
             tally_aggregator::run(aggregator, kafka, postgres, shutdown::signal()).await?
         }
-        Command::Api { api, kafka, postgres } => tally_api::run(api, kafka, postgres, shutdown::signal()).await?,
+        Command::Api { api, kafka, postgres, clickhouse } => tally_api::run(api, kafka, postgres, clickhouse, shutdown::signal()).await?,
+        Command::HistoryWriter { writer, kafka, postgres, clickhouse } => {
+            tally_history::run(writer, kafka, postgres, clickhouse, shutdown::signal()).await?
+        }
+        Command::Reconcile(args) => return reconcile::run(args).await,
+        Command::Export(args) => return export::run(args).await,
+        Command::ClosePeriod(args) => close_period::run(args).await?,
         Command::Migrate { postgres } => setup::migrate_postgres(&postgres).await?,
         Command::Setup { kafka, postgres, clickhouse, skip_clickhouse } => {
             setup::setup(&kafka, &postgres, &clickhouse, skip_clickhouse).await?
