@@ -1,21 +1,23 @@
 //! The consume loop: batches from the usage topic, partition ownership, fencing, retries.
 //!
-//! Rebalance callbacks only post a note on a channel (they never block); the loop claims
-//! assigned partitions in Postgres and seeks to the stored offset before it counts anything
-//! from them. A message is counted only if it is exactly the next offset of a partition this
-//! instance owns: lower offsets were counted already, a gap makes the loop seek back.
+//! Partitions are split among the group's live instances through Postgres
+//! ([`tally_common::membership`]), heartbeated from this loop between batches. On gaining a
+//! partition the loop claims it in `consumer_offsets` (fencing the previous owner) and
+//! assigns it to the consumer at the stored offset. A message is counted only if it is
+//! exactly the next offset of a partition this instance owns: lower offsets were counted
+//! already, a gap makes the loop seek back.
 
-use std::collections::HashMap;
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::Utc;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tally_common::kafka::KafkaSettings;
+use tally_common::membership::Membership;
 use tally_common::metrics::{Counter, Gauge, Registry, Timing};
 use tally_common::postgres::PostgresSettings;
 use tokio::sync::Notify;
@@ -25,43 +27,22 @@ use crate::policy::Policy;
 use crate::store::{Range, Store, StoreError, Subjects};
 use crate::{relay, AggregatorSettings};
 
-/// What a rebalance callback tells the loop.
-#[derive(Debug)]
-enum Note {
-    Assigned(Vec<i32>),
-    Revoked(Vec<i32>),
-}
+/// Forwards librdkafka's own log lines to tracing.
+struct KafkaLog;
 
-struct RebalanceNotes {
-    topic: String,
-    tx: Mutex<Sender<Note>>,
-}
-
-impl RebalanceNotes {
-    fn partitions(&self, tpl: &TopicPartitionList) -> Vec<i32> {
-        tpl.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition()).collect()
-    }
-    fn post(&self, note: Note) {
-        if let Ok(tx) = self.tx.lock() {
-            let _ = tx.send(note);
+impl ClientContext for KafkaLog {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => tracing::error!(fac, "librdkafka: {log_message}"),
+            L::Warning => tracing::warn!(fac, "librdkafka: {log_message}"),
+            L::Notice | L::Info => tracing::info!(fac, "librdkafka: {log_message}"),
+            L::Debug => tracing::debug!(fac, "librdkafka: {log_message}"),
         }
     }
 }
 
-impl ClientContext for RebalanceNotes {}
-
-impl ConsumerContext for RebalanceNotes {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            self.post(Note::Revoked(self.partitions(tpl)));
-        }
-    }
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            self.post(Note::Assigned(self.partitions(tpl)));
-        }
-    }
-}
+impl ConsumerContext for KafkaLog {}
 
 /// A partition this instance owns.
 #[derive(Debug, Clone, Copy)]
@@ -109,8 +90,13 @@ impl Metrics {
 
 struct Loop {
     settings: AggregatorSettings,
-    consumer: StreamConsumer<RebalanceNotes>,
-    notes: Receiver<Note>,
+    consumer: StreamConsumer<KafkaLog>,
+    membership: Membership,
+    /// Partitions of the usage topic, refreshed from the broker's metadata.
+    partitions: i32,
+    last_heartbeat: Option<Instant>,
+    /// Partitions this instance was fenced from, left alone until the given instant.
+    fenced_until: HashMap<i32, Instant>,
     store: Store,
     policy: Policy,
     owned: HashMap<i32, Owned>,
@@ -130,15 +116,10 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let policy = Policy::load(settings.config.as_deref())?;
     let pool = postgres.connect().await?;
-    let (tx, notes) = channel();
-    let context = RebalanceNotes { topic: kafka.usage_topic.clone(), tx: Mutex::new(tx) };
-    let consumer: StreamConsumer<RebalanceNotes> = kafka
+    let consumer: StreamConsumer<KafkaLog> = kafka
         .consumer_config(&settings.group)
-        .create_with_context(context)
+        .create_with_context(KafkaLog)
         .context("failed to create the usage consumer")?;
-    consumer
-        .subscribe(&[kafka.usage_topic.as_str()])
-        .with_context(|| format!("failed to subscribe to {}", kafka.usage_topic))?;
     let producer: FutureProducer = kafka.producer_config().create().context("failed to create the outbox producer")?;
     let store = Store {
         pool: pool.clone(),
@@ -154,10 +135,19 @@ pub async fn run(
     let health = spawn_health_server(&settings, metrics.clone()).await?;
     tracing::info!(group = %settings.group, topic = %kafka.usage_topic, owner = %store.owner, "aggregator consuming");
     let timeout = Duration::from_secs(settings.shutdown_timeout_seconds);
+    let membership = Membership {
+        group: settings.group.clone(),
+        topic: kafka.usage_topic.clone(),
+        member_id: store.owner.clone(),
+        lease: Duration::from_millis(settings.member_lease_ms),
+    };
     let mut state = Loop {
         settings,
         consumer,
-        notes,
+        membership: membership.clone(),
+        partitions: 0,
+        last_heartbeat: None,
+        fenced_until: HashMap::new(),
         store,
         policy,
         owned: HashMap::new(),
@@ -167,6 +157,9 @@ pub async fn run(
         last_refresh: Instant::now(),
     };
     state.consume_until(shutdown).await;
+    if let Err(e) = membership.leave(&pool).await {
+        tracing::warn!(error = %e, "could not leave the group; the others take over when the lease ends");
+    }
     // Drain: the loop has committed its last batch; publish what the outbox holds.
     relay_stop.notify_one();
     let _ = tokio::time::timeout(timeout, relay_task).await;
@@ -192,13 +185,14 @@ async fn spawn_health_server(settings: &AggregatorSettings, metrics: Arc<Metrics
 impl Loop {
     async fn consume_until(&mut self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        self.maintain_ownership().await;
         loop {
             let batch = tokio::select! {
                 biased;
                 _ = &mut shutdown => return,
                 batch = self.next_batch() => batch,
             };
-            self.apply_notes().await;
+            self.maintain_ownership().await;
             let deliveries = self.accept_in_order(batch);
             if !deliveries.is_empty() {
                 self.commit_with_retry(deliveries).await;
@@ -257,22 +251,67 @@ impl Loop {
         batch
     }
 
-    /// Applies rebalance notes: claims assigned partitions (seeking to the stored offset) and
-    /// forgets revoked ones.
-    async fn apply_notes(&mut self) {
-        while let Ok(note) = self.notes.try_recv() {
-            match note {
-                Note::Revoked(partitions) => {
-                    for p in partitions {
-                        self.owned.remove(&p);
-                    }
-                }
-                Note::Assigned(partitions) => {
-                    for p in partitions {
-                        self.claim(p).await;
-                    }
-                }
+    /// Heartbeats the membership (at most once a second) and brings the owned partitions in
+    /// line with this member's share: drops the ones it lost, claims the ones it gained, and
+    /// assigns the consumer to exactly the owned ones at their stored offsets.
+    async fn maintain_ownership(&mut self) {
+        if self.last_heartbeat.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        self.last_heartbeat = Some(Instant::now());
+        if self.partitions == 0 {
+            self.partitions = self.partition_count();
+            if self.partitions == 0 {
+                return;
             }
+        }
+        let desired: BTreeSet<i32> = match self.membership.heartbeat(&self.store.pool, self.partitions).await {
+            Ok(share) => share.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "membership heartbeat failed; keeping the current partitions");
+                return;
+            }
+        };
+        self.fenced_until.retain(|_, until| *until > Instant::now());
+        let owned: BTreeSet<i32> = self.owned.keys().copied().collect();
+        let gained: Vec<i32> = desired.difference(&owned).filter(|p| !self.fenced_until.contains_key(p)).copied().collect();
+        let lost: Vec<i32> = owned.difference(&desired).copied().collect();
+        if gained.is_empty() && lost.is_empty() {
+            return;
+        }
+        for p in &lost {
+            self.owned.remove(p);
+            tracing::info!(partition = p, "released partition");
+        }
+        for p in gained {
+            self.claim(p).await;
+        }
+        self.assign_owned();
+    }
+
+    /// The usage topic's partition count from the broker (0 when it cannot be read yet).
+    fn partition_count(&self) -> i32 {
+        let metadata = tokio::task::block_in_place(|| self.consumer.fetch_metadata(Some(&self.store.topic), Duration::from_secs(5)));
+        match metadata {
+            Ok(m) => m.topics().first().map_or(0, |t| t.partitions().len() as i32),
+            Err(e) => {
+                tracing::warn!(topic = %self.store.topic, error = %e, "cannot read the topic's partitions yet");
+                0
+            }
+        }
+    }
+
+    /// Points the consumer at exactly the owned partitions, each at its next offset.
+    fn assign_owned(&mut self) {
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in &self.owned {
+            let _ = tpl.add_partition_offset(&self.store.topic, *p, Offset::Offset(o.next));
+        }
+        if let Err(e) = self.consumer.assign(&tpl) {
+            tracing::warn!(error = %e, "failed to assign partitions to the consumer");
+        }
+        for o in self.owned.values_mut() {
+            o.sought_at = Some(Instant::now());
         }
         self.metrics.owned_partitions.set(self.owned.len() as i64);
     }
@@ -283,8 +322,7 @@ impl Loop {
             match self.store.claim(partition).await {
                 Ok(claim) => {
                     tracing::info!(partition, next_offset = claim.next_offset, epoch = claim.epoch, "claimed partition");
-                    let mut owned = Owned { epoch: claim.epoch, next: claim.next_offset, sought_at: None };
-                    self.seek(partition, &mut owned);
+                    let owned = Owned { epoch: claim.epoch, next: claim.next_offset, sought_at: None };
                     self.owned.insert(partition, owned);
                     return;
                 }
@@ -368,9 +406,12 @@ impl Loop {
                 }
                 Err(StoreError::Fenced { partition, .. }) => {
                     self.metrics.fenced.inc();
-                    tracing::warn!(partition, "batch refused by fencing; dropping the partition until it is assigned again");
+                    tracing::warn!(partition, "batch refused by fencing; another member owns the partition now");
                     self.owned.remove(&partition);
+                    let lease = Duration::from_millis(self.settings.member_lease_ms);
+                    self.fenced_until.insert(partition, Instant::now() + lease);
                     self.rewind(&ranges);
+                    self.assign_owned();
                     return;
                 }
                 Err(e) => {

@@ -53,6 +53,10 @@ pub struct AggregatorSettings {
     /// usage) at most this often, in milliseconds. A state change is published at once.
     #[arg(long, env = "TALLY_SNAPSHOT_REFRESH_MS", default_value_t = 1000)]
     pub snapshot_refresh_ms: u64,
+    /// A member whose heartbeat is older than this many milliseconds is considered gone and
+    /// its partitions are split among the others.
+    #[arg(long, env = "TALLY_MEMBER_LEASE_MS", default_value_t = 10_000)]
+    pub member_lease_ms: u64,
     /// Address of the aggregator's `/healthz` and `/metrics`.
     #[arg(long = "listen", env = "TALLY_AGGREGATOR_LISTEN", default_value = "127.0.0.1:8082")]
     pub listen: std::net::SocketAddr,

@@ -29,6 +29,9 @@ pub struct KafkaSettings {
     /// Topic of control-plane changes.
     #[arg(long, env = "TALLY_CONTROL_TOPIC", default_value = "tally.control.v1")]
     pub control_topic: String,
+    /// librdkafka debug contexts (e.g. `cgrp,topic,fetch`), logged through tracing.
+    #[arg(long = "kafka-debug", env = "TALLY_KAFKA_DEBUG")]
+    pub debug: Option<String>,
     /// Partitions given to topics Tally creates.
     #[arg(long, env = "TALLY_TOPIC_PARTITIONS", default_value_t = 4)]
     pub partitions: i32,
@@ -38,6 +41,9 @@ impl KafkaSettings {
     fn base(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers);
+        if let Some(debug) = self.debug.as_deref().filter(|d| !d.is_empty()) {
+            c.set("debug", debug);
+        }
         c
     }
 

@@ -6,6 +6,7 @@
 
 pub mod clickhouse;
 pub mod kafka;
+pub mod membership;
 pub mod metrics;
 pub mod postgres;
 pub mod shutdown;

@@ -72,6 +72,8 @@ pub struct Tally {
     pub config: Option<PathBuf>,
     log_dir: PathBuf,
     children: Vec<(String, Child)>,
+    /// Processes started so far, to name each one's log file uniquely.
+    started: usize,
     http: reqwest::Client,
 }
 
@@ -99,6 +101,7 @@ impl Tally {
             config,
             log_dir,
             children: Vec::new(),
+            started: 0,
             http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client"),
         };
         let out = tally.command(&["setup"]).output().expect("run tally setup");
@@ -132,17 +135,22 @@ impl Tally {
             .env("TALLY_INGEST_LISTEN", self.ingest_url.trim_start_matches("http://"))
             .env("TALLY_API_LISTEN", self.api_url.trim_start_matches("http://"))
             .env("TALLY_AGGREGATOR_LISTEN", self.aggregator_url.trim_start_matches("http://"))
-            .env("RUST_LOG", "info,sqlx=warn,rdkafka=warn");
+            .env("RUST_LOG", std::env::var("TALLY_TEST_RUST_LOG").unwrap_or_else(|_| "info,sqlx=warn,rdkafka=warn".into()))
+            .env("TALLY_KAFKA_DEBUG", std::env::var("TALLY_TEST_KAFKA_DEBUG").unwrap_or_default());
         if let Some(config) = &self.config {
             cmd.env("TALLY_CONFIG", config);
         }
         cmd
     }
 
+    fn new_log(&mut self, service: &str) -> std::fs::File {
+        self.started += 1;
+        std::fs::File::create(self.log_dir.join(format!("{:02}-{service}.log", self.started))).expect("create log")
+    }
+
     /// Starts `tally <service>` in the background, its output in the test's log directory.
     pub fn spawn(&mut self, service: &str) {
-        let n = self.children.len();
-        let log = std::fs::File::create(self.log_dir.join(format!("{service}-{n}.log"))).expect("create log");
+        let log = self.new_log(service);
         let child = self
             .command(&[service])
             .stdout(Stdio::null())
@@ -150,6 +158,100 @@ impl Tally {
             .spawn()
             .unwrap_or_else(|e| panic!("failed to start tally {service}: {e}"));
         self.children.push((service.to_string(), child));
+    }
+
+    /// Starts one more aggregator in this test's consumer group, with its own health port;
+    /// returns its base URL.
+    pub fn spawn_aggregator(&mut self) -> String {
+        let url = format!("http://127.0.0.1:{}", free_port());
+        let log = self.new_log("aggregator");
+        let child = self
+            .command(&["aggregator"])
+            .env("TALLY_AGGREGATOR_LISTEN", url.trim_start_matches("http://"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("failed to start tally aggregator");
+        self.children.push(("aggregator".to_string(), child));
+        url
+    }
+
+    /// The pids of the running processes of `service`.
+    pub fn pids(&self, service: &str) -> Vec<u32> {
+        self.children.iter().filter(|(n, _)| n == service).map(|(_, c)| c.id()).collect()
+    }
+
+    /// Kills (SIGKILL) one process by pid and forgets it.
+    pub fn kill_pid(&mut self, pid: u32) {
+        if let Some(i) = self.children.iter().position(|(_, c)| c.id() == pid) {
+            let (_, mut child) = self.children.remove(i);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// A connection pool on this test's Postgres database.
+    pub async fn pg(&self) -> sqlx::PgPool {
+        sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&self.database_url).await.expect("connect to the test database")
+    }
+
+    /// Messages consumed so far by this test's aggregators: the sum of the stored next offsets.
+    pub async fn consumed(&self, pool: &sqlx::PgPool) -> i64 {
+        sqlx::query_scalar::<_, Option<i64>>("SELECT sum(next_offset)::bigint FROM consumer_offsets WHERE group_id = $1")
+            .bind(&self.group)
+            .fetch_one(pool)
+            .await
+            .expect("read consumer_offsets")
+            .unwrap_or(0)
+    }
+
+    /// A producer on this test's broker.
+    pub fn producer(&self) -> rdkafka::producer::FutureProducer {
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.servers.kafka)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .create()
+            .expect("create producer")
+    }
+
+    /// Produces raw bytes to the usage topic (bypassing ingest's validation), waiting for the ack.
+    pub async fn produce_raw(&self, partition: Option<i32>, key: &str, payload: &[u8]) -> (i32, i64) {
+        let producer = self.producer();
+        let mut record = rdkafka::producer::FutureRecord::to(&self.usage_topic).key(key).payload(payload);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        let delivery = producer.send(record, Duration::from_secs(30)).await.expect("produce");
+        (delivery.partition, delivery.offset)
+    }
+
+    /// Every message on `topic` (one of this test's topic names), read from the beginning
+    /// until nothing new arrived for two seconds.
+    pub async fn read_topic(&self, topic: &str) -> Vec<(String, Value)> {
+        use rdkafka::consumer::{Consumer, StreamConsumer};
+        use rdkafka::Message;
+        let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.servers.kafka)
+            .set("group.id", format!("test-reader-{}", uuid::Uuid::new_v4()))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("create consumer");
+        consumer.subscribe(&[topic]).expect("subscribe");
+        let mut out = Vec::new();
+        let mut idle = Duration::from_secs(10);
+        while let Ok(Ok(m)) = tokio::time::timeout(idle, consumer.recv()).await {
+            let key = m.key().map(|k| String::from_utf8_lossy(k).to_string()).unwrap_or_default();
+            let value = m.payload().and_then(|p| serde_json::from_slice(p).ok()).unwrap_or(Value::Null);
+            out.push((key, value));
+            idle = Duration::from_secs(2);
+        }
+        out
+    }
+
+    pub fn topic(&self, kind: &str) -> String {
+        format!("test.{}.{kind}.v1", self.id)
     }
 
     /// Kills (SIGKILL) every running process of `service`.
@@ -248,5 +350,65 @@ where
             return false;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// History (ClickHouse) helpers: the history writer and this test's ClickHouse database.
+impl Tally {
+    /// This test's ClickHouse database.
+    pub fn clickhouse_database(&self) -> String {
+        format!("tally_test_{}", self.id)
+    }
+
+    /// This test's history writer consumer group.
+    pub fn history_group(&self) -> String {
+        format!("tally-history-{}", self.id)
+    }
+
+    /// Starts `tally <service>` with extra environment variables (applied last).
+    pub fn spawn_env(&mut self, service: &str, env: &[(&str, String)]) {
+        let n = std::fs::read_dir(&self.log_dir).map(|d| d.count()).unwrap_or(0);
+        let log = std::fs::File::create(self.log_dir.join(format!("{n:02}-{service}.log"))).expect("create log");
+        let mut cmd = self.command(&[service]);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap_or_else(|e| panic!("failed to start tally {service}: {e}"));
+        self.children.push((service.to_string(), child));
+    }
+
+    /// Starts a history writer in this test's history group with its own health port and
+    /// `extra` environment; returns its base URL.
+    pub fn spawn_history_writer(&mut self, extra: &[(&str, String)]) -> String {
+        let url = format!("http://127.0.0.1:{}", free_port());
+        let mut env = vec![
+            ("TALLY_HISTORY_GROUP", self.history_group()),
+            ("TALLY_HISTORY_LISTEN", url.trim_start_matches("http://").to_string()),
+            ("TALLY_HISTORY_MAX_WAIT_MS", "50".to_string()),
+        ];
+        env.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
+        self.spawn_env("history-writer", &env);
+        url
+    }
+
+    /// How many processes of `service` are still running (reaping those that exited).
+    pub fn running(&mut self, service: &str) -> usize {
+        self.children.iter_mut().filter(|(n, _)| n == service).map(|(_, c)| c.try_wait()).filter(|w| matches!(w, Ok(None))).count()
+    }
+
+    /// Runs `sql` on this test's ClickHouse server; returns the body (TabSeparated unless
+    /// the query says otherwise). Panics on an error status.
+    pub async fn clickhouse(&self, sql: &str) -> String {
+        let r = self.http.post(&self.servers.clickhouse).body(sql.to_string()).send().await.expect("reach ClickHouse");
+        let status = r.status();
+        let body = r.text().await.unwrap_or_default();
+        assert!(status.is_success(), "ClickHouse refused {sql}: {body}");
+        body
+    }
+
+    /// A single number from ClickHouse.
+    pub async fn clickhouse_i64(&self, sql: &str) -> i64 {
+        let body = self.clickhouse(sql).await;
+        body.trim().parse().unwrap_or_else(|_| panic!("not a number from {sql}: {body:?}"))
     }
 }

@@ -1,0 +1,87 @@
+//! Partition ownership for a consumer group, coordinated through Postgres.
+//!
+//! Each instance heartbeats into `consumer_members`; the members whose heartbeat is younger
+//! than the lease are live, and partition `p` belongs to the live member at position
+//! `p % live.len()` in member-id order. Every instance computes the same split from the same
+//! rows, so no broker-side group coordinator is involved: the consumer uses manual
+//! assignment, which behaves the same on Apache Kafka, Redpanda and tansu. (tansu 0.6's
+//! coordinator keeps a killed leader in the group for ever, so broker-side rebalancing does
+//! not survive `kill -9` there.)
+//!
+//! This table only says who *should* own a partition. Correctness does not depend on it:
+//! the new owner claims the partition in `consumer_offsets` (bumping its epoch) and a member
+//! that still consumes a partition it lost is refused at its next commit.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+/// One instance's membership in a consumer group.
+#[derive(Debug, Clone)]
+pub struct Membership {
+    pub group: String,
+    pub topic: String,
+    pub member_id: String,
+    /// A member whose last heartbeat is older than this is considered gone.
+    pub lease: Duration,
+}
+
+/// The partitions `member` owns among `live` members (any order) for `partitions` partitions.
+pub fn split(live: &[String], member: &str, partitions: i32) -> Vec<i32> {
+    let mut sorted: Vec<&String> = live.iter().collect();
+    sorted.sort();
+    sorted.dedup();
+    let Some(position) = sorted.iter().position(|m| m.as_str() == member) else { return Vec::new() };
+    (0..partitions).filter(|p| (*p as usize) % sorted.len() == position).collect()
+}
+
+impl Membership {
+    /// Records a heartbeat and returns the partitions this member should own now.
+    pub async fn heartbeat(&self, pool: &PgPool, partitions: i32) -> Result<Vec<i32>, sqlx::Error> {
+        let lease_ms = self.lease.as_millis() as i64;
+        let live: Vec<String> = sqlx::query_scalar(
+            "WITH beat AS (
+                 INSERT INTO consumer_members (group_id, topic, member_id, heartbeat_at) VALUES ($1, $2, $3, now())
+                 ON CONFLICT (group_id, topic, member_id) DO UPDATE SET heartbeat_at = now()
+             )
+             SELECT member_id FROM consumer_members
+             WHERE group_id = $1 AND topic = $2 AND heartbeat_at > now() - make_interval(secs => $4::double precision / 1000)
+               AND member_id <> $3
+             UNION ALL SELECT $3",
+        )
+        .bind(&self.group)
+        .bind(&self.topic)
+        .bind(&self.member_id)
+        .bind(lease_ms)
+        .fetch_all(pool)
+        .await?;
+        Ok(split(&live, &self.member_id, partitions))
+    }
+
+    /// Leaves the group at shutdown so the others take over at once.
+    pub async fn leave(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM consumer_members WHERE group_id = $1 AND topic = $2 AND member_id = $3")
+            .bind(&self.group)
+            .bind(&self.topic)
+            .bind(&self.member_id)
+            .execute(pool)
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split;
+
+    #[test]
+    fn live_members_split_every_partition_exactly_once() {
+        let live = vec!["b".to_string(), "a".to_string(), "c".to_string()];
+        let mut all: Vec<i32> = ["a", "b", "c"].iter().flat_map(|m| split(&live, m, 8)).collect();
+        all.sort();
+        assert_eq!(all, (0..8).collect::<Vec<_>>());
+        assert_eq!(split(&live, "a", 8), vec![0, 3, 6]);
+        assert_eq!(split(&live, "z", 8), Vec::<i32>::new());
+        assert_eq!(split(&["a".to_string()], "a", 4), vec![0, 1, 2, 3]);
+    }
+}

@@ -1,0 +1,231 @@
+//! Exactly-once counting under failure: kill -9 at random points, a rebalance between two
+//! instances, conflicting duplicates and a poison message. Totals are checked to the token
+//! against the sum over distinct event ids.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::{wait_for, Tally};
+
+const TIERS: &str = "
+default_tier: metered
+timezone: UTC
+quotas:
+  - name: monthly_tokens
+    metric: total_tokens
+    period: month
+    limit: 1000000000000
+  - name: monthly_requests
+    metric: requests
+    period: month
+    limit: 1000000000000
+tiers:
+  - name: metered
+    priority: 0
+    rate_multiplier: 1
+";
+
+/// A small deterministic generator (xorshift64*), so a failing run can be replayed by seed.
+struct Rng(u64);
+
+impl Rng {
+    fn seeded() -> Rng {
+        let seed = std::env::var("TALLY_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1);
+        eprintln!("seed: TALLY_TEST_SEED={seed}");
+        Rng(seed)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// The events a gateway sent, and what the ledgers must say.
+#[derive(Default)]
+struct Sent {
+    messages: i64,
+    ids: HashSet<String>,
+    tokens: BTreeMap<String, i64>,
+    requests: BTreeMap<String, i64>,
+}
+
+impl Sent {
+    fn record(&mut self, batch: &[Value]) {
+        self.messages += batch.len() as i64;
+        for e in batch {
+            if self.ids.insert(e["id"].as_str().unwrap().to_string()) {
+                let subject = e["subject"].as_str().unwrap().to_string();
+                let tokens = e["input_tokens"].as_i64().unwrap() + e["output_tokens"].as_i64().unwrap();
+                *self.tokens.entry(subject.clone()).or_default() += tokens;
+                *self.requests.entry(subject).or_default() += 1;
+            }
+        }
+    }
+}
+
+fn random_batch(rng: &mut Rng, test: &str, first: usize, n: usize) -> Vec<Value> {
+    (first..first + n)
+        .map(|i| {
+            json!({
+                "id": format!("{test}-{i}"),
+                "subject": format!("user-{}", rng.below(25)),
+                "time": chrono::Utc::now().to_rfc3339(),
+                "input_tokens": rng.below(5000),
+                "output_tokens": rng.below(2000),
+            })
+        })
+        .collect()
+}
+
+async fn post(t: &Tally, sent: &mut Sent, batch: Vec<Value>) {
+    let (status, body) = t.post_events(&Value::Array(batch.clone())).await;
+    assert_eq!(status, 202, "{body}");
+    sent.record(&batch);
+}
+
+/// Waits until the aggregators have consumed every message sent, then checks every ledger.
+async fn assert_exact_totals(t: &Tally, sent: &Sent) {
+    let pool = t.pg().await;
+    let all_consumed = wait_for(Duration::from_secs(90), || async { t.consumed(&pool).await >= sent.messages }).await;
+    assert!(all_consumed, "consumed {} of {} messages; logs in {}", t.consumed(&pool).await, sent.messages, t.log_dir().display());
+    assert_eq!(t.consumed(&pool).await, sent.messages, "consumed more messages than were sent");
+
+    let counted: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_events").fetch_one(&pool).await.unwrap();
+    assert_eq!(counted, sent.ids.len() as i64, "distinct events counted");
+    for (metric, expected) in [("total_tokens", &sent.tokens), ("requests", &sent.requests)] {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT subject, sum(used)::bigint FROM ledgers WHERE metric = $1 AND scope = '*' GROUP BY subject ORDER BY subject",
+        )
+        .bind(metric)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let actual: BTreeMap<String, i64> = rows.into_iter().collect();
+        assert_eq!(&actual, expected, "{metric} per subject");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_at_random_points_counts_each_distinct_event_exactly_once() {
+    let mut rng = Rng::seeded();
+    let mut t = Tally::start(Some(TIERS)).await;
+    let mut sent = Sent::default();
+    let mut next_id = 0;
+    let mut kills = 0;
+    for round in 0..40 {
+        let n = 20 + rng.below(150) as usize;
+        let batch = random_batch(&mut rng, "k", next_id, n);
+        next_id += n;
+        post(&t, &mut sent, batch.clone()).await;
+        // Gateways retry: a part of some batches is sent again.
+        if rng.below(3) == 0 {
+            let from = rng.below(n as u64) as usize;
+            post(&t, &mut sent, batch[from..].to_vec()).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.below(250))).await;
+        if round % 5 == 4 {
+            t.kill("aggregator");
+            kills += 1;
+            t.spawn("aggregator");
+        }
+    }
+    assert!(kills >= 8);
+    assert!(sent.messages > sent.ids.len() as i64, "the run must include duplicates");
+    assert_exact_totals(&t, &sent).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_with_a_rebalance_midstream_count_exactly() {
+    let mut rng = Rng::seeded();
+    let mut t = Tally::start(Some(TIERS)).await;
+    let first = t.pids("aggregator")[0];
+    let mut sent = Sent::default();
+    let mut next_id = 0;
+    for round in 0..30 {
+        let n = 50 + rng.below(100) as usize;
+        let batch = random_batch(&mut rng, "r", next_id, n);
+        next_id += n;
+        post(&t, &mut sent, batch.clone()).await;
+        if round % 4 == 0 {
+            post(&t, &mut sent, batch).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50 + rng.below(100))).await;
+        if round == 8 {
+            t.spawn_aggregator();
+        }
+        if round == 20 {
+            // The first instance dies without a goodbye; the second takes everything over.
+            t.kill_pid(first);
+        }
+    }
+    assert_exact_totals(&t, &sent).await;
+    let pool = t.pg().await;
+    let reclaimed: i64 = sqlx::query_scalar("SELECT count(*) FROM consumer_offsets WHERE group_id = $1 AND epoch > 1")
+        .bind(&t.group)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(reclaimed > 0, "no partition changed owner: there was no rebalance");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_id_with_another_payload_is_quarantined_as_a_conflict() {
+    let t = Tally::start(Some(TIERS)).await;
+    let pool = t.pg().await;
+    let e = |id: &str, tokens: i64| json!({"id": id, "subject": "c", "time": chrono::Utc::now().to_rfc3339(), "input_tokens": tokens});
+    // Across batches: the first is counted, the second is a conflict.
+    assert_eq!(t.post_events(&e("e1", 10)).await.0, 202);
+    assert!(wait_for(Duration::from_secs(30), || async { t.consumed(&pool).await >= 1 }).await);
+    assert_eq!(t.post_events(&e("e1", 20)).await.0, 202);
+    // Within one batch: the first wins.
+    assert_eq!(t.post_events(&json!([e("e2", 5), e("e2", 6)])).await.0, 202);
+    assert!(wait_for(Duration::from_secs(30), || async { t.consumed(&pool).await >= 4 }).await);
+
+    assert_eq!(t.used("c", "total_tokens").await, 15);
+    let quarantined = t.read_topic(&t.topic("quarantine")).await;
+    let conflicts: Vec<&Value> = quarantined.iter().map(|(_, v)| v).filter(|v| v["reason"].as_str().unwrap_or("").starts_with("conflict")).collect();
+    assert_eq!(conflicts.len(), 2, "{quarantined:?}");
+    let ids: HashSet<&str> = conflicts.iter().map(|v| v["event_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, HashSet::from(["e1", "e2"]));
+    assert!(conflicts.iter().any(|v| v["original"].as_str().unwrap().contains("\"input_tokens\":20")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_poison_message_last_in_its_partition_advances_the_offset_and_is_quarantined() {
+    let t = Tally::start(Some(TIERS)).await;
+    let pool = t.pg().await;
+    let valid = json!({"id": "ok-1", "subject": "p", "time": chrono::Utc::now().to_rfc3339(), "output_tokens": 3});
+    let (p, first) = t.produce_raw(Some(0), "p", valid.to_string().as_bytes()).await;
+    let (_, poison) = t.produce_raw(Some(p), "p", &[0xff, 0xfe, b'{']).await;
+    assert_eq!(poison, first + 1);
+    let advanced = wait_for(Duration::from_secs(30), || async {
+        let next: Option<i64> =
+            sqlx::query_scalar("SELECT next_offset FROM consumer_offsets WHERE group_id = $1 AND partition = $2")
+                .bind(&t.group)
+                .bind(p)
+                .fetch_optional(&pool)
+                .await
+                .unwrap();
+        next == Some(poison + 1)
+    })
+    .await;
+    assert!(advanced, "the offset never moved past the poison message; logs in {}", t.log_dir().display());
+    assert_eq!(t.used("p", "total_tokens").await, 3);
+    let quarantined = t.read_topic(&t.topic("quarantine")).await;
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    let q = &quarantined[0].1;
+    assert!(q["reason"].as_str().unwrap().starts_with("invalid event"), "{q}");
+    assert_eq!((q["partition"].as_i64(), q["offset"].as_i64()), (Some(p as i64), Some(poison)));
+    assert_eq!((q["original"].as_str(), q["original_encoding"].as_str()), (Some("fffe7b"), Some("hex")));
+}
