@@ -23,7 +23,7 @@ use tally_common::postgres::PostgresSettings;
 use tokio::sync::Notify;
 
 use crate::plan::{parse_batch, Delivery};
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicyHandle};
 use crate::store::{Range, Store, StoreError, Subjects};
 use crate::{relay, AggregatorSettings};
 
@@ -63,6 +63,7 @@ struct Metrics {
     batches: Timing,
     fenced: Counter,
     db_retries: Counter,
+    scheduled_checks: Counter,
     owned_partitions: Gauge,
 }
 
@@ -82,6 +83,11 @@ impl Metrics {
             ),
             fenced: r.counter("tally_aggregator_batches_fenced_total", "batches refused by fencing", &[]),
             db_retries: r.counter("tally_aggregator_database_retries_total", "batch commits retried after a database error", &[]),
+            scheduled_checks: r.counter(
+                "tally_aggregator_scheduled_checks_total",
+                "decisions looked at again by time (rollover, expiry) or a configuration change",
+                &[],
+            ),
             owned_partitions: r.gauge("tally_aggregator_owned_partitions", "partitions this instance owns", &[]),
             registry: r,
         }
@@ -98,7 +104,7 @@ struct Loop {
     /// Partitions this instance was fenced from, left alone until the given instant.
     fenced_until: HashMap<i32, Instant>,
     store: Store,
-    policy: Policy,
+    policy: PolicyHandle,
     owned: HashMap<i32, Owned>,
     relay_wake: Arc<Notify>,
     metrics: Arc<Metrics>,
@@ -114,8 +120,13 @@ pub async fn run(
     postgres: PostgresSettings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let policy = Policy::load(settings.config.as_deref())?;
     let pool = postgres.connect().await?;
+    if let Some(path) = &settings.config {
+        let applied = crate::policy::apply_file(&pool, path).await?;
+        tracing::info!(version = applied.version, changed = applied.changed, file = %path.display(), "tier configuration applied");
+    }
+    let policy = PolicyHandle::new(Policy::builtin());
+    policy.sync(&mut *pool.acquire().await?).await?;
     let consumer: StreamConsumer<KafkaLog> = kafka
         .consumer_config(&settings.group)
         .create_with_context(KafkaLog)
@@ -133,6 +144,7 @@ pub async fn run(
     let (relay_wake, relay_stop) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let relay_task = tokio::spawn(relay::run(pool.clone(), producer.clone(), relay_wake.clone(), relay_stop.clone()));
     let health = spawn_health_server(&settings, metrics.clone()).await?;
+    let scheduler = tokio::spawn(run_scheduler(store.clone(), policy.clone(), relay_wake.clone(), metrics.clone(), control_wake(&kafka)));
     tracing::info!(group = %settings.group, topic = %kafka.usage_topic, owner = %store.owner, "aggregator consuming");
     let timeout = Duration::from_secs(settings.shutdown_timeout_seconds);
     let membership = Membership {
@@ -165,8 +177,64 @@ pub async fn run(
     let _ = tokio::time::timeout(timeout, relay_task).await;
     let _ = tokio::time::timeout(timeout, relay::drain(&pool, &producer)).await;
     health.abort();
+    scheduler.abort();
     tracing::info!("aggregator stopped");
     Ok(())
+}
+
+/// A notifier woken by every message on the control topic (configuration changes), so the
+/// scheduler reacts at once rather than at its next tick. Reads from the end: past changes
+/// are already in Postgres.
+fn control_wake(kafka: &KafkaSettings) -> Arc<Notify> {
+    let wake = Arc::new(Notify::new());
+    let consumer: Result<StreamConsumer<KafkaLog>, _> = kafka.consumer_config("tally-control-reader").create_with_context(KafkaLog);
+    let mut tpl = TopicPartitionList::new();
+    let _ = tpl.add_partition_offset(&kafka.control_topic, 0, Offset::End);
+    match consumer.and_then(|c| c.assign(&tpl).map(|_| c)) {
+        Ok(consumer) => {
+            let notify = wake.clone();
+            tokio::spawn(async move {
+                loop {
+                    match consumer.recv().await {
+                        Ok(_) => notify.notify_one(),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "control topic read failed");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "not reading the control topic; configuration changes apply at the next scheduler tick"),
+    }
+    wake
+}
+
+/// Runs the time-driven scheduler: every 200 ms, or at once on a control message, decides
+/// again the subjects that are due (see [`Store::run_due_checks`]).
+async fn run_scheduler(store: Store, policy: PolicyHandle, relay_wake: Arc<Notify>, metrics: Arc<Metrics>, wake: Arc<Notify>) {
+    loop {
+        loop {
+            match store.run_due_checks(&policy, Utc::now(), 2000).await {
+                Ok(0) => break,
+                Ok(n) => {
+                    metrics.scheduled_checks.add(n as u64);
+                    relay_wake.notify_one();
+                    if n < 2000 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "scheduled decisions failed; retrying");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = wake.notified() => {}
+        }
+    }
 }
 
 async fn spawn_health_server(settings: &AggregatorSettings, metrics: Arc<Metrics>) -> anyhow::Result<tokio::task::JoinHandle<()>> {

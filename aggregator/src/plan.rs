@@ -203,12 +203,25 @@ pub fn decide(quotas: &[Quota], keys: &[(LedgerKey, DateTime<Utc>)], used: &Hash
                 limit: q.limit,
                 remaining: (q.limit.saturating_add(q.burst) - used).max(0),
                 resets_at: *resets_at,
+                fired: Vec::new(),
             }
         })
         .collect()
 }
 
-/// Whether a new snapshot must be published: on the first decision, on any change of state,
+/// When a subject's decision must be looked at again with no new traffic: the end of the
+/// current period of every quota that is not `ok` (its rollover may unblock), or the next
+/// change of its overrides or assignments, whichever comes first.
+pub fn next_check_at(quotas: &[QuotaDecision], policy_change: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    quotas
+        .iter()
+        .filter(|q| q.state != tally_domain::decision::QuotaState::Ok)
+        .map(|q| q.resets_at)
+        .chain(policy_change)
+        .min()
+}
+
+/// Whether a new snapshot must be published: when a threshold fired, on the first decision, on any change of state,
 /// action, limit, period or tier, and otherwise when usage changed and the last snapshot is
 /// older than `refresh`.
 pub fn should_publish(
@@ -219,6 +232,9 @@ pub fn should_publish(
     refresh: Duration,
 ) -> bool {
     let Some(prev) = previous else { return true };
+    if quotas.iter().any(|q| !q.fired.is_empty()) {
+        return true;
+    }
     let shape = |q: &QuotaDecision| (q.quota.clone(), q.state, q.action.clone(), q.limit, q.resets_at);
     let changed_state = prev.tier != tier || prev.quotas.iter().map(shape).ne(quotas.iter().map(shape));
     let changed_usage = prev.quotas.iter().map(|q| q.used).ne(quotas.iter().map(|q| q.used));
@@ -290,7 +306,27 @@ mod tests {
             limit,
             remaining: (limit - used).max(0),
             resets_at: now(),
+            fired: vec![],
         }
+    }
+
+    #[test]
+    fn next_check_is_the_earliest_rollover_of_a_quota_that_is_not_ok_or_a_policy_change() {
+        let mut breached = line(100, 100);
+        breached.resets_at = now() + Duration::seconds(30);
+        let ok = line(1, 100);
+        assert_eq!(next_check_at(&[ok.clone()], None), None);
+        assert_eq!(next_check_at(&[ok.clone(), breached.clone()], None), Some(now() + Duration::seconds(30)));
+        assert_eq!(next_check_at(&[breached], Some(now() + Duration::seconds(5))), Some(now() + Duration::seconds(5)));
+        assert_eq!(next_check_at(&[ok], Some(now())), Some(now()));
+    }
+
+    #[test]
+    fn a_fired_threshold_is_always_published() {
+        let prev = snapshot(vec![line(10, 100)], now());
+        let mut fired = line(10, 100);
+        fired.fired = vec![80];
+        assert!(should_publish(Some(&prev), "free", &[fired], now(), Duration::seconds(60)));
     }
 
     #[test]

@@ -1,18 +1,26 @@
 //! The tier policy the aggregator applies: the YAML configuration (see
 //! `tally_domain::config`) and the effective quotas of a subject at an instant.
 //!
+//! The configuration lives in Postgres (`config_versions`, the highest version in force),
+//! written by `tally config apply` or by an aggregator started with `--config FILE`. Every
+//! batch and every scheduler pass first checks, inside its transaction, that it decides with
+//! the version in force ([`PolicyHandle::sync`]), so a change applies from the next batch on.
+//!
 //! Rolling-window quotas need per-event history rather than one ledger row per period; the
-//! ledger path does not count them yet (issue 4) and leaves them out of decisions, rather
-//! than counting them wrongly.
+//! ledger path does not count them yet and leaves them out of decisions, rather than
+//! counting them wrongly.
 
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
+use sha2::{Digest, Sha256};
+use sqlx::{PgConnection, PgPool};
 use tally_domain::config::Config;
 use tally_domain::period::PeriodSpec;
-use tally_domain::precedence::{resolve, SubjectFacts};
+use tally_domain::precedence::{next_change_after, resolve, SubjectFacts};
 
 pub use tally_domain::tier::EffectiveQuota as Quota;
 
@@ -27,27 +35,24 @@ pub struct Resolved {
     pub quotas: Vec<Quota>,
 }
 
-/// The loaded tier configuration.
+/// One version of the tier configuration.
 #[derive(Debug, Clone)]
 pub struct Policy {
     config: Config,
+    /// The `config_versions` version it came from; 0 for the built-in default.
+    pub version: i64,
 }
 
 impl Policy {
     pub fn from_yaml(text: &str, origin: &str) -> anyhow::Result<Policy> {
         let config = Config::from_yaml_str(text).map_err(|e| anyhow::anyhow!("invalid tier configuration {origin}:\n{e}"))?;
-        Ok(Policy { config })
+        Ok(Policy { config, version: 0 })
     }
 
-    /// Loads `path`, or the built-in default configuration when there is none.
-    pub fn load(path: Option<&Path>) -> anyhow::Result<Policy> {
-        match path {
-            None => Policy::from_yaml(DEFAULT_CONFIG, "(built-in default)"),
-            Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("failed to read {}", p.display()))?;
-                Policy::from_yaml(&text, &p.display().to_string())
-            }
-        }
+    /// The built-in default configuration.
+    pub fn builtin() -> Policy {
+        // The built-in file is checked by a unit test; fall back to nothing would hide a bug.
+        Policy::from_yaml(DEFAULT_CONFIG, "(built-in default)").unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// The effective tier and the quotas the ledger path counts, for `subject` at `at`.
@@ -57,6 +62,100 @@ impl Policy {
         let quotas = r.quotas.into_iter().filter(|q| !matches!(q.period, PeriodSpec::Rolling { .. })).collect();
         Resolved { tier: r.tier, timezone: r.timezone, quotas }
     }
+
+    /// The next instant after `at` at which the subject's resolution may change by itself
+    /// (an override or assignment starting or ending).
+    pub fn next_change_after(&self, subject: &str, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        next_change_after(&self.config, subject, at)
+    }
+}
+
+/// The policy in force, shared by the consume loop and the scheduler of one instance.
+#[derive(Clone)]
+pub struct PolicyHandle {
+    current: Arc<RwLock<Arc<Policy>>>,
+}
+
+impl PolicyHandle {
+    pub fn new(policy: Policy) -> Self {
+        PolicyHandle { current: Arc::new(RwLock::new(Arc::new(policy))) }
+    }
+
+    pub fn current(&self) -> Arc<Policy> {
+        match self.current.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn replace(&self, policy: Policy) {
+        match self.current.write() {
+            Ok(mut p) => *p = Arc::new(policy),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(policy),
+        }
+    }
+
+    /// Makes sure the policy is the version in force, loading it on `conn` (usually the
+    /// caller's transaction) if a newer one was applied. Returns the policy to decide with.
+    pub async fn sync(&self, conn: &mut PgConnection) -> anyhow::Result<Arc<Policy>> {
+        let latest: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM config_versions").fetch_one(&mut *conn).await?;
+        let current = self.current();
+        match latest {
+            Some(v) if v != current.version => {
+                let document: String = sqlx::query_scalar("SELECT document FROM config_versions WHERE version = $1")
+                    .bind(v)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                let mut policy = Policy::from_yaml(&document, &format!("(config version {v})"))?;
+                policy.version = v;
+                tracing::info!(version = v, "tier configuration loaded");
+                self.replace(policy);
+                Ok(self.current())
+            }
+            _ => Ok(current),
+        }
+    }
+}
+
+/// What `apply` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub version: i64,
+    /// False when the document was already the version in force.
+    pub changed: bool,
+}
+
+/// Validates `document` and makes it the configuration in force, unless it already is.
+/// Nothing is written when it is invalid.
+pub async fn apply(pool: &PgPool, document: &str, source: &str) -> anyhow::Result<Applied> {
+    Policy::from_yaml(document, source)?;
+    let sha = hex::encode(Sha256::digest(document.as_bytes()));
+    let mut tx = pool.begin().await?;
+    // One writer at a time, so "already in force" is decided on the latest version.
+    sqlx::query("LOCK TABLE config_versions IN SHARE ROW EXCLUSIVE MODE").execute(&mut *tx).await?;
+    let latest: Option<(i64, String)> =
+        sqlx::query_as("SELECT version, sha256 FROM config_versions ORDER BY version DESC LIMIT 1").fetch_optional(&mut *tx).await?;
+    if let Some((version, latest_sha)) = &latest {
+        if *latest_sha == sha {
+            tx.commit().await?;
+            return Ok(Applied { version: *version, changed: false });
+        }
+    }
+    let version: i64 = sqlx::query_scalar("INSERT INTO config_versions (document, sha256, source) VALUES ($1, $2, $3) RETURNING version")
+        .bind(document)
+        .bind(&sha)
+        .bind(source)
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Applied { version, changed: true })
+}
+
+/// Reads a configuration file and applies it.
+pub async fn apply_file(pool: &PgPool, path: &Path) -> anyhow::Result<Applied> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("failed to read {}", path.display()))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    apply(pool, &text, &format!("file {name}")).await
 }
 
 #[cfg(test)]
@@ -65,7 +164,7 @@ mod tests {
 
     #[test]
     fn builtin_default_has_a_monthly_token_quota() {
-        let policy = Policy::load(None).unwrap();
+        let policy = Policy::builtin();
         let r = policy.resolve("anyone", None, "", "2026-11-22T10:00:00Z".parse().unwrap());
         assert_eq!(r.tier, "default");
         assert_eq!(r.quotas.len(), 1);

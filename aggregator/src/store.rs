@@ -5,11 +5,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Duration, Utc};
 use sqlx::{PgPool, Postgres, Transaction};
-use tally_domain::decision::DecisionSnapshot;
+use tally_domain::decision::{thresholds_reached, DecisionSnapshot, QuotaDecision};
 use tally_domain::event::UsageEvent;
 
 use crate::plan::{self, Candidate, LedgerDelta, LedgerKey, Parsed, Quarantined};
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicyHandle};
 
 /// Why a batch was not committed.
 #[derive(Debug, thiserror::Error)]
@@ -21,11 +21,14 @@ pub enum StoreError {
     /// Postgres failed; the same batch can be retried.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The tier configuration in force could not be loaded; retried like a database error.
+    #[error("configuration error: {0:#}")]
+    Config(#[from] anyhow::Error),
 }
 
 impl StoreError {
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Database(_))
+        matches!(self, StoreError::Database(_) | StoreError::Config(_))
     }
 }
 
@@ -95,11 +98,12 @@ impl Store {
         &self,
         ranges: &[Range],
         parsed: Parsed,
-        policy: &Policy,
+        policy: &PolicyHandle,
         now: DateTime<Utc>,
         refresh: Duration,
     ) -> Result<Outcome, StoreError> {
         let mut tx = self.pool.begin().await?;
+        let policy = &*policy.sync(&mut tx).await?;
         let Parsed { candidates, mut quarantined, duplicates } = parsed;
         let (fresh, seen_before) = record_event_ids(&mut tx, &candidates).await?;
         let mut outcome = Outcome { duplicates, ..Outcome::default() };
@@ -155,9 +159,11 @@ impl Store {
     }
 
     /// Recomputes the decisions of `subjects` (subject -> the API key hash of its latest
-    /// event) and writes a new snapshot (version + 1) to `decisions` and the outbox where
-    /// [`plan::should_publish`] says so. Returns the subjects whose usage changed but whose
-    /// snapshot was deferred by the refresh interval.
+    /// event, `None` to keep the stored one) and writes a new snapshot (version + 1) to
+    /// `decisions` and the outbox where [`plan::should_publish`] says so; records fired
+    /// thresholds; and sets every subject's `next_check_at`. Returns how many snapshots were
+    /// published and the subjects whose usage changed but whose snapshot was deferred by the
+    /// refresh interval.
     async fn publish_decisions(
         &self,
         tx: &mut Transaction<'_, Postgres>,
@@ -170,31 +176,39 @@ impl Store {
             return Ok((0, Subjects::new()));
         }
         let names: Vec<String> = subjects.keys().cloned().collect();
-        let previous = previous_snapshots(tx, &names).await?;
+        let previous = previous_decisions(tx, &names).await?;
         let plans: Vec<_> = subjects
             .iter()
             .map(|(subject, key)| {
+                let key = key.clone().or_else(|| previous.get(subject).and_then(|p| p.api_key_sha256.clone()));
                 let resolved = policy.resolve(subject, key.as_deref(), "", now);
                 let keys = plan::current_keys(subject, &resolved.quotas, resolved.timezone, now);
-                (subject, resolved, keys)
+                (subject, key, resolved, keys)
             })
             .collect();
-        let all_keys: Vec<&LedgerKey> = plans.iter().flat_map(|(_, _, keys)| keys.iter().map(|(k, _)| k)).collect();
+        let all_keys: Vec<&LedgerKey> = plans.iter().flat_map(|(_, _, _, keys)| keys.iter().map(|(k, _)| k)).collect();
         let used = read_used(tx, &all_keys).await?;
+        let mut decided: Vec<_> = plans
+            .iter()
+            .map(|(subject, key, resolved, keys)| (*subject, key, resolved, keys, plan::decide(&resolved.quotas, keys, &used)))
+            .collect();
+        fire_thresholds(tx, &mut decided.iter_mut().map(|(s, _, r, k, q)| (s.as_str(), &**r, &**k, q)).collect::<Vec<_>>()).await?;
         let mut snapshots = Vec::new();
+        let mut checks = Vec::new();
         let mut deferred = Subjects::new();
-        for (subject, resolved, keys) in &plans {
-            let quotas = plan::decide(&resolved.quotas, keys, &used);
+        for (subject, key, resolved, _, quotas) in decided {
             let prev = previous.get(subject.as_str());
-            if !plan::should_publish(prev, &resolved.tier, &quotas, now, refresh) {
-                if !plan::should_publish(prev, &resolved.tier, &quotas, now, Duration::zero()) {
-                    continue;
+            let next_check = plan::next_check_at(&quotas, policy.next_change_after(subject, now));
+            checks.push((subject.clone(), key.clone(), next_check));
+            let prev_snapshot = prev.and_then(|p| p.snapshot.as_ref());
+            if !plan::should_publish(prev_snapshot, &resolved.tier, &quotas, now, refresh) {
+                if plan::should_publish(prev_snapshot, &resolved.tier, &quotas, now, Duration::zero()) {
+                    deferred.insert(subject.clone(), key.clone());
                 }
-                deferred.insert(subject.to_string(), subjects.get(subject.as_str()).cloned().flatten());
                 continue;
             }
             snapshots.push(DecisionSnapshot {
-                subject: subject.to_string(),
+                subject: subject.clone(),
                 allowed: DecisionSnapshot::allowed_for(&quotas),
                 version: prev.map_or(1, |p| p.version + 1),
                 calculated_at: now,
@@ -203,6 +217,7 @@ impl Store {
             });
         }
         save_snapshots(tx, &snapshots).await?;
+        save_checks(tx, &checks).await?;
         let keys: Vec<String> = snapshots.iter().map(|s| s.subject.clone()).collect();
         let payloads: Vec<Vec<u8>> = snapshots.iter().map(|s| serde_json::to_vec(s).unwrap_or_default()).collect();
         enqueue(tx, &self.decisions_topic, &keys, &payloads).await?;
@@ -211,12 +226,98 @@ impl Store {
 
     /// Publishes the snapshots that [`Outcome::deferred`] held back, in a transaction of its
     /// own. Returns how many were published.
-    pub async fn refresh_decisions(&self, subjects: &Subjects, policy: &Policy, now: DateTime<Utc>) -> Result<usize, sqlx::Error> {
+    pub async fn refresh_decisions(&self, subjects: &Subjects, policy: &PolicyHandle, now: DateTime<Utc>) -> anyhow::Result<usize> {
         let mut tx = self.pool.begin().await?;
-        let (published, _) = self.publish_decisions(&mut tx, subjects, policy, now, Duration::zero()).await?;
+        let policy = policy.sync(&mut tx).await?;
+        let (published, _) = self.publish_decisions(&mut tx, subjects, &policy, now, Duration::zero()).await?;
         tx.commit().await?;
         Ok(published)
     }
+
+    /// One pass of the time-driven scheduler, run by one instance at a time (an advisory
+    /// lock): after a configuration change every subject is due once; then every subject
+    /// whose `next_check_at` has come is decided again, and what changed is published.
+    /// Returns how many subjects were looked at.
+    pub async fn run_due_checks(&self, policy: &PolicyHandle, now: DateTime<Utc>, limit: i64) -> anyhow::Result<usize> {
+        let mut tx = self.pool.begin().await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)").bind(SCHEDULER_LOCK).fetch_one(&mut *tx).await?;
+        if !locked {
+            return Ok(0);
+        }
+        let policy = policy.sync(&mut tx).await?;
+        let evaluated: i64 = sqlx::query_scalar("SELECT config_version FROM scheduler_state WHERE id = 1").fetch_one(&mut *tx).await?;
+        if policy.version > evaluated {
+            sqlx::query("UPDATE decisions SET next_check_at = $1").bind(now).execute(&mut *tx).await?;
+            sqlx::query("UPDATE scheduler_state SET config_version = $1 WHERE id = 1").bind(policy.version).execute(&mut *tx).await?;
+            tracing::info!(version = policy.version, "configuration changed: every subject's decision is due");
+        }
+        let due: Vec<String> = sqlx::query_scalar(
+            "SELECT subject FROM decisions WHERE next_check_at <= $1 ORDER BY next_check_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let subjects: Subjects = due.into_iter().map(|s| (s, None)).collect();
+        self.publish_decisions(&mut tx, &subjects, &policy, now, Duration::zero()).await?;
+        tx.commit().await?;
+        Ok(subjects.len())
+    }
+}
+
+/// Arbitrary constant naming the scheduler's advisory lock.
+const SCHEDULER_LOCK: i64 = 0x7a11_5c4e;
+
+/// A subject's stored decision state.
+struct Previous {
+    version: i64,
+    snapshot: Option<DecisionSnapshot>,
+    api_key_sha256: Option<String>,
+}
+
+/// Records the thresholds each quota line has reached; a threshold not recorded before for
+/// the subject, quota and period fires now (it goes into the line's `fired`).
+async fn fire_thresholds(
+    tx: &mut Transaction<'_, Postgres>,
+    decided: &mut [(&str, &crate::policy::Resolved, &Vec<(LedgerKey, DateTime<Utc>)>, &mut Vec<QuotaDecision>)],
+) -> Result<(), sqlx::Error> {
+    let mut cols: (Vec<String>, Vec<String>, Vec<DateTime<Utc>>, Vec<i32>) = Default::default();
+    for (subject, resolved, keys, quotas) in decided.iter() {
+        for ((q, line), (key, _)) in resolved.quotas.iter().zip(quotas.iter()).zip(keys.iter()) {
+            for t in thresholds_reached(line.used, q.limit, &q.thresholds) {
+                cols.0.push(subject.to_string());
+                cols.1.push(q.name.clone());
+                cols.2.push(key.period_start);
+                cols.3.push(t as i32);
+            }
+        }
+    }
+    if cols.0.is_empty() {
+        return Ok(());
+    }
+    let fired: Vec<(String, String, i32)> = sqlx::query_as(
+        "INSERT INTO thresholds_fired (subject, quota, period_start, threshold)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::int[])
+         ON CONFLICT DO NOTHING RETURNING subject, quota, threshold",
+    )
+    .bind(&cols.0)
+    .bind(&cols.1)
+    .bind(&cols.2)
+    .bind(&cols.3)
+    .fetch_all(&mut **tx)
+    .await?;
+    for (subject, quota, threshold) in fired {
+        for (s, _, _, quotas) in decided.iter_mut() {
+            if *s != subject {
+                continue;
+            }
+            if let Some(line) = quotas.iter_mut().find(|l| l.quota == quota) {
+                line.fired.push(threshold as u32);
+                line.fired.sort_unstable();
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Subjects to decide for, each with the API key hash of its latest event.
@@ -335,17 +436,48 @@ async fn read_used(tx: &mut Transaction<'_, Postgres>, keys: &[&LedgerKey]) -> R
         .collect())
 }
 
-/// The stored snapshots of `subjects`, locked for this transaction.
-async fn previous_snapshots(
+/// The stored decision state of `subjects`, locked for this transaction.
+async fn previous_decisions(
     tx: &mut Transaction<'_, Postgres>,
     subjects: &[String],
-) -> Result<HashMap<String, DecisionSnapshot>, sqlx::Error> {
-    let rows: Vec<(String, sqlx::types::Json<DecisionSnapshot>)> =
-        sqlx::query_as("SELECT subject, snapshot FROM decisions WHERE subject = ANY($1) ORDER BY subject FOR UPDATE")
-            .bind(subjects)
-            .fetch_all(&mut **tx)
-            .await?;
-    Ok(rows.into_iter().map(|(s, j)| (s, j.0)).collect())
+) -> Result<HashMap<String, Previous>, sqlx::Error> {
+    let rows: Vec<(String, i64, sqlx::types::Json<serde_json::Value>, Option<String>)> = sqlx::query_as(
+        "SELECT subject, version, snapshot, api_key_sha256 FROM decisions WHERE subject = ANY($1) ORDER BY subject FOR UPDATE",
+    )
+    .bind(subjects)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(s, version, j, api_key_sha256)| {
+            let snapshot = serde_json::from_value(j.0).ok();
+            (s, Previous { version, snapshot, api_key_sha256 })
+        })
+        .collect())
+}
+
+/// Stores each subject's API key and next check instant.
+async fn save_checks(
+    tx: &mut Transaction<'_, Postgres>,
+    checks: &[(String, Option<String>, Option<DateTime<Utc>>)],
+) -> Result<(), sqlx::Error> {
+    if checks.is_empty() {
+        return Ok(());
+    }
+    let subjects: Vec<&str> = checks.iter().map(|c| c.0.as_str()).collect();
+    let keys: Vec<Option<&str>> = checks.iter().map(|c| c.1.as_deref()).collect();
+    let at: Vec<Option<DateTime<Utc>>> = checks.iter().map(|c| c.2).collect();
+    sqlx::query(
+        "UPDATE decisions d SET api_key_sha256 = coalesce(c.key, d.api_key_sha256), next_check_at = c.at
+         FROM UNNEST($1::text[], $2::text[], $3::timestamptz[]) AS c(subject, key, at)
+         WHERE d.subject = c.subject",
+    )
+    .bind(&subjects)
+    .bind(&keys)
+    .bind(&at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 async fn save_snapshots(tx: &mut Transaction<'_, Postgres>, snapshots: &[DecisionSnapshot]) -> Result<(), sqlx::Error> {

@@ -3,6 +3,7 @@
 //! `main.rs` only parses arguments and dispatches; each command lives in its own module.
 
 pub mod close_period;
+pub mod config_cmd;
 pub mod demo;
 pub mod explain;
 pub mod export;

@@ -57,14 +57,17 @@ pub fn quota_state(used: i64, limit: i64, burst: i64, thresholds_percent: &[u32]
     }
 }
 
-/// The highest threshold (percent of the limit) that `used` has reached, if any. The
+/// Every threshold (percent of the limit) that `used` has reached, ascending. The
 /// aggregator records fired thresholds so each fires once per subject, quota and period.
-pub fn highest_threshold_reached(used: i64, limit: i64, thresholds_percent: &[u32]) -> Option<u32> {
-    thresholds_percent
+pub fn thresholds_reached(used: i64, limit: i64, thresholds_percent: &[u32]) -> Vec<u32> {
+    let mut reached: Vec<u32> = thresholds_percent
         .iter()
         .copied()
         .filter(|&t| (used as i128) * 100 >= (limit as i128) * (t as i128))
-        .max()
+        .collect();
+    reached.sort_unstable();
+    reached.dedup();
+    reached
 }
 
 /// One quota's line in a snapshot.
@@ -84,6 +87,10 @@ pub struct QuotaDecision {
     /// `max(limit + burst - used, 0)`.
     pub remaining: i64,
     pub resets_at: DateTime<Utc>,
+    /// Thresholds (percent of `limit`) that fired with this snapshot. Each threshold fires
+    /// once per subject, quota and period, in the first snapshot after usage reached it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fired: Vec<u32>,
 }
 
 /// A per-subject decision snapshot, as published on `tally.decisions.v1`.
@@ -121,10 +128,10 @@ mod tests {
     }
 
     #[test]
-    fn highest_threshold_is_the_largest_reached() {
-        assert_eq!(highest_threshold_reached(79, 100, &[80, 100]), None);
-        assert_eq!(highest_threshold_reached(80, 100, &[80, 100]), Some(80));
-        assert_eq!(highest_threshold_reached(150, 100, &[100, 80]), Some(100));
+    fn thresholds_reached_are_every_one_at_or_below_usage() {
+        assert_eq!(thresholds_reached(79, 100, &[80, 100]), Vec::<u32>::new());
+        assert_eq!(thresholds_reached(80, 100, &[80, 100]), vec![80]);
+        assert_eq!(thresholds_reached(150, 100, &[100, 80, 80]), vec![80, 100]);
     }
 
     #[test]
@@ -140,6 +147,7 @@ mod tests {
             limit: 10,
             remaining: 0,
             resets_at: DateTime::<Utc>::UNIX_EPOCH,
+            fired: vec![],
         };
         assert!(!DecisionSnapshot::allowed_for(&[q(Action::Block)]));
         assert!(!DecisionSnapshot::allowed_for(&[q(Action::Queue)]));
