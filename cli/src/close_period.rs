@@ -38,7 +38,8 @@ pub async fn run(args: ClosePeriodArgs) -> anyhow::Result<()> {
     let month = Month::parse(&args.period).map_err(anyhow::Error::msg)?;
     let config = crate::history::load_config(args.config.as_deref())?;
     let (pool, ch) = crate::history::connect(&args.postgres, &args.clickhouse).await?;
-    let closed = billing::close(&pool, &ch, &config, month, args.grace_hours, args.force, &args.closed_by, chrono::Utc::now()).await?;
+    let options = billing::CloseOptions { grace_hours: args.grace_hours, force: args.force, closed_by: args.closed_by.clone() };
+    let closed = billing::close(&pool, &ch, &config, month, &options, chrono::Utc::now()).await?;
     println!(
         "closed {}: {} lines, {} micro-dollars; reconciliation {}",
         closed.period,

@@ -122,9 +122,12 @@ fn csv_field(s: &str) -> String {
     }
 }
 
+/// A billing window: start inclusive, end exclusive.
+type Window = (DateTime<Utc>, DateTime<Utc>);
+
 /// The billing window of each subject with usage or a ledger row in `month`.
-async fn windows(pool: &PgPool, ch: &Ch, month: Month) -> anyhow::Result<BTreeMap<String, (DateTime<Utc>, DateTime<Utc>)>> {
-    let mut windows: BTreeMap<String, (DateTime<Utc>, DateTime<Utc>)> = BTreeMap::new();
+async fn windows(pool: &PgPool, ch: &Ch, month: Month) -> anyhow::Result<BTreeMap<String, Window>> {
+    let mut windows: BTreeMap<String, Window> = BTreeMap::new();
     #[derive(Deserialize)]
     struct Subject {
         subject: String,
@@ -162,7 +165,7 @@ struct ModelSums {
 /// The current billing lines of `month` from history, priced with `config`.
 pub async fn current_lines(pool: &PgPool, ch: &Ch, config: &Config, month: Month, kind: Kind) -> anyhow::Result<Vec<Line>> {
     let windows = windows(pool, ch, month).await?;
-    let subjects: Vec<(&String, &(DateTime<Utc>, DateTime<Utc>))> = windows.iter().collect();
+    let subjects: Vec<(&String, &Window)> = windows.iter().collect();
     let mut lines = Vec::new();
     for chunk in subjects.chunks(100) {
         let conds: Vec<String> = chunk
@@ -334,17 +337,21 @@ pub struct Closed {
     pub reconciliation: reconcile::Report,
 }
 
+/// How to close a period.
+#[derive(Debug, Clone)]
+pub struct CloseOptions {
+    /// Hours after the month ended everywhere before it may be closed.
+    pub grace_hours: i64,
+    /// Close even with reconciliation drift.
+    pub force: bool,
+    /// Recorded with the period.
+    pub closed_by: String,
+}
+
 /// Closes `month` for billing (see the module docs).
-pub async fn close(
-    pool: &PgPool,
-    ch: &Ch,
-    config: &Config,
-    month: Month,
-    grace_hours: i64,
-    force: bool,
-    closed_by: &str,
-    now: DateTime<Utc>,
-) -> anyhow::Result<Closed> {
+pub async fn close(pool: &PgPool, ch: &Ch, config: &Config, month: Month, options: &CloseOptions, now: DateTime<Utc>) -> anyhow::Result<Closed> {
+    let CloseOptions { grace_hours, force, closed_by } = options;
+    let (grace_hours, force) = (*grace_hours, *force);
     let at = closable_at(month, grace_hours);
     if now < at {
         anyhow::bail!("period {} can be closed from {} on (its last window ends, plus {grace_hours} h of grace)", month.name(), at.to_rfc3339());

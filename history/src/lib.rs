@@ -39,6 +39,11 @@ pub struct WriterSettings {
     /// Consumer group of the history writer (never the ledger's).
     #[arg(long = "group", env = "TALLY_HISTORY_GROUP", default_value = "tally-history")]
     pub group: String,
+    /// Key under which the writer's progress is stored in `history_offsets` (default: the
+    /// consumer group). Stored offsets are the truth and the Kafka group only spreads the
+    /// partitions, so a writer may join a new group and resume where the old one stopped.
+    #[arg(long = "progress-group", env = "TALLY_HISTORY_PROGRESS_GROUP")]
+    pub progress_group: Option<String>,
     /// Consumer group of the aggregator, whose stored offsets and `processed_events` say what
     /// the ledger counted.
     #[arg(long = "ledger-group", env = "TALLY_AGGREGATOR_GROUP", default_value = "tally-ledger")]

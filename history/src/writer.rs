@@ -50,7 +50,17 @@ impl RebalanceNotes {
     }
 }
 
-impl ClientContext for RebalanceNotes {}
+impl ClientContext for RebalanceNotes {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => tracing::error!(fac, "librdkafka: {log_message}"),
+            L::Warning => tracing::warn!(fac, "librdkafka: {log_message}"),
+            L::Notice | L::Info => tracing::info!(fac, "librdkafka: {log_message}"),
+            L::Debug => tracing::debug!(fac, "librdkafka: {log_message}"),
+        }
+    }
+}
 
 impl ConsumerContext for RebalanceNotes {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -146,7 +156,7 @@ pub async fn run(
         .with_context(|| format!("failed to subscribe to {}", kafka.usage_topic))?;
     let progress = Progress {
         pool,
-        group: settings.group.clone(),
+        group: settings.progress_group.clone().unwrap_or_else(|| settings.group.clone()),
         ledger_group: settings.ledger_group.clone(),
         topic: kafka.usage_topic.clone(),
         owner: format!("history-{}", uuid::Uuid::new_v4()),

@@ -1,0 +1,491 @@
+//! Usage history in ClickHouse, black box: the history writer converges to exactly the
+//! events the ledger counted after replays, crashes and a ClickHouse outage; reconciliation
+//! finds injected drift; the billing export matches the ledger.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Datelike, Duration as Span, TimeZone, Utc};
+use serde_json::{json, Value};
+use support::{free_port, wait_for, Tally};
+
+const TIERS: &str = "
+default_tier: basic
+timezone: UTC
+quotas:
+  - name: monthly_tokens
+    metric: total_tokens
+    period: month
+    limit: 100000000
+  - name: monthly_requests
+    metric: requests
+    period: month
+    limit: 100000000
+tiers:
+  - name: basic
+    priority: 0
+    rate_multiplier: 1
+prices:
+  small: {input: 150000, output: 600000}
+  big: {input: 2500000, output: 10000000, cached: 1250000}
+";
+
+fn event(id: &str, subject: &str, time: DateTime<Utc>, input: i64, output: i64, model: &str) -> Value {
+    json!({"id": id, "subject": subject, "time": time.to_rfc3339(), "scope": "chat",
+           "input_tokens": input, "output_tokens": output, "model": model})
+}
+
+/// `n` events for `subjects`, spread over the last hours (so they fall in several hourly buckets).
+fn batch(t: &Tally, prefix: &str, n: usize, now: DateTime<Utc>) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            let subject = format!("s{}-{}", i % 3, t.id);
+            let time = now - Span::minutes((i % 5) as i64 * 37 + 1);
+            let model = if i % 2 == 0 { "small" } else { "big" };
+            event(&format!("{prefix}-{i}-{}", t.id), &subject, time, 10 + i as i64, 1 + (i % 7) as i64, model)
+        })
+        .collect()
+}
+
+async fn post_all(t: &Tally, events: &[Value]) {
+    for chunk in events.chunks(100) {
+        let (status, body) = t.post_events(&Value::Array(chunk.to_vec())).await;
+        assert_eq!(status, 202, "ingest refused: {body}");
+    }
+}
+
+async fn offsets_sum(pool: &sqlx::PgPool, table: &str, group: &str) -> i64 {
+    sqlx::query_scalar::<_, Option<i64>>(&format!("SELECT sum(next_offset)::bigint FROM {table} WHERE group_id = $1"))
+        .bind(group)
+        .fetch_one(pool)
+        .await
+        .expect("read offsets")
+        .unwrap_or(0)
+}
+
+/// Waits until the ledger consumed `messages` messages and history caught up with it.
+async fn wait_converged(t: &Tally, pool: &sqlx::PgPool, messages: i64) {
+    let ok = wait_for(Duration::from_secs(120), || async {
+        let ledger = offsets_sum(pool, "consumer_offsets", &t.group).await;
+        let history = offsets_sum(pool, "history_offsets", &t.history_group()).await;
+        ledger == messages && history == messages
+    })
+    .await;
+    assert!(ok, "ledger and history did not both reach {messages} messages; logs in {}", t.log_dir().display());
+}
+
+async fn accepted_events(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM processed_events").fetch_one(pool).await.expect("count processed_events")
+}
+
+/// The integrity properties of history: no duplicate raw row (physically, and under FINAL),
+/// exactly `expected` events, and rollups equal to the raw sums bucket by bucket.
+async fn assert_history_exact(t: &Tally, expected: i64) {
+    let db = t.clickhouse_database();
+    let final_rows = t.clickhouse_i64(&format!("SELECT count() FROM `{db}`.usage_events FINAL")).await;
+    let distinct = t.clickhouse_i64(&format!("SELECT uniqExact(event_id) FROM `{db}`.usage_events")).await;
+    let physical = t.clickhouse_i64(&format!("SELECT count() FROM `{db}`.usage_events")).await;
+    assert_eq!((final_rows, distinct, physical), (expected, expected, expected), "raw rows (FINAL, distinct ids, physical)");
+    let sums = "sum(requests), sum(input_tokens), sum(output_tokens), sum(cached_tokens), sum(cost_micros)";
+    let raw_hourly = t
+        .clickhouse(&format!(
+            "SELECT subject, toStartOfHour(time) AS h, scope, model, count(), {sums} FROM `{db}`.usage_events FINAL \
+             GROUP BY subject, h, scope, model ORDER BY subject, h, scope, model"
+        ))
+        .await;
+    let hourly = t
+        .clickhouse(&format!(
+            "SELECT subject, hour, scope, model, sum(events), {sums} FROM `{db}`.usage_hourly FINAL \
+             GROUP BY subject, hour, scope, model ORDER BY subject, hour, scope, model"
+        ))
+        .await;
+    assert!(!raw_hourly.trim().is_empty(), "no history at all");
+    assert_eq!(hourly, raw_hourly, "hourly rollup differs from the raw rows");
+    let raw_daily = t
+        .clickhouse(&format!(
+            "SELECT subject, toStartOfDay(time) AS d, scope, model, count(), {sums} FROM `{db}`.usage_events FINAL \
+             GROUP BY subject, d, scope, model ORDER BY subject, d, scope, model"
+        ))
+        .await;
+    let daily = t
+        .clickhouse(&format!(
+            "SELECT subject, day, scope, model, sum(events), {sums} FROM `{db}`.usage_daily FINAL \
+             GROUP BY subject, day, scope, model ORDER BY subject, day, scope, model"
+        ))
+        .await;
+    assert_eq!(daily, raw_daily, "daily rollup differs from the raw rows");
+    // A rollup key holds exactly one row under FINAL.
+    let dup_keys = t
+        .clickhouse_i64(&format!(
+            "SELECT count() FROM (SELECT subject, hour, scope, model, count() AS n FROM `{db}`.usage_hourly FINAL \
+             GROUP BY subject, hour, scope, model HAVING n > 1)"
+        ))
+        .await;
+    assert_eq!(dup_keys, 0);
+}
+
+/// Ledger total of `metric` per subject (all scopes) vs the sum of the same metric in history.
+async fn assert_history_matches_ledger(t: &Tally, pool: &sqlx::PgPool) {
+    let ledger: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT subject, sum(used)::bigint FROM ledgers WHERE metric = 'total_tokens' AND scope = '*' GROUP BY subject ORDER BY subject",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("read ledgers");
+    assert!(!ledger.is_empty());
+    for (subject, used) in ledger {
+        let history = t
+            .clickhouse_i64(&format!(
+                "SELECT sum(input_tokens + output_tokens) FROM `{}`.usage_events FINAL WHERE subject = '{subject}'",
+                t.clickhouse_database()
+            ))
+            .await;
+        assert_eq!(history, used, "history vs ledger for {subject}");
+    }
+}
+
+fn month_name(t: DateTime<Utc>) -> String {
+    format!("{:04}-{:02}", t.year(), t.month())
+}
+
+fn reconcile(t: &Tally, period: &str) -> (i32, String) {
+    let out = t.command(&["reconcile", "--period", period]).output().expect("run tally reconcile");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_replayed_twice_leaves_no_duplicates_in_raw_rows_or_rollups() {
+    let mut t = Tally::start(Some(TIERS)).await;
+    let pool = t.pg().await;
+    t.spawn_history_writer(&[]);
+    let events = batch(&t, "r", 120, Utc::now());
+    post_all(&t, &events).await;
+    // The same batch again (a gateway retry), and one id again with another payload: the
+    // ledger counts the first, quarantines the conflict, and history must do the same.
+    post_all(&t, &events).await;
+    let mut conflict = events[0].clone();
+    conflict["input_tokens"] = json!(999_999);
+    post_all(&t, &[conflict]).await;
+    wait_converged(&t, &pool, 241).await;
+    assert_eq!(accepted_events(&pool).await, 120);
+    assert_history_exact(&t, 120).await;
+    assert_history_matches_ledger(&t, &pool).await;
+    let first = t.clickhouse_i64(&format!("SELECT input_tokens FROM `{}`.usage_events FINAL WHERE event_id = 'r-0-{}'", t.clickhouse_database(), t.id)).await;
+    assert_eq!(first, 10, "the conflicting payload reached history");
+
+    // Replay the whole topic into history: forget the writer's progress and start it again.
+    t.kill("history-writer");
+    sqlx::query("DELETE FROM history_offsets").execute(&pool).await.expect("reset history offsets");
+    let url = t.spawn_history_writer(&[]);
+    wait_converged(&t, &pool, 241).await;
+    let replayed = t.metric(&url, "tally_history_events_replayed_total").await;
+    assert!(replayed >= 120, "the writer did not replay the batch (replayed {replayed})");
+    assert_eq!(t.metric(&url, "tally_history_events_written_total").await, 0);
+    assert_history_exact(&t, 120).await;
+    assert_history_matches_ledger(&t, &pool).await;
+    let (code, out) = reconcile(&t, &month_name(Utc::now()));
+    assert_eq!(code, 0, "reconcile found drift:\n{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_writer_killed_mid_batch_and_restarted_converges_exactly() {
+    let mut t = Tally::start(Some(TIERS)).await;
+    let pool = t.pg().await;
+    let first = batch(&t, "k1", 150, Utc::now());
+    post_all(&t, &first).await;
+
+    // Crash right after the raw insert, before rollups and progress.
+    t.spawn_history_writer(&[("TALLY_HISTORY_FAILPOINT", "after-raw-insert".to_string())]);
+    let crashed = wait_for(Duration::from_secs(90), || async { t.clickhouse_i64(&format!("SELECT count() FROM `{}`.usage_events", t.clickhouse_database())).await > 0 }).await;
+    assert!(crashed, "the writer never inserted; logs in {}", t.log_dir().display());
+    assert!(wait_for(Duration::from_secs(30), || std::future::ready(t.running("history-writer") == 0)).await, "failpoint did not abort the writer");
+    assert_eq!(offsets_sum(&pool, "history_offsets", &t.history_group()).await, 0, "progress advanced before the rollups");
+    t.kill("history-writer");
+
+    // Crash after the rollups, before progress: the restarted writer replays the batch.
+    t.spawn_history_writer(&[("TALLY_HISTORY_FAILPOINT", "after-rollups".to_string())]);
+    assert!(wait_for(Duration::from_secs(90), || std::future::ready(t.running("history-writer") == 0)).await, "failpoint did not abort the writer");
+    t.kill("history-writer");
+
+    // A plain SIGKILL while events keep flowing, then a final restart.
+    t.spawn_history_writer(&[]);
+    let second = batch(&t, "k2", 300, Utc::now());
+    for chunk in second.chunks(50) {
+        post_all(&t, chunk).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    t.kill("history-writer");
+    t.spawn_history_writer(&[]);
+    wait_converged(&t, &pool, 450).await;
+    assert_eq!(accepted_events(&pool).await, 450);
+    assert_history_exact(&t, 450).await;
+    assert_history_matches_ledger(&t, &pool).await;
+}
+
+/// A TCP proxy in front of ClickHouse that the test can take down and bring back, so the
+/// writer sees ClickHouse stop and restart without the shared server being touched.
+struct Switch {
+    port: u16,
+    up: tokio::sync::watch::Sender<bool>,
+}
+
+impl Switch {
+    async fn start(upstream: String) -> Switch {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let (up, watch) = tokio::sync::watch::channel(true);
+        let upstream = Arc::new(upstream);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !*watch.borrow() {
+                    continue; // dropped: connection refused-like
+                }
+                let mut down = watch.clone();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream.as_str()).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = down.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Switch { port, up }
+    }
+    fn set(&self, up: bool) {
+        let _ = self.up.send(up);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clickhouse_outage_never_stalls_the_ledger_and_history_catches_up() {
+    let mut t = Tally::start(Some(TIERS)).await;
+    let pool = t.pg().await;
+    let upstream = t.servers.clickhouse.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let switch = Switch::start(upstream).await;
+    let url = t.spawn_history_writer(&[("TALLY_CLICKHOUSE_URL", format!("http://127.0.0.1:{}", switch.port))]);
+    let first = batch(&t, "o1", 60, Utc::now());
+    post_all(&t, &first).await;
+    wait_converged(&t, &pool, 60).await;
+
+    // ClickHouse goes away while events keep flowing: the ledger keeps counting.
+    switch.set(false);
+    let second = batch(&t, "o2", 200, Utc::now());
+    for chunk in second.chunks(40) {
+        post_all(&t, chunk).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ledger_done = wait_for(Duration::from_secs(60), || async { offsets_sum(&pool, "consumer_offsets", &t.group).await == 260 }).await;
+    assert!(ledger_done, "the ledger stalled while ClickHouse was down");
+    assert_eq!(accepted_events(&pool).await, 260);
+    let failing = wait_for(Duration::from_secs(30), || async { t.metric(&url, "tally_history_batch_failures_total").await > 0 }).await;
+    assert!(failing, "the writer never noticed the outage");
+    assert!(offsets_sum(&pool, "history_offsets", &t.history_group()).await < 260, "history advanced without ClickHouse");
+    let written_during = t.clickhouse_i64(&format!("SELECT count() FROM `{}`.usage_events FINAL", t.clickhouse_database())).await;
+    assert!(written_during < 260);
+
+    // ClickHouse is back: the same writer process catches up with nothing lost.
+    switch.set(true);
+    wait_converged(&t, &pool, 260).await;
+    assert_history_exact(&t, 260).await;
+    assert_history_matches_ledger(&t, &pool).await;
+    assert_eq!(t.running("history-writer"), 1, "the writer died during the outage");
+
+    // A writer started while ClickHouse is unreachable (a dead port) also recovers once
+    // pointed at a live server.
+    t.kill("history-writer");
+    let dead = free_port();
+    t.spawn_history_writer(&[("TALLY_CLICKHOUSE_URL", format!("http://127.0.0.1:{dead}"))]);
+    let third = batch(&t, "o3", 30, Utc::now());
+    post_all(&t, &third).await;
+    assert!(wait_for(Duration::from_secs(60), || async { offsets_sum(&pool, "consumer_offsets", &t.group).await == 290 }).await);
+    t.kill("history-writer");
+    t.spawn_history_writer(&[]);
+    wait_converged(&t, &pool, 290).await;
+    assert_history_exact(&t, 290).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reconciliation_finds_injected_drift() {
+    let mut t = Tally::start(Some(TIERS)).await;
+    let pool = t.pg().await;
+    t.spawn_history_writer(&[]);
+    let now = Utc::now();
+    let events = batch(&t, "d", 90, now);
+    post_all(&t, &events).await;
+    wait_converged(&t, &pool, 90).await;
+    let period = month_name(now - Span::minutes(1));
+    // Events up to 3 hours old may fall in the previous month right after a month starts.
+    let periods: Vec<String> = [now - Span::hours(3), now].iter().map(|t| month_name(*t)).collect();
+    for p in &periods {
+        let (code, out) = reconcile(&t, p);
+        assert_eq!(code, 0, "drift before any injection in {p}:\n{out}");
+    }
+    let (status, body) = t.get(&format!("{}/v1/reconcile?period={period}", t.api_url)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["ok"], true);
+
+    // Drift 1: a row in history that the ledger never counted.
+    let subject = format!("s0-{}", t.id);
+    t.clickhouse(&format!(
+        "INSERT INTO `{}`.usage_events (event_id, subject, time, scope, model, requests, input_tokens, output_tokens) \
+         VALUES ('intruder-{}', '{subject}', toDateTime({}, 'UTC'), 'chat', 'small', 1, 40, 2)",
+        t.clickhouse_database(),
+        t.id,
+        (now - Span::seconds(30)).timestamp()
+    ))
+    .await;
+    let (code, out) = reconcile(&t, &month_name(now - Span::seconds(30)));
+    assert_eq!(code, 2, "reconcile missed the extra history row:\n{out}");
+    assert!(out.contains(&format!("DRIFT ledger  subject={subject} quota=monthly_tokens metric=total_tokens")), "{out}");
+    assert!(out.contains("drift=+42"), "the drift size is wrong:\n{out}");
+    assert!(out.contains(&format!("DRIFT events  subject={subject}")) && out.contains("drift=+1"), "{out}");
+    let (status, body) = t.get(&format!("{}/v1/reconcile?period={}", t.api_url, month_name(now - Span::seconds(30)))).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["ok"], false);
+
+    // Drift 2: a ledger row changed behind history's back.
+    let other = format!("s1-{}", t.id);
+    sqlx::query("UPDATE ledgers SET used = used + 7 WHERE subject = $1 AND metric = 'requests'")
+        .bind(&other)
+        .execute(&pool)
+        .await
+        .expect("tamper with the ledger");
+    let mut found = false;
+    for p in &periods {
+        let (code, out) = reconcile(&t, p);
+        assert_ne!(code, 0);
+        found |= out.contains(&format!("subject={other} quota=monthly_requests metric=requests")) && out.contains("drift=-7");
+    }
+    assert!(found, "reconcile missed the ledger change");
+
+    let (status, body) = t.get(&format!("{}/v1/reconcile?period=2026-13", t.api_url)).await;
+    assert_eq!((status, body["field"].as_str()), (400, Some("period")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_closed_period_exports_totals_equal_to_the_ledger_and_late_usage_as_adjustments() {
+    // Events two months back: a lateness window of 400 days lets the ledger count them.
+    let mut t = Tally::prepare(Some(TIERS));
+    let late = [("TALLY_LATENESS_DAYS", "400".to_string())];
+    t.spawn("ingest");
+    t.spawn_env("aggregator", &late);
+    t.spawn("api");
+    t.wait_healthy().await;
+    let pool = t.pg().await;
+    t.spawn_history_writer(&[]);
+    let now = Utc::now();
+    let this_month = Utc.with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0).unwrap();
+    let two_back = this_month - Span::days(40);
+    let month = Utc.with_ymd_and_hms(two_back.year(), two_back.month(), 1, 0, 0, 0).unwrap();
+    let period = month_name(month);
+    let (alice, bob) = (format!("alice-{}", t.id), format!("bob-{}", t.id));
+    let mut events = Vec::new();
+    for i in 0..40i64 {
+        let who = if i % 4 == 0 { &bob } else { &alice };
+        let time = month + Span::hours(1 + i * 7);
+        events.push(event(&format!("b-{i}-{}", t.id), who, time, 1000 + i, 200 + i, if i % 3 == 0 { "big" } else { "small" }));
+    }
+    // One in the month before (must not be billed in this period).
+    events.push(event(&format!("b-prev-{}", t.id), &alice, month - Span::minutes(5), 5, 5, "small"));
+    post_all(&t, &events).await;
+    wait_converged(&t, &pool, 41).await;
+
+    // History API: a day series grouped by model over the month, and top subjects.
+    let from = month.to_rfc3339();
+    let to = (month + Span::days(28)).to_rfc3339();
+    let (status, body) = t
+        .get(&format!("{}/v1/history/series?metric=total_tokens&granularity=day&group_by=model&from={}&to={}", t.api_url, enc(&from), enc(&to)))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["source"], "daily");
+    let series_total: i64 = body["series"].as_array().unwrap().iter().map(|s| s["total"].as_i64().unwrap()).sum();
+    let sent_total: i64 = (0..40i64).filter(|i| month + Span::hours(1 + i * 7) < month + Span::days(28)).map(|i| 1200 + 2 * i).sum();
+    assert_eq!(series_total, sent_total);
+    assert_eq!(body["series"][0]["points"].as_array().unwrap().len(), 28);
+    let (status, body) = t.get(&format!("{}/v1/history/top?metric=requests&from={}&to={}&limit=1", t.api_url, enc(&from), enc(&to))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["subjects"].as_array().unwrap().len(), 1);
+    assert_eq!(body["subjects"][0]["subject"], alice.as_str());
+    let (status, body) = t.get(&format!("{}/v1/subjects/{alice}/history?from={}&to={}", t.api_url, enc(&to), enc(&from))).await;
+    assert_eq!((status, body["field"].as_str()), (400, Some("to")), "{body}");
+    let (status, body) = t.get(&format!("{}/v1/history/series?from=2026-01-01&to=2026-03-01&granularity=hour", t.api_url)).await;
+    assert_eq!((status, body["field"].as_str()), (400, Some("to")), "{body}");
+
+    // Export before closing is refused; closing works (grace 0), twice is refused.
+    let out = t.command(&["export", "--period", &period]).output().unwrap();
+    assert!(!out.status.success(), "exported an open period");
+    let out = t.command(&["close-period", "--period", &period, "--grace-hours", "0"]).output().unwrap();
+    assert!(out.status.success(), "close-period failed: {}", String::from_utf8_lossy(&out.stderr));
+    let again = t.command(&["close-period", "--period", &period, "--grace-hours", "0"]).output().unwrap();
+    assert!(!again.status.success());
+
+    let ledger = |subject: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, i64)>(
+                "SELECT metric, used FROM ledgers WHERE subject = $1 AND scope = '*' AND period = 'month' AND period_start = $2 ORDER BY metric",
+            )
+            .bind(subject)
+            .bind(month)
+            .fetch_all(&pool)
+            .await
+            .expect("read ledger")
+        }
+    };
+    let export = export_json(&t, &period);
+    assert_eq!(export["status"], "closed");
+    assert_eq!(export["ledger_mismatches"], json!([]));
+    for who in [&alice, &bob] {
+        let rows = ledger(who.clone()).await;
+        assert_eq!(rows.len(), 2, "ledger rows of {who}");
+        for (metric, used) in rows {
+            assert_eq!(export["totals"][who.as_str()][metric.as_str()].as_i64(), Some(used), "{who} {metric}");
+        }
+    }
+    // Prices: each priced line costs quantity × price / 1e6 (rounded).
+    for line in export["lines"].as_array().unwrap() {
+        if let Some(price) = line["unit_price_per_million"].as_i64() {
+            let q = line["quantity"].as_i64().unwrap() as i128 * price as i128;
+            let cost = line["cost_micros"].as_i64().unwrap() as i128;
+            assert!((cost * 1_000_000 - q).abs() <= 500_000, "mispriced line {line}");
+        }
+    }
+    let csv = String::from_utf8(t.command(&["export", "--period", &period, "--format", "csv"]).output().unwrap().stdout).unwrap();
+    let csv_input: i64 = csv
+        .lines()
+        .skip(1)
+        .filter(|l| l.split(',').nth(2) == Some(alice.as_str()) && matches!(l.split(',').nth(4), Some("input_tokens" | "output_tokens")))
+        .map(|l| l.split(',').nth(7).unwrap().parse::<i64>().unwrap())
+        .sum();
+    assert_eq!(Some(csv_input), export["totals"][alice.as_str()]["total_tokens"].as_i64());
+
+    // A late event for the closed month: the ledger counts it, the export shows it as an
+    // adjustment and its totals still equal the ledger.
+    post_all(&t, &[event(&format!("b-late-{}", t.id), &alice, month + Span::days(3), 70, 30, "small")]).await;
+    wait_converged(&t, &pool, 42).await;
+    let export = export_json(&t, &period);
+    assert_eq!(export["ledger_mismatches"], json!([]));
+    let adjustments: Vec<&Value> = export["lines"].as_array().unwrap().iter().filter(|l| l["kind"] == "adjustment").collect();
+    let adj_tokens: i64 = adjustments.iter().filter(|l| l["metric"] == "input_tokens" || l["metric"] == "output_tokens").map(|l| l["quantity"].as_i64().unwrap()).sum();
+    assert_eq!(adj_tokens, 100);
+    let rows = ledger(alice.clone()).await;
+    let used = rows.iter().find(|(m, _)| m == "total_tokens").map(|(_, u)| *u);
+    assert_eq!(export["totals"][alice.as_str()]["total_tokens"].as_i64(), used);
+    // Frozen lines cannot change.
+    let err = sqlx::query("UPDATE billing_lines SET quantity = 0").execute(&pool).await;
+    assert!(err.is_err(), "a closed period's lines were modified");
+}
+
+fn export_json(t: &Tally, period: &str) -> Value {
+    let out = t.command(&["export", "--period", period, "--format", "json"]).output().expect("run tally export");
+    assert!(out.status.success(), "export failed ({:?}): {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("export is JSON")
+}
+
+fn enc(s: &str) -> String {
+    s.replace('+', "%2B").replace(':', "%3A")
+}
