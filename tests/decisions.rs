@@ -1,0 +1,197 @@
+//! Decisions driven by usage, time and configuration: thresholds that fire once, an unblock
+//! at the next minute with no traffic, an override expiring on time, and a tier upgrade
+//! through `tally config apply` taking effect within a second.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use support::Tally;
+
+fn event(id: &str, subject: &str, tokens: i64) -> Value {
+    json!({"id": id, "subject": subject, "time": Utc::now().to_rfc3339(), "input_tokens": tokens})
+}
+
+fn time(v: &Value) -> DateTime<Utc> {
+    v.as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("not a time: {v}"))
+}
+
+async fn decision_where(t: &Tally, subject: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last = Value::Null;
+    while std::time::Instant::now() < deadline {
+        if let Some(d) = t.decision(subject).await {
+            if pred(&d) {
+                return d;
+            }
+            last = d;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no decision for {subject} matched; last: {last}; logs in {}", t.log_dir().display());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn thresholds_of_80_and_100_percent_fire_exactly_once_across_redeliveries() {
+    let tiers = "
+default_tier: basic
+timezone: UTC
+quotas:
+  - name: monthly_tokens
+    metric: total_tokens
+    period: month
+    limit: 1000
+    thresholds: [80, 100]
+tiers:
+  - name: basic
+    priority: 0
+    rate_multiplier: 1
+";
+    let mut t = Tally::start(Some(tiers)).await;
+    let s = "th";
+    let first = vec![event("a", s, 500), event("b", s, 350)];
+    assert_eq!(t.post_events(&Value::Array(first.clone())).await.0, 202);
+    decision_where(&t, s, Duration::from_secs(30), |d| d["quotas"][0]["used"] == 850).await;
+    // Redeliveries of what crossed 80%, then a restart, then the same again.
+    assert_eq!(t.post_events(&Value::Array(first.clone())).await.0, 202);
+    t.kill("aggregator");
+    t.spawn("aggregator");
+    assert_eq!(t.post_events(&Value::Array(first.clone())).await.0, 202);
+    assert_eq!(t.post_events(&event("c", s, 200)).await.0, 202);
+    decision_where(&t, s, Duration::from_secs(60), |d| d["quotas"][0]["used"] == 1050).await;
+    assert_eq!(t.post_events(&event("c", s, 200)).await.0, 202);
+    assert_eq!(t.post_events(&event("d", s, 1)).await.0, 202);
+    decision_where(&t, s, Duration::from_secs(30), |d| d["quotas"][0]["used"] == 1051).await;
+
+    let snapshots = t.read_topic(&t.topic("decisions")).await;
+    // The relay may publish a snapshot more than once; consumers keep one per version.
+    let by_version: BTreeMap<i64, &Value> =
+        snapshots.iter().filter(|(k, _)| k == s).map(|(_, v)| (v["version"].as_i64().unwrap(), v)).collect();
+    let fired = |threshold: u64| {
+        by_version
+            .values()
+            .filter(|v| v["quotas"][0]["fired"].as_array().is_some_and(|f| f.iter().any(|x| x.as_u64() == Some(threshold))))
+            .count()
+    };
+    assert_eq!(fired(80), 1, "80% fired {} times: {by_version:?}", fired(80));
+    assert_eq!(fired(100), 1, "100% fired {} times: {by_version:?}", fired(100));
+    let pool = t.pg().await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM thresholds_fired").fetch_one(&pool).await.unwrap();
+    assert_eq!(rows, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_minute_window_unblocks_at_the_next_minute_with_no_traffic() {
+    let tiers = "
+default_tier: basic
+timezone: UTC
+quotas:
+  - name: rpm
+    metric: requests
+    rate: 3/m
+tiers:
+  - name: basic
+    priority: 0
+    rate_multiplier: 1
+";
+    let t = Tally::start(Some(tiers)).await;
+    let s = "minute";
+    let batch: Vec<Value> = (0..3).map(|i| event(&format!("m{i}"), s, 1)).collect();
+    assert_eq!(t.post_events(&Value::Array(batch)).await.0, 202);
+    let blocked = decision_where(&t, s, Duration::from_secs(30), |d| d["allowed"] == false).await;
+    let resets_at = time(&blocked["quotas"][0]["resets_at"]);
+    assert_eq!(resets_at.timestamp() % 60, 0, "a minute window ends on a minute: {resets_at}");
+    let unblocked = decision_where(&t, s, Duration::from_secs(75), |d| d["allowed"] == true).await;
+    let at = time(&unblocked["calculated_at"]);
+    assert!(at >= resets_at, "unblocked at {at}, before the window ended at {resets_at}");
+    assert!(at - resets_at <= chrono::Duration::seconds(1), "unblocked at {at}, more than a second after {resets_at}");
+    assert_eq!(unblocked["quotas"][0]["used"], 0);
+    assert!(unblocked["version"].as_i64() > blocked["version"].as_i64());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_override_expiring_blocks_again_on_time() {
+    let expires_at = (Utc::now() + chrono::Duration::seconds(8)).format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let tiers = format!(
+        "
+default_tier: basic
+timezone: UTC
+quotas:
+  - name: monthly_tokens
+    metric: total_tokens
+    period: month
+    limit: 100
+tiers:
+  - name: basic
+    priority: 0
+    rate_multiplier: 1
+overrides:
+  - subject: lucky
+    quota: monthly_tokens
+    limit: 1000
+    expires_at: {expires_at}
+    reason: launch week
+    created_by: ops@example.com
+"
+    );
+    let t = Tally::start(Some(&tiers)).await;
+    assert_eq!(t.post_events(&event("o1", "lucky", 300)).await.0, 202);
+    let allowed = decision_where(&t, "lucky", Duration::from_secs(30), |d| d["quotas"][0]["used"] == 300).await;
+    assert_eq!(allowed["allowed"], true, "{allowed}");
+    assert_eq!(allowed["quotas"][0]["limit"], 1000);
+    let blocked = decision_where(&t, "lucky", Duration::from_secs(30), |d| d["allowed"] == false).await;
+    let at = time(&blocked["calculated_at"]);
+    let expiry: DateTime<Utc> = expires_at.parse().unwrap();
+    assert!(at >= expiry && at - expiry <= chrono::Duration::seconds(1), "blocked at {at}; the override expired at {expiry}");
+    assert_eq!(blocked["quotas"][0]["limit"], 100);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tier_upgrade_through_config_apply_unblocks_within_a_second() {
+    let base = "
+default_tier: free
+timezone: UTC
+quotas:
+  - name: monthly_tokens
+    metric: total_tokens
+    period: month
+    limit: 100
+tiers:
+  - name: free
+    priority: 0
+    rate_multiplier: 1
+  - name: pro
+    priority: 10
+    rate_multiplier: 100
+";
+    let t = Tally::start(Some(base)).await;
+    assert_eq!(t.post_events(&event("u1", "upgrader", 150)).await.0, 202);
+    decision_where(&t, "upgrader", Duration::from_secs(30), |d| d["allowed"] == false).await;
+
+    let upgraded = t.log_dir().join("upgraded.yaml");
+    std::fs::write(&upgraded, format!("{base}\nassignments:\n  - subject: upgrader\n    tier: pro\n")).unwrap();
+    let out = t.command(&["config", "apply", upgraded.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "config apply failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("is in force"));
+
+    let d = decision_where(&t, "upgrader", Duration::from_secs(10), |d| d["allowed"] == true).await;
+    assert_eq!(d["tier"], "pro");
+    assert_eq!(d["quotas"][0]["limit"], 10000);
+    let pool = t.pg().await;
+    let applied_at: DateTime<Utc> =
+        sqlx::query_scalar("SELECT applied_at FROM config_versions ORDER BY version DESC LIMIT 1").fetch_one(&pool).await.unwrap();
+    let at = time(&d["calculated_at"]);
+    assert!(at - applied_at <= chrono::Duration::seconds(1), "applied at {applied_at}, unblocked at {at}");
+
+    // An invalid file changes nothing and names the problem.
+    let bad = t.log_dir().join("bad.yaml");
+    std::fs::write(&bad, base.replace("rate_multiplier: 100", "rate_multiplier: -1")).unwrap();
+    let out = t.command(&["config", "apply", bad.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rate_multiplier"), "{}", String::from_utf8_lossy(&out.stderr));
+    let versions: i64 = sqlx::query_scalar("SELECT count(*) FROM config_versions").fetch_one(&pool).await.unwrap();
+    assert_eq!(versions, 2, "the invalid file must not be stored");
+}
