@@ -4,12 +4,11 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, Duration as Span, TimeZone, Utc};
 use serde_json::{json, Value};
-use support::{free_port, wait_for, Tally};
+use support::{free_port, wait_for, Tally, TcpSwitch};
 
 const TIERS: &str = "
 default_tier: basic
@@ -224,48 +223,12 @@ async fn a_writer_killed_mid_batch_and_restarted_converges_exactly() {
     assert_history_matches_ledger(&t, &pool).await;
 }
 
-/// A TCP proxy in front of ClickHouse that the test can take down and bring back, so the
-/// writer sees ClickHouse stop and restart without the shared server being touched.
-struct Switch {
-    port: u16,
-    up: tokio::sync::watch::Sender<bool>,
-}
-
-impl Switch {
-    async fn start(upstream: String) -> Switch {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let port = listener.local_addr().expect("proxy address").port();
-        let (up, watch) = tokio::sync::watch::channel(true);
-        let upstream = Arc::new(upstream);
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if !*watch.borrow() {
-                    continue; // dropped: connection refused-like
-                }
-                let mut down = watch.clone();
-                let upstream = upstream.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream.as_str()).await else { return };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = down.wait_for(|up| !*up) => {}
-                    }
-                });
-            }
-        });
-        Switch { port, up }
-    }
-    fn set(&self, up: bool) {
-        let _ = self.up.send(up);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn clickhouse_outage_never_stalls_the_ledger_and_history_catches_up() {
     let mut t = Tally::start(Some(TIERS)).await;
     let pool = t.pg().await;
     let upstream = t.servers.clickhouse.trim_start_matches("http://").trim_end_matches('/').to_string();
-    let switch = Switch::start(upstream).await;
+    let switch = TcpSwitch::start(upstream).await;
     let url = t.spawn_history_writer(&[("TALLY_CLICKHOUSE_URL", format!("http://127.0.0.1:{}", switch.port))]);
     let first = batch(&t, "o1", 60, Utc::now());
     post_all(&t, &first).await;

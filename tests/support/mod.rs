@@ -190,6 +190,24 @@ impl Tally {
         }
     }
 
+    /// Sends SIGTERM to one process and waits up to `timeout` for it to exit; returns its
+    /// exit status, or `None` if it is still running (it is then left to the caller).
+    pub async fn terminate(&mut self, pid: u32, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let sent = Command::new("kill").args(["-TERM", &pid.to_string()]).status().map(|s| s.success()).unwrap_or(false);
+        assert!(sent, "could not send SIGTERM to {pid}");
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(i) = self.children.iter().position(|(_, c)| c.id() == pid) {
+                if let Ok(Some(status)) = self.children[i].1.try_wait() {
+                    self.children.remove(i);
+                    return Some(status);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
     /// A connection pool on this test's Postgres database.
     pub async fn pg(&self) -> sqlx::PgPool {
         sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&self.database_url).await.expect("connect to the test database")
@@ -367,8 +385,7 @@ impl Tally {
 
     /// Starts `tally <service>` with extra environment variables (applied last).
     pub fn spawn_env(&mut self, service: &str, env: &[(&str, String)]) {
-        let n = std::fs::read_dir(&self.log_dir).map(|d| d.count()).unwrap_or(0);
-        let log = std::fs::File::create(self.log_dir.join(format!("{n:02}-{service}.log"))).expect("create log");
+        let log = self.new_log(service);
         let mut cmd = self.command(&[service]);
         for (k, v) in env {
             cmd.env(k, v);
@@ -414,4 +431,61 @@ impl Tally {
         let body = self.clickhouse(sql).await;
         body.trim().parse().unwrap_or_else(|_| panic!("not a number from {sql}: {body:?}"))
     }
+}
+
+/// A TCP proxy in front of a server that a test can take down and bring back, so a service
+/// sees its dependency stop and restart without the shared server being touched. Taking it
+/// down cuts open connections and refuses new ones.
+pub struct TcpSwitch {
+    pub port: u16,
+    up: tokio::sync::watch::Sender<bool>,
+}
+
+impl TcpSwitch {
+    /// Starts a proxy to `upstream` (`host:port`).
+    pub async fn start(upstream: String) -> TcpSwitch {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let (up, watch) = tokio::sync::watch::channel(true);
+        let upstream = std::sync::Arc::new(upstream);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !*watch.borrow() {
+                    continue; // dropped: connection refused-like
+                }
+                let mut down = watch.clone();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream.as_str()).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = down.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        TcpSwitch { port, up }
+    }
+
+    pub fn set(&self, up: bool) {
+        let _ = self.up.send(up);
+    }
+}
+
+/// `url` with its `host:port` replaced by `127.0.0.1:port`.
+pub fn via_port(url: &str, port: u16) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL with a scheme");
+    let (userinfo, hostpart) = match rest.split_once('@') {
+        Some((u, h)) => (format!("{u}@"), h),
+        None => (String::new(), rest),
+    };
+    let path = hostpart.find('/').map(|i| &hostpart[i..]).unwrap_or("");
+    format!("{scheme}://{userinfo}127.0.0.1:{port}{path}")
+}
+
+/// The `host:port` of a URL.
+pub fn authority(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    host.split('/').next().unwrap_or(host).to_string()
 }
