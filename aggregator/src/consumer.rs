@@ -139,6 +139,7 @@ pub async fn run(
         owner: format!("aggregator-{}", uuid::Uuid::new_v4()),
         decisions_topic: kafka.decisions_topic.clone(),
         quarantine_topic: kafka.quarantine_topic.clone(),
+        policies: Default::default(),
     };
     let metrics = Arc::new(Metrics::new());
     let (relay_wake, relay_stop) = (Arc::new(Notify::new()), Arc::new(Notify::new()));

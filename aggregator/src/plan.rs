@@ -7,6 +7,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
 use tally_domain::decision::{quota_state, DecisionSnapshot, QuotaDecision};
 use tally_domain::event::{parse_event, timeliness, Timeliness, UsageEvent};
+use tally_domain::period::{PeriodSpec, Window};
 
 use crate::policy::{Policy, Quota};
 
@@ -89,12 +90,6 @@ pub fn parse_batch(deliveries: &[Delivery], now: DateTime<Utc>, lateness: Durati
                 continue;
             }
         }
-        if event.corrects.is_some() {
-            // Corrections are applied by the correction path (issue 4); until then they are
-            // refused visibly rather than counted as usage.
-            parsed.quarantined.push(Quarantined::new("corrections are not supported by this version", Some(event.id), d));
-            continue;
-        }
         let fingerprint = event.fingerprint();
         match seen.get(&event.id) {
             Some(fp) if *fp == fingerprint => parsed.duplicates += 1,
@@ -138,6 +133,27 @@ pub fn scope_key(scope: Option<&str>) -> String {
     scope.unwrap_or("*").to_string()
 }
 
+/// The ledger row an event at `at` counts in for `quota`: the period containing it, or for a
+/// rolling window the one-second bucket containing it (a rolling quota's usage is the sum of
+/// the buckets inside the window, so usage leaves the window to the second).
+pub fn ledger_window(quota: &Quota, at: DateTime<Utc>, tz: chrono_tz::Tz) -> Window {
+    match quota.period {
+        PeriodSpec::Rolling { .. } => {
+            let start = DateTime::from_timestamp(at.timestamp(), 0).unwrap_or(at);
+            Window { start, end: start + Duration::seconds(1) }
+        }
+        _ => quota.window(at, tz),
+    }
+}
+
+/// For a rolling quota, the number of days of its window.
+pub fn rolling_days(quota: &Quota) -> Option<u32> {
+    match quota.period {
+        PeriodSpec::Rolling { days } => Some(days),
+        _ => None,
+    }
+}
+
 /// Sums, per ledger row, what the new events add. Each event counts in every quota of its
 /// subject's effective tier (at the event's time) whose scope matches, in the period that
 /// contains the event time.
@@ -147,7 +163,7 @@ pub fn ledger_deltas(events: &[&UsageEvent], policy: &Policy) -> BTreeMap<Ledger
         let resolved = policy.resolve(&event.subject, event.api_key_sha256.as_deref(), &event.scope, event.time);
         let amounts = event.amounts();
         for quota in resolved.quotas.iter().filter(|q| q.counts_scope(&event.scope)) {
-            let window = quota.window(event.time, resolved.timezone);
+            let window = ledger_window(quota, event.time, resolved.timezone);
             let key = LedgerKey {
                 subject: event.subject.clone(),
                 metric: quota.metric.as_str().to_string(),
@@ -168,6 +184,8 @@ pub fn ledger_deltas(events: &[&UsageEvent], policy: &Policy) -> BTreeMap<Ledger
 }
 
 /// The ledger rows a subject's decision at `now` reads: the current window of each quota.
+/// For a rolling quota the key stands for every bucket after its `period_start` (the window
+/// start) and the reset instant is filled in from the buckets by the caller.
 pub fn current_keys(subject: &str, quotas: &[Quota], tz: chrono_tz::Tz, now: DateTime<Utc>) -> Vec<(LedgerKey, DateTime<Utc>)> {
     quotas
         .iter()
@@ -252,6 +270,23 @@ mod tests {
 
     fn now() -> DateTime<Utc> {
         "2026-11-22T12:00:00Z".parse().unwrap()
+    }
+
+    #[test]
+    fn a_rolling_quota_counts_in_one_second_buckets() {
+        let policy = Policy::from_yaml(
+            "default_tier: t\ntimezone: UTC\nquotas:\n  - {name: week, metric: output_tokens, period: rolling 7d, limit: 10}\ntiers:\n  - {name: t, priority: 0, rate_multiplier: 1}\n",
+            "test",
+        )
+        .unwrap();
+        let at: DateTime<Utc> = "2026-11-22T11:59:58.700Z".parse().unwrap();
+        let e = tally_domain::event::event_from_value(json!({"id": "a", "subject": "s", "time": at.to_rfc3339(), "output_tokens": 4})).unwrap();
+        let deltas = ledger_deltas(&[&e, &e], &policy);
+        assert_eq!(deltas.len(), 1);
+        let (key, delta) = deltas.iter().next().unwrap();
+        assert_eq!(key.period_start, "2026-11-22T11:59:58Z".parse::<DateTime<Utc>>().unwrap());
+        assert_eq!(key.period, "rolling 7d");
+        assert_eq!((delta.used, delta.period_end - key.period_start), (8, Duration::seconds(1)));
     }
 
     #[test]

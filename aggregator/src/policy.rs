@@ -6,12 +6,10 @@
 //! batch and every scheduler pass first checks, inside its transaction, that it decides with
 //! the version in force ([`PolicyHandle::sync`]), so a change applies from the next batch on.
 //!
-//! Rolling-window quotas need per-event history rather than one ledger row per period; the
-//! ledger path does not count them yet and leaves them out of decisions, rather than
-//! counting them wrongly.
 
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -19,7 +17,6 @@ use chrono_tz::Tz;
 use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, PgPool};
 use tally_domain::config::Config;
-use tally_domain::period::PeriodSpec;
 use tally_domain::precedence::{next_change_after, resolve, SubjectFacts};
 
 pub use tally_domain::tier::EffectiveQuota as Quota;
@@ -59,8 +56,7 @@ impl Policy {
     pub fn resolve(&self, subject: &str, api_key_sha256: Option<&str>, scope: &str, at: DateTime<Utc>) -> Resolved {
         let facts = SubjectFacts { subject, groups: &[], api_key_sha256, scope };
         let r = resolve(&self.config, &facts, at);
-        let quotas = r.quotas.into_iter().filter(|q| !matches!(q.period, PeriodSpec::Rolling { .. })).collect();
-        Resolved { tier: r.tier, timezone: r.timezone, quotas }
+        Resolved { tier: r.tier, timezone: r.timezone, quotas: r.quotas }
     }
 
     /// The next instant after `at` at which the subject's resolution may change by itself
@@ -117,6 +113,42 @@ impl PolicyHandle {
     }
 }
 
+/// Earlier configuration versions, loaded on demand: a correction reverts an event with
+/// the version it was counted under, so it touches exactly the ledger rows the event did.
+#[derive(Clone, Default)]
+pub struct PolicyHistory {
+    cache: Arc<Mutex<HashMap<i64, Arc<Policy>>>>,
+}
+
+impl PolicyHistory {
+    /// The policy of `version` (0: the built-in default); `current` when it is that version.
+    pub async fn version(&self, conn: &mut PgConnection, version: i64, current: &Policy) -> anyhow::Result<Arc<Policy>> {
+        if version == current.version {
+            return Ok(Arc::new(current.clone()));
+        }
+        if let Some(p) = self.cache.lock().ok().and_then(|c| c.get(&version).cloned()) {
+            return Ok(p);
+        }
+        let policy = if version == 0 {
+            Policy::builtin()
+        } else {
+            let document: String = sqlx::query_scalar("SELECT document FROM config_versions WHERE version = $1")
+                .bind(version)
+                .fetch_one(&mut *conn)
+                .await
+                .with_context(|| format!("configuration version {version} is missing"))?;
+            let mut p = Policy::from_yaml(&document, &format!("(config version {version})"))?;
+            p.version = version;
+            p
+        };
+        let policy = Arc::new(policy);
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.insert(version, policy.clone());
+        }
+        Ok(policy)
+    }
+}
+
 /// What `apply` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
@@ -161,6 +193,7 @@ pub async fn apply_file(pool: &PgPool, path: &Path) -> anyhow::Result<Applied> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tally_domain::period::PeriodSpec;
 
     #[test]
     fn builtin_default_has_a_monthly_token_quota() {
@@ -178,6 +211,6 @@ mod tests {
         let policy = Policy::from_yaml(include_str!("../../examples/tiers.yaml"), "examples/tiers.yaml").unwrap();
         let r = policy.resolve("bob", None, "", "2026-11-22T10:00:00Z".parse().unwrap());
         assert_eq!(r.tier, "enterprise");
-        assert!(r.quotas.iter().all(|q| !matches!(q.period, PeriodSpec::Rolling { .. })));
+        assert!(r.quotas.iter().any(|q| matches!(q.period, PeriodSpec::Rolling { .. })));
     }
 }

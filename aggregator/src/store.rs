@@ -71,6 +71,8 @@ pub struct Store {
     pub owner: String,
     pub decisions_topic: String,
     pub quarantine_topic: String,
+    /// Earlier configuration versions, for corrections of events counted under them.
+    pub policies: crate::policy::PolicyHistory,
 }
 
 impl Store {
@@ -105,7 +107,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let policy = &*policy.sync(&mut tx).await?;
         let Parsed { candidates, mut quarantined, duplicates } = parsed;
-        let (fresh, seen_before) = record_event_ids(&mut tx, &candidates).await?;
+        let (fresh, seen_before) = record_event_ids(&mut tx, &candidates, policy.version).await?;
         let mut outcome = Outcome { duplicates, ..Outcome::default() };
         for c in candidates.iter().filter(|c| !fresh.contains(&c.event.id)) {
             match seen_before.get(&c.event.id) {
@@ -113,10 +115,16 @@ impl Store {
                 _ => quarantined.push(plan::conflict(&c.event.id, &c.delivery)),
             }
         }
-        let counted: Vec<&UsageEvent> = candidates.iter().filter(|c| fresh.contains(&c.event.id)).map(|c| &c.event).collect();
-        outcome.counted = counted.len();
-        apply_ledger_deltas(&mut tx, &plan::ledger_deltas(&counted, policy)).await?;
-        let (snapshots, deferred) = self.publish_decisions(&mut tx, &subjects_of(&counted), policy, now, refresh).await?;
+        let new: Vec<&Candidate> = candidates.iter().filter(|c| fresh.contains(&c.event.id)).collect();
+        let (corrections, counted): (Vec<&Candidate>, Vec<&Candidate>) = new.into_iter().partition(|c| c.event.corrects.is_some());
+        let counted: Vec<&UsageEvent> = counted.into_iter().map(|c| &c.event).collect();
+        let mut deltas = plan::ledger_deltas(&counted, policy);
+        let reverted = self.revert(&mut tx, &corrections, policy, &mut deltas, &mut quarantined).await?;
+        outcome.counted = counted.len() + reverted.len();
+        apply_ledger_deltas(&mut tx, &deltas).await?;
+        let mut touched = subjects_of(&counted);
+        touched.extend(reverted.iter().map(|e| (e.subject.clone(), e.api_key_sha256.clone())));
+        let (snapshots, deferred) = self.publish_decisions(&mut tx, &touched, policy, now, refresh).await?;
         outcome.snapshots = snapshots;
         outcome.deferred = deferred;
         outcome.quarantined = quarantined.len();
@@ -124,6 +132,62 @@ impl Store {
         self.advance_offsets(&mut tx, ranges).await?;
         tx.commit().await?;
         Ok(outcome)
+    }
+
+    /// Applies fresh correction events: each reverts, once, exactly what the event it names
+    /// added (the same ledger rows, from the configuration version it was counted under).
+    /// A correction of an unknown, already corrected or foreign event is quarantined and its
+    /// dedupe record removed, so `processed_events` holds only what was counted. Returns the
+    /// reverted events (with negated amounts).
+    async fn revert(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        corrections: &[&Candidate],
+        policy: &Policy,
+        deltas: &mut BTreeMap<LedgerKey, LedgerDelta>,
+        quarantined: &mut Vec<Quarantined>,
+    ) -> Result<Vec<UsageEvent>, StoreError> {
+        if corrections.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<&str> = corrections.iter().map(|c| c.event.id.as_str()).collect();
+        let targets: Vec<&str> = corrections.iter().map(|c| c.event.corrects.as_deref().unwrap_or_default()).collect();
+        let subjects: Vec<&str> = corrections.iter().map(|c| c.event.subject.as_str()).collect();
+        let rows: Vec<RevertedRow> = sqlx::query_as(
+            "UPDATE processed_events t SET corrected_by = c.id
+             FROM UNNEST($1::text[], $2::text[], $3::text[]) AS c(id, target, subject)
+             WHERE t.event_id = c.target AND t.subject = c.subject AND t.corrected_by IS NULL AND t.corrects IS NULL
+               AND t.requests IS NOT NULL
+             RETURNING c.id, t.event_id, t.subject, t.event_time, t.scope, t.api_key_sha256, t.requests, t.input_tokens,
+                       t.output_tokens, t.cached_tokens, t.cost_micros, t.config_version",
+        )
+        .bind(&ids)
+        .bind(&targets)
+        .bind(&subjects)
+        .fetch_all(&mut **tx)
+        .await?;
+        let applied: HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        let refused: Vec<&str> = ids.iter().copied().filter(|id| !applied.contains(id)).collect();
+        for c in corrections.iter().filter(|c| refused.contains(&c.event.id.as_str())) {
+            let target = c.event.corrects.as_deref().unwrap_or_default();
+            let reason = format!("correction: event {target:?} of subject {:?} was never counted, or is already corrected", c.event.subject);
+            quarantined.push(Quarantined::new(reason, Some(c.event.id.clone()), &c.delivery));
+        }
+        if !refused.is_empty() {
+            sqlx::query("DELETE FROM processed_events WHERE event_id = ANY($1)").bind(&refused).execute(&mut **tx).await?;
+        }
+        let mut reverted = Vec::with_capacity(rows.len());
+        for row in rows {
+            let version = row.11.unwrap_or(0);
+            let counted_under = self.policies.version(&mut **tx, version, policy).await?;
+            let event = row.into_negated_event();
+            for (key, delta) in plan::ledger_deltas(&[&event], &counted_under) {
+                let entry = deltas.entry(key).or_insert(LedgerDelta { used: 0, ..delta.clone() });
+                entry.used += delta.used;
+            }
+            reverted.push(event);
+        }
+        Ok(reverted)
     }
 
     async fn advance_offsets(&self, tx: &mut Transaction<'_, Postgres>, ranges: &[Range]) -> Result<(), StoreError> {
@@ -187,7 +251,9 @@ impl Store {
             })
             .collect();
         let all_keys: Vec<&LedgerKey> = plans.iter().flat_map(|(_, _, _, keys)| keys.iter().map(|(k, _)| k)).collect();
-        let used = read_used(tx, &all_keys).await?;
+        let mut used = read_used(tx, &all_keys).await?;
+        let mut plans = plans;
+        self.decide_rolling(tx, &mut plans, &mut used, now).await?;
         let mut decided: Vec<_> = plans
             .iter()
             .map(|(subject, key, resolved, keys)| (*subject, key, resolved, keys, plan::decide(&resolved.quotas, keys, &used)))
@@ -222,6 +288,39 @@ impl Store {
         let payloads: Vec<Vec<u8>> = snapshots.iter().map(|s| serde_json::to_vec(s).unwrap_or_default()).collect();
         enqueue(tx, &self.decisions_topic, &keys, &payloads).await?;
         Ok((snapshots.len(), deferred))
+    }
+
+    /// Fills in the usage and reset instant of every rolling-window quota of `plans`: usage is
+    /// the sum of the one-second buckets inside the window; a breached quota resets at the
+    /// instant enough of the usage that breached it has left the window, any other at the
+    /// instant its oldest usage leaves.
+    async fn decide_rolling(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        plans: &mut [(&String, Option<String>, crate::policy::Resolved, Vec<(LedgerKey, DateTime<Utc>)>)],
+        used: &mut HashMap<LedgerKey, i64>,
+        now: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        let rolling: Vec<&LedgerKey> = plans
+            .iter()
+            .flat_map(|(_, _, r, keys)| r.quotas.iter().zip(keys.iter()).filter(|(q, _)| plan::rolling_days(q).is_some()).map(|(_, (k, _))| k))
+            .collect();
+        if rolling.is_empty() {
+            return Ok(());
+        }
+        let buckets = read_rolling_buckets(tx, &rolling).await?;
+        for (_, _, resolved, keys) in plans.iter_mut() {
+            for (q, (key, resets_at)) in resolved.quotas.iter().zip(keys.iter_mut()) {
+                let Some(days) = plan::rolling_days(q) else { continue };
+                let usage = buckets.get(key).map(Vec::as_slice).unwrap_or_default();
+                let total: i64 = usage.iter().map(|(_, n)| n).sum();
+                used.insert(key.clone(), total);
+                *resets_at = tally_domain::period::rolling_unblock_at(usage, q.limit, q.burst, days, now)
+                    .or_else(|| usage.iter().map(|(t, _)| *t).min().map(|t| t + Duration::days(days as i64)))
+                    .unwrap_or(now + Duration::days(days as i64));
+            }
+        }
+        Ok(())
     }
 
     /// Publishes the snapshots that [`Outcome::deferred`] held back, in a transaction of its
@@ -265,6 +364,45 @@ impl Store {
     }
 }
 
+/// A reverted event as read back from `processed_events`, the correction's id first.
+#[derive(sqlx::FromRow)]
+struct RevertedRow(
+    String,
+    String,
+    String,
+    DateTime<Utc>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+);
+
+impl RevertedRow {
+    /// The reverted event with every amount negated: its ledger deltas undo the original's.
+    fn into_negated_event(self) -> UsageEvent {
+        let RevertedRow(_, id, subject, time, scope, api_key_sha256, requests, input, output, cached, cost, _) = self;
+        UsageEvent {
+            id,
+            subject,
+            time,
+            api_key_sha256,
+            scope: scope.unwrap_or_default(),
+            model: None,
+            requests: -requests.unwrap_or(0),
+            input_tokens: -input.unwrap_or(0),
+            output_tokens: -output.unwrap_or(0),
+            cached_tokens: -cached.unwrap_or(0),
+            cost_micros: Some(-cost.unwrap_or(0)),
+            attributes: Default::default(),
+            corrects: None,
+        }
+    }
+}
+
 /// Arbitrary constant naming the scheduler's advisory lock.
 const SCHEDULER_LOCK: i64 = 0x7a11_5c4e;
 
@@ -284,6 +422,10 @@ async fn fire_thresholds(
     let mut cols: (Vec<String>, Vec<String>, Vec<DateTime<Utc>>, Vec<i32>) = Default::default();
     for (subject, resolved, keys, quotas) in decided.iter() {
         for ((q, line), (key, _)) in resolved.quotas.iter().zip(quotas.iter()).zip(keys.iter()) {
+            // A rolling window has no fixed period for a threshold to fire once in.
+            if plan::rolling_days(q).is_some() {
+                continue;
+            }
             for t in thresholds_reached(line.used, q.limit, &q.thresholds) {
                 cols.0.push(subject.to_string());
                 cols.1.push(q.name.clone());
@@ -333,6 +475,7 @@ fn subjects_of(events: &[&UsageEvent]) -> Subjects {
 async fn record_event_ids(
     tx: &mut Transaction<'_, Postgres>,
     candidates: &[Candidate],
+    config_version: i64,
 ) -> Result<(HashSet<String>, HashMap<String, String>), sqlx::Error> {
     if candidates.is_empty() {
         return Ok((HashSet::new(), HashMap::new()));
@@ -341,15 +484,35 @@ async fn record_event_ids(
     let fingerprints: Vec<&str> = candidates.iter().map(|c| c.fingerprint.as_str()).collect();
     let subjects: Vec<&str> = candidates.iter().map(|c| c.event.subject.as_str()).collect();
     let times: Vec<DateTime<Utc>> = candidates.iter().map(|c| c.event.time).collect();
+    let scopes: Vec<&str> = candidates.iter().map(|c| c.event.scope.as_str()).collect();
+    let keys: Vec<Option<&str>> = candidates.iter().map(|c| c.event.api_key_sha256.as_deref()).collect();
+    let amounts: Vec<_> = candidates.iter().map(|c| c.event.amounts()).collect();
+    let requests: Vec<i64> = amounts.iter().map(|a| a.requests).collect();
+    let input: Vec<i64> = amounts.iter().map(|a| a.input_tokens).collect();
+    let output: Vec<i64> = amounts.iter().map(|a| a.output_tokens).collect();
+    let cached: Vec<i64> = amounts.iter().map(|a| a.cached_tokens).collect();
+    let cost: Vec<i64> = amounts.iter().map(|a| a.cost_micros).collect();
+    let corrects: Vec<Option<&str>> = candidates.iter().map(|c| c.event.corrects.as_deref()).collect();
     let fresh: Vec<String> = sqlx::query_scalar(
-        "INSERT INTO processed_events (event_id, fingerprint, subject, event_time)
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[])
+        "INSERT INTO processed_events (event_id, fingerprint, subject, event_time, scope, api_key_sha256, requests,
+                                       input_tokens, output_tokens, cached_tokens, cost_micros, corrects, config_version)
+         SELECT *, $13::bigint FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[],
+                              $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::text[])
          ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
     )
     .bind(&ids)
     .bind(&fingerprints)
     .bind(&subjects)
     .bind(&times)
+    .bind(&scopes)
+    .bind(&keys)
+    .bind(&requests)
+    .bind(&input)
+    .bind(&output)
+    .bind(&cached)
+    .bind(&cost)
+    .bind(&corrects)
+    .bind(config_version)
     .fetch_all(&mut **tx)
     .await?;
     let fresh: HashSet<String> = fresh.into_iter().collect();
@@ -434,6 +597,37 @@ async fn read_used(tx: &mut Transaction<'_, Postgres>, keys: &[&LedgerKey]) -> R
         .into_iter()
         .map(|(subject, metric, scope, period, period_start, used)| (LedgerKey { subject, metric, scope, period, period_start }, used))
         .collect())
+}
+
+/// The one-second buckets of each rolling key: every row of its subject, metric, scope and
+/// period that starts after the key's `period_start` (the window start).
+async fn read_rolling_buckets(
+    tx: &mut Transaction<'_, Postgres>,
+    keys: &[&LedgerKey],
+) -> Result<HashMap<LedgerKey, Vec<(DateTime<Utc>, i64)>>, sqlx::Error> {
+    let subjects: Vec<&str> = keys.iter().map(|k| k.subject.as_str()).collect();
+    let metrics: Vec<&str> = keys.iter().map(|k| k.metric.as_str()).collect();
+    let scopes: Vec<&str> = keys.iter().map(|k| k.scope.as_str()).collect();
+    let periods: Vec<&str> = keys.iter().map(|k| k.period.as_str()).collect();
+    let since: Vec<DateTime<Utc>> = keys.iter().map(|k| k.period_start).collect();
+    let rows: Vec<(String, String, String, String, DateTime<Utc>, DateTime<Utc>, i64)> = sqlx::query_as(
+        "SELECT k.subject, k.metric, k.scope, k.period, k.since, l.period_start, l.used
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) AS k(subject, metric, scope, period, since)
+         JOIN ledgers l ON l.subject = k.subject AND l.metric = k.metric AND l.scope = k.scope AND l.period = k.period
+                       AND l.period_start > k.since",
+    )
+    .bind(&subjects)
+    .bind(&metrics)
+    .bind(&scopes)
+    .bind(&periods)
+    .bind(&since)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut out: HashMap<LedgerKey, Vec<(DateTime<Utc>, i64)>> = HashMap::new();
+    for (subject, metric, scope, period, since, at, n) in rows {
+        out.entry(LedgerKey { subject, metric, scope, period, period_start: since }).or_default().push((at, n));
+    }
+    Ok(out)
 }
 
 /// The stored decision state of `subjects`, locked for this transaction.
