@@ -195,3 +195,38 @@ tiers:
     let versions: i64 = sqlx::query_scalar("SELECT count(*) FROM config_versions").fetch_one(&pool).await.unwrap();
     assert_eq!(versions, 2, "the invalid file must not be stored");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolling_window_unblocks_when_the_breaching_usage_leaves_it() {
+    let tiers = "
+default_tier: basic
+timezone: UTC
+quotas:
+  - name: daily_output
+    metric: output_tokens
+    period: rolling 1d
+    limit: 100
+tiers:
+  - name: basic
+    priority: 0
+    rate_multiplier: 1
+";
+    let t = Tally::start(Some(tiers)).await;
+    let old = Utc::now() - chrono::Duration::days(1) + chrono::Duration::seconds(8);
+    let old = DateTime::from_timestamp(old.timestamp(), 0).unwrap();
+    let events = json!([
+        {"id": "r-old", "subject": "roller", "time": old.to_rfc3339(), "output_tokens": 80},
+        {"id": "r-new", "subject": "roller", "time": Utc::now().to_rfc3339(), "output_tokens": 30},
+    ]);
+    assert_eq!(t.post_events(&events).await.0, 202);
+    let blocked = decision_where(&t, "roller", Duration::from_secs(30), |d| d["allowed"] == false).await;
+    assert_eq!(blocked["quotas"][0]["used"], 110);
+    assert_eq!(blocked["quotas"][0]["period"], "rolling 1d");
+    let resets_at = time(&blocked["quotas"][0]["resets_at"]);
+    assert_eq!(resets_at, old + chrono::Duration::days(1), "unblock when the old usage leaves the window");
+
+    let unblocked = decision_where(&t, "roller", Duration::from_secs(30), |d| d["allowed"] == true).await;
+    let at = time(&unblocked["calculated_at"]);
+    assert!(at >= resets_at && at - resets_at <= chrono::Duration::seconds(1), "unblocked at {at}, due at {resets_at}");
+    assert_eq!(unblocked["quotas"][0]["used"], 30);
+}

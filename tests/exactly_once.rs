@@ -229,3 +229,35 @@ async fn a_poison_message_last_in_its_partition_advances_the_offset_and_is_quara
     assert_eq!((q["partition"].as_i64(), q["offset"].as_i64()), (Some(p as i64), Some(poison)));
     assert_eq!((q["original"].as_str(), q["original_encoding"].as_str()), (Some("fffe7b"), Some("hex")));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_correction_reverts_its_event_once_however_often_it_is_delivered() {
+    let mut t = Tally::start(Some(TIERS)).await;
+    let pool = t.pg().await;
+    let now = chrono::Utc::now().to_rfc3339();
+    let e = |id: &str, tokens: i64| json!({"id": id, "subject": "fix", "time": now, "input_tokens": tokens});
+    let fix = |id: &str, target: &str| json!({"id": id, "subject": "fix", "time": now, "corrects": target});
+    assert_eq!(t.post_events(&json!([e("e1", 100), e("e2", 50)])).await.0, 202);
+    assert_eq!(t.post_events(&fix("c1", "e1")).await.0, 202);
+    assert!(wait_for(Duration::from_secs(30), || async { t.consumed(&pool).await >= 3 }).await);
+    assert_eq!(t.used("fix", "total_tokens").await, 50);
+    assert_eq!(t.used("fix", "requests").await, 1);
+
+    // The same correction again, after a crash, and two that must be refused.
+    t.kill("aggregator");
+    t.spawn("aggregator");
+    assert_eq!(t.post_events(&json!([fix("c1", "e1"), fix("c2", "e1"), fix("c3", "never-sent")])).await.0, 202);
+    assert!(wait_for(Duration::from_secs(60), || async { t.consumed(&pool).await >= 6 }).await);
+    assert_eq!(t.used("fix", "total_tokens").await, 50);
+    assert_eq!(t.used("fix", "requests").await, 1);
+
+    let counted: Vec<String> = sqlx::query_scalar("SELECT event_id FROM processed_events ORDER BY event_id").fetch_all(&pool).await.unwrap();
+    assert_eq!(counted, ["c1", "e1", "e2"]);
+    let quarantined = t.read_topic(&t.topic("quarantine")).await;
+    let refused: HashSet<&str> = quarantined
+        .iter()
+        .filter(|(_, v)| v["reason"].as_str().unwrap_or("").starts_with("correction"))
+        .map(|(_, v)| v["event_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(refused, HashSet::from(["c2", "c3"]));
+}

@@ -312,7 +312,7 @@ impl Store {
         for (_, _, resolved, keys) in plans.iter_mut() {
             for (q, (key, resets_at)) in resolved.quotas.iter().zip(keys.iter_mut()) {
                 let Some(days) = plan::rolling_days(q) else { continue };
-                let usage = buckets.get(key).map(Vec::as_slice).unwrap_or_default();
+                let usage = buckets.get(&rolling_id(key)).map(Vec::as_slice).unwrap_or_default();
                 let total: i64 = usage.iter().map(|(_, n)| n).sum();
                 used.insert(key.clone(), total);
                 *resets_at = tally_domain::period::rolling_unblock_at(usage, q.limit, q.burst, days, now)
@@ -599,19 +599,27 @@ async fn read_used(tx: &mut Transaction<'_, Postgres>, keys: &[&LedgerKey]) -> R
         .collect())
 }
 
+/// A rolling quota's ledger rows: subject, metric, scope and period (its buckets differ only
+/// by start).
+type RollingId = (String, String, String, String);
+
+fn rolling_id(key: &LedgerKey) -> RollingId {
+    (key.subject.clone(), key.metric.clone(), key.scope.clone(), key.period.clone())
+}
+
 /// The one-second buckets of each rolling key: every row of its subject, metric, scope and
 /// period that starts after the key's `period_start` (the window start).
 async fn read_rolling_buckets(
     tx: &mut Transaction<'_, Postgres>,
     keys: &[&LedgerKey],
-) -> Result<HashMap<LedgerKey, Vec<(DateTime<Utc>, i64)>>, sqlx::Error> {
+) -> Result<HashMap<RollingId, Vec<(DateTime<Utc>, i64)>>, sqlx::Error> {
     let subjects: Vec<&str> = keys.iter().map(|k| k.subject.as_str()).collect();
     let metrics: Vec<&str> = keys.iter().map(|k| k.metric.as_str()).collect();
     let scopes: Vec<&str> = keys.iter().map(|k| k.scope.as_str()).collect();
     let periods: Vec<&str> = keys.iter().map(|k| k.period.as_str()).collect();
     let since: Vec<DateTime<Utc>> = keys.iter().map(|k| k.period_start).collect();
-    let rows: Vec<(String, String, String, String, DateTime<Utc>, DateTime<Utc>, i64)> = sqlx::query_as(
-        "SELECT k.subject, k.metric, k.scope, k.period, k.since, l.period_start, l.used
+    let rows: Vec<(String, String, String, String, DateTime<Utc>, i64)> = sqlx::query_as(
+        "SELECT k.subject, k.metric, k.scope, k.period, l.period_start, l.used
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) AS k(subject, metric, scope, period, since)
          JOIN ledgers l ON l.subject = k.subject AND l.metric = k.metric AND l.scope = k.scope AND l.period = k.period
                        AND l.period_start > k.since",
@@ -623,9 +631,10 @@ async fn read_rolling_buckets(
     .bind(&since)
     .fetch_all(&mut **tx)
     .await?;
-    let mut out: HashMap<LedgerKey, Vec<(DateTime<Utc>, i64)>> = HashMap::new();
-    for (subject, metric, scope, period, since, at, n) in rows {
-        out.entry(LedgerKey { subject, metric, scope, period, period_start: since }).or_default().push((at, n));
+    // Keyed without the window start: Postgres keeps microseconds, the key has nanoseconds.
+    let mut out: HashMap<RollingId, Vec<(DateTime<Utc>, i64)>> = HashMap::new();
+    for (subject, metric, scope, period, at, n) in rows {
+        out.entry((subject, metric, scope, period)).or_default().push((at, n));
     }
     Ok(out)
 }
