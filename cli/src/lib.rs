@@ -2,6 +2,7 @@
 //!
 //! `main.rs` only parses arguments and dispatches; each command lives in its own module.
 
+pub mod bench;
 pub mod close_period;
 pub mod config_cmd;
 pub mod demo;

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use tally_aggregator::AggregatorSettings;
 use tally_api::ApiSettings;
 use tally_cli::explain::{ExplainCommand, ValidateConfigArgs};
-use tally_cli::{close_period, config_cmd, demo, explain, export, reconcile, setup};
+use tally_cli::{bench, close_period, config_cmd, demo, explain, export, reconcile, setup};
 use tally_history::WriterSettings;
 use tally_common::clickhouse::ClickHouseSettings;
 use tally_common::kafka::KafkaSettings;
@@ -90,6 +90,9 @@ enum Command {
     /// Manage the tier configuration in Postgres (apply a YAML file, show the one in force).
     #[command(subcommand)]
     Config(config_cmd::ConfigCommand),
+    /// Measure throughput, latencies, memory and history queries on the local stack, each
+    /// beside a baseline from the same run (see `tally bench --help`).
+    Bench(bench::BenchArgs),
     /// Send a short demo load and watch one user cross a limit and get blocked.
     Demo(demo::DemoArgs),
     /// Explain a period, a rate or a subject's effective tier; prints one JSON object.
@@ -136,6 +139,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             setup::setup(&kafka, &postgres, &clickhouse, skip_clickhouse).await?
         }
         Command::Demo(args) => return demo::run(args).await,
+        Command::Bench(args) => return bench::run(args).await,
         Command::Config(cmd) => return config_cmd::run(cmd).await,
         Command::Explain(cmd) => return Ok(exit_code(explain::run_explain_cli(cmd))),
         Command::ValidateConfig(args) => return Ok(exit_code(explain::run_validate_config(args))),

@@ -1,0 +1,228 @@
+//! `tally bench`: Tally's figures on the local stack, each beside a baseline from the same run.
+//!
+//! Contract:
+//! - It uses the servers named by `TALLY_KAFKA_BROKERS`, `TALLY_DATABASE_URL` and
+//!   `TALLY_CLICKHOUSE_URL`, with topics, a Postgres database, a ClickHouse database and
+//!   consumer groups of its own (named after a random run id), prepared by `tally setup`.
+//!   It never touches another run's or the services' default names, and drops its databases
+//!   and topics at the end (`--keep` keeps them).
+//! - The services it measures are child processes of the current `tally` binary with the
+//!   run's environment; each is stopped by its pid when the bench is done with it, on error
+//!   too. Everything is on loopback.
+//! - The sections run in this order, so the broker's ceiling is known before anything is set
+//!   against it: broker, pipeline, decision_latency, memory, check, ingest, history.
+//! - The report (table on stdout, JSON with `--json`) has per section `figures`, `ratios`
+//!   against a baseline of the same run, `targets` (met or missed) and `notes`. A missed
+//!   target is a finding, not a failure: the exit status is non-zero only when the bench
+//!   could not measure.
+
+mod broker;
+mod history;
+mod http;
+mod load;
+mod pipeline;
+mod report;
+mod stack;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use report::{Machine, Report};
+use stack::{free_addr, Stack};
+
+/// Measure Tally on the local stack: every figure beside a baseline from the same run.
+///
+/// Sections, in the order they run:
+///
+/// 1. broker: raw produce and consume rates of the broker for usage-event-shaped messages
+///    (keyed, 4 partitions, idempotent lz4 producer; consumer with partitions assigned by
+///    hand), and its produce-to-consume round trip. The ceiling the later sections are set
+///    against.
+///
+/// 2. pipeline: events/s through the aggregator with exactly-once on (subjects on three
+///    tiers, four quotas each), events pre-produced, timed from the first to the last
+///    committed batch; ratio to the broker's consume rate.
+///
+/// 3. decision_latency: event produced to changed snapshot visible at the API, p50/p99/max,
+///    under a background load at half the pipeline's throughput; ratio to the broker round
+///    trip.
+///
+/// 4. check: POST /v1/check requests/s and p50/p99 from a closed-loop generator on loopback
+///    (the decision read when the build has no check route); baselines GET /healthz of the
+///    same server and `redis-benchmark -t get` when Redis is present.
+///
+/// 5. history: p50/p99 of a 30-day daily series for one subject and a top-20 through the
+///    API, over synthetic rows generated in ClickHouse (10 million; `--quick` far fewer);
+///    baseline a `SELECT 1` straight to ClickHouse.
+///
+/// 6. memory: aggregator and API VmRSS with 100k active subjects (`--quick` fewer); baseline
+///    the same services idle.
+///
+/// 7. ingest: POST /v1/events events/s with batches of 100; ratio to the broker's produce
+///    rate.
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct BenchArgs {
+    /// A short run (well under a minute) with small sizes: proves the harness, not the targets.
+    #[arg(long)]
+    pub quick: bool,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Bootstrap brokers.
+    #[arg(long = "kafka-brokers", env = "TALLY_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// A Postgres URL on the server; the bench uses a database of its own on it.
+    #[arg(long = "database-url", env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/tally")]
+    pub database_url: String,
+    /// ClickHouse HTTP URL; the bench uses a database of its own on it.
+    #[arg(long = "clickhouse-url", env = "TALLY_CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
+    pub clickhouse_url: String,
+    /// Redis for the check baseline (skipped when it does not answer).
+    #[arg(long, env = "TALLY_BENCH_REDIS", default_value = "127.0.0.1:6379")]
+    pub redis: String,
+    /// Events through the pipeline (default 200000, quick 10000).
+    #[arg(long)]
+    pub events: Option<usize>,
+    /// Subjects of the pipeline load (default 10000, quick 1000).
+    #[arg(long)]
+    pub subjects: Option<usize>,
+    /// Active subjects for the memory section (default 100000, quick 3000).
+    #[arg(long)]
+    pub memory_subjects: Option<usize>,
+    /// Raw usage rows generated in ClickHouse (default 10000000, quick 100000).
+    #[arg(long)]
+    pub history_rows: Option<u64>,
+    /// Keep the run's databases and topics.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// The sizes of one run.
+struct Sizes {
+    broker_messages: usize,
+    round_trips: usize,
+    events: usize,
+    subjects: usize,
+    probes: usize,
+    decision_seconds: u64,
+    memory_subjects: usize,
+    http_warmup: Duration,
+    http_seconds: u64,
+    check_connections: usize,
+    ingest_connections: usize,
+    history_rows: u64,
+    history_subjects: u64,
+    history_queries: usize,
+}
+
+impl Sizes {
+    fn of(args: &BenchArgs) -> Sizes {
+        let q = args.quick;
+        Sizes {
+            broker_messages: if q { 10_000 } else { 200_000 },
+            round_trips: if q { 20 } else { 200 },
+            events: args.events.unwrap_or(if q { 10_000 } else { 200_000 }),
+            subjects: args.subjects.unwrap_or(if q { 1_000 } else { 10_000 }),
+            probes: if q { 10 } else { 100 },
+            decision_seconds: if q { 2 } else { 20 },
+            memory_subjects: args.memory_subjects.unwrap_or(if q { 3_000 } else { 100_000 }),
+            http_warmup: Duration::from_millis(if q { 200 } else { 1000 }),
+            http_seconds: if q { 1 } else { 10 },
+            check_connections: if q { 16 } else { 64 },
+            ingest_connections: if q { 4 } else { 16 },
+            history_rows: args.history_rows.unwrap_or(if q { 100_000 } else { 10_000_000 }),
+            history_subjects: if q { 1_000 } else { 10_000 },
+            history_queries: if q { 5 } else { 100 },
+        }
+    }
+}
+
+/// Runs the bench; exit 0 when every section was measured.
+pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
+    let sizes = Sizes::of(&args);
+    let stack = Stack::new(&args.brokers, &args.database_url, &args.clickhouse_url, &pipeline::tiers_yaml())?;
+    let extra = vec![stack.topic("broker"), stack.topic("ingest"), stack.topic("idle-usage"), stack.topic("idle-decisions")];
+    eprintln!("[bench] run {} (service logs in {})", stack.id, stack.log_dir.display());
+    let started = Instant::now();
+    let mut report = Report {
+        quick: args.quick,
+        started_at: chrono::Utc::now().to_rfc3339(),
+        seconds: 0.0,
+        machine: Machine::detect(),
+        sections: Default::default(),
+        order: Vec::new(),
+    };
+    let outcome = async {
+        stack.setup(&extra).await.context("tally setup for the bench failed")?;
+        measure(&args, &sizes, &stack, &extra, &mut report).await
+    }
+    .await;
+    if !args.keep {
+        stack.teardown(&stack.all_topics(&extra)).await;
+    }
+    outcome?;
+    report.seconds = started.elapsed().as_secs_f64();
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json).with_context(|| format!("failed to write {}", path.display()))?;
+        eprintln!("[bench] report written to {}", path.display());
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn measure(args: &BenchArgs, sizes: &Sizes, stack: &Stack, extra: &[String], report: &mut Report) -> anyhow::Result<()> {
+    let kafka = stack.kafka();
+
+    eprintln!("[bench] broker: {} messages", sizes.broker_messages);
+    let messages = pipeline::events(&format!("{}-broker", stack.id), "s", sizes.subjects, sizes.broker_messages);
+    let (k, topic, rt) = (kafka.clone(), extra[0].clone(), sizes.round_trips);
+    let (section, ceiling) = tokio::task::spawn_blocking(move || broker::measure(&k, &topic, &messages, rt)).await??;
+    report.add("broker", section);
+
+    eprintln!("[bench] memory baseline: idle aggregator and API");
+    let idle = pipeline::idle_rss(stack, &extra[2], &extra[3]).await?;
+
+    let mut p = pipeline::Pipeline::new(stack.clone()).await?;
+    let (section, rate) = p.throughput(sizes.subjects, sizes.events, sizes.probes, &ceiling).await?;
+    report.add("pipeline", section);
+
+    eprintln!("[bench] decision latency: starting the API");
+    p.start_api().await?;
+    let section = p.decision_latency(rate / 2.0, Duration::from_secs(sizes.decision_seconds), sizes.subjects, &ceiling).await?;
+    report.add("decision_latency", section);
+
+    let section = p.memory(sizes.memory_subjects, idle).await?;
+    report.add("memory", section);
+
+    let plan = http::CheckPlan {
+        api: p.api_addr.clone(),
+        read_token: stack.read_token.clone(),
+        subjects: sizes.subjects,
+        connections: sizes.check_connections,
+        warmup: sizes.http_warmup,
+        duration: Duration::from_secs(sizes.http_seconds),
+        redis: Some(args.redis.clone()),
+    };
+    report.add("check", http::check(&plan).await?);
+
+    let ingest_addr = free_addr()?;
+    let mut ingest = stack.spawn("ingest", "ingest", &[("TALLY_INGEST_LISTEN", ingest_addr.clone()), ("TALLY_USAGE_TOPIC", extra[1].clone())])?;
+    ingest.wait_healthy(&ingest_addr, Duration::from_secs(30)).await?;
+    let section =
+        http::ingest(&ingest_addr, &stack.ingest_token, 100, sizes.ingest_connections, sizes.http_warmup, Duration::from_secs(sizes.http_seconds), &ceiling).await?;
+    ingest.stop();
+    report.add("ingest", section);
+
+    // The aggregator is done; history queries share the machine with the API only.
+    if let Some(mut agg) = p.aggregator.take() {
+        agg.stop();
+    }
+    let section = history::measure(&stack.http(Duration::from_secs(600))?, &stack.clickhouse_url, &stack.clickhouse_database, &p.api_addr, sizes.history_rows, sizes.history_subjects, sizes.history_queries)
+            .await?;
+    report.add("history", section);
+    Ok(())
+}

@@ -1,0 +1,437 @@
+//! The ledger path under load: pipeline throughput, decision latency and memory.
+//!
+//! - Throughput: N usage events (subjects on three tiers, four quotas each) are produced to
+//!   the run's usage topic first; then the aggregator starts, with exactly-once on as always
+//!   (dedupe records, ledgers, offsets and decision snapshots in one transaction per batch).
+//!   The clock runs from the first committed batch to the batch that makes the stored next
+//!   offsets (`consumer_offsets`) sum to N, so start-up is left out; the wall time from the
+//!   process start is reported too.
+//! - Decision latency: while a background load runs at half the measured throughput, probe
+//!   events push probe subjects (which already have a snapshot) over their monthly token
+//!   limit; the latency is from just before the probe is produced until the API answers
+//!   `allowed: false` for that subject (polled every 2 ms).
+//! - Memory: events for fresh subjects until the aggregator has counted and the API's view
+//!   holds the requested number of subjects; then VmRSS of both processes, against the same
+//!   services' VmRSS when idle (no subjects) measured earlier in the run.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use chrono::{DateTime, Utc};
+use rdkafka::producer::{BaseRecord, FutureProducer, FutureRecord, Producer};
+use sqlx::PgPool;
+use tally_common::kafka::KafkaSettings;
+use tally_domain::event::{hash_api_key, UsageEvent};
+
+use super::broker::{self, Ceiling, Prepared};
+use super::report::{Latencies, Section};
+use super::stack::{free_addr, scrape, Service, Stack};
+
+/// The three tiers' API keys (raw; the configuration holds their SHA-256).
+pub const TIER_KEYS: [Option<&str>; 3] = [None, Some("bench-key-pro"), Some("bench-key-scale")];
+
+/// The bench's tier configuration: three tiers, four base quotas (a rate, two calendar day
+/// quotas, a monthly token budget), API keys choosing the tier.
+pub fn tiers_yaml() -> String {
+    format!(
+        "# tally bench: three tiers, four quotas each; the API key chooses the tier.
+default_tier: basic
+timezone: UTC
+quotas:
+  - name: rpm
+    metric: requests
+    rate: 600/m
+  - name: daily_requests
+    metric: requests
+    period: day
+    limit: 20000
+    thresholds: [80, 100]
+  - name: monthly_tokens
+    metric: total_tokens
+    period: month
+    limit: 50000000
+    thresholds: [80, 95, 100]
+  - name: daily_cost
+    metric: cost_micros
+    period: day
+    limit: 5000000
+    thresholds: [50, 80]
+tiers:
+  - name: basic
+    priority: 0
+    rate_multiplier: 1
+  - name: pro
+    priority: 10
+    rate_multiplier: 10
+    action: degrade
+    fallback_model: gpt-4o-mini
+  - name: scale
+    priority: 20
+    rate_multiplier: 100
+    action: soft
+api_keys:
+  - key_sha256: {pro}
+    tier: pro
+  - key_sha256: {scale}
+    tier: scale
+prices:
+  gpt-4o-mini:
+    input: 150000
+    output: 600000
+",
+        pro = hash_api_key(TIER_KEYS[1].unwrap_or_default()),
+        scale = hash_api_key(TIER_KEYS[2].unwrap_or_default()),
+    )
+}
+
+/// One usage event in canonical form, keyed by subject. `tier` picks the API key.
+pub fn event(id: String, subject: String, tier: usize, time: DateTime<Utc>, input_tokens: i64) -> Prepared {
+    let e = UsageEvent {
+        id,
+        subject,
+        time,
+        api_key_sha256: TIER_KEYS[tier % 3].map(hash_api_key),
+        scope: "chat".into(),
+        model: Some("gpt-4o-mini".into()),
+        requests: 1,
+        input_tokens,
+        output_tokens: 100,
+        cached_tokens: 0,
+        cost_micros: None,
+        attributes: Default::default(),
+        corrects: None,
+    };
+    let bytes = e.to_canonical_json();
+    (e.subject, bytes)
+}
+
+/// `count` events over `subjects` subjects named `<prefix><n>`, ids unique to `tag`.
+pub fn events(tag: &str, prefix: &str, subjects: usize, count: usize) -> Vec<Prepared> {
+    let now = Utc::now();
+    (0..count)
+        .map(|i| {
+            let s = i % subjects.max(1);
+            event(format!("{tag}-{i}"), format!("{prefix}{s}"), s, now - chrono::Duration::milliseconds((i % 1000) as i64), 300)
+        })
+        .collect()
+}
+
+/// The ledger path of the run: the aggregator, the API, and what was produced so far.
+pub struct Pipeline {
+    pub stack: Stack,
+    pub kafka: KafkaSettings,
+    pub pool: PgPool,
+    pub http: reqwest::Client,
+    pub aggregator: Option<Service>,
+    pub aggregator_addr: String,
+    pub api: Option<Service>,
+    pub api_addr: String,
+    /// Messages produced to the usage topic so far.
+    pub produced: u64,
+    /// Subjects with at least one counted event so far.
+    pub subjects: u64,
+    /// The probe subjects (each one has a snapshot before its probe).
+    pub probes: Vec<String>,
+}
+
+impl Pipeline {
+    pub async fn new(stack: Stack) -> anyhow::Result<Pipeline> {
+        let pool = stack.postgres().connect().await?;
+        Ok(Pipeline {
+            kafka: stack.kafka(),
+            pool,
+            http: stack.http(Duration::from_secs(10))?,
+            aggregator: None,
+            aggregator_addr: free_addr()?,
+            api: None,
+            api_addr: free_addr()?,
+            produced: 0,
+            subjects: 0,
+            probes: Vec::new(),
+            stack,
+        })
+    }
+
+    /// The sum of the aggregator's stored next offsets: messages consumed and committed.
+    pub async fn consumed(&self) -> anyhow::Result<u64> {
+        let sum: Option<i64> = sqlx::query_scalar("SELECT sum(next_offset)::bigint FROM consumer_offsets WHERE group_id = $1 AND topic = $2")
+            .bind(&self.stack.group)
+            .bind(&self.kafka.usage_topic)
+            .fetch_one(&self.pool)
+            .await
+            .context("failed to read consumer_offsets")?;
+        Ok(sum.unwrap_or(0).max(0) as u64)
+    }
+
+    async fn produce(&mut self, messages: Vec<Prepared>) -> anyhow::Result<Duration> {
+        let kafka = self.kafka.clone();
+        let n = messages.len() as u64;
+        let took = tokio::task::spawn_blocking(move || broker::produce_all(&kafka, &kafka.usage_topic, &messages)).await??;
+        self.produced += n;
+        Ok(took)
+    }
+
+    fn aggregator_mut(&mut self) -> anyhow::Result<&mut Service> {
+        self.aggregator.as_mut().context("the aggregator is not running")
+    }
+
+    /// Waits until the aggregator committed everything produced so far.
+    async fn wait_consumed(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.consumed().await? >= self.produced {
+                return Ok(());
+            }
+            self.aggregator_mut()?.ensure_running()?;
+            if Instant::now() > deadline {
+                bail!("the aggregator consumed {} of {} messages within {timeout:?}", self.consumed().await?, self.produced);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Section 2. Pre-produces `count` events over `subjects` subjects plus one event per probe
+    /// subject, then starts the aggregator and times it.
+    pub async fn throughput(&mut self, subjects: usize, count: usize, probes: usize, ceiling: &Ceiling) -> anyhow::Result<(Section, f64)> {
+        let mut messages = events(&format!("{}-load", self.stack.id), "s", subjects, count);
+        let now = Utc::now();
+        self.probes = (0..probes).map(|k| format!("probe{k}")).collect();
+        for (k, subject) in self.probes.iter().enumerate() {
+            messages.push(event(format!("{}-probe-pre-{k}", self.stack.id), subject.clone(), 0, now, 10));
+        }
+        let total = messages.len() as f64;
+        eprintln!("[bench] pipeline: producing {total} events for {} subjects", subjects + probes);
+        self.produce(messages).await?;
+        self.subjects = (subjects + probes) as u64;
+
+        eprintln!("[bench] pipeline: starting the aggregator");
+        let spawned = Instant::now();
+        let aggregator = self.stack.spawn("aggregator", "aggregator", &[("TALLY_AGGREGATOR_LISTEN", self.aggregator_addr.clone())])?;
+        self.aggregator = Some(aggregator);
+        let mut first: Option<(Instant, u64)> = None;
+        let deadline = Instant::now() + Duration::from_secs(60) + Duration::from_secs_f64(total / 1000.0);
+        let end = loop {
+            let consumed = self.consumed().await?;
+            let now = Instant::now();
+            if consumed > 0 && first.is_none() {
+                first = Some((now, consumed));
+            }
+            if consumed >= self.produced {
+                break now;
+            }
+            self.aggregator_mut()?.ensure_running()?;
+            if now > deadline {
+                bail!("the aggregator counted {consumed} of {} events in {:?}", self.produced, spawned.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let wall = end - spawned;
+        let (rate, measured) = match first {
+            Some((t0, c0)) if (c0 as f64) < total * 0.9 && end > t0 => ((total - c0 as f64) / (end - t0).as_secs_f64(), total - c0 as f64),
+            _ => (total / wall.as_secs_f64(), total),
+        };
+        let counted = scrape(&self.http, &self.aggregator_addr, "tally_aggregator_events_counted_total").await.unwrap_or(0.0);
+        let mut s = Section::default();
+        s.figure("events", total)
+            .figure("subjects", self.subjects as f64)
+            .figure("events_per_s", rate)
+            .figure("events_timed", measured)
+            .figure("wall_seconds_from_process_start", wall.as_secs_f64())
+            .figure("events_per_s_from_process_start", total / wall.as_secs_f64())
+            .figure("events_counted_metric", counted)
+            .ratio("to_broker_consume", rate, ceiling.consume_per_s)
+            .ratio("to_broker_produce", rate, ceiling.produce_per_s)
+            .target("events_per_s >= 100000", rate >= 100_000.0)
+            .target("events_per_s >= half the broker consume ceiling", rate >= ceiling.consume_per_s / 2.0)
+            .note("three tiers (basic, pro by API key, scale by API key), four quotas each (rate, daily requests, monthly tokens, daily cost)")
+            .note("timed from the first committed batch to the last; consumer_offsets next offsets sum to the events produced");
+        Ok((s, rate))
+    }
+
+    /// Starts the API and waits until its view holds every subject so far.
+    pub async fn start_api(&mut self) -> anyhow::Result<()> {
+        let mut api = self.stack.spawn("api", "api", &[("TALLY_API_LISTEN", self.api_addr.clone())])?;
+        api.wait_healthy(&self.api_addr, Duration::from_secs(30)).await?;
+        self.api = Some(api);
+        self.wait_view(Duration::from_secs(120)).await
+    }
+
+    /// Waits until the API's view holds `self.subjects` subjects.
+    async fn wait_view(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let n = scrape(&self.http, &self.api_addr, "tally_api_view_subjects").await.unwrap_or(0.0);
+            if n >= self.subjects as f64 {
+                return Ok(());
+            }
+            if let Some(api) = self.api.as_mut() {
+                api.ensure_running()?;
+            }
+            if Instant::now() > deadline {
+                bail!("the API's view holds {n} of {} subjects after {timeout:?}", self.subjects);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn allowed(&self, subject: &str) -> Option<bool> {
+        let url = format!("http://{}/v1/subjects/{subject}/decision", self.api_addr);
+        let r = self.http.get(url).send().await.ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        let v: serde_json::Value = r.json().await.ok()?;
+        v["allowed"].as_bool()
+    }
+
+    /// Section 3: background load at `rate` events/s over the known subjects for `duration`,
+    /// and the probes spread over it.
+    pub async fn decision_latency(&mut self, rate: f64, duration: Duration, load_subjects: usize, ceiling: &Ceiling) -> anyhow::Result<Section> {
+        let probes = self.probes.clone();
+        for p in &probes {
+            if self.allowed(p).await != Some(true) {
+                bail!("probe subject {p} has no allowing decision before its probe");
+            }
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let kafka = self.kafka.clone();
+        let tag = format!("{}-bg", self.stack.id);
+        let stop_bg = stop.clone();
+        let background = tokio::task::spawn_blocking(move || background_load(&kafka, &tag, load_subjects, rate, duration, &stop_bg));
+
+        let probe_producer: FutureProducer = self.kafka.producer_config().create().context("failed to create the probe producer")?;
+        let interval = duration / (probes.len().max(1) as u32 + 1);
+        let mut tasks = Vec::new();
+        for (k, subject) in probes.iter().enumerate() {
+            tokio::time::sleep(interval).await;
+            let (key, payload) = event(format!("{}-probe-{k}", self.stack.id), subject.clone(), 0, Utc::now(), 60_000_000);
+            let started = Instant::now();
+            let delivery = probe_producer.send_result(FutureRecord::to(&self.kafka.usage_topic).key(&key).payload(&payload));
+            if delivery.is_err() {
+                bail!("failed to queue a probe event");
+            }
+            let (http, url) = (self.http.clone(), format!("http://{}/v1/subjects/{subject}/decision", self.api_addr));
+            tasks.push(tokio::spawn(async move {
+                let deadline = started + Duration::from_secs(30);
+                while Instant::now() < deadline {
+                    if let Ok(r) = http.get(&url).send().await {
+                        if let Ok(v) = r.json::<serde_json::Value>().await {
+                            if v["allowed"] == serde_json::Value::Bool(false) {
+                                return Some(started.elapsed());
+                            }
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                None
+            }));
+        }
+        let mut latencies = Latencies::default();
+        let mut missing = 0;
+        for t in tasks {
+            match t.await {
+                Ok(Some(d)) => latencies.push(d),
+                _ => missing += 1,
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let sent = background.await??;
+        self.produced += sent + probes.len() as u64;
+        let _ = probe_producer.flush(Duration::from_secs(10));
+        if latencies.is_empty() {
+            bail!("no probe decision became visible at the API");
+        }
+        let mut s = Section::default();
+        s.figure("background_events_per_s", sent as f64 / duration.as_secs_f64())
+            .figure("probes", latencies.len() as f64)
+            .latencies("decision", &latencies)
+            .ratio("p50_to_broker_round_trip_p50", latencies.p50_ms(), ceiling.round_trip_p50_ms)
+            .ratio("p99_to_broker_round_trip_p99", latencies.p99_ms(), ceiling.round_trip_p99_ms)
+            .target("decision p99 <= 500 ms", latencies.p99_ms() <= 500.0)
+            .note(format!(
+                "background load at half the measured throughput ({rate:.0}/s target) over {load_subjects} subjects; each probe pushes a subject \
+                 with a snapshot over its monthly token limit; latency = produce call until GET /v1/subjects/{{s}}/decision says allowed=false (polled every 2 ms)"
+            ));
+        if missing > 0 {
+            s.note(format!("{missing} probes never became visible within 30 s (left out of the percentiles)"));
+        }
+        self.wait_consumed(Duration::from_secs(120)).await?;
+        Ok(s)
+    }
+
+    /// Section 6: grows the run to `target` active subjects, then reads both processes' VmRSS.
+    pub async fn memory(&mut self, target: usize, idle: (u64, u64)) -> anyhow::Result<Section> {
+        let fresh = target.saturating_sub(self.subjects as usize);
+        if fresh > 0 {
+            eprintln!("[bench] memory: {fresh} events for fresh subjects, to {target} active subjects");
+            let messages = events(&format!("{}-mem", self.stack.id), "m", fresh, fresh);
+            self.produce(messages).await?;
+            self.subjects += fresh as u64;
+            self.wait_consumed(Duration::from_secs(300)).await?;
+            self.wait_view(Duration::from_secs(300)).await?;
+        }
+        // Let deferred snapshots and allocator caches settle before reading.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let agg = self.aggregator.as_ref().context("the aggregator is not running")?.rss_bytes()?;
+        let api = self.api.as_ref().context("the API is not running")?.rss_bytes()?;
+        let mib = |b: u64| b as f64 / 1024.0 / 1024.0;
+        let mut s = Section::default();
+        s.figure("active_subjects", self.subjects as f64)
+            .figure("aggregator_rss_mib", mib(agg))
+            .figure("api_rss_mib", mib(api))
+            .figure("aggregator_idle_rss_mib", mib(idle.0))
+            .figure("api_idle_rss_mib", mib(idle.1))
+            .figure("aggregator_bytes_per_subject", agg.saturating_sub(idle.0) as f64 / self.subjects.max(1) as f64)
+            .figure("api_bytes_per_subject", api.saturating_sub(idle.1) as f64 / self.subjects.max(1) as f64)
+            .ratio("aggregator_to_idle", agg as f64, idle.0 as f64)
+            .ratio("api_to_idle", api as f64, idle.1 as f64)
+            .target("aggregator < 256 MiB", mib(agg) < 256.0)
+            .note("VmRSS from /proc/<pid>/status; idle = the same service started on empty topics earlier in the run");
+        Ok(s)
+    }
+}
+
+/// Produces events at `rate` per second over `subjects` subjects until `duration` passed or
+/// `stop` is set; returns how many were acknowledged.
+fn background_load(kafka: &KafkaSettings, tag: &str, subjects: usize, rate: f64, duration: Duration, stop: &AtomicBool) -> anyhow::Result<u64> {
+    let (producer, _) = broker::producer(kafka)?;
+    let started = Instant::now();
+    let tick = Duration::from_millis(10);
+    let mut sent = 0u64;
+    while started.elapsed() < duration && !stop.load(Ordering::Relaxed) {
+        let due = (rate * started.elapsed().as_secs_f64()) as u64;
+        let now = Utc::now();
+        while sent < due {
+            let s = (sent as usize) % subjects.max(1);
+            let (key, payload) = event(format!("{tag}-{sent}"), format!("s{s}"), s, now, 300);
+            match producer.send(BaseRecord::to(&kafka.usage_topic).key(key.as_str()).payload(payload.as_slice())) {
+                Ok(()) => sent += 1,
+                Err(_) => break,
+            }
+        }
+        producer.poll(Duration::ZERO);
+        std::thread::sleep(tick);
+    }
+    producer.flush(Duration::from_secs(60)).context("the background load was not acknowledged")?;
+    Ok(sent)
+}
+
+/// Starts an aggregator and an API on empty topics of their own and reads their VmRSS once
+/// they are up and settled: the memory baseline.
+pub async fn idle_rss(stack: &Stack, idle_usage: &str, idle_decisions: &str) -> anyhow::Result<(u64, u64)> {
+    let (agg_addr, api_addr) = (free_addr()?, free_addr()?);
+    let env_agg = [
+        ("TALLY_AGGREGATOR_LISTEN", agg_addr.clone()),
+        ("TALLY_USAGE_TOPIC", idle_usage.to_string()),
+        ("TALLY_DECISIONS_TOPIC", idle_decisions.to_string()),
+        ("TALLY_AGGREGATOR_GROUP", format!("{}-idle", stack.group)),
+    ];
+    let mut agg = stack.spawn("aggregator", "aggregator-idle", &env_agg)?;
+    let mut api = stack.spawn("api", "api-idle", &[("TALLY_API_LISTEN", api_addr.clone()), ("TALLY_DECISIONS_TOPIC", idle_decisions.to_string())])?;
+    agg.wait_healthy(&agg_addr, Duration::from_secs(30)).await?;
+    api.wait_healthy(&api_addr, Duration::from_secs(30)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok((agg.rss_bytes()?, api.rss_bytes()?))
+}

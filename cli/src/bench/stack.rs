@@ -1,0 +1,306 @@
+//! The bench's own Tally on the local stack: names unique to the run, `tally setup` for them,
+//! and the services as child processes of the current `tally` binary.
+//!
+//! Contract: every child process is stopped by its pid when its [`Service`] is dropped, so an
+//! error anywhere in the bench stops what it started. The shared servers (broker, Postgres,
+//! ClickHouse, Redis) are only used, never started or stopped; the run's Postgres and
+//! ClickHouse databases are dropped at the end unless `--keep` is given.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientConfig;
+use tally_common::clickhouse::ClickHouseSettings;
+use tally_common::kafka::KafkaSettings;
+use tally_common::postgres::PostgresSettings;
+
+/// Partitions of every topic the bench creates (as `tally setup` does).
+pub const PARTITIONS: i32 = 4;
+
+/// The run's names and server addresses.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    pub id: String,
+    pub brokers: String,
+    /// Postgres URL of the run's own database.
+    pub database_url: String,
+    pub clickhouse_url: String,
+    pub clickhouse_database: String,
+    pub group: String,
+    pub config: PathBuf,
+    pub log_dir: PathBuf,
+    /// Bearer token of the API's read routes for this run (`TALLY_READ_TOKEN`).
+    pub read_token: String,
+    /// Bearer token of ingest for this run (`TALLY_INGEST_TOKEN`).
+    pub ingest_token: String,
+}
+
+/// `url` with its database part replaced by `db` (query string kept).
+pub fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let Some((base, _)) = head.rsplit_once('/') else { bail!("the Postgres URL {head:?} has no database part") };
+    if base.ends_with('/') || !base.contains("://") {
+        bail!("the Postgres URL {head:?} has no database part");
+    }
+    Ok(format!("{base}/{db}{query}"))
+}
+
+impl Stack {
+    pub fn new(brokers: &str, database_url: &str, clickhouse_url: &str, tiers_yaml: &str) -> anyhow::Result<Stack> {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
+        let log_dir = std::env::temp_dir().join(format!("tally-bench-{id}"));
+        std::fs::create_dir_all(&log_dir).with_context(|| format!("failed to create {}", log_dir.display()))?;
+        let config = log_dir.join("tiers.yaml");
+        std::fs::write(&config, tiers_yaml).context("failed to write the bench tier configuration")?;
+        Ok(Stack {
+            database_url: with_database(database_url, &format!("tally_bench_{id}"))?,
+            brokers: brokers.to_string(),
+            clickhouse_url: clickhouse_url.to_string(),
+            clickhouse_database: format!("tally_bench_{id}"),
+            group: format!("tally-bench-ledger-{id}"),
+            config,
+            log_dir,
+            read_token: format!("bench-read-{}", uuid::Uuid::new_v4().simple()),
+            ingest_token: format!("bench-ingest-{}", uuid::Uuid::new_v4().simple()),
+            id,
+        })
+    }
+
+    /// An HTTP client that presents the run's read token.
+    pub fn http(&self, timeout: Duration) -> anyhow::Result<reqwest::Client> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", self.read_token)).context("bad read token")?;
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+        Ok(reqwest::Client::builder().timeout(timeout).default_headers(headers).pool_max_idle_per_host(64).build()?)
+    }
+
+    /// A topic name of this run: `bench.<id>.<kind>.v1`.
+    pub fn topic(&self, kind: &str) -> String {
+        format!("bench.{}.{kind}.v1", self.id)
+    }
+
+    pub fn kafka(&self) -> KafkaSettings {
+        KafkaSettings {
+            brokers: self.brokers.clone(),
+            usage_topic: self.topic("usage"),
+            decisions_topic: self.topic("decisions"),
+            quarantine_topic: self.topic("quarantine"),
+            control_topic: self.topic("control"),
+            debug: None,
+            partitions: PARTITIONS,
+        }
+    }
+
+    pub fn postgres(&self) -> PostgresSettings {
+        PostgresSettings { database_url: self.database_url.clone(), pool_size: 4 }
+    }
+
+    pub fn clickhouse(&self) -> ClickHouseSettings {
+        ClickHouseSettings { clickhouse_url: self.clickhouse_url.clone(), clickhouse_database: self.clickhouse_database.clone() }
+    }
+
+    /// `tally setup` for the run's names, plus the bench's extra topics.
+    pub async fn setup(&self, extra_topics: &[String]) -> anyhow::Result<()> {
+        crate::setup::setup(&self.kafka(), &self.postgres(), &self.clickhouse(), false).await?;
+        create_topics(&self.brokers, extra_topics).await
+    }
+
+    /// Drops the run's Postgres and ClickHouse databases and deletes its topics (best effort).
+    pub async fn teardown(&self, topics: &[String]) {
+        if let Err(e) = self.postgres().drop_database().await {
+            eprintln!("[bench] could not drop Postgres database of the run: {e:#}");
+        }
+        let sql = format!("DROP DATABASE IF EXISTS `{}`", self.clickhouse_database);
+        if let Err(e) = reqwest::Client::new().post(&self.clickhouse_url).body(sql).send().await {
+            eprintln!("[bench] could not drop ClickHouse database of the run: {e}");
+        }
+        let admin: Result<AdminClient<DefaultClientContext>, _> =
+            ClientConfig::new().set("bootstrap.servers", &self.brokers).create();
+        if let Ok(admin) = admin {
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+            let _ = admin.delete_topics(&names, &opts).await;
+        }
+    }
+
+    /// Every topic of the run (for teardown).
+    pub fn all_topics(&self, extra: &[String]) -> Vec<String> {
+        let k = self.kafka();
+        let mut t = vec![k.usage_topic, k.decisions_topic, k.quarantine_topic, k.control_topic];
+        t.extend(extra.iter().cloned());
+        t
+    }
+
+    /// `tally <service>` with the run's environment; `env` is applied last.
+    pub fn spawn(&self, service: &str, name: &str, env: &[(&str, String)]) -> anyhow::Result<Service> {
+        let exe = std::env::current_exe().context("failed to find the tally binary")?;
+        let log_path = self.log_dir.join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path).with_context(|| format!("failed to create {}", log_path.display()))?;
+        let k = self.kafka();
+        let mut cmd = Command::new(exe);
+        cmd.arg(service)
+            .env("TALLY_KAFKA_BROKERS", &self.brokers)
+            .env("TALLY_DATABASE_URL", &self.database_url)
+            .env("TALLY_CLICKHOUSE_URL", &self.clickhouse_url)
+            .env("TALLY_CLICKHOUSE_DATABASE", &self.clickhouse_database)
+            .env("TALLY_USAGE_TOPIC", &k.usage_topic)
+            .env("TALLY_DECISIONS_TOPIC", &k.decisions_topic)
+            .env("TALLY_QUARANTINE_TOPIC", &k.quarantine_topic)
+            .env("TALLY_CONTROL_TOPIC", &k.control_topic)
+            .env("TALLY_AGGREGATOR_GROUP", &self.group)
+            .env("TALLY_CONFIG", &self.config)
+            .env("TALLY_READ_TOKEN", &self.read_token)
+            .env("TALLY_INGEST_TOKEN", &self.ingest_token)
+            .env_remove("TALLY_ADMIN_TOKEN")
+            .env_remove("TALLY_API_NO_AUTH")
+            .env("RUST_LOG", std::env::var("TALLY_BENCH_RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env_remove("TALLY_KAFKA_DEBUG");
+        for (key, value) in env {
+            cmd.env(key, value);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("failed to start tally {service}"))?;
+        Ok(Service { name: name.to_string(), child: Some(child), log: log_path })
+    }
+}
+
+/// Creates `topics` with [`PARTITIONS`] partitions if they do not exist.
+pub async fn create_topics(brokers: &str, topics: &[String]) -> anyhow::Result<()> {
+    if topics.is_empty() {
+        return Ok(());
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().context("failed to create the Kafka admin client")?;
+    let new: Vec<NewTopic> = topics.iter().map(|t| NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1))).collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(&new, &opts).await.context("failed to create the bench topics")? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => bail!("failed to create topic {topic}: {code}"),
+        }
+    }
+    Ok(())
+}
+
+/// A free loopback address (bound and released; the service binds it right after).
+pub fn free_addr() -> anyhow::Result<String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("no free loopback port")?;
+    Ok(l.local_addr()?.to_string())
+}
+
+/// A running child process; stopped (SIGKILL, by pid) when dropped.
+pub struct Service {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Service {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// Fails if the process has exited, pointing at its log.
+    pub fn ensure_running(&mut self) -> anyhow::Result<()> {
+        if let Some(child) = self.child.as_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!("tally {} exited ({status}); its log: {}", self.name, self.log.display());
+            }
+        }
+        Ok(())
+    }
+
+    /// Resident memory in bytes (VmRSS of /proc/<pid>/status).
+    pub fn rss_bytes(&self) -> anyhow::Result<u64> {
+        rss_bytes(self.pid())
+    }
+
+    /// Waits until `GET http://<addr>/healthz` answers 2xx.
+    pub async fn wait_healthy(&mut self, addr: &str, timeout: Duration) -> anyhow::Result<()> {
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.ensure_running()?;
+            if let Ok(r) = client.get(format!("http://{addr}/healthz")).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("tally {} did not answer on {addr} within {timeout:?}; its log: {}", self.name, self.log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the process now.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// VmRSS of a process, in bytes.
+pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("no process {pid}"))?;
+    let kib = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .with_context(|| format!("no VmRSS for process {pid}"))?;
+    Ok(kib * 1024)
+}
+
+/// The sum of the values of metric `name` (all label sets) in a Prometheus text page.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split([' ', '{']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Reads metric `name` from `http://<addr>/metrics`.
+pub async fn scrape(client: &reqwest::Client, addr: &str, name: &str) -> anyhow::Result<f64> {
+    let text = client.get(format!("http://{addr}/metrics")).send().await?.error_for_status()?.text().await?;
+    Ok(metric_sum(&text, name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_part_is_replaced() {
+        assert_eq!(with_database("postgres://u@h:5432/tally", "b").unwrap(), "postgres://u@h:5432/b");
+        assert_eq!(with_database("postgres://u@h/tally?sslmode=disable", "b").unwrap(), "postgres://u@h/b?sslmode=disable");
+        assert!(with_database("tally", "b").is_err());
+    }
+
+    #[test]
+    fn metric_sums_every_label_set() {
+        let text = "# HELP x y\nx_total{a=\"1\"} 3\nx_total{a=\"2\"} 4\nx_total_other 9\n";
+        assert_eq!(metric_sum(text, "x_total"), 7.0);
+    }
+}

@@ -1,0 +1,74 @@
+//! `tally bench --quick`, black box: the harness runs end to end against the local stack and
+//! its JSON report has every section with positive figures and ratios. No timing is asserted:
+//! the figures of a quick run on a shared machine prove only that each section measured.
+
+mod support;
+
+use serde_json::Value;
+use support::Servers;
+
+const SECTIONS: [&str; 7] = ["broker", "pipeline", "decision_latency", "check", "history", "memory", "ingest"];
+
+/// Figures that must be positive in every run (others, such as error counts, may be zero).
+const POSITIVE: [(&str, &str); 14] = [
+    ("broker", "produce_per_s"),
+    ("broker", "consume_per_s"),
+    ("broker", "round_trip_p99_ms"),
+    ("pipeline", "events_per_s"),
+    ("decision_latency", "decision_p50_ms"),
+    ("decision_latency", "decision_p99_ms"),
+    ("check", "requests_per_s"),
+    ("check", "check_p99_ms"),
+    ("history", "series_30d_daily_p99_ms"),
+    ("history", "top20_30d_p99_ms"),
+    ("memory", "aggregator_rss_mib"),
+    ("memory", "api_rss_mib"),
+    ("ingest", "events_per_s"),
+    ("ingest", "request_p99_ms"),
+];
+
+#[test]
+fn quick_bench_reports_every_section_with_figures_and_ratios() {
+    let servers = Servers::get();
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("tally-tests").join(format!("bench-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("create the report directory");
+    let json_path = dir.join("bench.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["bench", "--quick", "--json"])
+        .arg(&json_path)
+        .env("TALLY_KAFKA_BROKERS", &servers.kafka)
+        .env("TALLY_DATABASE_URL", &servers.postgres)
+        .env("TALLY_CLICKHOUSE_URL", &servers.clickhouse)
+        .output()
+        .expect("run tally bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "tally bench --quick failed:\n{stderr}");
+    let table = String::from_utf8_lossy(&out.stdout);
+    for section in SECTIONS {
+        assert!(table.contains(&format!("== {section}")), "the table has no {section} section:\n{table}");
+    }
+
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).expect("read the JSON report")).expect("the report is JSON");
+    assert_eq!(report["quick"], true);
+    assert!(report["machine"]["cpus"].as_u64().unwrap_or(0) > 0, "machine: {}", report["machine"]);
+    for section in SECTIONS {
+        let s = &report["sections"][section];
+        let figures = s["figures"].as_object().unwrap_or_else(|| panic!("{section} has no figures: {s}"));
+        assert!(!figures.is_empty(), "{section} has no figures");
+        for (name, value) in figures {
+            let v = value.as_f64().unwrap_or_else(|| panic!("{section}.{name} is not a number: {value}"));
+            assert!(v.is_finite() && v >= 0.0, "{section}.{name} = {v}");
+        }
+        let ratios = s["ratios"].as_object().unwrap_or_else(|| panic!("{section} has no ratios: {s}"));
+        assert!(!ratios.is_empty(), "{section} has no ratio against a baseline: {s}");
+        for (name, value) in ratios {
+            let v = value.as_f64().unwrap_or_else(|| panic!("{section} ratio {name} is not a number: {value}"));
+            assert!(v.is_finite() && v > 0.0, "{section} ratio {name} = {v}");
+        }
+        assert!(s["targets"].is_array() && s["notes"].is_array(), "{section}: {s}");
+    }
+    for (section, name) in POSITIVE {
+        let v = report["sections"][section]["figures"][name].as_f64().unwrap_or(0.0);
+        assert!(v > 0.0, "{section}.{name} = {v}; report: {}", report["sections"][section]);
+    }
+}
