@@ -4,6 +4,7 @@
 //! Nothing here knows about metering rules (that is `tally-domain`) or about one service's
 //! data path.
 
+pub mod auth;
 pub mod clickhouse;
 pub mod kafka;
 pub mod membership;

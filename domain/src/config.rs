@@ -53,7 +53,7 @@
 //!     reason: launch week
 //!     created_by: ops@example.com
 //! api_keys:                     # keys are stored only as SHA-256 hex of the key
-//!   - {key_sha256: "<64 hex>", tier: pro, label: acme-prod}
+//!   - {key_sha256: "<64 hex>", tier: pro, label: acme-prod, subject: acme}  # subject optional
 //! prices:                       # integer micro-dollars per 1 000 000 tokens
 //!   gpt-4o: {input: 2500000, output: 10000000, cached: 1250000}
 //! ```
@@ -154,6 +154,9 @@ pub struct ApiKey {
     pub key_sha256: String,
     pub tier: String,
     pub label: Option<String>,
+    /// The subject the key belongs to, if it is bound to one: the API's check then accepts
+    /// the key alone and checks this subject.
+    pub subject: Option<String>,
 }
 
 /// A model's price in micro-dollars per 1 000 000 tokens.
@@ -362,6 +365,7 @@ struct RawApiKey {
     key: Option<serde::de::IgnoredAny>,
     tier: String,
     label: Option<String>,
+    subject: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -936,7 +940,12 @@ impl Validator {
                 self.err(&format!("{path}.key_sha256"), "the same key is listed twice");
                 continue;
             }
-            out.insert(hash.clone(), ApiKey { key_sha256: hash, tier: raw.tier, label: raw.label });
+            if let Some(subject) = &raw.subject {
+                if !self.non_empty(subject, &format!("{path}.subject")) {
+                    continue;
+                }
+            }
+            out.insert(hash.clone(), ApiKey { key_sha256: hash, tier: raw.tier, label: raw.label, subject: raw.subject });
         }
         out
     }
@@ -1169,6 +1178,15 @@ overrides:
         assert_eq!(c.api_key_tier(&hash_api_key("k")), Some("free"));
         let dup = format!("default_tier: free\ntiers: [{{name: free}}]\napi_keys: [{{key_sha256: {upper}, tier: free}}, {{key_sha256: {upper}, tier: free}}]\n");
         assert_eq!(paths(&dup), ["api_keys[1].key_sha256"]);
+    }
+
+    #[test]
+    fn api_keys_may_be_bound_to_a_subject() {
+        let h = hash_api_key("k");
+        let c = Config::from_yaml_str(&format!("default_tier: free\ntiers: [{{name: free}}]\napi_keys: [{{key_sha256: {h}, tier: free, subject: acme}}]\n")).unwrap();
+        assert_eq!(c.api_keys[&h].subject.as_deref(), Some("acme"));
+        let empty = format!("default_tier: free\ntiers: [{{name: free}}]\napi_keys: [{{key_sha256: {h}, tier: free, subject: ' '}}]\n");
+        assert_eq!(paths(&empty), ["api_keys[0].subject"]);
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //! - The answer is 202 `{"accepted": n}` only after the broker acknowledged every event.
 //!   If the broker does not, the answer is 503 and the gateway retries with the same ids;
 //!   the aggregator's dedupe makes the retry safe.
+//! - With an ingest token configured (`TALLY_INGEST_TOKEN`), `POST /v1/events` needs
+//!   `Authorization: Bearer <token>` (compared in constant time, never logged) and answers
+//!   401 without producing anything; without one it is open, and says so loudly at start.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,6 +41,9 @@ pub struct IngestSettings {
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "TALLY_INGEST_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Bearer token gateways must present on `POST /v1/events`. Without it ingest is open.
+    #[arg(long = "ingest-token", env = "TALLY_INGEST_TOKEN", hide_env_values = true)]
+    pub token: Option<tally_common::auth::Token>,
 }
 
 struct Metrics {
@@ -45,6 +51,7 @@ struct Metrics {
     accepted: Counter,
     rejected: Counter,
     broker_failures: Counter,
+    unauthorized: Counter,
     produce: Timing,
 }
 
@@ -59,6 +66,7 @@ impl Metrics {
                 "requests answered 503 because the broker did not acknowledge",
                 &[],
             ),
+            unauthorized: registry.counter("tally_ingest_unauthorized_total", "requests refused for a missing or wrong token", &[]),
             produce: Timing::new(
                 &registry,
                 "tally_ingest_produce_micros_total",
@@ -75,6 +83,7 @@ struct AppState {
     topic: String,
     max_batch: usize,
     metrics: Metrics,
+    token: Option<tally_common::auth::Token>,
 }
 
 /// A JSON error body: `{"error", "field", "index"}`.
@@ -93,12 +102,29 @@ fn error(status: StatusCode, error: String, field: Option<String>, index: Option
 
 /// Builds the router; the producer must be connected to the broker that owns `topic`.
 fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
-    Router::new()
+    let events = Router::new()
         .route("/v1/events", post(post_events))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .merge(events)
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
+}
+
+/// Refuses requests without the ingest token, when one is configured.
+async fn require_token(State(state): State<Arc<AppState>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let Some(token) = &state.token else { return next.run(req).await };
+    let header = req.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if tally_common::auth::authorized(header, &[token]) {
+        next.run(req).await
+    } else {
+        state.metrics.unauthorized.inc();
+        let mut r = error(StatusCode::UNAUTHORIZED, "a valid bearer token is required".into(), Some("authorization".into()), None);
+        r.headers_mut().insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+        r
+    }
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> String {
@@ -190,7 +216,11 @@ pub async fn run(
         topic: kafka.usage_topic.clone(),
         max_batch: settings.max_batch,
         metrics: Metrics::new(),
+        token: settings.token.clone(),
     });
+    if state.token.is_none() {
+        tracing::warn!("no ingest token configured (TALLY_INGEST_TOKEN): anyone who can reach this address can send usage");
+    }
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("failed to listen on {}", settings.listen))?;
@@ -222,6 +252,38 @@ mod tests {
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(body["index"], 1);
         assert_eq!(body["field"], "input_tokens");
+    }
+
+    #[test]
+    fn the_ingest_token_is_required_when_configured() {
+        use tower::ServiceExt;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let producer: FutureProducer =
+                rdkafka::ClientConfig::new().set("bootstrap.servers", "127.0.0.1:1").create().unwrap();
+            let state = Arc::new(AppState {
+                producer,
+                topic: "t".into(),
+                max_batch: 10,
+                metrics: Metrics::new(),
+                token: Some(tally_common::auth::Token::new("ingest-token-0123456789")),
+            });
+            let app = router(state, 1024);
+            let req = |auth: Option<&str>| {
+                let mut b = axum::http::Request::post("/v1/events").header("content-type", "application/json");
+                if let Some(a) = auth {
+                    b = b.header("authorization", a);
+                }
+                b.body(axum::body::Body::from("[]")).unwrap()
+            };
+            assert_eq!(app.clone().oneshot(req(None)).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+            assert_eq!(app.clone().oneshot(req(Some("Bearer wrong-token"))).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+            // With the token the request reaches validation (an empty batch is a 400).
+            let ok = app.clone().oneshot(req(Some("Bearer ingest-token-0123456789"))).await.unwrap();
+            assert_eq!(ok.status(), StatusCode::BAD_REQUEST);
+            let health = axum::http::Request::get("/healthz").body(axum::body::Body::empty()).unwrap();
+            assert_eq!(app.oneshot(health).await.unwrap().status(), StatusCode::OK);
+        });
     }
 
     #[test]

@@ -1,0 +1,216 @@
+//! The tier configuration as the API sees it, and the admin API's edits of it.
+//!
+//! Contract:
+//! - The configuration is the same data `tally config apply` writes: whole YAML documents in
+//!   `config_versions`, the highest version in force (the built-in default, version 0, when
+//!   none was applied).
+//! - [`ConfigCache`] keeps the version in force in memory for the check path (API key
+//!   lookups, the tier of a subject with no decision yet). A background task polls for a
+//!   newer version every 500 ms; an edit made through this API instance is cached at once.
+//! - [`Editor::edit`] applies ONE change: it loads the latest document, changes its YAML
+//!   tree, validates the result with [`Config::from_yaml_str`] (nothing is written if it is
+//!   invalid), and stores it as a new version only if no other version landed since it was
+//!   loaded (optimistic concurrency; it re-applies the change on the newer document up to
+//!   three times, then answers 409). After the commit it announces
+//!   `{"type":"config_applied","version":N}` on the control topic so aggregators re-evaluate
+//!   at once; if that fails they still pick the version up within their 200 ms tick.
+//! - Edits rewrite the document from its YAML tree: comments of a hand-written file do not
+//!   survive an admin edit (the previous versions keep them).
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_yaml::Value;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use tally_domain::config::{Config, ConfigErrors};
+
+use crate::error::AppError;
+
+/// The built-in configuration, as the aggregator uses it when none was applied.
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.yaml");
+
+/// One version of the configuration.
+pub struct Loaded {
+    /// 0 for the built-in default.
+    pub version: i64,
+    pub document: String,
+    pub config: Config,
+}
+
+impl Loaded {
+    pub fn builtin() -> anyhow::Result<Loaded> {
+        let config = Config::from_yaml_str(DEFAULT_CONFIG).map_err(|e| anyhow::anyhow!("the built-in configuration is invalid: {e}"))?;
+        Ok(Loaded { version: 0, document: DEFAULT_CONFIG.to_string(), config })
+    }
+}
+
+/// The configuration version in force, in memory.
+pub struct ConfigCache {
+    current: RwLock<Arc<Loaded>>,
+}
+
+impl ConfigCache {
+    pub fn new(loaded: Loaded) -> ConfigCache {
+        ConfigCache { current: RwLock::new(Arc::new(loaded)) }
+    }
+
+    pub fn current(&self) -> Arc<Loaded> {
+        match self.current.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Keeps `loaded` if it is newer than the cached version.
+    pub fn offer(&self, loaded: Loaded) {
+        let mut current = match self.current.write() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if loaded.version > current.version {
+            *current = Arc::new(loaded);
+        }
+    }
+
+    /// Loads the latest version from Postgres if it is newer than the cached one.
+    pub async fn refresh(&self, pool: &PgPool) -> anyhow::Result<()> {
+        let latest: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM config_versions").fetch_one(pool).await?;
+        let Some(latest) = latest else { return Ok(()) };
+        if latest <= self.current().version {
+            return Ok(());
+        }
+        let document: String =
+            sqlx::query_scalar("SELECT document FROM config_versions WHERE version = $1").bind(latest).fetch_one(pool).await?;
+        let config = Config::from_yaml_str(&document).map_err(|e| anyhow::anyhow!("configuration version {latest} is invalid: {e}"))?;
+        self.offer(Loaded { version: latest, document, config });
+        Ok(())
+    }
+
+    /// Polls Postgres for newer versions until the task is aborted.
+    pub fn spawn_refresher(self: &Arc<Self>, pool: PgPool) -> tokio::task::JoinHandle<()> {
+        let cache = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = cache.refresh(&pool).await {
+                    tracing::warn!(error = %e, "failed to refresh the tier configuration");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    }
+}
+
+/// Announces configuration versions on the control topic.
+pub struct Announcer {
+    pub producer: FutureProducer,
+    pub topic: String,
+}
+
+impl Announcer {
+    async fn announce(&self, version: i64) {
+        let payload = serde_json::json!({"type": "config_applied", "version": version, "at": chrono::Utc::now()}).to_string();
+        let record = FutureRecord::to(&self.topic).key("config").payload(&payload);
+        if let Err((e, _)) = self.producer.send(record, Duration::from_secs(5)).await {
+            tracing::warn!(error = %e, version, topic = %self.topic, "announcing a configuration version failed; aggregators pick it up at their next tick");
+        }
+    }
+}
+
+/// Applies admin changes to the configuration in Postgres.
+pub struct Editor {
+    pub pool: PgPool,
+    pub cache: Arc<ConfigCache>,
+    pub announcer: Option<Announcer>,
+}
+
+/// What one change did.
+pub struct Edited<T> {
+    pub value: T,
+    pub version: i64,
+}
+
+impl Editor {
+    /// The latest stored version and document (the built-in default when none).
+    async fn latest(&self) -> Result<(i64, String), AppError> {
+        let row: Option<(i64, String)> =
+            sqlx::query_as("SELECT version, document FROM config_versions ORDER BY version DESC LIMIT 1").fetch_optional(&self.pool).await?;
+        Ok(row.unwrap_or_else(|| (0, DEFAULT_CONFIG.to_string())))
+    }
+
+    /// Applies `change` to the latest document and stores the result as a new version; see
+    /// the module docs. `prefix` is the configuration path of the item the request is
+    /// about (e.g. `tiers.gold`): validation errors under it name the request's field.
+    pub async fn edit<T>(
+        &self,
+        source: &str,
+        prefix: &str,
+        mut change: impl FnMut(&mut Value) -> Result<T, AppError>,
+    ) -> Result<Edited<T>, AppError> {
+        for _ in 0..4 {
+            let (base, document) = self.latest().await?;
+            let mut tree: Value = serde_yaml::from_str(&document)
+                .map_err(|e| AppError::unavailable("configuration in force", format!("version {base} does not parse: {e}")))?;
+            if tree.is_null() {
+                tree = Value::Mapping(Default::default());
+            }
+            let value = change(&mut tree)?;
+            let text = serde_yaml::to_string(&tree).map_err(|e| AppError::unavailable("configuration encoder", e))?;
+            let config = Config::from_yaml_str(&text).map_err(|e| config_error(&e, prefix))?;
+            let sha = hex::encode(Sha256::digest(text.as_bytes()));
+            let mut tx = self.pool.begin().await?;
+            // The same lock `tally config apply` takes: one writer at a time.
+            sqlx::query("LOCK TABLE config_versions IN SHARE ROW EXCLUSIVE MODE").execute(&mut *tx).await?;
+            let latest: Option<(i64, String)> =
+                sqlx::query_as("SELECT version, sha256 FROM config_versions ORDER BY version DESC LIMIT 1").fetch_optional(&mut *tx).await?;
+            if latest.as_ref().map(|(v, _)| *v).unwrap_or(0) != base {
+                tx.rollback().await.ok();
+                tracing::info!(base, "configuration changed while editing; retrying on the newer version");
+                continue;
+            }
+            if let Some((version, latest_sha)) = latest {
+                if latest_sha == sha {
+                    tx.commit().await?;
+                    return Ok(Edited { value, version });
+                }
+            }
+            let version: i64 =
+                sqlx::query_scalar("INSERT INTO config_versions (document, sha256, source) VALUES ($1, $2, $3) RETURNING version")
+                    .bind(&text)
+                    .bind(&sha)
+                    .bind(source)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            tx.commit().await?;
+            tracing::info!(version, source, "configuration version stored");
+            self.cache.offer(Loaded { version, document: text, config });
+            if let Some(a) = &self.announcer {
+                a.announce(version).await;
+            }
+            return Ok(Edited { value, version });
+        }
+        Err(AppError::conflict(None, "the configuration kept changing during this edit; retry"))
+    }
+}
+
+/// The first configuration error as a 400 (or 409 for a broken reference elsewhere).
+fn config_error(e: &ConfigErrors, prefix: &str) -> AppError {
+    let Some(first) = e.0.first() else { return AppError::bad("body", "invalid configuration") };
+    // `prefix` names a section (`overrides`) or an item (`tiers.gold`); an index right after
+    // it (`overrides[3].rate`) is the item the request added.
+    let inner = first.path.strip_prefix(prefix).filter(|r| r.is_empty() || r.starts_with(['.', '['])).map(|rest| {
+        let rest = if rest.starts_with('[') { rest.split_once(']').map(|(_, r)| r).unwrap_or(rest) } else { rest };
+        rest.trim_start_matches('.')
+    });
+    if inner.is_some() && first.message.contains("overlaps") {
+        return AppError::new(StatusCode::CONFLICT, first.message.clone(), Some("subject"));
+    }
+    match inner {
+        Some(field) => AppError::bad(if field.is_empty() { "body" } else { field }, first.message.clone()),
+        // The change broke something that refers to it (e.g. a group still maps to a
+        // deleted tier): a conflict with the rest of the configuration.
+        None => AppError::new(StatusCode::CONFLICT, format!("{}: {}", first.path, first.message), Some(&first.path)),
+    }
+}

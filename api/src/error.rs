@@ -1,0 +1,97 @@
+//! The API's one error type: a status and a JSON body `{"error", "field"}`.
+//!
+//! Internal failures (Postgres, the broker) answer with a generic message; their cause is
+//! logged once, here, and never sent to the client.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+#[derive(Debug)]
+pub struct AppError {
+    pub status: StatusCode,
+    pub error: String,
+    pub field: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+impl AppError {
+    pub fn new(status: StatusCode, error: impl Into<String>, field: Option<&str>) -> AppError {
+        AppError { status, error: error.into(), field: field.map(str::to_string) }
+    }
+
+    /// 400 naming the field that was wrong.
+    pub fn bad(field: &str, error: impl Into<String>) -> AppError {
+        AppError::new(StatusCode::BAD_REQUEST, error, Some(field))
+    }
+
+    pub fn not_found(field: &str, error: impl Into<String>) -> AppError {
+        AppError::new(StatusCode::NOT_FOUND, error, Some(field))
+    }
+
+    pub fn conflict(field: Option<&str>, error: impl Into<String>) -> AppError {
+        AppError::new(StatusCode::CONFLICT, error, field)
+    }
+
+    pub fn unauthorized() -> AppError {
+        AppError::new(StatusCode::UNAUTHORIZED, "a valid bearer token is required", Some("authorization"))
+    }
+
+    /// 503 with a generic message; `cause` is logged, never sent.
+    pub fn unavailable(what: &str, cause: impl std::fmt::Display) -> AppError {
+        tracing::error!(error = %cause, what, "dependency failed");
+        AppError::new(StatusCode::SERVICE_UNAVAILABLE, format!("the {what} is unavailable"), None)
+    }
+
+    /// A Postgres failure.
+    pub fn database(cause: impl std::fmt::Display) -> AppError {
+        AppError::unavailable("database", cause)
+    }
+}
+
+impl From<sqlx::Error> for AppError {
+    fn from(e: sqlx::Error) -> AppError {
+        AppError::database(e)
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, Json(Body { error: &self.error, field: self.field.as_deref() })).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+/// A JSON body extractor whose rejections are [`AppError`]s (400/413/415 with `field: body`).
+pub struct JsonBody<T>(pub T);
+
+impl<S, T> axum::extract::FromRequest<S> for JsonBody<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = AppError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, AppError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(JsonBody(v)),
+            Err(rejection) => {
+                let status = rejection.status();
+                let text = rejection.body_text();
+                // serde names the field in "unknown field `x`" / "missing field `x`".
+                let field = text.split('`').nth(1).filter(|_| text.contains("field `")).unwrap_or("body").to_string();
+                Err(AppError { status, error: text, field: Some(field) })
+            }
+        }
+    }
+}

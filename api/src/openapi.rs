@@ -1,0 +1,131 @@
+//! `GET /openapi.json`: the OpenAPI 3 document of the API, written by hand next to the route
+//! table. A test checks that every route of the router is in it and every path in it routes.
+
+use axum::Json;
+use serde_json::{json, Value};
+
+/// Routes mounted from `crate::history` (its own router), as (method, path).
+pub const HISTORY_ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v1/history/series"),
+    ("GET", "/v1/history/top"),
+    ("GET", "/v1/subjects/{subject}/history"),
+    ("GET", "/v1/reconcile"),
+];
+
+fn op(summary: &str, security: Option<&str>, params: &[&str], body: Option<&str>, responses: &[(&str, &str)]) -> Value {
+    let mut o = json!({"summary": summary, "responses": {}});
+    for (code, desc) in responses {
+        o["responses"][*code] = json!({"description": desc, "content": {"application/json": {"schema": {"$ref": if code.starts_with('2') { "#/components/schemas/Any" } else { "#/components/schemas/Error" }}}}});
+    }
+    if let Some(role) = security {
+        o["security"] = json!([{ role: [] }]);
+        o["responses"]["401"] = json!({"description": "missing or wrong bearer token", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    }
+    let params: Vec<Value> = params
+        .iter()
+        .map(|p| match p.strip_prefix('?') {
+            Some(q) => json!({"name": q, "in": "query", "required": false, "schema": {"type": "string"}}),
+            None => json!({"name": p, "in": "path", "required": true, "schema": {"type": "string"}}),
+        })
+        .collect();
+    if !params.is_empty() {
+        o["parameters"] = Value::Array(params);
+    }
+    if let Some(schema) = body {
+        o["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}});
+    }
+    o
+}
+
+/// The document.
+pub fn document() -> Value {
+    let read = Some("read");
+    let admin = Some("admin");
+    let page = ["?limit", "?cursor"];
+    let ok = [("200", "ok")];
+    let bad = [("200", "ok"), ("400", "bad input"), ("404", "not found"), ("409", "conflicts with the configuration")];
+    let created = [("201", "created"), ("400", "bad input"), ("409", "conflicts with the configuration")];
+    json!({
+        "openapi": "3.0.3",
+        "info": {"title": "Tally API", "version": env!("CARGO_PKG_VERSION"),
+                 "description": "Quota checks, decisions, usage, history and the admin API of Tally."},
+        "components": {
+            "securitySchemes": {
+                "read": {"type": "http", "scheme": "bearer", "description": "the read token (or the admin token)"},
+                "admin": {"type": "http", "scheme": "bearer", "description": "the admin token"}
+            },
+            "schemas": {
+                "Any": {"type": "object"},
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}, "field": {"type": "string"}}},
+                "CheckRequest": {"type": "object", "additionalProperties": false, "properties": {
+                    "subject": {"type": "string"}, "api_key": {"type": "string"}, "scope": {"type": "string"},
+                    "model": {"type": "string"}, "estimated_tokens": {"type": "integer", "minimum": 0},
+                    "estimated_cost_micros": {"type": "integer", "minimum": 0}}},
+                "Tier": {"type": "object", "required": ["name"], "description": "a tier as in the YAML configuration (domain/src/config.rs)"},
+                "Group": {"type": "object", "required": ["tier"], "properties": {"tier": {"type": "string"}}},
+                "Assignment": {"type": "object", "required": ["tier"], "properties": {
+                    "tier": {"type": "string"}, "expires_at": {"type": "string", "format": "date-time"}, "reason": {"type": "string"}}},
+                "Override": {"type": "object", "required": ["subject", "reason", "created_by"], "properties": {
+                    "subject": {"type": "string"}, "rate": {"type": "string", "example": "1000/h"}, "limit": {"type": "integer"},
+                    "scope": {"type": "string"}, "quota": {"type": "string"}, "duration": {"type": "string", "example": "1h"},
+                    "starts_at": {"type": "string", "format": "date-time"}, "expires_at": {"type": "string", "format": "date-time"},
+                    "reason": {"type": "string"}, "created_by": {"type": "string"}}},
+                "ApiKeyRequest": {"type": "object", "required": ["tier"], "properties": {
+                    "tier": {"type": "string"}, "subject": {"type": "string"}, "label": {"type": "string"}}}
+            }
+        },
+        "paths": {
+            "/healthz": {"get": op("liveness", None, &[], None, &ok)},
+            "/readyz": {"get": op("readiness: Postgres, broker, decision view caught up", None, &[], None, &[("200", "ready"), ("503", "not ready")])},
+            "/metrics": {"get": op("Prometheus metrics", None, &[], None, &ok)},
+            "/openapi.json": {"get": op("this document", None, &[], None, &ok)},
+            "/v1/check": {"post": op("may this subject make this request now? (X-RateLimit-*, Retry-After headers)", read, &[], Some("CheckRequest"),
+                &[("200", "the answer, allowed or not"), ("400", "bad input"), ("403", "unknown or revoked API key")])},
+            "/v1/subjects/{subject}/decision": {"get": op("the latest decision snapshot (ETag / If-None-Match)", read, &["subject"], None,
+                &[("200", "the snapshot"), ("304", "not modified"), ("404", "no decision yet")])},
+            "/v1/subjects/{subject}/usage": {"get": op("ledger rows", read, &["subject", "?limit"], None, &[("200", "ok"), ("400", "bad input")])},
+            "/v1/subjects/{subject}/history": {"get": op("usage history of one subject", read, &["subject", "?metric", "?from", "?to", "?granularity", "?tz", "?scope", "?model", "?group_by", "?limit"], None, &[("200", "ok"), ("400", "bad input")])},
+            "/v1/history/series": {"get": op("usage history series", read, &["?metric", "?from", "?to", "?granularity", "?tz", "?subject", "?scope", "?model", "?group_by", "?limit"], None, &[("200", "ok"), ("400", "bad input")])},
+            "/v1/history/top": {"get": op("top subjects", read, &["?metric", "?from", "?to", "?scope", "?model", "?limit"], None, &[("200", "ok"), ("400", "bad input")])},
+            "/v1/reconcile": {"get": op("ledger vs history for a month", read, &["?period", "?subject"], None, &[("200", "zero drift"), ("400", "bad input"), ("409", "drift")])},
+            "/v1/admin/config": {"get": op("the configuration document in force", admin, &[], None, &ok)},
+            "/v1/admin/tiers": {
+                "get": op("list tiers", admin, &page, None, &bad),
+                "post": op("create a tier", admin, &[], Some("Tier"), &created)},
+            "/v1/admin/tiers/{name}": {
+                "get": op("one tier", admin, &["name"], None, &bad),
+                "put": op("create or replace a tier", admin, &["name"], Some("Tier"), &bad),
+                "delete": op("delete a tier", admin, &["name"], None, &bad)},
+            "/v1/admin/groups": {"get": op("list groups and their tiers", admin, &page, None, &bad)},
+            "/v1/admin/groups/{group}": {
+                "get": op("one group", admin, &["group"], None, &bad),
+                "put": op("map a group to a tier", admin, &["group"], Some("Group"), &bad),
+                "delete": op("delete a group and its memberships", admin, &["group"], None, &bad)},
+            "/v1/admin/groups/{group}/members": {"get": op("members of a group", admin, &["group", "?limit", "?cursor"], None, &bad)},
+            "/v1/admin/groups/{group}/members/{subject}": {
+                "put": op("add a subject to a group", admin, &["group", "subject"], None, &bad),
+                "delete": op("remove a subject from a group", admin, &["group", "subject"], None, &bad)},
+            "/v1/admin/assignments": {"get": op("list tier assignments", admin, &page, None, &bad)},
+            "/v1/admin/assignments/{subject}": {
+                "get": op("one subject's assignment", admin, &["subject"], None, &bad),
+                "put": op("assign a tier to a subject, optionally until expires_at", admin, &["subject"], Some("Assignment"), &bad),
+                "delete": op("remove an assignment", admin, &["subject"], None, &bad)},
+            "/v1/admin/overrides": {
+                "get": op("list overrides", admin, &["?limit", "?cursor", "?subject"], None, &bad),
+                "post": op("create a temporary override", admin, &[], Some("Override"), &created)},
+            "/v1/admin/overrides/{id}": {
+                "get": op("one override", admin, &["id"], None, &bad),
+                "delete": op("delete an override", admin, &["id"], None, &bad)},
+            "/v1/admin/api-keys": {
+                "get": op("list API keys (never the keys themselves)", admin, &page, None, &bad),
+                "post": op("create an API key; the key is in this answer only", admin, &[], Some("ApiKeyRequest"), &created)},
+            "/v1/admin/api-keys/{id}": {
+                "get": op("one API key", admin, &["id"], None, &bad),
+                "delete": op("revoke an API key", admin, &["id"], None, &bad)}
+        }
+    })
+}
+
+pub async fn serve() -> Json<Value> {
+    Json(document())
+}

@@ -1,0 +1,688 @@
+//! Router tests: every route and every error, through the real router, on a real Postgres
+//! database created (and migrated) per test. The decision view is fed directly; nothing here
+//! needs the broker.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use chrono::{DateTime, Duration, Utc};
+use serde_json::{json, Value};
+use tally_api::check::StalePolicy;
+use tally_api::configs::{ConfigCache, Loaded};
+use tally_api::routes::{self, AppState, AuthSettings, CheckSettings, Parts, Role};
+use tally_api::view::DecisionView;
+use tally_common::auth::Token;
+use tally_common::postgres::{migrate, PostgresSettings};
+use tally_domain::decision::{Action, DecisionSnapshot, QuotaDecision, QuotaState};
+use tally_domain::metric::Metric;
+use tower::ServiceExt;
+
+const ADMIN: &str = "admin-token-for-router-tests";
+const READ: &str = "read-token-for-router-tests";
+
+const TIERS: &str = "
+default_tier: free
+timezone: UTC
+quotas:
+  - name: monthly_tokens
+    metric: total_tokens
+    period: month
+    limit: 1000
+tiers:
+  - name: free
+  - name: pro
+    priority: 10
+    rate_multiplier: 10
+";
+
+struct Env {
+    app: Router,
+    state: Arc<AppState>,
+    db: PostgresSettings,
+}
+
+fn database_url(name: &str) -> String {
+    let base = std::env::var("TALLY_DATABASE_URL").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let (server, _) = base.rsplit_once('/').expect("TALLY_DATABASE_URL has a database part");
+    format!("{server}/{name}")
+}
+
+async fn env_with(auth: AuthSettings, stale_policy: StalePolicy, tiers: Option<&str>) -> Env {
+    let name = format!("tally_api_test_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let db = PostgresSettings { database_url: database_url(&name), pool_size: 4 };
+    db.create_database_if_missing().await.expect("create the test database");
+    let pool = db.connect().await.expect("connect");
+    migrate(&pool).await.expect("migrate");
+    if let Some(doc) = tiers {
+        sqlx::query("INSERT INTO config_versions (document, sha256, source) VALUES ($1, 'x', 'test')").bind(doc).execute(&pool).await.unwrap();
+    }
+    let configs = Arc::new(ConfigCache::new(Loaded::builtin().unwrap()));
+    configs.refresh(&pool).await.expect("load the configuration");
+    let view = Arc::new(DecisionView::default());
+    view.mark_caught_up(Utc::now());
+    let state = AppState::new(Parts {
+        view,
+        pool,
+        configs,
+        announcer: None,
+        check: CheckSettings { max_staleness: Duration::seconds(10), stale_policy },
+        auth,
+        max_page: 50,
+        broker: None,
+    });
+    let ch = tally_history::ch::Ch::new(&tally_common::clickhouse::ClickHouseSettings {
+        clickhouse_url: "http://127.0.0.1:1".into(),
+        clickhouse_database: "none".into(),
+    });
+    let history = Arc::new(tally_api::history::HistoryState { ch, pool: state.pool.clone() });
+    let app = tally_api::app(state.clone(), Some(history), 4096);
+    Env { app, state, db }
+}
+
+async fn env() -> Env {
+    env_with(AuthSettings { admin: Some(Token::new(ADMIN)), read: None, no_auth: false }, StalePolicy::Open, Some(TIERS)).await
+}
+
+impl Env {
+    async fn send(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = match body {
+            Some(b) => req.header("content-type", "application/json").body(Body::from(b.to_string())),
+            None => req.body(Body::empty()),
+        }
+        .unwrap();
+        let r = self.app.clone().oneshot(req).await.unwrap();
+        let (status, headers) = (r.status(), r.headers().clone());
+        let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+        let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| if bytes.is_empty() { Value::Null } else { Value::String(String::from_utf8_lossy(&bytes).into()) });
+        (status, headers, v)
+    }
+
+    async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let (s, _, v) = self.send(method, path, Some(ADMIN), body).await;
+        (s, v)
+    }
+
+    async fn check(&self, body: Value) -> (StatusCode, axum::http::HeaderMap, Value) {
+        self.send("POST", "/v1/check", None, Some(body)).await
+    }
+
+    async fn versions(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM config_versions").fetch_one(&self.state.pool).await.unwrap()
+    }
+
+    async fn document(&self) -> String {
+        sqlx::query_scalar("SELECT document FROM config_versions ORDER BY version DESC LIMIT 1").fetch_one(&self.state.pool).await.unwrap()
+    }
+
+    async fn done(self) {
+        self.state.pool.close().await;
+        self.db.drop_database().await.ok();
+    }
+}
+
+fn quota(used: i64, limit: i64, action: Action, resets_at: DateTime<Utc>) -> QuotaDecision {
+    QuotaDecision {
+        quota: "monthly_tokens".into(),
+        metric: Metric::TotalTokens,
+        period: "month".into(),
+        scope: None,
+        state: tally_domain::decision::quota_state(used, limit, 0, &[80]),
+        action,
+        used,
+        limit,
+        remaining: (limit - used).max(0),
+        resets_at,
+        fired: vec![],
+    }
+}
+
+fn snapshot(subject: &str, version: i64, quotas: Vec<QuotaDecision>) -> DecisionSnapshot {
+    DecisionSnapshot {
+        subject: subject.into(),
+        allowed: DecisionSnapshot::allowed_for(&quotas),
+        version,
+        calculated_at: Utc::now() - Duration::milliseconds(250),
+        tier: "free".into(),
+        quotas,
+    }
+}
+
+// ---- OpenAPI and access ----
+
+fn concrete(path: &str) -> String {
+    path.replace("{subject}", "alice").replace("{name}", "free").replace("{group}", "g").replace("{id}", "x")
+}
+
+#[tokio::test]
+async fn openapi_lists_exactly_the_routes_and_every_path_routes() {
+    let e = env().await;
+    let (status, _, doc) = e.send("GET", "/openapi.json", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(doc["openapi"], "3.0.3");
+    let mut documented = std::collections::BTreeSet::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            documented.insert((method.to_uppercase(), path.clone()));
+        }
+    }
+    let mut routed: std::collections::BTreeSet<(String, String)> =
+        routes::routes().iter().map(|r| (r.method.to_string(), r.path.to_string())).collect();
+    routed.extend(tally_api::openapi::HISTORY_ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())));
+    assert_eq!(documented, routed, "the OpenAPI document and the router disagree");
+    // Every documented path reaches a handler (axum's own 404/405 have no JSON body).
+    for (method, path) in &documented {
+        let (status, _, body) = e.send(method, &concrete(path), Some(ADMIN), None).await;
+        assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        assert!(!(status == StatusCode::NOT_FOUND && body.is_null()), "{method} {path} is not routed");
+    }
+    e.done().await;
+}
+
+#[tokio::test]
+async fn tokens_are_enforced_on_every_route_that_needs_one() {
+    let auth = AuthSettings { admin: Some(Token::new(ADMIN)), read: Some(Token::new(READ)), no_auth: false };
+    let e = env_with(auth, StalePolicy::Open, Some(TIERS)).await;
+    let versions = e.versions().await;
+    let mut all: Vec<(String, String, Role)> = routes::routes().iter().map(|r| (r.method.to_string(), r.path.to_string(), r.role)).collect();
+    all.extend(tally_api::openapi::HISTORY_ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string(), Role::Read)));
+    for (method, path, role) in &all {
+        let path = concrete(path);
+        let body = (method == "POST" || method == "PUT").then(|| json!({"subject": "alice", "tier": "pro", "name": "x"}));
+        let (none, headers, err) = e.send(method, &path, None, body.clone()).await;
+        let (wrong, _, _) = e.send(method, &path, Some("not-the-token-at-all"), body.clone()).await;
+        let (read, _, _) = e.send(method, &path, Some(READ), body.clone()).await;
+        match role {
+            Role::Public => assert!(none != StatusCode::UNAUTHORIZED, "{method} {path} is public"),
+            Role::Read => {
+                assert_eq!((none, wrong), (StatusCode::UNAUTHORIZED, StatusCode::UNAUTHORIZED), "{method} {path}");
+                assert_eq!(err["field"], "authorization");
+                assert_eq!(headers["www-authenticate"], "Bearer");
+                assert_ne!(read, StatusCode::UNAUTHORIZED, "{method} {path} takes the read token");
+            }
+            Role::Admin => {
+                assert_eq!((none, wrong, read), (StatusCode::UNAUTHORIZED, StatusCode::UNAUTHORIZED, StatusCode::UNAUTHORIZED), "{method} {path}");
+            }
+        }
+    }
+    assert_eq!(e.versions().await, versions, "refused requests changed nothing");
+    // The admin token is accepted on read routes too.
+    let (s, _, _) = e.send("GET", "/v1/subjects/alice/usage", Some(ADMIN), None).await;
+    assert_eq!(s, StatusCode::OK);
+    e.done().await;
+}
+
+#[tokio::test]
+async fn without_an_admin_token_the_admin_api_is_closed_and_no_auth_opens_it() {
+    let e = env_with(AuthSettings::default(), StalePolicy::Open, Some(TIERS)).await;
+    let (s, _, _) = e.send("GET", "/v1/admin/tiers", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, _) = e.send("GET", "/v1/subjects/alice/usage", None, None).await;
+    assert_eq!(s, StatusCode::OK, "read routes are open without a read token");
+    e.done().await;
+    let e = env_with(AuthSettings { no_auth: true, ..AuthSettings::default() }, StalePolicy::Open, Some(TIERS)).await;
+    let (s, _, _) = e.send("GET", "/v1/admin/tiers", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    e.done().await;
+}
+
+// ---- health, readiness, metrics ----
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let e = env_with(AuthSettings::default(), StalePolicy::Open, None).await;
+    let (s, _, _) = e.send("GET", "/healthz", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, r) = e.send("GET", "/readyz", None, None).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(r["postgres"], "ok");
+    assert_eq!(r["decision_view"], "caught_up");
+    let (s, _, m) = e.send("GET", "/metrics", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(m.as_str().unwrap().contains("tally_api_config_version 0"), "{m}");
+    e.done().await;
+
+    let e = env().await;
+    let fresh = Arc::new(DecisionView::default());
+    let state = AppState::new(Parts {
+        view: fresh,
+        pool: e.state.pool.clone(),
+        configs: e.state.configs.clone(),
+        announcer: None,
+        check: e.state.check.clone(),
+        auth: AuthSettings::default(),
+        max_page: 10,
+        broker: None,
+    });
+    let app = tally_api::app(state, None, 1024);
+    let r = app.oneshot(Request::get("/readyz").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "not ready before the view caught up");
+    e.done().await;
+}
+
+// ---- decisions and usage ----
+
+#[tokio::test]
+async fn decision_etag_if_none_match_and_database_fallback() {
+    let e = env().await;
+    let (s, _, err) = e.send("GET", "/v1/subjects/nobody/decision", None, None).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::NOT_FOUND, Some("subject")));
+    e.state.view.offer(snapshot("alice", 7, vec![quota(10, 1000, Action::Block, Utc::now() + Duration::days(3))]));
+    let (s, h, d) = e.send("GET", "/v1/subjects/alice/decision", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(h["etag"], "W/\"7\"");
+    assert_eq!((d["version"].as_i64(), d["source"].as_str()), (Some(7), Some("view")));
+    let req = |inm: &str| Request::get("/v1/subjects/alice/decision").header("if-none-match", inm).body(Body::empty()).unwrap();
+    let r = e.app.clone().oneshot(req("W/\"7\"")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(r.headers()["etag"], "W/\"7\"");
+    let r = e.app.clone().oneshot(req("W/\"6\"")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // A subject the view has not seen comes from Postgres.
+    let stored = snapshot("bob", 3, vec![]);
+    sqlx::query("INSERT INTO decisions (subject, version, snapshot) VALUES ($1, $2, $3)")
+        .bind("bob")
+        .bind(3_i64)
+        .bind(sqlx::types::Json(&stored))
+        .execute(&e.state.pool)
+        .await
+        .unwrap();
+    let (s, _, d) = e.send("GET", "/v1/subjects/bob/decision", None, None).await;
+    assert_eq!((s, d["source"].as_str()), (StatusCode::OK, Some("database")));
+    e.done().await;
+}
+
+#[tokio::test]
+async fn usage_rows_and_bad_limits() {
+    let e = env().await;
+    let (s, _, u) = e.send("GET", "/v1/subjects/alice/usage", None, None).await;
+    assert_eq!((s, u["ledgers"].as_array().map(Vec::len)), (StatusCode::OK, Some(0)));
+    for bad in ["limit=0", "limit=x", "limit=100000", "nope=1"] {
+        let (s, _, err) = e.send("GET", &format!("/v1/subjects/alice/usage?{bad}"), None, None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {err}");
+        assert!(err["field"].is_string());
+    }
+    e.done().await;
+}
+
+// ---- check ----
+
+#[tokio::test]
+async fn check_answers_from_the_view_with_rate_limit_headers() {
+    let e = env().await;
+    // No decision yet: allowed with the default tier's limits.
+    let (s, h, a) = e.check(json!({"subject": "new"})).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!((a["allowed"].as_bool(), a["source"].as_str(), a["tier"].as_str()), (Some(true), Some("policy"), Some("free")));
+    assert_eq!(h["x-ratelimit-limit"], "1000");
+    assert_eq!(h["x-ratelimit-remaining"], "1000");
+    assert!(h.get("retry-after").is_none());
+
+    let resets = Utc::now() + Duration::seconds(3600);
+    e.state.view.offer(snapshot("alice", 4, vec![quota(1000, 1000, Action::Block, resets)]));
+    let (s, h, a) = e.check(json!({"subject": "alice", "model": "big"})).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!((a["allowed"].as_bool(), a["reason"].as_str(), a["source"].as_str()), (Some(false), Some("quota_breached"), Some("view")));
+    assert_eq!(a["action"]["type"], "block");
+    assert_eq!(a["version"], 4);
+    assert!(a["decision_age_ms"].as_i64().unwrap() >= 250);
+    assert_eq!(h["x-ratelimit-remaining"], "0");
+    let retry: i64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((3590..=3600).contains(&retry), "{retry}");
+    assert!(h.contains_key("x-tally-decision-age-ms"));
+
+    // A quota whose reset has passed counts as reset.
+    e.state.view.offer(snapshot("alice", 5, vec![quota(1000, 1000, Action::Block, Utc::now() - Duration::seconds(1))]));
+    let (_, h, a) = e.check(json!({"subject": "alice"})).await;
+    assert_eq!(a["allowed"], true, "{a}");
+    assert_eq!(h["x-ratelimit-remaining"], "1000");
+
+    // Degrade answers with the fallback model; an estimate can deny.
+    let degrade = Action::Degrade { fallback_model: "small".into() };
+    e.state.view.offer(snapshot("dora", 1, vec![quota(1000, 1000, degrade, resets)]));
+    let (_, _, a) = e.check(json!({"subject": "dora", "model": "big"})).await;
+    assert_eq!((a["allowed"].as_bool(), a["model"].as_str(), a["reason"].as_str()), (Some(true), Some("small"), Some("degraded")));
+    e.state.view.offer(snapshot("eve", 1, vec![quota(900, 1000, Action::Block, resets)]));
+    let (_, _, a) = e.check(json!({"subject": "eve", "estimated_tokens": 101})).await;
+    assert_eq!((a["allowed"].as_bool(), a["reason"].as_str()), (Some(false), Some("estimate_exceeds_remaining")));
+    let (_, _, a) = e.check(json!({"subject": "eve", "estimated_tokens": 100})).await;
+    assert_eq!(a["allowed"], true);
+    e.done().await;
+}
+
+#[tokio::test]
+async fn check_input_errors_name_the_field() {
+    let e = env().await;
+    let cases = [
+        (json!({}), StatusCode::BAD_REQUEST, "subject"),
+        (json!({"subject": ""}), StatusCode::BAD_REQUEST, "subject"),
+        (json!({"subject": "a", "estimated_tokens": -1}), StatusCode::BAD_REQUEST, "estimated_tokens"),
+        (json!({"subject": "a", "estimated_cost_micros": -1}), StatusCode::BAD_REQUEST, "estimated_cost_micros"),
+        (json!({"subject": "a", "scope": "x".repeat(300)}), StatusCode::BAD_REQUEST, "scope"),
+        (json!({"subject": "a", "colour": "red"}), StatusCode::UNPROCESSABLE_ENTITY, "colour"),
+        (json!({"subject": 5}), StatusCode::UNPROCESSABLE_ENTITY, "body"),
+        (json!({"api_key": "tally_sk_unknown"}), StatusCode::FORBIDDEN, "api_key"),
+    ];
+    for (body, status, field) in cases {
+        let (s, _, err) = e.check(body.clone()).await;
+        assert_eq!(s, status, "{body}: {err}");
+        assert_eq!(err["field"], field, "{body}: {err}");
+        assert!(err["error"].is_string());
+    }
+    let raw = |body: &str, ct: &str| Request::post("/v1/check").header("content-type", ct).body(Body::from(body.to_string())).unwrap();
+    let r = e.app.clone().oneshot(raw("{not json", "application/json")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let r = e.app.clone().oneshot(raw("{}", "text/plain")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let big = format!("{{\"subject\": \"{}\"}}", "x".repeat(5000));
+    let r = e.app.clone().oneshot(raw(&big, "application/json")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    e.done().await;
+}
+
+#[tokio::test]
+async fn a_stale_view_applies_the_configured_policy_and_says_so() {
+    for (policy, allowed) in [(StalePolicy::Open, true), (StalePolicy::Closed, false)] {
+        let e = env_with(AuthSettings::default(), policy, Some(TIERS)).await;
+        let view = &e.state.view;
+        // A view that last caught up a minute ago (the bound is 10 s).
+        let stale = Arc::new(DecisionView::default());
+        stale.mark_caught_up(Utc::now() - Duration::seconds(60));
+        stale.offer(snapshot("alice", 1, vec![quota(0, 1000, Action::Block, Utc::now() + Duration::days(1))]));
+        let _ = view;
+        let state = AppState::new(Parts {
+            view: stale,
+            pool: e.state.pool.clone(),
+            configs: e.state.configs.clone(),
+            announcer: None,
+            check: e.state.check.clone(),
+            auth: AuthSettings::default(),
+            max_page: 10,
+            broker: None,
+        });
+        let app = tally_api::app(state, None, 4096);
+        let r = app
+            .oneshot(Request::post("/v1/check").header("content-type", "application/json").body(Body::from(r#"{"subject":"alice"}"#)).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let has_retry = r.headers().contains_key("retry-after");
+        let a: Value = serde_json::from_slice(&axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap()).unwrap();
+        assert_eq!(a["allowed"], allowed, "{a}");
+        assert_eq!(a["stale"], true);
+        assert!(a["staleness_ms"].as_i64().unwrap() >= 60_000);
+        assert_eq!(a["reason"], if allowed { "stale_fail_open" } else { "stale_fail_closed" });
+        assert_eq!(has_retry, !allowed);
+        e.done().await;
+    }
+}
+
+// ---- admin: tiers ----
+
+#[tokio::test]
+async fn tiers_crud_validation_and_paging() {
+    let e = env().await;
+    let before = e.versions().await;
+    let (s, err) = e.admin("POST", "/v1/admin/tiers", Some(json!({"name": "gold", "rate_multiplier": -1}))).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("rate_multiplier")), "{err}");
+    let bad_rate = json!({"name": "gold", "quotas": [{"name": "rpm", "metric": "requests", "rate": "ten per minute"}]});
+    let (s, err) = e.admin("POST", "/v1/admin/tiers", Some(bad_rate)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{err}");
+    assert!(err["field"].as_str().unwrap().contains("rate"), "{err}");
+    let (s, err) = e.admin("POST", "/v1/admin/tiers", Some(json!({"priority": 1}))).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("name")));
+    assert_eq!(e.versions().await, before, "invalid input wrote nothing");
+
+    let gold = json!({"name": "gold", "priority": 20, "rate_multiplier": 5, "quotas": [{"name": "rpm", "metric": "requests", "rate": "100/m"}]});
+    let (s, created) = e.admin("POST", "/v1/admin/tiers", Some(gold.clone())).await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    assert!(created["version"].as_i64().unwrap() > 0);
+    assert_eq!(e.state.configs.current().version, created["version"].as_i64().unwrap(), "the cache has the new version at once");
+    let (s, _) = e.admin("POST", "/v1/admin/tiers", Some(gold)).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, t) = e.admin("GET", "/v1/admin/tiers/gold", None).await;
+    assert_eq!((s, t["priority"].as_i64()), (StatusCode::OK, Some(20)));
+    let (s, _) = e.admin("GET", "/v1/admin/tiers/tin", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = e.admin("PUT", "/v1/admin/tiers/gold", Some(json!({"priority": 30}))).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, err) = e.admin("PUT", "/v1/admin/tiers/gold", Some(json!({"name": "silver"}))).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("name")));
+    assert!(e.document().await.contains("priority: 30"));
+
+    // Paging: free, gold, pro by name.
+    let (s, p1) = e.admin("GET", "/v1/admin/tiers?limit=2", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let names: Vec<&str> = p1["items"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["free", "gold"]);
+    assert_eq!(p1["next_cursor"], "gold");
+    let (_, p2) = e.admin("GET", "/v1/admin/tiers?limit=2&cursor=gold", None).await;
+    assert_eq!(p2["items"][0]["name"], "pro");
+    assert!(p2["next_cursor"].is_null());
+    for bad in ["limit=0", "limit=51", "limit=two"] {
+        let (s, err) = e.admin("GET", &format!("/v1/admin/tiers?{bad}"), None).await;
+        assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("limit")), "{bad}");
+    }
+
+    // A tier still referenced cannot go; an unreferenced one can.
+    let (s, _) = e.admin("PUT", "/v1/admin/groups/vip", Some(json!({"tier": "gold"}))).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, err) = e.admin("DELETE", "/v1/admin/tiers/gold", None).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{err}");
+    assert!(err["field"].as_str().unwrap().starts_with("groups"), "{err}");
+    let (s, _) = e.admin("DELETE", "/v1/admin/groups/vip", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = e.admin("DELETE", "/v1/admin/tiers/gold", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = e.admin("DELETE", "/v1/admin/tiers/gold", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, cfg) = e.admin("GET", "/v1/admin/config", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(!cfg["document"].as_str().unwrap().contains("gold"));
+    e.done().await;
+}
+
+#[tokio::test]
+async fn an_edit_builds_on_a_version_applied_meanwhile() {
+    let e = env().await;
+    // Someone runs `tally config apply` with a new tier; the next admin edit keeps it.
+    let applied = format!("{TIERS}  - name: bronze\n");
+    sqlx::query("INSERT INTO config_versions (document, sha256, source) VALUES ($1, 'y', 'file')").bind(&applied).execute(&e.state.pool).await.unwrap();
+    let (s, _) = e.admin("PUT", "/v1/admin/groups/g", Some(json!({"tier": "bronze"}))).await;
+    assert_eq!(s, StatusCode::OK);
+    let doc = e.document().await;
+    assert!(doc.contains("bronze") && doc.contains("g: bronze"), "{doc}");
+    e.done().await;
+}
+
+// ---- admin: groups, members, assignments ----
+
+#[tokio::test]
+async fn groups_members_and_assignments() {
+    let e = env().await;
+    let (s, err) = e.admin("PUT", "/v1/admin/groups/eng", Some(json!({"tier": "platinum"}))).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("tier")));
+    let (s, err) = e.admin("PUT", "/v1/admin/groups/eng", Some(json!({"tier": "pro", "extra": 1}))).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("extra")));
+    let (s, _) = e.admin("PUT", "/v1/admin/groups/eng", Some(json!({"tier": "pro"}))).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, g) = e.admin("GET", "/v1/admin/groups/eng", None).await;
+    assert_eq!((s, g["tier"].as_str()), (StatusCode::OK, Some("pro")));
+    let (s, _) = e.admin("GET", "/v1/admin/groups/ops", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = e.admin("PUT", "/v1/admin/groups/ops/members/alice", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    for subject in ["carol", "alice", "bob"] {
+        let (s, _) = e.admin("PUT", &format!("/v1/admin/groups/eng/members/{subject}"), None).await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    let (_, m) = e.admin("GET", "/v1/admin/groups/eng/members?limit=2", None).await;
+    assert_eq!(m["items"], json!([{"subject": "alice"}, {"subject": "bob"}]));
+    let (_, gl) = e.admin("GET", "/v1/admin/groups", None).await;
+    assert_eq!(gl["items"][0]["members"], 3);
+    let (s, _) = e.admin("GET", "/v1/admin/groups/ops/members", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = e.admin("DELETE", "/v1/admin/groups/eng/members/bob", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = e.admin("DELETE", "/v1/admin/groups/eng/members/bob", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // The configuration the aggregator reads resolves alice to pro through the group.
+    let config = e.state.configs.current();
+    assert_eq!(config.config.members["alice"], ["eng"]);
+    let (s, d) = e.admin("DELETE", "/v1/admin/groups/eng", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(d["members_removed"], json!(["alice", "carol"]));
+    let (s, _) = e.admin("DELETE", "/v1/admin/groups/eng", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    let soon = (Utc::now() + Duration::days(30)).to_rfc3339();
+    let (s, err) = e.admin("PUT", "/v1/admin/assignments/dan", Some(json!({"tier": "nope"}))).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("tier")));
+    let (s, err) = e.admin("PUT", "/v1/admin/assignments/dan", Some(json!({"tier": "pro", "expires_at": "2001-01-01T00:00:00Z"}))).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("expires_at")));
+    let (s, err) = e.admin("PUT", "/v1/admin/assignments/dan", Some(json!({"tier": "pro", "expires_at": "tomorrow"}))).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("body")), "{err}");
+    let (s, _) = e.admin("PUT", "/v1/admin/assignments/dan", Some(json!({"tier": "pro", "expires_at": soon, "reason": "trial"}))).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, a) = e.admin("GET", "/v1/admin/assignments/dan", None).await;
+    assert_eq!((s, a["tier"].as_str(), a["active"].as_bool()), (StatusCode::OK, Some("pro"), Some(true)));
+    let (_, l) = e.admin("GET", "/v1/admin/assignments", None).await;
+    assert_eq!(l["items"].as_array().unwrap().len(), 1);
+    let (s, _) = e.admin("DELETE", "/v1/admin/assignments/dan", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = e.admin("GET", "/v1/admin/assignments/dan", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = e.admin("DELETE", "/v1/admin/assignments/dan", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    e.done().await;
+}
+
+// ---- admin: overrides ----
+
+#[tokio::test]
+async fn overrides_are_validated_before_anything_is_written() {
+    let e = env().await;
+    let before = e.versions().await;
+    let base = json!({"subject": "carol", "rate": "1000/h", "reason": "launch", "created_by": "ops@example.com"});
+    let with = |patch: Value| {
+        let mut b = base.clone();
+        for (k, v) in patch.as_object().unwrap() {
+            if v.is_null() { b.as_object_mut().unwrap().remove(k); } else { b[k] = v.clone(); }
+        }
+        b
+    };
+    let cases = [
+        (with(json!({"rate": "lots"})), "rate"),
+        (with(json!({"rate": "5/30x"})), "rate"),
+        (with(json!({"limit": 5})), "rate"),
+        (with(json!({"rate": null})), "rate"),
+        (with(json!({"rate": null, "limit": 0})), "limit"),
+        (with(json!({"duration": "1h", "expires_at": "2030-01-01T00:00:00Z"})), "expires_at"),
+        (with(json!({"duration": "forever"})), "duration"),
+        (with(json!({"expires_at": "2001-01-01T00:00:00Z"})), "expires_at"),
+        (with(json!({"reason": null})), "reason"),
+        (with(json!({"created_by": ""})), "created_by"),
+        (with(json!({"subject": null})), "subject"),
+        (with(json!({"quota": "no_such_quota"})), "quota"),
+    ];
+    for (body, field) in cases {
+        let (s, err) = e.admin("POST", "/v1/admin/overrides", Some(body.clone())).await;
+        assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some(field)), "{body}: {err}");
+    }
+    assert_eq!(e.versions().await, before, "no invalid override was written");
+
+    let (s, created) = e.admin("POST", "/v1/admin/overrides", Some(base.clone())).await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    let o = &created["override"];
+    let expires: DateTime<Utc> = o["expires_at"].as_str().unwrap().parse().unwrap();
+    let hour = expires - Utc::now();
+    assert!(hour > Duration::minutes(59) && hour <= Duration::hours(1), "default duration is one hour: {hour}");
+    let id = o["id"].as_str().unwrap().to_string();
+    let (s, again) = e.admin("POST", "/v1/admin/overrides", Some(with(json!({"duration": "2h"})))).await;
+    assert_eq!((s, again["field"].as_str()), (StatusCode::CONFLICT, Some("subject")), "overlapping: {again}");
+    let (s, got) = e.admin("GET", &format!("/v1/admin/overrides/{id}"), None).await;
+    assert_eq!((s, got["active"].as_bool(), got["rate"].as_str()), (StatusCode::OK, Some(true), Some("1000/h")));
+    let (_, l) = e.admin("GET", "/v1/admin/overrides?subject=carol", None).await;
+    assert_eq!(l["items"].as_array().unwrap().len(), 1);
+    let (_, l) = e.admin("GET", "/v1/admin/overrides?subject=dave", None).await;
+    assert_eq!(l["items"].as_array().unwrap().len(), 0);
+    let (s, _) = e.admin("DELETE", &format!("/v1/admin/overrides/{id}"), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = e.admin("GET", &format!("/v1/admin/overrides/{id}"), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = e.admin("DELETE", &format!("/v1/admin/overrides/{id}"), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    e.done().await;
+}
+
+// ---- admin: API keys ----
+
+#[tokio::test]
+async fn api_keys_shown_once_stored_hashed_used_and_revoked() {
+    let e = env().await;
+    let (s, err) = e.admin("POST", "/v1/admin/api-keys", Some(json!({"tier": "nope"}))).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("tier")));
+    let (s, err) = e.admin("POST", "/v1/admin/api-keys", Some(json!({}))).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("tier")));
+    let (s, created) = e.admin("POST", "/v1/admin/api-keys", Some(json!({"tier": "pro", "subject": "acme", "label": "prod"}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    let key = created["key"].as_str().unwrap().to_string();
+    let id = created["id"].as_str().unwrap().to_string();
+    assert!(key.starts_with("tally_sk_"));
+    let doc = e.document().await;
+    assert!(!doc.contains(&key), "the key itself is never stored");
+    assert!(doc.contains(&tally_domain::event::hash_api_key(&key)));
+    let (_, listed) = e.admin("GET", "/v1/admin/api-keys", None).await;
+    assert!(!listed.to_string().contains(&key), "lists never show the key");
+    assert_eq!(listed["items"][0]["id"], id.as_str());
+    assert!(listed["items"][0]["created_at"].is_string());
+
+    // The key alone checks its subject, and its use is recorded off the hot path.
+    let (s, _, a) = e.check(json!({"api_key": key})).await;
+    assert_eq!((s, a["subject"].as_str(), a["allowed"].as_bool()), (StatusCode::OK, Some("acme"), Some(true)), "{a}");
+    let (s, _, err) = e.check(json!({"api_key": key, "subject": "someone-else"})).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::FORBIDDEN, Some("api_key")));
+    assert_eq!(e.state.last_use.flush(&e.state.pool).await.unwrap(), 1);
+    let (_, k) = e.admin("GET", &format!("/v1/admin/api-keys/{id}"), None).await;
+    assert!(k["last_used_at"].is_string(), "{k}");
+    assert_eq!(k["active"], true);
+
+    // An unbound key needs a subject.
+    let (_, unbound) = e.admin("POST", "/v1/admin/api-keys", Some(json!({"tier": "free"}))).await;
+    let (s, _, err) = e.check(json!({"api_key": unbound["key"]})).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("subject")));
+    let (s, _, a) = e.check(json!({"api_key": unbound["key"], "subject": "zed"})).await;
+    assert_eq!((s, a["tier"].as_str()), (StatusCode::OK, Some("free")));
+
+    let (s, r) = e.admin("DELETE", &format!("/v1/admin/api-keys/{id}"), None).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    let (s, _, err) = e.check(json!({"api_key": key})).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::FORBIDDEN, Some("api_key")), "a revoked key is refused");
+    let (s, k) = e.admin("GET", &format!("/v1/admin/api-keys/{id}"), None).await;
+    assert_eq!((s, k["active"].as_bool()), (StatusCode::OK, Some(false)));
+    assert!(k["revoked_at"].is_string());
+    let (s, _) = e.admin("DELETE", &format!("/v1/admin/api-keys/{id}"), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = e.admin("GET", "/v1/admin/api-keys/key_0000", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    e.done().await;
+}
+
+#[tokio::test]
+async fn the_check_follows_an_admin_change_of_tier_for_subjects_without_a_decision() {
+    let e = env().await;
+    let (_, _, a) = e.check(json!({"subject": "newbie"})).await;
+    assert_eq!(a["tier"], "free");
+    let (s, _) = e.admin("PUT", "/v1/admin/assignments/newbie", Some(json!({"tier": "pro"}))).await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, h, a) = e.check(json!({"subject": "newbie"})).await;
+    assert_eq!(a["tier"], "pro");
+    assert_eq!(h["x-ratelimit-limit"], "10000");
+    let _ = QuotaState::Ok;
+    e.done().await;
+}
