@@ -7,6 +7,7 @@ mod support;
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, Duration as Span, TimeZone, Utc};
+use futures::FutureExt;
 use serde_json::{json, Value};
 use support::{free_port, wait_for, Tally, TcpSwitch};
 
@@ -216,7 +217,13 @@ async fn a_writer_killed_mid_batch_and_restarted_converges_exactly() {
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     t.kill("history-writer");
-    t.spawn_history_writer(&[]);
+    // The killed writer still heartbeats in nobody's name: once its lease ends, the restarted
+    // writer owns every partition (the default 4), without any Kafka group rebalance.
+    let url = t.spawn_history_writer(&[]);
+    let listening = wait_for(Duration::from_secs(30), || tokio::net::TcpStream::connect(url.trim_start_matches("http://")).map(|c| c.is_ok())).await;
+    assert!(listening, "the restarted writer never served /metrics; logs in {}", t.log_dir().display());
+    let owns_all = wait_for(Duration::from_secs(60), || async { t.metric(&url, "tally_history_owned_partitions").await == 4 }).await;
+    assert!(owns_all, "the restarted writer never owned every partition; logs in {}", t.log_dir().display());
     wait_converged(&t, &pool, 450).await;
     assert_eq!(accepted_events(&pool).await, 450);
     assert_history_exact(&t, 450).await;

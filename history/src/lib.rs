@@ -5,8 +5,10 @@
 //! History converges to exactly the events the ledger counted: no loss, no duplicates in raw
 //! rows or rollups, after any replay, crash or ClickHouse outage.
 //!
-//! - The writer consumes the usage topic in its own consumer group (default `tally-history`),
-//!   so its lag or a ClickHouse outage never holds back the aggregator's group.
+//! - The writer consumes the usage topic in its own group (default `tally-history`), so its
+//!   lag or a ClickHouse outage never holds back the aggregator. Partitions are split among
+//!   the group's live writers through Postgres membership and assigned manually (see
+//!   [`writer`]); a writer killed and restarted resumes within the membership lease.
 //! - The ledger is the truth of what was counted. A message is written only once the
 //!   aggregator's stored offset (`consumer_offsets` of the ledger group) has passed it, and
 //!   only if `processed_events` holds its id with the same fingerprint: quarantined messages
@@ -36,14 +38,11 @@ pub mod writer;
 /// The history writer's own settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WriterSettings {
-    /// Consumer group of the history writer (never the ledger's).
+    /// Group of the history writers (never the ledger's): the membership group that splits
+    /// the partitions among live writers (`consumer_members`), the key of their progress in
+    /// `history_offsets`, and the Kafka group that receives offset hints.
     #[arg(long = "group", env = "TALLY_HISTORY_GROUP", default_value = "tally-history")]
     pub group: String,
-    /// Key under which the writer's progress is stored in `history_offsets` (default: the
-    /// consumer group). Stored offsets are the truth and the Kafka group only spreads the
-    /// partitions, so a writer may join a new group and resume where the old one stopped.
-    #[arg(long = "progress-group", env = "TALLY_HISTORY_PROGRESS_GROUP")]
-    pub progress_group: Option<String>,
     /// Consumer group of the aggregator, whose stored offsets and `processed_events` say what
     /// the ledger counted.
     #[arg(long = "ledger-group", env = "TALLY_AGGREGATOR_GROUP", default_value = "tally-ledger")]
@@ -54,9 +53,20 @@ pub struct WriterSettings {
     /// Longest wait, in milliseconds, to fill a batch once its first message arrived.
     #[arg(long, env = "TALLY_HISTORY_MAX_WAIT_MS", default_value_t = 200)]
     pub max_wait_ms: u64,
+    /// Milliseconds after its last heartbeat at which a writer is considered gone and its
+    /// partitions go to the live writers (a writer killed with SIGKILL and restarted owns
+    /// every partition again within this lease).
+    #[arg(long = "member-lease-ms", env = "TALLY_HISTORY_MEMBER_LEASE_MS", default_value_t = 10_000)]
+    pub member_lease_ms: u64,
     /// Address of the writer's `/healthz` and `/metrics`.
     #[arg(long = "listen", env = "TALLY_HISTORY_LISTEN", default_value = "127.0.0.1:8083")]
     pub listen: std::net::SocketAddr,
+}
+
+impl WriterSettings {
+    pub fn member_lease(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.member_lease_ms)
+    }
 }
 
 pub use writer::run;

@@ -1,24 +1,33 @@
 //! The history writer's consume loop.
 //!
-//! Rebalance callbacks only post a note on a channel; the loop claims assigned partitions in
-//! `history_offsets` and seeks to the stored offset. For each batch it keeps the run of
-//! messages continuing exactly from the stored offset, holds back what the ledger has not
-//! decided on yet, writes the counted events with [`Sink::write`], and only then advances
-//! its offsets. Any failure (ClickHouse down, Postgres down, fenced) rewinds the batch's
-//! partitions to the stored offsets and retries with a backoff while still polling the
-//! consumer, so the group membership survives a long outage.
+//! Partitions are split among the live writers of the group through Postgres membership
+//! ([`tally_common::membership`], group = the writer's `--group`), not by a Kafka consumer
+//! group: tansu 0.6 keeps a SIGKILLed group leader for ever, so a restarted writer would
+//! never get partitions from `subscribe`. Between batches the loop heartbeats (at most once
+//! a second); on gaining a partition it claims it in `history_offsets` (bumping the epoch,
+//! which fences the previous owner) and the consumer is `assign`ed exactly the owned
+//! partitions at their stored offsets. A member that stops heartbeating (killed) loses its
+//! share after the lease (`TALLY_HISTORY_MEMBER_LEASE_MS`), so a restarted writer owns every
+//! partition again within one lease; a clean shutdown leaves the group at once.
+//!
+//! For each batch the loop keeps the run of messages continuing exactly from the stored
+//! offset, holds back what the ledger has not decided on yet, writes the counted events with
+//! [`Sink::write`], and only then advances its offsets. Any failure (ClickHouse down,
+//! Postgres down) rewinds the batch's partitions to the stored offsets and retries with a
+//! backoff. A batch refused by fencing drops the partition, which is not claimed again for
+//! one lease (the other member owns it).
 
-use std::collections::HashMap;
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::Utc;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tally_common::clickhouse::ClickHouseSettings;
 use tally_common::kafka::KafkaSettings;
+use tally_common::membership::Membership;
 use tally_common::metrics::{Counter, Gauge, Registry, Timing};
 use tally_common::postgres::PostgresSettings;
 
@@ -28,29 +37,10 @@ use crate::progress::{Progress, ProgressError, Range};
 use crate::sink::{Sink, Step};
 use crate::WriterSettings;
 
-#[derive(Debug)]
-enum Note {
-    Assigned(Vec<i32>),
-    Revoked(Vec<i32>),
-}
+/// Forwards librdkafka's own log lines to tracing.
+struct KafkaLog;
 
-struct RebalanceNotes {
-    topic: String,
-    tx: Mutex<Sender<Note>>,
-}
-
-impl RebalanceNotes {
-    fn partitions(&self, tpl: &TopicPartitionList) -> Vec<i32> {
-        tpl.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition()).collect()
-    }
-    fn post(&self, note: Note) {
-        if let Ok(tx) = self.tx.lock() {
-            let _ = tx.send(note);
-        }
-    }
-}
-
-impl ClientContext for RebalanceNotes {
+impl ClientContext for KafkaLog {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
         use rdkafka::config::RDKafkaLogLevel as L;
         match level {
@@ -62,18 +52,7 @@ impl ClientContext for RebalanceNotes {
     }
 }
 
-impl ConsumerContext for RebalanceNotes {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            self.post(Note::Revoked(self.partitions(tpl)));
-        }
-    }
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            self.post(Note::Assigned(self.partitions(tpl)));
-        }
-    }
-}
+impl ConsumerContext for KafkaLog {}
 
 #[derive(Debug, Clone, Copy)]
 struct Owned {
@@ -126,8 +105,13 @@ fn failpoint() -> Option<Step> {
 struct Loop {
     settings: WriterSettings,
     topic: String,
-    consumer: StreamConsumer<RebalanceNotes>,
-    notes: Receiver<Note>,
+    consumer: StreamConsumer<KafkaLog>,
+    membership: Membership,
+    /// Partitions of the usage topic, from the broker's metadata (0 until known).
+    partitions: i32,
+    last_heartbeat: Option<Instant>,
+    /// Partitions this instance was fenced from, left alone until the given instant.
+    fenced_until: HashMap<i32, Instant>,
     progress: Progress,
     sink: Sink,
     owned: HashMap<i32, Owned>,
@@ -144,32 +128,40 @@ pub async fn run(
     clickhouse: ClickHouseSettings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    if settings.group == settings.ledger_group {
+        anyhow::bail!("the history writer's group must not be the ledger's ({}): they would split the partitions between them", settings.group);
+    }
     let pool = postgres.connect().await?;
-    let (tx, notes) = channel();
-    let context = RebalanceNotes { topic: kafka.usage_topic.clone(), tx: Mutex::new(tx) };
-    let consumer: StreamConsumer<RebalanceNotes> = kafka
+    // The Kafka group only receives offset hints: partitions are assigned manually.
+    let consumer: StreamConsumer<KafkaLog> = kafka
         .consumer_config(&settings.group)
-        .create_with_context(context)
+        .create_with_context(KafkaLog)
         .context("failed to create the history consumer")?;
-    consumer
-        .subscribe(&[kafka.usage_topic.as_str()])
-        .with_context(|| format!("failed to subscribe to {}", kafka.usage_topic))?;
     let progress = Progress {
-        pool,
-        group: settings.progress_group.clone().unwrap_or_else(|| settings.group.clone()),
+        pool: pool.clone(),
+        group: settings.group.clone(),
         ledger_group: settings.ledger_group.clone(),
         topic: kafka.usage_topic.clone(),
         owner: format!("history-{}", uuid::Uuid::new_v4()),
     };
+    let membership = Membership {
+        group: settings.group.clone(),
+        topic: kafka.usage_topic.clone(),
+        member_id: progress.owner.clone(),
+        lease: settings.member_lease(),
+    };
     let metrics = Arc::new(Metrics::new());
     let health = spawn_health_server(settings.listen, metrics.clone()).await?;
     let lag = spawn_lag_gauge(progress.clone(), metrics.clone());
-    tracing::info!(group = %settings.group, ledger_group = %settings.ledger_group, topic = %kafka.usage_topic,
+    tracing::info!(group = %settings.group, ledger_group = %settings.ledger_group, topic = %kafka.usage_topic, owner = %progress.owner,
         clickhouse = %clickhouse.clickhouse_url, database = %clickhouse.clickhouse_database, "history writer consuming");
     let mut state = Loop {
         topic: kafka.usage_topic.clone(),
         consumer,
-        notes,
+        membership: membership.clone(),
+        partitions: 0,
+        last_heartbeat: None,
+        fenced_until: HashMap::new(),
         progress,
         sink: Sink { ch: Ch::new(&clickhouse) },
         owned: HashMap::new(),
@@ -179,6 +171,9 @@ pub async fn run(
         settings,
     };
     state.consume_until(shutdown).await;
+    if let Err(e) = membership.leave(&pool).await {
+        tracing::warn!(error = %e, "could not leave the group; the others take over when the lease ends");
+    }
     health.abort();
     lag.abort();
     tracing::info!("history writer stopped");
@@ -210,13 +205,14 @@ fn spawn_lag_gauge(progress: Progress, metrics: Arc<Metrics>) -> tokio::task::Jo
 impl Loop {
     async fn consume_until(&mut self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        self.maintain_ownership().await;
         loop {
             let batch = tokio::select! {
                 biased;
                 _ = &mut shutdown => return,
                 batch = self.next_batch() => batch,
             };
-            self.apply_notes().await;
+            self.maintain_ownership().await;
             let deliveries = self.accept_in_order(batch);
             if deliveries.is_empty() {
                 continue;
@@ -257,20 +253,67 @@ impl Loop {
         batch
     }
 
-    async fn apply_notes(&mut self) {
-        while let Ok(note) = self.notes.try_recv() {
-            match note {
-                Note::Revoked(partitions) => {
-                    for p in partitions {
-                        self.owned.remove(&p);
-                    }
-                }
-                Note::Assigned(partitions) => {
-                    for p in partitions {
-                        self.claim(p).await;
-                    }
-                }
+    /// Heartbeats the membership (at most once a second) and brings the owned partitions in
+    /// line with this member's share: drops the ones it lost, claims the ones it gained, and
+    /// assigns the consumer exactly the owned ones at their stored offsets.
+    async fn maintain_ownership(&mut self) {
+        if self.last_heartbeat.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        self.last_heartbeat = Some(Instant::now());
+        if self.partitions == 0 {
+            self.partitions = self.partition_count();
+            if self.partitions == 0 {
+                return;
             }
+        }
+        let desired: BTreeSet<i32> = match self.membership.heartbeat(&self.progress.pool, self.partitions).await {
+            Ok(share) => share.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "membership heartbeat failed; keeping the current partitions");
+                return;
+            }
+        };
+        self.fenced_until.retain(|_, until| *until > Instant::now());
+        let owned: BTreeSet<i32> = self.owned.keys().copied().collect();
+        let gained: Vec<i32> = desired.difference(&owned).filter(|p| !self.fenced_until.contains_key(p)).copied().collect();
+        let lost: Vec<i32> = owned.difference(&desired).copied().collect();
+        if gained.is_empty() && lost.is_empty() {
+            return;
+        }
+        for p in &lost {
+            self.owned.remove(p);
+            tracing::info!(partition = p, "released partition");
+        }
+        for p in gained {
+            self.claim(p).await;
+        }
+        self.assign_owned();
+    }
+
+    /// The usage topic's partition count from the broker (0 when it cannot be read yet).
+    fn partition_count(&self) -> i32 {
+        let metadata = tokio::task::block_in_place(|| self.consumer.fetch_metadata(Some(&self.topic), Duration::from_secs(5)));
+        match metadata {
+            Ok(m) => m.topics().first().map_or(0, |t| t.partitions().len() as i32),
+            Err(e) => {
+                tracing::warn!(topic = %self.topic, error = %e, "cannot read the topic's partitions yet");
+                0
+            }
+        }
+    }
+
+    /// Points the consumer at exactly the owned partitions, each at its next offset.
+    fn assign_owned(&mut self) {
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in &self.owned {
+            let _ = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(o.next));
+        }
+        if let Err(e) = self.consumer.assign(&tpl) {
+            tracing::warn!(error = %e, "failed to assign partitions to the consumer");
+        }
+        for o in self.owned.values_mut() {
+            o.sought_at = Some(Instant::now());
         }
         self.metrics.owned_partitions.set(self.owned.len() as i64);
     }
@@ -281,9 +324,7 @@ impl Loop {
             match self.progress.claim(partition).await {
                 Ok(claim) => {
                     tracing::info!(partition, next_offset = claim.next_offset, epoch = claim.epoch, "claimed partition");
-                    let mut owned = Owned { epoch: claim.epoch, next: claim.next_offset, sought_at: None };
-                    self.seek(partition, &mut owned);
-                    self.owned.insert(partition, owned);
+                    self.owned.insert(partition, Owned { epoch: claim.epoch, next: claim.next_offset, sought_at: None });
                     return;
                 }
                 Err(e) => {
@@ -392,9 +433,11 @@ impl Loop {
             Ok(()) => {}
             Err(ProgressError::Fenced { partition, .. }) => {
                 self.metrics.fenced.inc();
-                tracing::warn!(partition, "batch refused by fencing; dropping the partition until it is assigned again");
+                tracing::warn!(partition, "batch refused by fencing; another member owns the partition now");
                 self.owned.remove(&partition);
+                self.fenced_until.insert(partition, Instant::now() + self.settings.member_lease());
                 self.rewind(&ready_ranges);
+                self.assign_owned();
                 return wait;
             }
             Err(e) => return Err(self.fail(&ready_ranges, &format!("failed to store progress: {e}"))),

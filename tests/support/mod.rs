@@ -398,11 +398,8 @@ impl Tally {
     /// `extra` environment; returns its base URL.
     pub fn spawn_history_writer(&mut self, extra: &[(&str, String)]) -> String {
         let url = format!("http://127.0.0.1:{}", free_port());
-        // A fresh Kafka group per start, the same stored progress: tansu 0.6 keeps a killed
-        // member as the group's leader and never completes the next rebalance.
         let mut env = vec![
-            ("TALLY_HISTORY_GROUP", format!("{}-{}", self.history_group(), free_port())),
-            ("TALLY_HISTORY_PROGRESS_GROUP", self.history_group()),
+            ("TALLY_HISTORY_GROUP", self.history_group()),
             ("TALLY_HISTORY_LISTEN", url.trim_start_matches("http://").to_string()),
             ("TALLY_HISTORY_MAX_WAIT_MS", "50".to_string()),
         ];
