@@ -278,6 +278,97 @@ async fn clickhouse_outage_never_stalls_the_ledger_and_history_catches_up() {
     assert_history_exact(&t, 290).await;
 }
 
+/// Sum of `expr` over a subject's raw history rows (FINAL).
+async fn history_sum(t: &Tally, subject: &str, expr: &str) -> i64 {
+    t.clickhouse_i64(&format!("SELECT sum({expr}) FROM `{}`.usage_events FINAL WHERE subject = '{subject}'", t.clickhouse_database())).await
+}
+
+/// A subject's ledger total of `metric` (all scopes, every period row).
+async fn ledger_sum(pool: &sqlx::PgPool, subject: &str, metric: &str) -> i64 {
+    sqlx::query_scalar::<_, Option<i64>>("SELECT sum(used)::bigint FROM ledgers WHERE subject = $1 AND metric = $2 AND scope = '*'")
+        .bind(subject)
+        .bind(metric)
+        .fetch_one(pool)
+        .await
+        .expect("read ledgers")
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_counted_correction_nets_out_its_event_in_history_and_rollups() {
+    let mut t = Tally::start(Some(TIERS)).await;
+    let pool = t.pg().await;
+    t.spawn_history_writer(&[]);
+    let now = Utc::now();
+    let events = batch(&t, "c", 30, now);
+    post_all(&t, &events).await;
+    // Event 0 (subject s0, model "small", 10 input + 1 output tokens) is reverted. The
+    // correction names another model and time: history must use the target's.
+    let target = events[0].clone();
+    let subject = target["subject"].as_str().unwrap().to_string();
+    let fix_id = format!("fix-{}", t.id);
+    let fix = json!({"id": fix_id, "subject": subject, "time": now.to_rfc3339(), "corrects": target["id"], "model": "big"});
+    post_all(&t, &[fix.clone()]).await;
+    // Redelivered (a duplicate), a second correction of the same event and a correction of
+    // an unknown event (both refused by the ledger and quarantined).
+    post_all(&t, &[fix.clone()]).await;
+    let again = json!({"id": format!("fix-again-{}", t.id), "subject": subject, "time": now.to_rfc3339(), "corrects": target["id"]});
+    let unknown = json!({"id": format!("fix-unknown-{}", t.id), "subject": subject, "time": now.to_rfc3339(), "corrects": "never-sent"});
+    post_all(&t, &[again, unknown]).await;
+    wait_converged(&t, &pool, 34).await;
+    assert_eq!(accepted_events(&pool).await, 31, "the ledger did not count exactly the events and one correction");
+    assert_history_exact(&t, 31).await;
+
+    // The correction's row: the target's amounts negated, in the target's bucket and model.
+    let db = t.clickhouse_database();
+    let row = t
+        .clickhouse(&format!(
+            "SELECT scope, model, requests, input_tokens, output_tokens, toUnixTimestamp(time) =              (SELECT toUnixTimestamp(time) FROM `{db}`.usage_events FINAL WHERE event_id = '{}')              FROM `{db}`.usage_events FINAL WHERE event_id = '{fix_id}'",
+            target["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(row.trim(), "chat\tsmall\t-1\t-10\t-1\t1", "the correction's history row");
+
+    // History sums equal the ledger, and both equal what was sent minus the reverted event.
+    let sent = |s: &str, f: &dyn Fn(&Value) -> i64| -> i64 { events.iter().filter(|e| e["subject"] == s).map(f).sum() };
+    for s in (0..3).map(|i| format!("s{i}-{}", t.id)) {
+        let reverted = |f: &dyn Fn(&Value) -> i64| if s == subject { f(&target) } else { 0 };
+        let tokens = |e: &Value| e["input_tokens"].as_i64().unwrap() + e["output_tokens"].as_i64().unwrap();
+        let expected_tokens = sent(&s, &tokens) - reverted(&tokens);
+        let expected_requests = sent(&s, &|_| 1) - reverted(&|_| 1);
+        assert_eq!(ledger_sum(&pool, &s, "total_tokens").await, expected_tokens, "ledger tokens of {s}");
+        assert_eq!(history_sum(&t, &s, "input_tokens + output_tokens").await, expected_tokens, "history tokens of {s}");
+        assert_eq!(ledger_sum(&pool, &s, "requests").await, expected_requests, "ledger requests of {s}");
+        assert_eq!(history_sum(&t, &s, "requests").await, expected_requests, "history requests of {s}");
+    }
+    // The rollups net out too: the target's hourly bucket for its model lost exactly its tokens.
+    let hourly = t
+        .clickhouse_i64(&format!(
+            "SELECT sum(input_tokens + output_tokens) FROM `{db}`.usage_hourly FINAL WHERE subject = '{subject}' AND model = 'small'"
+        ))
+        .await;
+    let small: i64 = events
+        .iter()
+        .filter(|e| e["subject"] == subject.as_str() && e["model"] == "small")
+        .map(|e| e["input_tokens"].as_i64().unwrap() + e["output_tokens"].as_i64().unwrap())
+        .sum();
+    assert_eq!(hourly, small - 11);
+    for p in [now - Span::hours(3), now].iter().map(|t| month_name(*t)) {
+        let (code, out) = reconcile(&t, &p);
+        assert_eq!(code, 0, "reconcile found drift in {p}:\n{out}");
+    }
+
+    // A full replay finds the correction's row where it wrote it and adds nothing.
+    t.kill("history-writer");
+    sqlx::query("DELETE FROM history_offsets").execute(&pool).await.expect("reset history offsets");
+    let url = t.spawn_history_writer(&[]);
+    wait_converged(&t, &pool, 34).await;
+    assert_eq!(t.metric(&url, "tally_history_events_written_total").await, 0, "the replay inserted rows again");
+    assert!(t.metric(&url, "tally_history_corrections_total").await >= 1, "the replay did not see the correction");
+    assert_history_exact(&t, 31).await;
+    assert_eq!(history_sum(&t, &subject, "input_tokens + output_tokens").await, ledger_sum(&pool, &subject, "total_tokens").await);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn reconciliation_finds_injected_drift() {
     let mut t = Tally::start(Some(TIERS)).await;

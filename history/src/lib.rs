@@ -12,7 +12,10 @@
 //! - The ledger is the truth of what was counted. A message is written only once the
 //!   aggregator's stored offset (`consumer_offsets` of the ledger group) has passed it, and
 //!   only if `processed_events` holds its id with the same fingerprint: quarantined messages
-//!   and conflicting redeliveries of an id never reach history.
+//!   (refused corrections included) and conflicting redeliveries of an id never reach history.
+//! - A counted correction is written as one row holding the NEGATED amounts of the event it
+//!   reverted, in that event's subject, time, scope, API key and (when its row is known)
+//!   model, so raw sums and rollups net out exactly as the ledger did (see [`plan`]).
 //! - The writer's progress lives in Postgres (`history_offsets`, claimed and fenced per
 //!   partition like the aggregator's) and advances only after ClickHouse accepted the raw rows
 //!   and the rollups of the batch ([`sink`]). A crash anywhere before that replays the batch.

@@ -1,9 +1,29 @@
-//! The pure part of a history batch: which messages the ledger has decided on yet, and which
-//! of those it counted. No I/O.
+//! The pure part of a history batch: which messages the ledger has decided on yet, which
+//! of those it counted, and what row a counted correction becomes. No I/O.
+//!
+//! # Corrections
+//! A correction (`"corrects": "<id>"`) that the ledger counted reverted, once, exactly what
+//! the named event (its target) added; one it refused was quarantined and its id removed from
+//! `processed_events`, so "in `processed_events` with the same fingerprint" means counted for
+//! corrections too. History writes a counted correction as one raw row that nets its target
+//! out, so raw sums and rollups converge to the ledger:
+//! - `event_id`, `fingerprint`: the correction's own;
+//! - amounts: the target's amounts as the ledger recorded them, negated;
+//! - `subject`, `time`, `scope`, `api_key_sha256`: the target's (the ledger reverts in the
+//!   target's periods and scope, so the row lands in the target's buckets);
+//! - `model` (not stored in `processed_events`): the target's raw history row's model when
+//!   that row exists (in this batch or already in ClickHouse), so the row nets out in the
+//!   target's rollup key; else the correction's own `model`; else empty.
+//!
+//! A counted correction whose target row cannot be found (which the aggregator's transaction
+//! rules out) is not written and is counted in [`Selection::orphan_corrections`]:
+//! reconciliation then reports the drift.
 
 use std::collections::{HashMap, HashSet};
 
-use tally_domain::event::parse_event;
+use chrono::{DateTime, Utc};
+use tally_domain::event::{parse_event, UsageEvent};
+use tally_domain::metric::Amounts;
 
 use crate::sink::Counted;
 
@@ -39,6 +59,52 @@ pub fn gate(deliveries: Vec<Delivery>, ledger_next: &HashMap<i32, i64>) -> Gate 
     g
 }
 
+/// The event a counted correction reverted, as the ledger recorded it in `processed_events`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reverted {
+    pub event_id: String,
+    pub subject: String,
+    pub time: DateTime<Utc>,
+    pub scope: String,
+    pub api_key_sha256: Option<String>,
+    pub amounts: Amounts,
+}
+
+/// What `processed_events` says about a counted id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ledgered {
+    pub fingerprint: String,
+    /// For a counted correction: the event it reverted (`corrected_by` = the correction).
+    pub reverts: Option<Reverted>,
+}
+
+impl Ledgered {
+    pub fn plain(fingerprint: impl Into<String>) -> Ledgered {
+        Ledgered { fingerprint: fingerprint.into(), reverts: None }
+    }
+}
+
+/// The history row of a counted correction, as an event (see the module docs): the model is
+/// the correction's own until [`resolve_models`] puts the target's in.
+pub fn negated(correction: &UsageEvent, target: &Reverted) -> UsageEvent {
+    let a = target.amounts;
+    UsageEvent {
+        id: correction.id.clone(),
+        subject: target.subject.clone(),
+        time: target.time,
+        api_key_sha256: target.api_key_sha256.clone(),
+        scope: target.scope.clone(),
+        model: correction.model.clone(),
+        requests: -a.requests,
+        input_tokens: -a.input_tokens,
+        output_tokens: -a.output_tokens,
+        cached_tokens: -a.cached_tokens,
+        cost_micros: Some(-a.cost_micros),
+        attributes: correction.attributes.clone(),
+        corrects: Some(target.event_id.clone()),
+    }
+}
+
 /// What became of the ready messages of a batch.
 #[derive(Debug, Default)]
 pub struct Selection {
@@ -49,6 +115,11 @@ pub struct Selection {
     pub not_counted: usize,
     /// Redeliveries of an id already in this batch.
     pub duplicates: usize,
+    /// Counted corrections among `counted` (written as negated rows).
+    pub corrections: usize,
+    /// Counted corrections whose reverted event was not found: not written (see the module
+    /// docs).
+    pub orphan_corrections: usize,
 }
 
 /// The ids of the parsable events among `ready` (to look up in `processed_events`).
@@ -63,8 +134,9 @@ pub fn candidate_ids(ready: &[Delivery]) -> Vec<String> {
 }
 
 /// Keeps exactly the events the ledger counted: parsable, and with the very fingerprint
-/// recorded in `processed_events` for their id (`counted`: id -> fingerprint).
-pub fn select(ready: &[Delivery], counted: &HashMap<String, String>) -> Selection {
+/// recorded in `processed_events` for their id. Counted corrections become their negated
+/// rows ([`negated`]).
+pub fn select(ready: &[Delivery], counted: &HashMap<String, Ledgered>) -> Selection {
     let mut s = Selection::default();
     let mut taken: HashSet<String> = HashSet::new();
     for d in ready {
@@ -73,17 +145,55 @@ pub fn select(ready: &[Delivery], counted: &HashMap<String, String>) -> Selectio
             continue;
         };
         let fingerprint = event.fingerprint();
-        if counted.get(&event.id) != Some(&fingerprint) {
+        let Some(ledgered) = counted.get(&event.id).filter(|l| l.fingerprint == fingerprint) else {
             s.not_counted += 1;
             continue;
-        }
+        };
         if !taken.insert(event.id.clone()) {
             s.duplicates += 1;
             continue;
         }
-        s.counted.push(Counted { event, fingerprint });
+        if event.corrects.is_none() {
+            s.counted.push(Counted { event, fingerprint });
+            continue;
+        }
+        match &ledgered.reverts {
+            Some(target) => {
+                s.corrections += 1;
+                s.counted.push(Counted { event: negated(&event, target), fingerprint });
+            }
+            None => s.orphan_corrections += 1,
+        }
     }
     s
+}
+
+/// The reverted events of the corrections in `counted` whose raw row is not in this batch:
+/// `(subject, time, id)` to look up in ClickHouse for their model.
+pub fn targets_to_look_up(counted: &[Counted]) -> Vec<(String, DateTime<Utc>, String)> {
+    let in_batch: HashSet<&str> = counted.iter().filter(|c| c.event.corrects.is_none()).map(|c| c.event.id.as_str()).collect();
+    counted
+        .iter()
+        .filter_map(|c| Some((c.event.subject.clone(), c.event.time, c.event.corrects.clone()?)))
+        .filter(|(_, _, target)| !in_batch.contains(target.as_str()))
+        .collect()
+}
+
+/// Gives each correction row the model of its target's raw row: from this batch, else from
+/// `stored` (target id -> model of its row already in ClickHouse); without either, the
+/// correction keeps its own model.
+pub fn resolve_models(counted: &mut [Counted], stored: &HashMap<String, String>) {
+    let in_batch: HashMap<String, String> = counted
+        .iter()
+        .filter(|c| c.event.corrects.is_none())
+        .map(|c| (c.event.id.clone(), c.event.model.clone().unwrap_or_default()))
+        .collect();
+    for c in counted.iter_mut() {
+        let Some(target) = c.event.corrects.as_deref() else { continue };
+        if let Some(model) = in_batch.get(target).or_else(|| stored.get(target)) {
+            c.event.model = Some(model.clone());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -121,10 +231,65 @@ mod tests {
             Delivery { partition: 0, offset: 5, payload: None },
         ];
         assert_eq!(candidate_ids(&ready), vec!["e1".to_string(), "late".to_string()]);
-        let s = select(&ready, &HashMap::from([("e1".to_string(), fp)]));
+        let s = select(&ready, &HashMap::from([("e1".to_string(), Ledgered::plain(fp))]));
         assert_eq!(s.counted.len(), 1);
         assert_eq!(s.counted[0].event.input_tokens, 5);
         assert_eq!(s.duplicates, 1);
         assert_eq!(s.not_counted, 4);
+    }
+
+    fn fp(v: &serde_json::Value) -> String {
+        parse_event(&serde_json::to_vec(v).unwrap()).unwrap().fingerprint()
+    }
+
+    fn target(id: &str) -> Reverted {
+        Reverted {
+            event_id: id.to_string(),
+            subject: "a".to_string(),
+            time: "2026-11-22T09:30:00Z".parse().unwrap(),
+            scope: "chat".to_string(),
+            api_key_sha256: Some("k".to_string()),
+            amounts: Amounts { requests: 1, input_tokens: 40, output_tokens: 2, cached_tokens: 3, cost_micros: 77 },
+        }
+    }
+
+    #[test]
+    fn a_counted_correction_becomes_the_negated_row_of_its_target() {
+        let original = json!({"id": "t1", "subject": "a", "time": "2026-11-22T09:30:00Z", "scope": "chat", "input_tokens": 40, "model": "big"});
+        let correction = json!({"id": "c1", "subject": "a", "time": "2026-11-22T10:00:00Z", "corrects": "t1", "model": "small"});
+        let refused = json!({"id": "c2", "subject": "a", "time": "2026-11-22T10:00:00Z", "corrects": "t9"});
+        let orphan = json!({"id": "c3", "subject": "a", "time": "2026-11-22T10:00:00Z", "corrects": "t8"});
+        let ready = vec![d(0, 0, original.clone()), d(0, 1, correction.clone()), d(0, 2, correction.clone()), d(0, 3, refused), d(0, 4, orphan.clone())];
+        let counted = HashMap::from([
+            ("t1".to_string(), Ledgered::plain(fp(&original))),
+            ("c1".to_string(), Ledgered { fingerprint: fp(&correction), reverts: Some(target("t1")) }),
+            ("c3".to_string(), Ledgered::plain(fp(&orphan))),
+        ]);
+        let mut s = select(&ready, &counted);
+        assert_eq!((s.counted.len(), s.corrections, s.duplicates, s.not_counted, s.orphan_corrections), (2, 1, 1, 1, 1));
+        let row = &s.counted[1].event;
+        assert_eq!(row.id, "c1");
+        assert_eq!(s.counted[1].fingerprint, fp(&correction));
+        assert_eq!(row.time, target("t1").time, "the row lands in the target's bucket");
+        assert_eq!((row.scope.as_str(), row.api_key_sha256.as_deref()), ("chat", Some("k")));
+        assert_eq!(row.amounts(), Amounts { requests: -1, input_tokens: -40, output_tokens: -2, cached_tokens: -3, cost_micros: -77 });
+        assert_eq!(row.model.as_deref(), Some("small"), "the correction's own model until resolved");
+        // The target is in the batch: nothing to look up, and its model wins.
+        assert!(targets_to_look_up(&s.counted).is_empty());
+        resolve_models(&mut s.counted, &HashMap::new());
+        assert_eq!(s.counted[1].event.model.as_deref(), Some("big"));
+    }
+
+    #[test]
+    fn a_correction_takes_the_stored_row_model_else_its_own() {
+        let correction = json!({"id": "c1", "subject": "a", "time": "2026-11-22T10:00:00Z", "corrects": "t1", "model": "small"});
+        let counted = HashMap::from([("c1".to_string(), Ledgered { fingerprint: fp(&correction), reverts: Some(target("t1")) })]);
+        let mut s = select(&[d(0, 0, correction.clone())], &counted);
+        assert_eq!(targets_to_look_up(&s.counted), vec![("a".to_string(), target("t1").time, "t1".to_string())]);
+        resolve_models(&mut s.counted, &HashMap::from([("t1".to_string(), String::new())]));
+        assert_eq!(s.counted[0].event.model.as_deref(), Some(""), "a stored row without a model still wins");
+        let mut s = select(&[d(0, 0, correction)], &counted);
+        resolve_models(&mut s.counted, &HashMap::from([("other".to_string(), "big".to_string())]));
+        assert_eq!(s.counted[0].event.model.as_deref(), Some("small"));
     }
 }

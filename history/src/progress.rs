@@ -4,7 +4,11 @@
 
 use std::collections::HashMap;
 
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
+use tally_domain::metric::Amounts;
+
+use crate::plan::{Ledgered, Reverted};
 
 /// Why progress was not stored.
 #[derive(Debug, thiserror::Error)]
@@ -103,16 +107,24 @@ impl Progress {
         Ok(rows.into_iter().collect())
     }
 
-    /// The fingerprint each of `ids` was counted with, for the ids the ledger counted.
-    pub async fn counted(&self, ids: &[&str]) -> Result<HashMap<String, String>, sqlx::Error> {
+    /// What `processed_events` holds for each of `ids` the ledger counted: the fingerprint,
+    /// and for a counted correction the event it reverted (the row whose `corrected_by` is the
+    /// correction, read in the same query so both come from one snapshot).
+    pub async fn counted(&self, ids: &[&str]) -> Result<HashMap<String, Ledgered>, sqlx::Error> {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
-        let rows: Vec<(String, String)> = sqlx::query_as("SELECT event_id, fingerprint FROM processed_events WHERE event_id = ANY($1)")
-            .bind(ids)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.into_iter().collect())
+        let rows: Vec<CountedRow> = sqlx::query_as(
+            "SELECT c.event_id, c.fingerprint, t.event_id, t.subject, t.event_time, t.scope, t.api_key_sha256,
+                    t.requests, t.input_tokens, t.output_tokens, t.cached_tokens, t.cost_micros
+             FROM processed_events c
+             LEFT JOIN processed_events t ON c.corrects IS NOT NULL AND t.event_id = c.corrects AND t.corrected_by = c.event_id
+             WHERE c.event_id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(CountedRow::into_entry).collect())
     }
 
     /// Messages the ledger consumed but history has not yet written, over every partition of
@@ -130,5 +142,47 @@ impl Progress {
         .fetch_one(&self.pool)
         .await?;
         Ok(lag.unwrap_or(0))
+    }
+}
+
+/// One row of [`Progress::counted`]: the id, its fingerprint, then the reverted event's
+/// columns (all `None` unless the id is a counted correction).
+#[derive(sqlx::FromRow)]
+struct CountedRow(
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<DateTime<Utc>>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+);
+
+impl CountedRow {
+    fn into_entry(self) -> (String, Ledgered) {
+        let CountedRow(id, fingerprint, target, subject, time, scope, api_key_sha256, requests, input, output, cached, cost) = self;
+        let reverts = match (target, subject, time) {
+            (Some(event_id), Some(subject), Some(time)) => Some(Reverted {
+                event_id,
+                subject,
+                time,
+                scope: scope.unwrap_or_default(),
+                api_key_sha256,
+                amounts: Amounts {
+                    requests: requests.unwrap_or(0),
+                    input_tokens: input.unwrap_or(0),
+                    output_tokens: output.unwrap_or(0),
+                    cached_tokens: cached.unwrap_or(0),
+                    cost_micros: cost.unwrap_or(0),
+                },
+            }),
+            _ => None,
+        };
+        (id, Ledgered { fingerprint, reverts })
     }
 }

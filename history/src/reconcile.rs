@@ -10,7 +10,8 @@
 //!   midnight plus 14 hours (rolling windows are not ledger rows and are skipped);
 //! - for every subject, the events the ledger accepted with an event time in the UTC month
 //!   are compared with the distinct event ids in history, and history's row count with its
-//!   distinct ids (a duplicate would show there).
+//!   distinct ids (a duplicate would show there). A counted correction is an accepted event at
+//!   the time of the event it reverted, where history writes its negated row.
 //!
 //! The report lists every drift with its size; [`Report::ok`] is true only with zero drift.
 
@@ -248,8 +249,11 @@ pub async fn reconcile(pool: &PgPool, ch: &Ch, month: Month, subject: Option<&st
         .collect();
 
     let accepted: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT subject, count(*) FROM processed_events WHERE event_time >= $1 AND event_time < $2 AND ($3::text IS NULL OR subject = $3)
-         GROUP BY subject",
+        "SELECT p.subject, count(*) FROM processed_events p
+         LEFT JOIN processed_events t ON p.corrects IS NOT NULL AND t.event_id = p.corrects AND t.corrected_by = p.event_id
+         WHERE COALESCE(t.event_time, p.event_time) >= $1 AND COALESCE(t.event_time, p.event_time) < $2
+           AND ($3::text IS NULL OR p.subject = $3)
+         GROUP BY p.subject",
     )
     .bind(month.start())
     .bind(month.end())

@@ -14,7 +14,7 @@
 //! twice, or cut by a crash after any step and written again, leaves the same rows. The
 //! caller advances its offsets only after `write` returned `Ok`.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Timelike, Utc};
 use serde::{Deserialize, Serialize};
@@ -154,6 +154,31 @@ impl Sink {
         written.daily_buckets = days.len();
         hook(Step::RollupsWritten);
         Ok(written)
+    }
+
+    /// The model of each raw row among `targets` (`(subject, time, id)`) already in
+    /// ClickHouse (the rows of events that counted corrections revert).
+    pub async fn raw_models(&self, targets: &[(String, DateTime<Utc>, String)]) -> Result<HashMap<String, String>, ChError> {
+        #[derive(Deserialize)]
+        struct Model {
+            event_id: String,
+            model: String,
+        }
+        let mut models = HashMap::new();
+        for chunk in targets.chunks(LOOKUP_CHUNK) {
+            let subjects: BTreeSet<&String> = chunk.iter().map(|(s, _, _)| s).collect();
+            let min = chunk.iter().map(|(_, t, _)| t.timestamp()).min().unwrap_or(0);
+            let max = chunk.iter().map(|(_, t, _)| t.timestamp()).max().unwrap_or(0);
+            let ids = chunk.iter().map(|(_, _, id)| quote(id)).collect::<Vec<_>>().join(", ");
+            let sql = format!(
+                "SELECT event_id, any(model) AS model FROM {} FINAL WHERE subject IN ({}) AND time >= toDateTime({min}, 'UTC') \
+                 AND time <= toDateTime({max}, 'UTC') AND event_id IN ({ids}) GROUP BY event_id",
+                self.ch.table("usage_events"),
+                subject_list(subjects.into_iter()),
+            );
+            models.extend(self.ch.select::<Model>(&sql).await?.into_iter().map(|r| (r.event_id, r.model)));
+        }
+        Ok(models)
     }
 
     /// The ids among `events` that already have a raw row.

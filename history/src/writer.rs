@@ -11,11 +11,11 @@
 //! partition again within one lease; a clean shutdown leaves the group at once.
 //!
 //! For each batch the loop keeps the run of messages continuing exactly from the stored
-//! offset, holds back what the ledger has not decided on yet, writes the counted events with
-//! [`Sink::write`], and only then advances its offsets. Any failure (ClickHouse down,
-//! Postgres down) rewinds the batch's partitions to the stored offsets and retries with a
-//! backoff. A batch refused by fencing drops the partition, which is not claimed again for
-//! one lease (the other member owns it).
+//! offset, holds back what the ledger has not decided on yet, writes the counted events (and
+//! counted corrections, as negated rows: see [`plan`]) with [`Sink::write`], and only then
+//! advances its offsets. Any failure (ClickHouse down, Postgres down) rewinds the batch's
+//! partitions to the stored offsets and retries with a backoff. A batch refused by fencing
+//! drops the partition, which is not claimed again for one lease (the other member owns it).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -66,6 +66,8 @@ struct Metrics {
     written: Counter,
     replayed: Counter,
     not_counted: Counter,
+    corrections: Counter,
+    orphan_corrections: Counter,
     batches: Timing,
     failures: Counter,
     fenced: Counter,
@@ -81,6 +83,12 @@ impl Metrics {
             written: r.counter("tally_history_events_written_total", "raw history rows inserted", &[]),
             replayed: r.counter("tally_history_events_replayed_total", "counted events whose raw row was already in ClickHouse", &[]),
             not_counted: r.counter("tally_history_events_not_counted_total", "messages the ledger did not count (quarantined, conflicts)", &[]),
+            corrections: r.counter("tally_history_corrections_total", "counted corrections written (or replayed) as negated rows", &[]),
+            orphan_corrections: r.counter(
+                "tally_history_corrections_without_target_total",
+                "counted corrections whose reverted event was not found in processed_events (not written)",
+                &[],
+            ),
             batches: Timing::new(&r, "tally_history_batch_micros_total", "tally_history_batches_total", "time spent writing batches"),
             failures: r.counter("tally_history_batch_failures_total", "batches rewound after a ClickHouse or Postgres failure", &[]),
             fenced: r.counter("tally_history_batches_fenced_total", "batches refused by fencing", &[]),
@@ -414,7 +422,21 @@ impl Loop {
             Ok(c) => c,
             Err(e) => return Err(self.fail(&ready_ranges, &format!("failed to read processed_events: {e}"))),
         };
-        let selection = plan::select(&gate.ready, &counted);
+        let mut selection = plan::select(&gate.ready, &counted);
+        if selection.orphan_corrections > 0 {
+            self.metrics.orphan_corrections.add(selection.orphan_corrections as u64);
+            tracing::error!(count = selection.orphan_corrections, "counted corrections whose reverted event is not in processed_events; not written");
+        }
+        let targets = plan::targets_to_look_up(&selection.counted);
+        let stored_models = if targets.is_empty() {
+            HashMap::new()
+        } else {
+            match self.sink.raw_models(&targets).await {
+                Ok(models) => models,
+                Err(e) => return Err(self.fail(&ready_ranges, &format!("ClickHouse lookup of corrected rows failed: {e}"))),
+            }
+        };
+        plan::resolve_models(&mut selection.counted, &stored_models);
         let crash_at = self.crash_at.filter(|_| !selection.counted.is_empty());
         let written = match self
             .sink
@@ -447,6 +469,7 @@ impl Loop {
         self.metrics.written.add(written.inserted as u64);
         self.metrics.replayed.add(written.already_present as u64);
         self.metrics.not_counted.add(selection.not_counted as u64);
+        self.metrics.corrections.add(selection.corrections as u64);
         tracing::debug!(inserted = written.inserted, replayed = written.already_present, not_counted = selection.not_counted,
             hourly = written.hourly_buckets, daily = written.daily_buckets, "history batch written");
         self.advance(&ready_ranges);
