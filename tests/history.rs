@@ -308,10 +308,10 @@ async fn a_counted_correction_nets_out_its_event_in_history_and_rollups() {
     let subject = target["subject"].as_str().unwrap().to_string();
     let fix_id = format!("fix-{}", t.id);
     let fix = json!({"id": fix_id, "subject": subject, "time": now.to_rfc3339(), "corrects": target["id"], "model": "big"});
-    post_all(&t, &[fix.clone()]).await;
+    post_all(&t, std::slice::from_ref(&fix)).await;
     // Redelivered (a duplicate), a second correction of the same event and a correction of
     // an unknown event (both refused by the ledger and quarantined).
-    post_all(&t, &[fix.clone()]).await;
+    post_all(&t, std::slice::from_ref(&fix)).await;
     let again = json!({"id": format!("fix-again-{}", t.id), "subject": subject, "time": now.to_rfc3339(), "corrects": target["id"]});
     let unknown = json!({"id": format!("fix-unknown-{}", t.id), "subject": subject, "time": now.to_rfc3339(), "corrects": "never-sent"});
     post_all(&t, &[again, unknown]).await;
