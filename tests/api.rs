@@ -245,7 +245,50 @@ async fn tokens_are_enforced_on_every_route_that_needs_one() {
     assert_eq!(s, 401);
     let (s, _, _) = call("POST", &format!("{}/v1/events", t.ingest_url), Some(INGEST), Some(&event)).await;
     assert_eq!(s, 202);
-    let (s, _, ready) = call("GET", &format!("{}/readyz", t.api_url), None, None).await;
-    assert_eq!(s, 200, "{ready}");
-    assert_eq!(ready["broker"], "ok");
+    // Ready once the decision view caught up with its topic.
+    let ready = support::wait_for(Duration::from_secs(30), || async {
+        call("GET", &format!("{}/readyz", t.api_url), None, None).await.0 == 200
+    })
+    .await;
+    let (_, _, body) = call("GET", &format!("{}/readyz", t.api_url), None, None).await;
+    assert!(ready, "{body}");
+    assert_eq!((body["broker"].as_str(), body["postgres"].as_str()), (Some("ok"), Some("ok")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_client_crate_sends_usage_by_http_and_kafka_and_checks_with_its_cache() {
+    use tally_client::{CheckRequest, Checker, IngestClient, KafkaSender, Usage};
+    let t = start().await;
+    let ingest = IngestClient::new(&t.ingest_url).with_token(INGEST);
+    let mut e = Usage::new("c1", "client-user", Utc::now());
+    e.input_tokens = Some(60);
+    assert_eq!(ingest.send(std::slice::from_ref(&e)).await.unwrap(), 1);
+    // The same id again (a retry) is counted once.
+    assert_eq!(ingest.send(std::slice::from_ref(&e)).await.unwrap(), 1);
+    let kafka = KafkaSender::new(&t.servers.kafka, &t.usage_topic).unwrap();
+    let mut k = Usage::new("c2", "client-user", Utc::now());
+    k.output_tokens = Some(50);
+    assert_eq!(kafka.send(&[k]).await.unwrap(), 1);
+
+    let uncached = Checker::new(&t.api_url).with_token(READ).with_ttl(Duration::ZERO);
+    let req = CheckRequest::subject("client-user");
+    let mut denied = None;
+    for _ in 0..300 {
+        let a = uncached.check(&req).await.unwrap();
+        if !a.allowed {
+            denied = Some(a);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let denied = denied.expect("the subject was never denied");
+    assert_eq!(denied.quota.as_ref().map(|q| q.used), Some(110), "60 (once) + 50");
+    // A cached checker answers the same without asking again within its ttl.
+    let cached = Checker::new(&t.api_url).with_token(READ).with_ttl(Duration::from_secs(30));
+    let first = cached.check(&req).await.unwrap();
+    let second = cached.check(&req).await.unwrap();
+    assert_eq!((first.version, second.version), (denied.version, denied.version));
+    let without_token = Checker::new(&t.api_url);
+    let err = without_token.check(&req).await.unwrap_err();
+    assert!(matches!(err, tally_client::Error::Status { status: 401, .. }), "{err}");
 }

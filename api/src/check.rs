@@ -5,8 +5,9 @@
 //!   configuration), or both (then they must agree). A key that is not in the configuration
 //!   in force (unknown or revoked) is refused with 403 and nothing else is looked at.
 //! - The answer comes from the in-memory decision view. No database round trip happens on
-//!   this path while the view is fresh. Only before the view first caught up with the
-//!   decisions topic (right after start) is a subject the view lacks looked up in Postgres.
+//!   this path once the view has caught up with the decisions topic. Only before that
+//!   (right after start) is the subject looked up in Postgres too, and the newer of the two
+//!   snapshots answers.
 //! - A subject with no decision at all has used nothing: it is allowed, and the limits shown
 //!   are those of its effective tier in the configuration in force (`source: "policy"`).
 //! - Only quotas that apply to the request's scope count (all-scopes quotas and quotas of
@@ -254,12 +255,17 @@ pub async fn check(State(state): State<Arc<AppState>>, JsonBody(req): JsonBody<C
     let mut source = "view";
     let mut snapshot: Option<DecisionSnapshot> = state.view.get(&subject);
     let mut unavailable = false;
-    if snapshot.is_none() && staleness.is_none() {
-        // Only before the view first caught up: the view may lack a decision that exists.
+    if staleness.is_none() {
+        // Only before the view first caught up: the view may lack a decision, or hold an
+        // older one; the newer of the two answers.
         match crate::routes::stored_decision(&state, &subject).await {
             Ok(found) => {
                 source = "database";
-                snapshot = found;
+                if let Some(f) = found {
+                    if snapshot.as_ref().is_none_or(|v| v.version < f.version) {
+                        snapshot = Some(f);
+                    }
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "decision fallback to Postgres failed");

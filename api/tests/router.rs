@@ -686,3 +686,36 @@ async fn the_check_follows_an_admin_change_of_tier_for_subjects_without_a_decisi
     let _ = QuotaState::Ok;
     e.done().await;
 }
+
+#[tokio::test]
+async fn before_the_view_caught_up_the_newer_of_view_and_database_answers() {
+    let e = env().await;
+    let resets = Utc::now() + Duration::days(1);
+    let stored = snapshot("alice", 3, vec![quota(1000, 1000, Action::Block, resets)]);
+    sqlx::query("INSERT INTO decisions (subject, version, snapshot) VALUES ('alice', 3, $1)")
+        .bind(sqlx::types::Json(&stored))
+        .execute(&e.state.pool)
+        .await
+        .unwrap();
+    let view = Arc::new(DecisionView::default());
+    view.offer(snapshot("alice", 2, vec![quota(10, 1000, Action::Block, resets)]));
+    let state = AppState::new(Parts {
+        view,
+        pool: e.state.pool.clone(),
+        configs: e.state.configs.clone(),
+        announcer: None,
+        check: CheckSettings { max_staleness: Duration::seconds(10), stale_policy: StalePolicy::Open },
+        auth: AuthSettings::default(),
+        max_page: 10,
+        broker: None,
+    });
+    let app = tally_api::app(state, None, 4096);
+    let r = app
+        .oneshot(Request::post("/v1/check").header("content-type", "application/json").body(Body::from(r#"{"subject":"alice"}"#)).unwrap())
+        .await
+        .unwrap();
+    let a: Value = serde_json::from_slice(&axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap()).unwrap();
+    assert_eq!((a["allowed"].as_bool(), a["version"].as_i64(), a["source"].as_str()), (Some(false), Some(3), Some("database")), "{a}");
+    assert_eq!(a["stale"], false);
+    e.done().await;
+}
