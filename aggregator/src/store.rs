@@ -179,7 +179,7 @@ impl Store {
         let mut reverted = Vec::with_capacity(rows.len());
         for row in rows {
             let version = row.11.unwrap_or(0);
-            let counted_under = self.policies.version(&mut **tx, version, policy).await?;
+            let counted_under = self.policies.version(tx, version, policy).await?;
             let event = row.into_negated_event();
             for (key, delta) in plan::ledger_deltas(&[&event], &counted_under) {
                 let entry = deltas.entry(key).or_insert(LedgerDelta { used: 0, ..delta.clone() });
@@ -241,45 +241,41 @@ impl Store {
         }
         let names: Vec<String> = subjects.keys().cloned().collect();
         let previous = previous_decisions(tx, &names).await?;
-        let plans: Vec<_> = subjects
+        let mut plans: Vec<SubjectPlan> = subjects
             .iter()
             .map(|(subject, key)| {
-                let key = key.clone().or_else(|| previous.get(subject).and_then(|p| p.api_key_sha256.clone()));
-                let resolved = policy.resolve(subject, key.as_deref(), "", now);
-                let keys = plan::current_keys(subject, &resolved.quotas, resolved.timezone, now);
-                (subject, key, resolved, keys)
+                let api_key = key.clone().or_else(|| previous.get(subject).and_then(|p| p.api_key_sha256.clone()));
+                SubjectPlan::new(subject, api_key, policy, now)
             })
             .collect();
-        let all_keys: Vec<&LedgerKey> = plans.iter().flat_map(|(_, _, _, keys)| keys.iter().map(|(k, _)| k)).collect();
+        let all_keys: Vec<&LedgerKey> = plans.iter().flat_map(|p| p.keys.iter().map(|(k, _)| k)).collect();
         let mut used = read_used(tx, &all_keys).await?;
-        let mut plans = plans;
         self.decide_rolling(tx, &mut plans, &mut used, now).await?;
-        let mut decided: Vec<_> = plans
-            .iter()
-            .map(|(subject, key, resolved, keys)| (*subject, key, resolved, keys, plan::decide(&resolved.quotas, keys, &used)))
-            .collect();
-        fire_thresholds(tx, &mut decided.iter_mut().map(|(s, _, r, k, q)| (s.as_str(), &**r, &**k, q)).collect::<Vec<_>>()).await?;
+        for p in plans.iter_mut() {
+            p.lines = plan::decide(&p.resolved.quotas, &p.keys, &used);
+        }
+        fire_thresholds(tx, &mut plans).await?;
         let mut snapshots = Vec::new();
         let mut checks = Vec::new();
         let mut deferred = Subjects::new();
-        for (subject, key, resolved, _, quotas) in decided {
+        for SubjectPlan { subject, api_key, resolved, lines, .. } in plans {
             let prev = previous.get(subject.as_str());
-            let next_check = plan::next_check_at(&quotas, policy.next_change_after(subject, now));
-            checks.push((subject.clone(), key.clone(), next_check));
+            let next_check = plan::next_check_at(&lines, policy.next_change_after(&subject, now));
+            checks.push(Check { subject: subject.clone(), api_key: api_key.clone(), next_check });
             let prev_snapshot = prev.and_then(|p| p.snapshot.as_ref());
-            if !plan::should_publish(prev_snapshot, &resolved.tier, &quotas, now, refresh) {
-                if plan::should_publish(prev_snapshot, &resolved.tier, &quotas, now, Duration::zero()) {
-                    deferred.insert(subject.clone(), key.clone());
+            if !plan::should_publish(prev_snapshot, &resolved.tier, &lines, now, refresh) {
+                if plan::should_publish(prev_snapshot, &resolved.tier, &lines, now, Duration::zero()) {
+                    deferred.insert(subject, api_key);
                 }
                 continue;
             }
             snapshots.push(DecisionSnapshot {
-                subject: subject.clone(),
-                allowed: DecisionSnapshot::allowed_for(&quotas),
+                allowed: DecisionSnapshot::allowed_for(&lines),
                 version: prev.map_or(1, |p| p.version + 1),
                 calculated_at: now,
-                tier: resolved.tier.clone(),
-                quotas,
+                tier: resolved.tier,
+                quotas: lines,
+                subject,
             });
         }
         save_snapshots(tx, &snapshots).await?;
@@ -297,20 +293,20 @@ impl Store {
     async fn decide_rolling(
         &self,
         tx: &mut Transaction<'_, Postgres>,
-        plans: &mut [(&String, Option<String>, crate::policy::Resolved, Vec<(LedgerKey, DateTime<Utc>)>)],
+        plans: &mut [SubjectPlan],
         used: &mut HashMap<LedgerKey, i64>,
         now: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
         let rolling: Vec<&LedgerKey> = plans
             .iter()
-            .flat_map(|(_, _, r, keys)| r.quotas.iter().zip(keys.iter()).filter(|(q, _)| plan::rolling_days(q).is_some()).map(|(_, (k, _))| k))
+            .flat_map(|p| p.resolved.quotas.iter().zip(p.keys.iter()).filter(|(q, _)| plan::rolling_days(q).is_some()).map(|(_, (k, _))| k))
             .collect();
         if rolling.is_empty() {
             return Ok(());
         }
         let buckets = read_rolling_buckets(tx, &rolling).await?;
-        for (_, _, resolved, keys) in plans.iter_mut() {
-            for (q, (key, resets_at)) in resolved.quotas.iter().zip(keys.iter_mut()) {
+        for p in plans.iter_mut() {
+            for (q, (key, resets_at)) in p.resolved.quotas.iter().zip(p.keys.iter_mut()) {
                 let Some(days) = plan::rolling_days(q) else { continue };
                 let usage = buckets.get(&rolling_id(key)).map(Vec::as_slice).unwrap_or_default();
                 let total: i64 = usage.iter().map(|(_, n)| n).sum();
@@ -415,26 +411,20 @@ struct Previous {
 
 /// Records the thresholds each quota line has reached; a threshold not recorded before for
 /// the subject, quota and period fires now (it goes into the line's `fired`).
-async fn fire_thresholds(
-    tx: &mut Transaction<'_, Postgres>,
-    decided: &mut [(&str, &crate::policy::Resolved, &Vec<(LedgerKey, DateTime<Utc>)>, &mut Vec<QuotaDecision>)],
-) -> Result<(), sqlx::Error> {
-    let mut cols: (Vec<String>, Vec<String>, Vec<DateTime<Utc>>, Vec<i32>) = Default::default();
-    for (subject, resolved, keys, quotas) in decided.iter() {
-        for ((q, line), (key, _)) in resolved.quotas.iter().zip(quotas.iter()).zip(keys.iter()) {
+async fn fire_thresholds(tx: &mut Transaction<'_, Postgres>, plans: &mut [SubjectPlan]) -> Result<(), sqlx::Error> {
+    let mut rows = ThresholdRows::default();
+    for p in plans.iter() {
+        for ((q, line), (key, _)) in p.resolved.quotas.iter().zip(p.lines.iter()).zip(p.keys.iter()) {
             // A rolling window has no fixed period for a threshold to fire once in.
             if plan::rolling_days(q).is_some() {
                 continue;
             }
             for t in thresholds_reached(line.used, q.limit, &q.thresholds) {
-                cols.0.push(subject.to_string());
-                cols.1.push(q.name.clone());
-                cols.2.push(key.period_start);
-                cols.3.push(t as i32);
+                rows.push(&p.subject, &q.name, key.period_start, t);
             }
         }
     }
-    if cols.0.is_empty() {
+    if rows.subjects.is_empty() {
         return Ok(());
     }
     let fired: Vec<(String, String, i32)> = sqlx::query_as(
@@ -442,24 +432,64 @@ async fn fire_thresholds(
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::int[])
          ON CONFLICT DO NOTHING RETURNING subject, quota, threshold",
     )
-    .bind(&cols.0)
-    .bind(&cols.1)
-    .bind(&cols.2)
-    .bind(&cols.3)
+    .bind(&rows.subjects)
+    .bind(&rows.quotas)
+    .bind(&rows.period_starts)
+    .bind(&rows.thresholds)
     .fetch_all(&mut **tx)
     .await?;
     for (subject, quota, threshold) in fired {
-        for (s, _, _, quotas) in decided.iter_mut() {
-            if *s != subject {
-                continue;
-            }
-            if let Some(line) = quotas.iter_mut().find(|l| l.quota == quota) {
-                line.fired.push(threshold as u32);
-                line.fired.sort_unstable();
-            }
+        let line = plans.iter_mut().filter(|p| p.subject == subject).flat_map(|p| p.lines.iter_mut()).find(|l| l.quota == quota);
+        if let Some(line) = line {
+            line.fired.push(threshold as u32);
+            line.fired.sort_unstable();
         }
     }
     Ok(())
+}
+
+/// Columns of `thresholds_fired` rows for one bulk insert.
+#[derive(Default)]
+struct ThresholdRows {
+    subjects: Vec<String>,
+    quotas: Vec<String>,
+    period_starts: Vec<DateTime<Utc>>,
+    thresholds: Vec<i32>,
+}
+
+impl ThresholdRows {
+    fn push(&mut self, subject: &str, quota: &str, period_start: DateTime<Utc>, threshold: u32) {
+        self.subjects.push(subject.to_string());
+        self.quotas.push(quota.to_string());
+        self.period_starts.push(period_start);
+        self.thresholds.push(threshold as i32);
+    }
+}
+
+/// One subject's decision in the making: its effective tier and quotas, the ledger rows they
+/// read (with each row's reset instant), and the decided quota lines.
+struct SubjectPlan {
+    subject: String,
+    /// The API key its latest event came with (for the key's tier).
+    api_key: Option<String>,
+    resolved: crate::policy::Resolved,
+    keys: Vec<(LedgerKey, DateTime<Utc>)>,
+    lines: Vec<QuotaDecision>,
+}
+
+impl SubjectPlan {
+    fn new(subject: &str, api_key: Option<String>, policy: &Policy, now: DateTime<Utc>) -> Self {
+        let resolved = policy.resolve(subject, api_key.as_deref(), "", now);
+        let keys = plan::current_keys(subject, &resolved.quotas, resolved.timezone, now);
+        SubjectPlan { subject: subject.to_string(), api_key, resolved, keys, lines: Vec::new() }
+    }
+}
+
+/// A subject's API key and the instant its decision must be looked at again.
+struct Check {
+    subject: String,
+    api_key: Option<String>,
+    next_check: Option<DateTime<Utc>>,
 }
 
 /// Subjects to decide for, each with the API key hash of its latest event.
@@ -538,19 +568,15 @@ async fn apply_ledger_deltas(
     if deltas.is_empty() {
         return Ok(());
     }
-    let mut cols: (Vec<&str>, Vec<&str>, Vec<&str>, Vec<&str>, Vec<DateTime<Utc>>, Vec<DateTime<Utc>>, Vec<i64>, Vec<&str>, Vec<i64>) =
-        Default::default();
-    for (k, d) in deltas {
-        cols.0.push(&k.subject);
-        cols.1.push(&k.metric);
-        cols.2.push(&k.scope);
-        cols.3.push(&k.period);
-        cols.4.push(k.period_start);
-        cols.5.push(d.period_end);
-        cols.6.push(d.used);
-        cols.7.push(&d.quota);
-        cols.8.push(d.limit);
-    }
+    let subjects: Vec<&str> = deltas.keys().map(|k| k.subject.as_str()).collect();
+    let metrics: Vec<&str> = deltas.keys().map(|k| k.metric.as_str()).collect();
+    let scopes: Vec<&str> = deltas.keys().map(|k| k.scope.as_str()).collect();
+    let periods: Vec<&str> = deltas.keys().map(|k| k.period.as_str()).collect();
+    let starts: Vec<DateTime<Utc>> = deltas.keys().map(|k| k.period_start).collect();
+    let ends: Vec<DateTime<Utc>> = deltas.values().map(|d| d.period_end).collect();
+    let used: Vec<i64> = deltas.values().map(|d| d.used).collect();
+    let quotas: Vec<&str> = deltas.values().map(|d| d.quota.as_str()).collect();
+    let limits: Vec<i64> = deltas.values().map(|d| d.limit).collect();
     sqlx::query(
         "INSERT INTO ledgers (subject, metric, scope, period, period_start, period_end, used, quota, limit_value)
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
@@ -559,15 +585,15 @@ async fn apply_ledger_deltas(
          SET used = ledgers.used + EXCLUDED.used, quota = EXCLUDED.quota, limit_value = EXCLUDED.limit_value,
              updated_at = now()",
     )
-    .bind(&cols.0)
-    .bind(&cols.1)
-    .bind(&cols.2)
-    .bind(&cols.3)
-    .bind(&cols.4)
-    .bind(&cols.5)
-    .bind(&cols.6)
-    .bind(&cols.7)
-    .bind(&cols.8)
+    .bind(&subjects)
+    .bind(&metrics)
+    .bind(&scopes)
+    .bind(&periods)
+    .bind(&starts)
+    .bind(&ends)
+    .bind(&used)
+    .bind(&quotas)
+    .bind(&limits)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -660,16 +686,13 @@ async fn previous_decisions(
 }
 
 /// Stores each subject's API key and next check instant.
-async fn save_checks(
-    tx: &mut Transaction<'_, Postgres>,
-    checks: &[(String, Option<String>, Option<DateTime<Utc>>)],
-) -> Result<(), sqlx::Error> {
+async fn save_checks(tx: &mut Transaction<'_, Postgres>, checks: &[Check]) -> Result<(), sqlx::Error> {
     if checks.is_empty() {
         return Ok(());
     }
-    let subjects: Vec<&str> = checks.iter().map(|c| c.0.as_str()).collect();
-    let keys: Vec<Option<&str>> = checks.iter().map(|c| c.1.as_deref()).collect();
-    let at: Vec<Option<DateTime<Utc>>> = checks.iter().map(|c| c.2).collect();
+    let subjects: Vec<&str> = checks.iter().map(|c| c.subject.as_str()).collect();
+    let keys: Vec<Option<&str>> = checks.iter().map(|c| c.api_key.as_deref()).collect();
+    let at: Vec<Option<DateTime<Utc>>> = checks.iter().map(|c| c.next_check).collect();
     sqlx::query(
         "UPDATE decisions d SET api_key_sha256 = coalesce(c.key, d.api_key_sha256), next_check_at = c.at
          FROM UNNEST($1::text[], $2::text[], $3::timestamptz[]) AS c(subject, key, at)
