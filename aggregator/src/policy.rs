@@ -59,6 +59,31 @@ impl Policy {
         Resolved { tier: r.tier, timezone: r.timezone, quotas: r.quotas }
     }
 
+    /// Every quota of the subject at `at`, across scopes: the quotas of the default scope plus
+    /// those scoped to any scope the configuration names. This is what a decision snapshot
+    /// lists; events are counted with [`Policy::resolve`] for their own scope.
+    pub fn resolve_all_scopes(&self, subject: &str, api_key_sha256: Option<&str>, at: DateTime<Utc>) -> Resolved {
+        let mut all = self.resolve(subject, api_key_sha256, "", at);
+        for scope in self.named_scopes() {
+            let scoped = self.resolve(subject, api_key_sha256, &scope, at);
+            for q in scoped.quotas.into_iter().filter(|q| q.scope.is_some()) {
+                if !all.quotas.iter().any(|known| known.name == q.name && known.scope == q.scope) {
+                    all.quotas.push(q);
+                }
+            }
+        }
+        all
+    }
+
+    /// The scopes the configuration names anywhere (quotas, explicit limits, overrides).
+    fn named_scopes(&self) -> std::collections::BTreeSet<String> {
+        let c = &self.config;
+        let quota_scopes = c.quotas.iter().chain(c.tiers.iter().flat_map(|t| t.quotas.iter())).filter_map(|q| q.scope.clone());
+        let explicit = c.tiers.iter().flat_map(|t| t.explicit_limits.iter().map(|e| e.scope.clone()));
+        let overrides = c.overrides.iter().filter_map(|o| o.scope.clone());
+        quota_scopes.chain(explicit).chain(overrides).filter(|s| !s.is_empty()).collect()
+    }
+
     /// The next instant after `at` at which the subject's resolution may change by itself
     /// (an override or assignment starting or ending).
     pub fn next_change_after(&self, subject: &str, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
@@ -204,6 +229,17 @@ mod tests {
         assert_eq!(r.quotas[0].metric, tally_domain::metric::Metric::TotalTokens);
         assert_eq!(r.quotas[0].limit, 1_000_000);
         assert_eq!(r.quotas[0].period, PeriodSpec::Month);
+    }
+
+    #[test]
+    fn a_snapshot_lists_scoped_quotas_of_every_named_scope() {
+        let policy = Policy::from_yaml(include_str!("../../examples/tiers.yaml"), "examples/tiers.yaml").unwrap();
+        let at = "2026-11-22T10:00:00Z".parse().unwrap();
+        let plain = policy.resolve("alice", None, "", at);
+        let all = policy.resolve_all_scopes("alice", None, at);
+        assert!(all.quotas.len() > plain.quotas.len(), "pro's explicit batch limit is scoped to `batch`");
+        assert!(all.quotas.iter().any(|q| q.scope.as_deref() == Some("batch")));
+        assert_eq!(all.quotas.iter().filter(|q| q.scope.is_none()).count(), plain.quotas.iter().filter(|q| q.scope.is_none()).count());
     }
 
     #[test]

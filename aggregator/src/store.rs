@@ -479,7 +479,7 @@ struct SubjectPlan {
 
 impl SubjectPlan {
     fn new(subject: &str, api_key: Option<String>, policy: &Policy, now: DateTime<Utc>) -> Self {
-        let resolved = policy.resolve(subject, api_key.as_deref(), "", now);
+        let resolved = policy.resolve_all_scopes(subject, api_key.as_deref(), now);
         let keys = plan::current_keys(subject, &resolved.quotas, resolved.timezone, now);
         SubjectPlan { subject: subject.to_string(), api_key, resolved, keys, lines: Vec::new() }
     }
