@@ -84,6 +84,15 @@ impl Policy {
         quota_scopes.chain(explicit).chain(overrides).filter(|s| !s.is_empty()).collect()
     }
 
+    /// The event's cost: as sent, or when absent priced from the model price table (micro-
+    /// dollars per million tokens, rounded half to even); `None` when neither is known.
+    pub fn cost_micros(&self, event: &tally_domain::event::UsageEvent) -> Option<i64> {
+        event.cost_micros.or_else(|| {
+            let price = self.config.price(event.model.as_deref()?)?;
+            Some(price.cost_micros(event.input_tokens, event.output_tokens, event.cached_tokens))
+        })
+    }
+
     /// The next instant after `at` at which the subject's resolution may change by itself
     /// (an override or assignment starting or ending).
     pub fn next_change_after(&self, subject: &str, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
@@ -240,6 +249,24 @@ mod tests {
         assert!(all.quotas.len() > plain.quotas.len(), "pro's explicit batch limit is scoped to `batch`");
         assert!(all.quotas.iter().any(|q| q.scope.as_deref() == Some("batch")));
         assert_eq!(all.quotas.iter().filter(|q| q.scope.is_none()).count(), plain.quotas.iter().filter(|q| q.scope.is_none()).count());
+    }
+
+    #[test]
+    fn an_event_without_cost_is_priced_from_its_model() {
+        let policy = Policy::from_yaml(include_str!("../../examples/tiers.yaml"), "examples/tiers.yaml").unwrap();
+        let event = |model: &str, cost: Option<i64>| {
+            let mut e = tally_domain::event::event_from_value(serde_json::json!({
+                "id": "e", "subject": "s", "time": "2026-11-22T10:00:00Z", "model": model,
+                "input_tokens": 1000, "output_tokens": 500, "cached_tokens": 0
+            }))
+            .unwrap();
+            e.cost_micros = cost;
+            e
+        };
+        // gpt-4o: 2.5 $/M input, 10 $/M output: 1000 * 2.5 + 500 * 10 = 7500 micro-dollars.
+        assert_eq!(policy.cost_micros(&event("gpt-4o", None)), Some(7500));
+        assert_eq!(policy.cost_micros(&event("gpt-4o", Some(3))), Some(3), "a sent cost wins");
+        assert_eq!(policy.cost_micros(&event("unknown-model", None)), None);
     }
 
     #[test]

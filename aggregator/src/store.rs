@@ -106,7 +106,13 @@ impl Store {
     ) -> Result<Outcome, StoreError> {
         let mut tx = self.pool.begin().await?;
         let policy = &*policy.sync(&mut tx).await?;
-        let Parsed { candidates, mut quarantined, duplicates } = parsed;
+        let Parsed { mut candidates, mut quarantined, duplicates } = parsed;
+        // Priced before anything is recorded, so the dedupe record, the ledgers and history
+        // (which reads the cost back from the dedupe record) agree. The fingerprint is of the
+        // event as sent.
+        for c in candidates.iter_mut() {
+            c.event.cost_micros = policy.cost_micros(&c.event);
+        }
         let (fresh, seen_before) = record_event_ids(&mut tx, &candidates, policy.version).await?;
         let mut outcome = Outcome { duplicates, ..Outcome::default() };
         for c in candidates.iter().filter(|c| !fresh.contains(&c.event.id)) {

@@ -74,13 +74,16 @@ pub struct Reverted {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ledgered {
     pub fingerprint: String,
+    /// The cost the ledger counted: as sent, or priced from the model when the event had
+    /// none. History stores this one, so it agrees with the ledger.
+    pub cost_micros: Option<i64>,
     /// For a counted correction: the event it reverted (`corrected_by` = the correction).
     pub reverts: Option<Reverted>,
 }
 
 impl Ledgered {
     pub fn plain(fingerprint: impl Into<String>) -> Ledgered {
-        Ledgered { fingerprint: fingerprint.into(), reverts: None }
+        Ledgered { fingerprint: fingerprint.into(), cost_micros: None, reverts: None }
     }
 }
 
@@ -154,6 +157,10 @@ pub fn select(ready: &[Delivery], counted: &HashMap<String, Ledgered>) -> Select
             continue;
         }
         if event.corrects.is_none() {
+            let mut event = event;
+            if ledgered.cost_micros.is_some() {
+                event.cost_micros = ledgered.cost_micros;
+            }
             s.counted.push(Counted { event, fingerprint });
             continue;
         }
@@ -262,7 +269,7 @@ mod tests {
         let ready = vec![d(0, 0, original.clone()), d(0, 1, correction.clone()), d(0, 2, correction.clone()), d(0, 3, refused), d(0, 4, orphan.clone())];
         let counted = HashMap::from([
             ("t1".to_string(), Ledgered::plain(fp(&original))),
-            ("c1".to_string(), Ledgered { fingerprint: fp(&correction), reverts: Some(target("t1")) }),
+            ("c1".to_string(), Ledgered { fingerprint: fp(&correction), cost_micros: Some(0), reverts: Some(target("t1")) }),
             ("c3".to_string(), Ledgered::plain(fp(&orphan))),
         ]);
         let mut s = select(&ready, &counted);
@@ -283,7 +290,7 @@ mod tests {
     #[test]
     fn a_correction_takes_the_stored_row_model_else_its_own() {
         let correction = json!({"id": "c1", "subject": "a", "time": "2026-11-22T10:00:00Z", "corrects": "t1", "model": "small"});
-        let counted = HashMap::from([("c1".to_string(), Ledgered { fingerprint: fp(&correction), reverts: Some(target("t1")) })]);
+        let counted = HashMap::from([("c1".to_string(), Ledgered { fingerprint: fp(&correction), cost_micros: Some(0), reverts: Some(target("t1")) })]);
         let mut s = select(&[d(0, 0, correction.clone())], &counted);
         assert_eq!(targets_to_look_up(&s.counted), vec![("a".to_string(), target("t1").time, "t1".to_string())]);
         resolve_models(&mut s.counted, &HashMap::from([("t1".to_string(), String::new())]));

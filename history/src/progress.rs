@@ -115,7 +115,7 @@ impl Progress {
             return Ok(HashMap::new());
         }
         let rows: Vec<CountedRow> = sqlx::query_as(
-            "SELECT c.event_id, c.fingerprint, t.event_id, t.subject, t.event_time, t.scope, t.api_key_sha256,
+            "SELECT c.event_id, c.fingerprint, c.cost_micros, t.event_id, t.subject, t.event_time, t.scope, t.api_key_sha256,
                     t.requests, t.input_tokens, t.output_tokens, t.cached_tokens, t.cost_micros
              FROM processed_events c
              LEFT JOIN processed_events t ON c.corrects IS NOT NULL AND t.event_id = c.corrects AND t.corrected_by = c.event_id
@@ -145,12 +145,13 @@ impl Progress {
     }
 }
 
-/// One row of [`Progress::counted`]: the id, its fingerprint, then the reverted event's
-/// columns (all `None` unless the id is a counted correction).
+/// One row of [`Progress::counted`]: the id, its fingerprint, the cost the ledger counted,
+/// then the reverted event's columns (all `None` unless the id is a counted correction).
 #[derive(sqlx::FromRow)]
 struct CountedRow(
     String,
     String,
+    Option<i64>,
     Option<String>,
     Option<String>,
     Option<DateTime<Utc>>,
@@ -165,7 +166,7 @@ struct CountedRow(
 
 impl CountedRow {
     fn into_entry(self) -> (String, Ledgered) {
-        let CountedRow(id, fingerprint, target, subject, time, scope, api_key_sha256, requests, input, output, cached, cost) = self;
+        let CountedRow(id, fingerprint, counted_cost, target, subject, time, scope, api_key_sha256, requests, input, output, cached, cost) = self;
         let reverts = match (target, subject, time) {
             (Some(event_id), Some(subject), Some(time)) => Some(Reverted {
                 event_id,
@@ -183,6 +184,6 @@ impl CountedRow {
             }),
             _ => None,
         };
-        (id, Ledgered { fingerprint, reverts })
+        (id, Ledgered { fingerprint, cost_micros: counted_cost, reverts })
     }
 }
