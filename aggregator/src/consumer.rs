@@ -122,8 +122,10 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let pool = postgres.connect().await?;
     if let Some(path) = &settings.config {
-        let applied = crate::policy::apply_file(&pool, path).await?;
-        tracing::info!(version = applied.version, changed = applied.changed, file = %path.display(), "tier configuration applied");
+        match crate::policy::seed_from_file(&pool, path).await? {
+            Some(applied) => tracing::info!(version = applied.version, file = %path.display(), "tier configuration seeded"),
+            None => tracing::info!(file = %path.display(), "a tier configuration is already stored; --config only seeds an empty database (change it with `tally config apply`)"),
+        }
     }
     let policy = PolicyHandle::new(Policy::builtin());
     policy.sync(&mut *pool.acquire().await?).await?;

@@ -37,7 +37,9 @@ pub struct AggregatorSettings {
     /// Consumer group of the ledger path. Instances in one group split the partitions.
     #[arg(long, env = "TALLY_AGGREGATOR_GROUP", default_value = "tally-ledger")]
     pub group: String,
-    /// Tier configuration (YAML). Without it, the built-in default tier applies.
+    /// Tier configuration (YAML) to seed an empty database with. Once a configuration is
+    /// stored, change it with `tally config apply` (or the admin API); this file is then
+    /// ignored. With none stored and no file, the built-in default tier applies.
     #[arg(long = "config", env = "TALLY_CONFIG")]
     pub config: Option<std::path::PathBuf>,
     /// Most events in one batch (one Postgres transaction).

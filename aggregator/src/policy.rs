@@ -217,6 +217,17 @@ pub async fn apply(pool: &PgPool, document: &str, source: &str) -> anyhow::Resul
     Ok(Applied { version, changed: true })
 }
 
+/// Applies `path` only when no configuration has been stored yet: an aggregator started with
+/// `--config` seeds a fresh database, and never overwrites changes made since through
+/// `tally config apply` or the admin API. Returns what was applied, if anything.
+pub async fn seed_from_file(pool: &PgPool, path: &Path) -> anyhow::Result<Option<Applied>> {
+    let stored: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM config_versions)").fetch_one(pool).await?;
+    if stored {
+        return Ok(None);
+    }
+    apply_file(pool, path).await.map(Some)
+}
+
 /// Reads a configuration file and applies it.
 pub async fn apply_file(pool: &PgPool, path: &Path) -> anyhow::Result<Applied> {
     let text = std::fs::read_to_string(path).with_context(|| format!("failed to read {}", path.display()))?;
