@@ -27,7 +27,7 @@ use tally_domain::event::{hash_api_key, UsageEvent};
 
 use super::broker::{self, Ceiling, Prepared};
 use super::report::{Latencies, Section};
-use super::stack::{free_addr, scrape, Service, Stack};
+use super::stack::{cpu_seconds, free_addr, pids_named, scrape, Service, Stack};
 
 /// The three tiers' API keys (raw; the configuration holds their SHA-256).
 pub const TIER_KEYS: [Option<&str>; 3] = [None, Some("bench-key-pro"), Some("bench-key-scale")];
@@ -206,6 +206,9 @@ impl Pipeline {
         self.produce(messages).await?;
         self.subjects = (subjects + probes) as u64;
 
+        // CPU accounting: the broker (when it is a local tansu process) before the run.
+        let brokers = pids_named("tansu");
+        let broker_cpu_before: f64 = brokers.iter().map(|p| cpu_seconds(*p)).sum();
         eprintln!("[bench] pipeline: starting the aggregator");
         let spawned = Instant::now();
         let aggregator = self.stack.spawn("aggregator", "aggregator", &[("TALLY_AGGREGATOR_LISTEN", self.aggregator_addr.clone())])?;
@@ -228,11 +231,21 @@ impl Pipeline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let wall = end - spawned;
+        let aggregator_cpu = cpu_seconds(self.aggregator.as_ref().map(Service::pid).unwrap_or(0));
+        let broker_cpu = brokers.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - broker_cpu_before;
+        let backends: Vec<i32> = sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+            .fetch_all(&self.pool)
+            .await
+            .unwrap_or_default();
+        let postgres_cpu: f64 = backends.iter().map(|p| cpu_seconds(*p as u32)).sum();
         let (rate, measured) = match first {
             Some((t0, c0)) if (c0 as f64) < total * 0.9 && end > t0 => ((total - c0 as f64) / (end - t0).as_secs_f64(), total - c0 as f64),
             _ => (total / wall.as_secs_f64(), total),
         };
         let counted = scrape(&self.http, &self.aggregator_addr, "tally_aggregator_events_counted_total").await.unwrap_or(0.0);
+        // Where the time went: the aggregator's own batch commit timing over the whole run.
+        let commit_us = scrape(&self.http, &self.aggregator_addr, "tally_aggregator_batch_micros_total").await.unwrap_or(0.0);
+        let batches = scrape(&self.http, &self.aggregator_addr, "tally_aggregator_batches_total").await.unwrap_or(0.0);
         let mut s = Section::default();
         s.figure("events", total)
             .figure("subjects", self.subjects as f64)
@@ -241,12 +254,23 @@ impl Pipeline {
             .figure("wall_seconds_from_process_start", wall.as_secs_f64())
             .figure("events_per_s_from_process_start", total / wall.as_secs_f64())
             .figure("events_counted_metric", counted)
+            .figure("batches", batches)
+            .figure("events_per_batch", if batches > 0.0 { counted / batches } else { 0.0 })
+            .figure("commit_ms_per_batch", if batches > 0.0 { commit_us / batches / 1000.0 } else { 0.0 })
+            .figure("commit_share_of_wall", commit_us / 1e6 / wall.as_secs_f64())
+            .figure("aggregator_cpu_us_per_event", aggregator_cpu * 1e6 / total)
+            .figure("postgres_cpu_us_per_event", postgres_cpu * 1e6 / total)
+            .figure("cpu_share_of_wall", (aggregator_cpu + postgres_cpu + broker_cpu) / wall.as_secs_f64())
             .ratio("to_broker_consume", rate, ceiling.consume_per_s)
             .ratio("to_broker_produce", rate, ceiling.produce_per_s)
             .target("events_per_s >= 100000", rate >= 100_000.0)
             .target("events_per_s >= half the broker consume ceiling", rate >= ceiling.consume_per_s / 2.0)
             .note("three tiers (basic, pro by API key, scale by API key), four quotas each (rate, daily requests, monthly tokens, daily cost)")
-            .note("timed from the first committed batch to the last; consumer_offsets next offsets sum to the events produced");
+            .note("timed from the first committed batch to the last; consumer_offsets next offsets sum to the events produced")
+            .note("CPU per event from /proc/<pid>/stat over the aggregator's life: the aggregator, its Postgres backends, and the broker when it is a local tansu process (broker_cpu_us_per_event); noise-proof where rates are not");
+        if !brokers.is_empty() {
+            s.figure("broker_cpu_us_per_event", broker_cpu * 1e6 / total);
+        }
         Ok((s, rate))
     }
 
