@@ -92,6 +92,7 @@ enum Command {
     Config(config_cmd::ConfigCommand),
     /// Measure throughput, latencies, memory and history queries on the local stack, each
     /// beside a baseline from the same run (see `tally bench --help`).
+    #[command(long_about = bench::LONG_ABOUT)]
     Bench(bench::BenchArgs),
     /// Send a short demo load and watch one user cross a limit and get blocked.
     Demo(demo::DemoArgs),

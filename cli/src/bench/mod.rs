@@ -32,38 +32,40 @@ use anyhow::Context;
 use report::{Machine, Report};
 use stack::{free_addr, Stack};
 
-/// Measure Tally on the local stack: every figure beside a baseline from the same run.
-///
-/// Sections, in the order they run:
-///
-/// 1. broker: raw produce and consume rates of the broker for usage-event-shaped messages
-///    (keyed, 4 partitions, idempotent lz4 producer; consumer with partitions assigned by
-///    hand), and its produce-to-consume round trip. The ceiling the later sections are set
-///    against.
-///
-/// 2. pipeline: events/s through the aggregator with exactly-once on (subjects on three
-///    tiers, four quotas each), events pre-produced, timed from the first to the last
-///    committed batch; ratio to the broker's consume rate.
-///
-/// 3. decision_latency: event produced to changed snapshot visible at the API, p50/p99/max,
-///    under a background load at half the pipeline's throughput; ratio to the broker round
-///    trip.
-///
-/// 4. check: POST /v1/check requests/s and p50/p99 from a closed-loop generator on loopback
-///    (the decision read when the build has no check route); baselines GET /healthz of the
-///    same server and `redis-benchmark -t get` when Redis is present.
-///
-/// 5. history: p50/p99 of a 30-day daily series for one subject and a top-20 through the
-///    API, over synthetic rows generated in ClickHouse (10 million; `--quick` far fewer);
-///    baseline a `SELECT 1` straight to ClickHouse.
-///
-/// 6. memory: aggregator and API VmRSS with 100k active subjects (`--quick` fewer); baseline
-///    the same services idle.
-///
-/// 7. ingest: POST /v1/events events/s with batches of 100; ratio to the broker's produce
-///    rate.
+/// `tally bench --help`: what each section measures (the long help of the command).
+pub const LONG_ABOUT: &str = "Measure Tally on the local stack: every figure beside a baseline from the same run.
+
+Sections, in the order they run:
+
+1. broker: raw produce and consume rates of the broker for usage-event-shaped messages
+   (keyed, 4 partitions, idempotent lz4 producer; consumer with partitions assigned by
+   hand), and its produce-to-consume round trip. The ceiling the later sections are set
+   against.
+
+2. pipeline: events/s through the aggregator with exactly-once on (subjects on three
+   tiers, four quotas each), events pre-produced, timed from the first to the last
+   committed batch; ratio to the broker's consume rate.
+
+3. decision_latency: event produced to changed snapshot visible at the API, p50/p99/max,
+   under a background load at half the pipeline's throughput; ratio to the broker round
+   trip.
+
+4. check: POST /v1/check requests/s and p50/p99 from a closed-loop generator on loopback
+   (the decision read when the build has no check route); baselines GET /healthz of the
+   same server and `redis-benchmark -t get` when Redis is present.
+
+5. history: p50/p99 of a 30-day daily series for one subject and a top-20 through the
+   API, over synthetic rows generated in ClickHouse (10 million; `--quick` far fewer);
+   baseline a `SELECT 1` straight to ClickHouse.
+
+6. memory: aggregator and API VmRSS with 100k active subjects (`--quick` fewer); baseline
+   the same services idle.
+
+7. ingest: POST /v1/events events/s with batches of 100; ratio to the broker's produce
+   rate.";
+
+/// The command line of `tally bench` (see [`LONG_ABOUT`]).
 #[derive(Debug, clap::Args)]
-#[command(verbatim_doc_comment)]
 pub struct BenchArgs {
     /// A short run (well under a minute) with small sizes: proves the harness, not the targets.
     #[arg(long)]
