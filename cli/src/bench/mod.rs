@@ -5,7 +5,8 @@
 //!   `TALLY_CLICKHOUSE_URL`, with topics, a Postgres database, a ClickHouse database and
 //!   consumer groups of its own (named after a random run id), prepared by `tally setup`.
 //!   It never touches another run's or the services' default names, and drops its databases
-//!   and topics at the end (`--keep` keeps them).
+//!   and topics at the end (`--keep` keeps them). Service logs go to a temporary directory,
+//!   removed after a successful run without `--keep`.
 //! - The services it measures are child processes of the current `tally` binary with the
 //!   run's environment; each is stopped by its pid when the bench is done with it, on error
 //!   too. Everything is on loopback.
@@ -166,6 +167,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         stack.teardown(&stack.all_topics(&extra)).await;
     }
     outcome?;
+    if !args.keep {
+        // Logs are kept only when something failed (or with --keep).
+        let _ = std::fs::remove_dir_all(&stack.log_dir);
+    }
     report.seconds = started.elapsed().as_secs_f64();
     print!("{}", report.table());
     if let Some(path) = &args.json {
