@@ -7,17 +7,18 @@
 //! exactly the next offset of a partition this instance owns: lower offsets were counted
 //! already, a gap makes the loop seek back.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::Utc;
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::producer::FutureProducer;
-use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use tally_common::kafka::KafkaSettings;
-use tally_common::membership::Membership;
+use tally_common::consuming::{self, KafkaLog};
+use tally_common::membership::{share_change, Membership, ShareChange};
 use tally_common::metrics::{Counter, Gauge, Registry, Timing};
 use tally_common::postgres::PostgresSettings;
 use tokio::sync::Notify;
@@ -27,22 +28,6 @@ use crate::policy::{Policy, PolicyHandle};
 use crate::store::{Range, Store, StoreError, Subjects};
 use crate::{relay, AggregatorSettings};
 
-/// Forwards librdkafka's own log lines to tracing.
-struct KafkaLog;
-
-impl ClientContext for KafkaLog {
-    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
-        use rdkafka::config::RDKafkaLogLevel as L;
-        match level {
-            L::Emerg | L::Alert | L::Critical | L::Error => tracing::error!(fac, "librdkafka: {log_message}"),
-            L::Warning => tracing::warn!(fac, "librdkafka: {log_message}"),
-            L::Notice | L::Info => tracing::info!(fac, "librdkafka: {log_message}"),
-            L::Debug => tracing::debug!(fac, "librdkafka: {log_message}"),
-        }
-    }
-}
-
-impl ConsumerContext for KafkaLog {}
 
 /// A partition this instance owns.
 #[derive(Debug, Clone, Copy)]
@@ -296,30 +281,7 @@ impl Loop {
     /// Waits for a first message, then takes more until the batch is full or `max_wait` passed.
     /// Returns an empty batch when deferred snapshots are due before any message came.
     async fn next_batch(&mut self) -> Vec<Delivery> {
-        let mut batch = Vec::new();
-        let idle = self.refresh_interval();
-        let deadline = loop {
-            let first = tokio::time::timeout(idle, self.consumer.recv()).await;
-            let Ok(first) = first else { return batch };
-            match first {
-                Ok(m) => {
-                    batch.push(to_delivery(&m));
-                    break tokio::time::Instant::now() + self.settings.max_wait();
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "usage consumer error");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        };
-        while batch.len() < self.settings.max_batch {
-            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(to_delivery(&m)),
-                Ok(Err(e)) => tracing::warn!(error = %e, "usage consumer error"),
-                Err(_) => break,
-            }
-        }
-        batch
+        consuming::collect_batch(&self.consumer, self.refresh_interval(), self.settings.max_wait(), self.settings.max_batch, to_delivery).await
     }
 
     /// Heartbeats the membership (at most once a second) and brings the owned partitions in
@@ -336,17 +298,14 @@ impl Loop {
                 return;
             }
         }
-        let desired: BTreeSet<i32> = match self.membership.heartbeat(&self.store.pool, self.partitions).await {
-            Ok(share) => share.into_iter().collect(),
+        let share = match self.membership.heartbeat(&self.store.pool, self.partitions).await {
+            Ok(share) => share,
             Err(e) => {
                 tracing::warn!(error = %e, "membership heartbeat failed; keeping the current partitions");
                 return;
             }
         };
-        self.fenced_until.retain(|_, until| *until > Instant::now());
-        let owned: BTreeSet<i32> = self.owned.keys().copied().collect();
-        let gained: Vec<i32> = desired.difference(&owned).filter(|p| !self.fenced_until.contains_key(p)).copied().collect();
-        let lost: Vec<i32> = owned.difference(&desired).copied().collect();
+        let ShareChange { gained, lost } = share_change(&share, self.owned.keys().copied(), &mut self.fenced_until);
         if gained.is_empty() && lost.is_empty() {
             return;
         }
@@ -360,27 +319,13 @@ impl Loop {
         self.assign_owned();
     }
 
-    /// The usage topic's partition count from the broker (0 when it cannot be read yet).
     fn partition_count(&self) -> i32 {
-        let metadata = tokio::task::block_in_place(|| self.consumer.fetch_metadata(Some(&self.store.topic), Duration::from_secs(5)));
-        match metadata {
-            Ok(m) => m.topics().first().map_or(0, |t| t.partitions().len() as i32),
-            Err(e) => {
-                tracing::warn!(topic = %self.store.topic, error = %e, "cannot read the topic's partitions yet");
-                0
-            }
-        }
+        consuming::partition_count(&self.consumer, &self.store.topic)
     }
 
     /// Points the consumer at exactly the owned partitions, each at its next offset.
     fn assign_owned(&mut self) {
-        let mut tpl = TopicPartitionList::new();
-        for (p, o) in &self.owned {
-            let _ = tpl.add_partition_offset(&self.store.topic, *p, Offset::Offset(o.next));
-        }
-        if let Err(e) = self.consumer.assign(&tpl) {
-            tracing::warn!(error = %e, "failed to assign partitions to the consumer");
-        }
+        consuming::assign_at(&self.consumer, &self.store.topic, self.owned.iter().map(|(p, o)| (*p, o.next)));
         for o in self.owned.values_mut() {
             o.sought_at = Some(Instant::now());
         }
@@ -523,6 +468,6 @@ impl Loop {
     }
 }
 
-fn to_delivery<M: Message>(m: &M) -> Delivery {
+fn to_delivery(m: &rdkafka::message::BorrowedMessage<'_>) -> Delivery {
     Delivery { partition: m.partition(), offset: m.offset(), payload: m.payload().map(<[u8]>::to_vec) }
 }

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod clickhouse;
+pub mod consuming;
 pub mod kafka;
 pub mod membership;
 pub mod metrics;

@@ -12,7 +12,8 @@
 //! the new owner claims the partition in `consumer_offsets` (bumping its epoch) and a member
 //! that still consumes a partition it lost is refused at its next commit.
 
-use std::time::Duration;
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 
@@ -33,6 +34,29 @@ pub fn split(live: &[String], member: &str, partitions: i32) -> Vec<i32> {
     sorted.dedup();
     let Some(position) = sorted.iter().position(|m| m.as_str() == member) else { return Vec::new() };
     (0..partitions).filter(|p| (*p as usize) % sorted.len() == position).collect()
+}
+
+/// How a member's owned partitions must change to match its share.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ShareChange {
+    /// In the share, not owned, and not fenced recently: to claim.
+    pub gained: Vec<i32>,
+    /// Owned but no longer in the share: to release.
+    pub lost: Vec<i32>,
+}
+
+/// Compares the share with what is owned. A partition this member was fenced from is left
+/// alone until its entry in `fenced_until` passes (expired entries are dropped), so two
+/// members with briefly different views do not take it from each other back and forth.
+pub fn share_change(share: &[i32], owned: impl IntoIterator<Item = i32>, fenced_until: &mut HashMap<i32, Instant>) -> ShareChange {
+    let now = Instant::now();
+    fenced_until.retain(|_, until| *until > now);
+    let desired: BTreeSet<i32> = share.iter().copied().collect();
+    let owned: BTreeSet<i32> = owned.into_iter().collect();
+    ShareChange {
+        gained: desired.difference(&owned).filter(|p| !fenced_until.contains_key(p)).copied().collect(),
+        lost: owned.difference(&desired).copied().collect(),
+    }
 }
 
 impl Membership {
@@ -72,7 +96,15 @@ impl Membership {
 
 #[cfg(test)]
 mod tests {
-    use super::split;
+    use super::*;
+
+    #[test]
+    fn share_change_claims_what_is_new_unless_recently_fenced() {
+        let mut fenced = HashMap::from([(2, Instant::now() + Duration::from_secs(60)), (3, Instant::now())]);
+        let change = share_change(&[0, 2, 3], [0, 1], &mut fenced);
+        assert_eq!(change, ShareChange { gained: vec![3], lost: vec![1] });
+        assert!(!fenced.contains_key(&3), "an expired fence is dropped");
+    }
 
     #[test]
     fn live_members_split_every_partition_exactly_once() {
