@@ -116,6 +116,19 @@ async fn assert_history_exact(t: &Tally, expected: i64) {
         ))
         .await;
     assert_eq!(daily, raw_daily, "daily rollup differs from the raw rows");
+    let raw_totals = t
+        .clickhouse(&format!(
+            "SELECT subject, toStartOfDay(time) AS d, count(), {sums} FROM `{db}`.usage_events FINAL \
+             GROUP BY subject, d ORDER BY subject, d"
+        ))
+        .await;
+    let totals = t
+        .clickhouse(&format!(
+            "SELECT subject, day, sum(events), {sums} FROM `{db}`.usage_subject_daily FINAL \
+             GROUP BY subject, day ORDER BY subject, day"
+        ))
+        .await;
+    assert_eq!(totals, raw_totals, "daily totals per subject differ from the raw rows");
     // A rollup key holds exactly one row under FINAL.
     let dup_keys = t
         .clickhouse_i64(&format!(
@@ -144,6 +157,55 @@ async fn assert_history_matches_ledger(t: &Tally, pool: &sqlx::PgPool) {
             .await;
         assert_eq!(history, used, "history vs ledger for {subject}");
     }
+}
+
+/// `GET /v1/history/top` over whole UTC days around now (so it reads the daily tables), without
+/// and with a scope filter (all test events are `chat`): each subject's total tokens equal the
+/// ledger's, to the token, and no other subject appears.
+async fn assert_top_matches_ledger(t: &Tally, pool: &sqlx::PgPool) {
+    let ledger: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT subject, sum(used)::bigint FROM ledgers WHERE metric = 'total_tokens' AND scope = '*' GROUP BY subject ORDER BY subject",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("read ledgers");
+    assert!(!ledger.is_empty());
+    let today = Utc::now().date_naive();
+    let (from, to) = (today - Span::days(2), today + Span::days(1));
+    for filter in ["", "&scope=chat"] {
+        let url = format!("{}/v1/history/top?metric=total_tokens&from={from}&to={to}&limit=1000{filter}", t.api_url);
+        let (status, body) = t.get(&url).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["source"], "daily", "{body}");
+        let mut top: Vec<(String, i64)> = body["subjects"]
+            .as_array()
+            .expect("subjects")
+            .iter()
+            .map(|s| (s["subject"].as_str().unwrap().to_string(), s["value"].as_i64().unwrap()))
+            .collect();
+        top.sort();
+        assert_eq!(top, ledger, "top subjects{filter} vs ledger");
+    }
+}
+
+/// Adds, beside every current row of the daily rollup and the daily totals, a stale row of an
+/// older version with other amounts: what a bucket's earlier write leaves until a background
+/// merge removes it. Readers must not count it.
+async fn inject_stale_bucket_versions(t: &Tally) {
+    let db = t.clickhouse_database();
+    let older = "toUInt64(greatest(version, 2) - 1)";
+    t.clickhouse(&format!(
+        "INSERT INTO `{db}`.usage_daily SELECT day, subject, scope, model, events + 1, requests + 1, input_tokens + 1000000, \
+         output_tokens + 7, cached_tokens, cost_micros, {older} FROM `{db}`.usage_daily FINAL"
+    ))
+    .await;
+    t.clickhouse(&format!(
+        "INSERT INTO `{db}`.usage_subject_daily SELECT day, subject, events + 1, requests + 1, input_tokens + 1000000, \
+         output_tokens + 7, cached_tokens, cost_micros, {older} FROM `{db}`.usage_subject_daily FINAL"
+    ))
+    .await;
+    let stale = t.clickhouse_i64(&format!("SELECT count() FROM `{db}`.usage_subject_daily WHERE input_tokens >= 1000000")).await;
+    assert!(stale > 0, "no stale row was injected");
 }
 
 fn month_name(t: DateTime<Utc>) -> String {
@@ -185,8 +247,13 @@ async fn a_batch_replayed_twice_leaves_no_duplicates_in_raw_rows_or_rollups() {
     assert_eq!(t.metric(&url, "tally_history_events_written_total").await, 0);
     assert_history_exact(&t, 120).await;
     assert_history_matches_ledger(&t, &pool).await;
+    assert_top_matches_ledger(&t, &pool).await;
     let (code, out) = reconcile(&t, &month_name(Utc::now()));
     assert_eq!(code, 0, "reconcile found drift:\n{out}");
+    // The replay rewrote every bucket with a higher version; whether or not ClickHouse has
+    // merged the older rows away yet, top-N counts each bucket once.
+    inject_stale_bucket_versions(&t).await;
+    assert_top_matches_ledger(&t, &pool).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -353,6 +420,7 @@ async fn a_counted_correction_nets_out_its_event_in_history_and_rollups() {
         .map(|e| e["input_tokens"].as_i64().unwrap() + e["output_tokens"].as_i64().unwrap())
         .sum();
     assert_eq!(hourly, small - 11);
+    assert_top_matches_ledger(&t, &pool).await;
     for p in [now - Span::hours(3), now].iter().map(|t| month_name(*t)) {
         let (code, out) = reconcile(&t, &p);
         assert_eq!(code, 0, "reconcile found drift in {p}:\n{out}");
@@ -367,6 +435,9 @@ async fn a_counted_correction_nets_out_its_event_in_history_and_rollups() {
     assert!(t.metric(&url, "tally_history_corrections_total").await >= 1, "the replay did not see the correction");
     assert_history_exact(&t, 31).await;
     assert_eq!(history_sum(&t, &subject, "input_tokens + output_tokens").await, ledger_sum(&pool, &subject, "total_tokens").await);
+    assert_top_matches_ledger(&t, &pool).await;
+    inject_stale_bucket_versions(&t).await;
+    assert_top_matches_ledger(&t, &pool).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -2,7 +2,7 @@
 //!
 //! The DDL in `migrations/clickhouse` is written for both ClickHouse 18.16 (the local stack)
 //! and current releases; each file is applied in name order over the HTTP interface and
-//! every statement is idempotent (`IF NOT EXISTS`).
+//! every statement is idempotent (`IF NOT EXISTS`; a backfill inserts only what is missing).
 
 use anyhow::{bail, Context};
 
@@ -20,6 +20,7 @@ pub struct ClickHouseSettings {
 const DDL: &[(&str, &str)] = &[
     ("0001_usage.sql", include_str!("../../migrations/clickhouse/0001_usage.sql")),
     ("0002_rollups.sql", include_str!("../../migrations/clickhouse/0002_rollups.sql")),
+    ("0003_subject_daily.sql", include_str!("../../migrations/clickhouse/0003_subject_daily.sql")),
 ];
 
 /// The statements of a DDL file: `--` comment lines dropped, split on `;`.
@@ -64,5 +65,14 @@ mod tests {
     fn comment_only_parts_are_not_statements() {
         let text = "-- heading; with a semicolon\nCREATE TABLE a (x UInt8) ENGINE = Memory;\n-- trailing note\n";
         assert_eq!(super::statements(text), vec!["CREATE TABLE a (x UInt8) ENGINE = Memory".to_string()]);
+    }
+
+    #[test]
+    fn the_subject_totals_file_is_a_table_and_its_backfill() {
+        let (_, text) = super::DDL.iter().find(|(name, _)| *name == "0003_subject_daily.sql").unwrap();
+        let statements = super::statements(text);
+        assert_eq!(statements.len(), 2);
+        assert!(statements[0].starts_with("CREATE TABLE IF NOT EXISTS `{database}`.usage_subject_daily"));
+        assert!(statements[1].starts_with("INSERT INTO `{database}`.usage_subject_daily") && statements[1].contains("NOT IN"));
     }
 }

@@ -10,7 +10,11 @@
 //!   366 days.
 //! - Answers come from the daily rollup when every bucket edge is a UTC midnight, from the
 //!   hourly rollup when every edge is a whole UTC hour, else from the raw rows; `source`
-//!   says which. All three read with `FINAL`, so replays never show.
+//!   says which. All three read with `FINAL`, so replays never show. Top-N over whole UTC
+//!   days without a scope or model filter reads the daily totals per subject
+//!   (`usage_subject_daily`, one row per subject and day, kept by the history writer the
+//!   same replay-safe way), also with `FINAL`, and answers `source: daily`: on ClickHouse
+//!   18.16 `FINAL` merges in one thread, so its cost follows the rows it merges.
 //! - Bad input is a [`QueryError`] naming the field; nothing is queried.
 
 use std::collections::{BTreeMap, HashMap};
@@ -432,16 +436,31 @@ pub struct TopAnswer {
 /// The subjects with the largest `metric` over the range.
 pub async fn top(ch: &Ch, q: &TopQuery) -> Result<TopAnswer, ChError> {
     let source = source_for(&[q.from, q.to]);
-    let sql = format!(
-        "SELECT subject, sum({m}) AS value FROM {table} FINAL WHERE {w} GROUP BY subject ORDER BY value DESC, subject LIMIT {limit}",
-        m = metric_expr(q.metric),
-        table = ch.table(source.table()),
-        w = where_clause(source.time_column(), q.from, q.to, &q.filters),
-        limit = q.limit,
-    );
+    let sql = top_sql(q, source, &|name| ch.table(name));
     let subjects = ch.select(&sql).await?;
     Ok(TopAnswer { metric: q.metric, from: q.from, to: q.to, filters: q.filters.clone(), source, subjects })
 }
+
+/// The top-N statement. Over whole UTC days without a scope or model filter it reads the
+/// daily totals per subject (one row per subject and day) rather than the daily rollup (one
+/// per subject, day, scope and model): `FINAL` merges every part in one thread on ClickHouse
+/// 18.16, so its cost follows the rows it merges.
+fn top_sql(q: &TopQuery, source: Source, table: &dyn Fn(&str) -> String) -> String {
+    let name = match source {
+        Source::Daily if q.filters.scope.is_none() && q.filters.model.is_none() => SUBJECT_DAILY,
+        _ => source.table(),
+    };
+    format!(
+        "SELECT subject, sum({m}) AS value FROM {t} FINAL WHERE {w} GROUP BY subject ORDER BY value DESC, subject LIMIT {limit}",
+        m = metric_expr(q.metric),
+        t = table(name),
+        w = where_clause(source.time_column(), q.from, q.to, &q.filters),
+        limit = q.limit,
+    )
+}
+
+/// Daily totals per subject over all scopes and models (kept by the history writer).
+const SUBJECT_DAILY: &str = "usage_subject_daily";
 
 #[cfg(test)]
 mod tests {
@@ -490,6 +509,26 @@ mod tests {
     fn hour_buckets_in_a_half_hour_zone() {
         let edges = bucket_edges(t("2026-11-01T00:10:00Z"), t("2026-11-01T02:00:00Z"), Granularity::Hour, "Asia/Kolkata".parse().unwrap());
         assert_eq!(edges, vec![t("2026-10-31T23:30:00Z"), t("2026-11-01T00:30:00Z"), t("2026-11-01T01:30:00Z"), t("2026-11-01T02:30:00Z")]);
+    }
+
+    #[test]
+    fn top_reads_the_subject_totals_when_no_scope_or_model_is_asked_for() {
+        let table = |name: &str| format!("`db`.{name}");
+        let top = |p: &[(&str, &str)]| {
+            let q = TopQuery::parse(&params(p)).unwrap();
+            top_sql(&q, source_for(&[q.from, q.to]), &table)
+        };
+        let days = top(&[("from", "2026-11-01"), ("to", "2026-12-01"), ("limit", "20"), ("subject", "a")]);
+        assert!(days.starts_with("SELECT subject, sum(input_tokens + output_tokens) AS value FROM `db`.usage_subject_daily FINAL WHERE day >= "), "{days}");
+        assert!(days.ends_with("AND subject = 'a' GROUP BY subject ORDER BY value DESC, subject LIMIT 20"), "{days}");
+        let scoped = top(&[("from", "2026-11-01"), ("to", "2026-12-01"), ("scope", "chat"), ("metric", "requests")]);
+        assert!(scoped.starts_with("SELECT subject, sum(requests) AS value FROM `db`.usage_daily FINAL WHERE day >= "), "{scoped}");
+        let by_model = top(&[("from", "2026-11-01"), ("to", "2026-12-01"), ("model", "o3")]);
+        assert!(by_model.contains("FROM `db`.usage_daily FINAL WHERE") && by_model.contains("model = 'o3'"), "{by_model}");
+        let hours = top(&[("from", "2026-11-01T05:00:00Z"), ("to", "2026-11-02T00:00:00Z")]);
+        assert!(hours.contains("FROM `db`.usage_hourly FINAL WHERE hour >= "), "{hours}");
+        let raw = top(&[("from", "2026-11-01T05:00:30Z"), ("to", "2026-11-02T00:00:00Z")]);
+        assert!(raw.contains("FROM `db`.usage_events FINAL WHERE time >= "), "{raw}");
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //!    table under `FINAL`, and inserts the whole bucket with a new version
 //!    (`usage_hourly`, ReplacingMergeTree(version): the new rows replace the old ones);
 //! 3. recomputes every daily bucket touched from the hourly rollup, the same way
-//!    (`usage_daily`).
+//!    (`usage_daily`), and right after it the bucket's total over all scopes and models
+//!    from the daily rollup, with the same version (`usage_subject_daily`, one row per
+//!    subject and day, which top-N reads).
 //!
 //! Each step is idempotent and reads the truth rather than adding deltas, so a batch written
 //! twice, or cut by a crash after any step and written again, leaves the same rows. The
@@ -221,6 +223,8 @@ impl Sink {
     async fn recompute_days(&self, days: &BTreeSet<(String, i64)>, version: u64) -> Result<(), ChError> {
         for chunk in chunks(days, 200) {
             let (min, max) = bounds(&chunk, 86_400);
+            let subjects = subject_list(chunk.iter().map(|(s, _)| s));
+            let tuples = tuple_list(&chunk);
             let sql = format!(
                 "INSERT INTO {daily} SELECT toDateTime(toUInt32(intDiv(toUInt32(hour), 86400) * 86400), 'UTC') AS day, subject, scope, model, \
                  sum(events), sum(requests), sum(input_tokens), sum(output_tokens), sum(cached_tokens), sum(cost_micros), {version} \
@@ -228,8 +232,16 @@ impl Sink {
                  AND (subject, intDiv(toUInt32(hour), 86400) * 86400) IN ({tuples}) GROUP BY day, subject, scope, model",
                 daily = self.ch.table("usage_daily"),
                 hourly = self.ch.table("usage_hourly"),
-                subjects = subject_list(chunk.iter().map(|(s, _)| s)),
-                tuples = tuple_list(&chunk),
+            );
+            self.ch.execute(&sql).await?;
+            // The same buckets' totals over all scopes and models, from the rows just written.
+            let sql = format!(
+                "INSERT INTO {totals} SELECT day, subject, sum(events), sum(requests), sum(input_tokens), sum(output_tokens), \
+                 sum(cached_tokens), sum(cost_micros), {version} \
+                 FROM {daily} FINAL WHERE subject IN ({subjects}) AND day >= toDateTime({min}, 'UTC') AND day < toDateTime({max}, 'UTC') \
+                 AND (subject, toUInt32(day)) IN ({tuples}) GROUP BY day, subject",
+                totals = self.ch.table("usage_subject_daily"),
+                daily = self.ch.table("usage_daily"),
             );
             self.ch.execute(&sql).await?;
         }

@@ -4,10 +4,11 @@
 //! the run's own ClickHouse database, in the tables the history writer fills: raw rows in
 //! `usage_events` over the last 35 days for `subjects` subjects, two scopes and three models,
 //! then the hourly and daily rollups computed from them the way the writer does (one row
-//! per bucket, subject, scope and model). The queries go through the API's history routes,
-//! one at a time: a 30-day daily series for one subject (rotating over subjects) and a
-//! top-20 over 30 days. The baseline is a `SELECT 1` sent straight to ClickHouse's HTTP
-//! interface: the floor of any ClickHouse round trip on this machine.
+//! per bucket, subject, scope and model) and the daily totals per subject from the daily
+//! rollup. The queries go through the API's history routes, one at a time: a 30-day daily
+//! series for one subject (rotating over subjects) and a top-20 over 30 days. The baseline
+//! is a `SELECT 1` sent straight to ClickHouse's HTTP interface: the floor of any ClickHouse
+//! round trip on this machine.
 
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,13 @@ pub async fn generate(http: &reqwest::Client, url: &str, db: &str, rows: u64, su
         );
         clickhouse(http, url, &sql).await?;
     }
+    let totals = format!(
+        "INSERT INTO `{db}`.usage_subject_daily
+         SELECT day, subject, sum(events), sum(requests), sum(input_tokens), sum(output_tokens),
+                sum(cached_tokens), sum(cost_micros), toUInt64(1)
+         FROM `{db}`.usage_daily GROUP BY day, subject"
+    );
+    clickhouse(http, url, &totals).await?;
     let count = |t: &str| format!("SELECT count() FROM `{db}`.{t}");
     let hourly: u64 = clickhouse(http, url, &count("usage_hourly")).await?.trim().parse().unwrap_or(0);
     let daily: u64 = clickhouse(http, url, &count("usage_daily")).await?.trim().parse().unwrap_or(0);
