@@ -253,7 +253,7 @@ pub async fn check(State(state): State<Arc<AppState>>, JsonBody(req): JsonBody<C
     let staleness = state.view.staleness(now);
     let fresh = staleness.is_some_and(|s| s <= state.check.max_staleness);
     let mut source = "view";
-    let mut snapshot: Option<DecisionSnapshot> = state.view.get(&subject);
+    let mut snapshot: Option<Arc<DecisionSnapshot>> = state.view.get(&subject);
     let mut unavailable = false;
     if staleness.is_none() {
         // Only before the view first caught up: the view may lack a decision, or hold an
@@ -263,7 +263,7 @@ pub async fn check(State(state): State<Arc<AppState>>, JsonBody(req): JsonBody<C
                 source = "database";
                 if let Some(f) = found {
                     if snapshot.as_ref().is_none_or(|v| v.version < f.version) {
-                        snapshot = Some(f);
+                        snapshot = Some(Arc::new(f));
                     }
                 }
             }
@@ -274,15 +274,16 @@ pub async fn check(State(state): State<Arc<AppState>>, JsonBody(req): JsonBody<C
         }
     }
     let decided_fresh = fresh || (source == "database" && !unavailable);
-    let (tier, version, age, lines) = match &snapshot {
-        Some(s) => (s.tier.clone(), s.version, Some((now - s.calculated_at).num_milliseconds().max(0)), s.quotas.clone()),
+    let policy_answer;
+    let (tier, version, age, lines): (String, i64, Option<i64>, &[QuotaDecision]) = match &snapshot {
+        Some(s) => (s.tier.clone(), s.version, Some((now - s.calculated_at).num_milliseconds().max(0)), &s.quotas),
         None => {
             source = "policy";
-            let (tier, lines) = policy_lines(&state, &subject, key_sha.as_deref(), &scope, now);
-            (tier, 0, None, lines)
+            policy_answer = policy_lines(&state, &subject, key_sha.as_deref(), &scope, now);
+            (policy_answer.0.clone(), 0, None, &policy_answer.1)
         }
     };
-    let mut verdict = evaluate(&lines, &scope, estimated_tokens, estimated_cost, now);
+    let mut verdict = evaluate(lines, &scope, estimated_tokens, estimated_cost, now);
     let stale = !decided_fresh;
     if stale {
         verdict.reason = match state.check.stale_policy {

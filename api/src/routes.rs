@@ -327,7 +327,7 @@ pub(crate) async fn stored_decision(state: &AppState, subject: &str) -> Result<O
 async fn latest_decision(state: &AppState, subject: &str) -> Result<Option<(DecisionSnapshot, &'static str)>, sqlx::Error> {
     if let Some(s) = state.view.get(subject) {
         state.metrics.decisions_from_view.inc();
-        return Ok(Some((s, "view")));
+        return Ok(Some((std::sync::Arc::unwrap_or_clone(s), "view")));
     }
     Ok(stored_decision(state, subject).await?.map(|s| (s, "database")))
 }

@@ -11,7 +11,7 @@
 //! unreachable or the feeder falls behind, and an idle topic stays fresh.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -22,7 +22,8 @@ use tally_domain::decision::DecisionSnapshot;
 
 #[derive(Default)]
 pub struct DecisionView {
-    snapshots: RwLock<HashMap<String, DecisionSnapshot>>,
+    /// Shared, so a check reads a snapshot without copying its quota lines.
+    snapshots: RwLock<HashMap<String, Arc<DecisionSnapshot>>>,
     last_message_at: RwLock<Option<DateTime<Utc>>>,
     caught_up_at: RwLock<Option<DateTime<Utc>>>,
 }
@@ -34,13 +35,13 @@ impl DecisionView {
         match map.get(&snapshot.subject) {
             Some(current) if current.version >= snapshot.version => false,
             _ => {
-                map.insert(snapshot.subject.clone(), snapshot);
+                map.insert(snapshot.subject.clone(), Arc::new(snapshot));
                 true
             }
         }
     }
 
-    pub fn get(&self, subject: &str) -> Option<DecisionSnapshot> {
+    pub fn get(&self, subject: &str) -> Option<Arc<DecisionSnapshot>> {
         self.snapshots.read().ok()?.get(subject).cloned()
     }
 
