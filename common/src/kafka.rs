@@ -35,7 +35,17 @@ pub struct KafkaSettings {
     /// Partitions given to topics Tally creates.
     #[arg(long, env = "TALLY_TOPIC_PARTITIONS", default_value_t = 4)]
     pub partitions: i32,
+    /// Longest time, in milliseconds, a consumer's fetch waits at the broker for data
+    /// (librdkafka `fetch.wait.max.ms`). Kept short because some brokers hold every fetch for
+    /// part of this time even when data is there: tansu 0.6 sleeps half of it (at least
+    /// 250 ms of the default 500) before answering, which every consumer hop adds to decision
+    /// latency. The cost is more fetch requests while idle.
+    #[arg(long = "kafka-fetch-wait-ms", env = "TALLY_KAFKA_FETCH_WAIT_MS", default_value_t = DEFAULT_FETCH_WAIT_MS)]
+    pub fetch_wait_ms: u32,
 }
+
+/// See [`KafkaSettings::fetch_wait_ms`].
+pub const DEFAULT_FETCH_WAIT_MS: u32 = 20;
 
 impl KafkaSettings {
     fn base(&self) -> ClientConfig {
@@ -67,7 +77,8 @@ impl KafkaSettings {
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000");
+            .set("heartbeat.interval.ms", "1000")
+            .set("fetch.wait.max.ms", self.fetch_wait_ms.to_string());
         c
     }
 

@@ -96,6 +96,7 @@ impl Stack {
             control_topic: self.topic("control"),
             debug: None,
             partitions: PARTITIONS,
+            fetch_wait_ms: tally_common::kafka::DEFAULT_FETCH_WAIT_MS,
         }
     }
 
