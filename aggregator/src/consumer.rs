@@ -25,9 +25,19 @@ use tokio::sync::Notify;
 
 use crate::plan::{parse_batch, Delivery};
 use crate::policy::{Policy, PolicyHandle};
-use crate::store::{Range, Store, StoreError, Subjects};
+use crate::store::{Deferred, Range, Store, StoreError, Subjects};
 use crate::{relay, AggregatorSettings};
 
+
+/// Most subjects one scheduler transaction decides. Small, because a batch touching one of
+/// them waits for the scheduler's row locks.
+const SCHEDULER_CHUNK: i64 = 500;
+
+/// Most deferred usage refreshes folded into one batch.
+const MAX_REFRESHES_PER_BATCH: usize = 2000;
+
+/// How long the loop waits for a first message before it looks after ownership again.
+const IDLE_WAKE: Duration = Duration::from_secs(1);
 
 /// A partition this instance owns.
 #[derive(Debug, Clone, Copy)]
@@ -93,9 +103,8 @@ struct Loop {
     owned: HashMap<i32, Owned>,
     relay_wake: Arc<Notify>,
     metrics: Arc<Metrics>,
-    /// Subjects with usage not yet in a published snapshot, and when they were last flushed.
-    deferred: Subjects,
-    last_refresh: Instant,
+    /// Subjects whose usage changed without a snapshot yet, with when their refresh is due.
+    deferred: Deferred,
 }
 
 /// Runs the aggregator (see the crate docs).
@@ -153,8 +162,7 @@ pub async fn run(
         owned: HashMap::new(),
         relay_wake,
         metrics,
-        deferred: Subjects::new(),
-        last_refresh: Instant::now(),
+        deferred: Deferred::new(),
     };
     state.consume_until(shutdown).await;
     if let Err(e) = membership.leave(&pool).await {
@@ -203,12 +211,13 @@ fn control_wake(kafka: &KafkaSettings) -> Arc<Notify> {
 async fn run_scheduler(store: Store, policy: PolicyHandle, relay_wake: Arc<Notify>, metrics: Arc<Metrics>, wake: Arc<Notify>) {
     loop {
         loop {
-            match store.run_due_checks(&policy, Utc::now(), 2000).await {
-                Ok(0) => break,
-                Ok(n) => {
+            match store.run_due_checks(&policy, Utc::now(), SCHEDULER_CHUNK).await {
+                Ok((0, _)) => break,
+                Ok((n, published)) => {
                     metrics.scheduled_checks.add(n as u64);
+                    metrics.snapshots.add(published as u64);
                     relay_wake.notify_one();
-                    if n < 2000 {
+                    if n < SCHEDULER_CHUNK as usize {
                         break;
                     }
                 }
@@ -250,38 +259,27 @@ impl Loop {
             };
             self.maintain_ownership().await;
             let deliveries = self.accept_in_order(batch);
-            if !deliveries.is_empty() {
-                self.commit_with_retry(deliveries).await;
+            let refreshes = self.due_refreshes(Utc::now());
+            if !deliveries.is_empty() || !refreshes.is_empty() {
+                self.commit_with_retry(deliveries, refreshes).await;
             }
-            self.refresh_if_due().await;
         }
     }
 
-    fn refresh_interval(&self) -> Duration {
-        Duration::from_millis(self.settings.snapshot_refresh_ms)
-    }
-
-    /// Publishes the deferred snapshots once the refresh interval has passed. A failure keeps
-    /// them deferred for the next try.
-    async fn refresh_if_due(&mut self) {
-        if self.deferred.is_empty() || self.last_refresh.elapsed() < self.refresh_interval() {
-            return;
-        }
-        match self.store.refresh_decisions(&self.deferred, &self.policy, Utc::now()).await {
-            Ok(n) => {
-                self.metrics.snapshots.add(n as u64);
-                self.deferred.clear();
-                self.last_refresh = Instant::now();
-                self.relay_wake.notify_one();
-            }
-            Err(e) => tracing::warn!(error = %e, "deferred snapshots not published; retrying"),
-        }
+    /// Takes the deferred subjects whose refresh is due (at most [`MAX_REFRESHES_PER_BATCH`],
+    /// the longest overdue first) out of `deferred`, for the next commit.
+    fn due_refreshes(&mut self, now: chrono::DateTime<Utc>) -> Subjects {
+        let mut due: Vec<(chrono::DateTime<Utc>, &String)> =
+            self.deferred.iter().filter(|(_, (_, at))| *at <= now).map(|(s, (_, at))| (*at, s)).collect();
+        due.sort_unstable();
+        let taken: Vec<String> = due.into_iter().take(MAX_REFRESHES_PER_BATCH).map(|(_, s)| s.clone()).collect();
+        taken.into_iter().filter_map(|s| self.deferred.remove(&s).map(|(key, _)| (s, key))).collect()
     }
 
     /// Waits for a first message, then takes more until the batch is full or `max_wait` passed.
-    /// Returns an empty batch when deferred snapshots are due before any message came.
+    /// Returns an empty batch after a second without messages, so ownership stays current.
     async fn next_batch(&mut self) -> Vec<Delivery> {
-        consuming::collect_batch(&self.consumer, self.refresh_interval(), self.settings.max_wait(), self.settings.max_batch, to_delivery).await
+        consuming::collect_batch(&self.consumer, IDLE_WAKE, self.settings.max_wait(), self.settings.max_batch, to_delivery).await
     }
 
     /// Heartbeats the membership (at most once a second) and brings the owned partitions in
@@ -398,8 +396,9 @@ impl Loop {
         ranges
     }
 
-    /// Commits the batch, retrying database errors until it succeeds or is fenced.
-    async fn commit_with_retry(&mut self, deliveries: Vec<Delivery>) {
+    /// Commits the batch (with the due `refreshes`), retrying database errors until it
+    /// succeeds or is fenced.
+    async fn commit_with_retry(&mut self, deliveries: Vec<Delivery>, refreshes: Subjects) {
         let ranges = self.ranges(&deliveries);
         let lateness = chrono::Duration::days(self.settings.lateness_days);
         let refresh = chrono::Duration::milliseconds(self.settings.snapshot_refresh_ms as i64);
@@ -408,7 +407,7 @@ impl Loop {
             let now = Utc::now();
             let parsed = parse_batch(&deliveries, now, lateness);
             let started = Instant::now();
-            match self.store.commit_batch(&ranges, parsed, &self.policy, now, refresh).await {
+            match self.store.commit_batch(&ranges, parsed, &refreshes, &self.policy, now, refresh).await {
                 Ok(outcome) => {
                     self.metrics.batches.record(started.elapsed());
                     self.metrics.counted.add(outcome.counted as u64);
@@ -424,6 +423,8 @@ impl Loop {
                     self.metrics.fenced.inc();
                     tracing::warn!(partition, "batch refused by fencing; another member owns the partition now");
                     self.owned.remove(&partition);
+                    let now = Utc::now();
+                    self.deferred.extend(refreshes.into_iter().map(|(s, key)| (s, (key, now))));
                     let lease = Duration::from_millis(self.settings.member_lease_ms);
                     self.fenced_until.insert(partition, Instant::now() + lease);
                     self.rewind(&ranges);

@@ -51,9 +51,12 @@ pub struct AggregatorSettings {
     /// Events older than this many days go to quarantine.
     #[arg(long, env = "TALLY_LATENESS_DAYS", default_value_t = 35)]
     pub lateness_days: i64,
-    /// A subject whose quota states did not change still gets a fresh snapshot (with its new
-    /// usage) at most this often, in milliseconds. A state change is published at once.
-    #[arg(long, env = "TALLY_SNAPSHOT_REFRESH_MS", default_value_t = 1000)]
+    /// A subject whose quota states did not change gets a fresh snapshot (with its new
+    /// usage) at most this often, in milliseconds; the scheduler publishes it when due. A
+    /// state change (a threshold, a block, a new period or tier) is published at once. Every
+    /// refresh is a snapshot to write, relay and read, so this bounds that work to active
+    /// subjects / interval.
+    #[arg(long, env = "TALLY_SNAPSHOT_REFRESH_MS", default_value_t = 5000)]
     pub snapshot_refresh_ms: u64,
     /// A member whose heartbeat is older than this many milliseconds is considered gone and
     /// its partitions are split among the others.

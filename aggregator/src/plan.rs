@@ -2,14 +2,15 @@
 //! and decide. No I/O here; [`crate::store`] applies a plan in one transaction.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
 
 use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
-use tally_domain::decision::{quota_state, DecisionSnapshot, QuotaDecision};
+use tally_domain::decision::{quota_state, QuotaDecision};
 use tally_domain::event::{parse_event, timeliness, Timeliness, UsageEvent};
 use tally_domain::period::{PeriodSpec, Window};
 
-use crate::policy::{Policy, Quota};
+use crate::policy::{Policy, Quota, Resolved};
 
 /// One message as consumed.
 #[derive(Debug, Clone)]
@@ -157,30 +158,99 @@ pub fn rolling_days(quota: &Quota) -> Option<u32> {
 /// Sums, per ledger row, what the new events add. Each event counts in every quota of its
 /// subject's effective tier (at the event's time) whose scope matches, in the period that
 /// contains the event time.
+///
+/// A batch holds many events of one subject, so resolutions and period windows are reused
+/// (see [`Resolutions`]) and amounts are summed under cheap keys before the ledger keys
+/// are built once per row.
 pub fn ledger_deltas(events: &[&UsageEvent], policy: &Policy) -> BTreeMap<LedgerKey, LedgerDelta> {
-    let mut deltas: BTreeMap<LedgerKey, LedgerDelta> = BTreeMap::new();
+    let mut resolutions = Resolutions::new(policy);
+    // (resolution, quota index, window start) -> (window end, summed amount, latest event time)
+    let mut sums: HashMap<(usize, usize, DateTime<Utc>), (DateTime<Utc>, i64, DateTime<Utc>)> = HashMap::new();
     for event in events {
-        let resolved = policy.resolve(&event.subject, event.api_key_sha256.as_deref(), &event.scope, event.time);
+        let at = event.time;
+        let r = resolutions.index_at(&event.subject, event.api_key_sha256.as_deref(), &event.scope, at);
         let amounts = event.amounts();
-        for quota in resolved.quotas.iter().filter(|q| q.counts_scope(&event.scope)) {
-            let window = ledger_window(quota, event.time, resolved.timezone);
-            let key = LedgerKey {
-                subject: event.subject.clone(),
-                metric: quota.metric.as_str().to_string(),
-                scope: scope_key(quota.scope.as_deref()),
-                period: quota.period.to_string(),
-                period_start: window.start,
+        let cached = &mut resolutions.entries[r];
+        for (q, quota) in cached.resolved.quotas.iter().enumerate() {
+            if !quota.counts_scope(&event.scope) {
+                continue;
+            }
+            let window = match cached.windows[q] {
+                Some(w) if w.contains(at) => w,
+                _ => {
+                    let w = ledger_window(quota, at, cached.resolved.timezone);
+                    cached.windows[q] = Some(w);
+                    w
+                }
             };
-            let delta = deltas.entry(key).or_insert_with(|| LedgerDelta {
-                period_end: window.end,
-                used: 0,
-                quota: quota.name.clone(),
-                limit: quota.limit,
-            });
-            delta.used += amounts.get(quota.metric);
+            let sum = sums.entry((r, q, window.start)).or_insert((window.end, 0, at));
+            sum.1 += amounts.get(quota.metric);
+            sum.2 = sum.2.max(at);
         }
     }
-    deltas
+    // A row's quota name and limit are those in force at its latest event.
+    let mut deltas: BTreeMap<LedgerKey, (LedgerDelta, DateTime<Utc>)> = BTreeMap::new();
+    for ((r, q, start), (end, used, latest)) in sums {
+        let cached = &resolutions.entries[r];
+        let quota = &cached.resolved.quotas[q];
+        let key = LedgerKey {
+            subject: cached.subject.to_string(),
+            metric: quota.metric.as_str().to_string(),
+            scope: scope_key(quota.scope.as_deref()),
+            period: quota.period.to_string(),
+            period_start: start,
+        };
+        let (delta, delta_latest) = deltas.entry(key).or_insert_with(|| {
+            (LedgerDelta { period_end: end, used: 0, quota: quota.name.clone(), limit: quota.limit }, latest)
+        });
+        delta.used += used;
+        if latest > *delta_latest {
+            (delta.quota, delta.limit, *delta_latest) = (quota.name.clone(), quota.limit, latest);
+        }
+    }
+    deltas.into_iter().map(|(k, (d, _))| (k, d)).collect()
+}
+
+/// Resolutions of (subject, API key, scope) reused across a batch. A resolution holds from
+/// the instant it was made until the subject's next override or assignment change
+/// ([`Policy::next_change_after`]); an event outside that span is resolved again.
+pub struct Resolutions<'a> {
+    policy: &'a Policy,
+    index: HashMap<(&'a str, Option<&'a str>, &'a str), usize>,
+    pub entries: Vec<CachedResolution<'a>>,
+}
+
+pub struct CachedResolution<'a> {
+    pub subject: &'a str,
+    pub resolved: Resolved,
+    /// The last window used per quota (the period containing recent events).
+    pub windows: Vec<Option<Window>>,
+    from: DateTime<Utc>,
+    until: Option<DateTime<Utc>>,
+}
+
+impl<'a> Resolutions<'a> {
+    pub fn new(policy: &'a Policy) -> Self {
+        Resolutions { policy, index: HashMap::new(), entries: Vec::new() }
+    }
+
+    /// The index in `entries` of the resolution in force at `at`.
+    pub fn index_at(&mut self, subject: &'a str, api_key: Option<&'a str>, scope: &'a str, at: DateTime<Utc>) -> usize {
+        let key = (subject, api_key, scope);
+        if let Some(&i) = self.index.get(&key) {
+            let e = &self.entries[i];
+            if e.from <= at && e.until.is_none_or(|u| at < u) {
+                return i;
+            }
+        }
+        let resolved = self.policy.resolve(subject, api_key, scope, at);
+        let windows = vec![None; resolved.quotas.len()];
+        let until = self.policy.next_change_after(subject, at);
+        self.entries.push(CachedResolution { subject, resolved, windows, from: at, until });
+        let i = self.entries.len() - 1;
+        self.index.insert(key, i);
+        i
+    }
 }
 
 /// The ledger rows a subject's decision at `now` reads: the current window of each quota.
@@ -203,13 +273,14 @@ pub fn current_keys(subject: &str, quotas: &[Quota], tz: chrono_tz::Tz, now: Dat
         .collect()
 }
 
-/// The decision lines for a subject given the usage of each current ledger row.
-pub fn decide(quotas: &[Quota], keys: &[(LedgerKey, DateTime<Utc>)], used: &HashMap<LedgerKey, i64>) -> Vec<QuotaDecision> {
+/// The decision lines for a subject given the usage of each current ledger row (0 for a row
+/// that does not exist).
+pub fn decide(quotas: &[Quota], keys: &[(LedgerKey, DateTime<Utc>)], used: impl Fn(&LedgerKey) -> i64) -> Vec<QuotaDecision> {
     quotas
         .iter()
         .zip(keys)
         .map(|(q, (key, resets_at))| {
-            let used = used.get(key).copied().unwrap_or(0);
+            let used = used(key);
             QuotaDecision {
                 quota: q.name.clone(),
                 metric: q.metric,
@@ -239,24 +310,76 @@ pub fn next_check_at(quotas: &[QuotaDecision], policy_change: Option<DateTime<Ut
         .min()
 }
 
-/// Whether a new snapshot must be published: when a threshold fired, on the first decision, on any change of state,
-/// action, limit, period or tier, and otherwise when usage changed and the last snapshot is
-/// older than `refresh`.
+/// What the aggregator keeps of a subject's last published snapshot (in `decisions`): enough
+/// to tell whether a new decision differs from it, without reading or parsing the snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// Digest of the tier and of each line's quota, state, action, limit and reset instant.
+    pub shape: i64,
+    /// Digest of each line's usage.
+    pub usage: i64,
+    pub calculated_at: DateTime<Utc>,
+}
+
+impl Published {
+    /// The digests of a decision. A 64-bit digest could collide, missing a change with odds
+    /// of 2^-64 per decision; a digest computed differently by another build only causes one
+    /// extra publication.
+    pub fn of(tier: &str, quotas: &[QuotaDecision], calculated_at: DateTime<Utc>) -> Published {
+        let mut shape = Fnv1a::default();
+        tier.hash(&mut shape);
+        let mut usage = Fnv1a::default();
+        for q in quotas {
+            (&q.quota, q.state, &q.action, q.limit, q.resets_at).hash(&mut shape);
+            q.used.hash(&mut usage);
+        }
+        Published { shape: shape.finish() as i64, usage: usage.finish() as i64, calculated_at }
+    }
+}
+
+/// FNV-1a: a fixed, seedless hash, so digests written by one process compare equal in another.
+struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Fnv1a(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv1a {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// Whether a new snapshot must be published: when a threshold fired, on the first decision,
+/// on any change of state, action, limit, reset instant or tier, and otherwise when usage
+/// changed and the last snapshot is older than `refresh`.
 pub fn should_publish(
-    previous: Option<&DecisionSnapshot>,
-    tier: &str,
+    previous: Option<&Published>,
+    current: &Published,
     quotas: &[QuotaDecision],
-    now: DateTime<Utc>,
     refresh: Duration,
 ) -> bool {
     let Some(prev) = previous else { return true };
     if quotas.iter().any(|q| !q.fired.is_empty()) {
         return true;
     }
-    let shape = |q: &QuotaDecision| (q.quota.clone(), q.state, q.action.clone(), q.limit, q.resets_at);
-    let changed_state = prev.tier != tier || prev.quotas.iter().map(shape).ne(quotas.iter().map(shape));
-    let changed_usage = prev.quotas.iter().map(|q| q.used).ne(quotas.iter().map(|q| q.used));
-    changed_state || (changed_usage && now - prev.calculated_at >= refresh)
+    let changed_usage = prev.usage != current.usage;
+    prev.shape != current.shape || (changed_usage && current.calculated_at - prev.calculated_at >= refresh)
+}
+
+/// When a subject whose usage changed, but whose snapshot was kept back by the refresh
+/// interval, is due for a fresh snapshot: `refresh` after the last one. `None` when its usage
+/// did not change.
+pub fn refresh_due_at(previous: &Published, current: &Published, refresh: Duration) -> Option<DateTime<Utc>> {
+    (previous.usage != current.usage).then(|| previous.calculated_at + refresh)
 }
 
 #[cfg(test)]
@@ -287,6 +410,50 @@ mod tests {
         assert_eq!(key.period_start, "2026-11-22T11:59:58Z".parse::<DateTime<Utc>>().unwrap());
         assert_eq!(key.period, "rolling 7d");
         assert_eq!((delta.used, delta.period_end - key.period_start), (8, Duration::seconds(1)));
+    }
+
+    #[test]
+    fn one_batch_across_an_override_boundary_counts_each_event_under_its_own_limit_and_period() {
+        let policy = Policy::from_yaml(
+            "default_tier: t\ntimezone: UTC\nquotas:\n  - {name: daily, metric: input_tokens, period: day, limit: 100}\n\
+             tiers:\n  - {name: t, priority: 0, rate_multiplier: 1}\n\
+             overrides:\n  - {subject: s, quota: daily, limit: 500, starts_at: 2026-11-22T10:00:00Z, expires_at: 2026-11-22T11:00:00Z, reason: r, created_by: test}\n",
+            "test",
+        )
+        .unwrap();
+        let at = |id: &str, time: &str, n: i64| {
+            tally_domain::event::event_from_value(json!({"id": id, "subject": "s", "time": time, "input_tokens": n})).unwrap()
+        };
+        // Out of order on purpose: inside, before, after the override, then the previous day.
+        let events = [
+            at("a", "2026-11-22T10:30:00Z", 1),
+            at("b", "2026-11-22T09:59:59Z", 2),
+            at("c", "2026-11-22T11:00:00Z", 4),
+            at("d", "2026-11-22T10:59:59Z", 8),
+            at("e", "2026-11-21T23:00:00Z", 16),
+        ];
+        let refs: Vec<&UsageEvent> = events.iter().collect();
+        let deltas = ledger_deltas(&refs, &policy);
+        let day = |d: &str| d.parse::<DateTime<Utc>>().unwrap();
+        let today: Vec<&LedgerDelta> = deltas.iter().filter(|(k, _)| k.period_start == day("2026-11-22T00:00:00Z")).map(|(_, d)| d).collect();
+        let yesterday: Vec<&LedgerDelta> = deltas.iter().filter(|(k, _)| k.period_start == day("2026-11-21T00:00:00Z")).map(|(_, d)| d).collect();
+        assert_eq!(deltas.len(), 2, "{deltas:?}");
+        assert_eq!(today[0].used, 15);
+        assert_eq!(today[0].limit, 100, "the limit in force at the row's latest event (11:00, after the override)");
+        assert_eq!(yesterday[0].used, 16);
+        assert_eq!(yesterday[0].period_end, day("2026-11-22T00:00:00Z"));
+        // The same quotas, reused: one resolution per span without an override change.
+        let mut r = Resolutions::new(&policy);
+        let inside = r.index_at("s", None, "", day("2026-11-22T10:30:00Z"));
+        assert_eq!(r.entries[inside].resolved.quotas[0].limit, 500);
+        assert_eq!(r.index_at("s", None, "", day("2026-11-22T10:59:59Z")), inside);
+        let after = r.index_at("s", None, "", day("2026-11-22T11:00:00Z"));
+        assert_ne!(after, inside);
+        assert_eq!(r.entries[after].resolved.quotas[0].limit, 100);
+        let before = r.index_at("s", None, "", day("2026-11-22T09:00:00Z"));
+        assert_eq!(r.entries[before].resolved.quotas[0].limit, 100);
+        let at_start = r.index_at("s", None, "", day("2026-11-22T10:00:00Z"));
+        assert_eq!(r.entries[at_start].resolved.quotas[0].limit, 500);
     }
 
     #[test]
@@ -325,8 +492,8 @@ mod tests {
         assert_eq!(parsed.quarantined[2].event_id.as_deref(), Some("old"));
     }
 
-    fn snapshot(quotas: Vec<QuotaDecision>, at: DateTime<Utc>) -> DecisionSnapshot {
-        DecisionSnapshot { subject: "a".into(), allowed: true, version: 1, calculated_at: at, tier: "free".into(), quotas }
+    fn published(tier: &str, quotas: &[QuotaDecision], at: DateTime<Utc>) -> Published {
+        Published::of(tier, quotas, at)
     }
 
     fn line(used: i64, limit: i64) -> QuotaDecision {
@@ -358,22 +525,43 @@ mod tests {
 
     #[test]
     fn a_fired_threshold_is_always_published() {
-        let prev = snapshot(vec![line(10, 100)], now());
+        let prev = published("free", &[line(10, 100)], now());
         let mut fired = line(10, 100);
         fired.fired = vec![80];
-        assert!(should_publish(Some(&prev), "free", &[fired], now(), Duration::seconds(60)));
+        let fired = [fired];
+        assert!(should_publish(Some(&prev), &published("free", &fired, now()), &fired, Duration::seconds(60)));
     }
 
     #[test]
     fn publish_on_state_change_at_once_and_on_usage_change_after_refresh() {
         let refresh = Duration::seconds(1);
-        let prev = snapshot(vec![line(10, 100)], now());
+        let prev = published("free", &[line(10, 100)], now());
         let soon = now() + Duration::milliseconds(10);
-        assert!(should_publish(None, "free", &[line(10, 100)], soon, refresh));
-        assert!(!should_publish(Some(&prev), "free", &[line(20, 100)], soon, refresh));
-        assert!(should_publish(Some(&prev), "free", &[line(80, 100)], soon, refresh), "warning crossed");
-        assert!(should_publish(Some(&prev), "pro", &[line(10, 100)], soon, refresh), "tier changed");
-        assert!(should_publish(Some(&prev), "free", &[line(20, 100)], now() + refresh, refresh));
-        assert!(!should_publish(Some(&prev), "free", &[line(10, 100)], now() + refresh, refresh), "nothing changed");
+        let decide = |tier: &str, line: QuotaDecision, at| {
+            let lines = [line];
+            should_publish(Some(&prev), &published(tier, &lines, at), &lines, refresh)
+        };
+        assert!(should_publish(None, &published("free", &[line(10, 100)], soon), &[line(10, 100)], refresh));
+        assert!(!decide("free", line(20, 100), soon));
+        assert!(decide("free", line(80, 100), soon), "warning crossed");
+        assert!(decide("pro", line(10, 100), soon), "tier changed");
+        let mut later_reset = line(10, 100);
+        later_reset.resets_at = now() + Duration::days(30);
+        assert!(decide("free", later_reset, soon), "new period");
+        assert!(decide("free", line(20, 100), now() + refresh));
+        assert!(!decide("free", line(10, 100), now() + refresh), "nothing changed");
+        assert_eq!(refresh_due_at(&prev, &published("free", &[line(20, 100)], soon), refresh), Some(now() + refresh));
+        assert_eq!(refresh_due_at(&prev, &published("free", &[line(10, 100)], soon), refresh), None);
+    }
+
+    #[test]
+    fn digests_are_fixed_values_so_another_process_compares_equal() {
+        let a = published("free", &[line(10, 100)], now());
+        let b = published("free", &[line(10, 100)], now() + Duration::hours(1));
+        assert_eq!((a.shape, a.usage), (b.shape, b.usage));
+        assert_ne!(a.usage, published("free", &[line(11, 100)], now()).usage);
+        assert_ne!(a.shape, published("free", &[line(10, 101)], now()).shape);
+        // FNV-1a of nothing is its offset basis: the hash is seedless.
+        assert_eq!(Fnv1a::default().finish(), 0xcbf2_9ce4_8422_2325);
     }
 }

@@ -56,9 +56,9 @@ pub struct Outcome {
     pub duplicates: usize,
     pub quarantined: usize,
     pub snapshots: usize,
-    /// Subjects whose usage changed without a state change, and whose snapshot waits for the
-    /// refresh interval; the loop publishes them with [`Store::refresh_decisions`].
-    pub deferred: Subjects,
+    /// Subjects whose usage changed without a state change, with when their refresh is due;
+    /// the loop hands them back to a later batch ([`Store::commit_batch`]'s `refreshes`).
+    pub deferred: Deferred,
 }
 
 /// The aggregator's handle on its Postgres tables.
@@ -95,11 +95,14 @@ impl Store {
         Ok(Claim { partition, next_offset, epoch })
     }
 
-    /// Commits one batch atomically (see the crate docs for the steps).
+    /// Commits one batch atomically (see the crate docs for the steps). `refreshes` are
+    /// subjects without events in the batch whose usage refresh is due: they are decided in
+    /// the same transaction, which costs far less than a transaction of their own.
     pub async fn commit_batch(
         &self,
         ranges: &[Range],
         parsed: Parsed,
+        refreshes: &Subjects,
         policy: &PolicyHandle,
         now: DateTime<Utc>,
         refresh: Duration,
@@ -127,12 +130,11 @@ impl Store {
         let mut deltas = plan::ledger_deltas(&counted, policy);
         let reverted = self.revert(&mut tx, &corrections, policy, &mut deltas, &mut quarantined).await?;
         outcome.counted = counted.len() + reverted.len();
-        apply_ledger_deltas(&mut tx, &deltas).await?;
-        let mut touched = subjects_of(&counted);
+        let updated = apply_ledger_deltas(&mut tx, &deltas).await?;
+        let mut touched = refreshes.clone();
+        touched.extend(subjects_of(&counted));
         touched.extend(reverted.iter().map(|e| (e.subject.clone(), e.api_key_sha256.clone())));
-        let (snapshots, deferred) = self.publish_decisions(&mut tx, &touched, policy, now, refresh).await?;
-        outcome.snapshots = snapshots;
-        outcome.deferred = deferred;
+        (outcome.snapshots, outcome.deferred) = self.publish_decisions(&mut tx, &touched, &updated, policy, now, refresh).await?;
         outcome.quarantined = quarantined.len();
         self.enqueue_quarantine(&mut tx, &quarantined).await?;
         self.advance_offsets(&mut tx, ranges).await?;
@@ -231,21 +233,27 @@ impl Store {
     /// Recomputes the decisions of `subjects` (subject -> the API key hash of its latest
     /// event, `None` to keep the stored one) and writes a new snapshot (version + 1) to
     /// `decisions` and the outbox where [`plan::should_publish`] says so; records fired
-    /// thresholds; and sets every subject's `next_check_at`. Returns how many snapshots were
-    /// published and the subjects whose usage changed but whose snapshot was deferred by the
-    /// refresh interval.
+    /// thresholds; and keeps every subject's API key and `next_check_at` current.
+    /// `updated` holds the `used` of ledger rows this transaction already wrote (they are
+    /// not read again). Returns how many snapshots were published, and the subjects whose
+    /// usage changed but whose snapshot waits for `refresh` (with when it is due).
+    ///
+    /// A change of usage alone is published at most once per `refresh`. The loop brings a
+    /// deferred subject back into a batch when it is due; as a backstop (if this instance
+    /// stops first) its `next_check_at` is set one more `refresh` later, for the scheduler.
     async fn publish_decisions(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         subjects: &Subjects,
+        updated: &HashMap<LedgerKey, i64>,
         policy: &Policy,
         now: DateTime<Utc>,
         refresh: Duration,
-    ) -> Result<(usize, Subjects), sqlx::Error> {
+    ) -> Result<(usize, Deferred), sqlx::Error> {
         if subjects.is_empty() {
-            return Ok((0, Subjects::new()));
+            return Ok((0, Deferred::new()));
         }
-        let names: Vec<String> = subjects.keys().cloned().collect();
+        let names: Vec<&str> = subjects.keys().map(String::as_str).collect();
         let previous = previous_decisions(tx, &names).await?;
         let mut plans: Vec<SubjectPlan> = subjects
             .iter()
@@ -254,42 +262,50 @@ impl Store {
                 SubjectPlan::new(subject, api_key, policy, now)
             })
             .collect();
-        let all_keys: Vec<&LedgerKey> = plans.iter().flat_map(|p| p.keys.iter().map(|(k, _)| k)).collect();
-        let mut used = read_used(tx, &all_keys).await?;
+        let unread: Vec<&LedgerKey> =
+            plans.iter().flat_map(|p| p.keys.iter().map(|(k, _)| k)).filter(|k| !updated.contains_key(*k)).collect();
+        // Rows read now and rolling totals first: a rolling key is not a row of its own.
+        let mut used = read_used(tx, &unread).await?;
         self.decide_rolling(tx, &mut plans, &mut used, now).await?;
+        let used_of = |k: &LedgerKey| used.get(k).or_else(|| updated.get(k)).copied().unwrap_or(0);
         for p in plans.iter_mut() {
-            p.lines = plan::decide(&p.resolved.quotas, &p.keys, &used);
+            p.lines = plan::decide(&p.resolved.quotas, &p.keys, used_of);
         }
         fire_thresholds(tx, &mut plans).await?;
-        let mut snapshots = Vec::new();
+        let mut rows = DecisionRows::default();
         let mut checks = Vec::new();
-        let mut deferred = Subjects::new();
+        let mut deferred = Deferred::new();
         for SubjectPlan { subject, api_key, resolved, lines, .. } in plans {
             let prev = previous.get(subject.as_str());
-            let next_check = plan::next_check_at(&lines, policy.next_change_after(&subject, now));
-            checks.push(Check { subject: subject.clone(), api_key: api_key.clone(), next_check });
-            let prev_snapshot = prev.and_then(|p| p.snapshot.as_ref());
-            if !plan::should_publish(prev_snapshot, &resolved.tier, &lines, now, refresh) {
-                if plan::should_publish(prev_snapshot, &resolved.tier, &lines, now, Duration::zero()) {
-                    deferred.insert(subject, api_key);
+            let mut next_check = plan::next_check_at(&lines, policy.next_change_after(&subject, now));
+            let digest = plan::Published::of(&resolved.tier, &lines, now);
+            let published = prev.and_then(|p| p.published.as_ref());
+            if !plan::should_publish(published, &digest, &lines, refresh) {
+                if let Some(due) = published.and_then(|p| plan::refresh_due_at(p, &digest, refresh)) {
+                    let backstop = due + refresh;
+                    next_check = Some(next_check.map_or(backstop, |t| t.min(backstop)));
+                    deferred.insert(subject.clone(), (api_key.clone(), due));
+                }
+                let check = Check { subject, api_key, next_check };
+                if prev.is_none_or(|p| p.check_differs(&check)) {
+                    checks.push(check);
                 }
                 continue;
             }
-            snapshots.push(DecisionSnapshot {
+            let snapshot = DecisionSnapshot {
                 allowed: DecisionSnapshot::allowed_for(&lines),
                 version: prev.map_or(1, |p| p.version + 1),
                 calculated_at: now,
                 tier: resolved.tier,
                 quotas: lines,
                 subject,
-            });
+            };
+            rows.push(&snapshot, &digest, api_key, next_check);
         }
-        save_snapshots(tx, &snapshots).await?;
+        save_snapshots(tx, &rows).await?;
         save_checks(tx, &checks).await?;
-        let keys: Vec<String> = snapshots.iter().map(|s| s.subject.clone()).collect();
-        let payloads: Vec<Vec<u8>> = snapshots.iter().map(|s| serde_json::to_vec(s).unwrap_or_default()).collect();
-        enqueue(tx, &self.decisions_topic, &keys, &payloads).await?;
-        Ok((snapshots.len(), deferred))
+        enqueue(tx, &self.decisions_topic, &rows.subjects, &rows.bodies).await?;
+        Ok((rows.subjects.len(), deferred))
     }
 
     /// Fills in the usage and reset instant of every rolling-window quota of `plans`: usage is
@@ -325,25 +341,16 @@ impl Store {
         Ok(())
     }
 
-    /// Publishes the snapshots that [`Outcome::deferred`] held back, in a transaction of its
-    /// own. Returns how many were published.
-    pub async fn refresh_decisions(&self, subjects: &Subjects, policy: &PolicyHandle, now: DateTime<Utc>) -> anyhow::Result<usize> {
-        let mut tx = self.pool.begin().await?;
-        let policy = policy.sync(&mut tx).await?;
-        let (published, _) = self.publish_decisions(&mut tx, subjects, &policy, now, Duration::zero()).await?;
-        tx.commit().await?;
-        Ok(published)
-    }
-
     /// One pass of the time-driven scheduler, run by one instance at a time (an advisory
     /// lock): after a configuration change every subject is due once; then every subject
-    /// whose `next_check_at` has come is decided again, and what changed is published.
-    /// Returns how many subjects were looked at.
-    pub async fn run_due_checks(&self, policy: &PolicyHandle, now: DateTime<Utc>, limit: i64) -> anyhow::Result<usize> {
+    /// whose `next_check_at` has come (a rollover, an override change, a usage refresh) is
+    /// decided again, and what changed is published.
+    /// Returns how many subjects were looked at and how many snapshots were published.
+    pub async fn run_due_checks(&self, policy: &PolicyHandle, now: DateTime<Utc>, limit: i64) -> anyhow::Result<(usize, usize)> {
         let mut tx = self.pool.begin().await?;
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)").bind(SCHEDULER_LOCK).fetch_one(&mut *tx).await?;
         if !locked {
-            return Ok(0);
+            return Ok((0, 0));
         }
         let policy = policy.sync(&mut tx).await?;
         let evaluated: i64 = sqlx::query_scalar("SELECT config_version FROM scheduler_state WHERE id = 1").fetch_one(&mut *tx).await?;
@@ -360,9 +367,9 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         let subjects: Subjects = due.into_iter().map(|s| (s, None)).collect();
-        self.publish_decisions(&mut tx, &subjects, &policy, now, Duration::zero()).await?;
+        let (published, _) = self.publish_decisions(&mut tx, &subjects, &HashMap::new(), &policy, now, Duration::zero()).await?;
         tx.commit().await?;
-        Ok(subjects.len())
+        Ok((subjects.len(), published))
     }
 }
 
@@ -411,8 +418,45 @@ const SCHEDULER_LOCK: i64 = 0x7a11_5c4e;
 /// A subject's stored decision state.
 struct Previous {
     version: i64,
-    snapshot: Option<DecisionSnapshot>,
+    /// `None` for a row written before digests were kept: its next decision is published.
+    published: Option<plan::Published>,
     api_key_sha256: Option<String>,
+    next_check_at: Option<DateTime<Utc>>,
+}
+
+impl Previous {
+    /// Whether `check` would change the stored API key or next check instant.
+    fn check_differs(&self, check: &Check) -> bool {
+        let key_changed = check.api_key.is_some() && check.api_key != self.api_key_sha256;
+        key_changed || check.next_check != self.next_check_at
+    }
+}
+
+/// Columns of the `decisions` rows (and outbox messages) of the snapshots one pass publishes.
+#[derive(Default)]
+struct DecisionRows {
+    subjects: Vec<String>,
+    versions: Vec<i64>,
+    /// The snapshot as JSON, serialized once for both `decisions` and the outbox.
+    bodies: Vec<Vec<u8>>,
+    shapes: Vec<i64>,
+    usages: Vec<i64>,
+    calculated_at: Vec<DateTime<Utc>>,
+    api_keys: Vec<Option<String>>,
+    next_checks: Vec<Option<DateTime<Utc>>>,
+}
+
+impl DecisionRows {
+    fn push(&mut self, snapshot: &DecisionSnapshot, digest: &plan::Published, api_key: Option<String>, next_check: Option<DateTime<Utc>>) {
+        self.subjects.push(snapshot.subject.clone());
+        self.versions.push(snapshot.version);
+        self.bodies.push(serde_json::to_vec(snapshot).unwrap_or_default());
+        self.shapes.push(digest.shape);
+        self.usages.push(digest.usage);
+        self.calculated_at.push(digest.calculated_at);
+        self.api_keys.push(api_key);
+        self.next_checks.push(next_check);
+    }
 }
 
 /// Records the thresholds each quota line has reached; a threshold not recorded before for
@@ -501,6 +545,9 @@ struct Check {
 /// Subjects to decide for, each with the API key hash of its latest event.
 pub type Subjects = BTreeMap<String, Option<String>>;
 
+/// Subjects whose fresh usage awaits its refresh: the API key hash, and when it is due.
+pub type Deferred = BTreeMap<String, (Option<String>, DateTime<Utc>)>;
+
 /// The subjects of `events`, each with the API key of its latest event.
 fn subjects_of(events: &[&UsageEvent]) -> Subjects {
     events.iter().map(|e| (e.subject.clone(), e.api_key_sha256.clone())).collect()
@@ -566,13 +613,14 @@ async fn record_event_ids(
     Ok((fresh, seen_before))
 }
 
-/// Adds the deltas to the ledgers with one bulk upsert.
+/// Adds the deltas to the ledgers with one bulk upsert; returns the `used` of every row it
+/// wrote, as of this transaction.
 async fn apply_ledger_deltas(
     tx: &mut Transaction<'_, Postgres>,
     deltas: &BTreeMap<LedgerKey, LedgerDelta>,
-) -> Result<(), sqlx::Error> {
+) -> Result<HashMap<LedgerKey, i64>, sqlx::Error> {
     if deltas.is_empty() {
-        return Ok(());
+        return Ok(HashMap::new());
     }
     let subjects: Vec<&str> = deltas.keys().map(|k| k.subject.as_str()).collect();
     let metrics: Vec<&str> = deltas.keys().map(|k| k.metric.as_str()).collect();
@@ -583,13 +631,14 @@ async fn apply_ledger_deltas(
     let used: Vec<i64> = deltas.values().map(|d| d.used).collect();
     let quotas: Vec<&str> = deltas.values().map(|d| d.quota.as_str()).collect();
     let limits: Vec<i64> = deltas.values().map(|d| d.limit).collect();
-    sqlx::query(
+    let rows: Vec<LedgerRow> = sqlx::query_as(
         "INSERT INTO ledgers (subject, metric, scope, period, period_start, period_end, used, quota, limit_value)
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
                               $7::bigint[], $8::text[], $9::bigint[])
          ON CONFLICT (subject, metric, scope, period, period_start) DO UPDATE
          SET used = ledgers.used + EXCLUDED.used, quota = EXCLUDED.quota, limit_value = EXCLUDED.limit_value,
-             updated_at = now()",
+             updated_at = now()
+         RETURNING subject, metric, scope, period, period_start, used",
     )
     .bind(&subjects)
     .bind(&metrics)
@@ -600,9 +649,18 @@ async fn apply_ledger_deltas(
     .bind(&used)
     .bind(&quotas)
     .bind(&limits)
-    .execute(&mut **tx)
+    .fetch_all(&mut **tx)
     .await?;
-    Ok(())
+    Ok(ledger_usage(rows))
+}
+
+/// A ledger row's key and usage as read back from Postgres.
+type LedgerRow = (String, String, String, String, DateTime<Utc>, i64);
+
+fn ledger_usage(rows: Vec<LedgerRow>) -> HashMap<LedgerKey, i64> {
+    rows.into_iter()
+        .map(|(subject, metric, scope, period, period_start, used)| (LedgerKey { subject, metric, scope, period, period_start }, used))
+        .collect()
 }
 
 /// The `used` of each requested ledger row that exists.
@@ -611,8 +669,11 @@ async fn read_used(tx: &mut Transaction<'_, Postgres>, keys: &[&LedgerKey]) -> R
     let metrics: Vec<&str> = keys.iter().map(|k| k.metric.as_str()).collect();
     let scopes: Vec<&str> = keys.iter().map(|k| k.scope.as_str()).collect();
     let periods: Vec<&str> = keys.iter().map(|k| k.period.as_str()).collect();
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
     let starts: Vec<DateTime<Utc>> = keys.iter().map(|k| k.period_start).collect();
-    let rows: Vec<(String, String, String, String, DateTime<Utc>, i64)> = sqlx::query_as(
+    let rows: Vec<LedgerRow> = sqlx::query_as(
         "SELECT l.subject, l.metric, l.scope, l.period, l.period_start, l.used
          FROM ledgers l
          JOIN UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) AS k(subject, metric, scope, period, period_start)
@@ -625,10 +686,7 @@ async fn read_used(tx: &mut Transaction<'_, Postgres>, keys: &[&LedgerKey]) -> R
     .bind(&starts)
     .fetch_all(&mut **tx)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(subject, metric, scope, period, period_start, used)| (LedgerKey { subject, metric, scope, period, period_start }, used))
-        .collect())
+    Ok(ledger_usage(rows))
 }
 
 /// A rolling quota's ledger rows: subject, metric, scope and period (its buckets differ only
@@ -672,21 +730,23 @@ async fn read_rolling_buckets(
 }
 
 /// The stored decision state of `subjects`, locked for this transaction.
-async fn previous_decisions(
-    tx: &mut Transaction<'_, Postgres>,
-    subjects: &[String],
-) -> Result<HashMap<String, Previous>, sqlx::Error> {
-    let rows: Vec<(String, i64, sqlx::types::Json<serde_json::Value>, Option<String>)> = sqlx::query_as(
-        "SELECT subject, version, snapshot, api_key_sha256 FROM decisions WHERE subject = ANY($1) ORDER BY subject FOR UPDATE",
+async fn previous_decisions(tx: &mut Transaction<'_, Postgres>, subjects: &[&str]) -> Result<HashMap<String, Previous>, sqlx::Error> {
+    type Row = (String, i64, Option<i64>, Option<i64>, Option<DateTime<Utc>>, Option<String>, Option<DateTime<Utc>>);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT subject, version, shape_digest, usage_digest, calculated_at, api_key_sha256, next_check_at
+         FROM decisions WHERE subject = ANY($1) ORDER BY subject FOR UPDATE",
     )
     .bind(subjects)
     .fetch_all(&mut **tx)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(s, version, j, api_key_sha256)| {
-            let snapshot = serde_json::from_value(j.0).ok();
-            (s, Previous { version, snapshot, api_key_sha256 })
+        .map(|(s, version, shape, usage, calculated_at, api_key_sha256, next_check_at)| {
+            let published = match (shape, usage, calculated_at) {
+                (Some(shape), Some(usage), Some(calculated_at)) => Some(plan::Published { shape, usage, calculated_at }),
+                _ => None,
+            };
+            (s, Previous { version, published, api_key_sha256, next_check_at })
         })
         .collect())
 }
@@ -712,22 +772,31 @@ async fn save_checks(tx: &mut Transaction<'_, Postgres>, checks: &[Check]) -> Re
     Ok(())
 }
 
-async fn save_snapshots(tx: &mut Transaction<'_, Postgres>, snapshots: &[DecisionSnapshot]) -> Result<(), sqlx::Error> {
-    if snapshots.is_empty() {
+/// Writes published snapshots with their digests, API key and next check instant.
+async fn save_snapshots(tx: &mut Transaction<'_, Postgres>, rows: &DecisionRows) -> Result<(), sqlx::Error> {
+    if rows.subjects.is_empty() {
         return Ok(());
     }
-    let subjects: Vec<&str> = snapshots.iter().map(|s| s.subject.as_str()).collect();
-    let versions: Vec<i64> = snapshots.iter().map(|s| s.version).collect();
-    let bodies: Vec<serde_json::Value> = snapshots.iter().map(|s| serde_json::to_value(s).unwrap_or_default()).collect();
+    let bodies: Vec<&str> = rows.bodies.iter().map(|b| std::str::from_utf8(b).unwrap_or("null")).collect();
     sqlx::query(
-        "INSERT INTO decisions (subject, version, snapshot)
-         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::jsonb[])
-         ON CONFLICT (subject) DO UPDATE SET version = EXCLUDED.version, snapshot = EXCLUDED.snapshot, published_at = now()
+        "INSERT INTO decisions (subject, version, snapshot, shape_digest, usage_digest, calculated_at, api_key_sha256, next_check_at)
+         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[]::jsonb[], $4::bigint[], $5::bigint[], $6::timestamptz[],
+                              $7::text[], $8::timestamptz[])
+         ON CONFLICT (subject) DO UPDATE
+         SET version = EXCLUDED.version, snapshot = EXCLUDED.snapshot, shape_digest = EXCLUDED.shape_digest,
+             usage_digest = EXCLUDED.usage_digest, calculated_at = EXCLUDED.calculated_at,
+             api_key_sha256 = coalesce(EXCLUDED.api_key_sha256, decisions.api_key_sha256),
+             next_check_at = EXCLUDED.next_check_at, published_at = now()
          WHERE decisions.version < EXCLUDED.version",
     )
-    .bind(&subjects)
-    .bind(&versions)
+    .bind(&rows.subjects)
+    .bind(&rows.versions)
     .bind(&bodies)
+    .bind(&rows.shapes)
+    .bind(&rows.usages)
+    .bind(&rows.calculated_at)
+    .bind(&rows.api_keys)
+    .bind(&rows.next_checks)
     .execute(&mut **tx)
     .await?;
     Ok(())
