@@ -103,6 +103,10 @@ enum Command {
     ValidateConfig(ValidateConfigArgs),
 }
 
+/// Every service runs in this binary; see the `mimalloc` note in Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init();
