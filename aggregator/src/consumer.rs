@@ -18,7 +18,7 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tally_common::kafka::KafkaSettings;
 use tally_common::consuming::{self, KafkaLog};
-use tally_common::membership::{share_change, Membership, ShareChange};
+use tally_common::membership::{Heartbeats, Membership, ShareChange};
 use tally_common::metrics::{Counter, Gauge, Registry, Timing};
 use tally_common::postgres::PostgresSettings;
 use tokio::sync::Notify;
@@ -92,12 +92,7 @@ impl Metrics {
 struct Loop {
     settings: AggregatorSettings,
     consumer: StreamConsumer<KafkaLog>,
-    membership: Membership,
-    /// Partitions of the usage topic, refreshed from the broker's metadata.
-    partitions: i32,
-    last_heartbeat: Option<Instant>,
-    /// Partitions this instance was fenced from, left alone until the given instant.
-    fenced_until: HashMap<i32, Instant>,
+    heartbeats: Heartbeats,
     store: Store,
     policy: PolicyHandle,
     owned: HashMap<i32, Owned>,
@@ -153,10 +148,7 @@ pub async fn run(
     let mut state = Loop {
         settings,
         consumer,
-        membership: membership.clone(),
-        partitions: 0,
-        last_heartbeat: None,
-        fenced_until: HashMap::new(),
+        heartbeats: Heartbeats::new(membership.clone()),
         store,
         policy,
         owned: HashMap::new(),
@@ -286,27 +278,9 @@ impl Loop {
     /// line with this member's share: drops the ones it lost, claims the ones it gained, and
     /// assigns the consumer to exactly the owned ones at their stored offsets.
     async fn maintain_ownership(&mut self) {
-        if self.last_heartbeat.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
-            return;
-        }
-        self.last_heartbeat = Some(Instant::now());
-        if self.partitions == 0 {
-            self.partitions = self.partition_count();
-            if self.partitions == 0 {
-                return;
-            }
-        }
-        let share = match self.membership.heartbeat(&self.store.pool, self.partitions).await {
-            Ok(share) => share,
-            Err(e) => {
-                tracing::warn!(error = %e, "membership heartbeat failed; keeping the current partitions");
-                return;
-            }
-        };
-        let ShareChange { gained, lost } = share_change(&share, self.owned.keys().copied(), &mut self.fenced_until);
-        if gained.is_empty() && lost.is_empty() {
-            return;
-        }
+        let partition_count = || consuming::partition_count(&self.consumer, &self.store.topic);
+        let owned = self.owned.keys().copied();
+        let Some(ShareChange { gained, lost }) = self.heartbeats.due_change(&self.store.pool, owned, partition_count).await else { return };
         for p in &lost {
             self.owned.remove(p);
             tracing::info!(partition = p, "released partition");
@@ -315,10 +289,6 @@ impl Loop {
             self.claim(p).await;
         }
         self.assign_owned();
-    }
-
-    fn partition_count(&self) -> i32 {
-        consuming::partition_count(&self.consumer, &self.store.topic)
     }
 
     /// Points the consumer at exactly the owned partitions, each at its next offset.
@@ -425,8 +395,7 @@ impl Loop {
                     self.owned.remove(&partition);
                     let now = Utc::now();
                     self.deferred.extend(refreshes.into_iter().map(|(s, key)| (s, (key, now))));
-                    let lease = Duration::from_millis(self.settings.member_lease_ms);
-                    self.fenced_until.insert(partition, Instant::now() + lease);
+                    self.heartbeats.fenced(partition, Duration::from_millis(self.settings.member_lease_ms));
                     self.rewind(&ranges);
                     self.assign_owned();
                     return;

@@ -94,6 +94,61 @@ impl Membership {
     }
 }
 
+/// The membership side of a consume loop (the aggregator's and the history writer's): a
+/// heartbeat at most once a second, the partition count learnt once, and the partitions
+/// fenced from recently.
+#[derive(Debug)]
+pub struct Heartbeats {
+    pub membership: Membership,
+    /// Partitions of the topic, from the broker's metadata (0 until known).
+    partitions: i32,
+    last: Option<Instant>,
+    /// Partitions this member was fenced from, left alone until the given instant.
+    fenced_until: HashMap<i32, Instant>,
+}
+
+impl Heartbeats {
+    pub fn new(membership: Membership) -> Self {
+        Heartbeats { membership, partitions: 0, last: None, fenced_until: HashMap::new() }
+    }
+
+    /// Leaves `partition` alone for `lease`: another member claimed it.
+    pub fn fenced(&mut self, partition: i32, lease: Duration) {
+        self.fenced_until.insert(partition, Instant::now() + lease);
+    }
+
+    /// At most once a second, heartbeats and returns how the `owned` partitions must change.
+    /// `None` when not due, while the partition count (`partition_count`, asked until it is
+    /// known) is still 0, when the heartbeat failed (logged; the current partitions are
+    /// kept), or when nothing changes.
+    pub async fn due_change(
+        &mut self,
+        pool: &PgPool,
+        owned: impl IntoIterator<Item = i32>,
+        partition_count: impl FnOnce() -> i32,
+    ) -> Option<ShareChange> {
+        if self.last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return None;
+        }
+        self.last = Some(Instant::now());
+        if self.partitions == 0 {
+            self.partitions = partition_count();
+            if self.partitions == 0 {
+                return None;
+            }
+        }
+        let share = match self.membership.heartbeat(pool, self.partitions).await {
+            Ok(share) => share,
+            Err(e) => {
+                tracing::warn!(error = %e, "membership heartbeat failed; keeping the current partitions");
+                return None;
+            }
+        };
+        let change = share_change(&share, owned, &mut self.fenced_until);
+        (!change.gained.is_empty() || !change.lost.is_empty()).then_some(change)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

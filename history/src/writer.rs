@@ -28,7 +28,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use tally_common::clickhouse::ClickHouseSettings;
 use tally_common::kafka::KafkaSettings;
 use tally_common::consuming::{self, KafkaLog};
-use tally_common::membership::{share_change, Membership, ShareChange};
+use tally_common::membership::{Heartbeats, Membership, ShareChange};
 use tally_common::metrics::{Counter, Gauge, Registry, Timing};
 use tally_common::postgres::PostgresSettings;
 
@@ -99,12 +99,7 @@ struct Loop {
     settings: WriterSettings,
     topic: String,
     consumer: StreamConsumer<KafkaLog>,
-    membership: Membership,
-    /// Partitions of the usage topic, from the broker's metadata (0 until known).
-    partitions: i32,
-    last_heartbeat: Option<Instant>,
-    /// Partitions this instance was fenced from, left alone until the given instant.
-    fenced_until: HashMap<i32, Instant>,
+    heartbeats: Heartbeats,
     progress: Progress,
     sink: Sink,
     owned: HashMap<i32, Owned>,
@@ -151,10 +146,7 @@ pub async fn run(
     let mut state = Loop {
         topic: kafka.usage_topic.clone(),
         consumer,
-        membership: membership.clone(),
-        partitions: 0,
-        last_heartbeat: None,
-        fenced_until: HashMap::new(),
+        heartbeats: Heartbeats::new(membership.clone()),
         progress,
         sink: Sink { ch: Ch::new(&clickhouse) },
         owned: HashMap::new(),
@@ -230,27 +222,9 @@ impl Loop {
     /// line with this member's share: drops the ones it lost, claims the ones it gained, and
     /// assigns the consumer exactly the owned ones at their stored offsets.
     async fn maintain_ownership(&mut self) {
-        if self.last_heartbeat.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
-            return;
-        }
-        self.last_heartbeat = Some(Instant::now());
-        if self.partitions == 0 {
-            self.partitions = self.partition_count();
-            if self.partitions == 0 {
-                return;
-            }
-        }
-        let share = match self.membership.heartbeat(&self.progress.pool, self.partitions).await {
-            Ok(share) => share,
-            Err(e) => {
-                tracing::warn!(error = %e, "membership heartbeat failed; keeping the current partitions");
-                return;
-            }
-        };
-        let ShareChange { gained, lost } = share_change(&share, self.owned.keys().copied(), &mut self.fenced_until);
-        if gained.is_empty() && lost.is_empty() {
-            return;
-        }
+        let partition_count = || consuming::partition_count(&self.consumer, &self.topic);
+        let owned = self.owned.keys().copied();
+        let Some(ShareChange { gained, lost }) = self.heartbeats.due_change(&self.progress.pool, owned, partition_count).await else { return };
         for p in &lost {
             self.owned.remove(p);
             tracing::info!(partition = p, "released partition");
@@ -259,10 +233,6 @@ impl Loop {
             self.claim(p).await;
         }
         self.assign_owned();
-    }
-
-    fn partition_count(&self) -> i32 {
-        consuming::partition_count(&self.consumer, &self.topic)
     }
 
     /// Points the consumer at exactly the owned partitions, each at its next offset.
@@ -405,7 +375,7 @@ impl Loop {
                 self.metrics.fenced.inc();
                 tracing::warn!(partition, "batch refused by fencing; another member owns the partition now");
                 self.owned.remove(&partition);
-                self.fenced_until.insert(partition, Instant::now() + self.settings.member_lease());
+                self.heartbeats.fenced(partition, self.settings.member_lease());
                 self.rewind(&ready_ranges);
                 self.assign_owned();
                 return wait;
