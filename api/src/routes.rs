@@ -304,9 +304,9 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 #[derive(Serialize)]
-struct DecisionAnswer {
+struct DecisionAnswer<'a> {
     #[serde(flatten)]
-    snapshot: DecisionSnapshot,
+    snapshot: &'a DecisionSnapshot,
     /// Milliseconds between the snapshot's calculation and this answer.
     age_ms: i64,
     /// `view` (the in-memory view) or `database` (the Postgres fallback).
@@ -324,12 +324,12 @@ pub(crate) async fn stored_decision(state: &AppState, subject: &str) -> Result<O
     Ok(found)
 }
 
-async fn latest_decision(state: &AppState, subject: &str) -> Result<Option<(DecisionSnapshot, &'static str)>, sqlx::Error> {
+async fn latest_decision(state: &AppState, subject: &str) -> Result<Option<(Arc<DecisionSnapshot>, &'static str)>, sqlx::Error> {
     if let Some(s) = state.view.get(subject) {
         state.metrics.decisions_from_view.inc();
-        return Ok(Some((std::sync::Arc::unwrap_or_clone(s), "view")));
+        return Ok(Some((s, "view")));
     }
-    Ok(stored_decision(state, subject).await?.map(|s| (s, "database")))
+    Ok(stored_decision(state, subject).await?.map(|s| (Arc::new(s), "database")))
 }
 
 /// Whether an `If-None-Match` value matches the (weak) entity tag `etag`.
@@ -351,7 +351,7 @@ async fn decision(State(state): State<Arc<AppState>>, Path(subject): Path<String
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response());
     }
     let age_ms = (Utc::now() - snapshot.calculated_at).num_milliseconds().max(0);
-    Ok(([(header::ETAG, etag_value), (header::CACHE_CONTROL, HeaderValue::from_static("no-cache"))], Json(DecisionAnswer { snapshot, age_ms, source }))
+    Ok(([(header::ETAG, etag_value), (header::CACHE_CONTROL, HeaderValue::from_static("no-cache"))], Json(DecisionAnswer { snapshot: &snapshot, age_ms, source }))
         .into_response())
 }
 
