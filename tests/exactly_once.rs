@@ -261,3 +261,48 @@ async fn a_correction_reverts_its_event_once_however_often_it_is_delivered() {
         .collect();
     assert_eq!(refused, HashSet::from(["c2", "c3"]));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_subject_on_two_commit_lanes_with_the_same_ids_on_both_counts_each_event_once() {
+    // The aggregator commits partitions 0 and 1 in different lanes (partition % 2), in
+    // concurrent transactions. A producer that does not key by subject puts one subject's
+    // events, and here every event twice, on both: the lanes then race for the same dedupe
+    // records, ledger rows and decision row.
+    let mut rng = Rng::seeded();
+    let t = Tally::start(Some(TIERS)).await;
+    let producer = t.producer();
+    let mut sent = Sent::default();
+    let mut payloads = Vec::new();
+    for batch in 0..10 {
+        for e in random_batch(&mut rng, "lane", batch * 60, 60) {
+            let subject = e["subject"].as_str().unwrap().to_string();
+            payloads.push((subject, e.to_string()));
+            sent.record(&[e.clone(), e]);
+        }
+    }
+    let mut sends = Vec::new();
+    for (subject, payload) in &payloads {
+        for partition in [0, 1] {
+            let record = rdkafka::producer::FutureRecord::to(&t.usage_topic).key(subject).payload(payload).partition(partition);
+            sends.push(producer.send(record, Duration::from_secs(30)));
+        }
+    }
+    for delivery in futures::future::join_all(sends).await {
+        delivery.expect("produce");
+    }
+    assert_exact_totals(&t, &sent).await;
+
+    // Every subject's snapshots carry distinct versions: no two transactions published the
+    // same version.
+    let snapshots = t.read_topic(&t.topic("decisions")).await;
+    let mut versions: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for (subject, snapshot) in &snapshots {
+        versions.entry(subject.clone()).or_default().push(snapshot["version"].as_i64().unwrap());
+    }
+    for (subject, mut seen) in versions {
+        let published = seen.len();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), published, "{subject} has a version published twice");
+    }
+}

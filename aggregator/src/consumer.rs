@@ -6,8 +6,19 @@
 //! assigns it to the consumer at the stored offset. A message is counted only if it is
 //! exactly the next offset of a partition this instance owns: lower offsets were counted
 //! already, a gap makes the loop seek back.
+//!
+//! Batches are committed in lanes ([`crate::lanes`]): partition `p` belongs to lane
+//! `p % lanes`, each lane has at most one batch commit in flight, and the loop goes on
+//! receiving into the lanes' buffers meanwhile. A message is accepted when it continues a
+//! partition's *pending* cursor (past what is buffered or in flight); the stored cursor
+//! moves only when a commit succeeds. A refused (fenced) batch drops the lane's buffered
+//! messages and rewinds its partitions to the stored offsets. A subject's events all come
+//! from one partition (the usage topic is keyed by subject), so lanes touch disjoint ledger
+//! and decision rows, and a subject's deferred refresh stays in the lane it came from.
+//! Should a producer key otherwise, row locks still serialize the lanes' transactions (a
+//! deadlock is a database error, and the batch is retried).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,11 +32,14 @@ use tally_common::consuming::{self, KafkaLog};
 use tally_common::membership::{Heartbeats, Membership, ShareChange};
 use tally_common::metrics::{Counter, Gauge, Registry, Timing};
 use tally_common::postgres::PostgresSettings;
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 
 use crate::plan::{parse_batch, Delivery};
 use crate::policy::{Policy, PolicyHandle};
-use crate::store::{Deferred, Range, Store, StoreError, Subjects};
+use crate::lanes::Lane;
+use crate::store::{Outcome, Range, Store, StoreError, Subjects};
 use crate::{relay, AggregatorSettings};
 
 
@@ -36,16 +50,22 @@ const SCHEDULER_CHUNK: i64 = 500;
 /// Most deferred usage refreshes folded into one batch.
 const MAX_REFRESHES_PER_BATCH: usize = 2000;
 
-/// How long the loop waits for a first message before it looks after ownership again.
+/// What each lane's consumer prefetches at most, in KiB.
+const PREFETCH_KBYTES: usize = 8 * 1024;
+
+/// How long the loop sleeps without messages or commits before it looks after ownership
+/// again.
 const IDLE_WAKE: Duration = Duration::from_secs(1);
 
 /// A partition this instance owns.
 #[derive(Debug, Clone, Copy)]
 struct Owned {
     epoch: i64,
-    /// The next offset to count.
+    /// The next offset to count: the stored offset, as of this instance's last commit.
     next: i64,
-    /// When the loop last asked the consumer to seek to `next`.
+    /// The next offset to accept: past the messages buffered or in flight.
+    pending: i64,
+    /// When the loop last asked the consumer to seek to `pending`.
     sought_at: Option<Instant>,
 }
 
@@ -91,15 +111,36 @@ impl Metrics {
 
 struct Loop {
     settings: AggregatorSettings,
-    consumer: StreamConsumer<KafkaLog>,
+    /// One consumer per lane, assigned that lane's owned partitions, so a lane whose buffer
+    /// is full does not hold up the others.
+    consumers: Vec<StreamConsumer<KafkaLog>>,
     heartbeats: Heartbeats,
-    store: Store,
-    policy: PolicyHandle,
+    committer: Committer,
     owned: HashMap<i32, Owned>,
+    lanes: Vec<Lane>,
     relay_wake: Arc<Notify>,
     metrics: Arc<Metrics>,
-    /// Subjects whose usage changed without a snapshot yet, with when their refresh is due.
-    deferred: Deferred,
+}
+
+/// What one lane commits: its deliveries' offset ranges, and its due refreshes.
+struct LaneWork {
+    lane: usize,
+    deliveries: Vec<Delivery>,
+    ranges: Vec<Range>,
+    refreshes: Subjects,
+}
+
+/// A lane's batch commit as it ended: its outcome, or the partition that refused it.
+type Settled = (LaneWork, Result<Outcome, i32>);
+
+/// Everything a batch commit needs, owned, so commits run as tasks of their own.
+#[derive(Clone)]
+struct Committer {
+    store: Store,
+    policy: PolicyHandle,
+    metrics: Arc<Metrics>,
+    lateness: chrono::Duration,
+    refresh: chrono::Duration,
 }
 
 /// Runs the aggregator (see the crate docs).
@@ -118,10 +159,7 @@ pub async fn run(
     }
     let policy = PolicyHandle::new(Policy::builtin());
     policy.sync(&mut *pool.acquire().await?).await?;
-    let consumer: StreamConsumer<KafkaLog> = kafka
-        .consumer_config(&settings.group)
-        .create_with_context(KafkaLog)
-        .context("failed to create the usage consumer")?;
+    let consumers = (0..settings.lanes()).map(|_| usage_consumer(&kafka, &settings.group)).collect::<anyhow::Result<Vec<_>>>()?;
     let producer: FutureProducer = kafka.producer_config().create().context("failed to create the outbox producer")?;
     let store = Store {
         pool: pool.clone(),
@@ -145,18 +183,24 @@ pub async fn run(
         member_id: store.owner.clone(),
         lease: Duration::from_millis(settings.member_lease_ms),
     };
-    let mut state = Loop {
-        settings,
-        consumer,
-        heartbeats: Heartbeats::new(membership.clone()),
+    let committer = Committer {
         store,
         policy,
+        metrics: metrics.clone(),
+        lateness: chrono::Duration::days(settings.lateness_days),
+        refresh: chrono::Duration::milliseconds(settings.snapshot_refresh_ms as i64),
+    };
+    let mut state = Loop {
+        lanes: (0..settings.lanes()).map(|_| Lane::default()).collect(),
+        settings,
+        consumers,
+        heartbeats: Heartbeats::new(membership.clone()),
+        committer,
         owned: HashMap::new(),
         relay_wake,
         metrics,
-        deferred: Deferred::new(),
     };
-    state.consume_until(shutdown).await;
+    state.consume_until(shutdown, timeout).await;
     if let Err(e) = membership.leave(&pool).await {
         tracing::warn!(error = %e, "could not leave the group; the others take over when the lease ends");
     }
@@ -239,75 +283,138 @@ async fn spawn_health_server(settings: &AggregatorSettings, metrics: Arc<Metrics
     }))
 }
 
+/// What woke the consume loop.
+enum Wake {
+    Shutdown,
+    Settled(Settled),
+    Message(Delivery),
+    ConsumerError(rdkafka::error::KafkaError),
+    Timer,
+}
+
 impl Loop {
-    async fn consume_until(&mut self, shutdown: impl std::future::Future<Output = ()>) {
+    async fn consume_until(&mut self, shutdown: impl std::future::Future<Output = ()>, drain_timeout: Duration) {
         tokio::pin!(shutdown);
+        let mut in_flight: FuturesUnordered<JoinHandle<Settled>> = FuturesUnordered::new();
         self.maintain_ownership().await;
         loop {
-            let batch = tokio::select! {
+            self.start_ready_lanes(&mut in_flight);
+            let wake_at = self.wake_at();
+            let room: Vec<usize> = (0..self.lanes.len()).filter(|l| self.lanes[*l].buffered() < self.settings.max_batch).collect();
+            let wake = tokio::select! {
                 biased;
-                _ = &mut shutdown => return,
-                batch = self.next_batch() => batch,
+                _ = &mut shutdown => Wake::Shutdown,
+                Some(done) = in_flight.next() => Wake::Settled(done.expect("a batch commit task panicked")),
+                m = receive_any(&self.consumers, &room), if !room.is_empty() => match m {
+                    Ok(d) => Wake::Message(d),
+                    Err(e) => Wake::ConsumerError(e),
+                },
+                _ = tokio::time::sleep_until(wake_at.into()) => Wake::Timer,
             };
-            self.maintain_ownership().await;
-            let deliveries = self.accept_in_order(batch);
-            let refreshes = self.due_refreshes(Utc::now());
-            if !deliveries.is_empty() || !refreshes.is_empty() {
-                self.commit_with_retry(deliveries, refreshes).await;
+            match wake {
+                Wake::Shutdown => break,
+                Wake::Settled((work, result)) => self.settle(work, result),
+                Wake::Message(d) => self.accept(d),
+                Wake::ConsumerError(e) => {
+                    tracing::warn!(error = %e, "consumer error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Wake::Timer => {}
             }
+            self.maintain_ownership().await;
+        }
+        // Commits in flight finish (within the shutdown timeout); buffered messages are left
+        // to the next owner, from the stored offsets.
+        let drain = async {
+            while let Some(done) = in_flight.next().await {
+                let (work, result) = done.expect("a batch commit task panicked");
+                self.settle(work, result);
+            }
+        };
+        if tokio::time::timeout(drain_timeout, drain).await.is_err() {
+            tracing::warn!("batch commits still in flight at the shutdown timeout; they roll back");
         }
     }
 
-    /// Takes the deferred subjects whose refresh is due (at most [`MAX_REFRESHES_PER_BATCH`],
-    /// the longest overdue first) out of `deferred`, for the next commit.
-    fn due_refreshes(&mut self, now: chrono::DateTime<Utc>) -> Subjects {
-        let mut due: Vec<(chrono::DateTime<Utc>, &String)> =
-            self.deferred.iter().filter(|(_, (_, at))| *at <= now).map(|(s, (_, at))| (*at, s)).collect();
-        due.sort_unstable();
-        let taken: Vec<String> = due.into_iter().take(MAX_REFRESHES_PER_BATCH).map(|(_, s)| s.clone()).collect();
-        taken.into_iter().filter_map(|s| self.deferred.remove(&s).map(|(key, _)| (s, key))).collect()
+    fn lane_of(&self, partition: i32) -> usize {
+        partition.rem_euclid(self.lanes.len() as i32) as usize
     }
 
-    /// Waits for a first message, then takes more until the batch is full or `max_wait` passed.
-    /// Returns an empty batch after a second without messages, so ownership stays current.
-    async fn next_batch(&mut self) -> Vec<Delivery> {
-        consuming::collect_batch(&self.consumer, IDLE_WAKE, self.settings.max_wait(), self.settings.max_batch, to_delivery).await
+    /// The earliest instant a lane may become ready without a message, at most [`IDLE_WAKE`]
+    /// away.
+    fn wake_at(&self) -> Instant {
+        let max_wait = self.settings.max_wait();
+        self.lanes.iter().filter_map(|l| l.wake_at(max_wait)).fold(Instant::now() + IDLE_WAKE, Instant::min)
+    }
+
+    /// Starts a batch commit, as a task of its own, for every idle lane that is ready.
+    fn start_ready_lanes(&mut self, in_flight: &mut FuturesUnordered<JoinHandle<Settled>>) {
+        let (now, wall) = (Instant::now(), Utc::now());
+        let (max_batch, max_wait) = (self.settings.max_batch, self.settings.max_wait());
+        for lane in 0..self.lanes.len() {
+            if !self.lanes[lane].ready(now, wall, max_batch, max_wait) {
+                continue;
+            }
+            let (deliveries, refreshes) = self.lanes[lane].take_batch(max_batch, MAX_REFRESHES_PER_BATCH, wall);
+            let ranges = self.ranges(&deliveries);
+            if deliveries.is_empty() && refreshes.is_empty() {
+                self.lanes[lane].settled();
+                continue;
+            }
+            let work = LaneWork { lane, deliveries, ranges, refreshes };
+            let committer = self.committer.clone();
+            in_flight.push(tokio::spawn(async move {
+                let result = committer.commit_with_retry(&work).await;
+                (work, result)
+            }));
+        }
     }
 
     /// Heartbeats the membership (at most once a second) and brings the owned partitions in
-    /// line with this member's share: drops the ones it lost, claims the ones it gained, and
-    /// assigns the consumer to exactly the owned ones at their stored offsets.
+    /// line with this member's share: drops the ones it lost (and their buffered messages),
+    /// claims the ones it gained, and assigns the consumer to exactly the owned ones.
     async fn maintain_ownership(&mut self) {
-        let partition_count = || consuming::partition_count(&self.consumer, &self.store.topic);
+        let partition_count = || consuming::partition_count(&self.consumers[0], &self.committer.store.topic);
         let owned = self.owned.keys().copied();
-        let Some(ShareChange { gained, lost }) = self.heartbeats.due_change(&self.store.pool, owned, partition_count).await else { return };
+        let pool = &self.committer.store.pool;
+        let Some(ShareChange { gained, lost }) = self.heartbeats.due_change(pool, owned, partition_count).await else { return };
         for p in &lost {
             self.owned.remove(p);
             tracing::info!(partition = p, "released partition");
         }
+        let lost: HashSet<i32> = lost.into_iter().collect();
+        self.lanes.iter_mut().for_each(|l| l.drop_partitions(&lost));
         for p in gained {
             self.claim(p).await;
         }
         self.assign_owned();
     }
 
-    /// Points the consumer at exactly the owned partitions, each at its next offset.
+    /// Points each lane's consumer at exactly the lane's owned partitions, each at its
+    /// pending offset.
     fn assign_owned(&mut self) {
-        consuming::assign_at(&self.consumer, &self.store.topic, self.owned.iter().map(|(p, o)| (*p, o.next)));
+        for (lane, consumer) in self.consumers.iter().enumerate() {
+            let partitions = self.owned.iter().filter(|(p, _)| self.lane_of(**p) == lane).map(|(p, o)| (*p, o.pending));
+            consuming::assign_at(consumer, &self.committer.store.topic, partitions);
+        }
         for o in self.owned.values_mut() {
             o.sought_at = Some(Instant::now());
         }
         self.metrics.owned_partitions.set(self.owned.len() as i64);
     }
 
+    /// Claims `partition` (retrying until it succeeds) and resumes it from the stored offset;
+    /// anything still buffered for it is dropped.
     async fn claim(&mut self, partition: i32) {
         let mut backoff = Duration::from_millis(200);
         loop {
-            match self.store.claim(partition).await {
+            match self.committer.store.claim(partition).await {
                 Ok(claim) => {
                     tracing::info!(partition, next_offset = claim.next_offset, epoch = claim.epoch, "claimed partition");
-                    let owned = Owned { epoch: claim.epoch, next: claim.next_offset, sought_at: None };
+                    let owned = Owned { epoch: claim.epoch, next: claim.next_offset, pending: claim.next_offset, sought_at: None };
                     self.owned.insert(partition, owned);
+                    let lane = self.lane_of(partition);
+                    self.lanes[lane].drop_partitions(&HashSet::from([partition]));
                     return;
                 }
                 Err(e) => {
@@ -321,32 +428,30 @@ impl Loop {
 
     fn seek(&self, partition: i32, owned: &mut Owned) {
         owned.sought_at = Some(Instant::now());
-        if let Err(e) = self.consumer.seek(&self.store.topic, partition, Offset::Offset(owned.next), Duration::from_secs(1)) {
-            tracing::debug!(partition, offset = owned.next, error = %e, "seek not possible yet");
+        let topic = &self.committer.store.topic;
+        let consumer = &self.consumers[self.lane_of(partition)];
+        if let Err(e) = consumer.seek(topic, partition, Offset::Offset(owned.pending), Duration::from_secs(1)) {
+            tracing::debug!(partition, offset = owned.pending, error = %e, "seek not possible yet");
         }
     }
 
-    /// Keeps, per owned partition, only the run of messages that continues exactly from the
-    /// next offset to count. Lower offsets were counted already; a gap triggers a seek back.
-    fn accept_in_order(&mut self, batch: Vec<Delivery>) -> Vec<Delivery> {
-        let mut cursor: HashMap<i32, i64> = self.owned.iter().map(|(p, o)| (*p, o.next)).collect();
-        let mut accepted = Vec::with_capacity(batch.len());
-        for d in batch {
-            let Some(next) = cursor.get_mut(&d.partition) else { continue };
-            if d.offset == *next {
-                *next += 1;
-                accepted.push(d);
-            } else if d.offset > *next {
-                self.seek_if_due(d.partition);
-            }
+    /// Buffers `d` in its lane if it is exactly the pending offset of an owned partition.
+    /// Lower offsets are buffered, in flight or counted already; a gap triggers a seek back.
+    fn accept(&mut self, d: Delivery) {
+        let Some(owned) = self.owned.get_mut(&d.partition) else { return };
+        if d.offset == owned.pending {
+            owned.pending += 1;
+            let lane = self.lane_of(d.partition);
+            self.lanes[lane].push(d, Instant::now());
+        } else if d.offset > owned.pending {
+            self.seek_if_due(d.partition);
         }
-        accepted
     }
 
     fn seek_if_due(&mut self, partition: i32) {
         let Some(mut owned) = self.owned.get(&partition).copied() else { return };
         if owned.sought_at.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
-            tracing::info!(partition, offset = owned.next, "gap before the stored offset; seeking");
+            tracing::info!(partition, offset = owned.pending, "gap before the pending offset; seeking");
             self.seek(partition, &mut owned);
             self.owned.insert(partition, owned);
         }
@@ -366,76 +471,111 @@ impl Loop {
         ranges
     }
 
-    /// Commits the batch (with the due `refreshes`), retrying database errors until it
-    /// succeeds or is fenced.
-    async fn commit_with_retry(&mut self, deliveries: Vec<Delivery>, refreshes: Subjects) {
-        let ranges = self.ranges(&deliveries);
-        let lateness = chrono::Duration::days(self.settings.lateness_days);
-        let refresh = chrono::Duration::milliseconds(self.settings.snapshot_refresh_ms as i64);
+    fn settle(&mut self, work: LaneWork, result: Result<Outcome, i32>) {
+        self.lanes[work.lane].settled();
+        match result {
+            Ok(outcome) => self.committed(&work, outcome),
+            Err(partition) => self.fenced(work, partition),
+        }
+    }
+
+    /// After a lane's commit: counts, stored cursors and the lane's new deferred subjects.
+    fn committed(&mut self, work: &LaneWork, outcome: Outcome) {
+        self.metrics.counted.add(outcome.counted as u64);
+        self.metrics.duplicates.add(outcome.duplicates as u64);
+        self.metrics.quarantined.add(outcome.quarantined as u64);
+        self.metrics.snapshots.add(outcome.snapshots as u64);
+        self.advance(work.lane, &work.ranges);
+        self.lanes[work.lane].deferred.extend(outcome.deferred);
+        self.relay_wake.notify_one();
+    }
+
+    /// After a lane's batch was refused: the partition is dropped; the lane's other
+    /// partitions drop what they buffered and re-read from their stored offsets; the
+    /// refreshes wait for the lane's next batch.
+    fn fenced(&mut self, work: LaneWork, partition: i32) {
+        self.metrics.fenced.inc();
+        tracing::warn!(partition, "batch refused by fencing; another member owns the partition now");
+        self.owned.remove(&partition);
+        let now = Utc::now();
+        self.lanes[work.lane].deferred.extend(work.refreshes.into_iter().map(|(s, key)| (s, (key, now))));
+        self.heartbeats.fenced(partition, Duration::from_millis(self.settings.member_lease_ms));
+        self.rewind_lane(work.lane);
+        self.assign_owned();
+    }
+
+    /// After a commit: the stored cursors move on, and Kafka gets them as a resume hint.
+    fn advance(&mut self, lane: usize, ranges: &[Range]) {
+        let mut hint = TopicPartitionList::new();
+        for r in ranges {
+            if let Some(o) = self.owned.get_mut(&r.partition) {
+                o.next = r.next;
+                let _ = hint.add_partition_offset(&self.committer.store.topic, r.partition, Offset::Offset(r.next));
+            }
+        }
+        if hint.count() > 0 {
+            if let Err(e) = self.consumers[lane].commit(&hint, CommitMode::Async) {
+                tracing::debug!(error = %e, "offset hint not committed to Kafka");
+            }
+        }
+    }
+
+    /// Drops the lane's buffered messages and moves each of its partitions' pending cursor
+    /// back to the stored offset (the lane has nothing in flight when this runs).
+    fn rewind_lane(&mut self, lane: usize) {
+        let partitions: HashSet<i32> = self.owned.keys().copied().filter(|p| self.lane_of(*p) == lane).collect();
+        self.lanes[lane].drop_partitions(&partitions);
+        for p in partitions {
+            if let Some(o) = self.owned.get_mut(&p) {
+                o.pending = o.next;
+            }
+        }
+    }
+}
+
+impl Committer {
+    /// Commits one lane's batch (with its due refreshes), retrying database errors until it
+    /// succeeds or is fenced; a refusal by fencing names the partition.
+    async fn commit_with_retry(&self, work: &LaneWork) -> Result<Outcome, i32> {
         let mut backoff = Duration::from_millis(200);
         loop {
             let now = Utc::now();
-            let parsed = parse_batch(&deliveries, now, lateness);
+            let parsed = parse_batch(&work.deliveries, now, self.lateness);
             let started = Instant::now();
-            match self.store.commit_batch(&ranges, parsed, &refreshes, &self.policy, now, refresh).await {
+            match self.store.commit_batch(&work.ranges, parsed, &work.refreshes, &self.policy, now, self.refresh).await {
                 Ok(outcome) => {
                     self.metrics.batches.record(started.elapsed());
-                    self.metrics.counted.add(outcome.counted as u64);
-                    self.metrics.duplicates.add(outcome.duplicates as u64);
-                    self.metrics.quarantined.add(outcome.quarantined as u64);
-                    self.metrics.snapshots.add(outcome.snapshots as u64);
-                    self.advance(&ranges);
-                    self.deferred.extend(outcome.deferred);
-                    self.relay_wake.notify_one();
-                    return;
+                    tracing::debug!(lane = work.lane, events = work.deliveries.len(), refreshes = work.refreshes.len(), millis = started.elapsed().as_millis() as u64, "batch committed");
+                    return Ok(outcome);
                 }
-                Err(StoreError::Fenced { partition, .. }) => {
-                    self.metrics.fenced.inc();
-                    tracing::warn!(partition, "batch refused by fencing; another member owns the partition now");
-                    self.owned.remove(&partition);
-                    let now = Utc::now();
-                    self.deferred.extend(refreshes.into_iter().map(|(s, key)| (s, (key, now))));
-                    self.heartbeats.fenced(partition, Duration::from_millis(self.settings.member_lease_ms));
-                    self.rewind(&ranges);
-                    self.assign_owned();
-                    return;
-                }
+                Err(StoreError::Fenced { partition, .. }) => return Err(partition),
                 Err(e) => {
                     self.metrics.db_retries.inc();
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "batch commit failed; consumption paused");
+                    tracing::warn!(error = %e, lane = work.lane, retry_in_ms = backoff.as_millis() as u64, "batch commit failed; the lane is paused");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
     }
+}
 
-    /// After a commit: the next offsets move on, and Kafka gets them as a resume hint.
-    fn advance(&mut self, ranges: &[Range]) {
-        let mut hint = TopicPartitionList::new();
-        for r in ranges {
-            if let Some(o) = self.owned.get_mut(&r.partition) {
-                o.next = r.next;
-                let _ = hint.add_partition_offset(&self.store.topic, r.partition, Offset::Offset(r.next));
-            }
-        }
-        if hint.count() > 0 {
-            if let Err(e) = self.consumer.commit(&hint, CommitMode::Async) {
-                tracing::debug!(error = %e, "offset hint not committed to Kafka");
-            }
-        }
-    }
+/// The usage topic's consumer of one lane.
+fn usage_consumer(kafka: &KafkaSettings, group: &str) -> anyhow::Result<StreamConsumer<KafkaLog>> {
+    kafka
+        .consumer_config(group)
+        // librdkafka prefetches up to 64 MiB by default; a lane holds at most one batch in
+        // its buffer and one in flight, so a few MiB ahead keep it busy.
+        .set("queued.max.messages.kbytes", PREFETCH_KBYTES.to_string())
+        .create_with_context(KafkaLog)
+        .context("failed to create the usage consumer")
+}
 
-    /// After a refused batch: the other partitions re-read from where they were.
-    fn rewind(&mut self, ranges: &[Range]) {
-        for r in ranges {
-            if let Some(mut owned) = self.owned.get(&r.partition).copied() {
-                owned.next = r.start;
-                self.seek(r.partition, &mut owned);
-                self.owned.insert(r.partition, owned);
-            }
-        }
-    }
+/// The next message from any of the `lanes`' consumers.
+async fn receive_any(consumers: &[StreamConsumer<KafkaLog>], lanes: &[usize]) -> rdkafka::error::KafkaResult<Delivery> {
+    let receives = lanes.iter().map(|l| Box::pin(consumers[*l].recv()));
+    let (received, _, _) = futures::future::select_all(receives).await;
+    received.map(|m| to_delivery(&m))
 }
 
 fn to_delivery(m: &rdkafka::message::BorrowedMessage<'_>) -> Delivery {

@@ -21,6 +21,7 @@
 //! highest version.
 
 pub mod consumer;
+pub mod lanes;
 pub mod plan;
 pub mod policy;
 pub mod relay;
@@ -45,6 +46,12 @@ pub struct AggregatorSettings {
     /// Most events in one batch (one Postgres transaction).
     #[arg(long, env = "TALLY_AGGREGATOR_MAX_BATCH", default_value_t = 5000)]
     pub max_batch: usize,
+    /// Commit lanes: partitions are split among this many lanes (`partition % lanes`), each
+    /// committing its own batches, one transaction at a time, while the loop goes on
+    /// receiving; lanes commit concurrently. Each lane holds a database connection while it
+    /// commits.
+    #[arg(long, env = "TALLY_AGGREGATOR_LANES", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub lanes: u16,
     /// Longest wait, in milliseconds, to fill a batch once its first event arrived.
     #[arg(long, env = "TALLY_AGGREGATOR_MAX_WAIT_MS", default_value_t = 50)]
     pub max_wait_ms: u64,
@@ -71,6 +78,10 @@ pub struct AggregatorSettings {
 }
 
 impl AggregatorSettings {
+    pub fn lanes(&self) -> usize {
+        usize::from(self.lanes.max(1))
+    }
+
     pub fn max_wait(&self) -> Duration {
         Duration::from_millis(self.max_wait_ms)
     }
