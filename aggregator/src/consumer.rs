@@ -38,7 +38,7 @@ use tokio::task::JoinHandle;
 
 use crate::plan::{parse_batch, Delivery};
 use crate::policy::{Policy, PolicyHandle};
-use crate::lanes::Lane;
+use crate::lanes::{key_hash, BatchLimits, Lane};
 use crate::store::{Outcome, Range, Store, StoreError, Subjects};
 use crate::{relay, AggregatorSettings};
 
@@ -287,7 +287,8 @@ async fn spawn_health_server(settings: &AggregatorSettings, metrics: Arc<Metrics
 enum Wake {
     Shutdown,
     Settled(Settled),
-    Message(Delivery),
+    /// A message, with the hash of its key.
+    Message(Delivery, u64),
     ConsumerError(rdkafka::error::KafkaError),
     Timer,
 }
@@ -306,7 +307,7 @@ impl Loop {
                 _ = &mut shutdown => Wake::Shutdown,
                 Some(done) = in_flight.next() => Wake::Settled(done.expect("a batch commit task panicked")),
                 m = receive_any(&self.consumers, &room), if !room.is_empty() => match m {
-                    Ok(d) => Wake::Message(d),
+                    Ok((d, key)) => Wake::Message(d, key),
                     Err(e) => Wake::ConsumerError(e),
                 },
                 _ = tokio::time::sleep_until(wake_at.into()) => Wake::Timer,
@@ -314,7 +315,7 @@ impl Loop {
             match wake {
                 Wake::Shutdown => break,
                 Wake::Settled((work, result)) => self.settle(work, result),
-                Wake::Message(d) => self.accept(d),
+                Wake::Message(d, key) => self.accept(d, key),
                 Wake::ConsumerError(e) => {
                     tracing::warn!(error = %e, "consumer error");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -351,11 +352,12 @@ impl Loop {
     fn start_ready_lanes(&mut self, in_flight: &mut FuturesUnordered<JoinHandle<Settled>>) {
         let (now, wall) = (Instant::now(), Utc::now());
         let (max_batch, max_wait) = (self.settings.max_batch, self.settings.max_wait());
+        let limits = BatchLimits { events: max_batch, subjects: self.settings.max_batch_subjects, refreshes: MAX_REFRESHES_PER_BATCH };
         for lane in 0..self.lanes.len() {
             if !self.lanes[lane].ready(now, wall, max_batch, max_wait) {
                 continue;
             }
-            let (deliveries, refreshes) = self.lanes[lane].take_batch(max_batch, MAX_REFRESHES_PER_BATCH, wall);
+            let (deliveries, refreshes) = self.lanes[lane].take_batch(limits, wall);
             let ranges = self.ranges(&deliveries);
             if deliveries.is_empty() && refreshes.is_empty() {
                 self.lanes[lane].settled();
@@ -437,12 +439,12 @@ impl Loop {
 
     /// Buffers `d` in its lane if it is exactly the pending offset of an owned partition.
     /// Lower offsets are buffered, in flight or counted already; a gap triggers a seek back.
-    fn accept(&mut self, d: Delivery) {
+    fn accept(&mut self, d: Delivery, key: u64) {
         let Some(owned) = self.owned.get_mut(&d.partition) else { return };
         if d.offset == owned.pending {
             owned.pending += 1;
             let lane = self.lane_of(d.partition);
-            self.lanes[lane].push(d, Instant::now());
+            self.lanes[lane].push(d, key, Instant::now());
         } else if d.offset > owned.pending {
             self.seek_if_due(d.partition);
         }
@@ -571,11 +573,11 @@ fn usage_consumer(kafka: &KafkaSettings, group: &str) -> anyhow::Result<StreamCo
         .context("failed to create the usage consumer")
 }
 
-/// The next message from any of the `lanes`' consumers.
-async fn receive_any(consumers: &[StreamConsumer<KafkaLog>], lanes: &[usize]) -> rdkafka::error::KafkaResult<Delivery> {
+/// The next message from any of the `lanes`' consumers, with the hash of its key.
+async fn receive_any(consumers: &[StreamConsumer<KafkaLog>], lanes: &[usize]) -> rdkafka::error::KafkaResult<(Delivery, u64)> {
     let receives = lanes.iter().map(|l| Box::pin(consumers[*l].recv()));
     let (received, _, _) = futures::future::select_all(receives).await;
-    received.map(|m| to_delivery(&m))
+    received.map(|m| (to_delivery(&m), key_hash(m.key())))
 }
 
 fn to_delivery(m: &rdkafka::message::BorrowedMessage<'_>) -> Delivery {

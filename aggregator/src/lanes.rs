@@ -11,6 +11,7 @@
 //! partition's buffered deliveries whenever that partition is rewound or lost.
 
 use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -21,7 +22,8 @@ use crate::store::{Deferred, Subjects};
 /// One commit lane's state in the consume loop.
 #[derive(Debug, Default)]
 pub struct Lane {
-    buffer: Vec<Delivery>,
+    /// Buffered deliveries, each with a hash of its message key (the subject).
+    buffer: Vec<(Delivery, u64)>,
     /// When the oldest buffered delivery arrived.
     oldest: Option<Instant>,
     /// Whether a batch commit of this lane is in flight.
@@ -33,15 +35,34 @@ pub struct Lane {
     refreshes_checked: Option<Instant>,
 }
 
+/// What one batch may hold. Its memory and its ledger rows grow with the distinct subjects
+/// in it; more events of the same subjects cost little more, and are summed into the same
+/// ledger rows.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    pub events: usize,
+    /// Distinct message keys; the usage topic is keyed by subject.
+    pub subjects: usize,
+    pub refreshes: usize,
+}
+
+/// A message key's hash, to count a batch's distinct subjects.
+pub fn key_hash(key: Option<&[u8]>) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
 /// How often an idle lane with an empty buffer looks for due refreshes.
 const REFRESH_POLL: Duration = Duration::from_millis(100);
 
 impl Lane {
-    pub fn push(&mut self, delivery: Delivery, now: Instant) {
+    /// Buffers a delivery with the [`key_hash`] of its message key.
+    pub fn push(&mut self, delivery: Delivery, key: u64, now: Instant) {
         if self.buffer.is_empty() {
             self.oldest = Some(now);
         }
-        self.buffer.push(delivery);
+        self.buffer.push((delivery, key));
     }
 
     pub fn buffered(&self) -> usize {
@@ -76,17 +97,29 @@ impl Lane {
         }
     }
 
-    /// Takes the next batch: the oldest `max_batch` buffered deliveries, and up to
-    /// `max_refreshes` due refreshes (the longest overdue first). The lane is busy until
+    /// Takes the next batch: the oldest buffered deliveries, at most `limits.events` of
+    /// them with at most `limits.subjects` distinct message keys, and up to
+    /// `limits.refreshes` due refreshes (the longest overdue first). The lane is busy until
     /// [`Lane::settled`].
-    pub fn take_batch(&mut self, max_batch: usize, max_refreshes: usize, wall: DateTime<Utc>) -> (Vec<Delivery>, Subjects) {
-        let n = self.buffer.len().min(max_batch);
-        let deliveries: Vec<Delivery> = self.buffer.drain(..n).collect();
+    pub fn take_batch(&mut self, limits: BatchLimits, wall: DateTime<Utc>) -> (Vec<Delivery>, Subjects) {
+        let n = self.batch_len(limits);
+        let deliveries: Vec<Delivery> = self.buffer.drain(..n).map(|(d, _)| d).collect();
         if self.buffer.is_empty() {
             self.oldest = None;
         }
         self.busy = true;
-        (deliveries, self.take_due_refreshes(max_refreshes, wall))
+        (deliveries, self.take_due_refreshes(limits.refreshes, wall))
+    }
+
+    /// How many of the oldest buffered deliveries fit in one batch.
+    fn batch_len(&self, limits: BatchLimits) -> usize {
+        let mut keys = HashSet::new();
+        for (i, (_, key)) in self.buffer.iter().enumerate().take(limits.events) {
+            if keys.insert(*key) && keys.len() > limits.subjects {
+                return i;
+            }
+        }
+        self.buffer.len().min(limits.events)
     }
 
     fn take_due_refreshes(&mut self, max: usize, wall: DateTime<Utc>) -> Subjects {
@@ -104,7 +137,7 @@ impl Lane {
 
     /// Drops the buffered deliveries of `partitions` (rewound or no longer owned).
     pub fn drop_partitions(&mut self, partitions: &HashSet<i32>) {
-        self.buffer.retain(|d| !partitions.contains(&d.partition));
+        self.buffer.retain(|(d, _)| !partitions.contains(&d.partition));
         if self.buffer.is_empty() {
             self.oldest = None;
         }
@@ -121,16 +154,20 @@ mod tests {
 
     const WAIT: Duration = Duration::from_millis(50);
 
+    fn limits(events: usize, refreshes: usize) -> BatchLimits {
+        BatchLimits { events, subjects: usize::MAX, refreshes }
+    }
+
     #[test]
     fn a_lane_is_ready_when_full_or_when_its_oldest_delivery_waited_long_enough() {
         let (t0, wall) = (Instant::now(), Utc::now());
         let mut lane = Lane::default();
-        lane.push(delivery(0, 0), t0);
-        lane.push(delivery(0, 1), t0 + Duration::from_millis(40));
+        lane.push(delivery(0, 0), key_hash(None), t0);
+        lane.push(delivery(0, 1), key_hash(None), t0 + Duration::from_millis(40));
         assert!(!lane.ready(t0 + Duration::from_millis(49), wall, 3, WAIT));
         assert_eq!(lane.wake_at(WAIT), Some(t0 + WAIT));
         assert!(lane.ready(t0 + WAIT, wall, 3, WAIT));
-        lane.push(delivery(0, 2), t0 + Duration::from_millis(41));
+        lane.push(delivery(0, 2), key_hash(None), t0 + Duration::from_millis(41));
         assert!(lane.ready(t0 + Duration::from_millis(41), wall, 3, WAIT), "full");
     }
 
@@ -138,15 +175,15 @@ mod tests {
     fn a_busy_lane_keeps_buffering_and_its_next_batch_continues_in_order() {
         let (t0, wall) = (Instant::now(), Utc::now());
         let mut lane = Lane::default();
-        (0..5).for_each(|o| lane.push(delivery(1, o), t0));
-        let (first, _) = lane.take_batch(3, 10, wall);
+        (0..5).for_each(|o| lane.push(delivery(1, o), key_hash(None), t0));
+        let (first, _) = lane.take_batch(limits(3, 10), wall);
         assert_eq!(first.iter().map(|d| d.offset).collect::<Vec<_>>(), [0, 1, 2]);
-        lane.push(delivery(1, 5), t0);
+        lane.push(delivery(1, 5), key_hash(None), t0);
         assert!(!lane.ready(t0 + WAIT * 10, wall, 3, WAIT), "one commit in flight at a time");
         assert_eq!(lane.wake_at(WAIT), None);
         lane.settled();
         assert!(lane.ready(t0 + WAIT, wall, 3, WAIT));
-        let (second, _) = lane.take_batch(3, 10, wall);
+        let (second, _) = lane.take_batch(limits(3, 10), wall);
         assert_eq!(second.iter().map(|d| d.offset).collect::<Vec<_>>(), [3, 4, 5]);
         assert_eq!(lane.buffered(), 0);
     }
@@ -161,10 +198,26 @@ mod tests {
         lane.deferred.insert("overdue".into(), (Some("k".into()), wall - chrono::Duration::seconds(1)));
         lane.deferred.insert("due".into(), (None, wall));
         assert!(lane.ready(t0 + REFRESH_POLL, wall, 10, WAIT));
-        let (deliveries, refreshes) = lane.take_batch(10, 1, wall);
+        let (deliveries, refreshes) = lane.take_batch(limits(10, 1), wall);
         assert!(deliveries.is_empty());
         assert_eq!(refreshes, Subjects::from([("overdue".to_string(), Some("k".to_string()))]), "the longest overdue first");
         assert_eq!(lane.deferred.keys().collect::<Vec<_>>(), ["due", "later"]);
+    }
+
+    #[test]
+    fn a_batch_stops_before_the_first_subject_over_the_limit_and_takes_more_events_of_those_in_it() {
+        let (t0, wall) = (Instant::now(), Utc::now());
+        let mut lane = Lane::default();
+        for (o, key) in ["a", "b", "a", "c", "b", "a"].iter().enumerate() {
+            lane.push(delivery(0, o as i64), key_hash(Some(key.as_bytes())), t0);
+        }
+        let two_subjects = BatchLimits { events: 10, subjects: 2, refreshes: 0 };
+        let (first, _) = lane.take_batch(two_subjects, wall);
+        assert_eq!(first.iter().map(|d| d.offset).collect::<Vec<_>>(), [0, 1, 2]);
+        lane.settled();
+        let (second, _) = lane.take_batch(two_subjects, wall);
+        assert_eq!(second.iter().map(|d| d.offset).collect::<Vec<_>>(), [3, 4]);
+        assert_eq!(lane.buffered(), 1);
     }
 
     #[test]
@@ -172,11 +225,11 @@ mod tests {
         let t0 = Instant::now();
         let mut lane = Lane::default();
         for o in 0..3 {
-            lane.push(delivery(0, o), t0);
-            lane.push(delivery(2, o), t0);
+            lane.push(delivery(0, o), key_hash(None), t0);
+            lane.push(delivery(2, o), key_hash(None), t0);
         }
         lane.drop_partitions(&HashSet::from([0]));
-        let (left, _) = lane.take_batch(10, 0, Utc::now());
+        let (left, _) = lane.take_batch(limits(10, 0), Utc::now());
         assert_eq!(left.iter().map(|d| (d.partition, d.offset)).collect::<Vec<_>>(), [(2, 0), (2, 1), (2, 2)]);
         lane.drop_partitions(&HashSet::from([2]));
         assert_eq!(lane.wake_at(WAIT), None, "busy");

@@ -43,9 +43,15 @@ pub struct AggregatorSettings {
     /// ignored. With none stored and no file, the built-in default tier applies.
     #[arg(long = "config", env = "TALLY_CONFIG")]
     pub config: Option<std::path::PathBuf>,
-    /// Most events in one batch (one Postgres transaction).
-    #[arg(long, env = "TALLY_AGGREGATOR_MAX_BATCH", default_value_t = 5000)]
+    /// Most events in one batch (one Postgres transaction). Under load a lane's next batch
+    /// fills while its previous one commits, so batches grow with the load up to this.
+    #[arg(long, env = "TALLY_AGGREGATOR_MAX_BATCH", default_value_t = 20_000)]
     pub max_batch: usize,
+    /// Most distinct subjects (message keys) in one batch. A batch's memory and ledger rows
+    /// grow with its subjects; more events of subjects already in it join it up to
+    /// `--max-batch`, summed into the same ledger rows.
+    #[arg(long, env = "TALLY_AGGREGATOR_MAX_BATCH_SUBJECTS", default_value_t = 5_000)]
+    pub max_batch_subjects: usize,
     /// Commit lanes: partitions are split among this many lanes (`partition % lanes`), each
     /// committing its own batches, one transaction at a time, while the loop goes on
     /// receiving; lanes commit concurrently. Each lane holds a database connection while it

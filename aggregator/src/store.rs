@@ -134,7 +134,13 @@ impl Store {
         let mut touched = refreshes.clone();
         touched.extend(subjects_of(&counted));
         touched.extend(reverted.iter().map(|e| (e.subject.clone(), e.api_key_sha256.clone())));
-        (outcome.snapshots, outcome.deferred) = self.publish_decisions(&mut tx, &touched, &updated, policy, now, refresh).await?;
+        // In chunks, so a large batch does not hold every touched subject's plan and
+        // snapshot in memory at once.
+        for chunk in chunks(touched, DECISION_CHUNK) {
+            let (snapshots, deferred) = self.publish_decisions(&mut tx, &chunk, &updated, policy, now, refresh).await?;
+            outcome.snapshots += snapshots;
+            outcome.deferred.extend(deferred);
+        }
         outcome.quarantined = quarantined.len();
         self.enqueue_quarantine(&mut tx, &quarantined).await?;
         self.advance_offsets(&mut tx, ranges).await?;
@@ -545,6 +551,23 @@ struct Check {
 /// Subjects to decide for, each with the API key hash of its latest event.
 pub type Subjects = BTreeMap<String, Option<String>>;
 
+/// Most subjects whose decisions one statement of a batch commit plans and writes.
+const DECISION_CHUNK: usize = 2000;
+
+/// `subjects` split in order into maps of at most `size` entries.
+fn chunks(subjects: Subjects, size: usize) -> Vec<Subjects> {
+    let mut out: Vec<Subjects> = Vec::new();
+    for (subject, key) in subjects {
+        match out.last_mut() {
+            Some(last) if last.len() < size => {
+                last.insert(subject, key);
+            }
+            _ => out.push(Subjects::from([(subject, key)])),
+        }
+    }
+    out
+}
+
 /// Subjects whose fresh usage awaits its refresh: the API key hash, and when it is due.
 pub type Deferred = BTreeMap<String, (Option<String>, DateTime<Utc>)>;
 
@@ -814,4 +837,18 @@ async fn enqueue(tx: &mut Transaction<'_, Postgres>, topic: &str, keys: &[String
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_keep_every_subject_once_in_order() {
+        let subjects: Subjects = (0..5).map(|i| (format!("s{i}"), (i % 2 == 0).then(|| format!("k{i}")))).collect();
+        let split = chunks(subjects.clone(), 2);
+        assert_eq!(split.iter().map(BTreeMap::len).collect::<Vec<_>>(), [2, 2, 1]);
+        assert_eq!(split.into_iter().flatten().collect::<Subjects>(), subjects);
+        assert!(chunks(Subjects::new(), 2).is_empty());
+    }
 }
