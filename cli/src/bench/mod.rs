@@ -86,7 +86,7 @@ pub struct BenchArgs {
     /// Redis for the check baseline (skipped when it does not answer).
     #[arg(long, env = "TALLY_BENCH_REDIS", default_value = "127.0.0.1:6379")]
     pub redis: String,
-    /// Events through the pipeline (default 200000, quick 10000).
+    /// Events through the pipeline (default 600000, quick 10000).
     #[arg(long)]
     pub events: Option<usize>,
     /// Subjects of the pipeline load (default 10000, quick 1000).
@@ -127,7 +127,7 @@ impl Sizes {
         Sizes {
             broker_messages: if q { 10_000 } else { 200_000 },
             round_trips: if q { 20 } else { 200 },
-            events: args.events.unwrap_or(if q { 10_000 } else { 200_000 }),
+            events: args.events.unwrap_or(if q { 10_000 } else { 600_000 }),
             subjects: args.subjects.unwrap_or(if q { 1_000 } else { 10_000 }),
             probes: if q { 10 } else { 100 },
             decision_seconds: if q { 2 } else { 20 },

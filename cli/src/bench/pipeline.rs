@@ -10,7 +10,8 @@
 //!   events push probe subjects (which already have a snapshot) over their monthly token
 //!   limit; the latency is from just before the probe is produced until the API answers
 //!   `allowed: false` for that subject (polled every 2 ms for the first 100 ms, then every
-//!   20 ms, so slow probes do not load the API they wait on).
+//!   20 ms, so slow probes do not load the API they wait on). Before the load starts, a
+//!   fifth as many probes, one at a time, measure the unloaded floor.
 //! - Memory: events for fresh subjects until the aggregator has counted and the API's view
 //!   holds the requested number of subjects; then VmRSS of both processes, against the same
 //!   services' VmRSS when idle (no subjects) measured earlier in the run.
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
-use rdkafka::producer::{BaseRecord, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord, FutureProducer, FutureRecord, Producer};
 use sqlx::PgPool;
 use tally_common::kafka::KafkaSettings;
 use tally_domain::event::{hash_api_key, UsageEvent};
@@ -135,6 +136,8 @@ pub struct Pipeline {
     pub subjects: u64,
     /// The probe subjects (each one has a snapshot before its probe).
     pub probes: Vec<String>,
+    /// Probe subjects for the floor: probed one at a time with no background load.
+    pub idle_probes: Vec<String>,
 }
 
 impl Pipeline {
@@ -151,6 +154,7 @@ impl Pipeline {
             produced: 0,
             subjects: 0,
             probes: Vec::new(),
+            idle_probes: Vec::new(),
             stack,
         })
     }
@@ -199,13 +203,15 @@ impl Pipeline {
         let mut messages = events(&format!("{}-load", self.stack.id), "s", subjects, count);
         let now = Utc::now();
         self.probes = (0..probes).map(|k| format!("probe{k}")).collect();
-        for (k, subject) in self.probes.iter().enumerate() {
+        self.idle_probes = (0..idle_probe_count(probes)).map(|k| format!("idleprobe{k}")).collect();
+        for (k, subject) in self.probes.iter().chain(&self.idle_probes).enumerate() {
             messages.push(event(format!("{}-probe-pre-{k}", self.stack.id), subject.clone(), 0, now, 10));
         }
         let total = messages.len() as f64;
-        eprintln!("[bench] pipeline: producing {total} events for {} subjects", subjects + probes);
+        let all_subjects = subjects + self.probes.len() + self.idle_probes.len();
+        eprintln!("[bench] pipeline: producing {total} events for {all_subjects} subjects");
         self.produce(messages).await?;
-        self.subjects = (subjects + probes) as u64;
+        self.subjects = all_subjects as u64;
 
         // CPU accounting: the broker (when it is a local tansu process) before the run.
         let brokers = pids_named("tansu");
@@ -315,9 +321,17 @@ impl Pipeline {
     /// and the probes spread over it.
     pub async fn decision_latency(&mut self, rate: f64, duration: Duration, load_subjects: usize, ceiling: &Ceiling) -> anyhow::Result<Section> {
         let probes = self.probes.clone();
-        for p in &probes {
+        for p in probes.iter().chain(&self.idle_probes) {
             if self.allowed(p).await != Some(true) {
                 bail!("probe subject {p} has no allowing decision before its probe");
+            }
+        }
+        let probe_producer: FutureProducer = self.kafka.producer_config().create().context("failed to create the probe producer")?;
+        // The floor first: one probe at a time, nothing else running.
+        let mut floor = Latencies::default();
+        for (k, subject) in self.idle_probes.clone().iter().enumerate() {
+            if let Ok(Some(d)) = self.probe(&probe_producer, &format!("idle-{k}"), subject)?.await {
+                floor.push(d);
             }
         }
         let snapshots_before = scrape(&self.http, &self.aggregator_addr, "tally_aggregator_snapshots_total").await.unwrap_or(0.0);
@@ -328,34 +342,11 @@ impl Pipeline {
         let stop_bg = stop.clone();
         let background = tokio::task::spawn_blocking(move || background_load(&kafka, &tag, load_subjects, rate, duration, &stop_bg));
 
-        let probe_producer: FutureProducer = self.kafka.producer_config().create().context("failed to create the probe producer")?;
         let interval = duration / (probes.len().max(1) as u32 + 1);
         let mut tasks = Vec::new();
         for (k, subject) in probes.iter().enumerate() {
             tokio::time::sleep(interval).await;
-            let (key, payload) = event(format!("{}-probe-{k}", self.stack.id), subject.clone(), 0, Utc::now(), 60_000_000);
-            let started = Instant::now();
-            let delivery = probe_producer.send_result(FutureRecord::to(&self.kafka.usage_topic).key(&key).payload(&payload));
-            if delivery.is_err() {
-                bail!("failed to queue a probe event");
-            }
-            let (http, url) = (self.http.clone(), format!("http://{}/v1/subjects/{subject}/decision", self.api_addr));
-            tasks.push(tokio::spawn(async move {
-                let deadline = started + Duration::from_secs(30);
-                while Instant::now() < deadline {
-                    if let Ok(r) = http.get(&url).send().await {
-                        if let Ok(v) = r.json::<serde_json::Value>().await {
-                            if v["allowed"] == serde_json::Value::Bool(false) {
-                                return Some(started.elapsed());
-                            }
-                        }
-                    }
-                    // Poll fast at first, then back off so waiting probes do not load the API.
-                    let pause = if started.elapsed() < Duration::from_millis(100) { 2 } else { 20 };
-                    tokio::time::sleep(Duration::from_millis(pause)).await;
-                }
-                None
-            }));
+            tasks.push(self.probe(&probe_producer, &k.to_string(), subject)?);
         }
         let mut latencies = Latencies::default();
         let mut missing = 0;
@@ -368,6 +359,7 @@ impl Pipeline {
         stop.store(true, Ordering::Relaxed);
         let sent = background.await??;
         self.produced += sent + probes.len() as u64;
+        self.produced += self.idle_probes.len() as u64;
         let _ = probe_producer.flush(Duration::from_secs(10));
         let snapshots = scrape(&self.http, &self.aggregator_addr, "tally_aggregator_snapshots_total").await.unwrap_or(0.0) - snapshots_before;
         let phase = phase.elapsed().as_secs_f64();
@@ -379,18 +371,52 @@ impl Pipeline {
             .figure("probes", latencies.len() as f64)
             .figure("snapshots_published_per_s", snapshots.max(0.0) / phase)
             .latencies("decision", &latencies)
+            .latencies("unloaded_decision", &floor)
             .ratio("p50_to_broker_round_trip_p50", latencies.p50_ms(), ceiling.round_trip_p50_ms)
+            .ratio("unloaded_p50_to_broker_round_trip_p50", floor.p50_ms(), ceiling.round_trip_p50_ms)
             .ratio("p99_to_broker_round_trip_p99", latencies.p99_ms(), ceiling.round_trip_p99_ms)
             .target("decision p99 <= 500 ms", latencies.p99_ms() <= 500.0)
             .note(format!(
                 "background load at half the measured throughput ({rate:.0}/s target) over {load_subjects} subjects; each probe pushes a subject \
                  with a snapshot over its monthly token limit; latency = produce call until GET /v1/subjects/{{s}}/decision says allowed=false (polled every 2 ms for 100 ms, then every 20 ms)"
+            ))
+            .note(format!(
+                "unloaded_decision: {} probes one at a time before the background load starts: the floor of two broker hops (usage topic, decisions topic) plus one commit",
+                floor.len()
             ));
         if missing > 0 {
             s.note(format!("{missing} probes never became visible within 30 s (left out of the percentiles)"));
         }
         self.wait_consumed(Duration::from_secs(120)).await?;
         Ok(s)
+    }
+
+    /// Produces one probe event pushing `subject` over its monthly token limit, and returns a
+    /// task that polls the API until it refuses the subject (`None` after 30 s): the time from
+    /// just before the produce call.
+    fn probe(&self, producer: &FutureProducer, tag: &str, subject: &str) -> anyhow::Result<tokio::task::JoinHandle<Option<Duration>>> {
+        let (key, payload) = event(format!("{}-probe-{tag}", self.stack.id), subject.to_string(), 0, Utc::now(), 60_000_000);
+        let started = Instant::now();
+        if producer.send_result(FutureRecord::to(&self.kafka.usage_topic).key(&key).payload(&payload)).is_err() {
+            bail!("failed to queue a probe event");
+        }
+        let (http, url) = (self.http.clone(), format!("http://{}/v1/subjects/{subject}/decision", self.api_addr));
+        Ok(tokio::spawn(async move {
+            let deadline = started + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(r) = http.get(&url).send().await {
+                    if let Ok(v) = r.json::<serde_json::Value>().await {
+                        if v["allowed"] == serde_json::Value::Bool(false) {
+                            return Some(started.elapsed());
+                        }
+                    }
+                }
+                // Poll fast at first, then back off so waiting probes do not load the API.
+                let pause = if started.elapsed() < Duration::from_millis(100) { 2 } else { 20 };
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+            None
+        }))
     }
 
     /// Section 6: grows the run to `target` active subjects, then reads both processes' VmRSS.
@@ -428,7 +454,10 @@ impl Pipeline {
 /// Produces events at `rate` per second over `subjects` subjects until `duration` passed or
 /// `stop` is set; returns how many were acknowledged.
 fn background_load(kafka: &KafkaSettings, tag: &str, subjects: usize, rate: f64, duration: Duration, stop: &AtomicBool) -> anyhow::Result<u64> {
-    let (producer, _) = broker::producer(kafka)?;
+    // A paced producer sends what each tick released; with the default 5 ms linger every
+    // request is that small, and the broker's ~100 ms acknowledgement of five requests in
+    // flight caps the rate near 14k/s. 50 ms lets each request carry five ticks.
+    let producer: BaseProducer = kafka.producer_config().set("linger.ms", "50").create().context("failed to create the background producer")?;
     let started = Instant::now();
     let tick = Duration::from_millis(10);
     let mut sent = 0u64;
@@ -448,6 +477,11 @@ fn background_load(kafka: &KafkaSettings, tag: &str, subjects: usize, rate: f64,
     }
     producer.flush(Duration::from_secs(60)).context("the background load was not acknowledged")?;
     Ok(sent)
+}
+
+/// Probes for the unloaded floor of the decision latency: a fifth of the loaded ones.
+fn idle_probe_count(probes: usize) -> usize {
+    (probes / 5).max(1)
 }
 
 /// Starts an aggregator and an API on empty topics of their own and reads their VmRSS once
