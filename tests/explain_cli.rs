@@ -1,5 +1,5 @@
-//! Black-box tests of `tally explain …` and `tally validate-config`, run against the built
-//! binary the way an operator or a script would.
+//! Black-box tests of `tally explain …`, `tally validate-config` and refused settings, run
+//! against the built binary the way an operator or a script would.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -183,4 +183,14 @@ groups: {eng: platinum}
     let _ = std::fs::remove_file(&path);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("line "), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn aggregator_batch_settings_below_one_are_refused_naming_the_setting() {
+    for (flag, value) in [("--max-batch", "0"), ("--max-batch-subjects", "0"), ("--lanes", "0"), ("--max-batch", "many")] {
+        let out = tally(&["aggregator", flag, value]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(&format!("'{flag} <")), "{flag} {value}: the error does not name the setting: {stderr}");
+    }
 }

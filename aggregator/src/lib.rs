@@ -45,12 +45,12 @@ pub struct AggregatorSettings {
     pub config: Option<std::path::PathBuf>,
     /// Most events in one batch (one Postgres transaction). Under load a lane's next batch
     /// fills while its previous one commits, so batches grow with the load up to this.
-    #[arg(long, env = "TALLY_AGGREGATOR_MAX_BATCH", default_value_t = 20_000)]
+    #[arg(long, env = "TALLY_AGGREGATOR_MAX_BATCH", default_value_t = 20_000, value_parser = at_least_one)]
     pub max_batch: usize,
     /// Most distinct subjects (message keys) in one batch. A batch's memory and ledger rows
     /// grow with its subjects; more events of subjects already in it join it up to
     /// `--max-batch`, summed into the same ledger rows.
-    #[arg(long, env = "TALLY_AGGREGATOR_MAX_BATCH_SUBJECTS", default_value_t = 5_000)]
+    #[arg(long, env = "TALLY_AGGREGATOR_MAX_BATCH_SUBJECTS", default_value_t = 5_000, value_parser = at_least_one)]
     pub max_batch_subjects: usize,
     /// Commit lanes: partitions are split among this many lanes (`partition % lanes`), each
     /// committing its own batches, one transaction at a time, while the loop goes on
@@ -81,6 +81,14 @@ pub struct AggregatorSettings {
     /// Longest time, in seconds, to drain and commit on shutdown.
     #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT_SECONDS", default_value_t = 10)]
     pub shutdown_timeout_seconds: u64,
+}
+
+/// A count that must be at least 1 (a batch of 0 would never drain).
+fn at_least_one(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{value:?} is not a whole number of at least 1")),
+    }
 }
 
 impl AggregatorSettings {
