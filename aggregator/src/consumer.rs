@@ -33,6 +33,7 @@ use tally_common::membership::{Heartbeats, Membership, ShareChange};
 use tally_common::metrics::{Counter, Gauge, Registry, Timing};
 use tally_common::postgres::PostgresSettings;
 use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
@@ -49,6 +50,9 @@ const SCHEDULER_CHUNK: i64 = 500;
 
 /// Most deferred usage refreshes folded into one batch.
 const MAX_REFRESHES_PER_BATCH: usize = 2000;
+
+/// Most messages taken in one go once the loop woke up for one.
+const RECEIVE_BURST: usize = 1000;
 
 /// What each lane's consumer prefetches at most, in KiB.
 const PREFETCH_KBYTES: usize = 8 * 1024;
@@ -315,7 +319,11 @@ impl Loop {
             match wake {
                 Wake::Shutdown => break,
                 Wake::Settled((work, result)) => self.settle(work, result),
-                Wake::Message(d, key) => self.accept(d, key),
+                Wake::Message(d, key) => {
+                    let now = Instant::now();
+                    self.accept(d, key, now);
+                    self.accept_ready(&room, now);
+                }
                 Wake::ConsumerError(e) => {
                     tracing::warn!(error = %e, "consumer error");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -439,14 +447,25 @@ impl Loop {
 
     /// Buffers `d` in its lane if it is exactly the pending offset of an owned partition.
     /// Lower offsets are buffered, in flight or counted already; a gap triggers a seek back.
-    fn accept(&mut self, d: Delivery, key: u64) {
+    fn accept(&mut self, d: Delivery, key: u64, now: Instant) {
         let Some(owned) = self.owned.get_mut(&d.partition) else { return };
         if d.offset == owned.pending {
             owned.pending += 1;
             let lane = self.lane_of(d.partition);
-            self.lanes[lane].push(d, key, Instant::now());
+            self.lanes[lane].push(d, key, now);
         } else if d.offset > owned.pending {
             self.seek_if_due(d.partition);
+        }
+    }
+
+    /// Accepts, without waiting, what `lanes`' consumers already hold (at most
+    /// [`RECEIVE_BURST`]), so a backlog is not received one wake-up at a time.
+    fn accept_ready(&mut self, lanes: &[usize], now: Instant) {
+        for _ in 0..RECEIVE_BURST {
+            match receive_any(&self.consumers, lanes).now_or_never() {
+                Some(Ok((d, key))) => self.accept(d, key, now),
+                _ => return,
+            }
         }
     }
 

@@ -48,7 +48,7 @@ pub struct BatchLimits {
 
 /// A message key's hash, to count a batch's distinct subjects.
 pub fn key_hash(key: Option<&[u8]>) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut h = crate::plan::Fnv1a::default();
     key.hash(&mut h);
     h.finish()
 }

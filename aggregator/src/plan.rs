@@ -338,7 +338,7 @@ impl Published {
 }
 
 /// FNV-1a: a fixed, seedless hash, so digests written by one process compare equal in another.
-struct Fnv1a(u64);
+pub struct Fnv1a(u64);
 
 impl Default for Fnv1a {
     fn default() -> Self {
