@@ -57,6 +57,9 @@ const RECEIVE_BURST: usize = 1000;
 /// What each lane's consumer prefetches at most, in KiB.
 const PREFETCH_KBYTES: usize = 8 * 1024;
 
+/// Largest fetch response a lane's consumer asks for, in bytes.
+const FETCH_MAX_BYTES: usize = 4 * 1024 * 1024;
+
 /// How long the loop sleeps without messages or commits before it looks after ownership
 /// again.
 const IDLE_WAKE: Duration = Duration::from_secs(1);
@@ -588,6 +591,9 @@ fn usage_consumer(kafka: &KafkaSettings, group: &str) -> anyhow::Result<StreamCo
         // librdkafka prefetches up to 64 MiB by default; a lane holds at most one batch in
         // its buffer and one in flight, so a few MiB ahead keep it busy.
         .set("queued.max.messages.kbytes", PREFETCH_KBYTES.to_string())
+        // librdkafka may overshoot the prefetch by one fetch response, 50 MiB by default: with a
+        // backlog that is what a consumer held.
+        .set("fetch.max.bytes", FETCH_MAX_BYTES.to_string())
         .create_with_context(KafkaLog)
         .context("failed to create the usage consumer")
 }
