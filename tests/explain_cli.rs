@@ -194,3 +194,19 @@ fn aggregator_batch_settings_below_one_are_refused_naming_the_setting() {
         assert!(stderr.contains(&format!("'{flag} <")), "{flag} {value}: the error does not name the setting: {stderr}");
     }
 }
+
+#[test]
+fn an_aggregator_with_more_lanes_than_its_pool_can_serve_is_refused_before_it_connects() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .arg("aggregator")
+        .env("TALLY_AGGREGATOR_LANES", "6")
+        .env("TALLY_DATABASE_POOL_SIZE", "8")
+        // Nothing listens here: the refusal must come before any connection.
+        .env("TALLY_DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .output()
+        .expect("the tally binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("TALLY_AGGREGATOR_LANES=6") && stderr.contains("at least 9"), "{stderr}");
+    assert!(stderr.contains("TALLY_DATABASE_POOL_SIZE is 8"), "{stderr}");
+}

@@ -3,9 +3,9 @@
 //! Partitions are split among the group's live instances through Postgres
 //! ([`tally_common::membership`]), heartbeated from this loop between batches. On gaining a
 //! partition the loop claims it in `consumer_offsets` (fencing the previous owner) and
-//! assigns it to the consumer at the stored offset. A message is counted only if it is
-//! exactly the next offset of a partition this instance owns: lower offsets were counted
-//! already, a gap makes the loop seek back.
+//! assigns it to its lane's consumer at the stored offset. A message is taken only if it is
+//! exactly the next pending offset of a partition this instance owns: lower offsets are
+//! buffered, in flight or counted already; a gap makes the loop seek back.
 //!
 //! Batches are committed in lanes ([`crate::lanes`]): partition `p` belongs to lane
 //! `p % lanes`, each lane has at most one batch commit in flight, and the loop goes on
@@ -14,7 +14,8 @@
 //! moves only when a commit succeeds. A refused (fenced) batch drops the lane's buffered
 //! messages and rewinds its partitions to the stored offsets. A subject's events all come
 //! from one partition (the usage topic is keyed by subject), so lanes touch disjoint ledger
-//! and decision rows, and a subject's deferred refresh stays in the lane it came from.
+//! and decision rows, and a subject's deferred refresh stays in the lane it came from (also
+//! after the partition is lost: the refresh only republishes the stored usage).
 //! Should a producer key otherwise, row locks still serialize the lanes' transactions (a
 //! deadlock is a database error, and the batch is retried).
 
@@ -50,6 +51,10 @@ const SCHEDULER_CHUNK: i64 = 500;
 
 /// Most deferred usage refreshes folded into one batch.
 const MAX_REFRESHES_PER_BATCH: usize = 2000;
+
+/// Postgres connections the aggregator needs besides one per lane: heartbeats and claims,
+/// the scheduler, and the outbox relay.
+const CONNECTIONS_BESIDES_LANES: u32 = 3;
 
 /// Most messages taken in one go once the loop woke up for one.
 const RECEIVE_BURST: usize = 1000;
@@ -125,6 +130,8 @@ struct Loop {
     committer: Committer,
     owned: HashMap<i32, Owned>,
     lanes: Vec<Lane>,
+    /// Which lane's consumer is asked first for the next message (see `lanes_with_room`).
+    turn: usize,
     relay_wake: Arc<Notify>,
     metrics: Arc<Metrics>,
 }
@@ -138,7 +145,10 @@ struct LaneWork {
 }
 
 /// A lane's batch commit as it ended: its outcome, or the partition that refused it.
-type Settled = (LaneWork, Result<Outcome, i32>);
+type Settled = (LaneWork, Result<Outcome, Refused>);
+
+/// The partition, and the epoch the batch claimed it at, of a batch refused by fencing.
+type Refused = (i32, i64);
 
 /// Everything a batch commit needs, owned, so commits run as tasks of their own.
 #[derive(Clone)]
@@ -157,6 +167,14 @@ pub async fn run(
     postgres: PostgresSettings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let needed = settings.lanes() as u32 + CONNECTIONS_BESIDES_LANES;
+    if postgres.pool_size < needed {
+        anyhow::bail!(
+            "TALLY_AGGREGATOR_LANES={} needs a pool of at least {needed} Postgres connections (one per lane, plus membership, scheduler and relay); TALLY_DATABASE_POOL_SIZE is {}",
+            settings.lanes(),
+            postgres.pool_size
+        );
+    }
     let pool = postgres.connect().await?;
     if let Some(path) = &settings.config {
         match crate::policy::seed_from_file(&pool, path).await? {
@@ -204,6 +222,7 @@ pub async fn run(
         heartbeats: Heartbeats::new(membership.clone()),
         committer,
         owned: HashMap::new(),
+        turn: 0,
         relay_wake,
         metrics,
     };
@@ -308,7 +327,7 @@ impl Loop {
         loop {
             self.start_ready_lanes(&mut in_flight);
             let wake_at = self.wake_at();
-            let room: Vec<usize> = (0..self.lanes.len()).filter(|l| self.lanes[*l].buffered() < self.settings.max_batch).collect();
+            let room = self.lanes_with_room();
             let wake = tokio::select! {
                 biased;
                 _ = &mut shutdown => Wake::Shutdown,
@@ -337,15 +356,27 @@ impl Loop {
         }
         // Commits in flight finish (within the shutdown timeout); buffered messages are left
         // to the next owner, from the stored offsets.
-        let drain = async {
+        let drained = tokio::time::timeout(drain_timeout, async {
             while let Some(done) = in_flight.next().await {
                 let (work, result) = done.expect("a batch commit task panicked");
                 self.settle(work, result);
             }
-        };
-        if tokio::time::timeout(drain_timeout, drain).await.is_err() {
-            tracing::warn!("batch commits still in flight at the shutdown timeout; they roll back");
+        })
+        .await;
+        if drained.is_err() {
+            // Aborted, a commit's transaction rolls back; the next owner counts its events.
+            in_flight.iter().for_each(JoinHandle::abort);
+            tracing::warn!("batch commits still in flight at the shutdown timeout were aborted; they roll back");
         }
+    }
+
+    /// The lanes whose buffer has room, starting with a different one each time, so no lane
+    /// is always served first.
+    fn lanes_with_room(&mut self) -> Vec<usize> {
+        self.turn = self.turn.wrapping_add(1);
+        let n = self.lanes.len();
+        let max = self.settings.max_batch;
+        (0..n).map(|i| (self.turn + i) % n).filter(|l| self.lanes[*l].buffered() < max).collect()
     }
 
     fn lane_of(&self, partition: i32) -> usize {
@@ -368,7 +399,9 @@ impl Loop {
             if !self.lanes[lane].ready(now, wall, max_batch, max_wait) {
                 continue;
             }
-            let (deliveries, refreshes) = self.lanes[lane].take_batch(limits, wall);
+            let (mut deliveries, refreshes) = self.lanes[lane].take_batch(limits, wall);
+            // A partition lost since its messages were buffered would only be refused.
+            deliveries.retain(|d| self.owned.contains_key(&d.partition));
             let ranges = self.ranges(&deliveries);
             if deliveries.is_empty() && refreshes.is_empty() {
                 self.lanes[lane].settled();
@@ -467,7 +500,11 @@ impl Loop {
         for _ in 0..RECEIVE_BURST {
             match receive_any(&self.consumers, lanes).now_or_never() {
                 Some(Ok((d, key))) => self.accept(d, key, now),
-                _ => return,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "consumer error");
+                    return;
+                }
+                None => return,
             }
         }
     }
@@ -495,11 +532,11 @@ impl Loop {
         ranges
     }
 
-    fn settle(&mut self, work: LaneWork, result: Result<Outcome, i32>) {
+    fn settle(&mut self, work: LaneWork, result: Result<Outcome, Refused>) {
         self.lanes[work.lane].settled();
         match result {
             Ok(outcome) => self.committed(&work, outcome),
-            Err(partition) => self.fenced(work, partition),
+            Err(refused) => self.fenced(work, refused),
         }
     }
 
@@ -514,16 +551,22 @@ impl Loop {
         self.relay_wake.notify_one();
     }
 
-    /// After a lane's batch was refused: the partition is dropped; the lane's other
-    /// partitions drop what they buffered and re-read from their stored offsets; the
-    /// refreshes wait for the lane's next batch.
-    fn fenced(&mut self, work: LaneWork, partition: i32) {
+    /// After a lane's batch was refused: the partition is given up (unless this instance
+    /// has claimed it again since the batch's epoch) and its buffered messages dropped; the
+    /// lane's other partitions drop what they buffered and re-read from their stored
+    /// offsets; the refreshes wait for the lane's next batch.
+    fn fenced(&mut self, work: LaneWork, (partition, epoch): Refused) {
         self.metrics.fenced.inc();
-        tracing::warn!(partition, "batch refused by fencing; another member owns the partition now");
-        self.owned.remove(&partition);
+        if self.owned.get(&partition).is_some_and(|o| o.epoch == epoch) {
+            tracing::warn!(partition, epoch, "batch refused by fencing; another member owns the partition now");
+            self.owned.remove(&partition);
+            self.heartbeats.fenced(partition, Duration::from_millis(self.settings.member_lease_ms));
+        } else {
+            tracing::info!(partition, epoch, "batch refused by fencing: it predates this instance's current claim");
+        }
+        self.lanes[work.lane].drop_partitions(&HashSet::from([partition]));
         let now = Utc::now();
         self.lanes[work.lane].deferred.extend(work.refreshes.into_iter().map(|(s, key)| (s, (key, now))));
-        self.heartbeats.fenced(partition, Duration::from_millis(self.settings.member_lease_ms));
         self.rewind_lane(work.lane);
         self.assign_owned();
     }
@@ -532,7 +575,7 @@ impl Loop {
     fn advance(&mut self, lane: usize, ranges: &[Range]) {
         let mut hint = TopicPartitionList::new();
         for r in ranges {
-            if let Some(o) = self.owned.get_mut(&r.partition) {
+            if let Some(o) = self.owned.get_mut(&r.partition).filter(|o| o.epoch == r.epoch) {
                 o.next = r.next;
                 let _ = hint.add_partition_offset(&self.committer.store.topic, r.partition, Offset::Offset(r.next));
             }
@@ -559,8 +602,8 @@ impl Loop {
 
 impl Committer {
     /// Commits one lane's batch (with its due refreshes), retrying database errors until it
-    /// succeeds or is fenced; a refusal by fencing names the partition.
-    async fn commit_with_retry(&self, work: &LaneWork) -> Result<Outcome, i32> {
+    /// succeeds or is fenced; a refusal by fencing names the partition and the batch's epoch.
+    async fn commit_with_retry(&self, work: &LaneWork) -> Result<Outcome, Refused> {
         let mut backoff = Duration::from_millis(200);
         loop {
             let now = Utc::now();
@@ -572,7 +615,7 @@ impl Committer {
                     tracing::debug!(lane = work.lane, events = work.deliveries.len(), refreshes = work.refreshes.len(), millis = started.elapsed().as_millis() as u64, "batch committed");
                     return Ok(outcome);
                 }
-                Err(StoreError::Fenced { partition, .. }) => return Err(partition),
+                Err(StoreError::Fenced { partition, epoch, .. }) => return Err((partition, epoch)),
                 Err(e) => {
                     self.metrics.db_retries.inc();
                     tracing::warn!(error = %e, lane = work.lane, retry_in_ms = backoff.as_millis() as u64, "batch commit failed; the lane is paused");

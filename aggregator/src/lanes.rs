@@ -1,9 +1,9 @@
 //! Commit lanes: the consume loop's buffers between the consumer and the batch commits.
 //!
 //! Partitions are split among lanes by `partition % lanes`. Each lane has at most one batch
-//! commit in flight; while it runs, the loop goes on receiving and the lane's next batch
-//! fills up in its buffer. So the aggregator reads and plans while Postgres applies, and
-//! two lanes keep two transactions busy at once.
+//! commit in flight (a task that parses, plans and commits); while it runs, the loop goes on
+//! receiving and the lane's next batch fills up in its buffer. So one lane's task plans
+//! while Postgres applies another's, and two lanes keep two transactions busy at once.
 //!
 //! Contract: a lane's buffer holds, per partition, consecutive offsets that continue the
 //! lane's batch in flight (or the stored offset when none is in flight); the loop appends
@@ -24,7 +24,8 @@ use crate::store::{Deferred, Subjects};
 pub struct Lane {
     /// Buffered deliveries, each with a hash of its message key (the subject).
     buffer: Vec<(Delivery, u64)>,
-    /// When the oldest buffered delivery arrived.
+    /// When the buffer last went from empty to non-empty (a batch that leaves deliveries
+    /// behind leaves this as it was: they have waited since).
     oldest: Option<Instant>,
     /// Whether a batch commit of this lane is in flight.
     pub busy: bool,
