@@ -497,14 +497,25 @@ impl Loop {
     /// Accepts, without waiting, what `lanes`' consumers already hold (at most
     /// [`RECEIVE_BURST`]), so a backlog is not received one wake-up at a time.
     fn accept_ready(&mut self, lanes: &[usize], now: Instant) {
-        for _ in 0..RECEIVE_BURST {
-            match receive_any(&self.consumers, lanes).now_or_never() {
-                Some(Ok((d, key))) => self.accept(d, key, now),
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "consumer error");
-                    return;
+        let mut taken = 0;
+        while taken < RECEIVE_BURST {
+            let before = taken;
+            for &lane in lanes {
+                // Polled once, without the boxed futures `receive_any` needs to wait on all.
+                match self.consumers[lane].recv().now_or_never().map(|r| r.map(|m| keyed_delivery(&m))) {
+                    Some(Ok((d, key))) => {
+                        self.accept(d, key, now);
+                        taken += 1;
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "consumer error");
+                        return;
+                    }
+                    None => {}
                 }
-                None => return,
+            }
+            if taken == before {
+                return;
             }
         }
     }
@@ -645,7 +656,12 @@ fn usage_consumer(kafka: &KafkaSettings, group: &str) -> anyhow::Result<StreamCo
 async fn receive_any(consumers: &[StreamConsumer<KafkaLog>], lanes: &[usize]) -> rdkafka::error::KafkaResult<(Delivery, u64)> {
     let receives = lanes.iter().map(|l| Box::pin(consumers[*l].recv()));
     let (received, _, _) = futures::future::select_all(receives).await;
-    received.map(|m| (to_delivery(&m), key_hash(m.key())))
+    received.map(|m| keyed_delivery(&m))
+}
+
+/// A message as buffered: the delivery, and the hash of its key (the subject).
+fn keyed_delivery(m: &rdkafka::message::BorrowedMessage<'_>) -> (Delivery, u64) {
+    (to_delivery(m), key_hash(m.key()))
 }
 
 fn to_delivery(m: &rdkafka::message::BorrowedMessage<'_>) -> Delivery {
