@@ -139,8 +139,8 @@ async fn assert_history_exact(t: &Tally, expected: i64) {
     assert_eq!(dup_keys, 0);
 }
 
-/// Ledger total of `metric` per subject (all scopes) vs the sum of the same metric in history.
-async fn assert_history_matches_ledger(t: &Tally, pool: &sqlx::PgPool) {
+/// The ledger's total tokens per subject (all scopes, every period); never empty.
+async fn ledger_tokens_per_subject(pool: &sqlx::PgPool) -> Vec<(String, i64)> {
     let ledger: Vec<(String, i64)> = sqlx::query_as(
         "SELECT subject, sum(used)::bigint FROM ledgers WHERE metric = 'total_tokens' AND scope = '*' GROUP BY subject ORDER BY subject",
     )
@@ -148,6 +148,12 @@ async fn assert_history_matches_ledger(t: &Tally, pool: &sqlx::PgPool) {
     .await
     .expect("read ledgers");
     assert!(!ledger.is_empty());
+    ledger
+}
+
+/// Ledger total of `metric` per subject (all scopes) vs the sum of the same metric in history.
+async fn assert_history_matches_ledger(t: &Tally, pool: &sqlx::PgPool) {
+    let ledger = ledger_tokens_per_subject(pool).await;
     for (subject, used) in ledger {
         let history = t
             .clickhouse_i64(&format!(
@@ -163,13 +169,7 @@ async fn assert_history_matches_ledger(t: &Tally, pool: &sqlx::PgPool) {
 /// and with a scope filter (all test events are `chat`): each subject's total tokens equal the
 /// ledger's, to the token, and no other subject appears.
 async fn assert_top_matches_ledger(t: &Tally, pool: &sqlx::PgPool) {
-    let ledger: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT subject, sum(used)::bigint FROM ledgers WHERE metric = 'total_tokens' AND scope = '*' GROUP BY subject ORDER BY subject",
-    )
-    .fetch_all(pool)
-    .await
-    .expect("read ledgers");
-    assert!(!ledger.is_empty());
+    let ledger = ledger_tokens_per_subject(pool).await;
     let today = Utc::now().date_naive();
     let (from, to) = (today - Span::days(2), today + Span::days(1));
     for filter in ["", "&scope=chat"] {
