@@ -94,6 +94,13 @@ async fn post(t: &Tally, sent: &mut Sent, batch: Vec<Value>) {
     sent.record(&batch);
 }
 
+/// Posts `batch` and waits until the aggregators have consumed every message sent so far.
+async fn post_and_wait(t: &Tally, pool: &sqlx::PgPool, sent: &mut Sent, batch: Vec<Value>) {
+    post(t, sent, batch).await;
+    let consumed = wait_for(Duration::from_secs(30), || async { t.consumed(pool).await >= sent.messages }).await;
+    assert!(consumed, "not consumed within 30 s; logs in {}", t.log_dir().display());
+}
+
 /// Waits until the aggregators have consumed every message sent, then checks every ledger.
 async fn assert_exact_totals(t: &Tally, sent: &Sent) {
     let pool = t.pg().await;
@@ -260,6 +267,43 @@ async fn a_correction_reverts_its_event_once_however_often_it_is_delivered() {
         .map(|(_, v)| v["event_id"].as_str().unwrap())
         .collect();
     assert_eq!(refused, HashSet::from(["c2", "c3"]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batches_mixing_counted_and_new_ids_count_only_the_new_ones_on_either_dedupe_insert() {
+    // A batch records its ids with a plain insert while none is known, and falls back to an
+    // insert that skips known ids when one is; after a fallback the next 16 batches skip
+    // known ids from the start (aggregator/src/dedupe.rs). Each round here waits until the
+    // aggregator consumed it, so it is a batch of its own (or one per commit lane).
+    let mut rng = Rng::seeded();
+    let t = Tally::start(Some(TIERS)).await;
+    let pool = t.pg().await;
+    let mut sent = Sent::default();
+    let fallbacks = || t.metric(&t.aggregator_url, "tally_aggregator_dedupe_fallbacks_total");
+    let mut next_id = 0;
+    let mut fresh = |rng: &mut Rng, n: usize| {
+        next_id += n;
+        random_batch(rng, "m", next_id - n, n)
+    };
+    let first = fresh(&mut rng, 100);
+    post_and_wait(&t, &pool, &mut sent, first.clone()).await;
+    assert_eq!(fallbacks().await, 0, "only new ids: the plain insert must have recorded them");
+
+    // Half of these were counted in the first round.
+    post_and_wait(&t, &pool, &mut sent, [&first[50..], &fresh(&mut rng, 50)[..]].concat()).await;
+    let after_mixed = fallbacks().await;
+    assert!(after_mixed >= 1, "a batch with known ids must fall back to skipping them");
+
+    // Past the cautious stretch, batches try the plain insert again: a known id then makes
+    // one fall back again.
+    for _ in 0..18 {
+        post_and_wait(&t, &pool, &mut sent, fresh(&mut rng, 10)).await;
+    }
+    post_and_wait(&t, &pool, &mut sent, [&first[..1], &fresh(&mut rng, 10)[..]].concat()).await;
+    assert!(fallbacks().await > after_mixed, "no batch tried the plain insert after the cautious stretch");
+
+    assert!(sent.messages > sent.ids.len() as i64, "the run must include duplicates");
+    assert_exact_totals(&t, &sent).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

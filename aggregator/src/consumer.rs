@@ -89,6 +89,7 @@ struct Metrics {
     snapshots: Counter,
     batches: Timing,
     fenced: Counter,
+    dedupe_fallbacks: Counter,
     db_retries: Counter,
     scheduled_checks: Counter,
     owned_partitions: Gauge,
@@ -109,6 +110,11 @@ impl Metrics {
                 "time spent committing batches",
             ),
             fenced: r.counter("tally_aggregator_batches_fenced_total", "batches refused by fencing", &[]),
+            dedupe_fallbacks: r.counter(
+                "tally_aggregator_dedupe_fallbacks_total",
+                "batches whose plain dedupe insert met event ids recorded before, so they skipped known ids instead",
+                &[],
+            ),
             db_retries: r.counter("tally_aggregator_database_retries_total", "batch commits retried after a database error", &[]),
             scheduled_checks: r.counter(
                 "tally_aggregator_scheduled_checks_total",
@@ -194,6 +200,7 @@ pub async fn run(
         decisions_topic: kafka.decisions_topic.clone(),
         quarantine_topic: kafka.quarantine_topic.clone(),
         policies: Default::default(),
+        recorder: Default::default(),
     };
     let metrics = Arc::new(Metrics::new());
     let (relay_wake, relay_stop) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
@@ -557,6 +564,7 @@ impl Loop {
         self.metrics.duplicates.add(outcome.duplicates as u64);
         self.metrics.quarantined.add(outcome.quarantined as u64);
         self.metrics.snapshots.add(outcome.snapshots as u64);
+        self.metrics.dedupe_fallbacks.add(outcome.dedupe_fell_back as u64);
         self.advance(work.lane, &work.ranges);
         self.lanes[work.lane].deferred.extend(outcome.deferred);
         self.relay_wake.notify_one();

@@ -21,6 +21,7 @@
 //! highest version.
 
 pub mod consumer;
+pub mod dedupe;
 pub mod lanes;
 pub mod plan;
 pub mod policy;

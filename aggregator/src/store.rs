@@ -56,6 +56,9 @@ pub struct Outcome {
     pub duplicates: usize,
     pub quarantined: usize,
     pub snapshots: usize,
+    /// Whether the batch's plain dedupe insert met ids recorded before and the batch
+    /// recorded its ids with the skipping insert instead ([`crate::dedupe`]).
+    pub dedupe_fell_back: bool,
     /// Subjects whose usage changed without a state change, with when their refresh is due;
     /// the loop hands them back to a later batch ([`Store::commit_batch`]'s `refreshes`).
     pub deferred: Deferred,
@@ -73,6 +76,8 @@ pub struct Store {
     pub quarantine_topic: String,
     /// Earlier configuration versions, for corrections of events counted under them.
     pub policies: crate::policy::PolicyHistory,
+    /// Writes the dedupe records (`processed_events`) of each batch.
+    pub recorder: crate::dedupe::Recorder,
 }
 
 impl Store {
@@ -116,15 +121,15 @@ impl Store {
         for c in candidates.iter_mut() {
             c.event.cost_micros = policy.cost_micros(&c.event);
         }
-        let (fresh, seen_before) = record_event_ids(&mut tx, &candidates, policy.version).await?;
-        let mut outcome = Outcome { duplicates, ..Outcome::default() };
-        for c in candidates.iter().filter(|c| !fresh.contains(&c.event.id)) {
-            match seen_before.get(&c.event.id) {
+        let recorded = self.recorder.record_event_ids(&mut tx, &candidates, policy.version).await?;
+        let mut outcome = Outcome { duplicates, dedupe_fell_back: recorded.fell_back, ..Outcome::default() };
+        for c in candidates.iter().filter(|c| !recorded.is_fresh(&c.event.id)) {
+            match recorded.seen_before.get(&c.event.id) {
                 Some(fp) if *fp == c.fingerprint => outcome.duplicates += 1,
                 _ => quarantined.push(plan::conflict(&c.event.id, &c.delivery)),
             }
         }
-        let new: Vec<&Candidate> = candidates.iter().filter(|c| fresh.contains(&c.event.id)).collect();
+        let new: Vec<&Candidate> = candidates.iter().filter(|c| recorded.is_fresh(&c.event.id)).collect();
         let (corrections, counted): (Vec<&Candidate>, Vec<&Candidate>) = new.into_iter().partition(|c| c.event.corrects.is_some());
         let counted: Vec<&UsageEvent> = counted.into_iter().map(|c| &c.event).collect();
         let mut deltas = plan::ledger_deltas(&counted, policy);
@@ -574,66 +579,6 @@ pub type Deferred = BTreeMap<String, (Option<String>, DateTime<Utc>)>;
 /// The subjects of `events`, each with the API key of its latest event.
 fn subjects_of(events: &[&UsageEvent]) -> Subjects {
     events.iter().map(|e| (e.subject.clone(), e.api_key_sha256.clone())).collect()
-}
-
-/// Inserts the dedupe records; returns the ids that were new and, for the others, the
-/// fingerprint they were first counted with.
-async fn record_event_ids(
-    tx: &mut Transaction<'_, Postgres>,
-    candidates: &[Candidate],
-    config_version: i64,
-) -> Result<(HashSet<String>, HashMap<String, String>), sqlx::Error> {
-    if candidates.is_empty() {
-        return Ok((HashSet::new(), HashMap::new()));
-    }
-    let ids: Vec<&str> = candidates.iter().map(|c| c.event.id.as_str()).collect();
-    let fingerprints: Vec<&str> = candidates.iter().map(|c| c.fingerprint.as_str()).collect();
-    let subjects: Vec<&str> = candidates.iter().map(|c| c.event.subject.as_str()).collect();
-    let times: Vec<DateTime<Utc>> = candidates.iter().map(|c| c.event.time).collect();
-    let scopes: Vec<&str> = candidates.iter().map(|c| c.event.scope.as_str()).collect();
-    let keys: Vec<Option<&str>> = candidates.iter().map(|c| c.event.api_key_sha256.as_deref()).collect();
-    let amounts: Vec<_> = candidates.iter().map(|c| c.event.amounts()).collect();
-    let requests: Vec<i64> = amounts.iter().map(|a| a.requests).collect();
-    let input: Vec<i64> = amounts.iter().map(|a| a.input_tokens).collect();
-    let output: Vec<i64> = amounts.iter().map(|a| a.output_tokens).collect();
-    let cached: Vec<i64> = amounts.iter().map(|a| a.cached_tokens).collect();
-    let cost: Vec<i64> = amounts.iter().map(|a| a.cost_micros).collect();
-    let corrects: Vec<Option<&str>> = candidates.iter().map(|c| c.event.corrects.as_deref()).collect();
-    let fresh: Vec<String> = sqlx::query_scalar(
-        "INSERT INTO processed_events (event_id, fingerprint, subject, event_time, scope, api_key_sha256, requests,
-                                       input_tokens, output_tokens, cached_tokens, cost_micros, corrects, config_version)
-         SELECT *, $13::bigint FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[],
-                              $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::text[])
-         ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
-    )
-    .bind(&ids)
-    .bind(&fingerprints)
-    .bind(&subjects)
-    .bind(&times)
-    .bind(&scopes)
-    .bind(&keys)
-    .bind(&requests)
-    .bind(&input)
-    .bind(&output)
-    .bind(&cached)
-    .bind(&cost)
-    .bind(&corrects)
-    .bind(config_version)
-    .fetch_all(&mut **tx)
-    .await?;
-    let fresh: HashSet<String> = fresh.into_iter().collect();
-    let others: Vec<&str> = ids.iter().copied().filter(|id| !fresh.contains(*id)).collect();
-    let seen_before: HashMap<String, String> = if others.is_empty() {
-        HashMap::new()
-    } else {
-        sqlx::query_as::<_, (String, String)>("SELECT event_id, fingerprint FROM processed_events WHERE event_id = ANY($1)")
-            .bind(&others)
-            .fetch_all(&mut **tx)
-            .await?
-            .into_iter()
-            .collect()
-    };
-    Ok((fresh, seen_before))
 }
 
 /// Adds the deltas to the ledgers with one bulk upsert; returns the `used` of every row it
