@@ -77,8 +77,52 @@ impl UsageEvent {
     /// A digest of the canonical form. Two deliveries with the same `id` and the same
     /// fingerprint are one event; the same `id` with another fingerprint is a conflict.
     pub fn fingerprint(&self) -> String {
-        hex::encode(Sha256::digest(self.to_canonical_json()))
+        fingerprint_of(&self.to_canonical_json())
     }
+
+    /// Whether this event passes every check [`parse_event`] makes, so that its canonical
+    /// form parses back to it.
+    fn is_valid(&self) -> bool {
+        let chars_within = |s: &str, max: usize| s.chars().count() <= max;
+        let name_ok = |s: &str| !s.is_empty() && chars_within(s, MAX_NAME_CHARS);
+        let counts = [self.requests, self.input_tokens, self.output_tokens, self.cached_tokens, self.cost_micros.unwrap_or(0)];
+        let corrects_ok = |c: &str| !c.is_empty() && chars_within(c, 1024) && c != self.id;
+        !self.id.is_empty()
+            && chars_within(&self.id, MAX_ID_CHARS)
+            && name_ok(&self.subject)
+            && self.api_key_sha256.as_deref().is_none_or(is_sha256_hex)
+            && chars_within(&self.scope, MAX_NAME_CHARS)
+            && self.model.as_deref().is_none_or(|m| chars_within(m, MAX_NAME_CHARS))
+            && counts.iter().all(|n| *n >= 0)
+            && self.corrects.as_deref().is_none_or(corrects_ok)
+    }
+}
+
+/// The fingerprint of canonical event bytes: their SHA-256, lowercase hex.
+fn fingerprint_of(canonical: &[u8]) -> String {
+    let mut hex = [0u8; 64];
+    // 32 digest bytes always fit 64 hex characters.
+    hex::encode_to_slice(Sha256::digest(canonical), &mut hex).unwrap_or_default();
+    hex.iter().map(|b| *b as char).collect()
+}
+
+/// Parses one event and computes its fingerprint: the same result as [`parse_event`]
+/// followed by [`UsageEvent::fingerprint`], for every input.
+///
+/// Bytes that are already the canonical form of a valid event (what Tally's ingest writes)
+/// take a fast path: a typed parse without a JSON tree, checked by comparing the event's
+/// canonical form with the bytes themselves, whose digest is then the fingerprint. Anything
+/// else (other field order, spacing, a raw `api_key`, a CloudEvent, an invalid event) takes
+/// [`parse_event`], which names the bad field.
+pub fn parse_event_with_fingerprint(bytes: &[u8]) -> Result<(UsageEvent, String), EventError> {
+    if let Ok(event) = serde_json::from_slice::<UsageEvent>(bytes) {
+        if event.is_valid() && event.to_canonical_json() == bytes {
+            return Ok((event, fingerprint_of(bytes)));
+        }
+    }
+    let event = parse_event(bytes)?;
+    let fingerprint = event.fingerprint();
+    Ok((event, fingerprint))
 }
 
 /// Why an event was refused, naming the field.
@@ -393,5 +437,99 @@ mod tests {
         assert_eq!(timeliness(now + Duration::minutes(5) + Duration::seconds(1), now, late), Timeliness::InFuture);
         assert_eq!(timeliness(now - late, now, late), Timeliness::OnTime);
         assert_eq!(timeliness(now - late - Duration::seconds(1), now, late), Timeliness::TooLate);
+    }
+
+    mod fast_path {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// What `parse_event` followed by `fingerprint` gives: the reference.
+        fn reference(bytes: &[u8]) -> Result<(UsageEvent, String), EventError> {
+            parse_event(bytes).map(|e| {
+                let fp = e.fingerprint();
+                (e, fp)
+            })
+        }
+
+        /// Text with what JSON escapes (quotes, backslashes, control characters) and
+        /// multi-byte characters, sometimes empty, sometimes over a length limit.
+        fn text(max: usize) -> impl Strategy<Value = String> {
+            proptest::collection::vec(prop_oneof![Just('a'), Just('"'), Just('\\'), Just('\n'), Just('\u{1}'), Just('é'), Just('😀'), Just('/')], 0..max)
+                .prop_map(|cs| cs.into_iter().collect())
+        }
+
+        /// Events as serde would carry them: valid ones and ones each check must refuse.
+        fn any_event() -> impl Strategy<Value = UsageEvent> {
+            let hex = prop_oneof![Just(None), Just(Some(hash_api_key("k"))), Just(Some("ABC".to_string()))];
+            let count = prop_oneof![Just(0i64), Just(1), Just(300), Just(-1), Just(i64::MAX)];
+            (
+                (text(130), text(4), 0i64..4_000_000_000, 0u32..1_000_000_000, hex, text(3)),
+                (proptest::option::of(text(3)), count.clone(), count.clone(), count, proptest::option::of(0i64..5)),
+                (proptest::collection::btree_map(text(3), text(3), 0..2), proptest::option::of(text(3))),
+            )
+                .prop_map(|((id, subject, secs, nanos, key, scope), (model, requests, input, output, cost), (attributes, corrects))| UsageEvent {
+                    id,
+                    subject,
+                    time: DateTime::from_timestamp(secs, nanos).unwrap(),
+                    api_key_sha256: key,
+                    scope,
+                    model,
+                    requests,
+                    input_tokens: input,
+                    output_tokens: output,
+                    cached_tokens: 0,
+                    cost_micros: cost,
+                    attributes,
+                    corrects,
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            #[test]
+            fn gives_what_parse_event_and_fingerprint_give(e in any_event()) {
+                let canonical = e.to_canonical_json();
+                let pretty = serde_json::to_vec_pretty(&e).unwrap();
+                for bytes in [&canonical, &pretty] {
+                    prop_assert_eq!(parse_event_with_fingerprint(bytes), reference(bytes));
+                }
+                if let Ok((parsed, fp)) = reference(&canonical) {
+                    // A valid event's canonical bytes parse back to it.
+                    prop_assert_eq!(&parsed, &e);
+                    prop_assert_eq!(fp, e.fingerprint());
+                }
+            }
+        }
+
+        #[test]
+        fn raw_api_keys_cloudevents_and_bad_fields_are_parsed_as_before() {
+            let inputs = [
+                json!({"id": "e1", "subject": "a", "time": "2026-11-22T10:00:00Z", "api_key": "sk-1"}),
+                json!({"specversion": "1.0", "id": "1", "source": "gw", "type": "usage", "subject": "a", "time": "2026-11-22T10:00:00Z"}),
+                json!({"id": "e1", "subject": "a", "time": "2026-11-22T10:00:00Z", "requests": 1, "input_tokens": 1, "output_tokens": 0, "cached_tokens": 0, "scope": "", "extra": 1}),
+                json!({"id": "e1", "subject": "a", "time": "2026-11-22T10:00:00Z", "requests": -1}),
+            ];
+            for input in inputs {
+                let bytes = serde_json::to_vec(&input).unwrap();
+                assert_eq!(parse_event_with_fingerprint(&bytes), reference(&bytes), "{input}");
+            }
+            // Canonical in shape, but refused by a check: the fast path must not take them.
+            let valid = parse(json!({"id": "e1", "subject": "a", "time": "2026-11-22T10:00:00Z"})).unwrap();
+            let corrects_itself = UsageEvent { corrects: Some("e1".into()), ..valid.clone() };
+            let long_id = UsageEvent { id: "x".repeat(MAX_ID_CHARS + 1), ..valid.clone() };
+            let bad_key = UsageEvent { api_key_sha256: Some("A".repeat(64)), ..valid };
+            for (e, field) in [(corrects_itself, "corrects"), (long_id, "id"), (bad_key, "api_key_sha256")] {
+                assert_eq!(parse_event_with_fingerprint(&e.to_canonical_json()).unwrap_err().field, field);
+            }
+            let bad = serde_json::to_vec(&inputs_with_unknown_field()).unwrap();
+            assert_eq!(parse_event_with_fingerprint(&bad).unwrap_err().field, "extra");
+        }
+
+        fn inputs_with_unknown_field() -> Value {
+            let mut e = serde_json::to_value(parse(json!({"id": "e1", "subject": "a", "time": "2026-11-22T10:00:00Z"})).unwrap()).unwrap();
+            e["extra"] = json!(1);
+            e
+        }
     }
 }
