@@ -58,7 +58,7 @@ impl Recorder {
     pub async fn record_event_ids(
         &self,
         tx: &mut Transaction<'_, Postgres>,
-        candidates: &[Candidate],
+        candidates: &[Candidate<'_>],
         config_version: i64,
     ) -> Result<Recorded, sqlx::Error> {
         if candidates.is_empty() {
@@ -169,7 +169,7 @@ struct DedupeRows<'a> {
 }
 
 impl<'a> DedupeRows<'a> {
-    fn of(candidates: &'a [Candidate], config_version: i64) -> Self {
+    fn of(candidates: &'a [Candidate<'_>], config_version: i64) -> Self {
         let n = candidates.len();
         let mut rows = DedupeRows {
             ids: Vec::with_capacity(n),

@@ -7,7 +7,7 @@ use std::hash::{Hash, Hasher};
 use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
 use tally_domain::decision::{quota_state, QuotaDecision};
-use tally_domain::event::{parse_event, timeliness, Timeliness, UsageEvent};
+use tally_domain::event::{parse_event_with_fingerprint, timeliness, Timeliness, UsageEvent};
 use tally_domain::period::{PeriodSpec, Window};
 
 use crate::policy::{Policy, Quota, Resolved};
@@ -47,27 +47,28 @@ impl Quarantined {
 
 /// An event that parsed, is on time and is the first with its id in this batch.
 #[derive(Debug, Clone)]
-pub struct Candidate {
+pub struct Candidate<'a> {
     pub event: UsageEvent,
     pub fingerprint: String,
-    pub delivery: Delivery,
+    pub delivery: &'a Delivery,
 }
 
 /// The outcome of parsing a batch.
 #[derive(Debug, Default)]
-pub struct Parsed {
-    pub candidates: Vec<Candidate>,
+pub struct Parsed<'a> {
+    pub candidates: Vec<Candidate<'a>>,
     pub quarantined: Vec<Quarantined>,
     /// Exact redeliveries within this batch (same id and fingerprint), skipped.
     pub duplicates: usize,
 }
 
 /// Parses every delivery, quarantines what does not fit, and keeps the first event per id.
-pub fn parse_batch(deliveries: &[Delivery], now: DateTime<Utc>, lateness: Duration) -> Parsed {
-    let mut parsed = Parsed::default();
-    let mut seen: HashMap<String, String> = HashMap::new();
+pub fn parse_batch(deliveries: &[Delivery], now: DateTime<Utc>, lateness: Duration) -> Parsed<'_> {
+    let mut parsed = Parsed { candidates: Vec::with_capacity(deliveries.len()), ..Parsed::default() };
+    // Event id -> its candidate's index.
+    let mut first_with_id: HashMap<String, usize> = HashMap::with_capacity(deliveries.len());
     for d in deliveries {
-        let event = match d.payload.as_deref().map(parse_event) {
+        let (event, fingerprint) = match d.payload.as_deref().map(parse_event_with_fingerprint) {
             None => {
                 parsed.quarantined.push(Quarantined::new("empty message", None, d));
                 continue;
@@ -76,7 +77,7 @@ pub fn parse_batch(deliveries: &[Delivery], now: DateTime<Utc>, lateness: Durati
                 parsed.quarantined.push(Quarantined::new(format!("invalid event: {e}"), None, d));
                 continue;
             }
-            Some(Ok(event)) => event,
+            Some(Ok(parsed_event)) => parsed_event,
         };
         match timeliness(event.time, now, lateness) {
             Timeliness::OnTime => {}
@@ -91,13 +92,12 @@ pub fn parse_batch(deliveries: &[Delivery], now: DateTime<Utc>, lateness: Durati
                 continue;
             }
         }
-        let fingerprint = event.fingerprint();
-        match seen.get(&event.id) {
-            Some(fp) if *fp == fingerprint => parsed.duplicates += 1,
+        match first_with_id.get(&event.id) {
+            Some(&i) if parsed.candidates[i].fingerprint == fingerprint => parsed.duplicates += 1,
             Some(_) => parsed.quarantined.push(conflict(&event.id, d)),
             None => {
-                seen.insert(event.id.clone(), fingerprint.clone());
-                parsed.candidates.push(Candidate { event, fingerprint, delivery: d.clone() });
+                first_with_id.insert(event.id.clone(), parsed.candidates.len());
+                parsed.candidates.push(Candidate { event, fingerprint, delivery: d });
             }
         }
     }

@@ -106,7 +106,7 @@ impl Store {
     pub async fn commit_batch(
         &self,
         ranges: &[Range],
-        parsed: Parsed,
+        parsed: Parsed<'_>,
         refreshes: &Subjects,
         policy: &PolicyHandle,
         now: DateTime<Utc>,
@@ -129,8 +129,8 @@ impl Store {
                 _ => quarantined.push(plan::conflict(&c.event.id, &c.delivery)),
             }
         }
-        let new: Vec<&Candidate> = candidates.iter().filter(|c| recorded.is_fresh(&c.event.id)).collect();
-        let (corrections, counted): (Vec<&Candidate>, Vec<&Candidate>) = new.into_iter().partition(|c| c.event.corrects.is_some());
+        let new: Vec<&Candidate<'_>> = candidates.iter().filter(|c| recorded.is_fresh(&c.event.id)).collect();
+        let (corrections, counted): (Vec<&Candidate<'_>>, Vec<&Candidate<'_>>) = new.into_iter().partition(|c| c.event.corrects.is_some());
         let counted: Vec<&UsageEvent> = counted.into_iter().map(|c| &c.event).collect();
         let mut deltas = plan::ledger_deltas(&counted, policy);
         let reverted = self.revert(&mut tx, &corrections, policy, &mut deltas, &mut quarantined).await?;
@@ -161,7 +161,7 @@ impl Store {
     async fn revert(
         &self,
         tx: &mut Transaction<'_, Postgres>,
-        corrections: &[&Candidate],
+        corrections: &[&Candidate<'_>],
         policy: &Policy,
         deltas: &mut BTreeMap<LedgerKey, LedgerDelta>,
         quarantined: &mut Vec<Quarantined>,
