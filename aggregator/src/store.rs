@@ -112,6 +112,7 @@ impl Store {
         now: DateTime<Utc>,
         refresh: Duration,
     ) -> Result<Outcome, StoreError> {
+        let mut phases = Phases::start();
         let mut tx = self.pool.begin().await?;
         let policy = &*policy.sync(&mut tx).await?;
         let Parsed { mut candidates, mut quarantined, duplicates } = parsed;
@@ -122,6 +123,7 @@ impl Store {
             c.event.cost_micros = policy.cost_micros(&c.event);
         }
         let recorded = self.recorder.record_event_ids(&mut tx, &candidates, policy.version).await?;
+        phases.lap("dedupe");
         let mut outcome = Outcome { duplicates, dedupe_fell_back: recorded.fell_back, ..Outcome::default() };
         for c in candidates.iter().filter(|c| !recorded.is_fresh(&c.event.id)) {
             match recorded.seen_before.get(&c.event.id) {
@@ -136,6 +138,7 @@ impl Store {
         let reverted = self.revert(&mut tx, &corrections, policy, &mut deltas, &mut quarantined).await?;
         outcome.counted = counted.len() + reverted.len();
         let updated = apply_ledger_deltas(&mut tx, &deltas).await?;
+        phases.lap("ledgers");
         let mut touched = refreshes.clone();
         touched.extend(subjects_of(&counted));
         touched.extend(reverted.iter().map(|e| (e.subject.clone(), e.api_key_sha256.clone())));
@@ -146,10 +149,13 @@ impl Store {
             outcome.snapshots += snapshots;
             outcome.deferred.extend(deferred);
         }
+        phases.lap("decisions");
         outcome.quarantined = quarantined.len();
         self.enqueue_quarantine(&mut tx, &quarantined).await?;
         self.advance_offsets(&mut tx, ranges).await?;
         tx.commit().await?;
+        phases.lap("commit");
+        tracing::debug!(events = candidates.len(), snapshots = outcome.snapshots, phases = %phases, "batch phases");
         Ok(outcome)
     }
 
@@ -420,6 +426,33 @@ impl RevertedRow {
             attributes: Default::default(),
             corrects: None,
         }
+    }
+}
+
+/// Where a batch commit spent its time, for the debug log: milliseconds per phase, each
+/// phase timed from the end of the one before (parsing and planning included).
+struct Phases {
+    last: std::time::Instant,
+    laps: Vec<(&'static str, u128)>,
+}
+
+impl Phases {
+    fn start() -> Self {
+        Phases { last: std::time::Instant::now(), laps: Vec::new() }
+    }
+
+    fn lap(&mut self, phase: &'static str) {
+        self.laps.push((phase, self.last.elapsed().as_millis()));
+        self.last = std::time::Instant::now();
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (phase, ms)) in self.laps.iter().enumerate() {
+            write!(f, "{}{phase}={ms}ms", if i == 0 { "" } else { " " })?;
+        }
+        Ok(())
     }
 }
 
