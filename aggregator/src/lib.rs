@@ -46,7 +46,7 @@ pub struct AggregatorSettings {
     pub config: Option<std::path::PathBuf>,
     /// Most events in one batch (one Postgres transaction). Under load a lane's next batch
     /// fills while its previous one commits, so batches grow with the load up to this.
-    #[arg(long, env = "TALLY_AGGREGATOR_MAX_BATCH", default_value_t = 20_000, value_parser = at_least_one)]
+    #[arg(long, env = "TALLY_AGGREGATOR_MAX_BATCH", default_value_t = 40_000, value_parser = at_least_one)]
     pub max_batch: usize,
     /// Most distinct subjects (message keys) in one batch. A batch's memory and ledger rows
     /// grow with its subjects; more events of subjects already in it join it up to
