@@ -128,7 +128,7 @@ impl Store {
         for c in candidates.iter().filter(|c| !recorded.is_fresh(&c.event.id)) {
             match recorded.seen_before.get(&c.event.id) {
                 Some(fp) if *fp == c.fingerprint => outcome.duplicates += 1,
-                _ => quarantined.push(plan::conflict(&c.event.id, &c.delivery)),
+                _ => quarantined.push(plan::conflict(&c.event.id, c.delivery)),
             }
         }
         let new: Vec<&Candidate<'_>> = candidates.iter().filter(|c| recorded.is_fresh(&c.event.id)).collect();
@@ -196,7 +196,7 @@ impl Store {
         for c in corrections.iter().filter(|c| refused.contains(&c.event.id.as_str())) {
             let target = c.event.corrects.as_deref().unwrap_or_default();
             let reason = format!("correction: event {target:?} of subject {:?} was never counted, or is already corrected", c.event.subject);
-            quarantined.push(Quarantined::new(reason, Some(c.event.id.clone()), &c.delivery));
+            quarantined.push(Quarantined::new(reason, Some(c.event.id.clone()), c.delivery));
         }
         if !refused.is_empty() {
             sqlx::query("DELETE FROM processed_events WHERE event_id = ANY($1)").bind(&refused).execute(&mut **tx).await?;
