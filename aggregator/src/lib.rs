@@ -50,8 +50,10 @@ pub struct AggregatorSettings {
     pub max_batch: usize,
     /// Most distinct subjects (message keys) in one batch. A batch's memory and ledger rows
     /// grow with its subjects; more events of subjects already in it join it up to
-    /// `--max-batch`, summed into the same ledger rows.
-    #[arg(long, env = "TALLY_AGGREGATOR_MAX_BATCH_SUBJECTS", default_value_t = 5_000, value_parser = at_least_one)]
+    /// `--max-batch`, summed into the same ledger rows. Keep it above the subjects one lane
+    /// sees between two of its commits: below that, batches close at about one event per
+    /// subject and every event pays for its own ledger rows.
+    #[arg(long, env = "TALLY_AGGREGATOR_MAX_BATCH_SUBJECTS", default_value_t = 10_000, value_parser = at_least_one)]
     pub max_batch_subjects: usize,
     /// Commit lanes: partitions are split among this many lanes (`partition % lanes`), each
     /// committing its own batches, one transaction at a time, while the loop goes on
