@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Datelike, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -87,7 +87,10 @@ impl UsageEvent {
         let name_ok = |s: &str| !s.is_empty() && chars_within(s, MAX_NAME_CHARS);
         let counts = [self.requests, self.input_tokens, self.output_tokens, self.cached_tokens, self.cost_micros.unwrap_or(0)];
         let corrects_ok = |c: &str| !c.is_empty() && chars_within(c, 1024) && c != self.id;
-        !self.id.is_empty()
+        // RFC 3339 has four-digit years; chrono writes others with a sign, which
+        // `parse_event` refuses.
+        (0..=9999).contains(&self.time.year())
+            && !self.id.is_empty()
             && chars_within(&self.id, MAX_ID_CHARS)
             && name_ok(&self.subject)
             && self.api_key_sha256.as_deref().is_none_or(is_sha256_hex)
@@ -206,6 +209,13 @@ fn from_cloudevent(obj: Map<String, Value>) -> Result<UsageEvent, EventError> {
     reject_unknown(&data, DATA_FIELDS, "data.")?;
     // Length-prefixed so that no (source, id) pair can collide with another.
     let id = format!("ce:{}:{}:{}", source.len(), source, ce_id);
+    // The key is the event's id from here on (the canonical form carries it), so it must
+    // fit the same limit: else ingest would accept what the aggregator then refuses.
+    let key_chars = id.chars().count();
+    if key_chars > MAX_ID_CHARS {
+        let message = format!("with `source` it makes a dedupe key of {key_chars} characters; the limit is {MAX_ID_CHARS}");
+        return Err(err("id", message));
+    }
     build(id, subject, time, &data, "data.")
 }
 
@@ -430,6 +440,20 @@ mod tests {
     }
 
     #[test]
+    fn a_cloudevent_whose_dedupe_key_outgrows_the_id_limit_is_refused_naming_id() {
+        let ce = |id: String| {
+            json!({"specversion": "1.0", "id": id, "source": "gw", "type": "usage", "subject": "a", "time": "2026-11-22T10:00:00Z"})
+        };
+        // "ce:2:gw:" takes 8 characters of the 128.
+        let fits = parse(ce("x".repeat(MAX_ID_CHARS - 8))).unwrap();
+        assert_eq!(fits.id.chars().count(), MAX_ID_CHARS);
+        assert_eq!(parse_event(&fits.to_canonical_json()), Ok(fits));
+        let e = parse(ce("x".repeat(MAX_ID_CHARS - 7))).unwrap_err();
+        assert_eq!(e.field, "id");
+        assert!(e.message.contains("129 characters"), "{e}");
+    }
+
+    #[test]
     fn timeliness_bounds() {
         let now: DateTime<Utc> = "2026-11-22T12:00:00Z".parse().unwrap();
         let late = Duration::days(35);
@@ -458,30 +482,38 @@ mod tests {
                 .prop_map(|cs| cs.into_iter().collect())
         }
 
-        /// Events as serde would carry them: valid ones and ones each check must refuse.
+        /// Events as serde would carry them: valid ones and ones each check must refuse
+        /// (lengths over a limit, negative amounts, a bad hash, years RFC 3339 cannot write).
         fn any_event() -> impl Strategy<Value = UsageEvent> {
             let hex = prop_oneof![Just(None), Just(Some(hash_api_key("k"))), Just(Some("ABC".to_string()))];
             let count = prop_oneof![Just(0i64), Just(1), Just(300), Just(-1), Just(i64::MAX)];
+            let name = prop_oneof![8 => text(4), 1 => Just("a".repeat(MAX_NAME_CHARS)), 1 => Just("é".repeat(MAX_NAME_CHARS + 1))];
+            // Seconds from about year -250 to year 11 500.
+            let secs = prop_oneof![8 => 0i64..4_000_000_000, 1 => -70_000_000_000i64..0, 1 => 250_000_000_000i64..300_000_000_000];
             (
-                (text(130), text(4), 0i64..4_000_000_000, 0u32..1_000_000_000, hex, text(3)),
-                (proptest::option::of(text(3)), count.clone(), count.clone(), count, proptest::option::of(0i64..5)),
+                (text(130), name.clone(), secs, 0u32..1_000_000_000, hex, name.clone()),
+                (proptest::option::of(name), count.clone(), count.clone(), count.clone(), count.clone(), proptest::option::of(count)),
                 (proptest::collection::btree_map(text(3), text(3), 0..2), proptest::option::of(text(3))),
             )
-                .prop_map(|((id, subject, secs, nanos, key, scope), (model, requests, input, output, cost), (attributes, corrects))| UsageEvent {
-                    id,
-                    subject,
-                    time: DateTime::from_timestamp(secs, nanos).unwrap(),
-                    api_key_sha256: key,
-                    scope,
-                    model,
-                    requests,
-                    input_tokens: input,
-                    output_tokens: output,
-                    cached_tokens: 0,
-                    cost_micros: cost,
-                    attributes,
-                    corrects,
-                })
+                .prop_map(
+                    |((id, subject, secs, nanos, key, scope), (model, requests, input, output, cached, cost), (attributes, corrects))| {
+                        UsageEvent {
+                            id,
+                            subject,
+                            time: DateTime::from_timestamp(secs, nanos).unwrap(),
+                            api_key_sha256: key,
+                            scope,
+                            model,
+                            requests,
+                            input_tokens: input,
+                            output_tokens: output,
+                            cached_tokens: cached,
+                            cost_micros: cost,
+                            attributes,
+                            corrects,
+                        }
+                    },
+                )
         }
 
         proptest! {
@@ -489,6 +521,8 @@ mod tests {
 
             #[test]
             fn gives_what_parse_event_and_fingerprint_give(e in any_event()) {
+                // The canonical bytes exercise the fast path (and its refusals); the same
+                // event pretty-printed must take the fallback and still agree.
                 let canonical = e.to_canonical_json();
                 let pretty = serde_json::to_vec_pretty(&e).unwrap();
                 for bytes in [&canonical, &pretty] {
