@@ -12,7 +12,8 @@
 //!   20 000-row batches: one heap and one index record per row, against three WAL records
 //!   and twice the buffer reads for a speculative insertion). If any id is already recorded,
 //!   or is being recorded by a concurrent transaction that then commits, the statement fails
-//!   with a unique violation and the savepoint is rolled back: nothing of it remains.
+//!   with a unique violation and the savepoint is rolled back: none of its rows is visible
+//!   (their dead tuples go at the next vacuum).
 //! - **Skipping** (`ON CONFLICT (event_id) DO NOTHING RETURNING event_id`), which inserts the
 //!   new ids and tells them apart from the known ones.
 //!

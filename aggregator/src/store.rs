@@ -430,7 +430,8 @@ impl RevertedRow {
 }
 
 /// Where a batch commit spent its time, for the debug log: milliseconds per phase, each
-/// phase timed from the end of the one before (parsing and planning included).
+/// phase timed from the end of the one before (the planning between statements included;
+/// parsing happens before the commit and is not counted).
 struct Phases {
     last: std::time::Instant,
     laps: Vec<(&'static str, u128)>,
