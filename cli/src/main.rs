@@ -140,7 +140,8 @@ fn return_freed_memory_promptly() {
 /// [`C_HEAP_TRIM_EVERY`] a `malloc_trim`, which hands the free pages inside the arenas back
 /// to the OS. Without it glibc keeps them: at 100k subjects ~140 of the aggregator's
 /// ~250 MiB were glibc arenas full of freed fetch data (from /proc/<pid>/smaps,
-/// BENCHMARKS.md). An operator's `MALLOC_ARENA_MAX` wins.
+/// BENCHMARKS.md). An operator's `MALLOC_ARENA_MAX` (or `glibc.malloc.arena_max` in
+/// `GLIBC_TUNABLES`) wins.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn keep_c_heap_small() {
     const M_ARENA_MAX: std::os::raw::c_int = -8;
@@ -148,7 +149,8 @@ fn keep_c_heap_small() {
         fn mallopt(param: std::os::raw::c_int, value: std::os::raw::c_int) -> std::os::raw::c_int;
         fn malloc_trim(pad: usize) -> std::os::raw::c_int;
     }
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+    let tuned = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("malloc.arena_max"));
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() && !tuned {
         // SAFETY: mallopt with a documented parameter, before any other thread exists.
         unsafe { mallopt(M_ARENA_MAX, 2) };
     }
