@@ -5,7 +5,8 @@
 //! - by default, the local stack (`scripts/stack up`), at the addresses in
 //!   `TALLY_KAFKA_BROKERS`, `TALLY_DATABASE_URL` and `TALLY_CLICKHOUSE_URL` (the stack's
 //!   defaults when unset). Each test gets its own Postgres database, ClickHouse database,
-//!   topics and consumer group, all named after a random suffix;
+//!   topics and consumer group, all named after a random suffix. A test that passes drops
+//!   its databases at the end; a failing one keeps them, beside its logs;
 //! - on a machine with Docker, `TALLY_TEST_CONTAINERS=1` with `--features containers` starts
 //!   them with testcontainers instead (see `containers.rs`). Everything else is the same.
 #![allow(dead_code)]
@@ -345,11 +346,40 @@ impl Tally {
 }
 
 impl Drop for Tally {
+    /// Stops this test's services, then drops its Postgres and ClickHouse databases unless
+    /// the test is failing (they are kept for a look, beside the logs in `log_dir`).
     fn drop(&mut self) {
         for (_, child) in self.children.iter_mut() {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if !std::thread::panicking() {
+            drop_test_databases(&self.servers, &format!("tally_test_{}", self.id));
+        }
+    }
+}
+
+/// Drops the database `name` on both servers, best effort. On a thread of its own with its
+/// own runtime, because a test drops its `Tally` inside the test's runtime.
+fn drop_test_databases(servers: &Servers, name: &str) {
+    let (servers, db) = (servers.clone(), name.to_string());
+    let dropped = std::thread::spawn(move || {
+        let name = db;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        runtime.block_on(async {
+            let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+            let mut pg = <sqlx::PgConnection as sqlx::Connection>::connect(&servers.postgres).await.map_err(|e| e.to_string())?;
+            sqlx::Executor::execute(&mut pg, sql.as_str()).await.map_err(|e| e.to_string())?;
+            let ch = reqwest::Client::new().post(&servers.clickhouse).body(format!("DROP DATABASE IF EXISTS {name}")).send().await;
+            ch.and_then(|r| r.error_for_status()).map_err(|e| e.to_string())?;
+            Ok::<(), String>(())
+        })
+    })
+    .join();
+    match dropped {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("note: could not drop the test databases {name}: {e}"),
+        Err(_) => eprintln!("note: dropping the test databases {name} panicked"),
     }
 }
 
