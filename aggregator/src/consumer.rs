@@ -669,9 +669,6 @@ async fn receive_any(consumers: &[StreamConsumer<KafkaLog>], lanes: &[usize]) ->
 
 /// A message as buffered: the delivery, and the hash of its key (the subject).
 fn keyed_delivery(m: &rdkafka::message::BorrowedMessage<'_>) -> (Delivery, u64) {
-    (to_delivery(m), key_hash(m.key()))
-}
-
-fn to_delivery(m: &rdkafka::message::BorrowedMessage<'_>) -> Delivery {
-    Delivery { partition: m.partition(), offset: m.offset(), payload: m.payload().map(<[u8]>::to_vec) }
+    let delivery = Delivery { partition: m.partition(), offset: m.offset(), payload: m.payload().map(<[u8]>::to_vec) };
+    (delivery, key_hash(m.key()))
 }

@@ -125,13 +125,13 @@ impl Store {
         let recorded = self.recorder.record_event_ids(&mut tx, &candidates, policy.version).await?;
         phases.lap("dedupe");
         let mut outcome = Outcome { duplicates, dedupe_fell_back: recorded.fell_back, ..Outcome::default() };
-        for c in candidates.iter().filter(|c| !recorded.is_fresh(&c.event.id)) {
+        let (new, known): (Vec<&Candidate<'_>>, Vec<&Candidate<'_>>) = candidates.iter().partition(|c| recorded.is_fresh(&c.event.id));
+        for c in known {
             match recorded.seen_before.get(&c.event.id) {
                 Some(fp) if *fp == c.fingerprint => outcome.duplicates += 1,
                 _ => quarantined.push(plan::conflict(&c.event.id, c.delivery)),
             }
         }
-        let new: Vec<&Candidate<'_>> = candidates.iter().filter(|c| recorded.is_fresh(&c.event.id)).collect();
         let (corrections, counted): (Vec<&Candidate<'_>>, Vec<&Candidate<'_>>) = new.into_iter().partition(|c| c.event.corrects.is_some());
         let counted: Vec<&UsageEvent> = counted.into_iter().map(|c| &c.event).collect();
         let mut deltas = plan::ledger_deltas(&counted, policy);
@@ -610,9 +610,16 @@ fn chunks(subjects: Subjects, size: usize) -> Vec<Subjects> {
 /// Subjects whose fresh usage awaits its refresh: the API key hash, and when it is due.
 pub type Deferred = BTreeMap<String, (Option<String>, DateTime<Utc>)>;
 
-/// The subjects of `events`, each with the API key of its latest event.
+/// The subjects of `events`, each with the API key of its latest event (read from the
+/// latest back, so each subject and key is cloned once, not once per event).
 fn subjects_of(events: &[&UsageEvent]) -> Subjects {
-    events.iter().map(|e| (e.subject.clone(), e.api_key_sha256.clone())).collect()
+    let mut subjects = Subjects::new();
+    for e in events.iter().rev() {
+        if !subjects.contains_key(&e.subject) {
+            subjects.insert(e.subject.clone(), e.api_key_sha256.clone());
+        }
+    }
+    subjects
 }
 
 /// Adds the deltas to the ledgers with one bulk upsert; returns the `used` of every row it
