@@ -70,8 +70,15 @@ impl UsageEvent {
 
     /// The canonical JSON bytes of this event.
     pub fn to_canonical_json(&self) -> Vec<u8> {
-        // Serializing a struct of strings, integers and a BTreeMap cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+        let mut out = Vec::new();
+        self.write_canonical_json(&mut out);
+        out
+    }
+
+    /// Appends the canonical JSON bytes of this event to `out`.
+    fn write_canonical_json(&self, out: &mut Vec<u8>) {
+        // Serializing a struct of strings, integers and a BTreeMap into memory cannot fail.
+        let _ = serde_json::to_writer(out, self);
     }
 
     /// A digest of the canonical form. Two deliveries with the same `id` and the same
@@ -104,9 +111,9 @@ impl UsageEvent {
 /// The fingerprint of canonical event bytes: their SHA-256, lowercase hex.
 fn fingerprint_of(canonical: &[u8]) -> String {
     let mut hex = [0u8; 64];
-    // 32 digest bytes always fit 64 hex characters.
+    // 32 digest bytes always fit 64 hex characters, all ASCII.
     hex::encode_to_slice(Sha256::digest(canonical), &mut hex).unwrap_or_default();
-    hex.iter().map(|b| *b as char).collect()
+    std::str::from_utf8(&hex).unwrap_or_default().to_owned()
 }
 
 /// Parses one event and computes its fingerprint: the same result as [`parse_event`]
@@ -118,8 +125,11 @@ fn fingerprint_of(canonical: &[u8]) -> String {
 /// else (other field order, spacing, a raw `api_key`, a CloudEvent, an invalid event) takes
 /// [`parse_event`], which names the bad field.
 pub fn parse_event_with_fingerprint(bytes: &[u8]) -> Result<(UsageEvent, String), EventError> {
-    if let Ok(event) = serde_json::from_slice::<UsageEvent>(bytes) {
-        if event.is_valid() && event.to_canonical_json() == bytes {
+    if let Some(event) = serde_json::from_slice::<UsageEvent>(bytes).ok().filter(UsageEvent::is_valid) {
+        // Sized for the bytes it must equal, so it is not grown on the way.
+        let mut canonical = Vec::with_capacity(bytes.len());
+        event.write_canonical_json(&mut canonical);
+        if canonical == bytes {
             return Ok((event, fingerprint_of(bytes)));
         }
     }
