@@ -358,8 +358,7 @@ impl Pipeline {
         }
         stop.store(true, Ordering::Relaxed);
         let sent = background.await??;
-        self.produced += sent + probes.len() as u64;
-        self.produced += self.idle_probes.len() as u64;
+        self.produced += sent + (probes.len() + self.idle_probes.len()) as u64;
         let _ = probe_producer.flush(Duration::from_secs(10));
         let snapshots = scrape(&self.http, &self.aggregator_addr, "tally_aggregator_snapshots_total").await.unwrap_or(0.0) - snapshots_before;
         let phase = phase.elapsed().as_secs_f64();
