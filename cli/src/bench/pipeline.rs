@@ -330,8 +330,8 @@ impl Pipeline {
         // The floor first: one probe at a time, nothing else running.
         let mut floor = Latencies::default();
         for (k, subject) in self.idle_probes.clone().iter().enumerate() {
-            if let Ok(Some(d)) = self.probe(&probe_producer, &format!("idle-{k}"), subject)?.await {
-                floor.push(d);
+            if let Ok(Some(t)) = self.probe(&probe_producer, &format!("idle-{k}"), subject)?.await {
+                floor.push(t.total);
             }
         }
         let snapshots_before = scrape(&self.http, &self.aggregator_addr, "tally_aggregator_snapshots_total").await.unwrap_or(0.0);
@@ -348,11 +348,17 @@ impl Pipeline {
             tokio::time::sleep(interval).await;
             tasks.push(self.probe(&probe_producer, &k.to_string(), subject)?);
         }
-        let mut latencies = Latencies::default();
+        let (mut latencies, mut queued, mut after_start) = (Latencies::default(), Latencies::default(), Latencies::default());
         let mut missing = 0;
         for t in tasks {
             match t.await {
-                Ok(Some(d)) => latencies.push(d),
+                Ok(Some(t)) => {
+                    latencies.push(t.total);
+                    if let Some((q, a)) = t.split {
+                        queued.push(q);
+                        after_start.push(a);
+                    }
+                }
                 _ => missing += 1,
             }
         }
@@ -371,6 +377,8 @@ impl Pipeline {
             .figure("snapshots_published_per_s", snapshots.max(0.0) / phase)
             .latencies("decision", &latencies)
             .latencies("unloaded_decision", &floor)
+            .latencies("decision_queued", &queued)
+            .latencies("decision_from_batch_start", &after_start)
             .ratio("p50_to_broker_round_trip_p50", latencies.p50_ms(), ceiling.round_trip_p50_ms)
             .ratio("unloaded_p50_to_broker_round_trip_p50", floor.p50_ms(), ceiling.round_trip_p50_ms)
             .ratio("p99_to_broker_round_trip_p99", latencies.p99_ms(), ceiling.round_trip_p99_ms)
@@ -382,7 +390,12 @@ impl Pipeline {
             .note(format!(
                 "unloaded_decision: {} probes one at a time before the background load starts: the floor of two broker hops (usage topic, decisions topic) plus one commit",
                 floor.len()
-            ));
+            ))
+            .note(
+                "decision_queued: produce call until the start of the batch that counted the probe (the snapshot's calculated_at): the broker hop \
+                 and the wait for the lane's commit in flight; decision_from_batch_start: from then until visible (parse and commit of that batch, \
+                 outbox relay, decisions topic, API)",
+            );
         if missing > 0 {
             s.note(format!("{missing} probes never became visible within 30 s (left out of the percentiles)"));
         }
@@ -392,10 +405,10 @@ impl Pipeline {
 
     /// Produces one probe event pushing `subject` over its monthly token limit, and returns a
     /// task that polls the API until it refuses the subject (`None` after 30 s): the time from
-    /// just before the produce call.
-    fn probe(&self, producer: &FutureProducer, tag: &str, subject: &str) -> anyhow::Result<tokio::task::JoinHandle<Option<Duration>>> {
+    /// just before the produce call, split at the refusing snapshot's `calculated_at`.
+    fn probe(&self, producer: &FutureProducer, tag: &str, subject: &str) -> anyhow::Result<tokio::task::JoinHandle<Option<ProbeTiming>>> {
         let (key, payload) = event(format!("{}-probe-{tag}", self.stack.id), subject.to_string(), 0, Utc::now(), 60_000_000);
-        let started = Instant::now();
+        let (started, produced_at) = (Instant::now(), Utc::now());
         if producer.send_result(FutureRecord::to(&self.kafka.usage_topic).key(&key).payload(&payload)).is_err() {
             bail!("failed to queue a probe event");
         }
@@ -406,7 +419,8 @@ impl Pipeline {
                 if let Ok(r) = http.get(&url).send().await {
                     if let Ok(v) = r.json::<serde_json::Value>().await {
                         if v["allowed"] == serde_json::Value::Bool(false) {
-                            return Some(started.elapsed());
+                            let calculated_at = v["calculated_at"].as_str().and_then(|t| t.parse::<DateTime<Utc>>().ok());
+                            return Some(ProbeTiming::split(started.elapsed(), produced_at, calculated_at));
                         }
                     }
                 }
@@ -447,6 +461,22 @@ impl Pipeline {
             .target("aggregator < 256 MiB", mib(agg) < 256.0)
             .note("VmRSS from /proc/<pid>/status; idle = the same service started on empty topics earlier in the run");
         Ok(s)
+    }
+}
+
+/// How long one probe took to become visible at the API.
+struct ProbeTiming {
+    total: Duration,
+    /// `total` split at the refusing snapshot's `calculated_at` (the start of the batch that
+    /// counted the probe): before and after. `None` if the snapshot has no such instant or it
+    /// lies outside the probe (both processes read the same system clock).
+    split: Option<(Duration, Duration)>,
+}
+
+impl ProbeTiming {
+    fn split(total: Duration, produced_at: DateTime<Utc>, calculated_at: Option<DateTime<Utc>>) -> ProbeTiming {
+        let queued = calculated_at.and_then(|at| (at - produced_at).to_std().ok()).filter(|q| *q <= total);
+        ProbeTiming { total, split: queued.map(|q| (q, total - q)) }
     }
 }
 
@@ -499,4 +529,23 @@ pub async fn idle_rss(stack: &Stack, idle_usage: &str, idle_decisions: &str) -> 
     api.wait_healthy(&api_addr, Duration::from_secs(30)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     Ok((agg.rss_bytes()?, api.rss_bytes()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_probe_splits_at_the_snapshot_batch_start_only_when_it_lies_inside_the_probe() {
+        let produced: DateTime<Utc> = "2026-11-23T10:00:00Z".parse().unwrap();
+        let total = Duration::from_millis(900);
+        let at = |ms: i64| Some(produced + chrono::Duration::milliseconds(ms));
+        let t = ProbeTiming::split(total, produced, at(600));
+        assert_eq!(t.split, Some((Duration::from_millis(600), Duration::from_millis(300))));
+        assert_eq!(t.total, total);
+        // A batch start before the produce call or after the answer is no split.
+        assert_eq!(ProbeTiming::split(total, produced, at(-5)).split, None);
+        assert_eq!(ProbeTiming::split(total, produced, at(901)).split, None);
+        assert_eq!(ProbeTiming::split(total, produced, None).split, None);
+    }
 }
