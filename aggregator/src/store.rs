@@ -1,7 +1,9 @@
 //! Postgres side of the ledger path: partition claims (fencing) and the one-transaction
 //! batch commit described in the crate docs.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
+
+use foldhash::{HashMap, HashMapExt};
 
 use chrono::{DateTime, Duration, Utc};
 use sqlx::{PgPool, Postgres, Transaction};
