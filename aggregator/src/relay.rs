@@ -29,6 +29,7 @@ pub async fn drain(pool: &PgPool, producer: &FutureProducer) -> anyhow::Result<u
 }
 
 async fn relay_once(pool: &PgPool, producer: &FutureProducer) -> anyhow::Result<usize> {
+    let started = std::time::Instant::now();
     let mut tx = pool.begin().await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)").bind(RELAY_LOCK).fetch_one(&mut *tx).await?;
     if !locked {
@@ -48,6 +49,7 @@ async fn relay_once(pool: &PgPool, producer: &FutureProducer) -> anyhow::Result<
     let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
     sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(&ids).execute(&mut *tx).await?;
     tx.commit().await?;
+    tracing::debug!(messages = rows.len(), millis = started.elapsed().as_millis() as u64, "outbox relayed");
     Ok(rows.len())
 }
 
