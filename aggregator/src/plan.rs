@@ -2,11 +2,11 @@
 //! and decide. No I/O here; [`crate::store`] applies a plan in one transaction.
 
 use std::collections::BTreeMap;
-
-// The batch's hot maps hash with foldhash (seeded per process), several times cheaper than
-// SipHash on these short keys.
-use foldhash::{HashMap, HashMapExt};
 use std::hash::{Hash, Hasher};
+
+// The batch's hot maps hash with foldhash (seeded per process): hashing took about half the
+// aggregator samples it took with SipHash (BENCHMARKS.md, fifth session).
+use foldhash::{HashMap, HashMapExt};
 
 use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
