@@ -48,7 +48,8 @@ Sections, in the order they run:
    committed batch; ratio to the broker's consume rate.
 
 3. decision_latency: event produced to changed snapshot visible at the API, p50/p99/max,
-   under a background load at half the pipeline's throughput; ratio to the broker round
+   under a background load at half the pipeline's throughput, also split at the start of
+   the batch that counted the probe (queued / from batch start); ratio to the broker round
    trip.
 
 4. check: POST /v1/check requests/s and p50/p99 from a closed-loop generator on loopback
