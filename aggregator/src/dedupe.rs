@@ -126,12 +126,14 @@ impl Default for Fresh {
 }
 
 /// The insert shared by both ways; `$13` is the configuration version of the whole batch.
+/// The arrays are unnested in the select list (see "Bulk statements" in the [`crate`] docs).
 macro_rules! insert_dedupe_rows {
     () => {
         "INSERT INTO processed_events (event_id, fingerprint, subject, event_time, scope, api_key_sha256, requests,
                                        input_tokens, output_tokens, cached_tokens, cost_micros, corrects, config_version)
-         SELECT *, $13::bigint FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[],
-                              $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::text[])"
+         SELECT unnest($1::text[]), unnest($2::text[]), unnest($3::text[]), unnest($4::timestamptz[]), unnest($5::text[]),
+                unnest($6::text[]), unnest($7::bigint[]), unnest($8::bigint[]), unnest($9::bigint[]), unnest($10::bigint[]),
+                unnest($11::bigint[]), unnest($12::text[]), $13::bigint"
     };
 }
 const INSERT_PLAIN: &str = insert_dedupe_rows!();

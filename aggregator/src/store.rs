@@ -644,8 +644,8 @@ async fn apply_ledger_deltas(
     let limits: Vec<i64> = deltas.values().map(|d| d.limit).collect();
     let rows: Vec<LedgerRow> = sqlx::query_as(
         "INSERT INTO ledgers (subject, metric, scope, period, period_start, period_end, used, quota, limit_value)
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
-                              $7::bigint[], $8::text[], $9::bigint[])
+         SELECT unnest($1::text[]), unnest($2::text[]), unnest($3::text[]), unnest($4::text[]), unnest($5::timestamptz[]),
+                unnest($6::timestamptz[]), unnest($7::bigint[]), unnest($8::text[]), unnest($9::bigint[])
          ON CONFLICT (subject, metric, scope, period, period_start) DO UPDATE
          SET used = ledgers.used + EXCLUDED.used, quota = EXCLUDED.quota, limit_value = EXCLUDED.limit_value,
              updated_at = now()
