@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 
-// The batch's hot maps hash with foldhash (seeded per process): hashing took about half the
+// The batch's hot maps hash with foldhash (randomly seeded): hashing took about half the
 // aggregator samples it took with SipHash (BENCHMARKS.md, fifth session).
 use foldhash::{HashMap, HashMapExt};
 
@@ -192,8 +192,10 @@ pub fn ledger_deltas(events: &[&UsageEvent], policy: &Policy) -> BTreeMap<Ledger
             sum.2 = sum.2.max(at);
         }
     }
-    // A row's quota name and limit are those in force at its latest event.
-    let mut deltas: BTreeMap<LedgerKey, (LedgerDelta, DateTime<Utc>)> = BTreeMap::new();
+    // A row's quota name and limit are those in force at its latest event; a tie (two
+    // resolutions or quotas of one row with events at the same instant) goes to the later
+    // resolution and quota, so the result does not depend on the order `sums` is walked in.
+    let mut deltas: BTreeMap<LedgerKey, (LedgerDelta, (DateTime<Utc>, usize, usize))> = BTreeMap::new();
     for ((r, q, start), (end, used, latest)) in sums {
         let cached = &resolutions.entries[r];
         let quota = &cached.resolved.quotas[q];
@@ -204,12 +206,13 @@ pub fn ledger_deltas(events: &[&UsageEvent], policy: &Policy) -> BTreeMap<Ledger
             period: quota.period.to_string(),
             period_start: start,
         };
-        let (delta, delta_latest) = deltas.entry(key).or_insert_with(|| {
-            (LedgerDelta { period_end: end, used: 0, quota: quota.name.clone(), limit: quota.limit }, latest)
+        let rank = (latest, r, q);
+        let (delta, delta_rank) = deltas.entry(key).or_insert_with(|| {
+            (LedgerDelta { period_end: end, used: 0, quota: quota.name.clone(), limit: quota.limit }, rank)
         });
         delta.used += used;
-        if latest > *delta_latest {
-            (delta.quota, delta.limit, *delta_latest) = (quota.name.clone(), quota.limit, latest);
+        if rank > *delta_rank {
+            (delta.quota, delta.limit, *delta_rank) = (quota.name.clone(), quota.limit, rank);
         }
     }
     deltas.into_iter().map(|(k, (d, _))| (k, d)).collect()
@@ -458,6 +461,34 @@ mod tests {
         assert_eq!(r.entries[before].resolved.quotas[0].limit, 100);
         let at_start = r.index_at("s", None, "", day("2026-11-22T10:00:00Z"));
         assert_eq!(r.entries[at_start].resolved.quotas[0].limit, 500);
+    }
+
+    #[test]
+    fn a_row_shared_by_two_resolutions_at_the_same_instant_takes_the_later_ones_limit_every_time() {
+        let key = tally_domain::event::hash_api_key("pro-key");
+        let policy = Policy::from_yaml(
+            &format!(
+                "default_tier: t\ntimezone: UTC\nquotas:\n  - {{name: daily, metric: input_tokens, period: day, limit: 100}}\n\
+                 tiers:\n  - {{name: t, priority: 0, rate_multiplier: 1}}\n  - {{name: pro, priority: 10, rate_multiplier: 10}}\n\
+                 api_keys:\n  - {{key_sha256: {key}, tier: pro}}\n"
+            ),
+            "test",
+        )
+        .unwrap();
+        let time = "2026-11-22T10:00:00Z";
+        let events = [
+            tally_domain::event::event_from_value(json!({"id": "a", "subject": "s", "time": time, "input_tokens": 1})).unwrap(),
+            tally_domain::event::event_from_value(json!({"id": "b", "subject": "s", "time": time, "input_tokens": 2, "api_key_sha256": key}))
+                .unwrap(),
+        ];
+        let refs: Vec<&UsageEvent> = events.iter().collect();
+        // The sums are walked in a randomly seeded hash order: many runs, one answer.
+        for _ in 0..50 {
+            let deltas = ledger_deltas(&refs, &policy);
+            assert_eq!(deltas.len(), 1, "{deltas:?}");
+            let delta = deltas.values().next().unwrap();
+            assert_eq!((delta.used, delta.limit), (3, 1000), "the pro key's resolution comes later in the batch");
+        }
     }
 
     #[test]
