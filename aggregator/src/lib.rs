@@ -21,7 +21,8 @@
 //! highest version.
 //!
 //! # Bulk statements
-//! A batch sends each table's rows as one statement with one array per column. The two
+//! A batch sends a table's rows in bulk, one array per column (decisions and the outbox per
+//! chunk of 2 000 subjects). The two
 //! statements that write a row per event or per ledger row (the dedupe insert, the ledger
 //! upsert) unnest their arrays in the select list, side by side, rather than in
 //! `FROM UNNEST(...)`: Postgres stores a table function's rows in a tuplestore before the
