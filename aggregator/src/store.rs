@@ -526,7 +526,7 @@ async fn fire_thresholds(tx: &mut Transaction<'_, Postgres>, plans: &mut [Subjec
     }
     let fired: Vec<(String, String, i32)> = sqlx::query_as(
         "INSERT INTO thresholds_fired (subject, quota, period_start, threshold)
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::int[])
+         SELECT unnest($1::text[]), unnest($2::text[]), unnest($3::timestamptz[]), unnest($4::int[])
          ON CONFLICT DO NOTHING RETURNING subject, quota, threshold",
     )
     .bind(&rows.subjects)
@@ -791,8 +791,8 @@ async fn save_snapshots(tx: &mut Transaction<'_, Postgres>, rows: &DecisionRows)
     let bodies: Vec<&str> = rows.bodies.iter().map(|b| std::str::from_utf8(b).unwrap_or("null")).collect();
     sqlx::query(
         "INSERT INTO decisions (subject, version, snapshot, shape_digest, usage_digest, calculated_at, api_key_sha256, next_check_at)
-         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[]::jsonb[], $4::bigint[], $5::bigint[], $6::timestamptz[],
-                              $7::text[], $8::timestamptz[])
+         SELECT unnest($1::text[]), unnest($2::bigint[]), unnest($3::text[]::jsonb[]), unnest($4::bigint[]), unnest($5::bigint[]),
+                unnest($6::timestamptz[]), unnest($7::text[]), unnest($8::timestamptz[])
          ON CONFLICT (subject) DO UPDATE
          SET version = EXCLUDED.version, snapshot = EXCLUDED.snapshot, shape_digest = EXCLUDED.shape_digest,
              usage_digest = EXCLUDED.usage_digest, calculated_at = EXCLUDED.calculated_at,
@@ -818,7 +818,7 @@ async fn enqueue(tx: &mut Transaction<'_, Postgres>, topic: &str, keys: &[String
     if keys.is_empty() {
         return Ok(());
     }
-    sqlx::query("INSERT INTO outbox (topic, key, payload) SELECT $1, * FROM UNNEST($2::text[], $3::bytea[])")
+    sqlx::query("INSERT INTO outbox (topic, key, payload) SELECT $1, unnest($2::text[]), unnest($3::bytea[])")
         .bind(topic)
         .bind(keys)
         .bind(payloads)
