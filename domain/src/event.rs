@@ -26,6 +26,8 @@ use crate::metric::Amounts;
 pub const MAX_ID_CHARS: usize = 128;
 /// Longest accepted `subject`, `scope`, `model`, in characters.
 pub const MAX_NAME_CHARS: usize = 256;
+/// Longest accepted `corrects` (the id of the event a correction reverts), in characters.
+const MAX_CORRECTS_CHARS: usize = 1024;
 /// How far in the future an event time may be.
 pub const MAX_FUTURE: Duration = Duration::minutes(5);
 
@@ -84,7 +86,7 @@ impl UsageEvent {
     /// A digest of the canonical form. Two deliveries with the same `id` and the same
     /// fingerprint are one event; the same `id` with another fingerprint is a conflict.
     pub fn fingerprint(&self) -> String {
-        fingerprint_of(&self.to_canonical_json())
+        sha256_hex(&self.to_canonical_json())
     }
 
     /// Whether this event passes every check [`parse_event`] makes, so that its canonical
@@ -93,7 +95,7 @@ impl UsageEvent {
         let chars_within = |s: &str, max: usize| s.chars().count() <= max;
         let name_ok = |s: &str| !s.is_empty() && chars_within(s, MAX_NAME_CHARS);
         let counts = [self.requests, self.input_tokens, self.output_tokens, self.cached_tokens, self.cost_micros.unwrap_or(0)];
-        let corrects_ok = |c: &str| !c.is_empty() && chars_within(c, 1024) && c != self.id;
+        let corrects_ok = |c: &str| !c.is_empty() && chars_within(c, MAX_CORRECTS_CHARS) && c != self.id;
         // RFC 3339 has four-digit years; chrono writes others with a sign, which
         // `parse_event` refuses.
         (0..=9999).contains(&self.time.year())
@@ -108,11 +110,12 @@ impl UsageEvent {
     }
 }
 
-/// The fingerprint of canonical event bytes: their SHA-256, lowercase hex.
-fn fingerprint_of(canonical: &[u8]) -> String {
+/// SHA-256, lowercase hex: an event's fingerprint (of its canonical bytes) and an API key's
+/// stored form.
+fn sha256_hex(bytes: &[u8]) -> String {
     let mut hex = [0u8; 64];
     // 32 digest bytes always fit 64 hex characters, all ASCII.
-    hex::encode_to_slice(Sha256::digest(canonical), &mut hex).unwrap_or_default();
+    hex::encode_to_slice(Sha256::digest(bytes), &mut hex).unwrap_or_default();
     std::str::from_utf8(&hex).unwrap_or_default().to_owned()
 }
 
@@ -130,7 +133,7 @@ pub fn parse_event_with_fingerprint(bytes: &[u8]) -> Result<(UsageEvent, String)
         let mut canonical = Vec::with_capacity(bytes.len());
         event.write_canonical_json(&mut canonical);
         if canonical == bytes {
-            return Ok((event, fingerprint_of(bytes)));
+            return Ok((event, sha256_hex(bytes)));
         }
     }
     let event = parse_event(bytes)?;
@@ -152,7 +155,7 @@ fn err(field: &str, message: impl Into<String>) -> EventError {
 
 /// The SHA-256 of an API key, hex encoded: the only form in which Tally stores a key.
 pub fn hash_api_key(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
+    sha256_hex(key.as_bytes())
 }
 
 /// Parses one event from JSON bytes.
@@ -255,7 +258,7 @@ fn build(
     let attributes = attributes(obj, &f("attributes"))?;
     let corrects = match obj.get("corrects") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) if !s.is_empty() && s.chars().count() <= 1024 => Some(s.clone()),
+        Some(Value::String(s)) if !s.is_empty() && s.chars().count() <= MAX_CORRECTS_CHARS => Some(s.clone()),
         Some(_) => return Err(err(&f("corrects"), "must be the non-empty id of the event to revert")),
     };
     if corrects.as_deref() == Some(id.as_str()) {
