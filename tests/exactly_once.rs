@@ -94,18 +94,23 @@ async fn post(t: &Tally, sent: &mut Sent, batch: Vec<Value>) {
     sent.record(&batch);
 }
 
+/// Whether the aggregators consume every message sent so far within `timeout`.
+async fn all_consumed(t: &Tally, pool: &sqlx::PgPool, sent: &Sent, timeout: Duration) -> bool {
+    wait_for(timeout, || async { t.consumed(pool).await >= sent.messages }).await
+}
+
 /// Posts `batch` and waits until the aggregators have consumed every message sent so far.
 async fn post_and_wait(t: &Tally, pool: &sqlx::PgPool, sent: &mut Sent, batch: Vec<Value>) {
     post(t, sent, batch).await;
-    let consumed = wait_for(Duration::from_secs(30), || async { t.consumed(pool).await >= sent.messages }).await;
+    let consumed = all_consumed(t, pool, sent, Duration::from_secs(30)).await;
     assert!(consumed, "not consumed within 30 s; logs in {}", t.log_dir().display());
 }
 
 /// Waits until the aggregators have consumed every message sent, then checks every ledger.
 async fn assert_exact_totals(t: &Tally, sent: &Sent) {
     let pool = t.pg().await;
-    let all_consumed = wait_for(Duration::from_secs(90), || async { t.consumed(&pool).await >= sent.messages }).await;
-    assert!(all_consumed, "consumed {} of {} messages; logs in {}", t.consumed(&pool).await, sent.messages, t.log_dir().display());
+    let consumed = all_consumed(t, &pool, sent, Duration::from_secs(90)).await;
+    assert!(consumed, "consumed {} of {} messages; logs in {}", t.consumed(&pool).await, sent.messages, t.log_dir().display());
     assert_eq!(t.consumed(&pool).await, sent.messages, "consumed more messages than were sent");
 
     let counted: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_events").fetch_one(&pool).await.unwrap();

@@ -127,7 +127,7 @@ impl Tally {
             .env("TALLY_KAFKA_BROKERS", &self.servers.kafka)
             .env("TALLY_DATABASE_URL", &self.database_url)
             .env("TALLY_CLICKHOUSE_URL", &self.servers.clickhouse)
-            .env("TALLY_CLICKHOUSE_DATABASE", format!("tally_test_{}", self.id))
+            .env("TALLY_CLICKHOUSE_DATABASE", self.database_name())
             .env("TALLY_USAGE_TOPIC", &self.usage_topic)
             .env("TALLY_DECISIONS_TOPIC", format!("test.{}.decisions.v1", self.id))
             .env("TALLY_QUARANTINE_TOPIC", format!("test.{}.quarantine.v1", self.id))
@@ -354,7 +354,7 @@ impl Drop for Tally {
             let _ = child.wait();
         }
         if !std::thread::panicking() {
-            drop_test_databases(&self.servers, &format!("tally_test_{}", self.id));
+            drop_test_databases(&self.servers, &self.database_name());
         }
     }
 }
@@ -364,13 +364,12 @@ impl Drop for Tally {
 fn drop_test_databases(servers: &Servers, name: &str) {
     let (servers, db) = (servers.clone(), name.to_string());
     let dropped = std::thread::spawn(move || {
-        let name = db;
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
         runtime.block_on(async {
-            let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+            let sql = format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)");
             let mut pg = <sqlx::PgConnection as sqlx::Connection>::connect(&servers.postgres).await.map_err(|e| e.to_string())?;
             sqlx::Executor::execute(&mut pg, sql.as_str()).await.map_err(|e| e.to_string())?;
-            let ch = reqwest::Client::new().post(&servers.clickhouse).body(format!("DROP DATABASE IF EXISTS {name}")).send().await;
+            let ch = reqwest::Client::new().post(&servers.clickhouse).body(format!("DROP DATABASE IF EXISTS {db}")).send().await;
             ch.and_then(|r| r.error_for_status()).map_err(|e| e.to_string())?;
             Ok::<(), String>(())
         })
@@ -405,6 +404,11 @@ where
 impl Tally {
     /// This test's ClickHouse database.
     pub fn clickhouse_database(&self) -> String {
+        self.database_name()
+    }
+
+    /// The name of this test's databases, the same on Postgres and ClickHouse.
+    fn database_name(&self) -> String {
         format!("tally_test_{}", self.id)
     }
 
