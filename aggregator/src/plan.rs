@@ -420,6 +420,36 @@ mod tests {
     }
 
     #[test]
+    fn events_out_of_time_order_across_a_period_boundary_add_to_each_period_once() {
+        let policy = Policy::from_yaml(
+            "default_tier: t\ntimezone: UTC\nquotas:\n  - {name: daily, metric: input_tokens, period: day, limit: 100}\n\
+             tiers:\n  - {name: t, priority: 0, rate_multiplier: 1}\n",
+            "test",
+        )
+        .unwrap();
+        let event = |id: &str, subject: &str, time: &str, tokens: i64| {
+            tally_domain::event::event_from_value(json!({"id": id, "subject": subject, "time": time, "input_tokens": tokens})).unwrap()
+        };
+        // Day 21, day 22, back to day 21 (the running sum of an earlier window is found
+        // again, not started twice), with another subject's events between.
+        let events = [
+            event("a", "s", "2026-11-21T23:59:59Z", 1),
+            event("b", "other", "2026-11-21T23:00:00Z", 10),
+            event("c", "s", "2026-11-22T00:00:01Z", 2),
+            event("d", "s", "2026-11-21T12:00:00Z", 4),
+            event("e", "other", "2026-11-22T01:00:00Z", 20),
+            event("f", "s", "2026-11-22T10:00:00Z", 8),
+        ];
+        let refs: Vec<&UsageEvent> = events.iter().collect();
+        let sums: Vec<(String, String, i64)> = ledger_deltas(&refs, &policy)
+            .into_iter()
+            .map(|(k, d)| (k.subject, k.period_start.format("%d").to_string(), d.used))
+            .collect();
+        let row = |s: &str, day: &str, used: i64| (s.to_string(), day.to_string(), used);
+        assert_eq!(sums, [row("other", "21", 10), row("other", "22", 20), row("s", "21", 5), row("s", "22", 10)]);
+    }
+
+    #[test]
     fn one_batch_across_an_override_boundary_counts_each_event_under_its_own_limit_and_period() {
         let policy = Policy::from_yaml(
             "default_tier: t\ntimezone: UTC\nquotas:\n  - {name: daily, metric: input_tokens, period: day, limit: 100}\n\
