@@ -36,6 +36,9 @@ pub struct Resolved {
 #[derive(Debug, Clone)]
 pub struct Policy {
     config: Config,
+    /// The scopes the configuration names anywhere, worked out once: every decision of
+    /// every subject lists the quotas of each ([`Policy::resolve_all_scopes`]).
+    named_scopes: Vec<String>,
     /// The `config_versions` version it came from; 0 for the built-in default.
     pub version: i64,
 }
@@ -43,7 +46,8 @@ pub struct Policy {
 impl Policy {
     pub fn from_yaml(text: &str, origin: &str) -> anyhow::Result<Policy> {
         let config = Config::from_yaml_str(text).map_err(|e| anyhow::anyhow!("invalid tier configuration {origin}:\n{e}"))?;
-        Ok(Policy { config, version: 0 })
+        let named_scopes = named_scopes(&config);
+        Ok(Policy { config, named_scopes, version: 0 })
     }
 
     /// The built-in default configuration.
@@ -64,8 +68,8 @@ impl Policy {
     /// lists; events are counted with [`Policy::resolve`] for their own scope.
     pub fn resolve_all_scopes(&self, subject: &str, api_key_sha256: Option<&str>, at: DateTime<Utc>) -> Resolved {
         let mut all = self.resolve(subject, api_key_sha256, "", at);
-        for scope in self.named_scopes() {
-            let scoped = self.resolve(subject, api_key_sha256, &scope, at);
+        for scope in &self.named_scopes {
+            let scoped = self.resolve(subject, api_key_sha256, scope, at);
             for q in scoped.quotas.into_iter().filter(|q| q.scope.is_some()) {
                 if !all.quotas.iter().any(|known| known.name == q.name && known.scope == q.scope) {
                     all.quotas.push(q);
@@ -75,14 +79,6 @@ impl Policy {
         all
     }
 
-    /// The scopes the configuration names anywhere (quotas, explicit limits, overrides).
-    fn named_scopes(&self) -> std::collections::BTreeSet<String> {
-        let c = &self.config;
-        let quota_scopes = c.quotas.iter().chain(c.tiers.iter().flat_map(|t| t.quotas.iter())).filter_map(|q| q.scope.clone());
-        let explicit = c.tiers.iter().flat_map(|t| t.explicit_limits.iter().map(|e| e.scope.clone()));
-        let overrides = c.overrides.iter().filter_map(|o| o.scope.clone());
-        quota_scopes.chain(explicit).chain(overrides).filter(|s| !s.is_empty()).collect()
-    }
 
     /// The event's cost: as sent, or when absent priced from the model price table (micro-
     /// dollars per million tokens, rounded half to even); `None` when neither is known.
@@ -145,6 +141,16 @@ impl PolicyHandle {
             _ => Ok(current),
         }
     }
+}
+
+/// The scopes `config` names anywhere (quotas, explicit limits, overrides), in order.
+fn named_scopes(config: &Config) -> Vec<String> {
+    let c = config;
+    let quota_scopes = c.quotas.iter().chain(c.tiers.iter().flat_map(|t| t.quotas.iter())).filter_map(|q| q.scope.clone());
+    let explicit = c.tiers.iter().flat_map(|t| t.explicit_limits.iter().map(|e| e.scope.clone()));
+    let overrides = c.overrides.iter().filter_map(|o| o.scope.clone());
+    let distinct: std::collections::BTreeSet<String> = quota_scopes.chain(explicit).chain(overrides).filter(|s| !s.is_empty()).collect();
+    distinct.into_iter().collect()
 }
 
 /// Earlier configuration versions, loaded on demand: a correction reverts an event with
