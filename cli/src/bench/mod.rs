@@ -48,7 +48,7 @@ Sections, in the order they run:
    committed batch; ratio to the broker's consume rate.
 
 3. decision_latency: event produced to changed snapshot visible at the API, p50/p99/max,
-   under a background load at half the pipeline's throughput, also split at the start of
+   under a background load at half the pipeline's throughput (`--decision-load`), also split at the start of
    the batch that counted the probe (queued / from batch start); ratio to the broker round
    trip.
 
@@ -102,6 +102,20 @@ pub struct BenchArgs {
     /// Keep the run's databases and topics.
     #[arg(long)]
     pub keep: bool,
+    /// The decision section's background load, as a fraction of the measured pipeline
+    /// throughput (more than 0, at most 1). The target is set at 0.5; other
+    /// fractions show how the latency grows with the load.
+    #[arg(long, default_value_t = 0.5, value_parser = load_fraction)]
+    pub decision_load: f64,
+}
+
+/// Parses `--decision-load`: a fraction in (0, 1].
+fn load_fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        Ok(f) => Err(format!("{f} is not a fraction of the throughput: give more than 0 and at most 1 (0.5 is half)")),
+        Err(e) => Err(format!("{text:?} is not a number: {e}")),
+    }
 }
 
 /// The sizes of one run.
@@ -200,7 +214,8 @@ async fn measure(args: &BenchArgs, sizes: &Sizes, stack: &Stack, extra: &[String
 
     eprintln!("[bench] decision latency: starting the API");
     p.start_api().await?;
-    let section = p.decision_latency(rate / 2.0, Duration::from_secs(sizes.decision_seconds), sizes.subjects, &ceiling).await?;
+    let load = rate * args.decision_load;
+    let section = p.decision_latency(load, args.decision_load, Duration::from_secs(sizes.decision_seconds), sizes.subjects, &ceiling).await?;
     report.add("decision_latency", section);
 
     let section = p.memory(sizes.memory_subjects, idle).await?;
@@ -233,4 +248,20 @@ async fn measure(args: &BenchArgs, sizes: &Sizes, stack: &Stack, extra: &[String
             .await?;
     report.add("history", section);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_decision_load_is_a_fraction_of_the_throughput() {
+        assert_eq!(load_fraction("0.25"), Ok(0.25));
+        assert_eq!(load_fraction("1"), Ok(1.0));
+        for bad in ["0", "1.5", "-0.5"] {
+            let e = load_fraction(bad).unwrap_err();
+            assert!(e.contains("more than 0 and at most 1"), "{bad}: {e}");
+        }
+        assert!(load_fraction("half").unwrap_err().contains("\"half\" is not a number"));
+    }
 }

@@ -6,7 +6,8 @@
 //!   The clock runs from the first committed batch to the batch that makes the stored next
 //!   offsets (`consumer_offsets`) sum to N, so start-up is left out; the wall time from the
 //!   process start is reported too.
-//! - Decision latency: while a background load runs at half the measured throughput, probe
+//! - Decision latency: while a background load runs at half the measured throughput (or the
+//!   fraction `--decision-load` gives), probe
 //!   events push probe subjects (which already have a snapshot) over their monthly token
 //!   limit; the latency is from just before the probe is produced until the API answers
 //!   `allowed: false` for that subject (polled every 2 ms for the first 100 ms, then every
@@ -320,7 +321,7 @@ impl Pipeline {
 
     /// Section 3: background load at `rate` events/s over the known subjects for `duration`,
     /// and the probes spread over it.
-    pub async fn decision_latency(&mut self, rate: f64, duration: Duration, load_subjects: usize, ceiling: &Ceiling) -> anyhow::Result<Section> {
+    pub async fn decision_latency(&mut self, rate: f64, fraction: f64, duration: Duration, load_subjects: usize, ceiling: &Ceiling) -> anyhow::Result<Section> {
         let probes = self.probes.clone();
         for p in probes.iter().chain(&self.idle_probes) {
             if self.allowed(p).await != Some(true) {
@@ -379,6 +380,7 @@ impl Pipeline {
         }
         let mut s = Section::default();
         s.figure("background_events_per_s", sent as f64 / duration.as_secs_f64())
+            .figure("background_share_of_throughput", fraction)
             .figure("probes", latencies.len() as f64)
             .figure("snapshots_published_per_s", snapshots.max(0.0) / phase)
             .latencies("decision", &latencies)
@@ -389,7 +391,7 @@ impl Pipeline {
             .ratio("p99_to_broker_round_trip_p99", latencies.p99_ms(), ceiling.round_trip_p99_ms)
             .target("decision p99 <= 500 ms", latencies.p99_ms() <= 500.0)
             .note(format!(
-                "background load at half the measured throughput ({rate:.0}/s target) over {load_subjects} subjects; each probe pushes a subject \
+                "background load at {fraction} of the measured throughput ({rate:.0}/s target; the target below is set at 0.5) over {load_subjects} subjects; each probe pushes a subject \
                  with a snapshot over its monthly token limit; latency = produce call until GET /v1/subjects/{{s}}/decision says allowed=false (polled every 2 ms for 100 ms, then every 20 ms)"
             ))
             .note(
