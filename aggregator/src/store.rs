@@ -791,7 +791,7 @@ async fn save_snapshots(tx: &mut Transaction<'_, Postgres>, rows: &DecisionRows)
     let bodies: Vec<&str> = rows.bodies.iter().map(|b| std::str::from_utf8(b).unwrap_or("null")).collect();
     sqlx::query(
         "INSERT INTO decisions (subject, version, snapshot, shape_digest, usage_digest, calculated_at, api_key_sha256, next_check_at)
-         SELECT unnest($1::text[]), unnest($2::bigint[]), unnest($3::text[]::jsonb[]), unnest($4::bigint[]), unnest($5::bigint[]),
+         SELECT unnest($1::text[]), unnest($2::bigint[]), unnest($3::text[]::json[]), unnest($4::bigint[]), unnest($5::bigint[]),
                 unnest($6::timestamptz[]), unnest($7::text[]), unnest($8::timestamptz[])
          ON CONFLICT (subject) DO UPDATE
          SET version = EXCLUDED.version, snapshot = EXCLUDED.snapshot, shape_digest = EXCLUDED.shape_digest,
