@@ -90,13 +90,17 @@ prices:
     )
 }
 
+/// The SHA-256 of each of [`TIER_KEYS`], hashed once: the background load makes tens of
+/// thousands of events a second on the same cores as the services it measures.
+static TIER_KEY_HASHES: std::sync::LazyLock<[Option<String>; 3]> = std::sync::LazyLock::new(|| TIER_KEYS.map(|k| k.map(hash_api_key)));
+
 /// One usage event in canonical form, keyed by subject. `tier` picks the API key.
 pub fn event(id: String, subject: String, tier: usize, time: DateTime<Utc>, input_tokens: i64) -> Prepared {
     let e = UsageEvent {
         id,
         subject,
         time,
-        api_key_sha256: TIER_KEYS[tier % 3].map(hash_api_key),
+        api_key_sha256: TIER_KEY_HASHES[tier % 3].clone(),
         scope: "chat".into(),
         model: Some("gpt-4o-mini".into()),
         requests: 1,
