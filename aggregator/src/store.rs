@@ -115,7 +115,8 @@ impl Store {
         refresh: Duration,
     ) -> Result<Outcome, StoreError> {
         let mut phases = Phases::start();
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let policy = &*policy.sync(&mut tx).await?;
         let Parsed { mut candidates, mut quarantined, duplicates } = parsed;
         // Priced before anything is recorded, so the dedupe record, the ledgers and history
@@ -156,6 +157,9 @@ impl Store {
         self.enqueue_quarantine(&mut tx, &quarantined).await?;
         self.advance_offsets(&mut tx, ranges).await?;
         tx.commit().await?;
+        // A batch's statements carry megabytes of arrays, and a connection keeps the largest
+        // buffers it ever needed; give them back before the connection returns to the pool.
+        sqlx::Connection::shrink_buffers(&mut *conn);
         phases.lap("commit");
         tracing::debug!(events = candidates.len(), snapshots = outcome.snapshots, phases = %phases, "batch phases");
         Ok(outcome)
