@@ -30,6 +30,11 @@
 //! 20 000-row ledger upsert 96-100 against 105-116 ms). The arrays of one statement always
 //! have the same length, so both forms give the same rows. Updates and reads join their
 //! arrays as `FROM UNNEST(...)`, which a join needs.
+//!
+//! Those arrays make a batch's statements megabytes long, and a Postgres connection keeps
+//! the largest buffers it ever needed; so after each commit the batch's connection gives
+//! them back before it returns to the pool (with 100k subjects the aggregator held 92-117 MiB
+//! without this and 58-65 MiB with it; BENCHMARKS.md, sixth session).
 
 pub mod consumer;
 pub mod dedupe;
