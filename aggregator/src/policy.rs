@@ -79,7 +79,6 @@ impl Policy {
         all
     }
 
-
     /// The event's cost: as sent, or when absent priced from the model price table (micro-
     /// dollars per million tokens, rounded half to even); `None` when neither is known.
     pub fn cost_micros(&self, event: &tally_domain::event::UsageEvent) -> Option<i64> {
@@ -144,8 +143,7 @@ impl PolicyHandle {
 }
 
 /// The scopes `config` names anywhere (quotas, explicit limits, overrides), in order.
-fn named_scopes(config: &Config) -> Vec<String> {
-    let c = config;
+fn named_scopes(c: &Config) -> Vec<String> {
     let quota_scopes = c.quotas.iter().chain(c.tiers.iter().flat_map(|t| t.quotas.iter())).filter_map(|q| q.scope.clone());
     let explicit = c.tiers.iter().flat_map(|t| t.explicit_limits.iter().map(|e| e.scope.clone()));
     let overrides = c.overrides.iter().filter_map(|o| o.scope.clone());

@@ -48,9 +48,9 @@ Sections, in the order they run:
    committed batch; ratio to the broker's consume rate.
 
 3. decision_latency: event produced to changed snapshot visible at the API, p50/p99/max,
-   under a background load at half the pipeline's throughput (`--decision-load`), also split at the start of
-   the batch that counted the probe (queued / from batch start); ratio to the broker round
-   trip.
+   under a background load at half the pipeline's throughput (`--decision-load`), also
+   split at the start of the batch that counted the probe (queued / from batch start);
+   ratio to the broker round trip.
 
 4. check: POST /v1/check requests/s and p50/p99 from a closed-loop generator on loopback
    (the decision read when the build has no check route); baselines GET /healthz of the
@@ -214,8 +214,7 @@ async fn measure(args: &BenchArgs, sizes: &Sizes, stack: &Stack, extra: &[String
 
     eprintln!("[bench] decision latency: starting the API");
     p.start_api().await?;
-    let load = rate * args.decision_load;
-    let section = p.decision_latency(load, args.decision_load, Duration::from_secs(sizes.decision_seconds), sizes.subjects, &ceiling).await?;
+    let section = p.decision_latency(rate, args.decision_load, Duration::from_secs(sizes.decision_seconds), sizes.subjects, &ceiling).await?;
     report.add("decision_latency", section);
 
     let section = p.memory(sizes.memory_subjects, idle).await?;

@@ -323,9 +323,10 @@ impl Pipeline {
         v["allowed"].as_bool()
     }
 
-    /// Section 3: background load at `rate` events/s over the known subjects for `duration`,
-    /// and the probes spread over it.
-    pub async fn decision_latency(&mut self, rate: f64, fraction: f64, duration: Duration, load_subjects: usize, ceiling: &Ceiling) -> anyhow::Result<Section> {
+    /// Section 3: background load at `fraction` of the measured `throughput` (events/s) over
+    /// the known subjects for `duration`, and the probes spread over it.
+    pub async fn decision_latency(&mut self, throughput: f64, fraction: f64, duration: Duration, load_subjects: usize, ceiling: &Ceiling) -> anyhow::Result<Section> {
+        let rate = throughput * fraction;
         let probes = self.probes.clone();
         for p in probes.iter().chain(&self.idle_probes) {
             if self.allowed(p).await != Some(true) {
