@@ -31,7 +31,7 @@ use tally_domain::event::{hash_api_key, UsageEvent};
 
 use super::broker::{self, Ceiling, Prepared};
 use super::report::{Latencies, Section};
-use super::stack::{cpu_seconds, free_addr, pids_named, scrape, Service, Stack};
+use super::stack::{cpu_seconds, free_addr, pids_named, scrape, CpuWatch, Service, Stack};
 
 /// The three tiers' API keys (raw; the configuration holds their SHA-256).
 pub const TIER_KEYS: [Option<&str>; 3] = [None, Some("bench-key-pro"), Some("bench-key-scale")];
@@ -347,6 +347,7 @@ impl Pipeline {
             }
         }
         let snapshots_before = scrape(&self.http, &self.aggregator_addr, "tally_aggregator_snapshots_total").await.unwrap_or(0.0);
+        let cpu = CpuWatch::start(self.cpu_groups().await);
         let phase = Instant::now();
         let stop = Arc::new(AtomicBool::new(false));
         let kafka = self.kafka.clone();
@@ -374,6 +375,7 @@ impl Pipeline {
                 _ => missing += 1,
             }
         }
+        let (idle, shares) = cpu.shares();
         stop.store(true, Ordering::Relaxed);
         let sent = background.await??;
         self.produced += sent + (probes.len() + self.idle_probes.len()) as u64;
@@ -395,7 +397,11 @@ impl Pipeline {
             .ratio("p50_to_broker_round_trip_p50", latencies.p50_ms(), ceiling.round_trip_p50_ms)
             .ratio("p99_to_broker_round_trip_p99", latencies.p99_ms(), ceiling.round_trip_p99_ms)
             .target("decision p99 <= 500 ms", latencies.p99_ms() <= 500.0)
-            .note(format!(
+            .figure("machine_idle_share", idle);
+        for (group, share) in shares {
+            s.figure(&format!("cpu_share_{group}"), share);
+        }
+        s.note(format!(
                 "background load at {fraction} of the measured throughput ({rate:.0}/s target; the target below is set at 0.5) over {load_subjects} subjects; each probe pushes a subject \
                  with a snapshot over its monthly token limit; latency = produce call until GET /v1/subjects/{{s}}/decision says allowed=false (polled every 2 ms for 100 ms, then every 20 ms)"
             ))
@@ -404,6 +410,11 @@ impl Pipeline {
                  batch that counted the probe (the snapshot's calculated_at): the broker hop, the wait for the lane's commit in flight, and any \
                  database retries of the batch; decision_from_batch_start: from then until visible (parse and commit of that batch, outbox relay, \
                  decisions topic, API)",
+            )
+            .note(
+                "machine_idle_share and cpu_share_*: of all cores, from the start of the background load until the last probe was visible \
+                 (/proc/stat and /proc/<pid>/stat); cpu_share_bench is this process: the background load and the probes, which stand in for \
+                 gateways on other machines",
             );
         // The floor is left out rather than reported as 0 ms when no unloaded probe came back.
         if !floor.is_empty() {
@@ -423,6 +434,22 @@ impl Pipeline {
         }
         self.wait_consumed(Duration::from_secs(120)).await?;
         Ok(s)
+    }
+
+    /// The processes whose CPU the decision section reports, by group.
+    async fn cpu_groups(&self) -> Vec<(&'static str, Vec<u32>)> {
+        let backends: Vec<i32> = sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+            .fetch_all(&self.pool)
+            .await
+            .unwrap_or_default();
+        let pid = |service: &Option<Service>| service.as_ref().map(Service::pid).into_iter().collect();
+        vec![
+            ("aggregator", pid(&self.aggregator)),
+            ("postgres", backends.into_iter().map(|p| p as u32).collect()),
+            ("api", pid(&self.api)),
+            ("broker", pids_named("tansu")),
+            ("bench", vec![std::process::id()]),
+        ]
     }
 
     /// Produces one probe event pushing `subject` over its monthly token limit, and returns a

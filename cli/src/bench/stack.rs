@@ -284,6 +284,61 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
+/// The machine's CPU time in clock ticks, summed over all cores, from the first line of
+/// `/proc/stat`: all of it, and the part no process used (idle and waiting for I/O).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MachineTicks {
+    pub total: u64,
+    pub idle: u64,
+}
+
+impl MachineTicks {
+    pub fn now() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        stat.lines().next().map(MachineTicks::parse).unwrap_or_default()
+    }
+
+    /// Parses `cpu  user nice system idle iowait irq softirq steal guest guest_nice`; the
+    /// guest columns are already counted in user and nice.
+    fn parse(line: &str) -> Self {
+        if !line.starts_with("cpu ") {
+            return MachineTicks::default();
+        }
+        let ticks: Vec<u64> = line.split_whitespace().skip(1).take(8).filter_map(|v| v.parse().ok()).collect();
+        let at = |i: usize| ticks.get(i).copied().unwrap_or(0);
+        MachineTicks { total: ticks.iter().sum(), idle: at(3) + at(4) }
+    }
+}
+
+/// Where the machine's CPU went over an interval: the share of all cores each named group
+/// of processes used, and the share nobody used. Shares are of the whole machine (all cores
+/// for the interval), so with every group named they and `idle` add up to about 1.
+pub struct CpuWatch {
+    machine: MachineTicks,
+    groups: Vec<(&'static str, Vec<u32>, f64)>,
+}
+
+impl CpuWatch {
+    /// Starts watching the processes of each group.
+    pub fn start(groups: Vec<(&'static str, Vec<u32>)>) -> Self {
+        let groups = groups.into_iter().map(|(name, pids)| {
+            let used = pids.iter().map(|p| cpu_seconds(*p)).sum();
+            (name, pids, used)
+        });
+        CpuWatch { groups: groups.collect(), machine: MachineTicks::now() }
+    }
+
+    /// The idle share and each group's share since [`CpuWatch::start`].
+    pub fn shares(&self) -> (f64, Vec<(&'static str, f64)>) {
+        let machine = MachineTicks::now();
+        let total = machine.total.saturating_sub(self.machine.total) as f64 / 100.0;
+        let share = |seconds: f64| if total > 0.0 { seconds / total } else { 0.0 };
+        let idle = share(machine.idle.saturating_sub(self.machine.idle) as f64 / 100.0);
+        let groups = self.groups.iter().map(|(name, pids, before)| (*name, share(pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - before)));
+        (idle, groups.collect())
+    }
+}
+
 /// Pids of processes whose command name is `comm` (read-only look at /proc).
 pub fn pids_named(comm: &str) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
@@ -322,5 +377,32 @@ mod tests {
     fn metric_sums_every_label_set() {
         let text = "# HELP x y\nx_total{a=\"1\"} 3\nx_total{a=\"2\"} 4\nx_total_other 9\n";
         assert_eq!(metric_sum(text, "x_total"), 7.0);
+    }
+
+    #[test]
+    fn machine_ticks_count_idle_and_iowait_as_unused_and_guests_once() {
+        let t = MachineTicks::parse("cpu  100 5 40 800 20 3 7 2 50 0");
+        assert_eq!(t, MachineTicks { total: 100 + 5 + 40 + 800 + 20 + 3 + 7 + 2, idle: 820 });
+        assert_eq!(MachineTicks::parse("intr 1 2"), MachineTicks::default());
+    }
+
+    #[test]
+    fn a_watched_process_that_spins_has_a_share_of_the_machine() {
+        let me = std::process::id();
+        let watch = CpuWatch::start(vec![("me", vec![me]), ("nobody", vec![])]);
+        // Spins until the process has used a tenth of a second of CPU (ten clock ticks),
+        // however busy the machine is.
+        let (spin, used) = (Instant::now(), cpu_seconds(me));
+        let mut x = 0u64;
+        while cpu_seconds(me) - used < 0.1 && spin.elapsed() < Duration::from_secs(20) {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
+        let (idle, groups) = watch.shares();
+        assert_eq!(groups.iter().map(|(name, _)| *name).collect::<Vec<_>>(), ["me", "nobody"]);
+        assert!(groups[0].1 > 0.0 && groups[0].1 <= 1.0, "{groups:?}");
+        assert_eq!(groups[1].1, 0.0);
+        assert!((0.0..=1.0).contains(&idle), "{idle}");
     }
 }
