@@ -625,13 +625,14 @@ impl Committer {
     async fn commit_with_retry(&self, work: &LaneWork) -> Result<Outcome, Refused> {
         let mut backoff = Duration::from_millis(200);
         loop {
-            let now = Utc::now();
+            let (now, parsing) = (Utc::now(), Instant::now());
             let parsed = parse_batch(&work.deliveries, now, self.lateness);
             let started = Instant::now();
             match self.store.commit_batch(&work.ranges, parsed, &work.refreshes, &self.policy, now, self.refresh).await {
                 Ok(outcome) => {
                     self.metrics.batches.record(started.elapsed());
-                    tracing::debug!(lane = work.lane, events = work.deliveries.len(), refreshes = work.refreshes.len(), millis = started.elapsed().as_millis() as u64, "batch committed");
+                    let (parse_millis, millis) = ((started - parsing).as_millis() as u64, started.elapsed().as_millis() as u64);
+                    tracing::debug!(lane = work.lane, events = work.deliveries.len(), refreshes = work.refreshes.len(), parse_millis, millis, "batch committed");
                     return Ok(outcome);
                 }
                 Err(StoreError::Fenced { partition, epoch, .. }) => return Err((partition, epoch)),
