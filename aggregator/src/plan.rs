@@ -163,13 +163,16 @@ pub fn rolling_days(quota: &Quota) -> Option<u32> {
 /// subject's effective tier (at the event's time) whose scope matches, in the period that
 /// contains the event time.
 ///
-/// A batch holds many events of one subject, so resolutions and period windows are reused
-/// (see [`Resolutions`]) and amounts are summed under cheap keys before the ledger keys
-/// are built once per row.
+/// A batch holds many events of one subject, so resolutions are reused (see
+/// [`Resolutions`]), and each resolution keeps a running sum per quota for the window its
+/// recent events fell in, next to the resolution itself: an event adds to it without a
+/// lookup in a map of every row of the batch (which, with tens of thousands of rows, missed
+/// the cache on most events). The ledger keys are built once per row at the end, sorted,
+/// and rows that several resolutions or windows share are merged.
 pub fn ledger_deltas(events: &[&UsageEvent], policy: &Policy) -> BTreeMap<LedgerKey, LedgerDelta> {
     let mut resolutions = Resolutions::new(policy);
-    // (resolution, quota index, window start) -> (window end, summed amount, latest event time)
-    let mut sums: HashMap<(usize, usize, DateTime<Utc>), (DateTime<Utc>, i64, DateTime<Utc>)> = HashMap::new();
+    // Running sums a resolution closed because a later event fell in another window.
+    let mut closed: Vec<(usize, usize, RunningSum)> = Vec::new();
     for event in events {
         let at = event.time;
         let r = resolutions.index_at(&event.subject, event.api_key_sha256.as_deref(), &event.scope, at);
@@ -179,43 +182,71 @@ pub fn ledger_deltas(events: &[&UsageEvent], policy: &Policy) -> BTreeMap<Ledger
             if !quota.counts_scope(&event.scope) {
                 continue;
             }
-            let window = match cached.windows[q] {
-                Some(w) if w.contains(at) => w,
-                _ => {
-                    let w = ledger_window(quota, at, cached.resolved.timezone);
-                    cached.windows[q] = Some(w);
-                    w
+            let running = match &mut cached.sums[q] {
+                Some(running) if running.window.contains(at) => running,
+                slot => {
+                    let fresh = RunningSum { window: ledger_window(quota, at, cached.resolved.timezone), used: 0, latest: at };
+                    if let Some(done) = slot.replace(fresh) {
+                        closed.push((r, q, done));
+                    }
+                    slot.as_mut().expect("just set")
                 }
             };
-            let sum = sums.entry((r, q, window.start)).or_insert((window.end, 0, at));
-            sum.1 += amounts.get(quota.metric);
-            sum.2 = sum.2.max(at);
+            running.used += amounts.get(quota.metric);
+            running.latest = running.latest.max(at);
         }
     }
-    // A row's quota name and limit are those in force at its latest event; a tie (two
-    // resolutions or quotas of one row with events at the same instant) goes to the later
-    // resolution and quota, so the result does not depend on the order `sums` is walked in.
-    let mut deltas: BTreeMap<LedgerKey, (LedgerDelta, (DateTime<Utc>, usize, usize))> = BTreeMap::new();
-    for ((r, q, start), (end, used, latest)) in sums {
-        let cached = &resolutions.entries[r];
-        let quota = &cached.resolved.quotas[q];
-        let key = LedgerKey {
-            subject: cached.subject.to_string(),
-            metric: quota.metric.as_str().to_string(),
-            scope: scope_key(quota.scope.as_deref()),
-            period: quota.period.to_string(),
-            period_start: start,
-        };
-        let rank = (latest, r, q);
-        let (delta, delta_rank) = deltas.entry(key).or_insert_with(|| {
-            (LedgerDelta { period_end: end, used: 0, quota: quota.name.clone(), limit: quota.limit }, rank)
-        });
-        delta.used += used;
-        if rank > *delta_rank {
-            (delta.quota, delta.limit, *delta_rank) = (quota.name.clone(), quota.limit, rank);
+    let mut sums = closed;
+    for (r, entry) in resolutions.entries.iter_mut().enumerate() {
+        sums.extend(entry.sums.iter_mut().enumerate().filter_map(|(q, open)| Some((r, q, open.take()?))));
+    }
+    merge_rows(&resolutions, sums)
+}
+
+/// One ledger row per key from the running sums: amounts added up. A row's quota name and
+/// limit are those in force at its latest event; a tie (two resolutions or quotas of one row
+/// with events at the same instant) goes to the later resolution and quota, so the result
+/// does not depend on the order of `sums`.
+fn merge_rows(resolutions: &Resolutions<'_>, sums: Vec<(usize, usize, RunningSum)>) -> BTreeMap<LedgerKey, LedgerDelta> {
+    let mut rows: Vec<(LedgerKey, LedgerDelta, (DateTime<Utc>, usize, usize))> = sums
+        .into_iter()
+        .map(|(r, q, sum)| {
+            let cached = &resolutions.entries[r];
+            let quota = &cached.resolved.quotas[q];
+            let key = LedgerKey {
+                subject: cached.subject.to_string(),
+                metric: quota.metric.as_str().to_string(),
+                scope: scope_key(quota.scope.as_deref()),
+                period: quota.period.to_string(),
+                period_start: sum.window.start,
+            };
+            let delta = LedgerDelta { period_end: sum.window.end, used: sum.used, quota: quota.name.clone(), limit: quota.limit };
+            (key, delta, (sum.latest, r, q))
+        })
+        .collect();
+    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let mut merged: Vec<(LedgerKey, LedgerDelta, (DateTime<Utc>, usize, usize))> = Vec::with_capacity(rows.len());
+    for (key, delta, rank) in rows {
+        match merged.last_mut() {
+            Some((last_key, last, last_rank)) if *last_key == key => {
+                last.used += delta.used;
+                if rank > *last_rank {
+                    (last.quota, last.limit, *last_rank) = (delta.quota, delta.limit, rank);
+                }
+            }
+            _ => merged.push((key, delta, rank)),
         }
     }
-    deltas.into_iter().map(|(k, (d, _))| (k, d)).collect()
+    merged.into_iter().map(|(key, delta, _)| (key, delta)).collect()
+}
+
+/// The amount one resolution's events added to one quota's window so far.
+#[derive(Debug, Clone, Copy)]
+pub struct RunningSum {
+    window: Window,
+    used: i64,
+    /// The latest event time in it.
+    latest: DateTime<Utc>,
 }
 
 /// Resolutions of (subject, API key, scope) reused across a batch. A resolution holds from
@@ -230,8 +261,8 @@ pub struct Resolutions<'a> {
 pub struct CachedResolution<'a> {
     pub subject: &'a str,
     pub resolved: Resolved,
-    /// The last window used per quota (the period containing recent events).
-    pub windows: Vec<Option<Window>>,
+    /// Per quota, the running sum of the window its latest events fell in.
+    pub sums: Vec<Option<RunningSum>>,
     from: DateTime<Utc>,
     until: Option<DateTime<Utc>>,
 }
@@ -251,9 +282,9 @@ impl<'a> Resolutions<'a> {
             }
         }
         let resolved = self.policy.resolve(subject, api_key, scope, at);
-        let windows = vec![None; resolved.quotas.len()];
+        let sums = vec![None; resolved.quotas.len()];
         let until = self.policy.next_change_after(subject, at);
-        self.entries.push(CachedResolution { subject, resolved, windows, from: at, until });
+        self.entries.push(CachedResolution { subject, resolved, sums, from: at, until });
         let i = self.entries.len() - 1;
         self.index.insert(key, i);
         i
@@ -430,8 +461,8 @@ mod tests {
         let event = |id: &str, subject: &str, time: &str, tokens: i64| {
             tally_domain::event::event_from_value(json!({"id": id, "subject": subject, "time": time, "input_tokens": tokens})).unwrap()
         };
-        // Day 21, day 22, back to day 21 (the running sum of an earlier window is found
-        // again, not started twice), with another subject's events between.
+        // Day 21, day 22, back to day 21 and 22 (each window's events end up in two running
+        // sums, merged into one row), with another subject's events between.
         let events = [
             event("a", "s", "2026-11-21T23:59:59Z", 1),
             event("b", "other", "2026-11-21T23:00:00Z", 10),
