@@ -50,7 +50,8 @@ Sections, in the order they run:
 3. decision_latency: event produced to changed snapshot visible at the API, p50/p99/max,
    under a background load at half the pipeline's throughput (`--decision-load`), also
    split at the start of the batch that counted the probe (queued / from batch start);
-   ratio to the broker round trip.
+   ratio to the broker round trip. Also where the machine's CPU went meanwhile: the idle
+   share, and the aggregator's, Postgres', the API's, the broker's and the bench's own.
 
 4. check: POST /v1/check requests/s and p50/p99 from a closed-loop generator on loopback
    (the decision read when the build has no check route); baselines GET /healthz of the
