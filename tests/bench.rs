@@ -10,13 +10,14 @@ use support::Servers;
 const SECTIONS: [&str; 7] = ["broker", "pipeline", "decision_latency", "check", "history", "memory", "ingest"];
 
 /// Figures that must be positive in every run (others, such as error counts, may be zero).
-const POSITIVE: [(&str, &str); 14] = [
+const POSITIVE: [(&str, &str); 15] = [
     ("broker", "produce_per_s"),
     ("broker", "consume_per_s"),
     ("broker", "round_trip_p99_ms"),
     ("pipeline", "events_per_s"),
     ("decision_latency", "decision_p50_ms"),
     ("decision_latency", "decision_p99_ms"),
+    ("decision_latency", "cpu_share_aggregator"),
     ("check", "requests_per_s"),
     ("check", "check_p99_ms"),
     ("history", "series_30d_daily_p99_ms"),
@@ -71,4 +72,10 @@ fn quick_bench_reports_every_section_with_figures_and_ratios() {
         let v = report["sections"][section]["figures"][name].as_f64().unwrap_or(0.0);
         assert!(v > 0.0, "{section}.{name} = {v}; report: {}", report["sections"][section]);
     }
+    // The CPU shares are of the whole machine: with the idle share they cannot add up to
+    // much more than all of it (clock ticks are read a moment apart).
+    let decision = &report["sections"]["decision_latency"]["figures"];
+    let shares: f64 = decision.as_object().into_iter().flatten().filter(|(k, _)| k.starts_with("cpu_share_")).filter_map(|(_, v)| v.as_f64()).sum();
+    let idle = decision["machine_idle_share"].as_f64().unwrap_or(-1.0);
+    assert!((0.0..=1.0).contains(&idle) && shares + idle <= 1.1, "idle {idle}, shares {shares}: {decision}");
 }
