@@ -246,11 +246,7 @@ impl Pipeline {
         let wall = end - spawned;
         let aggregator_cpu = cpu_seconds(self.aggregator.as_ref().map(Service::pid).unwrap_or(0));
         let broker_cpu = brokers.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - broker_cpu_before;
-        let backends: Vec<i32> = sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
-            .fetch_all(&self.pool)
-            .await
-            .unwrap_or_default();
-        let postgres_cpu: f64 = backends.iter().map(|p| cpu_seconds(*p as u32)).sum();
+        let postgres_cpu: f64 = self.backend_pids().await.into_iter().map(cpu_seconds).sum();
         let (rate, measured) = match first {
             Some((t0, c0)) if (c0 as f64) < total * 0.9 && end > t0 => ((total - c0 as f64) / (end - t0).as_secs_f64(), total - c0 as f64),
             _ => (total / wall.as_secs_f64(), total),
@@ -436,16 +432,22 @@ impl Pipeline {
         Ok(s)
     }
 
-    /// The processes whose CPU the decision section reports, by group.
-    async fn cpu_groups(&self) -> Vec<(&'static str, Vec<u32>)> {
-        let backends: Vec<i32> = sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    /// Pids of the Postgres backends serving the run's database (the bench's own query's
+    /// left out).
+    async fn backend_pids(&self) -> Vec<u32> {
+        let pids: Vec<i32> = sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
             .fetch_all(&self.pool)
             .await
             .unwrap_or_default();
+        pids.into_iter().map(|p| p as u32).collect()
+    }
+
+    /// The processes whose CPU the decision section reports, by group.
+    async fn cpu_groups(&self) -> Vec<(&'static str, Vec<u32>)> {
         let pid = |service: &Option<Service>| service.as_ref().map(Service::pid).into_iter().collect();
         vec![
             ("aggregator", pid(&self.aggregator)),
-            ("postgres", backends.into_iter().map(|p| p as u32).collect()),
+            ("postgres", self.backend_pids().await),
             ("api", pid(&self.api)),
             ("broker", pids_named("tansu")),
             ("bench", vec![std::process::id()]),
