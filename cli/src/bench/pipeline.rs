@@ -538,6 +538,8 @@ impl ProbeTiming {
 /// the cores it measures, standing in for gateways that would run elsewhere.
 struct Templates {
     subjects: Vec<Template>,
+    /// The width of every template's time.
+    time_len: usize,
 }
 
 /// One subject's serialized event: where the id's counter and the time are.
@@ -546,7 +548,6 @@ struct Template {
     bytes: Vec<u8>,
     counter_at: usize,
     time_at: usize,
-    time_len: usize,
 }
 
 /// Digits of the counter in a background event's id (`<tag>-<counter>`).
@@ -563,29 +564,42 @@ impl Templates {
                 let find = |needle: &str| bytes.windows(needle.len()).position(|w| w == needle.as_bytes());
                 let counter_at = find(&format!("\"{id}\"")).context("the template has no id")? + 1 + tag.len() + 1;
                 let time_at = find(&format!("\"{time_text}\"")).context("the template has no time")? + 1;
-                Ok(Template { key, bytes, counter_at, time_at, time_len: time_text.len() })
+                Ok(Template { key, bytes, counter_at, time_at })
             })
             .collect::<anyhow::Result<_>>()?;
-        Ok(Templates { subjects })
+        Ok(Templates { subjects, time_len: time_text.len() })
     }
 
     fn id(tag: &str, n: u64) -> String {
-        format!("{tag}-{n:0COUNTER_DIGITS$}")
+        let mut counter = [0u8; COUNTER_DIGITS];
+        write_counter(&mut counter, n);
+        format!("{tag}-{}", String::from_utf8_lossy(&counter))
     }
 
     /// The `n`th event at `time` (whole seconds, as [`time_text`] writes them): its subject
     /// is the `n`th modulo the subjects. `None` when the counter or the time would not fit.
     fn event(&self, n: u64, time: &str) -> Option<(&str, Vec<u8>)> {
         let t = &self.subjects[(n % self.subjects.len() as u64) as usize];
-        let counter = format!("{n:0COUNTER_DIGITS$}");
-        if counter.len() != COUNTER_DIGITS || time.len() != t.time_len {
+        if time.len() != self.time_len {
             return None;
         }
         let mut bytes = t.bytes.clone();
-        bytes[t.counter_at..t.counter_at + COUNTER_DIGITS].copy_from_slice(counter.as_bytes());
+        if !write_counter(&mut bytes[t.counter_at..t.counter_at + COUNTER_DIGITS], n) {
+            return None;
+        }
         bytes[t.time_at..t.time_at + time.len()].copy_from_slice(time.as_bytes());
         Some((&t.key, bytes))
     }
+}
+
+/// Writes `n` zero-padded into all of `digits`, with no allocation (the generator's hot
+/// path); `false` when it has more digits than that.
+fn write_counter(digits: &mut [u8], mut n: u64) -> bool {
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    n == 0
 }
 
 fn whole_seconds(time: DateTime<Utc>) -> DateTime<Utc> {
