@@ -31,7 +31,7 @@ use tally_domain::event::{hash_api_key, UsageEvent};
 
 use super::broker::{self, Ceiling, Prepared};
 use super::report::{Latencies, Section};
-use super::stack::{cpu_seconds, free_addr, pids_named, scrape, CpuWatch, Service, Stack};
+use super::stack::{cpu_seconds, cpu_seconds_of, free_addr, pids_named, scrape, CpuWatch, Service, Stack};
 
 /// The three tiers' API keys (raw; the configuration holds their SHA-256).
 pub const TIER_KEYS: [Option<&str>; 3] = [None, Some("bench-key-pro"), Some("bench-key-scale")];
@@ -221,7 +221,7 @@ impl Pipeline {
 
         // CPU accounting: the broker (when it is a local tansu process) before the run.
         let brokers = pids_named("tansu");
-        let broker_cpu_before: f64 = brokers.iter().map(|p| cpu_seconds(*p)).sum();
+        let broker_cpu_before = cpu_seconds_of(&brokers);
         eprintln!("[bench] pipeline: starting the aggregator");
         let spawned = Instant::now();
         let aggregator = self.stack.spawn("aggregator", "aggregator", &[("TALLY_AGGREGATOR_LISTEN", self.aggregator_addr.clone())])?;
@@ -245,8 +245,8 @@ impl Pipeline {
         };
         let wall = end - spawned;
         let aggregator_cpu = cpu_seconds(self.aggregator.as_ref().map(Service::pid).unwrap_or(0));
-        let broker_cpu = brokers.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - broker_cpu_before;
-        let postgres_cpu: f64 = self.backend_pids().await.into_iter().map(cpu_seconds).sum();
+        let broker_cpu = cpu_seconds_of(&brokers) - broker_cpu_before;
+        let postgres_cpu = cpu_seconds_of(&self.backend_pids().await);
         let (rate, measured) = match first {
             Some((t0, c0)) if (c0 as f64) < total * 0.9 && end > t0 => ((total - c0 as f64) / (end - t0).as_secs_f64(), total - c0 as f64),
             _ => (total / wall.as_secs_f64(), total),

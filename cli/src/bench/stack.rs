@@ -284,6 +284,11 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
+/// CPU time the processes `pids` have used so far, in seconds ([`cpu_seconds`] summed).
+pub fn cpu_seconds_of(pids: &[u32]) -> f64 {
+    pids.iter().map(|p| cpu_seconds(*p)).sum()
+}
+
 /// The machine's CPU time in clock ticks, summed over all cores, from the first line of
 /// `/proc/stat`: all of it, and the part no process used (idle and waiting for I/O).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -322,7 +327,7 @@ impl CpuWatch {
     /// Starts watching the processes of each group.
     pub fn start(groups: Vec<(&'static str, Vec<u32>)>) -> Self {
         let groups = groups.into_iter().map(|(name, pids)| {
-            let used = pids.iter().map(|p| cpu_seconds(*p)).sum();
+            let used = cpu_seconds_of(&pids);
             (name, pids, used)
         });
         CpuWatch { groups: groups.collect(), machine: MachineTicks::now() }
@@ -334,7 +339,7 @@ impl CpuWatch {
         let total = machine.total.saturating_sub(self.machine.total) as f64 / 100.0;
         let share = |seconds: f64| if total > 0.0 { seconds / total } else { 0.0 };
         let idle = share(machine.idle.saturating_sub(self.machine.idle) as f64 / 100.0);
-        let groups = self.groups.iter().map(|(name, pids, before)| (*name, share(pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - before)));
+        let groups = self.groups.iter().map(|(name, pids, before)| (*name, share(cpu_seconds_of(pids) - before)));
         (idle, groups.collect())
     }
 }
