@@ -225,19 +225,18 @@ fn merge_rows(resolutions: &Resolutions<'_>, sums: Vec<(usize, usize, RunningSum
         })
         .collect();
     rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    let mut merged: Vec<(LedgerKey, LedgerDelta, (DateTime<Utc>, usize, usize))> = Vec::with_capacity(rows.len());
-    for (key, delta, rank) in rows {
-        match merged.last_mut() {
-            Some((last_key, last, last_rank)) if *last_key == key => {
-                last.used += delta.used;
-                if rank > *last_rank {
-                    (last.quota, last.limit, *last_rank) = (delta.quota, delta.limit, rank);
-                }
-            }
-            _ => merged.push((key, delta, rank)),
+    // Merged in place: each run of equal keys folds into its first row.
+    rows.dedup_by(|(key, delta, rank), (kept_key, kept, kept_rank)| {
+        if key != kept_key {
+            return false;
         }
-    }
-    merged.into_iter().map(|(key, delta, _)| (key, delta)).collect()
+        kept.used += delta.used;
+        if *rank > *kept_rank {
+            (kept.quota, kept.limit, *kept_rank) = (std::mem::take(&mut delta.quota), delta.limit, *rank);
+        }
+        true
+    });
+    rows.into_iter().map(|(key, delta, _)| (key, delta)).collect()
 }
 
 /// The amount one resolution's events added to one quota's window so far.
