@@ -630,8 +630,9 @@ impl Committer {
             let started = Instant::now();
             match self.store.commit_batch(&work.ranges, parsed, &work.refreshes, &self.policy, now, self.refresh).await {
                 Ok(outcome) => {
-                    self.metrics.batches.record(started.elapsed());
-                    let (parse_millis, millis) = ((started - parsing).as_millis() as u64, started.elapsed().as_millis() as u64);
+                    let took = started.elapsed();
+                    self.metrics.batches.record(took);
+                    let (parse_millis, millis) = ((started - parsing).as_millis() as u64, took.as_millis() as u64);
                     tracing::debug!(lane = work.lane, events = work.deliveries.len(), refreshes = work.refreshes.len(), parse_millis, millis, "batch committed");
                     return Ok(outcome);
                 }
