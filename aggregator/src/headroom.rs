@@ -1,0 +1,250 @@
+//! Headroom: which events may change a subject's decision, known the moment they arrive.
+//!
+//! Under load a lane's batch takes up to a second or more, and an event waits for the batch
+//! in flight and then for its own. Most events only add usage, whose snapshot waits for the
+//! refresh interval anyway. An event that reaches a threshold or a limit changes the
+//! decision, and gateways should learn it at once. So each lane keeps, per subject, how much
+//! of each metric may still arrive before the subject's next threshold or limit: `left`, as
+//! of the lane's last commit that decided the subject, less what arrived since. An event
+//! that uses it up is *urgent*. The loop commits urgent events at once in a fast transaction
+//! of their own (dedupe records, ledgers, decisions), beside the lanes' batches. Their batch
+//! then only moves the cursor past them (see [`crate::consumer`]).
+//!
+//! Contract: headroom is a hint, never a count. It can miss an urgent event, and the event
+//! is then decided in its batch, as before. This happens when the subject has no entry
+//! yet, when its tier changed since, when the event's API key brings another tier, or while
+//! the subject's entry is stale (after an urgent event, until a batch decides the subject
+//! again). It can also flag an event that changes nothing, which costs one small
+//! transaction. It over-counts what arrived since a commit rather than under-count it:
+//! every event is spent from every quota of its metric, whatever the quota's scope. Counting
+//! stays with the dedupe records: an event counted early is recorded under its id, so a
+//! batch or a replay that meets it again skips it.
+
+// The loop's per-event map hashes with foldhash, like the batch's maps (see `plan`).
+use foldhash::HashMap;
+
+use tally_domain::decision::QuotaDecision;
+use tally_domain::event::UsageEvent;
+use tally_domain::metric::{Amounts, Metric};
+
+use crate::policy::Quota;
+
+/// How much of one quota's metric may still arrive before its decision changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub metric: Metric,
+    /// The quota's scope; `None` counts every scope.
+    pub scope: Option<Box<str>>,
+    /// Usage still to come before the next threshold or the limit (at least 1 when computed).
+    pub left: i64,
+}
+
+/// The lines of a subject as just decided: one per quota whose decision can still change as
+/// usage grows. `quotas` and `decided` are the resolved quotas and their decisions, in the
+/// same order.
+pub fn lines_of(quotas: &[Quota], decided: &[QuotaDecision]) -> Vec<Line> {
+    quotas
+        .iter()
+        .zip(decided)
+        .filter_map(|(q, d)| {
+            let boundary = next_boundary(q, d.used)?;
+            Some(Line { metric: q.metric, scope: q.scope.as_deref().map(Into::into), left: boundary - d.used })
+        })
+        .collect()
+}
+
+/// The least usage above `used` at which the quota's decision changes: a threshold not
+/// reached yet fires there, or the quota is breached (the limit plus its burst).
+fn next_boundary(q: &Quota, used: i64) -> Option<i64> {
+    let breach = q.limit.saturating_add(q.burst);
+    q.thresholds.iter().map(|&t| threshold_usage(q.limit, t)).chain([breach]).filter(|&b| b > used).min()
+}
+
+/// The least usage that reaches threshold `percent` of `limit`:
+/// [`tally_domain::decision::thresholds_reached`] counts it once `used * 100 >= limit * percent`.
+fn threshold_usage(limit: i64, percent: u32) -> i64 {
+    let product = i128::from(limit) * i128::from(percent);
+    i64::try_from(product.div_euclid(100) + i128::from(product.rem_euclid(100) != 0)).unwrap_or(i64::MAX)
+}
+
+/// One subject's headroom.
+#[derive(Debug, Default)]
+struct Entry {
+    lines: Box<[Line]>,
+    /// What arrived since the lane last cut a batch (counted from [`Entry::cut`] on).
+    since_cut: Amounts,
+    cut: u64,
+    /// An urgent event used a line up: the next boundary is not known until a batch decides
+    /// the subject again, and until then no event of it is urgent.
+    stale: bool,
+}
+
+/// One lane's headroom per subject (see the module docs).
+#[derive(Debug, Default)]
+pub struct Headroom {
+    /// By the subject's 64-bit hash ([`subject_key`]), which keeps no copy of the name. Two
+    /// subjects of one lane sharing a hash would share an entry: a wrong hint, not a wrong
+    /// count.
+    subjects: HashMap<u64, Entry>,
+    /// How many batches the lane has cut.
+    cut: u64,
+}
+
+impl Headroom {
+    /// Spends an arriving event from its subject's lines, and says whether it is urgent: it
+    /// used a line up, so it may change the subject's decision. Corrections only take usage
+    /// away, and are never urgent.
+    pub fn spend(&mut self, event: &UsageEvent) -> bool {
+        if event.corrects.is_some() {
+            return false;
+        }
+        let cut = self.cut;
+        let entry = self.subjects.entry(subject_key(&event.subject)).or_default();
+        if entry.cut != cut {
+            (entry.since_cut, entry.cut) = (Amounts::default(), cut);
+        }
+        let amounts = event.amounts();
+        entry.since_cut = add(entry.since_cut, amounts);
+        if entry.stale {
+            return false;
+        }
+        let mut urgent = false;
+        for line in entry.lines.iter_mut().filter(|l| l.scope.as_deref().is_none_or(|s| s == event.scope)) {
+            let amount = amounts.get(line.metric);
+            if amount > 0 {
+                line.left -= amount;
+                urgent |= line.left <= 0;
+            }
+        }
+        entry.stale = urgent;
+        urgent
+    }
+
+    /// The lane cut a batch: what arrives from now on is not in it.
+    pub fn cut(&mut self) {
+        self.cut += 1;
+    }
+
+    /// The lane's batch cut last committed and decided `subject`: `lines` are its headroom
+    /// as of that commit. What arrived since the cut is spent from them again.
+    pub fn committed(&mut self, subject: &str, mut lines: Vec<Line>) {
+        let entry = self.subjects.entry(subject_key(subject)).or_default();
+        if entry.cut == self.cut {
+            for line in lines.iter_mut() {
+                line.left -= entry.since_cut.get(line.metric);
+            }
+        }
+        (entry.lines, entry.stale) = (lines.into_boxed_slice(), false);
+    }
+}
+
+fn subject_key(subject: &str) -> u64 {
+    crate::lanes::key_hash(Some(subject.as_bytes()))
+}
+
+fn add(a: Amounts, b: Amounts) -> Amounts {
+    Amounts {
+        requests: a.requests + b.requests,
+        input_tokens: a.input_tokens + b.input_tokens,
+        output_tokens: a.output_tokens + b.output_tokens,
+        cached_tokens: a.cached_tokens + b.cached_tokens,
+        cost_micros: a.cost_micros + b.cost_micros,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Policy;
+    use chrono::{DateTime, Utc};
+    use serde_json::json;
+    use tally_domain::decision::thresholds_reached;
+
+    fn event(subject: &str, tokens: i64, scope: &str) -> UsageEvent {
+        let value = json!({"id": "e", "subject": subject, "time": "2026-11-22T12:00:00Z", "input_tokens": tokens, "scope": scope});
+        tally_domain::event::event_from_value(value).unwrap()
+    }
+
+    fn now() -> DateTime<Utc> {
+        "2026-11-22T12:00:00Z".parse().unwrap()
+    }
+
+    /// A policy whose default tier has `quotas` (YAML flow mappings).
+    fn quotas(quotas: &[&str]) -> Vec<Quota> {
+        let yaml = format!(
+            "default_tier: t\ntimezone: UTC\nquotas:\n{}\ntiers:\n  - {{name: t, priority: 0, rate_multiplier: 1}}\n",
+            quotas.iter().map(|q| format!("  - {q}")).collect::<Vec<_>>().join("\n")
+        );
+        Policy::from_yaml(&yaml, "test").unwrap().resolve_all_scopes("s", None, now()).quotas
+    }
+
+    fn decided(quotas: &[Quota], used: i64) -> Vec<QuotaDecision> {
+        let keys: Vec<_> = crate::plan::current_keys("s", quotas, chrono_tz::UTC, now());
+        crate::plan::decide(quotas, &keys, |_| used)
+    }
+
+    #[test]
+    fn a_line_ends_at_the_first_usage_that_reaches_the_next_threshold_or_the_limit() {
+        let q = quotas(&["{name: m, metric: input_tokens, period: month, limit: 1001, thresholds: [50, 80]}"]);
+        for used in [0, 500, 501, 800, 801, 1000] {
+            let lines = lines_of(&q, &decided(&q, used));
+            let boundary = used + lines[0].left;
+            assert!(lines[0].left >= 1);
+            // Just below the boundary nothing new is reached; at it, something is.
+            let reached = |u: i64| (thresholds_reached(u, 1001, &[50, 80]), u >= 1001);
+            assert_eq!(reached(boundary - 1), reached(used), "used {used}: nothing changes before {boundary}");
+            assert_ne!(reached(boundary), reached(used), "used {used}: {boundary} changes the decision");
+        }
+        assert!(lines_of(&q, &decided(&q, 1001)).is_empty(), "a breached quota has no event-driven change left");
+    }
+
+    #[test]
+    fn the_burst_moves_the_breach_and_thresholds_round_up() {
+        let q = quotas(&["{name: m, metric: input_tokens, period: month, limit: 3, burst: 2, thresholds: [50]}"]);
+        assert_eq!(lines_of(&q, &decided(&q, 0))[0].left, 2, "50% of 3 is reached at 2 (1.5 rounded up)");
+        assert_eq!(lines_of(&q, &decided(&q, 2))[0].left, 3, "then the breach at limit + burst = 5");
+    }
+
+    #[test]
+    fn an_event_that_uses_a_line_up_is_urgent_and_the_subject_waits_for_its_batch() {
+        let q = quotas(&["{name: m, metric: input_tokens, period: month, limit: 100, thresholds: [100]}"]);
+        let mut h = Headroom::default();
+        assert!(!h.spend(&event("s", 1000, "")), "no entry yet: never urgent");
+        h.cut();
+        h.committed("s", lines_of(&q, &decided(&q, 10)));
+        assert!(!h.spend(&event("s", 89, "")));
+        assert!(h.spend(&event("s", 1, "")), "the 90th token reaches 100");
+        assert!(!h.spend(&event("s", 50, "")), "stale until a batch decides it again");
+        assert!(!h.spend(&event("other", 1000, "")));
+    }
+
+    #[test]
+    fn what_arrived_after_the_cut_is_spent_again_from_the_committed_lines() {
+        let q = quotas(&["{name: m, metric: input_tokens, period: month, limit: 100, thresholds: [100]}"]);
+        let mut h = Headroom::default();
+        h.cut();
+        assert!(!h.spend(&event("s", 30, "")), "in the batch");
+        h.cut();
+        assert!(!h.spend(&event("s", 40, "")), "after the cut: not in the batch");
+        // The batch committed with 30 used: 70 left, of which 40 arrived since.
+        h.committed("s", lines_of(&q, &decided(&q, 30)));
+        assert!(!h.spend(&event("s", 29, "")));
+        assert!(h.spend(&event("s", 1, "")), "30 + 40 + 29 + 1 = 100");
+        // A later commit with nothing since the cut starts from its own figure.
+        h.cut();
+        h.committed("s", lines_of(&q, &decided(&q, 50)));
+        assert!(!h.spend(&event("s", 49, "")));
+    }
+
+    #[test]
+    fn a_scoped_line_spends_only_its_scope_and_corrections_are_never_urgent() {
+        let q = quotas(&["{name: m, metric: input_tokens, period: month, limit: 10, scope: gpt}"]);
+        let mut h = Headroom::default();
+        h.committed("s", lines_of(&q, &decided(&q, 0)));
+        assert!(!h.spend(&event("s", 50, "claude")));
+        let mut correction = event("s", 50, "gpt");
+        correction.corrects = Some("x".into());
+        assert!(!h.spend(&correction));
+        assert!(h.spend(&event("s", 10, "gpt")));
+    }
+}
