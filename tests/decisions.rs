@@ -84,6 +84,46 @@ tiers:
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_event_that_breaches_is_committed_ahead_of_its_batch_and_counted_once() {
+    let tiers = "
+default_tier: basic
+timezone: UTC
+quotas:
+  - name: monthly_tokens
+    metric: total_tokens
+    period: month
+    limit: 1000
+    thresholds: [80]
+tiers:
+  - name: basic
+    priority: 0
+    rate_multiplier: 1
+";
+    let t = Tally::start(Some(tiers)).await;
+    let s = "fast";
+    let fast_commits = || t.metric(&t.aggregator_url, "tally_aggregator_fast_commits_total");
+    assert_eq!(t.post_events(&event("a", s, 100)).await.0, 202);
+    decision_where(&t, s, Duration::from_secs(30), |d| d["quotas"][0]["used"] == 100).await;
+    assert_eq!(fast_commits().await, 0, "100 of 1000 changes no state");
+    // The aggregator now knows 700 tokens may come before 80%: 2000 blow through it and the limit.
+    assert_eq!(t.post_events(&event("b", s, 2000)).await.0, 202);
+    let blocked = decision_where(&t, s, Duration::from_secs(30), |d| d["allowed"] == false).await;
+    assert_eq!(blocked["quotas"][0]["used"], 2100);
+    assert_eq!(fast_commits().await, 1);
+    // Redelivered, and followed by one more event: each is counted once.
+    assert_eq!(t.post_events(&Value::Array(vec![event("b", s, 2000), event("c", s, 1)])).await.0, 202);
+    let pool = t.pg().await;
+    let consumed = support::wait_for(Duration::from_secs(30), || async { t.consumed(&pool).await >= 4 }).await;
+    assert!(consumed, "not consumed; logs in {}", t.log_dir().display());
+    assert_eq!(t.used(s, "total_tokens").await, 2101);
+    let counted: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_events").fetch_one(&pool).await.unwrap();
+    assert_eq!(counted, 3);
+    assert_eq!(t.metric(&t.aggregator_url, "tally_aggregator_events_counted_total").await, 3);
+    let fired: i64 = sqlx::query_scalar("SELECT count(*) FROM thresholds_fired").fetch_one(&pool).await.unwrap();
+    assert_eq!(fired, 1, "80% fired once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_minute_window_unblocks_at_the_next_minute_with_no_traffic() {
     let tiers = "
 default_tier: basic

@@ -157,6 +157,69 @@ async fn kill_9_at_random_points_counts_each_distinct_event_exactly_once() {
     assert_exact_totals(&t, &sent).await;
 }
 
+/// Every subject's tokens climb through nine thresholds, so many events are urgent and are
+/// committed ahead of their batches ([`tally_aggregator::headroom`]).
+const THRESHOLD_TIERS: &str = "
+default_tier: metered
+timezone: UTC
+quotas:
+  - name: monthly_tokens
+    metric: total_tokens
+    period: month
+    limit: 400000
+    thresholds: [10, 20, 30, 40, 50, 60, 70, 80, 90]
+  - name: monthly_requests
+    metric: requests
+    period: month
+    limit: 1000000000000
+tiers:
+  - name: metered
+    priority: 0
+    rate_multiplier: 1
+";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_while_events_reach_thresholds_counts_each_once_and_fires_each_threshold_once() {
+    let mut rng = Rng::seeded();
+    let mut t = Tally::start(Some(THRESHOLD_TIERS)).await;
+    let mut sent = Sent::default();
+    let (mut next_id, mut fast_commits) = (0, 0);
+    for round in 0..30 {
+        let n = 20 + rng.below(150) as usize;
+        let batch = random_batch(&mut rng, "f", next_id, n);
+        next_id += n;
+        post(&t, &mut sent, batch.clone()).await;
+        if rng.below(3) == 0 {
+            let from = rng.below(n as u64) as usize;
+            post(&t, &mut sent, batch[from..].to_vec()).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.below(250))).await;
+        if round % 5 == 4 {
+            fast_commits += t.metric(&t.aggregator_url, "tally_aggregator_fast_commits_total").await;
+            t.kill("aggregator");
+            t.spawn("aggregator");
+        }
+    }
+    assert_exact_totals(&t, &sent).await;
+    fast_commits += t.metric(&t.aggregator_url, "tally_aggregator_fast_commits_total").await;
+    assert!(fast_commits > 0, "no urgent event was committed ahead of its batch");
+    // Each threshold the final usage reached fired once: no more (a replay), no fewer (an
+    // event counted early and then skipped by its batch).
+    let pool = t.pg().await;
+    let fired: Vec<(String, i64)> =
+        sqlx::query_as("SELECT subject, count(*) FROM thresholds_fired WHERE quota = 'monthly_tokens' GROUP BY subject ORDER BY subject")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let expected: Vec<(String, i64)> = sent
+        .tokens
+        .iter()
+        .map(|(subject, tokens)| (subject.clone(), (1..=9).filter(|k| tokens * 100 >= 400_000 * k * 10).count() as i64))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert_eq!(fired, expected, "thresholds fired per subject");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn two_instances_with_a_rebalance_midstream_count_exactly() {
     let mut rng = Rng::seeded();

@@ -18,6 +18,13 @@
 //! after the partition is lost: the refresh only republishes the stored usage).
 //! Should a producer key otherwise, row locks still serialize the lanes' transactions (a
 //! deadlock is a database error, and the batch is retried).
+//!
+//! Urgent events ([`crate::headroom`]) are copied, as they are accepted, into a queue that a
+//! fast commit takes at once (one in flight at a time, one attempt). It writes no offsets;
+//! once it committed, the deliveries it decided are marked when their batch is cut, and
+//! the batch skips them. A delivery whose batch was cut while its fast commit was still in
+//! flight is not marked: the batch's dedupe insert waits for the fast commit's and then
+//! skips the event as a duplicate.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -53,8 +60,8 @@ const SCHEDULER_CHUNK: i64 = 500;
 const MAX_REFRESHES_PER_BATCH: usize = 2000;
 
 /// Postgres connections the aggregator needs besides one per lane: heartbeats and claims,
-/// the scheduler, and the outbox relay.
-const CONNECTIONS_BESIDES_LANES: u32 = 3;
+/// the scheduler, the outbox relay, and fast commits.
+const CONNECTIONS_BESIDES_LANES: u32 = 4;
 
 /// Most messages taken in one go once the loop woke up for one.
 const RECEIVE_BURST: usize = 1000;
@@ -91,6 +98,8 @@ struct Metrics {
     fenced: Counter,
     dedupe_fallbacks: Counter,
     db_retries: Counter,
+    fast_commits: Counter,
+    fast_commit_failures: Counter,
     scheduled_checks: Counter,
     owned_partitions: Gauge,
 }
@@ -116,6 +125,16 @@ impl Metrics {
                 &[],
             ),
             db_retries: r.counter("tally_aggregator_database_retries_total", "batch commits retried after a database error", &[]),
+            fast_commits: r.counter(
+                "tally_aggregator_fast_commits_total",
+                "transactions that counted urgent events (which may change a decision) ahead of their batch",
+                &[],
+            ),
+            fast_commit_failures: r.counter(
+                "tally_aggregator_fast_commit_failures_total",
+                "fast commits that failed; their events were counted with their batches",
+                &[],
+            ),
             scheduled_checks: r.counter(
                 "tally_aggregator_scheduled_checks_total",
                 "decisions looked at again by time (rollover, expiry) or a configuration change",
@@ -138,6 +157,12 @@ struct Loop {
     lanes: Vec<Lane>,
     /// Which lane's consumer is asked first for the next message (see `lanes_with_room`).
     turn: usize,
+    /// Urgent deliveries ([`crate::headroom`]) waiting for the next fast commit.
+    urgent: Vec<Delivery>,
+    /// Whether a fast commit is in flight (one at a time).
+    fast_busy: bool,
+    /// Deliveries (partition, offset) a fast commit decided; their batch skips them.
+    decided_early: HashSet<(i32, i64)>,
     relay_wake: Arc<Notify>,
     metrics: Arc<Metrics>,
 }
@@ -150,8 +175,13 @@ struct LaneWork {
     refreshes: Subjects,
 }
 
-/// A lane's batch commit as it ended: its outcome, or the partition that refused it.
-type Settled = (LaneWork, Result<Outcome, Refused>);
+/// A commit as it ended: a lane's batch with its outcome or the partition that refused it,
+/// or a fast commit of urgent deliveries with its outcome (`None`: it failed, and the events
+/// are counted with their batches).
+enum Settled {
+    Batch(LaneWork, Result<Outcome, Refused>),
+    Fast(Vec<Delivery>, Option<Outcome>),
+}
 
 /// The partition, and the epoch the batch claimed it at, of a batch refused by fencing.
 type Refused = (i32, i64);
@@ -176,7 +206,7 @@ pub async fn run(
     let needed = settings.lanes() as u32 + CONNECTIONS_BESIDES_LANES;
     if postgres.pool_size < needed {
         anyhow::bail!(
-            "TALLY_AGGREGATOR_LANES={} needs a pool of at least {needed} Postgres connections (one per lane, plus membership, scheduler and relay); TALLY_DATABASE_POOL_SIZE is {}",
+            "TALLY_AGGREGATOR_LANES={} needs a pool of at least {needed} Postgres connections (one per lane, plus membership, scheduler, relay and fast commits); TALLY_DATABASE_POOL_SIZE is {}",
             settings.lanes(),
             postgres.pool_size
         );
@@ -230,6 +260,9 @@ pub async fn run(
         committer,
         owned: HashMap::new(),
         turn: 0,
+        urgent: Vec::new(),
+        fast_busy: false,
+        decided_early: HashSet::new(),
         relay_wake,
         metrics,
     };
@@ -347,7 +380,7 @@ impl Loop {
             };
             match wake {
                 Wake::Shutdown => break,
-                Wake::Settled((work, result)) => self.settle(work, result),
+                Wake::Settled(settled) => self.settle(settled),
                 Wake::Message(d, key) => {
                     let now = Instant::now();
                     self.accept(d, key, now);
@@ -365,8 +398,7 @@ impl Loop {
         // to the next owner, from the stored offsets.
         let drained = tokio::time::timeout(drain_timeout, async {
             while let Some(done) = in_flight.next().await {
-                let (work, result) = done.expect("a batch commit task panicked");
-                self.settle(work, result);
+                self.settle(done.expect("a batch commit task panicked"));
             }
         })
         .await;
@@ -409,17 +441,42 @@ impl Loop {
             let (mut deliveries, refreshes) = self.lanes[lane].take_batch(limits, wall);
             // A partition lost since its messages were buffered would only be refused.
             deliveries.retain(|d| self.owned.contains_key(&d.partition));
+            self.mark_decided_early(&mut deliveries);
             let ranges = self.ranges(&deliveries);
             if deliveries.is_empty() && refreshes.is_empty() {
                 self.lanes[lane].settled();
                 continue;
             }
-            let work = LaneWork { lane, deliveries, ranges, refreshes };
+            let mut work = LaneWork { lane, deliveries, ranges, refreshes };
             let committer = self.committer.clone();
             in_flight.push(tokio::spawn(async move {
-                let result = committer.commit_with_retry(&work).await;
-                (work, result)
+                let result = committer.commit_with_retry(&mut work).await;
+                Settled::Batch(work, result)
             }));
+        }
+        self.start_fast_commit(in_flight);
+    }
+
+    /// Starts a fast commit of the urgent deliveries, unless one is in flight.
+    fn start_fast_commit(&mut self, in_flight: &mut FuturesUnordered<JoinHandle<Settled>>) {
+        if self.fast_busy || self.urgent.is_empty() {
+            return;
+        }
+        self.fast_busy = true;
+        let deliveries = std::mem::take(&mut self.urgent);
+        let committer = self.committer.clone();
+        in_flight.push(tokio::spawn(async move { committer.commit_fast(deliveries).await }));
+    }
+
+    /// Marks the deliveries a fast commit decided already, so their batch only moves the
+    /// cursor past them. One still in a fast commit when its batch was cut is not marked:
+    /// the batch meets its dedupe record and skips it as a duplicate.
+    fn mark_decided_early(&mut self, deliveries: &mut [Delivery]) {
+        if self.decided_early.is_empty() {
+            return;
+        }
+        for d in deliveries.iter_mut() {
+            d.counted_early = self.decided_early.remove(&(d.partition, d.offset));
         }
     }
 
@@ -495,7 +552,9 @@ impl Loop {
         if d.offset == owned.pending {
             owned.pending += 1;
             let lane = self.lane_of(d.partition);
-            self.lanes[lane].push(d, key, now);
+            if let Some(urgent) = self.lanes[lane].push(d, key, now) {
+                self.urgent.push(urgent);
+            }
         } else if d.offset > owned.pending {
             self.seek_if_due(d.partition);
         }
@@ -550,23 +609,60 @@ impl Loop {
         ranges
     }
 
-    fn settle(&mut self, work: LaneWork, result: Result<Outcome, Refused>) {
-        self.lanes[work.lane].settled();
-        match result {
-            Ok(outcome) => self.committed(&work, outcome),
-            Err(refused) => self.fenced(work, refused),
+    fn settle(&mut self, settled: Settled) {
+        match settled {
+            Settled::Batch(work, result) => {
+                self.lanes[work.lane].settled();
+                match result {
+                    Ok(outcome) => self.committed(&work, outcome),
+                    Err(refused) => self.fenced(work, refused),
+                }
+            }
+            Settled::Fast(deliveries, outcome) => self.fast_committed(deliveries, outcome),
         }
     }
 
-    /// After a lane's commit: counts, stored cursors and the lane's new deferred subjects.
+    /// After a lane's commit: counts, stored cursors, the lane's new deferred subjects and
+    /// its subjects' headroom.
     fn committed(&mut self, work: &LaneWork, outcome: Outcome) {
+        self.count(&outcome);
+        self.advance(work.lane, &work.ranges);
+        let lane = &mut self.lanes[work.lane];
+        lane.deferred.extend(outcome.deferred);
+        for (subject, lines) in outcome.headroom {
+            lane.headroom.committed(&subject, lines);
+        }
+        self.relay_wake.notify_one();
+    }
+
+    fn count(&self, outcome: &Outcome) {
         self.metrics.counted.add(outcome.counted as u64);
         self.metrics.duplicates.add(outcome.duplicates as u64);
         self.metrics.quarantined.add(outcome.quarantined as u64);
         self.metrics.snapshots.add(outcome.snapshots as u64);
         self.metrics.dedupe_fallbacks.add(outcome.dedupe_fell_back as u64);
-        self.advance(work.lane, &work.ranges);
-        self.lanes[work.lane].deferred.extend(outcome.deferred);
+    }
+
+    /// After a fast commit: its deliveries are decided (their batches skip them), and a
+    /// subject whose snapshot it deferred joins the deferred refreshes of its lane. Its
+    /// subjects' headroom stays stale until a batch decides them: the fast commit did not
+    /// see what their lanes buffered meanwhile.
+    fn fast_committed(&mut self, deliveries: Vec<Delivery>, outcome: Option<Outcome>) {
+        self.fast_busy = false;
+        let Some(outcome) = outcome else {
+            self.metrics.fast_commit_failures.inc();
+            return;
+        };
+        self.metrics.fast_commits.inc();
+        self.count(&outcome);
+        let lane_of_subject: HashMap<&str, usize> =
+            deliveries.iter().filter_map(|d| Some((d.event()?.subject.as_str(), self.lane_of(d.partition)))).collect();
+        for (subject, deferred) in outcome.deferred {
+            if let Some(&lane) = lane_of_subject.get(subject.as_str()) {
+                self.lanes[lane].deferred.insert(subject, deferred);
+            }
+        }
+        self.decided_early.extend(deliveries.iter().map(|d| (d.partition, d.offset)));
         self.relay_wake.notify_one();
     }
 
@@ -622,11 +718,11 @@ impl Loop {
 impl Committer {
     /// Commits one lane's batch (with its due refreshes), retrying database errors until it
     /// succeeds or is fenced; a refusal by fencing names the partition and the batch's epoch.
-    async fn commit_with_retry(&self, work: &LaneWork) -> Result<Outcome, Refused> {
+    async fn commit_with_retry(&self, work: &mut LaneWork) -> Result<Outcome, Refused> {
         let mut backoff = Duration::from_millis(200);
         loop {
             let (now, parsing) = (Utc::now(), Instant::now());
-            let parsed = parse_batch(&work.deliveries, now, self.lateness);
+            let parsed = parse_batch(&mut work.deliveries, now, self.lateness);
             let started = Instant::now();
             match self.store.commit_batch(&work.ranges, parsed, &work.refreshes, &self.policy, now, self.refresh).await {
                 Ok(outcome) => {
@@ -645,6 +741,30 @@ impl Committer {
                 }
             }
         }
+    }
+}
+
+impl Committer {
+    /// Commits urgent deliveries at once, in a transaction of their own beside the lanes'
+    /// batches: dedupe records, ledgers and decisions, but no offsets (the cursor moves with
+    /// their batch, which skips them). Counting is by event id, so it needs no claim: a
+    /// batch or another instance that meets these events again skips them as duplicates.
+    /// One attempt: should it fail, the events are counted with their batches.
+    async fn commit_fast(&self, mut deliveries: Vec<Delivery>) -> Settled {
+        let (now, started) = (Utc::now(), Instant::now());
+        let parsed = parse_batch(&mut deliveries, now, self.lateness);
+        let result = self.store.commit_batch(&[], parsed, &Subjects::new(), &self.policy, now, self.refresh).await;
+        let outcome = match result {
+            Ok(outcome) => {
+                tracing::debug!(events = deliveries.len(), snapshots = outcome.snapshots, millis = started.elapsed().as_millis() as u64, "fast commit");
+                Some(outcome)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, events = deliveries.len(), "fast commit failed; its events are counted with their batches");
+                None
+            }
+        };
+        Settled::Fast(deliveries, outcome)
     }
 }
 
@@ -671,6 +791,6 @@ async fn receive_any(consumers: &[StreamConsumer<KafkaLog>], lanes: &[usize]) ->
 
 /// A message as buffered: the delivery, and the hash of its key (the subject).
 fn keyed_delivery(m: &rdkafka::message::BorrowedMessage<'_>) -> (Delivery, u64) {
-    let delivery = Delivery { partition: m.partition(), offset: m.offset(), payload: m.payload().map(<[u8]>::to_vec) };
+    let delivery = Delivery::received(m.partition(), m.offset(), m.payload().map(<[u8]>::to_vec));
     (delivery, key_hash(m.key()))
 }

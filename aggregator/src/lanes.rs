@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
+use crate::headroom::Headroom;
 use crate::plan::Delivery;
 use crate::store::{Deferred, Subjects};
 
@@ -34,6 +35,9 @@ pub struct Lane {
     pub deferred: Deferred,
     /// When the lane last looked for due refreshes while its buffer was empty.
     refreshes_checked: Option<Instant>,
+    /// How much of each metric the lane's subjects may still use before their decisions
+    /// change, to tell urgent events on arrival.
+    pub headroom: Headroom,
 }
 
 /// What one batch may hold. Its memory and its ledger rows grow with the distinct subjects
@@ -58,12 +62,15 @@ pub fn key_hash(key: Option<&[u8]>) -> u64 {
 const REFRESH_POLL: Duration = Duration::from_millis(100);
 
 impl Lane {
-    /// Buffers a delivery with the [`key_hash`] of its message key.
-    pub fn push(&mut self, delivery: Delivery, key: u64, now: Instant) {
+    /// Buffers a delivery with the [`key_hash`] of its message key. Returns a copy of it
+    /// when its event is urgent: it may change its subject's decision ([`Headroom::spend`]).
+    pub fn push(&mut self, delivery: Delivery, key: u64, now: Instant) -> Option<Delivery> {
         if self.buffer.is_empty() {
             self.oldest = Some(now);
         }
+        let urgent = delivery.event().is_some_and(|e| self.headroom.spend(e)).then(|| delivery.clone());
         self.buffer.push((delivery, key));
+        urgent
     }
 
     pub fn buffered(&self) -> usize {
@@ -109,6 +116,7 @@ impl Lane {
             self.oldest = None;
         }
         self.busy = true;
+        self.headroom.cut();
         (deliveries, self.take_due_refreshes(limits.refreshes, wall))
     }
 
@@ -150,7 +158,7 @@ mod tests {
     use super::*;
 
     fn delivery(partition: i32, offset: i64) -> Delivery {
-        Delivery { partition, offset, payload: None }
+        Delivery { partition, offset, ..Delivery::default() }
     }
 
     const WAIT: Duration = Duration::from_millis(50);
@@ -176,7 +184,9 @@ mod tests {
     fn a_busy_lane_keeps_buffering_and_its_next_batch_continues_in_order() {
         let (t0, wall) = (Instant::now(), Utc::now());
         let mut lane = Lane::default();
-        (0..5).for_each(|o| lane.push(delivery(1, o), key_hash(None), t0));
+        (0..5).for_each(|o| {
+            lane.push(delivery(1, o), key_hash(None), t0);
+        });
         let (first, _) = lane.take_batch(limits(3, 10), wall);
         assert_eq!(first.iter().map(|d| d.offset).collect::<Vec<_>>(), [0, 1, 2]);
         lane.push(delivery(1, 5), key_hash(None), t0);
@@ -219,6 +229,23 @@ mod tests {
         let (second, _) = lane.take_batch(two_subjects, wall);
         assert_eq!(second.iter().map(|d| d.offset).collect::<Vec<_>>(), [3, 4]);
         assert_eq!(lane.buffered(), 1);
+    }
+
+    #[test]
+    fn a_push_returns_a_copy_of_an_urgent_delivery_and_keeps_it_buffered_in_order() {
+        let t0 = Instant::now();
+        let event = |offset: i64, tokens: i64| {
+            let v = serde_json::json!({"id": format!("e{offset}"), "subject": "s", "time": Utc::now().to_rfc3339(), "input_tokens": tokens});
+            Delivery::received(0, offset, Some(serde_json::to_vec(&v).unwrap()))
+        };
+        let mut lane = Lane::default();
+        let left = vec![crate::headroom::Line { metric: tally_domain::metric::Metric::InputTokens, scope: None, left: 10 }];
+        lane.headroom.committed("s", left);
+        assert!(lane.push(event(0, 9), key_hash(Some(b"s")), t0).is_none());
+        let urgent = lane.push(event(1, 1), key_hash(Some(b"s")), t0).expect("the 10th token is urgent");
+        assert_eq!((urgent.offset, urgent.event().map(|e| e.input_tokens)), (1, Some(1)));
+        let (batch, _) = lane.take_batch(limits(10, 0), Utc::now());
+        assert_eq!(batch.iter().map(|d| d.offset).collect::<Vec<_>>(), [0, 1], "the urgent one stays in its batch, for the cursor");
     }
 
     #[test]

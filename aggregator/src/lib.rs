@@ -14,6 +14,11 @@
 //!    it does not start exactly at the stored offset or if this instance no longer owns the
 //!    partition at the epoch it claimed (fencing).
 //!
+//! An urgent event (one that may change a decision, [`headroom`]) is also committed at once,
+//! ahead of its batch, by a fast commit: steps 1-3 in a transaction of its own, without
+//! step 4. Its batch skips it and moves the offsets past it; a replay or another instance
+//! meets its dedupe record and skips it as a duplicate.
+//!
 //! Offsets live in Postgres; the offsets committed to Kafka afterwards are only a hint for
 //! where to resume fetching, and anything below the stored offset is skipped on arrival.
 //! The outbox is relayed to Kafka by [`relay`] after the commit, so a crash between commit
@@ -38,6 +43,7 @@
 
 pub mod consumer;
 pub mod dedupe;
+pub mod headroom;
 pub mod lanes;
 pub mod plan;
 pub mod policy;

@@ -17,11 +17,42 @@ use tally_domain::period::{PeriodSpec, Window};
 use crate::policy::{Policy, Quota, Resolved};
 
 /// One message as consumed.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Delivery {
     pub partition: i32,
     pub offset: i64,
     pub payload: Option<Vec<u8>>,
+    /// The payload parsed when it was received ([`Delivery::received`]), taken by the first
+    /// [`parse_batch`] of its batch; `None` is parsed then (a retry parses again).
+    pub parsed: Option<ParseResult>,
+    /// Counted already by a fast commit ([`crate::headroom`]): its batch only moves the
+    /// cursor past it.
+    pub counted_early: bool,
+}
+
+/// A payload parsed: the event and its fingerprint, or the reason it goes to quarantine.
+pub type ParseResult = Result<(UsageEvent, String), String>;
+
+impl Delivery {
+    /// A delivery as received, its payload parsed at once: the loop reads the event's
+    /// amounts on arrival ([`crate::headroom`]), and its batch does not parse it again.
+    pub fn received(partition: i32, offset: i64, payload: Option<Vec<u8>>) -> Self {
+        let parsed = Some(parse_payload(payload.as_deref()));
+        Delivery { partition, offset, payload, parsed, counted_early: false }
+    }
+
+    /// The event, when the payload parsed (and was parsed on receipt).
+    pub fn event(&self) -> Option<&UsageEvent> {
+        self.parsed.as_ref().and_then(|p| p.as_ref().ok()).map(|(e, _)| e)
+    }
+}
+
+fn parse_payload(payload: Option<&[u8]>) -> ParseResult {
+    match payload.map(parse_event_with_fingerprint) {
+        None => Err("empty message".to_string()),
+        Some(Err(e)) => Err(format!("invalid event: {e}")),
+        Some(Ok(parsed)) => Ok(parsed),
+    }
 }
 
 /// A message refused by the aggregator, published to the quarantine topic with its reason.
@@ -66,19 +97,20 @@ pub struct Parsed<'a> {
     pub duplicates: usize,
 }
 
-/// Parses every delivery, quarantines what does not fit, and keeps the first event per id.
-pub fn parse_batch(deliveries: &[Delivery], now: DateTime<Utc>, lateness: Duration) -> Parsed<'_> {
+/// Parses every delivery (or takes what was parsed on receipt), quarantines what does not
+/// fit, and keeps the first event per id. Deliveries counted early are left out.
+pub fn parse_batch(deliveries: &mut [Delivery], now: DateTime<Utc>, lateness: Duration) -> Parsed<'_> {
+    let results: Vec<Option<ParseResult>> =
+        deliveries.iter_mut().map(|d| (!d.counted_early).then(|| d.parsed.take().unwrap_or_else(|| parse_payload(d.payload.as_deref())))).collect();
+    let deliveries = &*deliveries;
     let mut parsed = Parsed { candidates: Vec::with_capacity(deliveries.len()), ..Parsed::default() };
     // Event id -> its candidate's index.
     let mut first_with_id: HashMap<String, usize> = HashMap::with_capacity(deliveries.len());
-    for d in deliveries {
-        let (event, fingerprint) = match d.payload.as_deref().map(parse_event_with_fingerprint) {
-            None => {
-                parsed.quarantined.push(Quarantined::new("empty message", None, d));
-                continue;
-            }
-            Some(Err(e)) => {
-                parsed.quarantined.push(Quarantined::new(format!("invalid event: {e}"), None, d));
+    for (d, result) in deliveries.iter().zip(results) {
+        let (event, fingerprint) = match result {
+            None => continue,
+            Some(Err(reason)) => {
+                parsed.quarantined.push(Quarantined::new(reason, None, d));
                 continue;
             }
             Some(Ok(parsed_event)) => parsed_event,
@@ -425,7 +457,7 @@ mod tests {
     use serde_json::json;
 
     fn delivery(offset: i64, value: serde_json::Value) -> Delivery {
-        Delivery { partition: 0, offset, payload: Some(serde_json::to_vec(&value).unwrap()) }
+        Delivery { partition: 0, offset, payload: Some(serde_json::to_vec(&value).unwrap()), ..Delivery::default() }
     }
 
     fn now() -> DateTime<Utc> {
@@ -555,8 +587,8 @@ mod tests {
     fn duplicates_are_skipped_and_conflicts_quarantined_within_a_batch() {
         let e = json!({"id": "e1", "subject": "a", "time": "2026-11-22T11:00:00Z", "input_tokens": 5});
         let changed = json!({"id": "e1", "subject": "a", "time": "2026-11-22T11:00:00Z", "input_tokens": 6});
-        let batch = [delivery(0, e.clone()), delivery(1, e), delivery(2, changed)];
-        let parsed = parse_batch(&batch, now(), Duration::days(35));
+        let mut batch = [delivery(0, e.clone()), delivery(1, e), delivery(2, changed)];
+        let parsed = parse_batch(&mut batch, now(), Duration::days(35));
         assert_eq!(parsed.candidates.len(), 1);
         assert_eq!(parsed.candidates[0].event.input_tokens, 5);
         assert_eq!(parsed.duplicates, 1);
@@ -566,15 +598,34 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_takes_what_was_parsed_on_receipt_and_leaves_out_what_was_decided_early() {
+        let e = |id: &str| json!({"id": id, "subject": "a", "time": "2026-11-22T11:00:00Z", "input_tokens": 5});
+        let payload = |v: serde_json::Value| Some(serde_json::to_vec(&v).unwrap());
+        let mut early = Delivery::received(0, 1, payload(e("early")));
+        early.counted_early = true;
+        let mut batch = [Delivery::received(0, 0, payload(e("a"))), early, Delivery::received(0, 2, payload(e("a")))];
+        assert!(batch[0].event().is_some(), "parsed on receipt");
+        let parsed = parse_batch(&mut batch, now(), Duration::days(35));
+        let ids: Vec<&str> = parsed.candidates.iter().map(|c| c.event.id.as_str()).collect();
+        assert_eq!((ids, parsed.duplicates, parsed.quarantined.len()), (vec!["a"], 1, 0), "the early one is neither counted nor a duplicate");
+        let fingerprint = parsed.candidates[0].fingerprint.clone();
+        // A retry parses the payloads again, with the same result.
+        assert!(batch[0].parsed.is_none(), "taken by the first parse");
+        let again = parse_batch(&mut batch, now(), Duration::days(35));
+        assert_eq!(again.candidates.len(), 1);
+        assert_eq!(again.candidates[0].fingerprint, fingerprint);
+    }
+
+    #[test]
     fn poison_late_and_future_events_are_quarantined_with_reason_and_bytes() {
-        let batch = [
-            Delivery { partition: 1, offset: 7, payload: Some(b"{not json".to_vec()) },
-            Delivery { partition: 1, offset: 8, payload: None },
+        let mut batch = [
+            Delivery::received(1, 7, Some(b"{not json".to_vec())),
+            Delivery { partition: 1, offset: 8, payload: None, ..Delivery::default() },
             delivery(9, json!({"id": "old", "subject": "a", "time": "2026-09-01T00:00:00Z"})),
             delivery(10, json!({"id": "new", "subject": "a", "time": "2026-11-22T12:06:00Z"})),
-            Delivery { partition: 1, offset: 11, payload: Some(vec![0xff, 0x00]) },
+            Delivery::received(1, 11, Some(vec![0xff, 0x00])),
         ];
-        let parsed = parse_batch(&batch, now(), Duration::days(35));
+        let parsed = parse_batch(&mut batch, now(), Duration::days(35));
         assert!(parsed.candidates.is_empty());
         let reasons: Vec<&str> = parsed.quarantined.iter().map(|q| q.reason.as_str()).collect();
         assert!(reasons[0].starts_with("invalid event"), "{reasons:?}");

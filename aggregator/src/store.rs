@@ -10,6 +10,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use tally_domain::decision::{thresholds_reached, DecisionSnapshot, QuotaDecision};
 use tally_domain::event::UsageEvent;
 
+use crate::headroom;
 use crate::plan::{self, Candidate, LedgerDelta, LedgerKey, Parsed, Quarantined};
 use crate::policy::{Policy, PolicyHandle};
 
@@ -64,6 +65,15 @@ pub struct Outcome {
     /// Subjects whose usage changed without a state change, with when their refresh is due;
     /// the loop hands them back to a later batch ([`Store::commit_batch`]'s `refreshes`).
     pub deferred: Deferred,
+    /// Every decided subject's headroom as of this commit ([`crate::headroom`]).
+    pub headroom: Vec<(String, Vec<headroom::Line>)>,
+}
+
+/// What deciding a chunk of subjects gave.
+struct Decided {
+    snapshots: usize,
+    deferred: Deferred,
+    headroom: Vec<(String, Vec<headroom::Line>)>,
 }
 
 /// The aggregator's handle on its Postgres tables.
@@ -148,9 +158,10 @@ impl Store {
         // In chunks, so a large batch does not hold every touched subject's plan and
         // snapshot in memory at once.
         for chunk in chunks(touched, DECISION_CHUNK) {
-            let (snapshots, deferred) = self.publish_decisions(&mut tx, &chunk, &updated, policy, now, refresh).await?;
-            outcome.snapshots += snapshots;
-            outcome.deferred.extend(deferred);
+            let decided = self.publish_decisions(&mut tx, &chunk, &updated, policy, now, refresh).await?;
+            outcome.snapshots += decided.snapshots;
+            outcome.deferred.extend(decided.deferred);
+            outcome.headroom.extend(decided.headroom);
         }
         phases.lap("decisions");
         outcome.quarantined = quarantined.len();
@@ -258,8 +269,9 @@ impl Store {
     /// `decisions` and the outbox where [`plan::should_publish`] says so; records fired
     /// thresholds; and keeps every subject's API key and `next_check_at` current.
     /// `updated` holds the `used` of ledger rows this transaction already wrote (they are
-    /// not read again). Returns how many snapshots were published, and the subjects whose
-    /// usage changed but whose snapshot waits for `refresh` (with when it is due).
+    /// not read again). Returns how many snapshots were published, the subjects whose
+    /// usage changed but whose snapshot waits for `refresh` (with when it is due), and every
+    /// subject's headroom.
     ///
     /// A change of usage alone is published at most once per `refresh`. The loop brings a
     /// deferred subject back into a batch when it is due; as a backstop (if this instance
@@ -272,9 +284,9 @@ impl Store {
         policy: &Policy,
         now: DateTime<Utc>,
         refresh: Duration,
-    ) -> Result<(usize, Deferred), sqlx::Error> {
+    ) -> Result<Decided, sqlx::Error> {
         if subjects.is_empty() {
-            return Ok((0, Deferred::new()));
+            return Ok(Decided { snapshots: 0, deferred: Deferred::new(), headroom: Vec::new() });
         }
         let names: Vec<&str> = subjects.keys().map(String::as_str).collect();
         let previous = previous_decisions(tx, &names).await?;
@@ -298,7 +310,9 @@ impl Store {
         let mut rows = DecisionRows::default();
         let mut checks = Vec::new();
         let mut deferred = Deferred::new();
+        let mut headroom = Vec::with_capacity(plans.len());
         for SubjectPlan { subject, api_key, resolved, lines, .. } in plans {
+            headroom.push((subject.clone(), headroom::lines_of(&resolved.quotas, &lines)));
             let prev = previous.get(subject.as_str());
             let mut next_check = plan::next_check_at(&lines, policy.next_change_after(&subject, now));
             let digest = plan::Published::of(&resolved.tier, &lines, now);
@@ -328,7 +342,7 @@ impl Store {
         save_snapshots(tx, &rows).await?;
         save_checks(tx, &checks).await?;
         enqueue(tx, &self.decisions_topic, &rows.subjects, &rows.bodies).await?;
-        Ok((rows.subjects.len(), deferred))
+        Ok(Decided { snapshots: rows.subjects.len(), deferred, headroom })
     }
 
     /// Fills in the usage and reset instant of every rolling-window quota of `plans`: usage is
@@ -390,9 +404,9 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         let subjects: Subjects = due.into_iter().map(|s| (s, None)).collect();
-        let (published, _) = self.publish_decisions(&mut tx, &subjects, &HashMap::new(), &policy, now, Duration::zero()).await?;
+        let decided = self.publish_decisions(&mut tx, &subjects, &HashMap::new(), &policy, now, Duration::zero()).await?;
         tx.commit().await?;
-        Ok((subjects.len(), published))
+        Ok((subjects.len(), decided.snapshots))
     }
 }
 
