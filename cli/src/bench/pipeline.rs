@@ -343,6 +343,7 @@ impl Pipeline {
             }
         }
         let snapshots_before = scrape(&self.http, &self.aggregator_addr, "tally_aggregator_snapshots_total").await.unwrap_or(0.0);
+        let fast_before = scrape(&self.http, &self.aggregator_addr, "tally_aggregator_fast_commits_total").await.unwrap_or(0.0);
         let cpu = CpuWatch::start(self.cpu_groups().await);
         let phase = Instant::now();
         let stop = Arc::new(AtomicBool::new(false));
@@ -377,6 +378,7 @@ impl Pipeline {
         self.produced += sent + (probes.len() + self.idle_probes.len()) as u64;
         let _ = probe_producer.flush(Duration::from_secs(10));
         let snapshots = scrape(&self.http, &self.aggregator_addr, "tally_aggregator_snapshots_total").await.unwrap_or(0.0) - snapshots_before;
+        let fast_commits = scrape(&self.http, &self.aggregator_addr, "tally_aggregator_fast_commits_total").await.unwrap_or(0.0) - fast_before;
         let phase = phase.elapsed().as_secs_f64();
         if latencies.is_empty() {
             bail!("no probe decision became visible at the API");
@@ -386,6 +388,7 @@ impl Pipeline {
             .figure("background_share_of_throughput", fraction)
             .figure("probes", latencies.len() as f64)
             .figure("snapshots_published_per_s", snapshots.max(0.0) / phase)
+            .figure("fast_commits", fast_commits.max(0.0))
             .latencies("decision", &latencies)
             .figure("split_probes", queued.len() as f64)
             .latencies("decision_queued", &queued)
@@ -406,6 +409,10 @@ impl Pipeline {
                  batch that counted the probe (the snapshot's calculated_at): the broker hop, the wait for the lane's commit in flight, and any \
                  database retries of the batch; decision_from_batch_start: from then until visible (parse and commit of that batch, outbox relay, \
                  decisions topic, API)",
+            )
+            .note(
+                "fast_commits: transactions that committed urgent events (which may change a decision: the probes, and any background event \
+                 that reached a threshold) at once, ahead of their batches, during the loaded phase",
             )
             .note(
                 "machine_idle_share and cpu_share_*: of all cores, from the start of the background load until the last probe was visible \
