@@ -253,7 +253,7 @@ pub async fn run(
         refresh: chrono::Duration::milliseconds(settings.snapshot_refresh_ms as i64),
     };
     let mut state = Loop {
-        lanes: (0..settings.lanes()).map(|_| Lane::default()).collect(),
+        lanes: (0..settings.lanes()).map(|_| Lane::new(settings.headroom_subjects.div_ceil(settings.lanes()))).collect(),
         settings,
         consumers,
         heartbeats: Heartbeats::new(membership.clone()),

@@ -80,18 +80,55 @@ struct Entry {
 }
 
 /// One lane's headroom per subject (see the module docs).
-#[derive(Debug, Default)]
+///
+/// Bounded: subjects are kept in two generations. When the current one reaches `capacity`
+/// subjects it becomes the previous one, and the old previous one is forgotten; a subject
+/// met again in the previous generation moves to the current one. So at most twice
+/// `capacity` subjects are held, and those forgotten are the ones not seen for longest. A
+/// forgotten subject's urgent events wait for their batch until a batch decides it again.
+#[derive(Debug)]
 pub struct Headroom {
     /// By the subject's 64-bit hash ([`subject_key`]), which keeps no copy of the name. Two
     /// subjects of one lane sharing a hash would share an entry: a wrong hint, not a wrong
     /// count.
-    subjects: HashMap<u64, Entry>,
+    current: HashMap<u64, Entry>,
+    previous: HashMap<u64, Entry>,
+    capacity: usize,
     /// How many batches the lane has cut.
     cut: u64,
 }
 
+impl Default for Headroom {
+    fn default() -> Self {
+        Headroom::with_capacity(DEFAULT_CAPACITY)
+    }
+}
+
+/// Subjects per generation of a [`Headroom`] made with `default()` (the aggregator sizes its
+/// lanes' from `TALLY_AGGREGATOR_HEADROOM_SUBJECTS`).
+const DEFAULT_CAPACITY: usize = 100_000;
+
 impl Headroom {
-    /// Spends an arriving event from its subject's lines, and says whether it is urgent: it
+    /// A headroom that keeps up to `capacity` subjects per generation (at least 1).
+    pub fn with_capacity(capacity: usize) -> Self {
+        Headroom { current: HashMap::default(), previous: HashMap::default(), capacity: capacity.max(1), cut: 0 }
+    }
+
+    /// The entry of `subject`, from the current generation, else moved there from the
+    /// previous one, else new; the generations turn over when the current one is full.
+    fn entry(&mut self, subject: &str) -> &mut Entry {
+        let key = subject_key(subject);
+        if !self.current.contains_key(&key) {
+            if self.current.len() >= self.capacity {
+                self.previous = std::mem::take(&mut self.current);
+            }
+            let entry = self.previous.remove(&key).unwrap_or_default();
+            self.current.insert(key, entry);
+        }
+        self.current.get_mut(&key).expect("inserted above")
+    }
+
+    // Spends an arriving event from its subject's lines, and says whether it is urgent: it
     /// used a line up, so it may change the subject's decision. Corrections only take usage
     /// away, and are never urgent.
     pub fn spend(&mut self, event: &UsageEvent) -> bool {
@@ -99,7 +136,7 @@ impl Headroom {
             return false;
         }
         let cut = self.cut;
-        let entry = self.subjects.entry(subject_key(&event.subject)).or_default();
+        let entry = self.entry(&event.subject);
         if entry.cut != cut {
             (entry.since_cut, entry.cut) = (Amounts::default(), cut);
         }
@@ -128,8 +165,9 @@ impl Headroom {
     /// The lane's batch cut last committed and decided `subject`: `lines` are its headroom
     /// as of that commit. What arrived since the cut is spent from them again.
     pub fn committed(&mut self, subject: &str, mut lines: Vec<Line>) {
-        let entry = self.subjects.entry(subject_key(subject)).or_default();
-        if entry.cut == self.cut {
+        let cut = self.cut;
+        let entry = self.entry(subject);
+        if entry.cut == cut {
             for line in lines.iter_mut() {
                 line.left -= entry.since_cut.get(line.metric);
             }
@@ -234,6 +272,21 @@ mod tests {
         h.cut();
         h.committed("s", lines_of(&q, &decided(&q, 50)));
         assert!(!h.spend(&event("s", 49, "")));
+    }
+
+    #[test]
+    fn the_subjects_not_seen_for_longest_are_forgotten_beyond_two_generations() {
+        let q = quotas(&["{name: m, metric: input_tokens, period: month, limit: 100, thresholds: [100]}"]);
+        let mut h = Headroom::with_capacity(2);
+        for s in ["a", "b"] {
+            h.committed(s, lines_of(&q, &decided(&q, 0)));
+        }
+        h.committed("c", lines_of(&q, &decided(&q, 0))); // a and b are now the previous generation
+        assert!(!h.spend(&event("a", 50, "")), "a moves back to the current generation");
+        h.committed("d", lines_of(&q, &decided(&q, 0))); // the current one (c, a) is full: b is forgotten
+        assert!(h.spend(&event("a", 50, "")), "a kept its headroom across the turns");
+        assert!(!h.spend(&event("b", 100, "")), "b was forgotten: no hint");
+        assert!(h.current.len() + h.previous.len() <= 4);
     }
 
     #[test]

@@ -62,6 +62,11 @@ pub fn key_hash(key: Option<&[u8]>) -> u64 {
 const REFRESH_POLL: Duration = Duration::from_millis(100);
 
 impl Lane {
+    /// A lane that keeps the headroom of up to `headroom_subjects` subjects per generation.
+    pub fn new(headroom_subjects: usize) -> Self {
+        Lane { headroom: Headroom::with_capacity(headroom_subjects), ..Lane::default() }
+    }
+
     /// Buffers a delivery with the [`key_hash`] of its message key. Returns a copy of it
     /// when its event is urgent: it may change its subject's decision ([`Headroom::spend`]).
     pub fn push(&mut self, delivery: Delivery, key: u64, now: Instant) -> Option<Delivery> {

@@ -83,6 +83,13 @@ pub struct AggregatorSettings {
     /// commits.
     #[arg(long, env = "TALLY_AGGREGATOR_LANES", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub lanes: u16,
+    /// Subjects whose headroom (what each may still use before its next threshold or
+    /// limit) the instance keeps, to commit an event that reaches one at once rather than
+    /// with its batch. Split among the lanes; each lane keeps up to twice its share and
+    /// forgets the subjects it has not seen for longest (their events are then decided with
+    /// their batches, until a batch decides them again).
+    #[arg(long, env = "TALLY_AGGREGATOR_HEADROOM_SUBJECTS", default_value_t = 200_000, value_parser = at_least_one)]
+    pub headroom_subjects: usize,
     /// Longest wait, in milliseconds, to fill a batch once its first event arrived.
     #[arg(long, env = "TALLY_AGGREGATOR_MAX_WAIT_MS", default_value_t = 50)]
     pub max_wait_ms: u64,
