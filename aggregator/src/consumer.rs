@@ -63,6 +63,12 @@ const MAX_REFRESHES_PER_BATCH: usize = 2000;
 /// the scheduler, the outbox relay, and fast commits.
 const CONNECTIONS_BESIDES_LANES: u32 = 4;
 
+/// How many full batches a lane's buffer may hold. More than one: while a long commit is in
+/// flight and the next batch is already full, the loop goes on receiving that lane's
+/// messages, so an urgent event among them is seen (and committed) at once rather than
+/// after the commit (BENCHMARKS.md, eighth session).
+const BUFFERED_BATCHES: usize = 2;
+
 /// Most messages taken in one go once the loop woke up for one.
 const RECEIVE_BURST: usize = 1000;
 
@@ -414,7 +420,7 @@ impl Loop {
     fn lanes_with_room(&mut self) -> Vec<usize> {
         self.turn = self.turn.wrapping_add(1);
         let n = self.lanes.len();
-        let max = self.settings.max_batch;
+        let max = self.settings.max_batch * BUFFERED_BATCHES;
         (0..n).map(|i| (self.turn + i) % n).filter(|l| self.lanes[*l].buffered() < max).collect()
     }
 
