@@ -163,8 +163,10 @@ struct Loop {
     lanes: Vec<Lane>,
     /// Which lane's consumer is asked first for the next message (see `lanes_with_room`).
     turn: usize,
-    /// Urgent deliveries ([`crate::headroom`]) waiting for the next fast commit.
+    /// Urgent deliveries ([`crate::headroom`]) waiting for the next fast commit, and when the
+    /// first of them was accepted.
     urgent: Vec<Delivery>,
+    urgent_since: Option<Instant>,
     /// Whether a fast commit is in flight (one at a time).
     fast_busy: bool,
     /// Deliveries (partition, offset) a fast commit decided; their batch skips them.
@@ -267,6 +269,7 @@ pub async fn run(
         owned: HashMap::new(),
         turn: 0,
         urgent: Vec::new(),
+        urgent_since: None,
         fast_busy: false,
         decided_early: HashSet::new(),
         relay_wake,
@@ -470,8 +473,9 @@ impl Loop {
         }
         self.fast_busy = true;
         let deliveries = std::mem::take(&mut self.urgent);
+        let waited = self.urgent_since.take().map(|t| t.elapsed()).unwrap_or_default();
         let committer = self.committer.clone();
-        in_flight.push(tokio::spawn(async move { committer.commit_fast(deliveries).await }));
+        in_flight.push(tokio::spawn(async move { committer.commit_fast(deliveries, waited).await }));
     }
 
     /// Marks the deliveries a fast commit decided already, so their batch only moves the
@@ -559,6 +563,7 @@ impl Loop {
             owned.pending += 1;
             let lane = self.lane_of(d.partition);
             if let Some(urgent) = self.lanes[lane].push(d, key, now) {
+                self.urgent_since.get_or_insert(now);
                 self.urgent.push(urgent);
             }
         } else if d.offset > owned.pending {
@@ -755,14 +760,19 @@ impl Committer {
     /// batches: dedupe records, ledgers and decisions, but no offsets (the cursor moves with
     /// their batch, which skips them). Counting is by event id, so it needs no claim: a
     /// batch or another instance that meets these events again skips them as duplicates.
-    /// One attempt: should it fail, the events are counted with their batches.
-    async fn commit_fast(&self, mut deliveries: Vec<Delivery>) -> Settled {
+    /// One attempt: should it fail, the events are counted with their batches. `waited` is
+    /// how long the first of them waited for the fast commit in flight before (logged, with
+    /// the age of the oldest event by its own time: the broker hop and the loop's share).
+    async fn commit_fast(&self, mut deliveries: Vec<Delivery>, waited: Duration) -> Settled {
         let (now, started) = (Utc::now(), Instant::now());
+        let oldest = deliveries.iter().filter_map(|d| d.event()).map(|e| e.time).min();
+        let age_millis = oldest.map_or(0, |t| (now - t).num_milliseconds());
         let parsed = parse_batch(&mut deliveries, now, self.lateness);
         let result = self.store.commit_batch(&[], parsed, &Subjects::new(), &self.policy, now, self.refresh).await;
         let outcome = match result {
             Ok(outcome) => {
-                tracing::debug!(events = deliveries.len(), snapshots = outcome.snapshots, millis = started.elapsed().as_millis() as u64, "fast commit");
+                let (waited_millis, millis) = (waited.as_millis() as u64, started.elapsed().as_millis() as u64);
+                tracing::debug!(events = deliveries.len(), snapshots = outcome.snapshots, age_millis, waited_millis, millis, "fast commit");
                 Some(outcome)
             }
             Err(e) => {
