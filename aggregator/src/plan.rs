@@ -23,8 +23,10 @@ pub struct Delivery {
     pub offset: i64,
     pub payload: Option<Vec<u8>>,
     /// The payload parsed when it was received ([`Delivery::received`]), taken by the first
-    /// [`parse_batch`] of its batch; `None` is parsed then (a retry parses again).
-    pub parsed: Option<ParseResult>,
+    /// [`parse_batch`] of its batch; `None` is parsed then (a retry parses again). Boxed: a
+    /// lane's buffer keeps its capacity, and a parsed event is several times the size of
+    /// the rest of a delivery.
+    pub parsed: Option<Box<ParseResult>>,
     /// Counted already by a fast commit ([`crate::headroom`]): its batch only moves the
     /// cursor past it.
     pub counted_early: bool,
@@ -37,13 +39,13 @@ impl Delivery {
     /// A delivery as received, its payload parsed at once: the loop reads the event's
     /// amounts on arrival ([`crate::headroom`]), and its batch does not parse it again.
     pub fn received(partition: i32, offset: i64, payload: Option<Vec<u8>>) -> Self {
-        let parsed = Some(parse_payload(payload.as_deref()));
+        let parsed = Some(Box::new(parse_payload(payload.as_deref())));
         Delivery { partition, offset, payload, parsed, counted_early: false }
     }
 
     /// The event, when the payload parsed (and was parsed on receipt).
     pub fn event(&self) -> Option<&UsageEvent> {
-        self.parsed.as_ref().and_then(|p| p.as_ref().ok()).map(|(e, _)| e)
+        self.parsed.as_deref().and_then(|p| p.as_ref().ok()).map(|(e, _)| e)
     }
 }
 
@@ -101,7 +103,7 @@ pub struct Parsed<'a> {
 /// fit, and keeps the first event per id. Deliveries counted early are left out.
 pub fn parse_batch(deliveries: &mut [Delivery], now: DateTime<Utc>, lateness: Duration) -> Parsed<'_> {
     let results: Vec<Option<ParseResult>> =
-        deliveries.iter_mut().map(|d| (!d.counted_early).then(|| d.parsed.take().unwrap_or_else(|| parse_payload(d.payload.as_deref())))).collect();
+        deliveries.iter_mut().map(|d| (!d.counted_early).then(|| d.parsed.take().map_or_else(|| parse_payload(d.payload.as_deref()), |p| *p))).collect();
     let deliveries = &*deliveries;
     let mut parsed = Parsed { candidates: Vec::with_capacity(deliveries.len()), ..Parsed::default() };
     // Event id -> its candidate's index.
