@@ -405,10 +405,10 @@ impl Pipeline {
                  with a snapshot over its monthly token limit; latency = produce call until GET /v1/subjects/{{s}}/decision says allowed=false (polled every 2 ms for 100 ms, then every 20 ms)"
             ))
             .note(
-                "decision_queued (over split_probes, the probes whose snapshot named the start of its batch): produce call until the start of the \
-                 batch that counted the probe (the snapshot's calculated_at): the broker hop, the wait for the lane's commit in flight, and any \
-                 database retries of the batch; decision_from_batch_start: from then until visible (parse and commit of that batch, outbox relay, \
-                 decisions topic, API)",
+                "decision_queued (over split_probes, the probes whose snapshot named the start of its commit): produce call until the start of the \
+                 commit that counted the probe (the snapshot's calculated_at): a fast commit when the aggregator knew the probe would breach, else \
+                 the probe's batch, after the lane's commit in flight; so the broker hop, the loop, and any wait for a fast commit or batch before; \
+                 decision_from_batch_start: from then until visible (that commit, the publish, decisions topic, API)",
             )
             .note(
                 "fast_commits: transactions that committed urgent events (which may change a decision: the probes, and any background event \
