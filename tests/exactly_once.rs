@@ -128,30 +128,38 @@ async fn assert_exact_totals(t: &Tally, sent: &Sent) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn kill_9_at_random_points_counts_each_distinct_event_exactly_once() {
-    let mut rng = Rng::seeded();
-    let mut t = Tally::start(Some(TIERS)).await;
-    let mut sent = Sent::default();
-    let mut next_id = 0;
-    let mut kills = 0;
-    for round in 0..40 {
+/// Posts `rounds` random batches of ids `{tag}-N` at random intervals, a part of some of them
+/// again (gateways retry), and kills the aggregator with kill -9 after every fifth round,
+/// starting a new one. Returns how many were killed, and aggregator counter `metric` summed
+/// over every instance (each read just before it was killed, the last one at the end).
+async fn post_with_kills(t: &mut Tally, rng: &mut Rng, sent: &mut Sent, tag: &str, rounds: usize, metric: &str) -> (usize, i64) {
+    let (mut next_id, mut kills, mut total) = (0, 0, 0);
+    for round in 0..rounds {
         let n = 20 + rng.below(150) as usize;
-        let batch = random_batch(&mut rng, "k", next_id, n);
+        let batch = random_batch(rng, tag, next_id, n);
         next_id += n;
-        post(&t, &mut sent, batch.clone()).await;
-        // Gateways retry: a part of some batches is sent again.
+        post(t, sent, batch.clone()).await;
         if rng.below(3) == 0 {
             let from = rng.below(n as u64) as usize;
-            post(&t, &mut sent, batch[from..].to_vec()).await;
+            post(t, sent, batch[from..].to_vec()).await;
         }
         tokio::time::sleep(Duration::from_millis(rng.below(250))).await;
         if round % 5 == 4 {
+            total += t.metric(&t.aggregator_url, metric).await;
             t.kill("aggregator");
             kills += 1;
             t.spawn("aggregator");
         }
     }
+    (kills, total)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_at_random_points_counts_each_distinct_event_exactly_once() {
+    let mut rng = Rng::seeded();
+    let mut t = Tally::start(Some(TIERS)).await;
+    let mut sent = Sent::default();
+    let (kills, _) = post_with_kills(&mut t, &mut rng, &mut sent, "k", 40, "tally_aggregator_events_counted_total").await;
     assert!(kills >= 8);
     assert!(sent.messages > sent.ids.len() as i64, "the run must include duplicates");
     assert_exact_totals(&t, &sent).await;
@@ -183,23 +191,8 @@ async fn kill_9_while_events_reach_thresholds_counts_each_once_and_fires_each_th
     let mut rng = Rng::seeded();
     let mut t = Tally::start(Some(THRESHOLD_TIERS)).await;
     let mut sent = Sent::default();
-    let (mut next_id, mut fast_commits) = (0, 0);
-    for round in 0..30 {
-        let n = 20 + rng.below(150) as usize;
-        let batch = random_batch(&mut rng, "f", next_id, n);
-        next_id += n;
-        post(&t, &mut sent, batch.clone()).await;
-        if rng.below(3) == 0 {
-            let from = rng.below(n as u64) as usize;
-            post(&t, &mut sent, batch[from..].to_vec()).await;
-        }
-        tokio::time::sleep(Duration::from_millis(rng.below(250))).await;
-        if round % 5 == 4 {
-            fast_commits += t.metric(&t.aggregator_url, "tally_aggregator_fast_commits_total").await;
-            t.kill("aggregator");
-            t.spawn("aggregator");
-        }
-    }
+    let (kills, mut fast_commits) = post_with_kills(&mut t, &mut rng, &mut sent, "f", 30, "tally_aggregator_fast_commits_total").await;
+    assert!(kills >= 6);
     assert_exact_totals(&t, &sent).await;
     fast_commits += t.metric(&t.aggregator_url, "tally_aggregator_fast_commits_total").await;
     assert!(fast_commits > 0, "no urgent event was committed ahead of its batch");
