@@ -3,9 +3,7 @@
 //!
 //! One relay runs at a time across all instances (a Postgres advisory lock), so snapshots of
 //! a subject reach the compacted decisions topic in version order. A crash between publish
-//! and delete republishes; consumers keep the highest version. A fast commit also publishes
-//! its snapshots at once, ahead of the relay; the relay's copy comes after any older version
-//! still in the outbox, so the last message per subject is still the newest.
+//! and delete republishes; consumers keep the highest version.
 
 use std::time::Duration;
 
