@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::Utc;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tally_common::kafka::KafkaSettings;
 use tally_common::consuming::{self, KafkaLog};
@@ -202,8 +202,6 @@ struct Committer {
     metrics: Arc<Metrics>,
     lateness: chrono::Duration,
     refresh: chrono::Duration,
-    /// The outbox relay's producer: a fast commit publishes its snapshots with it at once.
-    producer: FutureProducer,
 }
 
 /// Runs the aggregator (see the crate docs).
@@ -261,7 +259,6 @@ pub async fn run(
         metrics: metrics.clone(),
         lateness: chrono::Duration::days(settings.lateness_days),
         refresh: chrono::Duration::milliseconds(settings.snapshot_refresh_ms as i64),
-        producer: producer.clone(),
     };
     let mut state = Loop {
         lanes: (0..settings.lanes()).map(|_| Lane::new(settings.headroom_subjects.div_ceil(settings.lanes()))).collect(),
@@ -773,8 +770,7 @@ impl Committer {
         let parsed = parse_batch(&mut deliveries, now, self.lateness);
         let result = self.store.commit_batch(&[], parsed, &Subjects::new(), &self.policy, now, self.refresh).await;
         let outcome = match result {
-            Ok(mut outcome) => {
-                self.publish_at_once(std::mem::take(&mut outcome.written));
+            Ok(outcome) => {
                 let (waited_millis, millis) = (waited.as_millis() as u64, started.elapsed().as_millis() as u64);
                 tracing::debug!(events = deliveries.len(), snapshots = outcome.snapshots, age_millis, waited_millis, millis, "fast commit");
                 Some(outcome)
@@ -785,21 +781,6 @@ impl Committer {
             }
         };
         Settled::Fast(deliveries, outcome)
-    }
-
-    /// Queues a fast commit's snapshots on the relay's producer without waiting for the
-    /// relay's turn (which may be behind thousands of a batch's snapshots). They stay in the
-    /// outbox too, so the relay publishes them again, in order after any older version of
-    /// the subject still there: the topic's last message per subject is still the newest,
-    /// and readers keep the highest version. A message the producer refuses now is only
-    /// left to the relay.
-    fn publish_at_once(&self, snapshots: Vec<(String, Vec<u8>)>) {
-        let topic = &self.store.decisions_topic;
-        for (subject, body) in &snapshots {
-            if let Err((e, _)) = self.producer.send_result(FutureRecord::to(topic).key(subject.as_bytes()).payload(body.as_slice())) {
-                tracing::debug!(error = %e, subject, "snapshot left to the relay");
-            }
-        }
     }
 }
 

@@ -67,17 +67,13 @@ pub struct Outcome {
     pub deferred: Deferred,
     /// Every decided subject's headroom as of this commit ([`crate::headroom`]).
     pub headroom: Vec<(String, Vec<headroom::Line>)>,
-    /// A fast commit's snapshots (subject, body), as written to the outbox, for the caller
-    /// to publish at once; empty for a batch that moves offsets.
-    pub written: Vec<(String, Vec<u8>)>,
 }
 
 /// What deciding a chunk of subjects gave.
 struct Decided {
+    snapshots: usize,
     deferred: Deferred,
     headroom: Vec<(String, Vec<headroom::Line>)>,
-    /// The snapshots written (subject, body).
-    written: Vec<(String, Vec<u8>)>,
 }
 
 /// The aggregator's handle on its Postgres tables.
@@ -118,9 +114,7 @@ impl Store {
 
     /// Commits one batch atomically (see the crate docs for the steps). `refreshes` are
     /// subjects without events in the batch whose usage refresh is due: they are decided in
-    /// the same transaction, which costs far less than a transaction of their own. A commit
-    /// with no `ranges` (a fast commit) moves no offsets and returns the snapshots it wrote
-    /// in [`Outcome::written`].
+    /// the same transaction, which costs far less than a transaction of their own.
     pub async fn commit_batch(
         &self,
         ranges: &[Range],
@@ -165,12 +159,9 @@ impl Store {
         // snapshot in memory at once.
         for chunk in chunks(touched, DECISION_CHUNK) {
             let decided = self.publish_decisions(&mut tx, &chunk, &updated, policy, now, refresh).await?;
-            outcome.snapshots += decided.written.len();
+            outcome.snapshots += decided.snapshots;
             outcome.deferred.extend(decided.deferred);
             outcome.headroom.extend(decided.headroom);
-            if ranges.is_empty() {
-                outcome.written.extend(decided.written);
-            }
         }
         phases.lap("decisions");
         outcome.quarantined = quarantined.len();
@@ -295,7 +286,7 @@ impl Store {
         refresh: Duration,
     ) -> Result<Decided, sqlx::Error> {
         if subjects.is_empty() {
-            return Ok(Decided { deferred: Deferred::new(), headroom: Vec::new(), written: Vec::new() });
+            return Ok(Decided { snapshots: 0, deferred: Deferred::new(), headroom: Vec::new() });
         }
         let names: Vec<&str> = subjects.keys().map(String::as_str).collect();
         let previous = previous_decisions(tx, &names).await?;
@@ -351,7 +342,7 @@ impl Store {
         save_snapshots(tx, &rows).await?;
         save_checks(tx, &checks).await?;
         enqueue(tx, &self.decisions_topic, &rows.subjects, &rows.bodies).await?;
-        Ok(Decided { deferred, headroom, written: rows.subjects.into_iter().zip(rows.bodies).collect() })
+        Ok(Decided { snapshots: rows.subjects.len(), deferred, headroom })
     }
 
     /// Fills in the usage and reset instant of every rolling-window quota of `plans`: usage is
@@ -415,7 +406,7 @@ impl Store {
         let subjects: Subjects = due.into_iter().map(|s| (s, None)).collect();
         let decided = self.publish_decisions(&mut tx, &subjects, &HashMap::new(), &policy, now, Duration::zero()).await?;
         tx.commit().await?;
-        Ok((subjects.len(), decided.written.len()))
+        Ok((subjects.len(), decided.snapshots))
     }
 }
 
