@@ -169,7 +169,9 @@ struct Loop {
     urgent_since: Option<Instant>,
     /// Whether a fast commit is in flight (one at a time).
     fast_busy: bool,
-    /// Deliveries (partition, offset) a fast commit decided; their batch skips them.
+    /// Deliveries (partition, offset) a fast commit decided, at or past their partition's
+    /// stored offset; their batch skips them. An entry goes when a commit moves the stored
+    /// offset past it or the partition is lost or claimed again.
     decided_early: HashSet<(i32, i64)>,
     relay_wake: Arc<Notify>,
     metrics: Arc<Metrics>,
@@ -188,8 +190,18 @@ struct LaneWork {
 /// are counted with their batches).
 enum Settled {
     Batch(LaneWork, Result<Outcome, Refused>),
-    Fast(Vec<Delivery>, Option<Outcome>),
+    Fast(FastWork, Option<Outcome>),
 }
+
+/// What one fast commit commits: urgent deliveries, and the lane of each of their subjects
+/// (a subject whose snapshot the commit defers joins that lane's deferred refreshes).
+struct FastWork {
+    deliveries: Vec<Delivery>,
+    lanes: HashMap<String, usize>,
+}
+
+/// Most urgent deliveries in one fast commit; the rest wait for the next.
+const FAST_COMMIT_MAX: usize = 1000;
 
 /// The partition, and the epoch the batch claimed it at, of a batch refused by fencing.
 type Refused = (i32, i64);
@@ -472,10 +484,16 @@ impl Loop {
             return;
         }
         self.fast_busy = true;
-        let deliveries = std::mem::take(&mut self.urgent);
+        let n = self.urgent.len().min(FAST_COMMIT_MAX);
+        let deliveries: Vec<Delivery> = self.urgent.drain(..n).collect();
         let waited = self.urgent_since.take().map(|t| t.elapsed()).unwrap_or_default();
+        if !self.urgent.is_empty() {
+            self.urgent_since = Some(Instant::now());
+        }
+        let lanes = deliveries.iter().filter_map(|d| Some((d.event()?.subject.clone(), self.lane_of(d.partition)))).collect();
         let committer = self.committer.clone();
-        in_flight.push(tokio::spawn(async move { committer.commit_fast(deliveries, waited).await }));
+        let work = FastWork { deliveries, lanes };
+        in_flight.push(tokio::spawn(async move { committer.commit_fast(work, waited).await }));
     }
 
     /// Marks the deliveries a fast commit decided already, so their batch only moves the
@@ -500,6 +518,7 @@ impl Loop {
         let Some(ShareChange { gained, lost }) = self.heartbeats.due_change(pool, owned, partition_count).await else { return };
         for p in &lost {
             self.owned.remove(p);
+            self.forget_decided_early(*p, None);
             tracing::info!(partition = p, "released partition");
         }
         let lost: HashSet<i32> = lost.into_iter().collect();
@@ -535,6 +554,7 @@ impl Loop {
                     self.owned.insert(partition, owned);
                     let lane = self.lane_of(partition);
                     self.lanes[lane].drop_partitions(&HashSet::from([partition]));
+                    self.forget_decided_early(partition, None);
                     return;
                 }
                 Err(e) => {
@@ -629,7 +649,7 @@ impl Loop {
                     Err(refused) => self.fenced(work, refused),
                 }
             }
-            Settled::Fast(deliveries, outcome) => self.fast_committed(deliveries, outcome),
+            Settled::Fast(work, outcome) => self.fast_committed(work, outcome),
         }
     }
 
@@ -658,7 +678,7 @@ impl Loop {
     /// subject whose snapshot it deferred joins the deferred refreshes of its lane. Its
     /// subjects' headroom stays stale until a batch decides them: the fast commit did not
     /// see what their lanes buffered meanwhile.
-    fn fast_committed(&mut self, deliveries: Vec<Delivery>, outcome: Option<Outcome>) {
+    fn fast_committed(&mut self, work: FastWork, outcome: Option<Outcome>) {
         self.fast_busy = false;
         let Some(outcome) = outcome else {
             self.metrics.fast_commit_failures.inc();
@@ -666,15 +686,25 @@ impl Loop {
         };
         self.metrics.fast_commits.inc();
         self.count(&outcome);
-        let lane_of_subject: HashMap<&str, usize> =
-            deliveries.iter().filter_map(|d| Some((d.event()?.subject.as_str(), self.lane_of(d.partition)))).collect();
         for (subject, deferred) in outcome.deferred {
-            if let Some(&lane) = lane_of_subject.get(subject.as_str()) {
+            if let Some(&lane) = work.lanes.get(&subject) {
                 self.lanes[lane].deferred.insert(subject, deferred);
             }
         }
-        self.decided_early.extend(deliveries.iter().map(|d| (d.partition, d.offset)));
+        // A delivery whose batch committed meanwhile is behind the stored offset: nothing
+        // will skip it any more (its batch counted it as a duplicate).
+        let pending = |d: &Delivery| self.owned.get(&d.partition).is_some_and(|o| d.offset >= o.next);
+        let decided: Vec<(i32, i64)> = work.deliveries.iter().filter(|d| pending(d)).map(|d| (d.partition, d.offset)).collect();
+        self.decided_early.extend(decided);
         self.relay_wake.notify_one();
+    }
+
+    /// Forgets the deliveries decided early of `partition` below offset `below` (all of
+    /// them with `None`: the partition was lost or claimed again).
+    fn forget_decided_early(&mut self, partition: i32, below: Option<i64>) {
+        if !self.decided_early.is_empty() {
+            self.decided_early.retain(|(p, o)| *p != partition || below.is_some_and(|b| *o >= b));
+        }
     }
 
     /// After a lane's batch was refused: the partition is given up (unless this instance
@@ -686,6 +716,7 @@ impl Loop {
         if self.owned.get(&partition).is_some_and(|o| o.epoch == epoch) {
             tracing::warn!(partition, epoch, "batch refused by fencing; another member owns the partition now");
             self.owned.remove(&partition);
+            self.forget_decided_early(partition, None);
             self.heartbeats.fenced(partition, Duration::from_millis(self.settings.member_lease_ms));
         } else {
             tracing::info!(partition, epoch, "batch refused by fencing: it predates this instance's current claim");
@@ -704,6 +735,7 @@ impl Loop {
             if let Some(o) = self.owned.get_mut(&r.partition).filter(|o| o.epoch == r.epoch) {
                 o.next = r.next;
                 let _ = hint.add_partition_offset(&self.committer.store.topic, r.partition, Offset::Offset(r.next));
+                self.forget_decided_early(r.partition, Some(r.next));
             }
         }
         if hint.count() > 0 {
@@ -763,11 +795,12 @@ impl Committer {
     /// One attempt: should it fail, the events are counted with their batches. `waited` is
     /// how long the first of them waited for the fast commit in flight before (logged, with
     /// the age of the oldest event by its own time: the broker hop and the loop's share).
-    async fn commit_fast(&self, mut deliveries: Vec<Delivery>, waited: Duration) -> Settled {
+    async fn commit_fast(&self, mut work: FastWork, waited: Duration) -> Settled {
         let (now, started) = (Utc::now(), Instant::now());
+        let deliveries = &mut work.deliveries;
         let oldest = deliveries.iter().filter_map(|d| d.event()).map(|e| e.time).min();
         let age_millis = oldest.map_or(0, |t| (now - t).num_milliseconds());
-        let parsed = parse_batch(&mut deliveries, now, self.lateness);
+        let parsed = parse_batch(deliveries, now, self.lateness);
         let result = self.store.commit_batch(&[], parsed, &Subjects::new(), &self.policy, now, self.refresh).await;
         let outcome = match result {
             Ok(outcome) => {
@@ -780,7 +813,7 @@ impl Committer {
                 None
             }
         };
-        Settled::Fast(deliveries, outcome)
+        Settled::Fast(work, outcome)
     }
 }
 
