@@ -15,8 +15,9 @@
 //! yet, when its tier changed since, when the event's API key brings another tier, or while
 //! the subject's entry is stale (after an urgent event, until a batch decides the subject
 //! again). It can also flag an event that changes nothing, which costs one small
-//! transaction. It over-counts what arrived since a commit rather than under-count it:
-//! every event is spent from every quota of its metric, whatever the quota's scope. Counting
+//! transaction. What arrived and is in no batch yet is spent again from the lines a commit
+//! gives, for every line of its metric whatever the line's scope (an over-count, on the safe
+//! side). Counting
 //! stays with the dedupe records: an event counted early is recorded under its id, so a
 //! batch or a replay that meets it again skips it.
 
@@ -71,9 +72,8 @@ fn threshold_usage(limit: i64, percent: u32) -> i64 {
 #[derive(Debug, Default)]
 struct Entry {
     lines: Box<[Line]>,
-    /// What arrived since the lane last cut a batch (counted from [`Entry::cut`] on).
-    since_cut: Amounts,
-    cut: u64,
+    /// What arrived and is in no batch yet (the lane's buffer holds it).
+    unbatched: Amounts,
     /// An urgent event used a line up: the next boundary is not known until a batch decides
     /// the subject again, and until then no event of it is urgent.
     stale: bool,
@@ -94,8 +94,6 @@ pub struct Headroom {
     current: HashMap<u64, Entry>,
     previous: HashMap<u64, Entry>,
     capacity: usize,
-    /// How many batches the lane has cut.
-    cut: u64,
 }
 
 impl Default for Headroom {
@@ -111,7 +109,7 @@ const DEFAULT_CAPACITY: usize = 100_000;
 impl Headroom {
     /// A headroom that keeps up to `capacity` subjects per generation (at least 1).
     pub fn with_capacity(capacity: usize) -> Self {
-        Headroom { current: HashMap::default(), previous: HashMap::default(), capacity: capacity.max(1), cut: 0 }
+        Headroom { current: HashMap::default(), previous: HashMap::default(), capacity: capacity.max(1) }
     }
 
     /// The entry of `subject`, from the current generation, else moved there from the
@@ -128,20 +126,16 @@ impl Headroom {
         self.current.get_mut(&key).expect("inserted above")
     }
 
-    // Spends an arriving event from its subject's lines, and says whether it is urgent: it
+    /// Spends an arriving event from its subject's lines, and says whether it is urgent: it
     /// used a line up, so it may change the subject's decision. Corrections only take usage
     /// away, and are never urgent.
     pub fn spend(&mut self, event: &UsageEvent) -> bool {
         if event.corrects.is_some() {
             return false;
         }
-        let cut = self.cut;
         let entry = self.entry(&event.subject);
-        if entry.cut != cut {
-            (entry.since_cut, entry.cut) = (Amounts::default(), cut);
-        }
         let amounts = event.amounts();
-        entry.since_cut = add(entry.since_cut, amounts);
+        entry.unbatched = add(entry.unbatched, amounts);
         if entry.stale {
             return false;
         }
@@ -157,20 +151,24 @@ impl Headroom {
         urgent
     }
 
-    /// The lane cut a batch: what arrives from now on is not in it.
-    pub fn cut(&mut self) {
-        self.cut += 1;
+    /// The lane took `event` (spent on arrival) into a batch: its amounts will be in the
+    /// lines that batch's commit gives. A subject forgotten meanwhile is left alone.
+    pub fn taken(&mut self, event: &UsageEvent) {
+        if event.corrects.is_some() {
+            return;
+        }
+        let key = subject_key(&event.subject);
+        if let Some(entry) = self.current.get_mut(&key).or_else(|| self.previous.get_mut(&key)) {
+            entry.unbatched = add(entry.unbatched, event.amounts().negated());
+        }
     }
 
-    /// The lane's batch cut last committed and decided `subject`: `lines` are its headroom
-    /// as of that commit. What arrived since the cut is spent from them again.
+    /// The lane's batch in flight committed and decided `subject`: `lines` are its headroom
+    /// as of that commit. What arrived and is in no batch yet is spent from them again.
     pub fn committed(&mut self, subject: &str, mut lines: Vec<Line>) {
-        let cut = self.cut;
         let entry = self.entry(subject);
-        if entry.cut == cut {
-            for line in lines.iter_mut() {
-                line.left -= entry.since_cut.get(line.metric);
-            }
+        for line in lines.iter_mut() {
+            line.left -= entry.unbatched.get(line.metric);
         }
         (entry.lines, entry.stale) = (lines.into_boxed_slice(), false);
     }
@@ -248,7 +246,7 @@ mod tests {
         let q = quotas(&["{name: m, metric: input_tokens, period: month, limit: 100, thresholds: [100]}"]);
         let mut h = Headroom::default();
         assert!(!h.spend(&event("s", 1000, "")), "no entry yet: never urgent");
-        h.cut();
+        h.taken(&event("s", 1000, ""));
         h.committed("s", lines_of(&q, &decided(&q, 10)));
         assert!(!h.spend(&event("s", 89, "")));
         assert!(h.spend(&event("s", 1, "")), "the 90th token reaches 100");
@@ -257,21 +255,24 @@ mod tests {
     }
 
     #[test]
-    fn what_arrived_after_the_cut_is_spent_again_from_the_committed_lines() {
+    fn what_is_in_no_batch_yet_is_spent_again_from_the_committed_lines() {
         let q = quotas(&["{name: m, metric: input_tokens, period: month, limit: 100, thresholds: [100]}"]);
         let mut h = Headroom::default();
-        h.cut();
-        assert!(!h.spend(&event("s", 30, "")), "in the batch");
-        h.cut();
-        assert!(!h.spend(&event("s", 40, "")), "after the cut: not in the batch");
-        // The batch committed with 30 used: 70 left, of which 40 arrived since.
+        for tokens in [30, 40, 5] {
+            assert!(!h.spend(&event("s", tokens, "")));
+        }
+        // The batch took the 30 only (it was full); the 40 and the 5 stay buffered.
+        h.taken(&event("s", 30, ""));
         h.committed("s", lines_of(&q, &decided(&q, 30)));
-        assert!(!h.spend(&event("s", 29, "")));
-        assert!(h.spend(&event("s", 1, "")), "30 + 40 + 29 + 1 = 100");
-        // A later commit with nothing since the cut starts from its own figure.
-        h.cut();
+        assert!(!h.spend(&event("s", 24, "")));
+        assert!(h.spend(&event("s", 1, "")), "30 + 40 + 5 + 24 + 1 = 100");
+        // Once everything is in a batch, a commit's figure stands alone.
+        for tokens in [40, 5, 24, 1] {
+            h.taken(&event("s", tokens, ""));
+        }
         h.committed("s", lines_of(&q, &decided(&q, 50)));
         assert!(!h.spend(&event("s", 49, "")));
+        assert!(h.spend(&event("s", 1, "")));
     }
 
     #[test]

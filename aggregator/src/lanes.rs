@@ -121,7 +121,9 @@ impl Lane {
             self.oldest = None;
         }
         self.busy = true;
-        self.headroom.cut();
+        for event in deliveries.iter().filter_map(Delivery::event) {
+            self.headroom.taken(event);
+        }
         (deliveries, self.take_due_refreshes(limits.refreshes, wall))
     }
 
