@@ -102,14 +102,17 @@ pub struct Parsed<'a> {
 /// Parses every delivery (or takes what was parsed on receipt), quarantines what does not
 /// fit, and keeps the first event per id. Deliveries counted early are left out.
 pub fn parse_batch(deliveries: &mut [Delivery], now: DateTime<Utc>, lateness: Duration) -> Parsed<'_> {
-    let results: Vec<Option<ParseResult>> =
-        deliveries.iter_mut().map(|d| (!d.counted_early).then(|| d.parsed.take().map_or_else(|| parse_payload(d.payload.as_deref()), |p| *p))).collect();
+    // Boxed as taken: a vector of unboxed results would be megabytes per batch.
+    let results: Vec<Option<Box<ParseResult>>> = deliveries
+        .iter_mut()
+        .map(|d| (!d.counted_early).then(|| d.parsed.take().unwrap_or_else(|| Box::new(parse_payload(d.payload.as_deref())))))
+        .collect();
     let deliveries = &*deliveries;
     let mut parsed = Parsed { candidates: Vec::with_capacity(deliveries.len()), ..Parsed::default() };
     // Event id -> its candidate's index.
     let mut first_with_id: HashMap<String, usize> = HashMap::with_capacity(deliveries.len());
     for (d, result) in deliveries.iter().zip(results) {
-        let (event, fingerprint) = match result {
+        let (event, fingerprint) = match result.map(|r| *r) {
             None => continue,
             Some(Err(reason)) => {
                 parsed.quarantined.push(Quarantined::new(reason, None, d));
