@@ -94,9 +94,35 @@ impl Amounts {
     }
 }
 
+impl std::ops::AddAssign for Amounts {
+    fn add_assign(&mut self, other: Amounts) {
+        self.requests += other.requests;
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.cached_tokens += other.cached_tokens;
+        self.cost_micros += other.cost_micros;
+    }
+}
+
+impl std::ops::SubAssign for Amounts {
+    fn sub_assign(&mut self, other: Amounts) {
+        *self += other.negated();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn amounts_add_and_subtract_every_metric() {
+        let a = Amounts { requests: 1, input_tokens: 10, output_tokens: 5, cached_tokens: 2, cost_micros: 7 };
+        let mut sum = a;
+        sum += a;
+        assert_eq!(sum, Amounts { requests: 2, input_tokens: 20, output_tokens: 10, cached_tokens: 4, cost_micros: 14 });
+        sum -= a;
+        assert_eq!(sum, a);
+    }
 
     #[test]
     fn total_tokens_is_input_plus_output_without_cached() {
