@@ -661,7 +661,7 @@ impl Loop {
         let lane = &mut self.lanes[work.lane];
         lane.deferred.extend(outcome.deferred);
         for (subject, lines) in outcome.headroom {
-            lane.headroom.committed(&subject, lines);
+            lane.headroom.committed(subject, lines);
         }
         self.relay_wake.notify_one();
     }

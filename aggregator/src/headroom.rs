@@ -43,7 +43,7 @@ pub struct Line {
 /// The lines of a subject as just decided: one per quota whose decision can still change as
 /// usage grows. `quotas` and `decided` are the resolved quotas and their decisions, in the
 /// same order.
-pub fn lines_of(quotas: &[Quota], decided: &[QuotaDecision]) -> Vec<Line> {
+pub fn lines_of(quotas: &[Quota], decided: &[QuotaDecision]) -> Box<[Line]> {
     quotas
         .iter()
         .zip(decided)
@@ -88,7 +88,7 @@ struct Entry {
 /// forgotten subject's urgent events wait for their batch until a batch decides it again.
 #[derive(Debug)]
 pub struct Headroom {
-    /// By the subject's 64-bit hash ([`subject_key`]), which keeps no copy of the name. Two
+    /// By [`SubjectKey`], which keeps no copy of the name. Two
     /// subjects of one lane sharing a hash would share an entry: a wrong hint, not a wrong
     /// count.
     current: HashMap<u64, Entry>,
@@ -112,18 +112,14 @@ impl Headroom {
         Headroom { current: HashMap::default(), previous: HashMap::default(), capacity: capacity.max(1) }
     }
 
-    /// The entry of `subject`, from the current generation, else moved there from the
+    /// The entry of a subject, from the current generation, else moved there from the
     /// previous one, else new; the generations turn over when the current one is full.
-    fn entry(&mut self, subject: &str) -> &mut Entry {
-        let key = subject_key(subject);
-        if !self.current.contains_key(&key) {
-            if self.current.len() >= self.capacity {
-                self.previous = std::mem::take(&mut self.current);
-            }
-            let entry = self.previous.remove(&key).unwrap_or_default();
-            self.current.insert(key, entry);
+    fn entry(&mut self, SubjectKey(key): SubjectKey) -> &mut Entry {
+        if self.current.len() >= self.capacity && !self.current.contains_key(&key) {
+            self.previous = std::mem::take(&mut self.current);
         }
-        self.current.get_mut(&key).expect("inserted above")
+        let previous = &mut self.previous;
+        self.current.entry(key).or_insert_with(|| previous.remove(&key).unwrap_or_default())
     }
 
     /// Spends an arriving event from its subject's lines, and says whether it is urgent: it
@@ -133,9 +129,9 @@ impl Headroom {
         if event.corrects.is_some() {
             return false;
         }
-        let entry = self.entry(&event.subject);
+        let entry = self.entry(SubjectKey::of(&event.subject));
         let amounts = event.amounts();
-        entry.unbatched = add(entry.unbatched, amounts);
+        entry.unbatched += amounts;
         if entry.stale {
             return false;
         }
@@ -157,34 +153,31 @@ impl Headroom {
         if event.corrects.is_some() {
             return;
         }
-        let key = subject_key(&event.subject);
+        let SubjectKey(key) = SubjectKey::of(&event.subject);
         if let Some(entry) = self.current.get_mut(&key).or_else(|| self.previous.get_mut(&key)) {
-            entry.unbatched = add(entry.unbatched, event.amounts().negated());
+            entry.unbatched -= event.amounts();
         }
     }
 
     /// The lane's batch in flight committed and decided `subject`: `lines` are its headroom
     /// as of that commit. What arrived and is in no batch yet is spent from them again.
-    pub fn committed(&mut self, subject: &str, mut lines: Vec<Line>) {
+    pub fn committed(&mut self, subject: SubjectKey, mut lines: Box<[Line]>) {
         let entry = self.entry(subject);
         for line in lines.iter_mut() {
             line.left -= entry.unbatched.get(line.metric);
         }
-        (entry.lines, entry.stale) = (lines.into_boxed_slice(), false);
+        (entry.lines, entry.stale) = (lines, false);
     }
 }
 
-fn subject_key(subject: &str) -> u64 {
-    crate::lanes::key_hash(Some(subject.as_bytes()))
-}
+/// A subject as [`Headroom`] knows it: a 64-bit hash of its name, so neither the map nor a
+/// commit's outcome keeps a copy of the name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubjectKey(u64);
 
-fn add(a: Amounts, b: Amounts) -> Amounts {
-    Amounts {
-        requests: a.requests + b.requests,
-        input_tokens: a.input_tokens + b.input_tokens,
-        output_tokens: a.output_tokens + b.output_tokens,
-        cached_tokens: a.cached_tokens + b.cached_tokens,
-        cost_micros: a.cost_micros + b.cost_micros,
+impl SubjectKey {
+    pub fn of(subject: &str) -> Self {
+        SubjectKey(crate::lanes::key_hash(Some(subject.as_bytes())))
     }
 }
 
@@ -247,7 +240,7 @@ mod tests {
         let mut h = Headroom::default();
         assert!(!h.spend(&event("s", 1000, "")), "no entry yet: never urgent");
         h.taken(&event("s", 1000, ""));
-        h.committed("s", lines_of(&q, &decided(&q, 10)));
+        h.committed(SubjectKey::of("s"), lines_of(&q, &decided(&q, 10)));
         assert!(!h.spend(&event("s", 89, "")));
         assert!(h.spend(&event("s", 1, "")), "the 90th token reaches 100");
         assert!(!h.spend(&event("s", 50, "")), "stale until a batch decides it again");
@@ -263,14 +256,14 @@ mod tests {
         }
         // The batch took the 30 only (it was full); the 40 and the 5 stay buffered.
         h.taken(&event("s", 30, ""));
-        h.committed("s", lines_of(&q, &decided(&q, 30)));
+        h.committed(SubjectKey::of("s"), lines_of(&q, &decided(&q, 30)));
         assert!(!h.spend(&event("s", 24, "")));
         assert!(h.spend(&event("s", 1, "")), "30 + 40 + 5 + 24 + 1 = 100");
         // Once everything is in a batch, a commit's figure stands alone.
         for tokens in [40, 5, 24, 1] {
             h.taken(&event("s", tokens, ""));
         }
-        h.committed("s", lines_of(&q, &decided(&q, 50)));
+        h.committed(SubjectKey::of("s"), lines_of(&q, &decided(&q, 50)));
         assert!(!h.spend(&event("s", 49, "")));
         assert!(h.spend(&event("s", 1, "")));
     }
@@ -280,11 +273,11 @@ mod tests {
         let q = quotas(&["{name: m, metric: input_tokens, period: month, limit: 100, thresholds: [100]}"]);
         let mut h = Headroom::with_capacity(2);
         for s in ["a", "b"] {
-            h.committed(s, lines_of(&q, &decided(&q, 0)));
+            h.committed(SubjectKey::of(s), lines_of(&q, &decided(&q, 0)));
         }
-        h.committed("c", lines_of(&q, &decided(&q, 0))); // a and b are now the previous generation
+        h.committed(SubjectKey::of("c"), lines_of(&q, &decided(&q, 0))); // a and b are now the previous generation
         assert!(!h.spend(&event("a", 50, "")), "a moves back to the current generation");
-        h.committed("d", lines_of(&q, &decided(&q, 0))); // the current one (c, a) is full: b is forgotten
+        h.committed(SubjectKey::of("d"), lines_of(&q, &decided(&q, 0))); // the current one (c, a) is full: b is forgotten
         assert!(h.spend(&event("a", 50, "")), "a kept its headroom across the turns");
         assert!(!h.spend(&event("b", 100, "")), "b was forgotten: no hint");
         assert!(h.current.len() + h.previous.len() <= 4);
@@ -294,7 +287,7 @@ mod tests {
     fn a_scoped_line_spends_only_its_scope_and_corrections_are_never_urgent() {
         let q = quotas(&["{name: m, metric: input_tokens, period: month, limit: 10, scope: gpt}"]);
         let mut h = Headroom::default();
-        h.committed("s", lines_of(&q, &decided(&q, 0)));
+        h.committed(SubjectKey::of("s"), lines_of(&q, &decided(&q, 0)));
         assert!(!h.spend(&event("s", 50, "claude")));
         let mut correction = event("s", 50, "gpt");
         correction.corrects = Some("x".into());

@@ -246,8 +246,8 @@ mod tests {
             Delivery::received(0, offset, Some(serde_json::to_vec(&v).unwrap()))
         };
         let mut lane = Lane::default();
-        let left = vec![crate::headroom::Line { metric: tally_domain::metric::Metric::InputTokens, scope: None, left: 10 }];
-        lane.headroom.committed("s", left);
+        let left = Box::new([crate::headroom::Line { metric: tally_domain::metric::Metric::InputTokens, scope: None, left: 10 }]);
+        lane.headroom.committed(crate::headroom::SubjectKey::of("s"), left);
         assert!(lane.push(event(0, 9), key_hash(Some(b"s")), t0).is_none());
         let urgent = lane.push(event(1, 1), key_hash(Some(b"s")), t0).expect("the 10th token is urgent");
         assert_eq!((urgent.offset, urgent.event().map(|e| e.input_tokens)), (1, Some(1)));

@@ -66,14 +66,14 @@ pub struct Outcome {
     /// the loop hands them back to a later batch ([`Store::commit_batch`]'s `refreshes`).
     pub deferred: Deferred,
     /// Every decided subject's headroom as of this commit ([`crate::headroom`]).
-    pub headroom: Vec<(String, Vec<headroom::Line>)>,
+    pub headroom: Vec<(headroom::SubjectKey, Box<[headroom::Line]>)>,
 }
 
 /// What deciding a chunk of subjects gave.
 struct Decided {
     snapshots: usize,
     deferred: Deferred,
-    headroom: Vec<(String, Vec<headroom::Line>)>,
+    headroom: Vec<(headroom::SubjectKey, Box<[headroom::Line]>)>,
 }
 
 /// The aggregator's handle on its Postgres tables.
@@ -312,7 +312,7 @@ impl Store {
         let mut deferred = Deferred::new();
         let mut headroom = Vec::with_capacity(plans.len());
         for SubjectPlan { subject, api_key, resolved, lines, .. } in plans {
-            headroom.push((subject.clone(), headroom::lines_of(&resolved.quotas, &lines)));
+            headroom.push((headroom::SubjectKey::of(&subject), headroom::lines_of(&resolved.quotas, &lines)));
             let prev = previous.get(subject.as_str());
             let mut next_check = plan::next_check_at(&lines, policy.next_change_after(&subject, now));
             let digest = plan::Published::of(&resolved.tier, &lines, now);
