@@ -106,7 +106,11 @@ impl std::ops::AddAssign for Amounts {
 
 impl std::ops::SubAssign for Amounts {
     fn sub_assign(&mut self, other: Amounts) {
-        *self += other.negated();
+        self.requests -= other.requests;
+        self.input_tokens -= other.input_tokens;
+        self.output_tokens -= other.output_tokens;
+        self.cached_tokens -= other.cached_tokens;
+        self.cost_micros -= other.cost_micros;
     }
 }
 
