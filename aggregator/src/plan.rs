@@ -245,7 +245,9 @@ pub fn ledger_deltas(events: &[&UsageEvent], policy: &Policy) -> BTreeMap<Ledger
 /// with events at the same instant) goes to the later resolution and quota, so the result
 /// does not depend on the order of `sums`.
 fn merge_rows(resolutions: &Resolutions<'_>, sums: Vec<(usize, usize, RunningSum)>) -> BTreeMap<LedgerKey, LedgerDelta> {
-    let mut rows: Vec<(LedgerKey, LedgerDelta, (DateTime<Utc>, usize, usize))> = sums
+    // The rank of a row's quota: (latest event, resolution, quota), the highest wins.
+    type Ranked = (LedgerKey, LedgerDelta, (DateTime<Utc>, usize, usize));
+    let mut rows: Vec<Ranked> = sums
         .into_iter()
         .map(|(r, q, sum)| {
             let cached = &resolutions.entries[r];
