@@ -504,7 +504,7 @@ impl Loop {
             return;
         }
         for d in deliveries.iter_mut() {
-            d.counted_early = self.decided_early.remove(&(d.partition, d.offset));
+            d.decided_early = self.decided_early.remove(&(d.partition, d.offset));
         }
     }
 

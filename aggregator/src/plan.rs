@@ -27,9 +27,9 @@ pub struct Delivery {
     /// lane's buffer keeps its capacity, and a parsed event is several times the size of
     /// the rest of a delivery.
     pub parsed: Option<Box<ParseResult>>,
-    /// Counted already by a fast commit ([`crate::headroom`]): its batch only moves the
-    /// cursor past it.
-    pub counted_early: bool,
+    /// Decided already by a fast commit ([`crate::headroom`]): counted, or skipped as a
+    /// duplicate, or quarantined. Its batch only moves the cursor past it.
+    pub decided_early: bool,
 }
 
 /// A payload parsed: the event and its fingerprint, or the reason it goes to quarantine.
@@ -40,7 +40,7 @@ impl Delivery {
     /// amounts on arrival ([`crate::headroom`]), and its batch does not parse it again.
     pub fn received(partition: i32, offset: i64, payload: Option<Vec<u8>>) -> Self {
         let parsed = Some(Box::new(parse_payload(payload.as_deref())));
-        Delivery { partition, offset, payload, parsed, counted_early: false }
+        Delivery { partition, offset, payload, parsed, decided_early: false }
     }
 
     /// The event, when the payload parsed (and was parsed on receipt).
@@ -100,12 +100,12 @@ pub struct Parsed<'a> {
 }
 
 /// Parses every delivery (or takes what was parsed on receipt), quarantines what does not
-/// fit, and keeps the first event per id. Deliveries counted early are left out.
+/// fit, and keeps the first event per id. Deliveries decided early are left out.
 pub fn parse_batch(deliveries: &mut [Delivery], now: DateTime<Utc>, lateness: Duration) -> Parsed<'_> {
     // Boxed as taken: a vector of unboxed results would be megabytes per batch.
     let results: Vec<Option<Box<ParseResult>>> = deliveries
         .iter_mut()
-        .map(|d| (!d.counted_early).then(|| d.parsed.take().unwrap_or_else(|| Box::new(parse_payload(d.payload.as_deref())))))
+        .map(|d| (!d.decided_early).then(|| d.parsed.take().unwrap_or_else(|| Box::new(parse_payload(d.payload.as_deref())))))
         .collect();
     let deliveries = &*deliveries;
     let mut parsed = Parsed { candidates: Vec::with_capacity(deliveries.len()), ..Parsed::default() };
@@ -609,7 +609,7 @@ mod tests {
         let e = |id: &str| json!({"id": id, "subject": "a", "time": "2026-11-22T11:00:00Z", "input_tokens": 5});
         let payload = |v: serde_json::Value| Some(serde_json::to_vec(&v).unwrap());
         let mut early = Delivery::received(0, 1, payload(e("early")));
-        early.counted_early = true;
+        early.decided_early = true;
         let mut batch = [Delivery::received(0, 0, payload(e("a"))), early, Delivery::received(0, 2, payload(e("a")))];
         assert!(batch[0].event().is_some(), "parsed on receipt");
         let parsed = parse_batch(&mut batch, now(), Duration::days(35));
