@@ -163,16 +163,7 @@ struct Loop {
     lanes: Vec<Lane>,
     /// Which lane's consumer is asked first for the next message (see `lanes_with_room`).
     turn: usize,
-    /// Urgent deliveries ([`crate::headroom`]) waiting for the next fast commit, and when the
-    /// first of them was accepted.
-    urgent: Vec<Delivery>,
-    urgent_since: Option<Instant>,
-    /// Whether a fast commit is in flight (one at a time).
-    fast_busy: bool,
-    /// Deliveries (partition, offset) a fast commit decided, at or past their partition's
-    /// stored offset; their batch skips them. An entry goes when a commit moves the stored
-    /// offset past it or the partition is lost or claimed again.
-    decided_early: HashSet<(i32, i64)>,
+    fast: FastCommits,
     relay_wake: Arc<Notify>,
     metrics: Arc<Metrics>,
 }
@@ -202,6 +193,64 @@ struct FastWork {
 
 /// Most urgent deliveries in one fast commit; the rest wait for the next.
 const FAST_COMMIT_MAX: usize = 1000;
+
+/// The loop's state for fast commits ([`crate::headroom`]).
+#[derive(Default)]
+struct FastCommits {
+    /// Urgent deliveries waiting for the next fast commit, and when the first of them was
+    /// accepted.
+    queue: Vec<Delivery>,
+    queued_since: Option<Instant>,
+    /// Whether a fast commit is in flight (one at a time).
+    busy: bool,
+    /// Deliveries (partition, offset) a fast commit decided, at or past their partition's
+    /// stored offset; their batch skips them. An entry goes when a commit moves the stored
+    /// offset past it or the partition is lost or claimed again.
+    decided: HashSet<(i32, i64)>,
+}
+
+impl FastCommits {
+    fn queue(&mut self, urgent: Delivery, now: Instant) {
+        self.queued_since.get_or_insert(now);
+        self.queue.push(urgent);
+    }
+
+    /// The next fast commit's deliveries (at most [`FAST_COMMIT_MAX`]) and how long the
+    /// first of them waited, unless one is in flight or none is queued.
+    fn start(&mut self) -> Option<(Vec<Delivery>, Duration)> {
+        if self.busy || self.queue.is_empty() {
+            return None;
+        }
+        self.busy = true;
+        let n = self.queue.len().min(FAST_COMMIT_MAX);
+        let deliveries: Vec<Delivery> = self.queue.drain(..n).collect();
+        let waited = self.queued_since.take().map(|t| t.elapsed()).unwrap_or_default();
+        if !self.queue.is_empty() {
+            self.queued_since = Some(Instant::now());
+        }
+        Some((deliveries, waited))
+    }
+
+    /// Marks the deliveries a fast commit decided already, so their batch only moves the
+    /// cursor past them. One still in a fast commit when its batch was cut is not marked:
+    /// the batch meets its dedupe record and skips it as a duplicate.
+    fn mark(&mut self, deliveries: &mut [Delivery]) {
+        if self.decided.is_empty() {
+            return;
+        }
+        for d in deliveries.iter_mut() {
+            d.decided_early = self.decided.remove(&(d.partition, d.offset));
+        }
+    }
+
+    /// Forgets the deliveries decided early of `partition` below offset `below` (all of
+    /// them with `None`: the partition was lost or claimed again).
+    fn forget(&mut self, partition: i32, below: Option<i64>) {
+        if !self.decided.is_empty() {
+            self.decided.retain(|(p, o)| *p != partition || below.is_some_and(|b| *o >= b));
+        }
+    }
+}
 
 /// The partition, and the epoch the batch claimed it at, of a batch refused by fencing.
 type Refused = (i32, i64);
@@ -280,10 +329,7 @@ pub async fn run(
         committer,
         owned: HashMap::new(),
         turn: 0,
-        urgent: Vec::new(),
-        urgent_since: None,
-        fast_busy: false,
-        decided_early: HashSet::new(),
+        fast: FastCommits::default(),
         relay_wake,
         metrics,
     };
@@ -462,7 +508,7 @@ impl Loop {
             let (mut deliveries, refreshes) = self.lanes[lane].take_batch(limits, wall);
             // A partition lost since its messages were buffered would only be refused.
             deliveries.retain(|d| self.owned.contains_key(&d.partition));
-            self.mark_decided_early(&mut deliveries);
+            self.fast.mark(&mut deliveries);
             let ranges = self.ranges(&deliveries);
             if deliveries.is_empty() && refreshes.is_empty() {
                 self.lanes[lane].settled();
@@ -480,33 +526,13 @@ impl Loop {
 
     /// Starts a fast commit of the urgent deliveries, unless one is in flight.
     fn start_fast_commit(&mut self, in_flight: &mut FuturesUnordered<JoinHandle<Settled>>) {
-        if self.fast_busy || self.urgent.is_empty() {
-            return;
-        }
-        self.fast_busy = true;
-        let n = self.urgent.len().min(FAST_COMMIT_MAX);
-        let deliveries: Vec<Delivery> = self.urgent.drain(..n).collect();
-        let waited = self.urgent_since.take().map(|t| t.elapsed()).unwrap_or_default();
-        if !self.urgent.is_empty() {
-            self.urgent_since = Some(Instant::now());
-        }
+        let Some((deliveries, waited)) = self.fast.start() else { return };
         let lanes = deliveries.iter().filter_map(|d| Some((d.event()?.subject.clone(), self.lane_of(d.partition)))).collect();
         let committer = self.committer.clone();
         let work = FastWork { deliveries, lanes };
         in_flight.push(tokio::spawn(async move { committer.commit_fast(work, waited).await }));
     }
 
-    /// Marks the deliveries a fast commit decided already, so their batch only moves the
-    /// cursor past them. One still in a fast commit when its batch was cut is not marked:
-    /// the batch meets its dedupe record and skips it as a duplicate.
-    fn mark_decided_early(&mut self, deliveries: &mut [Delivery]) {
-        if self.decided_early.is_empty() {
-            return;
-        }
-        for d in deliveries.iter_mut() {
-            d.decided_early = self.decided_early.remove(&(d.partition, d.offset));
-        }
-    }
 
     /// Heartbeats the membership (at most once a second) and brings the owned partitions in
     /// line with this member's share: drops the ones it lost (and their buffered messages),
@@ -518,7 +544,7 @@ impl Loop {
         let Some(ShareChange { gained, lost }) = self.heartbeats.due_change(pool, owned, partition_count).await else { return };
         for p in &lost {
             self.owned.remove(p);
-            self.forget_decided_early(*p, None);
+            self.fast.forget(*p, None);
             tracing::info!(partition = p, "released partition");
         }
         let lost: HashSet<i32> = lost.into_iter().collect();
@@ -554,7 +580,7 @@ impl Loop {
                     self.owned.insert(partition, owned);
                     let lane = self.lane_of(partition);
                     self.lanes[lane].drop_partitions(&HashSet::from([partition]));
-                    self.forget_decided_early(partition, None);
+                    self.fast.forget(partition, None);
                     return;
                 }
                 Err(e) => {
@@ -583,8 +609,7 @@ impl Loop {
             owned.pending += 1;
             let lane = self.lane_of(d.partition);
             if let Some(urgent) = self.lanes[lane].push(d, key, now) {
-                self.urgent_since.get_or_insert(now);
-                self.urgent.push(urgent);
+                self.fast.queue(urgent, now);
             }
         } else if d.offset > owned.pending {
             self.seek_if_due(d.partition);
@@ -679,7 +704,7 @@ impl Loop {
     /// subjects' headroom stays stale until a batch decides them: the fast commit did not
     /// see what their lanes buffered meanwhile.
     fn fast_committed(&mut self, work: FastWork, outcome: Option<Outcome>) {
-        self.fast_busy = false;
+        self.fast.busy = false;
         let Some(outcome) = outcome else {
             self.metrics.fast_commit_failures.inc();
             return;
@@ -695,17 +720,10 @@ impl Loop {
         // will skip it any more (its batch counted it as a duplicate).
         let pending = |d: &Delivery| self.owned.get(&d.partition).is_some_and(|o| d.offset >= o.next);
         let decided: Vec<(i32, i64)> = work.deliveries.iter().filter(|d| pending(d)).map(|d| (d.partition, d.offset)).collect();
-        self.decided_early.extend(decided);
+        self.fast.decided.extend(decided);
         self.relay_wake.notify_one();
     }
 
-    /// Forgets the deliveries decided early of `partition` below offset `below` (all of
-    /// them with `None`: the partition was lost or claimed again).
-    fn forget_decided_early(&mut self, partition: i32, below: Option<i64>) {
-        if !self.decided_early.is_empty() {
-            self.decided_early.retain(|(p, o)| *p != partition || below.is_some_and(|b| *o >= b));
-        }
-    }
 
     /// After a lane's batch was refused: the partition is given up (unless this instance
     /// has claimed it again since the batch's epoch) and its buffered messages dropped; the
@@ -716,7 +734,7 @@ impl Loop {
         if self.owned.get(&partition).is_some_and(|o| o.epoch == epoch) {
             tracing::warn!(partition, epoch, "batch refused by fencing; another member owns the partition now");
             self.owned.remove(&partition);
-            self.forget_decided_early(partition, None);
+            self.fast.forget(partition, None);
             self.heartbeats.fenced(partition, Duration::from_millis(self.settings.member_lease_ms));
         } else {
             tracing::info!(partition, epoch, "batch refused by fencing: it predates this instance's current claim");
@@ -735,7 +753,7 @@ impl Loop {
             if let Some(o) = self.owned.get_mut(&r.partition).filter(|o| o.epoch == r.epoch) {
                 o.next = r.next;
                 let _ = hint.add_partition_offset(&self.committer.store.topic, r.partition, Offset::Offset(r.next));
-                self.forget_decided_early(r.partition, Some(r.next));
+                self.fast.forget(r.partition, Some(r.next));
             }
         }
         if hint.count() > 0 {
