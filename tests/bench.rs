@@ -10,7 +10,7 @@ use support::Servers;
 const SECTIONS: [&str; 7] = ["broker", "pipeline", "decision_latency", "check", "history", "memory", "ingest"];
 
 /// Figures that must be positive in every run (others, such as error counts, may be zero).
-const POSITIVE: [(&str, &str); 16] = [
+const POSITIVE: [(&str, &str); 18] = [
     ("broker", "produce_per_s"),
     ("broker", "consume_per_s"),
     ("broker", "round_trip_p99_ms"),
@@ -22,6 +22,9 @@ const POSITIVE: [(&str, &str); 16] = [
     ("decision_latency", "fast_commits"),
     ("check", "requests_per_s"),
     ("check", "check_p99_ms"),
+    // The API's and the load generator's CPU were read around the check's run.
+    ("check", "api_cpu_us_per_check"),
+    ("check", "generator_cpu_us_per_check"),
     ("history", "series_30d_daily_p99_ms"),
     ("history", "top20_30d_p99_ms"),
     ("memory", "aggregator_rss_mib"),

@@ -6,12 +6,12 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use chrono::Utc;
-use hyper::Method;
 
 use super::broker::Ceiling;
-use super::load::{self, Req};
+use super::load::{self, LoadResult, Req};
 use super::pipeline;
 use super::report::Section;
+use super::stack::cpu_seconds;
 
 /// How the check section runs.
 pub struct CheckPlan {
@@ -23,6 +23,21 @@ pub struct CheckPlan {
     pub duration: Duration,
     /// Redis `host:port` for the baseline.
     pub redis: Option<String>,
+    /// The API's process, for the CPU it spends per request.
+    pub api_pid: Option<u32>,
+}
+
+/// A load run, and the CPU time the server's process `pid` used during it.
+async fn run_measuring_server(pid: Option<u32>, plan: &CheckPlan, token: Option<&str>, requests: Vec<Req>) -> anyhow::Result<(LoadResult, Option<f64>)> {
+    let before = pid.map(cpu_seconds);
+    let measured = load::run(&plan.api, token, requests, plan.connections, plan.warmup, plan.duration).await?;
+    let used = pid.zip(before).map(|(pid, before)| cpu_seconds(pid) - before);
+    Ok((measured, used))
+}
+
+/// Microseconds of CPU per answer of `measured`, warm-up included.
+fn cpu_us_per_answer(cpu_seconds: f64, measured: &LoadResult) -> f64 {
+    cpu_seconds * 1e6 / measured.answered.max(1) as f64
 }
 
 /// Whether the API serves `POST /v1/check` (anything but 404 / 405 for a well-formed body).
@@ -40,18 +55,27 @@ pub async fn check(plan: &CheckPlan) -> anyhow::Result<Section> {
     let requests: Vec<Req> = (0..plan.subjects.max(1))
         .map(|s| {
             if check {
-                Req { method: Method::POST, path: "/v1/check".into(), body: Some(Bytes::from(format!("{{\"subject\":\"s{s}\"}}"))) }
+                Req { method: "POST", path: "/v1/check".into(), body: Some(Bytes::from(format!("{{\"subject\":\"s{s}\"}}"))) }
             } else {
-                Req { method: Method::GET, path: format!("/v1/subjects/s{s}/decision"), body: None }
+                Req { method: "GET", path: format!("/v1/subjects/s{s}/decision"), body: None }
             }
         })
         .collect();
     let endpoint = if check { "POST /v1/check" } else { "GET /v1/subjects/{s}/decision" };
     eprintln!("[bench] check: {endpoint} with {} connections", plan.connections);
-    let measured = load::run(&plan.api, Some(&plan.read_token), requests, plan.connections, plan.warmup, plan.duration).await?;
-    let healthz = vec![Req { method: Method::GET, path: "/healthz".into(), body: None }];
-    let floor = load::run(&plan.api, None, healthz, plan.connections, plan.warmup, plan.duration).await?;
+    let (measured, api_cpu) = run_measuring_server(plan.api_pid, plan, Some(&plan.read_token), requests).await?;
+    let healthz = vec![Req { method: "GET", path: "/healthz".into(), body: None }];
+    let (floor, floor_api_cpu) = run_measuring_server(plan.api_pid, plan, None, healthz).await?;
     let mut s = Section::default();
+    // CPU per request does not move with the machine's speed as much as the rates do.
+    if let (Some(check_cpu), Some(healthz_cpu)) = (api_cpu, floor_api_cpu) {
+        let (per_check, per_healthz) = (cpu_us_per_answer(check_cpu, &measured), cpu_us_per_answer(healthz_cpu, &floor));
+        s.figure("api_cpu_us_per_check", per_check)
+            .figure("api_cpu_us_per_healthz", per_healthz)
+            .ratio("api_cpu_check_to_healthz", per_check, per_healthz);
+    }
+    s.figure("generator_cpu_us_per_check", cpu_us_per_answer(measured.generator_cpu_seconds, &measured))
+        .figure("generator_cpu_us_per_healthz", cpu_us_per_answer(floor.generator_cpu_seconds, &floor));
     s.figure("requests_per_s", measured.per_s())
         .latencies("check", &measured.latencies)
         .figure("errors", measured.errors as f64)
@@ -63,7 +87,7 @@ pub async fn check(plan: &CheckPlan) -> anyhow::Result<Section> {
         .target("requests_per_s >= 30000", measured.per_s() >= 30_000.0)
         .target("p99 <= 5 ms", measured.latencies.p99_ms() <= 5.0)
         .note(format!(
-            "endpoint {endpoint}, subjects rotating over {} with snapshots in the view; closed loop, {} keep-alive connections, load generator in the bench process on the same cores",
+            "endpoint {endpoint}, subjects rotating over {} with snapshots in the view; closed loop, {} keep-alive connections, load generator on one thread of the bench process on the same cores (CPU per request counts the warm-up too)",
             plan.subjects, plan.connections
         ));
     if !check {
@@ -103,7 +127,7 @@ pub async fn ingest(addr: &str, token: &str, batch: usize, connections: usize, w
                     String::from_utf8(payload).unwrap_or_default()
                 })
                 .collect();
-            Req { method: Method::POST, path: "/v1/events".into(), body: Some(Bytes::from(format!("[{}]", events.join(",")))) }
+            Req { method: "POST", path: "/v1/events".into(), body: Some(Bytes::from(format!("[{}]", events.join(",")))) }
         })
         .collect();
     eprintln!("[bench] ingest: batches of {batch} on {connections} connections");

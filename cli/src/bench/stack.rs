@@ -276,7 +276,17 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
 /// CPU time (user + system) a process has used so far, in seconds; 0 when it is gone.
 /// Assumes the kernel's usual 100 clock ticks a second.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    cpu_seconds_in(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU time of the calling thread so far, in seconds, as [`cpu_seconds`] counts it.
+pub fn thread_cpu_seconds() -> f64 {
+    cpu_seconds_in("/proc/thread-self/stat")
+}
+
+/// User + system time in a `stat` file of procfs (a process's or a thread's).
+fn cpu_seconds_in(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = rest.split_whitespace().collect();
