@@ -126,11 +126,19 @@ fn severity(a: &Action) -> u8 {
     }
 }
 
-/// Decides from `quotas` (a snapshot's lines) for a request in `scope` at `now`; pure.
-pub fn evaluate(quotas: &[QuotaDecision], scope: &str, estimated_tokens: i64, estimated_cost: i64, now: DateTime<Utc>) -> Verdict {
-    // (line, breached, by the estimate only, action)
-    let mut lines: Vec<(QuotaLine, bool, bool, &Action)> = Vec::new();
-    for q in quotas.iter().filter(|q| q.scope.as_deref().is_none_or(|s| s == scope)) {
+/// A snapshot's quota line as it stands for one request (reset lines count as unused).
+#[derive(Clone, Copy)]
+struct Standing<'a> {
+    quota: &'a QuotaDecision,
+    used: i64,
+    remaining: i64,
+    breached: bool,
+    /// Not breached, but the request's estimate exceeds what is left.
+    by_estimate: bool,
+}
+
+impl<'a> Standing<'a> {
+    fn of(q: &'a QuotaDecision, estimated_tokens: i64, estimated_cost: i64, now: DateTime<Utc>) -> Self {
         let reset = now >= q.resets_at;
         let (used, remaining, state) = if reset { (0, q.limit, QuotaState::Ok) } else { (q.used, q.remaining, q.state) };
         let estimate = match q.metric {
@@ -139,27 +147,50 @@ pub fn evaluate(quotas: &[QuotaDecision], scope: &str, estimated_tokens: i64, es
             _ => 0,
         };
         let breached = state == QuotaState::Breached;
-        let by_estimate = !breached && estimate > remaining;
-        let line = QuotaLine {
+        Standing { quota: q, used, remaining, breached, by_estimate: !breached && estimate > remaining }
+    }
+
+    /// Whether this line decides against the request (an estimate only counts for a
+    /// denying action).
+    fn counts_against(&self) -> bool {
+        self.breached || (self.by_estimate && self.quota.action.denies())
+    }
+
+    /// The share of the limit left, in millionths.
+    fn share_left(&self) -> i128 {
+        (self.remaining as i128) * 1_000_000 / (self.quota.limit.max(1) as i128)
+    }
+
+    fn line(&self) -> QuotaLine {
+        let q = self.quota;
+        QuotaLine {
             quota: q.quota.clone(),
             metric: q.metric,
             scope: q.scope.clone(),
-            used,
+            used: self.used,
             limit: q.limit,
-            remaining,
+            remaining: self.remaining,
             resets_at: q.resets_at,
-        };
-        lines.push((line, breached, by_estimate, &q.action));
+        }
     }
-    // The strictest action among breached quotas (an estimate only counts for denying ones).
-    let worst = lines
+}
+
+/// Decides from `quotas` (a snapshot's lines) for a request in `scope` at `now`; pure.
+/// Only the line it reports is copied out of the snapshot.
+pub fn evaluate(quotas: &[QuotaDecision], scope: &str, estimated_tokens: i64, estimated_cost: i64, now: DateTime<Utc>) -> Verdict {
+    let standing = quotas
         .iter()
-        .filter(|(_, breached, by_estimate, action)| *breached || (*by_estimate && action.denies()))
-        .max_by(|a, b| severity(a.3).cmp(&severity(b.3)).then(a.0.resets_at.cmp(&b.0.resets_at)));
-    if let Some((line, breached, _, action)) = worst {
-        let action = (*action).clone();
+        .filter(|q| q.scope.as_deref().is_none_or(|s| s == scope))
+        .map(|q| Standing::of(q, estimated_tokens, estimated_cost, now));
+    // The strictest action among the lines against the request (ties: the later reset).
+    let worst = standing
+        .clone()
+        .filter(Standing::counts_against)
+        .max_by(|a, b| severity(&a.quota.action).cmp(&severity(&b.quota.action)).then(a.quota.resets_at.cmp(&b.quota.resets_at)));
+    if let Some(worst) = worst {
+        let action = worst.quota.action.clone();
         let denies = action.denies();
-        let reason = match (&action, *breached) {
+        let reason = match (&action, worst.breached) {
             (a, false) if a.denies() => "estimate_exceeds_remaining",
             (a, true) if a.denies() => "quota_breached",
             (Action::Degrade { .. }, _) => "degraded",
@@ -167,18 +198,15 @@ pub fn evaluate(quotas: &[QuotaDecision], scope: &str, estimated_tokens: i64, es
         };
         return Verdict {
             allowed: !denies,
-            retry_at: denies.then_some(line.resets_at),
+            retry_at: denies.then_some(worst.quota.resets_at),
             reason,
-            quota: Some(line.clone()),
+            quota: Some(worst.line()),
             action: Some(action),
         };
     }
     // Otherwise the quota with the smallest share left (ties: the later reset).
-    let tightest = lines.iter().min_by(|a, b| {
-        let share = |l: &QuotaLine| (l.remaining as i128) * 1_000_000 / (l.limit.max(1) as i128);
-        share(&a.0).cmp(&share(&b.0)).then(b.0.resets_at.cmp(&a.0.resets_at))
-    });
-    Verdict { allowed: true, action: None, reason: "ok", quota: tightest.map(|l| l.0.clone()), retry_at: None }
+    let tightest = standing.min_by(|a, b| a.share_left().cmp(&b.share_left()).then(b.quota.resets_at.cmp(&a.quota.resets_at)));
+    Verdict { allowed: true, action: None, reason: "ok", quota: tightest.map(|s| s.line()), retry_at: None }
 }
 
 /// The lines a subject with no decision would have: its effective tier's quotas, unused.
@@ -338,9 +366,7 @@ fn ceil_seconds(d: chrono::Duration) -> i64 {
 }
 
 fn put(headers: &mut HeaderMap, name: &'static str, value: i64) {
-    if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
-        headers.insert(HeaderName::from_static(name), v);
-    }
+    headers.insert(HeaderName::from_static(name), HeaderValue::from(value));
 }
 
 #[cfg(test)]

@@ -72,9 +72,9 @@ impl Auth {
             Role::Public => true,
             Role::Read => match &s.read {
                 None => true,
-                Some(read) => authorized(header, &admin.chain(std::iter::once(read)).collect::<Vec<_>>()),
+                Some(read) => authorized(header, admin.chain(std::iter::once(read))),
             },
-            Role::Admin => authorized(header, &admin.collect::<Vec<_>>()),
+            Role::Admin => authorized(header, admin),
         }
     }
 

@@ -28,8 +28,11 @@ impl Token {
 
     /// Whether `presented` is this token, in constant time.
     pub fn matches(&self, presented: &str) -> bool {
-        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        self.digest.ct_eq(&digest).into()
+        self.has_digest(&digest_of(presented))
+    }
+
+    fn has_digest(&self, digest: &[u8; 32]) -> bool {
+        self.digest.ct_eq(digest).into()
     }
 }
 
@@ -63,11 +66,17 @@ pub fn bearer(header: &str) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim()).filter(|t| !t.is_empty())
 }
 
-/// Whether an `Authorization` header value carries one of `accepted`.
-pub fn authorized(header: Option<&str>, accepted: &[&Token]) -> bool {
+fn digest_of(presented: &str) -> [u8; 32] {
+    Sha256::digest(presented.as_bytes()).into()
+}
+
+/// Whether an `Authorization` header value carries one of `accepted`. The presented token is
+/// hashed once, however many tokens are accepted (this runs on every checked request).
+pub fn authorized<'a>(header: Option<&str>, accepted: impl IntoIterator<Item = &'a Token>) -> bool {
     let Some(presented) = header.and_then(bearer) else { return false };
+    let digest = digest_of(presented);
     // Compare with every accepted token (no early exit) so timing does not say which.
-    accepted.iter().fold(false, |ok, t| t.matches(presented) | ok)
+    accepted.into_iter().fold(false, |ok, t| t.has_digest(&digest) | ok)
 }
 
 #[cfg(test)]
@@ -91,9 +100,14 @@ mod tests {
         assert_eq!(bearer("bearer   abc "), Some("abc"));
         assert_eq!(bearer("Basic abc"), None);
         assert_eq!(bearer("Bearer "), None);
-        assert!(authorized(Some("Bearer 0123456789abcdef-secret"), &[&t]));
-        assert!(!authorized(Some("Bearer nope"), &[&t]));
-        assert!(!authorized(None, &[&t]));
-        assert!(!authorized(Some("Bearer 0123456789abcdef-secret"), &[]));
+        assert!(authorized(Some("Bearer 0123456789abcdef-secret"), [&t]));
+        assert!(!authorized(Some("Bearer nope"), [&t]));
+        assert!(!authorized(None, [&t]));
+        assert!(!authorized(Some("Bearer 0123456789abcdef-secret"), []));
+        // Any of several accepted tokens, wherever it comes in the list.
+        let other = Token::new("fedcba9876543210-other");
+        assert!(authorized(Some("Bearer 0123456789abcdef-secret"), [&other, &t]));
+        assert!(authorized(Some("Bearer fedcba9876543210-other"), [&other, &t]));
+        assert!(!authorized(Some("Bearer fedcba9876543210-othe"), [&other, &t]));
     }
 }

@@ -117,7 +117,7 @@ fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
 async fn require_token(State(state): State<Arc<AppState>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let Some(token) = &state.token else { return next.run(req).await };
     let header = req.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    if tally_common::auth::authorized(header, &[token]) {
+    if tally_common::auth::authorized(header, [token]) {
         next.run(req).await
     } else {
         state.metrics.unauthorized.inc();
