@@ -55,7 +55,8 @@ Sections, in the order they run:
 
 4. check: POST /v1/check requests/s and p50/p99 from a closed-loop generator on loopback
    (the decision read when the build has no check route); baselines GET /healthz of the
-   same server and `redis-benchmark -t get` when Redis is present.
+   same server and `redis-benchmark -t get` when Redis is present. Also the CPU the API
+   and the generator (one thread, like redis-benchmark) spend per request.
 
 5. history: p50/p99 of a 30-day daily series for one subject and a top-20 through the
    API, over synthetic rows generated in ClickHouse (10 million; `--quick` far fewer);
