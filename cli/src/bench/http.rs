@@ -67,7 +67,8 @@ pub async fn check(plan: &CheckPlan) -> anyhow::Result<Section> {
     let healthz = vec![Req { method: "GET", path: "/healthz".into(), body: None }];
     let (floor, floor_api_cpu) = run_measuring_server(plan.api_pid, plan, None, healthz).await?;
     let mut s = Section::default();
-    // CPU per request does not move with the machine's speed as much as the rates do.
+    // CPU per request moves with the machine's speed less than the rates do; all of the API
+    // process's CPU in the run counts (its Kafka feeder's threads too).
     if let (Some(check_cpu), Some(healthz_cpu)) = (api_cpu, floor_api_cpu) {
         let (per_check, per_healthz) = (cpu_us_per_answer(check_cpu, &measured), cpu_us_per_answer(healthz_cpu, &floor));
         s.figure("api_cpu_us_per_check", per_check)

@@ -2,7 +2,8 @@
 //!
 //! Each of `connections` tasks holds one keep-alive connection and sends its next request as
 //! soon as the previous answer's body is read, cycling through the prepared requests.
-//! Requests in the first `warmup` are not recorded.
+//! Requests in the first `warmup` are not recorded; the generator's CPU time
+//! ([`LoadResult::generator_cpu_seconds`]) and [`LoadResult::answered`] include them.
 //!
 //! The generator is built to cost the machine as little as `redis-benchmark`, the baseline
 //! it is compared with, because it runs on the same two cores as the server it measures:
@@ -64,9 +65,14 @@ pub enum Answer {
 
 /// Looks for one whole HTTP/1.1 answer at the start of `buf`.
 pub fn parse_answer(buf: &[u8]) -> anyhow::Result<Answer> {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
+    const MAX_HEADERS: usize = 32;
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
-    let head_len = match response.parse(buf).context("malformed HTTP answer")? {
+    let parsed = response.parse(buf).map_err(|e| match e {
+        httparse::Error::TooManyHeaders => anyhow::anyhow!("an HTTP answer with more than {MAX_HEADERS} headers"),
+        e => anyhow::anyhow!("malformed HTTP answer: {e}"),
+    })?;
+    let head_len = match parsed {
         httparse::Status::Complete(n) => n,
         httparse::Status::Partial => return Ok(Answer::Partial),
     };
@@ -76,7 +82,7 @@ pub fn parse_answer(buf: &[u8]) -> anyhow::Result<Answer> {
         bail!("an answer with status {status} has no Content-Length (chunked or close-delimited answers are not supported)");
     };
     let body_len: usize = std::str::from_utf8(length.value).ok().and_then(|v| v.trim().parse().ok()).context("bad Content-Length")?;
-    let len = head_len + body_len;
+    let len = head_len.checked_add(body_len).context("Content-Length too large")?;
     Ok(if buf.len() >= len { Answer::Complete { status, len } } else { Answer::Partial })
 }
 
@@ -156,7 +162,7 @@ async fn drive(addr: String, requests: Vec<Vec<u8>>, connections: usize, warmup:
 
 /// What one closed loop measured.
 #[derive(Default)]
-struct Looped {
+struct ConnectionCounts {
     /// Successful answers after the warm-up, and their latencies.
     ok: u64,
     latencies: Latencies,
@@ -167,11 +173,11 @@ struct Looped {
 }
 
 /// One closed loop on one connection.
-async fn connection(addr: String, requests: std::sync::Arc<Vec<Vec<u8>>>, offset: usize, warmup: Instant, end: Instant) -> anyhow::Result<Looped> {
+async fn connection(addr: String, requests: std::sync::Arc<Vec<Vec<u8>>>, offset: usize, warmup: Instant, end: Instant) -> anyhow::Result<ConnectionCounts> {
     let mut stream = tokio::net::TcpStream::connect(&addr).await.with_context(|| format!("failed to connect to {addr}"))?;
     stream.set_nodelay(true)?;
     let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
-    let mut looped = Looped::default();
+    let mut counts = ConnectionCounts::default();
     let mut i = offset;
     loop {
         let started = Instant::now();
@@ -183,17 +189,17 @@ async fn connection(addr: String, requests: std::sync::Arc<Vec<Vec<u8>>>, offset
         stream.write_all(request).await.context("failed to send a request")?;
         let status = read_answer(&mut stream, &mut buf).await?;
         let took = started.elapsed();
-        looped.answered += 1;
+        counts.answered += 1;
         if started >= warmup {
             if (200..300).contains(&status) {
-                looped.ok += 1;
-                looped.latencies.push(took);
+                counts.ok += 1;
+                counts.latencies.push(took);
             } else {
-                looped.errors += 1;
+                counts.errors += 1;
             }
         }
     }
-    Ok(looped)
+    Ok(counts)
 }
 
 /// Reads one whole answer into `buf` and takes it out again; returns its status.
@@ -277,5 +283,9 @@ mod tests {
         assert!(parse_answer(chunked).unwrap_err().to_string().contains("no Content-Length"));
         assert!(parse_answer(b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n").is_err());
         assert!(parse_answer(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
+        let huge = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", usize::MAX);
+        assert!(parse_answer(huge.as_bytes()).unwrap_err().to_string().contains("too large"));
+        let crowded = format!("HTTP/1.1 200 OK\r\n{}content-length: 0\r\n\r\n", "x-a: 1\r\n".repeat(40));
+        assert!(parse_answer(crowded.as_bytes()).unwrap_err().to_string().contains("more than 32 headers"));
     }
 }
