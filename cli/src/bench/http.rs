@@ -27,11 +27,11 @@ pub struct CheckPlan {
     pub api_pid: Option<u32>,
 }
 
-/// A load run, and the CPU time the server's process `pid` used during it.
-async fn run_measuring_server(pid: Option<u32>, plan: &CheckPlan, token: Option<&str>, requests: Vec<Req>) -> anyhow::Result<(LoadResult, Option<f64>)> {
-    let before = pid.map(cpu_seconds);
+/// A load run against the API, and the CPU time the API's process used during it.
+async fn run_measuring_api(plan: &CheckPlan, token: Option<&str>, requests: Vec<Req>) -> anyhow::Result<(LoadResult, Option<f64>)> {
+    let before = plan.api_pid.map(cpu_seconds);
     let measured = load::run(&plan.api, token, requests, plan.connections, plan.warmup, plan.duration).await?;
-    let used = pid.zip(before).map(|(pid, before)| cpu_seconds(pid) - before);
+    let used = plan.api_pid.zip(before).map(|(pid, before)| cpu_seconds(pid) - before);
     Ok((measured, used))
 }
 
@@ -63,9 +63,9 @@ pub async fn check(plan: &CheckPlan) -> anyhow::Result<Section> {
         .collect();
     let endpoint = if check { "POST /v1/check" } else { "GET /v1/subjects/{s}/decision" };
     eprintln!("[bench] check: {endpoint} with {} connections", plan.connections);
-    let (measured, api_cpu) = run_measuring_server(plan.api_pid, plan, Some(&plan.read_token), requests).await?;
+    let (measured, api_cpu) = run_measuring_api(plan, Some(&plan.read_token), requests).await?;
     let healthz = vec![Req { method: "GET", path: "/healthz".into(), body: None }];
-    let (floor, floor_api_cpu) = run_measuring_server(plan.api_pid, plan, None, healthz).await?;
+    let (floor, floor_api_cpu) = run_measuring_api(plan, None, healthz).await?;
     let mut s = Section::default();
     // CPU per request moves with the machine's speed less than the rates do; all of the API
     // process's CPU in the run counts (its Kafka feeder's threads too).
