@@ -230,7 +230,7 @@ async fn measure(args: &BenchArgs, sizes: &Sizes, stack: &Stack, extra: &[String
         warmup: sizes.http_warmup,
         duration: Duration::from_secs(sizes.http_seconds),
         redis: Some(args.redis.clone()),
-        api_pid: p.api.as_ref().map(stack::Service::pid).filter(|pid| *pid != 0),
+        api_pid: p.api.as_ref().and_then(stack::Service::pid),
     };
     report.add("check", http::check(&plan).await?);
 

@@ -244,7 +244,7 @@ impl Pipeline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let wall = end - spawned;
-        let aggregator_cpu = cpu_seconds(self.aggregator.as_ref().map(Service::pid).unwrap_or(0));
+        let aggregator_cpu = self.aggregator.as_ref().and_then(Service::pid).map_or(0.0, cpu_seconds);
         let broker_cpu = cpu_seconds_of(&brokers) - broker_cpu_before;
         let postgres_cpu = cpu_seconds_of(&self.backend_pids().await);
         let (rate, measured) = match first {
@@ -451,7 +451,7 @@ impl Pipeline {
 
     /// The processes whose CPU the decision section reports, by group.
     async fn cpu_groups(&self) -> Vec<(&'static str, Vec<u32>)> {
-        let pid = |service: &Option<Service>| service.as_ref().map(Service::pid).into_iter().collect();
+        let pid = |service: &Option<Service>| service.as_ref().and_then(Service::pid).into_iter().collect();
         vec![
             ("aggregator", pid(&self.aggregator)),
             ("postgres", self.backend_pids().await),

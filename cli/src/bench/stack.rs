@@ -209,8 +209,9 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).unwrap_or(0)
+    /// The process id; `None` once the service was stopped.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Fails if the process has exited, pointing at its log.
@@ -225,7 +226,7 @@ impl Service {
 
     /// Resident memory in bytes (VmRSS of /proc/<pid>/status).
     pub fn rss_bytes(&self) -> anyhow::Result<u64> {
-        rss_bytes(self.pid())
+        rss_bytes(self.pid().with_context(|| format!("tally {} is not running", self.name))?)
     }
 
     /// Waits until `GET http://<addr>/healthz` answers 2xx.
