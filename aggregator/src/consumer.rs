@@ -34,7 +34,7 @@ use anyhow::Context;
 use chrono::Utc;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::producer::FutureProducer;
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tally_common::kafka::KafkaSettings;
 use tally_common::consuming::{self, KafkaLog};
 use tally_common::membership::{Heartbeats, Membership, ShareChange};
@@ -77,6 +77,14 @@ const PREFETCH_KBYTES: usize = 8 * 1024;
 
 /// Largest fetch response a lane's consumer asks for, in bytes.
 const FETCH_MAX_BYTES: usize = 4 * 1024 * 1024;
+
+/// How long, in milliseconds, a lane's consumer waits before fetching again once its
+/// prefetch ([`PREFETCH_KBYTES`]) was full. librdkafka waits 1 000 ms by default (its
+/// `fetch.queue.backoff.ms`), and the loop drains a full prefetch much sooner than that: the
+/// consumer then sat idle, and an event produced meanwhile reached the loop up to a second
+/// late. Under the decision section's load a tenth of the probes came about 940 ms late
+/// (BENCHMARKS.md, tenth session).
+const FETCH_QUEUE_BACKOFF_MS: u32 = 10;
 
 /// How long the loop sleeps without messages or commits before it looks after ownership
 /// again.
@@ -837,16 +845,21 @@ impl Committer {
 
 /// The usage topic's consumer of one lane.
 fn usage_consumer(kafka: &KafkaSettings, group: &str) -> anyhow::Result<StreamConsumer<KafkaLog>> {
-    kafka
-        .consumer_config(group)
+    usage_consumer_config(kafka, group).create_with_context(KafkaLog).context("failed to create the usage consumer")
+}
+
+/// The configuration of a lane's usage consumer: a small prefetch, refilled soon.
+fn usage_consumer_config(kafka: &KafkaSettings, group: &str) -> ClientConfig {
+    let mut config = kafka.consumer_config(group);
+    config
         // librdkafka prefetches up to 64 MiB by default; a lane holds at most one batch in
         // its buffer and one in flight, so a few MiB ahead keep it busy.
         .set("queued.max.messages.kbytes", PREFETCH_KBYTES.to_string())
         // librdkafka may overshoot the prefetch by one fetch response, 50 MiB by default: with a
         // backlog that is what a consumer held.
         .set("fetch.max.bytes", FETCH_MAX_BYTES.to_string())
-        .create_with_context(KafkaLog)
-        .context("failed to create the usage consumer")
+        .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS.to_string());
+    config
 }
 
 /// The next message from any of the `lanes`' consumers, with the hash of its key.
@@ -860,4 +873,37 @@ async fn receive_any(consumers: &[StreamConsumer<KafkaLog>], lanes: &[usize]) ->
 fn keyed_delivery(m: &rdkafka::message::BorrowedMessage<'_>) -> (Delivery, u64) {
     let delivery = Delivery::received(m.partition(), m.offset(), m.payload().map(<[u8]>::to_vec));
     (delivery, key_hash(m.key()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The settings as the command line gives them with no arguments (the defaults).
+    #[derive(clap::Parser)]
+    struct Defaults {
+        #[command(flatten)]
+        kafka: KafkaSettings,
+        #[command(flatten)]
+        aggregator: crate::AggregatorSettings,
+    }
+
+    fn defaults() -> Defaults {
+        <Defaults as clap::Parser>::parse_from(["test"])
+    }
+
+    fn millis(config: &ClientConfig, key: &str) -> u128 {
+        config.get(key).unwrap_or_else(|| panic!("{key} is not set")).parse().unwrap_or_else(|e| panic!("{key}: {e}"))
+    }
+
+    /// A full prefetch holds the next fetch back for `fetch.queue.backoff.ms`; an urgent event
+    /// behind it waits that long before the loop can see it, so it must be shorter than the
+    /// longest a batch waits to fill (librdkafka's default is a whole second).
+    #[test]
+    fn a_full_prefetch_holds_the_next_fetch_back_for_less_than_a_batch_waits_to_fill() {
+        let Defaults { kafka, aggregator } = defaults();
+        let config = usage_consumer_config(&kafka, &aggregator.group);
+        assert!(millis(&config, "fetch.queue.backoff.ms") < aggregator.max_wait().as_millis());
+        assert_eq!(millis(&config, "queued.max.messages.kbytes"), PREFETCH_KBYTES as u128);
+    }
 }
