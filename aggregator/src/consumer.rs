@@ -852,7 +852,7 @@ fn usage_consumer(kafka: &KafkaSettings, group: &str) -> anyhow::Result<StreamCo
 fn usage_consumer_config(kafka: &KafkaSettings, group: &str) -> ClientConfig {
     let mut config = kafka.consumer_config(group);
     config
-        // librdkafka prefetches up to 64 MiB by default; a lane holds at most one batch in
+        // librdkafka prefetches up to 64 MiB by default; a lane holds at most two batches in
         // its buffer and one in flight, so a few MiB ahead keep it busy.
         .set("queued.max.messages.kbytes", PREFETCH_KBYTES.to_string())
         // librdkafka may overshoot the prefetch by one fetch response, 50 MiB by default: with a
