@@ -22,6 +22,8 @@ use sha2::{Digest, Sha256};
 
 use crate::metric::Amounts;
 
+mod canonical;
+
 /// Longest accepted `id`, in characters.
 pub const MAX_ID_CHARS: usize = 128;
 /// Longest accepted `subject`, `scope`, `model`, in characters.
@@ -72,15 +74,8 @@ impl UsageEvent {
 
     /// The canonical JSON bytes of this event.
     pub fn to_canonical_json(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        self.write_canonical_json(&mut out);
-        out
-    }
-
-    /// Appends the canonical JSON bytes of this event to `out`.
-    fn write_canonical_json(&self, out: &mut Vec<u8>) {
         // Serializing a struct of strings, integers and a BTreeMap into memory cannot fail.
-        let _ = serde_json::to_writer(out, self);
+        serde_json::to_vec(self).unwrap_or_default()
     }
 
     /// A digest of the canonical form. Two deliveries with the same `id` and the same
@@ -123,18 +118,13 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// followed by [`UsageEvent::fingerprint`], for every input.
 ///
 /// Bytes that are already the canonical form of a valid event (what Tally's ingest writes)
-/// take a fast path: a typed parse without a JSON tree, checked by comparing the event's
-/// canonical form with the bytes themselves, whose digest is then the fingerprint. Anything
-/// else (other field order, spacing, a raw `api_key`, a CloudEvent, an invalid event) takes
-/// [`parse_event`], which names the bad field.
+/// take a fast path: one pass over the bytes that reads the event only if they are its
+/// canonical form ([`canonical`]), whose digest is then the fingerprint. Anything else
+/// (other field order, spacing, escaped strings, a raw `api_key`, a CloudEvent, an invalid
+/// event) takes [`parse_event`], which names the bad field.
 pub fn parse_event_with_fingerprint(bytes: &[u8]) -> Result<(UsageEvent, String), EventError> {
-    if let Some(event) = serde_json::from_slice::<UsageEvent>(bytes).ok().filter(UsageEvent::is_valid) {
-        // Sized for the bytes it must equal, so it is not grown on the way.
-        let mut canonical = Vec::with_capacity(bytes.len());
-        event.write_canonical_json(&mut canonical);
-        if canonical == bytes {
-            return Ok((event, sha256_hex(bytes)));
-        }
+    if let Some(event) = canonical::read(bytes).filter(UsageEvent::is_valid) {
+        return Ok((event, sha256_hex(bytes)));
     }
     let event = parse_event(bytes)?;
     let fingerprint = event.fingerprint();
