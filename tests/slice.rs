@@ -92,6 +92,14 @@ async fn events_over_http_give_exact_ledgers_and_a_block_decision() {
     let row = &usage["ledgers"][0];
     assert_eq!((row["used"].as_i64(), row["limit"].as_i64()), (Some(1200), Some(1000)));
     assert!(row["period_start"].is_string() && row["period_end"].is_string());
+
+    // The database the services created compares text byte for byte, whatever the server's
+    // locale (common/src/postgres.rs, BYTE_ORDER_COLLATION).
+    let collation: String = sqlx::query_scalar("SELECT datcollate FROM pg_database WHERE datname = current_database()")
+        .fetch_one(&t.pg().await)
+        .await
+        .unwrap();
+    assert_eq!(collation, "C");
 }
 
 #[tokio::test(flavor = "multi_thread")]

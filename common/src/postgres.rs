@@ -8,6 +8,13 @@ use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
+/// How a database Tally creates compares text: byte for byte (the `C` collation), not by the
+/// server's locale. Tally's text columns are identifiers (event ids, subjects, metrics),
+/// which it never sorts for people, and every key lookup compares them: with a locale
+/// collation each comparison goes through `strcoll`. Only the collation is set; the
+/// encoding and character classes stay the server's.
+pub const BYTE_ORDER_COLLATION: &str = "TEMPLATE template0 LC_COLLATE 'C'";
+
 /// Where Tally's Postgres database is.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PostgresSettings {
@@ -42,7 +49,8 @@ impl PostgresSettings {
     }
 
     /// Creates the database named in the URL if it does not exist, connecting to the
-    /// server's `postgres` database to do so.
+    /// server's `postgres` database to do so. It compares text byte for byte
+    /// ([`BYTE_ORDER_COLLATION`]).
     pub async fn create_database_if_missing(&self) -> anyhow::Result<()> {
         let name = self.database()?;
         let admin = self.options()?.database("postgres");
@@ -53,7 +61,7 @@ impl PostgresSettings {
             .await?;
         if !exists {
             let quoted = format!("\"{}\"", name.replace('"', "\"\""));
-            match sqlx::query(&format!("CREATE DATABASE {quoted}")).execute(&mut conn).await {
+            match sqlx::query(&format!("CREATE DATABASE {quoted} {BYTE_ORDER_COLLATION}")).execute(&mut conn).await {
                 Ok(_) => {}
                 // Another process created it between our check and our CREATE.
                 Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
