@@ -14,6 +14,8 @@ use tally_common::postgres::PostgresSettings;
 use tally_common::{shutdown, telemetry};
 use tally_ingest::IngestSettings;
 
+mod memory;
+
 /// Tally: exactly-once quota metering for LLM and API platforms.
 ///
 /// Every setting can also be given as an environment variable (shown in each command's help).
@@ -103,76 +105,8 @@ enum Command {
     ValidateConfig(ValidateConfigArgs),
 }
 
-/// Every service runs in this binary; see the `mimalloc` note in Cargo.toml.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// mimalloc's option `mi_option_purge_delay` (its position in the option enum of both the v2
-/// and v3 headers), in milliseconds: 10 by default in v2, 1000 in v3 (the one built here).
-/// Declared here because the bindings crate exposes options only with a feature that needs
-/// another dependency.
-const MI_OPTION_PURGE_DELAY: i32 = 15;
-
-extern "C" {
-    fn mi_option_get(option: i32) -> std::os::raw::c_long;
-    fn mi_option_set(option: i32, value: std::os::raw::c_long);
-}
-
-/// Makes mimalloc hand freed pages back to the OS at once. By default it delays that and then
-/// purges only when the same thread allocates again, so memory a large batch freed on a tokio
-/// worker that then idles stays resident: the aggregator sat at ~330 MiB instead of ~230 MiB
-/// with 100k subjects after a load burst (BENCHMARKS.md). An operator's
-/// `MIMALLOC_PURGE_DELAY` wins.
-fn return_freed_memory_promptly() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
-        return;
-    }
-    // SAFETY: plain calls into the linked mimalloc with an option id of its enum.
-    unsafe {
-        if mi_option_get(MI_OPTION_PURGE_DELAY) > 0 {
-            mi_option_set(MI_OPTION_PURGE_DELAY, 0);
-        }
-    }
-}
-
-/// Keeps what the C allocator holds for librdkafka (which uses `malloc`, not the global
-/// allocator above) from staying resident after a burst: at most 2 arenas, and every
-/// [`C_HEAP_TRIM_EVERY`] a `malloc_trim`, which hands the free pages inside the arenas back
-/// to the OS. Without it glibc keeps them: at 100k subjects ~140 of the aggregator's
-/// ~250 MiB were glibc arenas full of freed fetch data (from /proc/<pid>/smaps,
-/// BENCHMARKS.md). An operator's `MALLOC_ARENA_MAX` (or `glibc.malloc.arena_max` in
-/// `GLIBC_TUNABLES`) wins.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_c_heap_small() {
-    const M_ARENA_MAX: std::os::raw::c_int = -8;
-    extern "C" {
-        fn mallopt(param: std::os::raw::c_int, value: std::os::raw::c_int) -> std::os::raw::c_int;
-        fn malloc_trim(pad: usize) -> std::os::raw::c_int;
-    }
-    let tuned = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("malloc.arena_max"));
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() && !tuned {
-        // SAFETY: mallopt with a documented parameter, before any other thread exists.
-        unsafe { mallopt(M_ARENA_MAX, 2) };
-    }
-    let trimmer = std::thread::Builder::new().name("c-heap-trim".into()).spawn(|| loop {
-        std::thread::sleep(C_HEAP_TRIM_EVERY);
-        // SAFETY: malloc_trim is thread-safe; it takes each arena's lock in turn.
-        unsafe { malloc_trim(0) };
-    });
-    if let Err(e) = trimmer {
-        eprintln!("warning: could not start the C heap trimmer: {e}");
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_c_heap_small() {}
-
-/// How often freed C heap pages are handed back to the OS.
-const C_HEAP_TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
-
 fn main() -> ExitCode {
-    return_freed_memory_promptly();
-    keep_c_heap_small();
+    memory::tune();
     let cli = Cli::parse();
     telemetry::init();
     let runtime = match tokio::runtime::Runtime::new() {

@@ -1,0 +1,196 @@
+//! The binary's allocators: mimalloc for Rust, glibc's `malloc` for librdkafka.
+//!
+//! # Contract
+//! [`tune`] runs first in `main`, before any other thread exists. Afterwards:
+//! - memory freed while the process is busy stays mapped for [`BUSY_PURGE_DELAY_MS`], so
+//!   the next batch reuses it instead of faulting fresh zeroed pages in;
+//! - within about [`LOOK_EVERY`] of the process going idle, mimalloc hands everything freed
+//!   back to the OS, so a service at rest is as small as before;
+//! - every [`C_HEAP_TRIM_EVERY`] glibc returns the free pages of its arenas.
+//!
+//! An operator's `MIMALLOC_PURGE_DELAY` (or `MALLOC_ARENA_MAX`) wins over the first two
+//! (the last) of these.
+
+use std::os::raw::c_long;
+use std::time::Duration;
+
+/// Every service runs in this binary; see the `mimalloc` note in Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's option `mi_option_purge_delay` (its position in the option enum of both the v2
+/// and v3 headers), in milliseconds: 10 by default in v2, 1000 in v3 (the one built here).
+/// Declared here because the bindings crate exposes options only with a feature that needs
+/// another dependency.
+const MI_OPTION_PURGE_DELAY: i32 = 15;
+
+extern "C" {
+    fn mi_option_set(option: i32, value: c_long);
+    fn mi_collect(force: bool);
+    fn mi_process_info(
+        elapsed_msecs: *mut usize,
+        user_msecs: *mut usize,
+        system_msecs: *mut usize,
+        current_rss: *mut usize,
+        peak_rss: *mut usize,
+        current_commit: *mut usize,
+        peak_commit: *mut usize,
+        page_faults: *mut usize,
+    );
+}
+
+/// How long mimalloc keeps freed memory mapped while the process is busy. A lane's batch
+/// frees megabytes that the next batch, well within this, allocates again: measured over
+/// the bench's pipeline phase, 68k page faults against 244k when purging at once.
+pub const BUSY_PURGE_DELAY_MS: c_long = 1000;
+/// How often the process's CPU time is looked at.
+pub const LOOK_EVERY: Duration = Duration::from_millis(500);
+/// CPU time within one look above which the process counts as busy (a tenth of a core).
+pub const BUSY_CPU_PER_LOOK: Duration = Duration::from_millis(50);
+/// How often freed C heap pages are handed back to the OS.
+const C_HEAP_TRIM_EVERY: Duration = Duration::from_secs(2);
+
+/// Sets up both allocators (module docs).
+pub fn tune() {
+    adapt_mimalloc_purging();
+    keep_c_heap_small();
+}
+
+/// What the purge janitor does after a look at the process's CPU time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purging {
+    /// Busy from now on: keep freed memory mapped for [`BUSY_PURGE_DELAY_MS`].
+    Delay,
+    /// Idle from now on: purge at once, and everything freed so far.
+    AtOnce,
+}
+
+/// Whether the process is busy, from its CPU time per look. Starts idle.
+#[derive(Debug, Default)]
+pub struct Activity {
+    busy: bool,
+    last_cpu: Option<Duration>,
+}
+
+impl Activity {
+    /// Takes the process's total CPU time at a look; returns what to change, if anything.
+    pub fn look(&mut self, total_cpu: Duration) -> Option<Purging> {
+        let used = total_cpu.saturating_sub(self.last_cpu.unwrap_or(total_cpu));
+        self.last_cpu = Some(total_cpu);
+        let busy = used > BUSY_CPU_PER_LOOK;
+        if busy == self.busy {
+            return None;
+        }
+        self.busy = busy;
+        Some(if busy { Purging::Delay } else { Purging::AtOnce })
+    }
+}
+
+/// Purges freed memory at once while idle and after [`BUSY_PURGE_DELAY_MS`] while busy,
+/// switching on a thread of its own (module docs). By default mimalloc delays purges and
+/// then purges only when a thread allocates again, so memory a large batch freed on a
+/// tokio worker that then idles would stay resident: the aggregator sat at ~330 MiB instead
+/// of ~230 MiB with 100k subjects after a load burst (BENCHMARKS.md).
+fn adapt_mimalloc_purging() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
+    // SAFETY: a plain call into the linked mimalloc with an option id of its enum.
+    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    let janitor = std::thread::Builder::new().name("mem-purge".into()).spawn(|| {
+        let mut activity = Activity::default();
+        loop {
+            std::thread::sleep(LOOK_EVERY);
+            match activity.look(process_cpu_time()) {
+                // SAFETY: plain calls into the linked mimalloc; options may change at any time,
+                // and a collect from any thread purges the arenas of the whole process.
+                Some(Purging::Delay) => unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, BUSY_PURGE_DELAY_MS) },
+                // In this order: with a delay of 0 mimalloc skips its purge pass, so the
+                // memory scheduled for a delayed purge would stay.
+                Some(Purging::AtOnce) => unsafe {
+                    mi_collect(true);
+                    mi_option_set(MI_OPTION_PURGE_DELAY, 0);
+                },
+                None => {}
+            }
+        }
+    });
+    if let Err(e) = janitor {
+        eprintln!("warning: could not start the memory purge thread: {e}");
+    }
+}
+
+/// The user and system CPU time of the whole process so far.
+fn process_cpu_time() -> Duration {
+    let (mut user, mut system) = (0usize, 0usize);
+    let null = std::ptr::null_mut();
+    // SAFETY: mimalloc writes the outputs whose pointers are not null.
+    unsafe { mi_process_info(null, &mut user, &mut system, null, null, null, null, null) };
+    Duration::from_millis((user + system) as u64)
+}
+
+/// Keeps what the C allocator holds for librdkafka (which uses `malloc`, not the global
+/// allocator above) from staying resident after a burst: at most 2 arenas, and every
+/// [`C_HEAP_TRIM_EVERY`] a `malloc_trim`, which hands the free pages inside the arenas back
+/// to the OS. Without it glibc keeps them: at 100k subjects ~140 of the aggregator's
+/// ~250 MiB were glibc arenas full of freed fetch data (from /proc/<pid>/smaps,
+/// BENCHMARKS.md). An operator's `MALLOC_ARENA_MAX` (or `glibc.malloc.arena_max` in
+/// `GLIBC_TUNABLES`) wins.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_c_heap_small() {
+    const M_ARENA_MAX: std::os::raw::c_int = -8;
+    extern "C" {
+        fn mallopt(param: std::os::raw::c_int, value: std::os::raw::c_int) -> std::os::raw::c_int;
+        fn malloc_trim(pad: usize) -> std::os::raw::c_int;
+    }
+    let tuned = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("malloc.arena_max"));
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() && !tuned {
+        // SAFETY: mallopt with a documented parameter, before any other thread exists.
+        unsafe { mallopt(M_ARENA_MAX, 2) };
+    }
+    let trimmer = std::thread::Builder::new().name("c-heap-trim".into()).spawn(|| loop {
+        std::thread::sleep(C_HEAP_TRIM_EVERY);
+        // SAFETY: malloc_trim is thread-safe; it takes each arena's lock in turn.
+        unsafe { malloc_trim(0) };
+    });
+    if let Err(e) = trimmer {
+        eprintln!("warning: could not start the C heap trimmer: {e}");
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_c_heap_small() {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn purging_is_delayed_once_the_process_gets_busy_and_at_once_again_when_it_idles() {
+        let mut activity = Activity::default();
+        assert_eq!(activity.look(ms(10_000)), None, "the first look only takes the baseline");
+        assert_eq!(activity.look(ms(10_000) + BUSY_CPU_PER_LOOK), None, "at the threshold it is not busy yet");
+        let busy_from = ms(10_000) + BUSY_CPU_PER_LOOK;
+        assert_eq!(activity.look(busy_from + ms(400)), Some(Purging::Delay));
+        assert_eq!(activity.look(busy_from + ms(800)), None, "still busy: nothing to change");
+        assert_eq!(activity.look(busy_from + ms(810)), Some(Purging::AtOnce));
+        assert_eq!(activity.look(busy_from + ms(810)), None, "still idle: nothing to change");
+    }
+
+    #[test]
+    fn the_process_cpu_time_grows_with_work() {
+        let before = process_cpu_time();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut x = 0u64;
+        while process_cpu_time() < before + ms(50) {
+            assert!(std::time::Instant::now() < deadline, "30 s of spinning did not add 50 ms of CPU time");
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+        }
+    }
+}
