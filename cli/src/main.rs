@@ -109,7 +109,7 @@ fn main() -> ExitCode {
     memory::tune();
     let cli = Cli::parse();
     telemetry::init();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().on_thread_park(memory::on_worker_park).build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: failed to start the async runtime: {e}");

@@ -5,13 +5,17 @@
 //! - memory freed while the process is busy stays mapped for [`BUSY_PURGE_DELAY_MS`], so
 //!   the next batch reuses it instead of faulting fresh zeroed pages in;
 //! - within about [`LOOK_EVERY`] of the process going idle, mimalloc hands everything freed
-//!   back to the OS, so a service at rest is as small as before;
+//!   back to the OS, so a service at rest is as small as before: the arenas at once, and
+//!   what each tokio worker's heap holds when that worker next parks ([`on_worker_park`],
+//!   which `main` installs on its runtime);
 //! - every [`C_HEAP_TRIM_EVERY`] glibc returns the free pages of its arenas.
 //!
 //! An operator's `MIMALLOC_PURGE_DELAY` (or `MALLOC_ARENA_MAX`) wins over the first two
 //! (the last) of these.
 
+use std::cell::Cell;
 use std::os::raw::c_long;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Every service runs in this binary; see the `mimalloc` note in Cargo.toml.
@@ -110,6 +114,7 @@ fn adapt_mimalloc_purging() {
                 Some(Purging::AtOnce) => unsafe {
                     mi_collect(true);
                     mi_option_set(MI_OPTION_PURGE_DELAY, 0);
+                    IDLE_SINCE.fetch_add(1, Ordering::Relaxed);
                 },
                 None => {}
             }
@@ -117,6 +122,26 @@ fn adapt_mimalloc_purging() {
     });
     if let Err(e) = janitor {
         eprintln!("warning: could not start the memory purge thread: {e}");
+    }
+}
+
+/// How many times the process went idle; each worker thread collects once per count.
+static IDLE_SINCE: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// The [`IDLE_SINCE`] count this thread last collected at.
+    static COLLECTED_AT: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Run by each tokio worker before it parks: after the process went idle, hands back what
+/// this thread's mimalloc heap still holds (pages it owns whose blocks other threads freed,
+/// empty pages it kept for reuse), which a collect on another thread cannot reach.
+pub fn on_worker_park() {
+    let idle_since = IDLE_SINCE.load(Ordering::Relaxed);
+    if COLLECTED_AT.get() != idle_since {
+        COLLECTED_AT.set(idle_since);
+        // SAFETY: a plain call into the linked mimalloc, on the thread whose heap it collects.
+        unsafe { mi_collect(true) };
     }
 }
 
