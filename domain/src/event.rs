@@ -466,7 +466,7 @@ mod tests {
         assert_eq!(timeliness(now - late - Duration::seconds(1), now, late), Timeliness::TooLate);
     }
 
-    mod fast_path {
+    pub(crate) mod fast_path {
         use super::*;
         use proptest::prelude::*;
 
@@ -485,6 +485,36 @@ mod tests {
                 .prop_map(|cs| cs.into_iter().collect())
         }
 
+        /// What the event strategies generate, field by field, in [`UsageEvent`]'s order:
+        /// `(id, subject, seconds, nanoseconds, api_key_sha256, scope)`,
+        /// `(model, requests, input, output, cached, cost)`, `(attributes, corrects)`.
+        pub(crate) type EventParts = (
+            (String, String, i64, u32, Option<String>, String),
+            (Option<String>, i64, i64, i64, i64, Option<i64>),
+            (BTreeMap<String, String>, Option<String>),
+        );
+
+        /// The event of generated parts (the time from seconds and nanoseconds).
+        pub(crate) fn event_of_parts(
+            ((id, subject, secs, nanos, key, scope), (model, requests, input, output, cached, cost), (attributes, corrects)): EventParts,
+        ) -> UsageEvent {
+            UsageEvent {
+                id,
+                subject,
+                time: DateTime::from_timestamp(secs, nanos).unwrap(),
+                api_key_sha256: key,
+                scope,
+                model,
+                requests,
+                input_tokens: input,
+                output_tokens: output,
+                cached_tokens: cached,
+                cost_micros: cost,
+                attributes,
+                corrects,
+            }
+        }
+
         /// Events as serde would carry them: valid ones and ones each check must refuse
         /// (lengths over a limit, negative amounts, a bad hash, years RFC 3339 cannot write).
         fn any_event() -> impl Strategy<Value = UsageEvent> {
@@ -498,25 +528,7 @@ mod tests {
                 (proptest::option::of(name), count.clone(), count.clone(), count.clone(), count.clone(), proptest::option::of(count)),
                 (proptest::collection::btree_map(text(3), text(3), 0..2), proptest::option::of(text(3))),
             )
-                .prop_map(
-                    |((id, subject, secs, nanos, key, scope), (model, requests, input, output, cached, cost), (attributes, corrects))| {
-                        UsageEvent {
-                            id,
-                            subject,
-                            time: DateTime::from_timestamp(secs, nanos).unwrap(),
-                            api_key_sha256: key,
-                            scope,
-                            model,
-                            requests,
-                            input_tokens: input,
-                            output_tokens: output,
-                            cached_tokens: cached,
-                            cost_micros: cost,
-                            attributes,
-                            corrects,
-                        }
-                    },
-                )
+                .prop_map(event_of_parts)
         }
 
         proptest! {

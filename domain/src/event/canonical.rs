@@ -293,23 +293,7 @@ mod tests {
             (proptest::option::of(text), count.clone(), count.clone(), count.clone(), count.clone(), proptest::option::of(count)),
             (proptest::collection::btree_map(text, text, 0..3), proptest::option::of(text)),
         )
-            .prop_map(|((id, subject, secs, nanos, key, scope), (model, requests, input, output, cached, cost), (attributes, corrects))| {
-                UsageEvent {
-                    id,
-                    subject,
-                    time: DateTime::from_timestamp(secs, nanos).unwrap(),
-                    api_key_sha256: key,
-                    scope,
-                    model,
-                    requests,
-                    input_tokens: input,
-                    output_tokens: output,
-                    cached_tokens: cached,
-                    cost_micros: cost,
-                    attributes,
-                    corrects,
-                }
-            })
+            .prop_map(crate::event::tests::fast_path::event_of_parts)
     }
 
     proptest! {
