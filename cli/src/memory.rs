@@ -4,10 +4,11 @@
 //! [`tune`] runs first in `main`, before any other thread exists. Afterwards:
 //! - memory freed while the process is busy stays mapped for [`BUSY_PURGE_DELAY_MS`], so
 //!   the next batch reuses it instead of faulting fresh zeroed pages in;
-//! - within about [`LOOK_EVERY`] of the process going idle, mimalloc hands everything freed
-//!   back to the OS, so a service at rest is as small as before: the arenas at once, and
-//!   what each tokio worker's heap holds when that worker next parks ([`on_worker_park`],
-//!   which `main` installs on its runtime);
+//! - [`IDLE_LOOKS`] looks after the process went idle, mimalloc hands what was freed back
+//!   to the OS, so a service at rest is about as small as when purging at once: the arenas
+//!   at once, and what each tokio worker's heap holds when that worker next parks
+//!   ([`on_worker_park`], which `main` installs on its runtime). Memory freed in the
+//!   instant between the two steps of the switch stays mapped until the next busy spell;
 //! - every [`C_HEAP_TRIM_EVERY`] glibc returns the free pages of its arenas.
 //!
 //! An operator's `MIMALLOC_PURGE_DELAY` (or `MALLOC_ARENA_MAX`) wins over the first two
@@ -51,6 +52,10 @@ pub const BUSY_PURGE_DELAY_MS: c_long = 1000;
 pub const LOOK_EVERY: Duration = Duration::from_millis(500);
 /// CPU time within one look above which the process counts as busy (a tenth of a core).
 pub const BUSY_CPU_PER_LOOK: Duration = Duration::from_millis(50);
+/// Consecutive looks at or below [`BUSY_CPU_PER_LOOK`] after which a busy process counts as
+/// idle: a load that hovers at the threshold does not purge and fault its memory in again
+/// every look.
+pub const IDLE_LOOKS: u32 = 2;
 /// How often freed C heap pages are handed back to the OS.
 const C_HEAP_TRIM_EVERY: Duration = Duration::from_secs(2);
 
@@ -74,6 +79,8 @@ pub enum Purging {
 pub struct Activity {
     busy: bool,
     last_cpu: Option<Duration>,
+    /// Consecutive quiet looks while busy.
+    quiet_looks: u32,
 }
 
 impl Activity {
@@ -81,7 +88,9 @@ impl Activity {
     pub fn look(&mut self, total_cpu: Duration) -> Option<Purging> {
         let used = total_cpu.saturating_sub(self.last_cpu.unwrap_or(total_cpu));
         self.last_cpu = Some(total_cpu);
-        let busy = used > BUSY_CPU_PER_LOOK;
+        let quiet = used <= BUSY_CPU_PER_LOOK;
+        self.quiet_looks = if quiet { self.quiet_looks + 1 } else { 0 };
+        let busy = if self.busy { self.quiet_looks < IDLE_LOOKS } else { !quiet };
         if busy == self.busy {
             return None;
         }
@@ -96,7 +105,7 @@ impl Activity {
 /// tokio worker that then idles would stay resident: the aggregator sat at ~330 MiB instead
 /// of ~230 MiB with 100k subjects after a load burst (BENCHMARKS.md).
 fn adapt_mimalloc_purging() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+    if operator_set_purge_delay() {
         return;
     }
     // SAFETY: a plain call into the linked mimalloc with an option id of its enum.
@@ -125,6 +134,14 @@ fn adapt_mimalloc_purging() {
     }
 }
 
+/// Whether the environment sets mimalloc's purge delay: mimalloc reads its options from
+/// `MIMALLOC_<NAME>` in any case, and the purge delay also by its old name, reset delay.
+fn operator_set_purge_delay() -> bool {
+    std::env::vars_os().any(|(name, _)| {
+        name.to_str().is_some_and(|n| n.eq_ignore_ascii_case("MIMALLOC_PURGE_DELAY") || n.eq_ignore_ascii_case("MIMALLOC_RESET_DELAY"))
+    })
+}
+
 /// How many times the process went idle; each worker thread collects once per count.
 static IDLE_SINCE: AtomicU64 = AtomicU64::new(0);
 
@@ -135,7 +152,9 @@ thread_local! {
 
 /// Run by each tokio worker before it parks: after the process went idle, hands back what
 /// this thread's mimalloc heap still holds (pages it owns whose blocks other threads freed,
-/// empty pages it kept for reuse), which a collect on another thread cannot reach.
+/// empty pages it kept for reuse), which a collect on another thread cannot reach. A worker
+/// that parked before the process counted as idle does this when it next wakes and parks
+/// (a timer, a heartbeat); one that never wakes keeps its heap's pages.
 pub fn on_worker_park() {
     let idle_since = IDLE_SINCE.load(Ordering::Relaxed);
     if COLLECTED_AT.get() != idle_since {
@@ -197,13 +216,23 @@ mod tests {
     #[test]
     fn purging_is_delayed_once_the_process_gets_busy_and_at_once_again_when_it_idles() {
         let mut activity = Activity::default();
-        assert_eq!(activity.look(ms(10_000)), None, "the first look only takes the baseline");
-        assert_eq!(activity.look(ms(10_000) + BUSY_CPU_PER_LOOK), None, "at the threshold it is not busy yet");
-        let busy_from = ms(10_000) + BUSY_CPU_PER_LOOK;
-        assert_eq!(activity.look(busy_from + ms(400)), Some(Purging::Delay));
-        assert_eq!(activity.look(busy_from + ms(800)), None, "still busy: nothing to change");
-        assert_eq!(activity.look(busy_from + ms(810)), Some(Purging::AtOnce));
-        assert_eq!(activity.look(busy_from + ms(810)), None, "still idle: nothing to change");
+        let mut cpu = ms(10_000);
+        let mut look_after = |used: Duration| {
+            cpu += used;
+            activity.look(cpu)
+        };
+        assert_eq!(look_after(ms(0)), None, "the first look only takes the baseline");
+        assert_eq!(look_after(BUSY_CPU_PER_LOOK), None, "at the threshold it is not busy yet");
+        assert_eq!(look_after(ms(400)), Some(Purging::Delay));
+        assert_eq!(look_after(ms(400)), None, "still busy: nothing to change");
+        assert_eq!(look_after(ms(10)), None, "one quiet look is not idle yet");
+        assert_eq!(look_after(ms(400)), None, "busy again: the quiet looks start over");
+        for _ in 1..IDLE_LOOKS {
+            assert_eq!(look_after(ms(10)), None);
+        }
+        assert_eq!(look_after(ms(10)), Some(Purging::AtOnce), "idle after {IDLE_LOOKS} quiet looks");
+        assert_eq!(look_after(ms(0)), None, "still idle: nothing to change");
+        assert_eq!(look_after(ms(60)), Some(Purging::Delay), "one busy look is busy at once");
     }
 
     #[test]

@@ -12,7 +12,9 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 /// server's locale. Tally's text columns are identifiers (event ids, subjects, metrics),
 /// which it never sorts for people, and every key lookup compares them: with a locale
 /// collation each comparison goes through `strcoll`. Only the collation is set; the
-/// encoding and character classes stay the server's.
+/// encoding and character classes stay the server's. On a cluster whose default locale
+/// provider is ICU (PostgreSQL 15 and later), the database inherits ICU and this changes
+/// nothing (`LOCALE_PROVIDER libc`, which would, is a syntax error before 15).
 pub const BYTE_ORDER_COLLATION: &str = "TEMPLATE template0 LC_COLLATE 'C'";
 
 /// Where Tally's Postgres database is.
