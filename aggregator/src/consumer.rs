@@ -892,7 +892,8 @@ mod tests {
         <Defaults as clap::Parser>::parse_from(["test"])
     }
 
-    fn millis(config: &ClientConfig, key: &str) -> u128 {
+    /// A setting's value as a number.
+    fn number(config: &ClientConfig, key: &str) -> u128 {
         config.get(key).unwrap_or_else(|| panic!("{key} is not set")).parse().unwrap_or_else(|e| panic!("{key}: {e}"))
     }
 
@@ -903,7 +904,7 @@ mod tests {
     fn a_full_prefetch_holds_the_next_fetch_back_for_less_than_a_batch_waits_to_fill() {
         let Defaults { kafka, aggregator } = defaults();
         let config = usage_consumer_config(&kafka, &aggregator.group);
-        assert!(millis(&config, "fetch.queue.backoff.ms") < aggregator.max_wait().as_millis());
-        assert_eq!(millis(&config, "queued.max.messages.kbytes"), PREFETCH_KBYTES as u128);
+        assert!(number(&config, "fetch.queue.backoff.ms") < aggregator.max_wait().as_millis());
+        assert_eq!(number(&config, "queued.max.messages.kbytes"), PREFETCH_KBYTES as u128);
     }
 }

@@ -89,7 +89,7 @@ impl Activity {
         let used = total_cpu.saturating_sub(self.last_cpu.unwrap_or(total_cpu));
         self.last_cpu = Some(total_cpu);
         let quiet = used <= BUSY_CPU_PER_LOOK;
-        self.quiet_looks = if quiet { self.quiet_looks + 1 } else { 0 };
+        self.quiet_looks = if quiet { self.quiet_looks.saturating_add(1) } else { 0 };
         let busy = if self.busy { self.quiet_looks < IDLE_LOOKS } else { !quiet };
         if busy == self.busy {
             return None;
@@ -123,7 +123,7 @@ fn adapt_mimalloc_purging() {
                 Some(Purging::AtOnce) => unsafe {
                     mi_collect(true);
                     mi_option_set(MI_OPTION_PURGE_DELAY, 0);
-                    IDLE_SINCE.fetch_add(1, Ordering::Relaxed);
+                    IDLE_SPELLS.fetch_add(1, Ordering::Relaxed);
                 },
                 None => {}
             }
@@ -143,10 +143,10 @@ fn operator_set_purge_delay() -> bool {
 }
 
 /// How many times the process went idle; each worker thread collects once per count.
-static IDLE_SINCE: AtomicU64 = AtomicU64::new(0);
+static IDLE_SPELLS: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
-    /// The [`IDLE_SINCE`] count this thread last collected at.
+    /// The [`IDLE_SPELLS`] count this thread last collected at.
     static COLLECTED_AT: Cell<u64> = const { Cell::new(0) };
 }
 
@@ -156,9 +156,9 @@ thread_local! {
 /// that parked before the process counted as idle does this when it next wakes and parks
 /// (a timer, a heartbeat); one that never wakes keeps its heap's pages.
 pub fn on_worker_park() {
-    let idle_since = IDLE_SINCE.load(Ordering::Relaxed);
-    if COLLECTED_AT.get() != idle_since {
-        COLLECTED_AT.set(idle_since);
+    let idle_spells = IDLE_SPELLS.load(Ordering::Relaxed);
+    if COLLECTED_AT.get() != idle_spells {
+        COLLECTED_AT.set(idle_spells);
         // SAFETY: a plain call into the linked mimalloc, on the thread whose heap it collects.
         unsafe { mi_collect(true) };
     }

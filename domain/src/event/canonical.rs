@@ -23,24 +23,16 @@ use super::UsageEvent;
 /// The event whose canonical form `bytes` are, when this reader handles it (module docs).
 pub(super) fn read(bytes: &[u8]) -> Option<UsageEvent> {
     let mut c = Cursor { rest: bytes };
-    c.literal(b"{\"id\":")?;
-    let id = c.string()?;
-    c.literal(b",\"subject\":")?;
-    let subject = c.string()?;
-    c.literal(b",\"time\":")?;
-    let time = c.time()?;
+    let id = c.field(b"{\"id\":", Cursor::string)?;
+    let subject = c.field(b",\"subject\":", Cursor::string)?;
+    let time = c.field(b",\"time\":", Cursor::time)?;
     let api_key_sha256 = c.optional(b",\"api_key_sha256\":", Cursor::string)?;
-    c.literal(b",\"scope\":")?;
-    let scope = c.string()?;
+    let scope = c.field(b",\"scope\":", Cursor::string)?;
     let model = c.optional(b",\"model\":", Cursor::string)?;
-    c.literal(b",\"requests\":")?;
-    let requests = c.integer()?;
-    c.literal(b",\"input_tokens\":")?;
-    let input_tokens = c.integer()?;
-    c.literal(b",\"output_tokens\":")?;
-    let output_tokens = c.integer()?;
-    c.literal(b",\"cached_tokens\":")?;
-    let cached_tokens = c.integer()?;
+    let requests = c.field(b",\"requests\":", Cursor::integer)?;
+    let input_tokens = c.field(b",\"input_tokens\":", Cursor::integer)?;
+    let output_tokens = c.field(b",\"output_tokens\":", Cursor::integer)?;
+    let cached_tokens = c.field(b",\"cached_tokens\":", Cursor::integer)?;
     let cost_micros = c.optional(b",\"cost_micros\":", Cursor::integer)?;
     let attributes = c.optional(b",\"attributes\":", Cursor::attributes)?.unwrap_or_default();
     let corrects = c.optional(b",\"corrects\":", Cursor::string)?;
@@ -77,6 +69,12 @@ impl<'a> Cursor<'a> {
         Some(())
     }
 
+    /// A field that is always there: its key, then its value in canonical form.
+    fn field<T>(&mut self, key: &[u8], value: fn(&mut Self) -> Option<T>) -> Option<T> {
+        self.literal(key)?;
+        value(self)
+    }
+
     /// `Some(None)` when the optional field's key is absent, `Some(Some(value))` when it is
     /// there with a value in canonical form, `None` when its value is not.
     fn optional<T>(&mut self, key: &[u8], value: fn(&mut Self) -> Option<T>) -> Option<Option<T>> {
@@ -104,7 +102,7 @@ impl<'a> Cursor<'a> {
     /// before negative numbers.
     fn integer(&mut self) -> Option<i64> {
         let negative = self.literal(b"-").is_some();
-        let len = self.rest.iter().position(|b| !b.is_ascii_digit()).unwrap_or(self.rest.len());
+        let len = self.digit_run();
         let digits = &self.rest[..len];
         if digits.is_empty() || (digits[0] == b'0' && (len > 1 || negative)) {
             return None;
@@ -117,6 +115,11 @@ impl<'a> Cursor<'a> {
         }
         self.rest = &self.rest[len..];
         Some(value)
+    }
+
+    /// How many ASCII digits come next.
+    fn digit_run(&self) -> usize {
+        self.rest.iter().position(|b| !b.is_ascii_digit()).unwrap_or(self.rest.len())
     }
 
     /// Exactly `n` ASCII digits, as a number.
@@ -164,7 +167,7 @@ impl<'a> Cursor<'a> {
         if self.literal(b".").is_none() {
             return Some(0);
         }
-        let len = self.rest.iter().position(|b| !b.is_ascii_digit()).unwrap_or(self.rest.len());
+        let len = self.digit_run();
         let (nanos, finer) = match len {
             3 => (self.digits(3)? * 1_000_000, 1_000_000_000),
             6 => (self.digits(6)? * 1_000, 1_000_000),
