@@ -9,13 +9,15 @@
 //!   at once, and what each tokio worker's heap holds when that worker next parks
 //!   ([`on_worker_park`], which `main` installs on its runtime). Memory freed in the
 //!   instant between the two steps of the switch stays mapped until the next busy spell;
-//! - every [`C_HEAP_TRIM_EVERY`] glibc returns the free pages of its arenas.
+//! - every [`C_HEAP_TRIM_EVERY`] glibc returns the free pages of its arenas;
+//! - the process (and any process it starts) gets no transparent huge pages: memory is
+//!   faulted in 4 KiB at a time, not 2 MiB ([`no_transparent_huge_pages`]).
 //!
-//! An operator's `MIMALLOC_PURGE_DELAY` (or `MALLOC_ARENA_MAX`) wins over the first two
-//! (the last) of these.
+//! An operator's `MIMALLOC_PURGE_DELAY` (or `MALLOC_ARENA_MAX`, or `MIMALLOC_ALLOW_THP`)
+//! wins over the first two (the third, the last) of these.
 
 use std::cell::Cell;
-use std::os::raw::c_long;
+use std::os::raw::{c_int, c_long, c_ulong};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -61,6 +63,7 @@ const C_HEAP_TRIM_EVERY: Duration = Duration::from_secs(2);
 
 /// Sets up both allocators (module docs).
 pub fn tune() {
+    no_transparent_huge_pages();
     adapt_mimalloc_purging();
     keep_c_heap_small();
 }
@@ -105,7 +108,7 @@ impl Activity {
 /// tokio worker that then idles would stay resident: the aggregator sat at ~330 MiB instead
 /// of ~230 MiB with 100k subjects after a load burst (BENCHMARKS.md).
 fn adapt_mimalloc_purging() {
-    if operator_set_purge_delay() {
+    if operator_set_mimalloc_option(&["PURGE_DELAY", "RESET_DELAY"]) {
         return;
     }
     // SAFETY: a plain call into the linked mimalloc with an option id of its enum.
@@ -134,12 +137,46 @@ fn adapt_mimalloc_purging() {
     }
 }
 
-/// Whether the environment sets mimalloc's purge delay: mimalloc reads its options from
-/// `MIMALLOC_<NAME>` in any case, and the purge delay also by its old name, reset delay.
-fn operator_set_purge_delay() -> bool {
-    std::env::vars_os().any(|(name, _)| {
-        name.to_str().is_some_and(|n| n.eq_ignore_ascii_case("MIMALLOC_PURGE_DELAY") || n.eq_ignore_ascii_case("MIMALLOC_RESET_DELAY"))
-    })
+/// Whether the environment sets one of mimalloc's options, each given by its `names` (the
+/// purge delay also goes by its old name, reset delay).
+fn operator_set_mimalloc_option(names: &[&str]) -> bool {
+    std::env::vars_os().any(|(variable, _)| variable.to_str().is_some_and(|v| sets_mimalloc_option(v, names)))
+}
+
+/// Whether the environment variable `variable` sets one of mimalloc's options `names`:
+/// mimalloc reads `MIMALLOC_<NAME>` in any letter case.
+fn sets_mimalloc_option(variable: &str, names: &[&str]) -> bool {
+    names.iter().any(|name| variable.eq_ignore_ascii_case(&format!("MIMALLOC_{name}")))
+}
+
+/// Turns transparent huge pages off for the process (`PR_SET_THP_DISABLE`, which the
+/// processes it starts inherit), unless the operator set `MIMALLOC_ALLOW_THP`. mimalloc
+/// asks the kernel for huge pages on the memory it maps, and the kernel then zeroes 2 MiB
+/// at each first touch of a huge page, also after every purge: in the bench's pipeline
+/// phase that zeroing was a quarter of the aggregator's CPU, and without huge pages the
+/// aggregator spent 3.7-3.8 instead of 4.6-4.9 us per event and held 45-50 instead of
+/// 70-82 MiB (BENCHMARKS.md, twelfth session).
+#[cfg(target_os = "linux")]
+fn no_transparent_huge_pages() {
+    if operator_set_mimalloc_option(&["ALLOW_THP"]) {
+        return;
+    }
+    // SAFETY: prctl with a documented option and its arguments; it only sets a flag of the
+    // process's memory map.
+    if unsafe { prctl(PR_SET_THP_DISABLE, 1 as c_ulong, 0 as c_ulong, 0 as c_ulong, 0 as c_ulong) } != 0 {
+        eprintln!("warning: could not turn transparent huge pages off: {}", std::io::Error::last_os_error());
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn no_transparent_huge_pages() {}
+
+#[cfg(target_os = "linux")]
+const PR_SET_THP_DISABLE: c_int = 41;
+
+#[cfg(target_os = "linux")]
+extern "C" {
+    fn prctl(option: c_int, ...) -> c_int;
 }
 
 /// How many times the process went idle; each worker thread collects once per count.
@@ -233,6 +270,32 @@ mod tests {
         assert_eq!(look_after(ms(10)), Some(Purging::AtOnce), "idle after {IDLE_LOOKS} quiet looks");
         assert_eq!(look_after(ms(0)), None, "still idle: nothing to change");
         assert_eq!(look_after(ms(60)), Some(Purging::Delay), "one busy look is busy at once");
+    }
+
+    #[test]
+    fn an_option_is_set_by_its_variable_in_any_case_and_by_no_other() {
+        let names = ["PURGE_DELAY", "RESET_DELAY"];
+        for set in ["MIMALLOC_PURGE_DELAY", "mimalloc_purge_delay", "Mimalloc_Reset_Delay"] {
+            assert!(sets_mimalloc_option(set, &names), "{set}");
+        }
+        for other in ["MIMALLOC_ALLOW_THP", "MIMALLOC_PURGE_DELAYS", "PURGE_DELAY", "MALLOC_PURGE_DELAY", "MIMALLOC_"] {
+            assert!(!sets_mimalloc_option(other, &names), "{other}");
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn transparent_huge_pages_are_off_afterwards() {
+        const PR_GET_THP_DISABLE: c_int = 42;
+        assert!(!operator_set_mimalloc_option(&["ALLOW_THP"]), "run the tests without MIMALLOC_ALLOW_THP in the environment");
+        no_transparent_huge_pages();
+        // SAFETY: prctl with a documented option that only reads the flag.
+        let disabled = unsafe { prctl(PR_GET_THP_DISABLE, 0 as c_ulong, 0 as c_ulong, 0 as c_ulong, 0 as c_ulong) };
+        assert_eq!(disabled, 1, "PR_GET_THP_DISABLE");
+        let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+        if let Some(line) = status.lines().find(|l| l.starts_with("THP_enabled:")) {
+            assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+        }
     }
 
     #[test]
