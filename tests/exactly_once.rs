@@ -415,3 +415,183 @@ async fn one_subject_on_two_commit_lanes_with_the_same_ids_on_both_counts_each_e
         assert_eq!(seen.len(), published, "{subject} has a version published twice");
     }
 }
+
+/// Events whose dedupe rows exercise every column's edge: a NULL and a present API key and
+/// correction, an empty scope, a time before Postgres' epoch (2000) and one with
+/// microseconds, a name outside ASCII, amounts past 32 bits, a cost given and one priced at 0.
+fn dedupe_row_samples() -> Vec<tally_domain::event::UsageEvent> {
+    use chrono::TimeZone;
+    let base = tally_domain::event::UsageEvent {
+        id: String::new(),
+        subject: "acct-1".into(),
+        time: chrono::Utc
+            .with_ymd_and_hms(2026, 12, 7, 10, 11, 12)
+            .unwrap()
+            + chrono::Duration::microseconds(345_678),
+        api_key_sha256: Some("ab".repeat(32)),
+        scope: "chat".into(),
+        model: Some("gpt-4o-mini".into()),
+        requests: 1,
+        input_tokens: 9_000_000_000_000,
+        output_tokens: 100,
+        cached_tokens: 7,
+        cost_micros: Some(1_234),
+        attributes: Default::default(),
+        corrects: None,
+    };
+    vec![
+        base.clone(),
+        tally_domain::event::UsageEvent {
+            subject: "usuário-ß-東京".into(),
+            time: chrono::Utc
+                .with_ymd_and_hms(1999, 12, 31, 23, 59, 59)
+                .unwrap()
+                + chrono::Duration::microseconds(999_999),
+            api_key_sha256: None,
+            scope: String::new(),
+            cost_micros: None,
+            corrects: Some("an-earlier-event".into()),
+            requests: -1,
+            ..base
+        },
+    ]
+}
+
+/// Records `batch` in a transaction of its own; returns what was found and, per candidate,
+/// whether this call recorded it.
+async fn record_event_ids(
+    pool: &sqlx::PgPool,
+    recorder: &tally_aggregator::dedupe::Recorder,
+    batch: &[tally_aggregator::plan::Candidate<'_>],
+) -> (tally_aggregator::dedupe::Recorded, Vec<bool>) {
+    let mut tx = pool.begin().await.expect("begin");
+    let recorded = recorder
+        .record_event_ids(&mut tx, batch, 7)
+        .await
+        .expect("record_event_ids");
+    tx.commit().await.expect("commit");
+    let fresh = batch
+        .iter()
+        .map(|c| recorded.is_fresh(&c.event.id))
+        .collect();
+    (recorded, fresh)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn both_ways_of_recording_event_ids_write_the_same_dedupe_rows() {
+    // The plain way is a binary COPY encoded by hand, the skipping way an INSERT of arrays
+    // (aggregator/src/dedupe.rs); the corrections, history and reconciliation read these rows.
+    use tally_aggregator::dedupe::Recorder;
+    use tally_aggregator::plan::{Candidate, Delivery};
+    let t = Tally::start(Some(TIERS)).await;
+    let pool = t.pg().await;
+    let delivery = Delivery {
+        partition: 0,
+        offset: 0,
+        payload: None,
+        parsed: None,
+        decided_early: false,
+    };
+    let samples = dedupe_row_samples();
+    let candidates = |prefix: &str| -> Vec<Candidate<'_>> {
+        samples
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Candidate {
+                event: tally_domain::event::UsageEvent {
+                    id: format!("{prefix}-{i}"),
+                    ..e.clone()
+                },
+                fingerprint: format!("fingerprint-{i}"),
+                delivery: &delivery,
+            })
+            .collect()
+    };
+    let recorder = Recorder::default();
+    let (copied, fresh) = record_event_ids(&pool, &recorder, &candidates("copied")).await;
+    assert!(
+        !copied.fell_back && fresh.iter().all(|f| *f),
+        "new ids only: the plain way records them all"
+    );
+
+    // The same ids again, and one more: the plain way meets known ids, changes nothing, and
+    // the skipping way records only the new one and reports the others' fingerprints.
+    let mut again = candidates("copied");
+    again.push(candidates("mixed").remove(0));
+    let (mixed, fresh) = record_event_ids(&pool, &recorder, &again).await;
+    assert!(mixed.fell_back);
+    assert_eq!(fresh, vec![false, false, true]);
+    let first_fingerprints: BTreeMap<String, String> = mixed.seen_before.into_iter().collect();
+    assert_eq!(
+        first_fingerprints,
+        BTreeMap::from([
+            ("copied-0".to_string(), "fingerprint-0".to_string()),
+            ("copied-1".to_string(), "fingerprint-1".to_string())
+        ])
+    );
+
+    // Within the cautious stretch after a fallback, new ids go the skipping way.
+    let (skipped, fresh) = record_event_ids(&pool, &recorder, &candidates("skipped")).await;
+    assert!(!skipped.fell_back && fresh.iter().all(|f| *f));
+
+    type Row = (
+        String,
+        String,
+        chrono::DateTime<chrono::Utc>,
+        Option<String>,
+        Option<String>,
+        Option<i64>,
+        Option<i64>,
+        Option<i64>,
+        Option<i64>,
+        Option<i64>,
+        Option<String>,
+        Option<i64>,
+    );
+    let rows = |prefix: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, Row>(
+                "SELECT fingerprint, subject, event_time, scope, api_key_sha256, requests, input_tokens, output_tokens,
+                        cached_tokens, cost_micros, corrects, config_version
+                 FROM processed_events WHERE event_id LIKE $1 || '-%' ORDER BY event_id",
+            )
+            .bind(prefix)
+            .fetch_all(&pool)
+            .await
+            .expect("read processed_events")
+        }
+    };
+    let expected: Vec<Row> = samples
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let a = e.amounts();
+            (
+                format!("fingerprint-{i}"),
+                e.subject.clone(),
+                e.time,
+                Some(e.scope.clone()),
+                e.api_key_sha256.clone(),
+                Some(a.requests),
+                Some(a.input_tokens),
+                Some(a.output_tokens),
+                Some(a.cached_tokens),
+                Some(a.cost_micros),
+                e.corrects.clone(),
+                Some(7),
+            )
+        })
+        .collect();
+    assert_eq!(rows("copied").await, expected, "the plain way's rows");
+    assert_eq!(rows("skipped").await, expected, "the skipping way's rows");
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_events")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(
+        total,
+        2 * samples.len() as i64 + 1,
+        "the failed plain attempt left no row behind"
+    );
+}

@@ -7,13 +7,16 @@
 //! candidate id is recorded exactly once, whichever statement did it.
 //!
 //! # Two ways to insert
-//! - **Plain** (`INSERT` without `ON CONFLICT`), inside a savepoint. It writes each row once,
-//!   which costs Postgres about half of what the skipping insert does (measured on
-//!   20 000-row batches: one heap and one index record per row, against three WAL records
-//!   and twice the buffer reads for a speculative insertion). If any id is already recorded,
-//!   or is being recorded by a concurrent transaction that then commits, the statement fails
-//!   with a unique violation and the savepoint is rolled back: none of its rows is visible
-//!   (their dead tuples go at the next vacuum).
+//! - **Plain** (binary `COPY`), inside a savepoint. It writes each row once, which costs
+//!   Postgres about half of what the skipping insert does (measured on 20 000-row batches:
+//!   one heap and one index record per row, against three WAL records and twice the buffer
+//!   reads for a speculative insertion); `COPY` also writes its heap rows a page at a time
+//!   and reads them without unnesting arrays. The rows are encoded straight from the
+//!   candidates and streamed in chunks of [`COPY_CHUNK`] bytes, so Postgres inserts while
+//!   the rest is encoded. If any id is already recorded, or is being recorded by a
+//!   concurrent transaction that then commits, the `COPY` fails with a unique violation and
+//!   the savepoint is rolled back: none of its rows is visible (their dead tuples go at the
+//!   next vacuum).
 //! - **Skipping** (`ON CONFLICT (event_id) DO NOTHING RETURNING event_id`), which inserts the
 //!   new ids and tells them apart from the known ones.
 //!
@@ -28,7 +31,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::PgArguments;
+use sqlx::postgres::{PgArguments, PgConnection};
 use sqlx::query::Query;
 use sqlx::{Acquire, Postgres, Row, Transaction};
 
@@ -65,12 +68,11 @@ impl Recorder {
         if candidates.is_empty() {
             return Ok(Recorded::default());
         }
-        let rows = DedupeRows::of(candidates, config_version);
         let mut fell_back = false;
         if self.tries_plain() {
             let mut savepoint = tx.begin().await?;
-            match rows.bind(sqlx::query(INSERT_PLAIN)).execute(&mut *savepoint).await {
-                Ok(_) => {
+            match copy_rows(&mut savepoint, candidates, config_version).await {
+                Ok(()) => {
                     savepoint.commit().await?;
                     return Ok(Recorded { fresh: Fresh::All, ..Recorded::default() });
                 }
@@ -83,6 +85,7 @@ impl Recorder {
                 Err(e) => return Err(e),
             }
         }
+        let rows = DedupeRows::of(candidates, config_version);
         let inserted = rows.bind(sqlx::query(INSERT_SKIPPING_KNOWN)).fetch_all(&mut **tx).await?;
         let fresh: HashSet<String> = inserted.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?;
         let known: Vec<&str> = rows.ids.iter().copied().filter(|id| !fresh.contains(*id)).collect();
@@ -125,19 +128,91 @@ impl Default for Fresh {
     }
 }
 
-/// The insert shared by both ways; `$13` is the configuration version of the whole batch.
-/// The arrays are unnested in the select list (see "Bulk statements" in the [`crate`] docs).
-macro_rules! insert_dedupe_rows {
+/// The columns of a dedupe row as both ways write them, in the order of [`copy_row`]'s fields
+/// and of the skipping insert's parameters.
+macro_rules! dedupe_columns {
     () => {
-        "INSERT INTO processed_events (event_id, fingerprint, subject, event_time, scope, api_key_sha256, requests,
-                                       input_tokens, output_tokens, cached_tokens, cost_micros, corrects, config_version)
-         SELECT unnest($1::text[]), unnest($2::text[]), unnest($3::text[]), unnest($4::timestamptz[]), unnest($5::text[]),
-                unnest($6::text[]), unnest($7::bigint[]), unnest($8::bigint[]), unnest($9::bigint[]), unnest($10::bigint[]),
-                unnest($11::bigint[]), unnest($12::text[]), $13::bigint"
+        "processed_events (event_id, fingerprint, subject, event_time, scope, api_key_sha256, requests,
+                           input_tokens, output_tokens, cached_tokens, cost_micros, corrects, config_version)"
     };
 }
-const INSERT_PLAIN: &str = insert_dedupe_rows!();
-const INSERT_SKIPPING_KNOWN: &str = concat!(insert_dedupe_rows!(), " ON CONFLICT (event_id) DO NOTHING RETURNING event_id");
+const COPY_PLAIN: &str = concat!("COPY ", dedupe_columns!(), " FROM STDIN (FORMAT binary)");
+/// `$13` is the configuration version of the whole batch. The arrays are unnested in the
+/// select list (see "Bulk statements" in the [`crate`] docs).
+const INSERT_SKIPPING_KNOWN: &str = concat!(
+    "INSERT INTO ",
+    dedupe_columns!(),
+    " SELECT unnest($1::text[]), unnest($2::text[]), unnest($3::text[]), unnest($4::timestamptz[]), unnest($5::text[]),
+             unnest($6::text[]), unnest($7::bigint[]), unnest($8::bigint[]), unnest($9::bigint[]), unnest($10::bigint[]),
+             unnest($11::bigint[]), unnest($12::text[]), $13::bigint
+      ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+);
+
+/// About how many bytes of `COPY` data are encoded before they are sent: Postgres inserts
+/// one chunk while the next is encoded, and the connection's write buffer stays this small.
+pub const COPY_CHUNK: usize = 256 * 1024;
+
+/// The signature, flags and header extension length that open binary `COPY` data.
+const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+/// The field count that ends binary `COPY` data.
+const COPY_TRAILER: i16 = -1;
+/// Fields per row: the columns of [`dedupe_columns`].
+const COPY_FIELDS: i16 = 13;
+/// Postgres' epoch (2000-01-01T00:00:00Z) in Unix microseconds: a binary `timestamptz` counts
+/// microseconds from it.
+const POSTGRES_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+
+/// Records every candidate the plain way: one binary `COPY`, streamed in chunks.
+async fn copy_rows(conn: &mut PgConnection, candidates: &[Candidate<'_>], config_version: i64) -> Result<(), sqlx::Error> {
+    let mut copy = conn.copy_in_raw(COPY_PLAIN).await?;
+    let mut chunk = Vec::with_capacity(COPY_CHUNK + 1024);
+    chunk.extend_from_slice(COPY_HEADER);
+    for c in candidates {
+        copy_row(&mut chunk, c, config_version);
+        if chunk.len() >= COPY_CHUNK {
+            copy.send(chunk.as_slice()).await?;
+            chunk.clear();
+        }
+    }
+    chunk.extend_from_slice(&COPY_TRAILER.to_be_bytes());
+    copy.send(chunk.as_slice()).await?;
+    copy.finish().await?;
+    Ok(())
+}
+
+/// Appends a candidate's dedupe row in binary `COPY` form: the field count, then each field
+/// as its length and its bytes in the type's binary form (-1 for NULL).
+fn copy_row(out: &mut Vec<u8>, c: &Candidate<'_>, config_version: i64) {
+    let (e, amounts) = (&c.event, c.event.amounts());
+    out.extend_from_slice(&COPY_FIELDS.to_be_bytes());
+    copy_text(out, Some(&e.id));
+    copy_text(out, Some(&c.fingerprint));
+    copy_text(out, Some(&e.subject));
+    copy_bigint(out, e.time.timestamp_micros() - POSTGRES_EPOCH_UNIX_MICROS);
+    copy_text(out, Some(&e.scope));
+    copy_text(out, e.api_key_sha256.as_deref());
+    for amount in [amounts.requests, amounts.input_tokens, amounts.output_tokens, amounts.cached_tokens, amounts.cost_micros] {
+        copy_bigint(out, amount);
+    }
+    copy_text(out, e.corrects.as_deref());
+    copy_bigint(out, config_version);
+}
+
+fn copy_text(out: &mut Vec<u8>, text: Option<&str>) {
+    match text {
+        Some(t) => {
+            out.extend_from_slice(&(t.len() as i32).to_be_bytes());
+            out.extend_from_slice(t.as_bytes());
+        }
+        None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+    }
+}
+
+/// A `bigint`, or a `timestamptz` given in microseconds since Postgres' epoch.
+fn copy_bigint(out: &mut Vec<u8>, value: i64) {
+    out.extend_from_slice(&8i32.to_be_bytes());
+    out.extend_from_slice(&value.to_be_bytes());
+}
 
 /// Whether `e` is Postgres refusing a row because its key exists.
 fn is_unique_violation(e: &sqlx::Error) -> bool {
