@@ -417,44 +417,47 @@ async fn one_subject_on_two_commit_lanes_with_the_same_ids_on_both_counts_each_e
 }
 
 /// Events whose dedupe rows exercise every column's edge: a NULL and a present API key and
-/// correction, an empty scope, a time before Postgres' epoch (2000) and one with
-/// microseconds, a name outside ASCII, amounts past 32 bits, a cost given and one priced at 0.
+/// correction, an empty scope, times before Postgres' epoch (2000), one with microseconds and
+/// one with a fraction of a microsecond, a name outside ASCII, amounts past 32 bits, a cost
+/// given and one priced at 0. No two numeric columns share a value.
 fn dedupe_row_samples() -> Vec<tally_domain::event::UsageEvent> {
     use chrono::TimeZone;
     let base = tally_domain::event::UsageEvent {
         id: String::new(),
         subject: "acct-1".into(),
-        time: chrono::Utc
-            .with_ymd_and_hms(2026, 12, 7, 10, 11, 12)
-            .unwrap()
-            + chrono::Duration::microseconds(345_678),
+        time: chrono::Utc.with_ymd_and_hms(2026, 12, 7, 10, 11, 12).unwrap() + chrono::Duration::microseconds(345_678),
         api_key_sha256: Some("ab".repeat(32)),
         scope: "chat".into(),
         model: Some("gpt-4o-mini".into()),
         requests: 1,
         input_tokens: 9_000_000_000_000,
         output_tokens: 100,
-        cached_tokens: 7,
+        cached_tokens: 70_000,
         cost_micros: Some(1_234),
         attributes: Default::default(),
         corrects: None,
     };
+    let before_2000 = chrono::Utc.with_ymd_and_hms(1999, 12, 31, 23, 59, 59).unwrap();
     vec![
         base.clone(),
         tally_domain::event::UsageEvent {
             subject: "usuário-ß-東京".into(),
-            time: chrono::Utc
-                .with_ymd_and_hms(1999, 12, 31, 23, 59, 59)
-                .unwrap()
-                + chrono::Duration::microseconds(999_999),
+            time: before_2000 + chrono::Duration::microseconds(999_999),
             api_key_sha256: None,
             scope: String::new(),
             cost_micros: None,
             corrects: Some("an-earlier-event".into()),
             requests: -1,
-            ..base
+            ..base.clone()
         },
+        tally_domain::event::UsageEvent { time: before_2000 + chrono::Duration::nanoseconds(999_999_500), ..base },
     ]
+}
+
+/// `time` as Postgres keeps it from sqlx: whole microseconds, a fraction cut toward 2000.
+fn as_stored(time: chrono::DateTime<chrono::Utc>) -> chrono::DateTime<chrono::Utc> {
+    let epoch = chrono::DateTime::from_timestamp(946_684_800, 0).unwrap();
+    epoch + chrono::Duration::microseconds((time - epoch).num_microseconds().unwrap())
 }
 
 /// Records `batch` in a transaction of its own; returns what was found and, per candidate,
@@ -520,15 +523,11 @@ async fn both_ways_of_recording_event_ids_write_the_same_dedupe_rows() {
     again.push(candidates("mixed").remove(0));
     let (mixed, fresh) = record_event_ids(&pool, &recorder, &again).await;
     assert!(mixed.fell_back);
-    assert_eq!(fresh, vec![false, false, true]);
+    assert_eq!(fresh, [vec![false; samples.len()], vec![true]].concat());
     let first_fingerprints: BTreeMap<String, String> = mixed.seen_before.into_iter().collect();
-    assert_eq!(
-        first_fingerprints,
-        BTreeMap::from([
-            ("copied-0".to_string(), "fingerprint-0".to_string()),
-            ("copied-1".to_string(), "fingerprint-1".to_string())
-        ])
-    );
+    let recorded_first: BTreeMap<String, String> =
+        (0..samples.len()).map(|i| (format!("copied-{i}"), format!("fingerprint-{i}"))).collect();
+    assert_eq!(first_fingerprints, recorded_first);
 
     // Within the cautious stretch after a fallback, new ids go the skipping way.
     let (skipped, fresh) = record_event_ids(&pool, &recorder, &candidates("skipped")).await;
@@ -570,7 +569,7 @@ async fn both_ways_of_recording_event_ids_write_the_same_dedupe_rows() {
             (
                 format!("fingerprint-{i}"),
                 e.subject.clone(),
-                e.time,
+                as_stored(e.time),
                 Some(e.scope.clone()),
                 e.api_key_sha256.clone(),
                 Some(a.requests),
@@ -583,8 +582,8 @@ async fn both_ways_of_recording_event_ids_write_the_same_dedupe_rows() {
             )
         })
         .collect();
-    assert_eq!(rows("copied").await, expected, "the plain way's rows");
     assert_eq!(rows("skipped").await, expected, "the skipping way's rows");
+    assert_eq!(rows("copied").await, expected, "the plain way's rows");
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_events")
         .fetch_one(&pool)
         .await
@@ -594,4 +593,23 @@ async fn both_ways_of_recording_event_ids_write_the_same_dedupe_rows() {
         2 * samples.len() as i64 + 1,
         "the failed plain attempt left no row behind"
     );
+
+    // A batch of several COPY chunks (each row is well over 100 bytes).
+    let many: Vec<Candidate<'_>> = (0..2 * tally_aggregator::dedupe::COPY_CHUNK / 100)
+        .map(|i| Candidate {
+            event: tally_domain::event::UsageEvent { id: format!("many-{i}"), input_tokens: i as i64, ..samples[0].clone() },
+            fingerprint: format!("fingerprint-many-{i}"),
+            delivery: &delivery,
+        })
+        .collect();
+    let (recorded, fresh) = record_event_ids(&pool, &Recorder::default(), &many).await;
+    assert!(!recorded.fell_back && fresh.iter().all(|f| *f));
+    let (rows, tokens): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), sum(input_tokens)::bigint FROM processed_events WHERE event_id LIKE 'many-%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("read the large batch");
+    let n = many.len() as i64;
+    assert_eq!((rows, tokens), (n, n * (n - 1) / 2), "every row of every chunk, each once");
 }

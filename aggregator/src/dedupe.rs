@@ -158,9 +158,9 @@ const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 const COPY_TRAILER: i16 = -1;
 /// Fields per row: the columns of [`dedupe_columns`].
 const COPY_FIELDS: i16 = 13;
-/// Postgres' epoch (2000-01-01T00:00:00Z) in Unix microseconds: a binary `timestamptz` counts
+/// Postgres' epoch (2000-01-01T00:00:00Z) in Unix seconds: a binary `timestamptz` counts
 /// microseconds from it.
-const POSTGRES_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+const POSTGRES_EPOCH_UNIX_SECONDS: i64 = 946_684_800;
 
 /// Records every candidate the plain way: one binary `COPY`, streamed in chunks.
 async fn copy_rows(conn: &mut PgConnection, candidates: &[Candidate<'_>], config_version: i64) -> Result<(), sqlx::Error> {
@@ -176,7 +176,11 @@ async fn copy_rows(conn: &mut PgConnection, candidates: &[Candidate<'_>], config
     }
     chunk.extend_from_slice(&COPY_TRAILER.to_be_bytes());
     copy.send(chunk.as_slice()).await?;
-    copy.finish().await?;
+    let copied = copy.finish().await?;
+    if copied != candidates.len() as u64 {
+        // Not expected: a malformed stream fails instead. Refused, the batch is retried.
+        return Err(sqlx::Error::Protocol(format!("COPY recorded {copied} dedupe rows of {}", candidates.len())));
+    }
     Ok(())
 }
 
@@ -188,7 +192,7 @@ fn copy_row(out: &mut Vec<u8>, c: &Candidate<'_>, config_version: i64) {
     copy_text(out, Some(&e.id));
     copy_text(out, Some(&c.fingerprint));
     copy_text(out, Some(&e.subject));
-    copy_bigint(out, e.time.timestamp_micros() - POSTGRES_EPOCH_UNIX_MICROS);
+    copy_bigint(out, postgres_micros(e.time));
     copy_text(out, Some(&e.scope));
     copy_text(out, e.api_key_sha256.as_deref());
     for amount in [amounts.requests, amounts.input_tokens, amounts.output_tokens, amounts.cached_tokens, amounts.cost_micros] {
@@ -196,6 +200,14 @@ fn copy_row(out: &mut Vec<u8>, c: &Candidate<'_>, config_version: i64) {
     }
     copy_text(out, e.corrects.as_deref());
     copy_bigint(out, config_version);
+}
+
+/// A time as a binary `timestamptz`: microseconds since Postgres' epoch, a fraction of a
+/// microsecond cut toward that epoch, as sqlx encodes the skipping insert's times.
+fn postgres_micros(time: DateTime<Utc>) -> i64 {
+    let epoch = DateTime::from_timestamp(POSTGRES_EPOCH_UNIX_SECONDS, 0).unwrap_or_default();
+    // Every `DateTime` is less than 2^63 microseconds from 2000.
+    (time - epoch).num_microseconds().unwrap_or(i64::MAX)
 }
 
 fn copy_text(out: &mut Vec<u8>, text: Option<&str>) {

@@ -13,8 +13,8 @@
 //! - the process (and any process it starts) gets no transparent huge pages: memory is
 //!   faulted in 4 KiB at a time, not 2 MiB ([`no_transparent_huge_pages`]).
 //!
-//! An operator's `MIMALLOC_PURGE_DELAY` (or `MALLOC_ARENA_MAX`, or `MIMALLOC_ALLOW_THP`)
-//! wins over the first two (the third, the last) of these.
+//! An operator's `MIMALLOC_PURGE_DELAY` wins over the first two of these, `MALLOC_ARENA_MAX`
+//! over glibc's arena cap (the trim still runs), and `MIMALLOC_ALLOW_THP` over the last.
 
 use std::cell::Cell;
 use std::os::raw::{c_int, c_long, c_ulong};
@@ -108,7 +108,7 @@ impl Activity {
 /// tokio worker that then idles would stay resident: the aggregator sat at ~330 MiB instead
 /// of ~230 MiB with 100k subjects after a load burst (BENCHMARKS.md).
 fn adapt_mimalloc_purging() {
-    if operator_set_mimalloc_option(&["PURGE_DELAY", "RESET_DELAY"]) {
+    if operator_mimalloc_option(&["PURGE_DELAY", "RESET_DELAY"]).is_some() {
         return;
     }
     // SAFETY: a plain call into the linked mimalloc with an option id of its enum.
@@ -137,10 +137,13 @@ fn adapt_mimalloc_purging() {
     }
 }
 
-/// Whether the environment sets one of mimalloc's options, each given by its `names` (the
-/// purge delay also goes by its old name, reset delay).
-fn operator_set_mimalloc_option(names: &[&str]) -> bool {
-    std::env::vars_os().any(|(variable, _)| variable.to_str().is_some_and(|v| sets_mimalloc_option(v, names)))
+/// The value the environment gives one of mimalloc's options, each given by its `names` (the
+/// purge delay also goes by its old name, reset delay), if it gives one.
+fn operator_mimalloc_option(names: &[&str]) -> Option<String> {
+    std::env::vars_os().find_map(|(variable, value)| {
+        let set = variable.to_str().is_some_and(|v| sets_mimalloc_option(v, names));
+        set.then(|| value.to_string_lossy().into_owned())
+    })
 }
 
 /// Whether the environment variable `variable` sets one of mimalloc's options `names`:
@@ -149,22 +152,35 @@ fn sets_mimalloc_option(variable: &str, names: &[&str]) -> bool {
     names.iter().any(|name| variable.eq_ignore_ascii_case(&format!("MIMALLOC_{name}")))
 }
 
-/// Turns transparent huge pages off for the process (`PR_SET_THP_DISABLE`, which the
-/// processes it starts inherit), unless the operator set `MIMALLOC_ALLOW_THP`. mimalloc
-/// asks the kernel for huge pages on the memory it maps, and the kernel then zeroes 2 MiB
-/// at each first touch of a huge page, also after every purge: in the bench's pipeline
-/// phase that zeroing was a quarter of the aggregator's CPU, and without huge pages the
-/// aggregator spent 3.7-3.8 instead of 4.6-4.9 us per event and held 45-50 instead of
-/// 70-82 MiB (BENCHMARKS.md, twelfth session).
+/// Whether mimalloc reads an on/off option's `value` as on: off is `0`, `false`, `no` or
+/// `off` in any case, or a number that is 0; anything else leaves the option at its
+/// default, which for `ALLOW_THP` is on.
+fn mimalloc_reads_as_on(value: &str) -> bool {
+    let value = value.to_ascii_uppercase();
+    !(["0", "FALSE", "NO", "OFF"].contains(&value.as_str()) || value.parse::<i64>() == Ok(0))
+}
+
+/// Turns transparent huge pages off for the process (`PR_SET_THP_DISABLE`), unless the
+/// operator set `MIMALLOC_ALLOW_THP`: then mimalloc's own reading of it decides, and an
+/// allowing value also clears a flag inherited from a parent. Processes this one starts
+/// inherit the flag: the services `tally bench` starts, and its `redis-benchmark` baseline
+/// (with the kernel's huge pages in `madvise` mode, that changes nothing for a program
+/// that does not ask for them). mimalloc asks the kernel for huge pages on the memory it
+/// maps, and the kernel then zeroes 2 MiB at each first touch of a huge page, also after
+/// every purge: in the bench's pipeline phase that zeroing was a quarter of the
+/// aggregator's CPU, and without huge pages the aggregator spent 3.5-3.6 instead of
+/// 4.2-4.9 us per event (BENCHMARKS.md, twelfth session).
 #[cfg(target_os = "linux")]
 fn no_transparent_huge_pages() {
-    if operator_set_mimalloc_option(&["ALLOW_THP"]) {
-        return;
-    }
+    let disable = match operator_mimalloc_option(&["ALLOW_THP"]) {
+        None => true,
+        Some(value) if mimalloc_reads_as_on(&value) => false,
+        Some(_) => return,
+    };
     // SAFETY: prctl with a documented option and its arguments; it only sets a flag of the
     // process's memory map.
-    if unsafe { prctl(PR_SET_THP_DISABLE, 1 as c_ulong, 0 as c_ulong, 0 as c_ulong, 0 as c_ulong) } != 0 {
-        eprintln!("warning: could not turn transparent huge pages off: {}", std::io::Error::last_os_error());
+    if unsafe { prctl(PR_SET_THP_DISABLE, disable as c_ulong, 0 as c_ulong, 0 as c_ulong, 0 as c_ulong) } != 0 {
+        eprintln!("warning: could not set whether the process gets transparent huge pages: {}", std::io::Error::last_os_error());
     }
 }
 
@@ -283,11 +299,21 @@ mod tests {
         }
     }
 
+    #[test]
+    fn an_on_off_option_is_off_only_for_what_mimalloc_reads_as_off() {
+        for off in ["0", "false", "No", "OFF", "00", "-0"] {
+            assert!(!mimalloc_reads_as_on(off), "{off:?}");
+        }
+        for on in ["1", "true", "yes", "On", "", "2", "maybe"] {
+            assert!(mimalloc_reads_as_on(on), "{on:?}");
+        }
+    }
+
     #[cfg(target_os = "linux")]
     #[test]
     fn transparent_huge_pages_are_off_afterwards() {
         const PR_GET_THP_DISABLE: c_int = 42;
-        assert!(!operator_set_mimalloc_option(&["ALLOW_THP"]), "run the tests without MIMALLOC_ALLOW_THP in the environment");
+        assert_eq!(operator_mimalloc_option(&["ALLOW_THP"]), None, "run the tests without MIMALLOC_ALLOW_THP in the environment");
         no_transparent_huge_pages();
         // SAFETY: prctl with a documented option that only reads the flag.
         let disabled = unsafe { prctl(PR_GET_THP_DISABLE, 0 as c_ulong, 0 as c_ulong, 0 as c_ulong, 0 as c_ulong) };
