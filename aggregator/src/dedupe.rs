@@ -129,7 +129,7 @@ impl Default for Fresh {
 }
 
 /// The columns of a dedupe row as both ways write them, in the order of [`copy_row`]'s fields
-/// and of the skipping insert's parameters.
+/// and of the skipping insert's parameters. No column name holds a comma ([`column_count`]).
 macro_rules! dedupe_columns {
     () => {
         "processed_events (event_id, fingerprint, subject, event_time, scope, api_key_sha256, requests,
@@ -156,11 +156,20 @@ pub const COPY_CHUNK: usize = 256 * 1024;
 const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 /// The field count that ends binary `COPY` data.
 const COPY_TRAILER: i16 = -1;
-/// Fields per row: the columns of [`dedupe_columns`].
-const COPY_FIELDS: i16 = 13;
-/// Postgres' epoch (2000-01-01T00:00:00Z) in Unix seconds: a binary `timestamptz` counts
-/// microseconds from it.
-const POSTGRES_EPOCH_UNIX_SECONDS: i64 = 946_684_800;
+/// Fields per row: the columns of [`dedupe_columns`], counted from the list.
+const COPY_FIELDS: i16 = column_count(dedupe_columns!());
+/// Postgres' epoch (2000-01-01T00:00:00Z): a binary `timestamptz` counts microseconds from it.
+const POSTGRES_EPOCH: DateTime<Utc> = DateTime::from_timestamp(946_684_800, 0).expect("a valid instant");
+
+/// The columns in a list of the form `table (a, b, ...)`: one more than its commas.
+const fn column_count(list: &str) -> i16 {
+    let (bytes, mut i, mut commas) = (list.as_bytes(), 0, 0);
+    while i < bytes.len() {
+        commas += (bytes[i] == b',') as i16;
+        i += 1;
+    }
+    commas + 1
+}
 
 /// Records every candidate the plain way: one binary `COPY`, streamed in chunks.
 async fn copy_rows(conn: &mut PgConnection, candidates: &[Candidate<'_>], config_version: i64) -> Result<(), sqlx::Error> {
@@ -205,9 +214,8 @@ fn copy_row(out: &mut Vec<u8>, c: &Candidate<'_>, config_version: i64) {
 /// A time as a binary `timestamptz`: microseconds since Postgres' epoch, a fraction of a
 /// microsecond cut toward that epoch, as sqlx encodes the skipping insert's times.
 fn postgres_micros(time: DateTime<Utc>) -> i64 {
-    let epoch = DateTime::from_timestamp(POSTGRES_EPOCH_UNIX_SECONDS, 0).unwrap_or_default();
     // Every `DateTime` is less than 2^63 microseconds from 2000.
-    (time - epoch).num_microseconds().unwrap_or(i64::MAX)
+    (time - POSTGRES_EPOCH).num_microseconds().unwrap_or(i64::MAX)
 }
 
 fn copy_text(out: &mut Vec<u8>, text: Option<&str>) {
