@@ -8,6 +8,13 @@
 //!   reverts);
 //! - a CloudEvents 1.0 envelope (`specversion`, `id`, `source`, `type`, `subject`, `time`,
 //!   `data`), whose `data` holds the optional fields above. Its dedupe key is `source`+`id`.
+//!   `data_base64` (the base64 of the same JSON object) may replace `data`, never both.
+//!   Extension attributes (`traceparent`, `tracestate`, `partitionkey`, any name of lowercase
+//!   letters and digits, at most 20 characters) are kept: each goes into `attributes` as
+//!   `ce.<name>`, a boolean or integer value as its JSON text, so the canonical form (and the
+//!   fingerprint) carries it. A CloudEvent sent in binary content mode (attributes in
+//!   transport headers, the data as the body) becomes this envelope first
+//!   ([`cloudevent_from_binary`]).
 //!
 //! Unknown fields are rejected: a misspelt `input_token` must not silently count zero.
 //! A raw `api_key` never leaves [`parse_event`]: the canonical form carries only its SHA-256
@@ -175,8 +182,12 @@ const DATA_FIELDS: &[&str] = &[
     "cached_tokens", "cost_micros", "attributes", "corrects",
 ];
 const CLOUDEVENT_FIELDS: &[&str] = &[
-    "specversion", "id", "source", "type", "subject", "time", "data", "datacontenttype", "dataschema",
+    "specversion", "id", "source", "type", "subject", "time", "data", "data_base64", "datacontenttype", "dataschema",
 ];
+/// Longest CloudEvents extension attribute name (the specification's limit).
+const MAX_EXTENSION_NAME_CHARS: usize = 20;
+/// The prefix of a CloudEvents extension attribute's key in [`UsageEvent::attributes`].
+pub const EXTENSION_PREFIX: &str = "ce.";
 
 fn reject_unknown(obj: &Map<String, Value>, allowed: &[&str], prefix: &str) -> Result<(), EventError> {
     match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
@@ -194,7 +205,7 @@ fn from_plain(obj: Map<String, Value>) -> Result<UsageEvent, EventError> {
 }
 
 fn from_cloudevent(obj: Map<String, Value>) -> Result<UsageEvent, EventError> {
-    reject_unknown(&obj, CLOUDEVENT_FIELDS, "")?;
+    let extensions = extensions(&obj)?;
     match obj.get("specversion") {
         Some(Value::String(v)) if v == "1.0" => {}
         _ => return Err(err("specversion", "must be \"1.0\"")),
@@ -204,12 +215,14 @@ fn from_cloudevent(obj: Map<String, Value>) -> Result<UsageEvent, EventError> {
     required_str(&obj, "type", "type", 1024)?;
     let subject = required_str(&obj, "subject", "subject", MAX_NAME_CHARS)?;
     let time = required_time(&obj, "time")?;
-    let data = match obj.get("data") {
-        Some(Value::Object(d)) => d.clone(),
-        Some(_) => return Err(err("data", "must be a JSON object")),
-        None => Map::new(),
+    let (data, prefix) = match (obj.get("data"), obj.get("data_base64")) {
+        (Some(_), Some(_)) => return Err(err("data_base64", "give `data` or `data_base64`, not both")),
+        (Some(Value::Object(d)), None) => (d.clone(), "data."),
+        (Some(_), None) => return Err(err("data", "must be a JSON object")),
+        (None, Some(encoded)) => (decoded_data(encoded)?, "data_base64."),
+        (None, None) => (Map::new(), "data."),
     };
-    reject_unknown(&data, DATA_FIELDS, "data.")?;
+    reject_unknown(&data, DATA_FIELDS, prefix)?;
     // Length-prefixed so that no (source, id) pair can collide with another.
     let id = format!("ce:{}:{}:{}", source.len(), source, ce_id);
     // The key is the event's id from here on (the canonical form carries it), so it must
@@ -219,7 +232,87 @@ fn from_cloudevent(obj: Map<String, Value>) -> Result<UsageEvent, EventError> {
         let message = format!("with `source` it makes a dedupe key of {key_chars} characters; the limit is {MAX_ID_CHARS}");
         return Err(err("id", message));
     }
-    build(id, subject, time, &data, "data.")
+    let mut event = build(id, subject, time, &data, prefix)?;
+    for (name, value) in extensions {
+        let key = format!("{EXTENSION_PREFIX}{name}");
+        if event.attributes.contains_key(&key) {
+            let message = format!("is also the CloudEvents extension `{name}`, which Tally keeps under this key; give it once");
+            return Err(err(&format!("{prefix}attributes.{key}"), message));
+        }
+        event.attributes.insert(key, value);
+    }
+    Ok(event)
+}
+
+/// The extension attributes of a CloudEvent (every member that is not one of
+/// [`CLOUDEVENT_FIELDS`]), their values as text. A member whose name cannot be an extension
+/// is refused as an unknown field.
+fn extensions(obj: &Map<String, Value>) -> Result<Vec<(String, String)>, EventError> {
+    let mut out = Vec::new();
+    for (name, value) in obj.iter().filter(|(k, _)| !CLOUDEVENT_FIELDS.contains(&k.as_str())) {
+        if !is_extension_name(name) {
+            let message = format!(
+                "unknown field; a CloudEvents extension attribute's name is lowercase letters a-z and digits 0-9, at most {MAX_EXTENSION_NAME_CHARS} characters"
+            );
+            return Err(err(name, message));
+        }
+        let text = match value {
+            // The JSON format writes an absent attribute as null.
+            Value::Null => continue,
+            Value::String(s) => s.clone(),
+            Value::Bool(b) => b.to_string(),
+            Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
+            _ => return Err(err(name, "a CloudEvents extension attribute must be a string, a boolean or an integer")),
+        };
+        out.push((name.clone(), text));
+    }
+    Ok(out)
+}
+
+/// Whether `name` may name a CloudEvents extension attribute.
+fn is_extension_name(name: &str) -> bool {
+    (1..=MAX_EXTENSION_NAME_CHARS).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// The JSON object a CloudEvent's `data_base64` encodes.
+fn decoded_data(encoded: &Value) -> Result<Map<String, Value>, EventError> {
+    use base64::Engine;
+    const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new().with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    let Value::String(text) = encoded else {
+        return Err(err("data_base64", "must be a base64 string (of the JSON object the data would be)"));
+    };
+    let bytes = BASE64.decode(text.trim()).map_err(|e| err("data_base64", format!("is not valid base64: {e}")))?;
+    match serde_json::from_slice(&bytes) {
+        Ok(Value::Object(data)) => Ok(data),
+        Ok(_) => Err(err("data_base64", "must decode to a JSON object (the event's data), not another JSON value")),
+        Err(e) => Err(err("data_base64", format!("must decode to a JSON object (the event's data): {e}"))),
+    }
+}
+
+/// The structured form of a CloudEvent sent in binary content mode: its context attributes
+/// come from transport headers (`ce-id` over HTTP, `ce_id` over Kafka; give their names here
+/// without the prefix), its data is the body. The result goes to [`event_from_value`] like
+/// any envelope. A body that is JSON becomes `data`; anything else `data_base64`, so that
+/// [`event_from_value`] refuses it naming that field and no byte is lost; an empty body is
+/// no data.
+pub fn cloudevent_from_binary(attributes: impl IntoIterator<Item = (String, String)>, content_type: Option<&str>, body: &[u8]) -> Value {
+    use base64::Engine;
+    let mut envelope: Map<String, Value> = attributes.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), Value::String(v))).collect();
+    if let Some(ct) = content_type {
+        envelope.entry("datacontenttype").or_insert_with(|| Value::String(ct.to_string()));
+    }
+    envelope.remove("data");
+    envelope.remove("data_base64");
+    if !body.trim_ascii().is_empty() {
+        match serde_json::from_slice::<Value>(body) {
+            Ok(data) => envelope.insert("data".into(), data),
+            Err(_) => envelope.insert("data_base64".into(), Value::String(base64::engine::general_purpose::STANDARD.encode(body))),
+        };
+    }
+    Value::Object(envelope)
 }
 
 fn build(
@@ -305,7 +398,9 @@ fn check_len(s: &str, field: &str, max: usize) -> Result<String, EventError> {
 
 fn required_time(obj: &Map<String, Value>, field: &str) -> Result<DateTime<Utc>, EventError> {
     match obj.get(field) {
-        None | Some(Value::Null) => Err(err(field, "is required")),
+        None | Some(Value::Null) => {
+            Err(err(field, "is required: Tally meters by event time; set `time` to when the usage happened (RFC 3339)"))
+        }
         Some(Value::String(s)) => DateTime::parse_from_rfc3339(s)
             .map(|t| t.with_timezone(&Utc))
             .map_err(|e| err(field, format!("must be an RFC 3339 time such as 2026-11-22T10:00:00Z ({e})"))),
@@ -454,6 +549,112 @@ mod tests {
         let e = parse(ce("x".repeat(MAX_ID_CHARS - 7))).unwrap_err();
         assert_eq!(e.field, "id");
         assert!(e.message.contains("129 characters"), "{e}");
+    }
+
+    fn cloudevent(extra: Value) -> Value {
+        let mut ce = json!({"specversion": "1.0", "id": "1", "source": "gw", "type": "usage", "subject": "a",
+                            "time": "2026-11-22T10:00:00Z", "data": {"input_tokens": 7, "attributes": {"route": "chat"}}});
+        for (k, v) in extra.as_object().unwrap() {
+            if v.is_null() { ce.as_object_mut().unwrap().remove(k); } else { ce[k] = v.clone(); }
+        }
+        ce
+    }
+
+    #[test]
+    fn cloudevent_extensions_are_kept_in_attributes_and_survive_the_canonical_form() {
+        let trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let e = parse(cloudevent(json!({"traceparent": trace, "tracestate": "ro=1", "partitionkey": "a", "sampled": true,
+                                        "priority": 3, "comexampleext1": "v", "dataref": null})))
+        .unwrap();
+        let expected: BTreeMap<String, String> = [
+            ("ce.comexampleext1", "v"), ("ce.partitionkey", "a"), ("ce.priority", "3"), ("ce.sampled", "true"),
+            ("ce.traceparent", trace), ("ce.tracestate", "ro=1"), ("route", "chat"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(e.attributes, expected);
+        // The canonical form carries them, through the fast path and the general parser alike.
+        let canonical = e.to_canonical_json();
+        assert_eq!(parse_event_with_fingerprint(&canonical), Ok((e.clone(), e.fingerprint())));
+        assert_eq!(parse_event(&canonical), Ok(e.clone()));
+        // Another trace context is another payload: a resend must carry the same extensions.
+        let other = parse(cloudevent(json!({"traceparent": trace.replace("01", "00"), "tracestate": "ro=1", "partitionkey": "a",
+                                            "sampled": true, "priority": 3, "comexampleext1": "v"})))
+        .unwrap();
+        assert_eq!(other.id, e.id);
+        assert_ne!(other.fingerprint(), e.fingerprint());
+    }
+
+    #[test]
+    fn invalid_extension_names_and_values_are_refused_naming_the_field() {
+        for name in ["traceParent", "trace-parent", "trace_parent", "averyveryverylongname1", "ünï", "x y"] {
+            let e = parse(cloudevent(json!({ name: "v" }))).unwrap_err();
+            assert_eq!(e.field, name);
+            assert!(e.message.contains("extension attribute's name"), "{e}");
+        }
+        assert!(parse(cloudevent(json!({"abcdefghij0123456789": "v"}))).is_ok(), "20 characters is the limit");
+        for value in [json!(1.5), json!({"a": 1}), json!(["x"])] {
+            let e = parse(cloudevent(json!({ "ext": value }))).unwrap_err();
+            assert_eq!(e.field, "ext", "{value}");
+            assert!(e.message.contains("string, a boolean or an integer"), "{e}");
+        }
+        // An extension and a data attribute under the same key are one value given twice.
+        let e = parse(cloudevent(json!({"ext": "v", "data": {"attributes": {"ce.ext": "w"}}}))).unwrap_err();
+        assert_eq!(e.field, "data.attributes.ce.ext");
+    }
+
+    #[test]
+    fn data_base64_is_the_data_object_encoded() {
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let plain = parse(cloudevent(json!({}))).unwrap();
+        let encoded = parse(cloudevent(json!({"data": null, "data_base64": b64(r#"{"input_tokens": 7, "attributes": {"route": "chat"}}"#)}))).unwrap();
+        assert_eq!(encoded, plain);
+        let unpadded = b64(r#"{"input_tokens":7,"attributes":{"route":"chat"}}"#).trim_end_matches('=').to_string();
+        assert_eq!(parse(cloudevent(json!({"data": null, "data_base64": unpadded}))).unwrap(), plain);
+        let cases = [
+            (json!({"data_base64": b64("{}")}), "data_base64", "not both"),
+            (json!({"data": null, "data_base64": "not base64!"}), "data_base64", "not valid base64"),
+            (json!({"data": null, "data_base64": b64("[1, 2]")}), "data_base64", "JSON object"),
+            (json!({"data": null, "data_base64": b64("input_tokens=7")}), "data_base64", "JSON object"),
+            (json!({"data": null, "data_base64": 7}), "data_base64", "base64 string"),
+            (json!({"data": null, "data_base64": b64(r#"{"input_tokens": -1}"#)}), "data_base64.input_tokens", "non-negative"),
+            (json!({"data": null, "data_base64": b64(r#"{"tokens": 1}"#)}), "data_base64.tokens", "unknown field"),
+        ];
+        for (extra, field, says) in cases {
+            let e = parse(cloudevent(extra.clone())).unwrap_err();
+            assert_eq!(e.field, field, "{extra}");
+            assert!(e.message.contains(says), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_missing_time_says_tally_needs_the_event_time() {
+        let plain = parse(json!({"id": "e", "subject": "a"})).unwrap_err();
+        let ce = parse(cloudevent(json!({"time": null}))).unwrap_err();
+        for e in [plain, ce] {
+            assert_eq!(e.field, "time");
+            assert!(e.message.contains("Tally meters by event time") && e.message.contains("RFC 3339"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_binary_mode_cloudevent_is_the_structured_one() {
+        let structured = parse(cloudevent(json!({"traceparent": "00-abc-def-01", "datacontenttype": "application/json"}))).unwrap();
+        let headers = [("specversion", "1.0"), ("id", "1"), ("source", "gw"), ("type", "usage"), ("subject", "a"),
+                       ("time", "2026-11-22T10:00:00Z"), ("TraceParent", "00-abc-def-01")];
+        let headers = || headers.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let body = br#"{"input_tokens": 7, "attributes": {"route": "chat"}}"#;
+        assert_eq!(event_from_value(cloudevent_from_binary(headers(), Some("application/json"), body)), Ok(structured));
+        // No body is no data; a body that is not JSON is refused naming it, its bytes kept.
+        let empty = event_from_value(cloudevent_from_binary(headers(), None, b" ")).unwrap();
+        assert_eq!((empty.input_tokens, empty.requests), (0, 1));
+        let envelope = cloudevent_from_binary(headers(), None, b"\xff tokens");
+        assert!(envelope["data_base64"].is_string());
+        assert_eq!(event_from_value(envelope).unwrap_err().field, "data_base64");
+        let e = event_from_value(cloudevent_from_binary(headers().filter(|(k, _)| k != "time"), None, b"{}")).unwrap_err();
+        assert_eq!(e.field, "time");
     }
 
     #[test]
