@@ -42,7 +42,16 @@ pub struct KafkaSettings {
     /// latency. The cost is more fetch requests while idle.
     #[arg(long = "kafka-fetch-wait-ms", env = "TALLY_KAFKA_FETCH_WAIT_MS", default_value_t = DEFAULT_FETCH_WAIT_MS)]
     pub fetch_wait_ms: u32,
+    /// Longest time, in milliseconds, a producer tries to deliver a message before it gives
+    /// up (librdkafka `message.timeout.ms`). An idempotent producer whose messages timed out
+    /// may be fenced by the broker once it is back; Tally's producers then replace themselves
+    /// (`tally_common::producing`).
+    #[arg(long = "kafka-message-timeout-ms", env = "TALLY_KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = DEFAULT_MESSAGE_TIMEOUT_MS)]
+    pub message_timeout_ms: u32,
 }
+
+/// See [`KafkaSettings::message_timeout_ms`].
+pub const DEFAULT_MESSAGE_TIMEOUT_MS: u32 = 30_000;
 
 /// See [`KafkaSettings::fetch_wait_ms`].
 pub const DEFAULT_FETCH_WAIT_MS: u32 = 20;
@@ -64,7 +73,7 @@ impl KafkaSettings {
             .set("acks", "all")
             .set("compression.type", "lz4")
             .set("linger.ms", "5")
-            .set("message.timeout.ms", "30000");
+            .set("message.timeout.ms", self.message_timeout_ms.to_string());
         c
     }
 

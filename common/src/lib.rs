@@ -7,9 +7,11 @@
 pub mod auth;
 pub mod clickhouse;
 pub mod consuming;
+pub mod health;
 pub mod kafka;
 pub mod membership;
 pub mod metrics;
 pub mod postgres;
+pub mod producing;
 pub mod shutdown;
 pub mod telemetry;

@@ -11,6 +11,7 @@
 pub mod config;
 pub mod decision;
 pub mod event;
+pub mod heartbeat;
 pub mod metric;
 pub mod period;
 pub mod precedence;

@@ -97,6 +97,7 @@ impl Stack {
             debug: None,
             partitions: PARTITIONS,
             fetch_wait_ms: tally_common::kafka::DEFAULT_FETCH_WAIT_MS,
+            message_timeout_ms: tally_common::kafka::DEFAULT_MESSAGE_TIMEOUT_MS,
         }
     }
 

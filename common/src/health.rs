@@ -1,0 +1,369 @@
+//! What each Kafka client of a service knows about itself, for `/healthz` and `/readyz`.
+//!
+//! Every producer and consumer a service runs is created with a [`Watched`] context that
+//! holds the client's [`ClientHealth`]. librdkafka tells the context:
+//! - through its error callback: all brokers down (`_ALL_BROKERS_DOWN`) marks the client
+//!   *disconnected* from that instant; a fatal error (`_FATAL`, e.g. a fenced idempotent
+//!   producer) marks it *broken* until it is replaced ([`crate::producing`]);
+//! - through its statistics (`statistics.interval.ms`, once a second, see [`watched`]): a
+//!   broker connection that is up clears *disconnected*; brokers that librdkafka is trying
+//!   to reach with none up mark it; a client that needs no connection (librdkafka's sparse
+//!   connections leave an idle client's brokers in `INIT`) is not disconnected.
+//!
+//! A delivered message clears *disconnected* too. A client is reported disconnected only
+//! after [`DISCONNECTED_GRACE`], so a reconnect does not flap readiness.
+//!
+//! [`Clients`] is the set a service reports: `/readyz` is 503 while any client is
+//! disconnected or broken; `/healthz` (liveness) is 503 only when a client stayed broken for
+//! [`BROKEN_LIVENESS`], i.e. replacing it did not help and a restart might.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::ConsumerContext;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, ClientContext};
+use serde::{Deserialize, Serialize};
+
+/// How long a client must have lost every broker before it is reported disconnected.
+pub const DISCONNECTED_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a client may stay broken (a fatal error, not replaced) before liveness fails.
+pub const BROKEN_LIVENESS: Duration = Duration::from_secs(30);
+
+/// How often librdkafka reports a watched client's statistics, in milliseconds.
+pub const STATS_INTERVAL_MS: u32 = 1000;
+
+/// `config` with librdkafka's statistics on, so a [`Watched`] context sees broker states.
+pub fn watched(mut config: ClientConfig) -> ClientConfig {
+    config.set("statistics.interval.ms", STATS_INTERVAL_MS.to_string());
+    config
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Incremented each time the client is replaced; callbacks of an older one are ignored.
+    generation: u64,
+    disconnected_since: Option<Instant>,
+    broken_since: Option<Instant>,
+    last_error: Option<String>,
+    rebuilds: u64,
+}
+
+/// The state of one Kafka client (across the instances that replace one another).
+#[derive(Debug)]
+pub struct ClientHealth {
+    name: String,
+    state: Mutex<State>,
+    /// Whether `disconnected_since` is set: lets a delivery skip the lock in the usual case.
+    disconnected: AtomicBool,
+}
+
+/// One client's line in a health report.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ClientStatus {
+    pub client: String,
+    /// `ok`, `disconnected` (no broker reachable) or `broken` (a fatal error; being replaced).
+    pub state: &'static str,
+    /// Milliseconds in that state; `null` when ok.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub for_ms: Option<u64>,
+    /// The last error librdkafka reported, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// How often the client was replaced after a fatal error.
+    pub rebuilds: u64,
+}
+
+impl ClientHealth {
+    /// A client's health, not registered anywhere (see [`Clients::register`]).
+    pub fn new(name: impl Into<String>) -> Arc<ClientHealth> {
+        Arc::new(ClientHealth { name: name.into(), state: Mutex::new(State::default()), disconnected: AtomicBool::new(false) })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let out = f(&mut s);
+        self.disconnected.store(s.disconnected_since.is_some(), Ordering::Relaxed);
+        out
+    }
+
+    /// The generation of the client instance now in use.
+    pub fn generation(&self) -> u64 {
+        self.with(|s| s.generation)
+    }
+
+    /// Instance `generation` lost every broker at `now` (kept if it was already lost).
+    pub fn lost_brokers(&self, generation: u64, now: Instant) {
+        self.with(|s| {
+            if s.generation == generation && s.disconnected_since.is_none() {
+                s.disconnected_since = Some(now);
+            }
+        });
+    }
+
+    /// Instance `generation` has a broker connection, or needs none.
+    pub fn reached_brokers(&self, generation: u64) {
+        if self.disconnected.load(Ordering::Relaxed) {
+            self.with(|s| {
+                if s.generation == generation {
+                    s.disconnected_since = None;
+                }
+            });
+        }
+    }
+
+    /// A message was delivered or received: the broker is reachable, whatever the instance.
+    pub fn delivered(&self) {
+        if self.disconnected.load(Ordering::Relaxed) {
+            self.with(|s| s.disconnected_since = None);
+        }
+    }
+
+    /// Instance `generation` hit a fatal error at `now`.
+    pub fn broke(&self, generation: u64, now: Instant, reason: &str) {
+        self.with(|s| {
+            if s.generation == generation {
+                s.broken_since.get_or_insert(now);
+                s.last_error = Some(reason.to_string());
+            }
+        });
+    }
+
+    /// Records an error librdkafka reported (for the report only).
+    pub fn note_error(&self, generation: u64, error: &str) {
+        self.with(|s| {
+            if s.generation == generation {
+                s.last_error = Some(error.to_string());
+            }
+        });
+    }
+
+    /// The client was replaced by a new instance; returns the new instance's generation.
+    pub fn replaced(&self) -> u64 {
+        self.with(|s| {
+            s.generation += 1;
+            s.broken_since = None;
+            s.rebuilds += 1;
+            s.generation
+        })
+    }
+
+    /// Whether the instance in use is broken.
+    pub fn is_broken(&self) -> bool {
+        self.with(|s| s.broken_since.is_some())
+    }
+
+    /// The client's line at `now`.
+    pub fn status(&self, now: Instant) -> ClientStatus {
+        self.with(|s| {
+            let age = |t: Instant| now.saturating_duration_since(t);
+            let (state, since) = match (s.broken_since, s.disconnected_since) {
+                (Some(t), _) => ("broken", Some(age(t))),
+                (None, Some(t)) if age(t) >= DISCONNECTED_GRACE => ("disconnected", Some(age(t))),
+                _ => ("ok", None),
+            };
+            ClientStatus {
+                client: self.name.clone(),
+                state,
+                for_ms: since.map(|d| d.as_millis() as u64),
+                last_error: s.last_error.clone(),
+                rebuilds: s.rebuilds,
+            }
+        })
+    }
+}
+
+/// The Kafka clients a service reports on.
+#[derive(Clone, Default)]
+pub struct Clients(Arc<Mutex<Vec<Arc<ClientHealth>>>>);
+
+/// A service's report on its clients: the body of `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// No client is disconnected or broken.
+    pub ready: bool,
+    /// No client stayed broken for [`BROKEN_LIVENESS`].
+    pub live: bool,
+    pub clients: Vec<ClientStatus>,
+}
+
+impl Clients {
+    /// A new client named `name`, reported from now on.
+    pub fn register(&self, name: impl Into<String>) -> Arc<ClientHealth> {
+        let health = ClientHealth::new(name);
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(health.clone());
+        health
+    }
+
+    pub fn report(&self, now: Instant) -> Report {
+        let clients: Vec<ClientStatus> = self.0.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|c| c.status(now)).collect();
+        let ready = clients.iter().all(|c| c.state == "ok");
+        let live = clients.iter().all(|c| c.state != "broken" || c.for_ms.unwrap_or(0) < BROKEN_LIVENESS.as_millis() as u64);
+        Report { ready, live, clients }
+    }
+}
+
+/// What librdkafka's statistics say about a client's broker connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connection {
+    /// A broker connection is up.
+    Up,
+    /// librdkafka is trying to reach brokers and none is up.
+    Down,
+    /// No broker connection is wanted (an idle client with sparse connections).
+    Idle,
+}
+
+/// The connection from each broker's `(source, state)` in librdkafka's statistics. The
+/// internal and logical brokers (`source` `internal`, `logical`) are not connections.
+pub fn connection<'a>(brokers: impl IntoIterator<Item = (&'a str, &'a str)>) -> Connection {
+    let mut down = false;
+    for (source, state) in brokers {
+        if source == "internal" || source == "logical" {
+            continue;
+        }
+        match state {
+            "UP" | "UPDATE" => return Connection::Up,
+            "INIT" => {}
+            _ => down = true,
+        }
+    }
+    if down { Connection::Down } else { Connection::Idle }
+}
+
+#[derive(Deserialize)]
+struct Stats {
+    #[serde(default)]
+    brokers: HashMap<String, BrokerStats>,
+}
+
+#[derive(Deserialize)]
+struct BrokerStats {
+    #[serde(default)]
+    source: String,
+    #[serde(default)]
+    state: String,
+}
+
+/// A client context: librdkafka's log lines go to tracing (as with
+/// [`crate::consuming::KafkaLog`]), and its errors and statistics update the client's
+/// [`ClientHealth`].
+pub struct Watched {
+    health: Arc<ClientHealth>,
+    generation: u64,
+    /// Set on a fatal error, for the owner of this instance (see [`crate::producing`]).
+    fatal: Arc<AtomicBool>,
+}
+
+impl Default for Watched {
+    /// A context whose health nobody reports.
+    fn default() -> Self {
+        Watched::new(ClientHealth::new("unreported"))
+    }
+}
+
+impl Watched {
+    /// A context for the instance of `health`'s client now in use.
+    pub fn new(health: Arc<ClientHealth>) -> Watched {
+        let generation = health.generation();
+        Watched { health, generation, fatal: Arc::new(AtomicBool::new(false)) }
+    }
+
+    /// Whether this instance hit a fatal error.
+    pub fn fatal_flag(&self) -> Arc<AtomicBool> {
+        self.fatal.clone()
+    }
+
+    pub fn health(&self) -> &Arc<ClientHealth> {
+        &self.health
+    }
+}
+
+impl ClientContext for Watched {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        crate::consuming::KafkaLog.log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let client = self.health.name();
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::Fatal) => {
+                tracing::error!(client, reason, "kafka client hit a fatal error; it is replaced");
+                self.fatal.store(true, Ordering::Relaxed);
+                self.health.broke(self.generation, Instant::now(), reason);
+            }
+            Some(RDKafkaErrorCode::AllBrokersDown) => {
+                tracing::warn!(client, reason, "kafka client lost every broker");
+                self.health.lost_brokers(self.generation, Instant::now());
+                self.health.note_error(self.generation, &format!("{error}: {reason}"));
+            }
+            _ => {
+                tracing::warn!(client, error = %error, reason, "kafka client error");
+                self.health.note_error(self.generation, &format!("{error}: {reason}"));
+            }
+        }
+    }
+
+    fn stats_raw(&self, statistics: &[u8]) {
+        let Ok(stats) = serde_json::from_slice::<Stats>(statistics) else { return };
+        match connection(stats.brokers.values().map(|b| (b.source.as_str(), b.state.as_str()))) {
+            Connection::Up | Connection::Idle => self.health.reached_brokers(self.generation),
+            Connection::Down => self.health.lost_brokers(self.generation, Instant::now()),
+        }
+    }
+}
+
+impl ConsumerContext for Watched {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_is_up_with_one_broker_up_and_down_only_while_trying() {
+        assert_eq!(connection([("configured", "DOWN"), ("learned", "UP"), ("internal", "UP")]), Connection::Up);
+        assert_eq!(connection([("configured", "CONNECT"), ("learned", "DOWN"), ("internal", "UP")]), Connection::Down);
+        assert_eq!(connection([("configured", "INIT"), ("learned", "INIT"), ("logical", "UP")]), Connection::Idle);
+        assert_eq!(connection([]), Connection::Idle);
+    }
+
+    #[test]
+    fn disconnected_after_the_grace_broken_until_replaced_and_old_instances_ignored() {
+        let clients = Clients::default();
+        let h = clients.register("producer");
+        let t0 = Instant::now();
+        let g = h.generation();
+        h.lost_brokers(g, t0);
+        assert_eq!(h.status(t0 + Duration::from_millis(500)).state, "ok", "within the grace");
+        let late = t0 + DISCONNECTED_GRACE + Duration::from_secs(1);
+        assert_eq!(h.status(late).state, "disconnected");
+        assert!(!clients.report(late).ready);
+        h.delivered();
+        assert_eq!(h.status(late).state, "ok");
+
+        h.broke(g, t0, "ProducerFenced");
+        let report = clients.report(t0 + Duration::from_secs(1));
+        assert!(!report.ready && report.live);
+        assert_eq!(report.clients[0].state, "broken");
+        assert!(!clients.report(t0 + BROKEN_LIVENESS).live);
+        let g2 = h.replaced();
+        assert_eq!(h.status(late).state, "ok");
+        assert_eq!(h.status(late).rebuilds, 1);
+        // The replaced instance's late callbacks change nothing.
+        h.broke(g, late, "late");
+        h.lost_brokers(g, t0);
+        assert_eq!(h.status(late).state, "ok");
+        h.lost_brokers(g2, t0);
+        assert_eq!(h.status(late).state, "disconnected");
+        h.reached_brokers(g2);
+        assert!(clients.report(late).ready);
+    }
+}
