@@ -8,6 +8,7 @@ pub mod auth;
 pub mod clickhouse;
 pub mod consuming;
 pub mod health;
+pub mod http;
 pub mod kafka;
 pub mod membership;
 pub mod metrics;
