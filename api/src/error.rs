@@ -72,7 +72,9 @@ impl IntoResponse for AppError {
     }
 }
 
-/// A JSON body extractor whose rejections are [`AppError`]s (400/413/415 with `field: body`).
+/// A JSON body extractor whose rejections are [`AppError`]s: 400 naming the field by its path
+/// (undecodable JSON, a wrong type, a missing or unknown field), 413 over the body limit
+/// (after decoding), 415 for a `Content-Type` that is not JSON (`tally_common::http`).
 pub struct JsonBody<T>(pub T);
 
 impl<S, T> axum::extract::FromRequest<S> for JsonBody<T>
@@ -83,15 +85,13 @@ where
     type Rejection = AppError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, AppError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(JsonBody(v)),
-            Err(rejection) => {
-                let status = rejection.status();
-                let text = rejection.body_text();
-                // serde names the field in "unknown field `x`" / "missing field `x`".
-                let field = text.split('`').nth(1).filter(|_| text.contains("field `")).unwrap_or("body").to_string();
-                Err(AppError { status, error: text, field: Some(field) })
-            }
-        }
+        let tally_common::http::JsonBody(v) = tally_common::http::JsonBody::<T>::from_request(req, state).await?;
+        Ok(JsonBody(v))
+    }
+}
+
+impl From<tally_common::http::Refusal> for AppError {
+    fn from(r: tally_common::http::Refusal) -> AppError {
+        AppError { status: r.status, error: r.error, field: r.field }
     }
 }

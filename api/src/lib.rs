@@ -15,7 +15,10 @@
 //! - Usage history, top subjects and reconciliation are read from ClickHouse (and the
 //!   ledger) by [`history`]; a ClickHouse outage only fails those routes.
 //! - Access: bearer tokens per role ([`routes::AuthSettings`]), compared in constant time,
-//!   never logged. Bodies are limited (`--max-body-bytes`), lists are paged (`--max-page`).
+//!   never logged. Bodies are limited (`--max-body-bytes`, counted after decoding a
+//!   `Content-Encoding` of gzip, deflate or br), lists are paged (`--max-page`).
+//! - Every refusal is JSON `{"error", "field"}`: bad JSON bodies (400 naming the field, 413,
+//!   415), unknown routes (404) and wrong methods (405 with `Allow`) included.
 //! - Shutdown: stops accepting, finishes in-flight requests, writes the pending API-key
 //!   last-use times, then stops the background tasks.
 
@@ -63,14 +66,15 @@ pub struct ApiSettings {
 }
 
 /// The whole router: the routes of [`routes::routes`] and, when given, the history routes
-/// (read role), with the body limit.
+/// (read role), with JSON answers for unknown routes and wrong methods, the body limit, and
+/// compressed request bodies decoded before the limit counts them (`tally_common::http`).
 pub fn app(state: Arc<routes::AppState>, history: Option<Arc<history::HistoryState>>, max_body_bytes: usize) -> Router {
     let auth = state.auth.clone();
     let mut app = routes::router(state);
     if let Some(h) = history {
         app = app.merge(routes::guard(history::router(h), routes::Role::Read, &auth));
     }
-    app.layer(DefaultBodyLimit::max(max_body_bytes))
+    tally_common::http::decoding(tally_common::http::json_fallbacks(app).layer(DefaultBodyLimit::max(max_body_bytes)))
 }
 
 /// Runs the API until `shutdown` resolves.

@@ -33,11 +33,33 @@ fn op(summary: &str, security: Option<&str>, params: &[&str], body: Option<&str>
     }
     if let Some(schema) = body {
         o["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}});
+        let error = |desc: &str| json!({"description": desc, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+        if o["responses"].get("400").is_none() {
+            o["responses"]["400"] = error("bad input");
+        }
+        o["responses"]["413"] = error("the body is over the limit (TALLY_API_MAX_BODY_BYTES), counted after decoding its Content-Encoding");
+        o["responses"]["415"] = error("a Content-Type that is not JSON, or a Content-Encoding other than gzip, deflate, br or identity");
     }
     o
 }
 
-/// The document.
+/// Adds what every `/v1/` operation can answer: 503 when a dependency is down.
+fn with_unavailable(mut doc: Value) -> Value {
+    let answer = json!({"description": "a dependency (Postgres, ClickHouse or the broker) is unavailable",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    for (path, ops) in doc["paths"].as_object_mut().into_iter().flatten() {
+        if !path.starts_with("/v1/") {
+            continue;
+        }
+        for op in ops.as_object_mut().into_iter().flat_map(|o| o.values_mut()) {
+            op["responses"]["503"] = answer.clone();
+        }
+    }
+    doc
+}
+
+/// The document. Besides each operation's statuses, every path answers an unlisted method
+/// with 405 (and `Allow`), and an unknown path is a 404, both with the `Error` body.
 pub fn document() -> Value {
     let read = Some("read");
     let admin = Some("admin");
@@ -45,10 +67,10 @@ pub fn document() -> Value {
     let ok = [("200", "ok")];
     let bad = [("200", "ok"), ("400", "bad input"), ("404", "not found"), ("409", "conflicts with the configuration")];
     let created = [("201", "created"), ("400", "bad input"), ("409", "conflicts with the configuration")];
-    json!({
+    with_unavailable(json!({
         "openapi": "3.0.3",
         "info": {"title": "Tally API", "version": env!("CARGO_PKG_VERSION"),
-                 "description": "Quota checks, decisions, usage, history and the admin API of Tally."},
+                 "description": "Quota checks, decisions, usage, history and the admin API of Tally. Every refusal is JSON {\"error\", \"field\"}: a body field that is wrong is named by its path (400); an unknown path is a 404 (field `path`), a method a path does not take a 405 (field `method`, with `Allow`). Request bodies may be sent with Content-Encoding gzip, deflate or br."},
         "components": {
             "securitySchemes": {
                 "read": {"type": "http", "scheme": "bearer", "description": "the read token (or the admin token)"},
@@ -56,7 +78,8 @@ pub fn document() -> Value {
             },
             "schemas": {
                 "Any": {"type": "object"},
-                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}, "field": {"type": "string"}}},
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"},
+                    "field": {"type": "string", "description": "what was wrong: a body field by its path (`quotas[0].limit`), `body`, a parameter, a header (`authorization`, `content-type`, `content-encoding`), `path` or `method`"}}},
                 "CheckRequest": {"type": "object", "additionalProperties": false, "properties": {
                     "subject": {"type": "string"}, "api_key": {"type": "string"}, "scope": {"type": "string"},
                     "model": {"type": "string"}, "estimated_tokens": {"type": "integer", "minimum": 0},
@@ -123,7 +146,7 @@ pub fn document() -> Value {
                 "get": op("one API key", admin, &["id"], None, &bad),
                 "delete": op("revoke an API key", admin, &["id"], None, &bad)}
         }
-    })
+    }))
 }
 
 pub async fn serve() -> Json<Value> {

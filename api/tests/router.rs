@@ -175,11 +175,34 @@ async fn openapi_lists_exactly_the_routes_and_every_path_routes() {
         routes::routes().iter().map(|r| (r.method.to_string(), r.path.to_string())).collect();
     routed.extend(tally_api::openapi::HISTORY_ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())));
     assert_eq!(documented, routed, "the OpenAPI document and the router disagree");
-    // Every documented path reaches a handler (axum's own 404/405 have no JSON body).
+    // Every documented path reaches a handler (the router's own 404 names `path`).
     for (method, path) in &documented {
         let (status, _, body) = e.send(method, &concrete(path), Some(ADMIN), None).await;
         assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
-        assert!(!(status == StatusCode::NOT_FOUND && body.is_null()), "{method} {path} is not routed");
+        assert!(!(status == StatusCode::NOT_FOUND && body["field"] == "path"), "{method} {path} is not routed");
+    }
+    // Every operation lists the statuses it can answer.
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            let responses = op["responses"].as_object().unwrap();
+            let mut needed = vec![];
+            if op.get("requestBody").is_some() {
+                needed.extend(["400", "413", "415"]);
+            }
+            if op.get("security").is_some() {
+                needed.push("401");
+            }
+            if path.starts_with("/v1/") {
+                needed.push("503");
+            }
+            for code in needed {
+                assert!(responses.contains_key(code), "{method} {path} does not list {code}");
+            }
+            for (code, answer) in responses {
+                let schema = &answer["content"]["application/json"]["schema"]["$ref"];
+                assert!(code == "304" || schema.is_string(), "{method} {path} {code} has no JSON body");
+            }
+        }
     }
     e.done().await;
 }
@@ -364,8 +387,10 @@ async fn check_input_errors_name_the_field() {
         (json!({"subject": "a", "estimated_tokens": -1}), StatusCode::BAD_REQUEST, "estimated_tokens"),
         (json!({"subject": "a", "estimated_cost_micros": -1}), StatusCode::BAD_REQUEST, "estimated_cost_micros"),
         (json!({"subject": "a", "scope": "x".repeat(300)}), StatusCode::BAD_REQUEST, "scope"),
-        (json!({"subject": "a", "colour": "red"}), StatusCode::UNPROCESSABLE_ENTITY, "colour"),
-        (json!({"subject": 5}), StatusCode::UNPROCESSABLE_ENTITY, "body"),
+        (json!({"subject": "a", "colour": "red"}), StatusCode::BAD_REQUEST, "colour"),
+        (json!({"subject": 5}), StatusCode::BAD_REQUEST, "subject"),
+        (json!({"subject": "a", "estimated_tokens": "many"}), StatusCode::BAD_REQUEST, "estimated_tokens"),
+        (json!(["a"]), StatusCode::BAD_REQUEST, "body"),
         (json!({"api_key": "tally_sk_unknown"}), StatusCode::FORBIDDEN, "api_key"),
     ];
     for (body, status, field) in cases {
@@ -375,13 +400,110 @@ async fn check_input_errors_name_the_field() {
         assert!(err["error"].is_string());
     }
     let raw = |body: &str, ct: &str| Request::post("/v1/check").header("content-type", ct).body(Body::from(body.to_string())).unwrap();
-    let r = e.app.clone().oneshot(raw("{not json", "application/json")).await.unwrap();
-    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-    let r = e.app.clone().oneshot(raw("{}", "text/plain")).await.unwrap();
-    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
     let big = format!("{{\"subject\": \"{}\"}}", "x".repeat(5000));
-    let r = e.app.clone().oneshot(raw(&big, "application/json")).await.unwrap();
-    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let raws = [
+        ("{not json", "application/json", StatusCode::BAD_REQUEST, "body"),
+        (r#"{"subject": "a"} {}"#, "application/json", StatusCode::BAD_REQUEST, "body"),
+        ("{}", "text/plain", StatusCode::UNSUPPORTED_MEDIA_TYPE, "content-type"),
+        (&big, "application/json", StatusCode::PAYLOAD_TOO_LARGE, "body"),
+    ];
+    for (body, ct, status, field) in raws {
+        let r = e.app.clone().oneshot(raw(body, ct)).await.unwrap();
+        assert_eq!(r.status(), status, "{ct}: {body:.40}");
+        let err: Value = serde_json::from_slice(&axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap()).unwrap();
+        assert_eq!(err["field"], field, "{err}");
+        assert!(err["error"].is_string(), "{err}");
+    }
+    // A body without a Content-Type is read as JSON.
+    let r = e.app.clone().oneshot(Request::post("/v1/check").body(Body::from(r#"{"subject":"a"}"#)).unwrap()).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    e.done().await;
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+fn deflate(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+fn brotli(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut out = Vec::new();
+    brotli::CompressorWriter::new(&mut out, 4096, 5, 22).write_all(bytes).unwrap();
+    out
+}
+
+impl Env {
+    /// Sends raw bytes with a Content-Encoding (and an optional token).
+    async fn send_encoded(&self, method: &str, path: &str, token: Option<&str>, coding: &str, body: Vec<u8>) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let mut req = Request::builder().method(method).uri(path).header("content-type", "application/json").header("content-encoding", coding);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let r = self.app.clone().oneshot(req.body(Body::from(body)).unwrap()).await.unwrap();
+        let (status, headers) = (r.status(), r.headers().clone());
+        let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+        (status, headers, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+}
+
+#[tokio::test]
+async fn compressed_bodies_are_decoded_and_the_limit_counts_decoded_bytes() {
+    let e = env().await;
+    let check = br#"{"subject": "alice", "estimated_tokens": 10}"#;
+    for (coding, body) in [("gzip", gzip(check)), ("deflate", deflate(check)), ("br", brotli(check)), ("identity", check.to_vec())] {
+        let (s, _, a) = e.send_encoded("POST", "/v1/check", None, coding, body).await;
+        assert_eq!((s, a["subject"].as_str(), a["allowed"].as_bool()), (StatusCode::OK, Some("alice"), Some(true)), "{coding}: {a}");
+    }
+    let (s, _, g) = e.send_encoded("PUT", "/v1/admin/groups/eng", Some(ADMIN), "gzip", gzip(br#"{"tier": "pro"}"#)).await;
+    assert_eq!((s, g["tier"].as_str()), (StatusCode::OK, Some("pro")), "{g}");
+    // A bad field inside a compressed body is named like in a plain one.
+    let (s, _, err) = e.send_encoded("POST", "/v1/check", None, "br", brotli(br#"{"subject": "a", "colour": 1}"#)).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("colour")));
+    // The limit is 4096 bytes: 4 kB of gzip inflating to 4 MB is refused, not buffered.
+    let bomb = gzip(format!(r#"{{"subject": "{}"}}"#, "a".repeat(4_000_000)).as_bytes());
+    assert!(bomb.len() < 4096, "{}", bomb.len());
+    let (s, _, err) = e.send_encoded("POST", "/v1/check", None, "gzip", bomb).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("body")), "{err}");
+    assert!(err["error"].as_str().unwrap().contains("after decoding"), "{err}");
+    // An unknown coding, or bytes that are not what the coding says.
+    let (s, h, err) = e.send_encoded("POST", "/v1/check", None, "zstd", check.to_vec()).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::UNSUPPORTED_MEDIA_TYPE, Some("content-encoding")), "{err}");
+    assert!(err["error"].as_str().unwrap().contains("Content-Encoding"), "{err}");
+    assert_eq!(h["accept-encoding"], "gzip, deflate, br");
+    let (s, _, err) = e.send_encoded("POST", "/v1/check", None, "gzip", check.to_vec()).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("body")), "{err}");
+    e.done().await;
+}
+
+#[tokio::test]
+async fn unknown_routes_and_wrong_methods_answer_json() {
+    let e = env().await;
+    let (s, _, err) = e.send("GET", "/v1/nope", None, None).await;
+    assert_eq!((s, err["field"].as_str(), err["error"].as_str()), (StatusCode::NOT_FOUND, Some("path"), Some("no route for GET /v1/nope")));
+    let (s, _, err) = e.send("POST", "/v1/subjects/alice/nope", Some(ADMIN), Some(json!({}))).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::NOT_FOUND, Some("path")));
+    for (method, path, allow) in [
+        ("GET", "/v1/check", "POST"),
+        ("DELETE", "/v1/subjects/alice/decision", "GET,HEAD"),
+        ("PATCH", "/v1/admin/tiers", "GET,HEAD,POST"),
+        ("POST", "/v1/admin/api-keys/key_1", "GET,HEAD,DELETE"),
+        ("PUT", "/v1/history/series", "GET,HEAD"),
+        ("POST", "/healthz", "GET,HEAD"),
+    ] {
+        let (s, h, err) = e.send(method, path, Some(ADMIN), None).await;
+        assert_eq!((s, err["field"].as_str()), (StatusCode::METHOD_NOT_ALLOWED, Some("method")), "{method} {path}: {err}");
+        assert!(err["error"].as_str().unwrap().starts_with(&format!("{method} is not allowed on {path}")), "{err}");
+        assert_eq!(h["allow"], allow, "{method} {path}");
+    }
     e.done().await;
 }
 
@@ -508,7 +630,9 @@ async fn groups_members_and_assignments() {
     let (s, err) = e.admin("PUT", "/v1/admin/groups/eng", Some(json!({"tier": "platinum"}))).await;
     assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("tier")));
     let (s, err) = e.admin("PUT", "/v1/admin/groups/eng", Some(json!({"tier": "pro", "extra": 1}))).await;
-    assert_eq!((s, err["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("extra")));
+    assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("extra")));
+    let (s, err) = e.admin("PUT", "/v1/admin/groups/eng", Some(json!({"tier": 5}))).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("tier")), "{err}");
     let (s, _) = e.admin("PUT", "/v1/admin/groups/eng", Some(json!({"tier": "pro"}))).await;
     assert_eq!(s, StatusCode::OK);
     let (s, g) = e.admin("GET", "/v1/admin/groups/eng", None).await;
@@ -546,7 +670,7 @@ async fn groups_members_and_assignments() {
     let (s, err) = e.admin("PUT", "/v1/admin/assignments/dan", Some(json!({"tier": "pro", "expires_at": "2001-01-01T00:00:00Z"}))).await;
     assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("expires_at")));
     let (s, err) = e.admin("PUT", "/v1/admin/assignments/dan", Some(json!({"tier": "pro", "expires_at": "tomorrow"}))).await;
-    assert_eq!((s, err["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("body")), "{err}");
+    assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("expires_at")), "{err}");
     let (s, _) = e.admin("PUT", "/v1/admin/assignments/dan", Some(json!({"tier": "pro", "expires_at": soon, "reason": "trial"}))).await;
     assert_eq!(s, StatusCode::OK);
     let (s, a) = e.admin("GET", "/v1/admin/assignments/dan", None).await;
