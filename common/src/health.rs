@@ -6,9 +6,13 @@
 //!   *disconnected* from that instant; a fatal error (`_FATAL`, e.g. a fenced idempotent
 //!   producer) marks it *broken* until it is replaced ([`crate::producing`]);
 //! - through its statistics (`statistics.interval.ms`, once a second, see [`watched`]): a
-//!   broker connection that is up clears *disconnected*; brokers that librdkafka is trying
-//!   to reach with none up mark it; a client that needs no connection (librdkafka's sparse
-//!   connections leave an idle client's brokers in `INIT`) is not disconnected.
+//!   broker connection that is up clears *disconnected*; brokers that librdkafka is
+//!   connecting to with none up mark it. Brokers in `INIT` say nothing: librdkafka leaves a
+//!   broker there both between reconnect attempts and when an idle client needs no
+//!   connection (sparse connections). So an idle client is no longer disconnected once no
+//!   broker was reported down for [`IDLE_CLEARS_AFTER`] (longer than librdkafka's longest
+//!   reconnect backoff, 10 s by default, after which a client that wants a connection tries
+//!   again and, failing, reports all brokers down again).
 //!
 //! A delivered message clears *disconnected* too. A client is reported disconnected only
 //! after [`DISCONNECTED_GRACE`], so a reconnect does not flap readiness.
@@ -31,6 +35,9 @@ use serde::{Deserialize, Serialize};
 /// How long a client must have lost every broker before it is reported disconnected.
 pub const DISCONNECTED_GRACE: Duration = Duration::from_secs(2);
 
+/// How long after the last report of brokers down an idle client counts as connected again.
+pub const IDLE_CLEARS_AFTER: Duration = Duration::from_secs(15);
+
 /// How long a client may stay broken (a fatal error, not replaced) before liveness fails.
 pub const BROKEN_LIVENESS: Duration = Duration::from_secs(30);
 
@@ -48,6 +55,8 @@ struct State {
     /// Incremented each time the client is replaced; callbacks of an older one are ignored.
     generation: u64,
     disconnected_since: Option<Instant>,
+    /// The last report of every broker down (error callback or statistics).
+    last_down: Option<Instant>,
     broken_since: Option<Instant>,
     last_error: Option<String>,
     rebuilds: u64,
@@ -100,20 +109,35 @@ impl ClientHealth {
         self.with(|s| s.generation)
     }
 
-    /// Instance `generation` lost every broker at `now` (kept if it was already lost).
-    pub fn lost_brokers(&self, generation: u64, now: Instant) {
+    /// Instance `generation` had every broker down at `now`; true if it had not before.
+    pub fn lost_brokers(&self, generation: u64, now: Instant) -> bool {
         self.with(|s| {
-            if s.generation == generation && s.disconnected_since.is_none() {
-                s.disconnected_since = Some(now);
+            if s.generation != generation {
+                return false;
             }
-        });
+            s.last_down = Some(now);
+            s.disconnected_since.get_or_insert(now) == &now
+        })
     }
 
-    /// Instance `generation` has a broker connection, or needs none.
+    /// Instance `generation` has a broker connection up.
     pub fn reached_brokers(&self, generation: u64) {
         if self.disconnected.load(Ordering::Relaxed) {
             self.with(|s| {
                 if s.generation == generation {
+                    s.disconnected_since = None;
+                }
+            });
+        }
+    }
+
+    /// Instance `generation` has no connection and is not connecting at `now`: no longer
+    /// disconnected once no broker was reported down for [`IDLE_CLEARS_AFTER`].
+    pub fn idle(&self, generation: u64, now: Instant) {
+        if self.disconnected.load(Ordering::Relaxed) {
+            self.with(|s| {
+                let quiet = s.last_down.is_none_or(|t| now.saturating_duration_since(t) >= IDLE_CLEARS_AFTER);
+                if s.generation == generation && quiet {
                     s.disconnected_since = None;
                 }
             });
@@ -216,9 +240,9 @@ impl Clients {
 pub enum Connection {
     /// A broker connection is up.
     Up,
-    /// librdkafka is trying to reach brokers and none is up.
+    /// librdkafka is connecting to brokers (or found them down) and none is up.
     Down,
-    /// No broker connection is wanted (an idle client with sparse connections).
+    /// Every broker is in `INIT`: between reconnect attempts, or no connection wanted.
     Idle,
 }
 
@@ -301,8 +325,13 @@ impl ClientContext for Watched {
                 self.health.broke(self.generation, Instant::now(), reason);
             }
             Some(RDKafkaErrorCode::AllBrokersDown) => {
-                tracing::warn!(client, reason, "kafka client lost every broker");
-                self.health.lost_brokers(self.generation, Instant::now());
+                if self.health.lost_brokers(self.generation, Instant::now()) {
+                    tracing::warn!(client, reason, "kafka client lost every broker");
+                }
+            }
+            // Each failed (re)connect; librdkafka logs it too.
+            Some(RDKafkaErrorCode::BrokerTransportFailure) => {
+                tracing::debug!(client, reason, "kafka broker connection failed");
                 self.health.note_error(self.generation, &format!("{error}: {reason}"));
             }
             _ => {
@@ -315,8 +344,11 @@ impl ClientContext for Watched {
     fn stats_raw(&self, statistics: &[u8]) {
         let Ok(stats) = serde_json::from_slice::<Stats>(statistics) else { return };
         match connection(stats.brokers.values().map(|b| (b.source.as_str(), b.state.as_str()))) {
-            Connection::Up | Connection::Idle => self.health.reached_brokers(self.generation),
-            Connection::Down => self.health.lost_brokers(self.generation, Instant::now()),
+            Connection::Up => self.health.reached_brokers(self.generation),
+            Connection::Idle => self.health.idle(self.generation, Instant::now()),
+            Connection::Down => {
+                self.health.lost_brokers(self.generation, Instant::now());
+            }
         }
     }
 }
@@ -366,4 +398,21 @@ mod tests {
         h.reached_brokers(g2);
         assert!(clients.report(late).ready);
     }
+
+    #[test]
+    fn an_idle_client_is_connected_again_only_once_nothing_was_down_for_a_while() {
+        let h = ClientHealth::new("consumer");
+        let (g, t0) = (h.generation(), Instant::now());
+        assert!(h.lost_brokers(g, t0));
+        assert!(!h.lost_brokers(g, t0 + Duration::from_secs(1)), "already disconnected");
+        let late = t0 + Duration::from_secs(5);
+        // Between reconnect attempts every broker is in INIT: still disconnected.
+        h.idle(g, late);
+        assert_eq!(h.status(late).state, "disconnected");
+        assert_eq!(h.status(late).for_ms, Some(5000));
+        let quiet = t0 + Duration::from_secs(1) + IDLE_CLEARS_AFTER;
+        h.idle(g, quiet);
+        assert_eq!(h.status(quiet).state, "ok");
+    }
 }
+
