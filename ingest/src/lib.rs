@@ -19,14 +19,26 @@
 //! - With an ingest token configured (`TALLY_INGEST_TOKEN`), `POST /v1/events` needs
 //!   `Authorization: Bearer <token>` (compared in constant time, never logged) and answers
 //!   401 without producing anything; without one it is open, and says so loudly at start.
+//!
+//! The body: one event or a JSON array of them, plain or CloudEvents in structured mode
+//! (`Content-Type: application/json`, `application/cloudevents+json` or
+//! `application/cloudevents-batch+json`; none is read as JSON). One CloudEvent in binary
+//! content mode is accepted too: its attributes in `ce-` headers (`ce-specversion`, `ce-id`,
+//! `ce-source`, `ce-type`, `ce-subject`, `ce-time`, any other `ce-<name>` an extension,
+//! values percent-decoded as the HTTP binding writes them), its data as the JSON body. It is
+//! the same event as its structured form; an error names the header (`ce-time`) or the data
+//! field (`data.input_tokens`). Bodies may be sent with `Content-Encoding: gzip`, `deflate`
+//! or `br`; the body limit counts the decoded bytes. Every refusal is JSON `{"error",
+//! "field"}` (with `index` for an event of an array), unknown routes and wrong methods
+//! included ([`tally_common::http`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -36,7 +48,8 @@ use serde::Serialize;
 use serde_json::Value;
 use tally_common::kafka::KafkaSettings;
 use tally_common::metrics::{Counter, Registry, Timing};
-use tally_domain::event::{event_from_value, UsageEvent};
+use tally_common::http::{self, Refusal};
+use tally_domain::event::{cloudevent_from_binary, event_from_value, UsageEvent};
 
 /// The ingest service's own settings.
 #[derive(Debug, Clone, clap::Args)]
@@ -135,13 +148,19 @@ fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     let events = Router::new()
         .route("/v1/events", post(post_events))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
+    let router = Router::new()
         .merge(events)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .with_state(state)
+        .with_state(state);
+    with_edges(router, max_body_bytes)
+}
+
+/// What every route shares: JSON answers for unknown routes and wrong methods, the body
+/// limit, and compressed bodies decoded before the limit counts them.
+fn with_edges(router: Router, max_body_bytes: usize) -> Router {
+    tally_common::http::decoding(tally_common::http::json_fallbacks(router).layer(DefaultBodyLimit::max(max_body_bytes)))
 }
 
 /// Refuses requests without the ingest token, when one is configured.
@@ -213,15 +232,78 @@ fn validate(body: Value, max_batch: usize) -> Result<Vec<UsageEvent>, Response> 
         .collect()
 }
 
-async fn post_events(State(state): State<Arc<AppState>>, body: Result<Json<Value>, axum::extract::rejection::JsonRejection>) -> Response {
-    let Json(body) = match body {
-        Ok(b) => b,
-        Err(rejection) => {
-            state.metrics.rejected.inc();
-            return error(rejection.status(), rejection.body_text(), None, None);
-        }
+/// A refusal of `tally_common::http` in ingest's error body.
+fn refused(r: Refusal) -> Response {
+    error(r.status, r.error, r.field, None)
+}
+
+/// The events of a request (module docs): a JSON body, or one CloudEvent in binary mode.
+async fn read_events(req: Request, max_batch: usize) -> Result<Vec<UsageEvent>, Response> {
+    let binary = binary_mode(req.headers());
+    let content_type = http::media_type(req.headers());
+    let attributes = match binary {
+        true => Some(binary_attributes(req.headers())?),
+        false => None,
     };
-    let events = match validate(body, state.max_batch) {
+    if binary && content_type.as_deref().is_some_and(|m| !http::is_json(m)) {
+        let m = content_type.unwrap_or_default();
+        let message = format!("binary content mode: the body is the event's data and must be JSON (Content-Type: application/json), not {m}");
+        return Err(error(StatusCode::UNSUPPORTED_MEDIA_TYPE, message, Some("content-type".into()), None));
+    }
+    if !binary {
+        http::json_content_type(req.headers()).map_err(refused)?;
+    }
+    let bytes = http::read_body(req).await.map_err(refused)?;
+    let Some(attributes) = attributes else {
+        return validate(http::parse_json(&bytes).map_err(refused)?, max_batch);
+    };
+    if !bytes.trim_ascii().is_empty() {
+        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+            let message = format!("binary content mode: the body is the event's data, a JSON object; it is not JSON: {e}");
+            return Err(error(StatusCode::BAD_REQUEST, message, Some("body".into()), None));
+        }
+    }
+    let envelope = cloudevent_from_binary(attributes, content_type.as_deref(), &bytes);
+    let event = event_from_value(envelope).map_err(|e| {
+        // An attribute came from its `ce-` header, the data from the body.
+        let field = match e.field.as_str() {
+            "data" => "body".to_string(),
+            f if f.contains('.') => e.field.clone(),
+            f => format!("ce-{f}"),
+        };
+        let message = format!("binary content mode: `{field}`: {}", e.message);
+        error(StatusCode::BAD_REQUEST, message, Some(field), None)
+    })?;
+    Ok(vec![event])
+}
+
+/// Whether a request carries one CloudEvent in binary content mode: it has `ce-specversion`
+/// and its body is not a structured CloudEvent (`application/cloudevents...`).
+fn binary_mode(headers: &HeaderMap) -> bool {
+    headers.contains_key("ce-specversion") && !http::media_type(headers).is_some_and(|m| m.starts_with("application/cloudevents"))
+}
+
+/// The CloudEvents attributes of a binary mode request: each `ce-` header, named without the
+/// prefix, its value percent-decoded (the HTTP binding encodes what is not printable ASCII).
+fn binary_attributes(headers: &HeaderMap) -> Result<Vec<(String, String)>, Response> {
+    let bad = |name: &str, message: String| error(StatusCode::BAD_REQUEST, format!("binary content mode: {message}"), Some(name.to_string()), None);
+    let mut attributes = Vec::new();
+    for name in headers.keys() {
+        let Some(attribute) = name.as_str().strip_prefix("ce-") else { continue };
+        let mut values = headers.get_all(name).iter();
+        let (Some(value), None) = (values.next(), values.next()) else {
+            return Err(bad(name.as_str(), format!("`{name}` is given more than once")));
+        };
+        let text = percent_encoding::percent_decode(value.as_bytes())
+            .decode_utf8()
+            .map_err(|_| bad(name.as_str(), format!("`{name}` is not UTF-8 once percent-decoded")))?;
+        attributes.push((attribute.to_string(), text.into_owned()));
+    }
+    Ok(attributes)
+}
+
+async fn post_events(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let events = match read_events(req, state.max_batch).await {
         Ok(events) => events,
         Err(response) => {
             state.metrics.rejected.inc();
@@ -397,6 +479,134 @@ mod tests {
             assert_eq!(last, StatusCode::SERVICE_UNAVAILABLE);
             assert_eq!(app.oneshot(ready("/healthz")).await.unwrap().status(), StatusCode::OK);
         });
+    }
+
+    /// `POST /v1/events` as the router reads it (body limit 4096 bytes), answering the ids of
+    /// the events it would produce.
+    fn reader() -> Router {
+        let read = |req: Request| async move {
+            match read_events(req, 10).await {
+                Ok(events) => Json(events.into_iter().map(|e| e.id).collect::<Vec<_>>()).into_response(),
+                Err(response) => response,
+            }
+        };
+        with_edges(Router::new().route("/v1/events", post(read)).route("/healthz", get(|| async { "ok" })), 4096)
+    }
+
+    async fn send(req: axum::http::request::Builder, body: impl Into<axum::body::Body>) -> (StatusCode, axum::http::HeaderMap, Value) {
+        use tower::ServiceExt;
+        let r = reader().oneshot(req.body(body.into()).unwrap()).await.unwrap();
+        let (status, headers) = (r.status(), r.headers().clone());
+        let bytes = axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap();
+        (status, headers, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    fn binary(headers: &[(&str, &str)]) -> axum::http::request::Builder {
+        let mut req = axum::http::Request::post("/v1/events");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req
+    }
+
+    const CE: &[(&str, &str)] = &[
+        ("ce-specversion", "1.0"), ("ce-id", "1"), ("ce-source", "gw"), ("ce-type", "usage"), ("ce-subject", "alice"),
+        ("ce-time", "2026-11-22T10:00:00Z"), ("content-type", "application/json"),
+    ];
+
+    #[tokio::test]
+    async fn a_binary_mode_cloudevent_is_its_structured_form() {
+        let data = json!({"input_tokens": 7, "attributes": {"route": "chat"}});
+        let mut headers = CE.to_vec();
+        headers.extend([("ce-traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"), ("ce-note", "caf%C3%A9 %25")]);
+        let req = binary(&headers).body(axum::body::Body::from(data.to_string())).unwrap();
+        let events = read_events(req, 10).await.unwrap();
+        let structured = json!({"specversion": "1.0", "id": "1", "source": "gw", "type": "usage", "subject": "alice",
+                                "time": "2026-11-22T10:00:00Z", "datacontenttype": "application/json", "data": data,
+                                "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "note": "café %"});
+        assert_eq!(events, vec![event_from_value(structured).unwrap()]);
+        assert_eq!(events[0].attributes["ce.note"], "café %");
+        // A structured CloudEvent keeps its media type, whatever ce- headers come with it.
+        let structured = json!({"specversion": "1.0", "id": "2", "source": "gw", "type": "usage", "subject": "alice", "time": "2026-11-22T10:00:00Z"});
+        let (s, _, ids) = send(binary(&[("content-type", "application/cloudevents+json"), ("ce-specversion", "1.0")]), structured.to_string()).await;
+        assert_eq!((s, ids), (StatusCode::OK, json!(["ce:2:gw:2"])));
+        let batch = json!([structured]);
+        let (s, _, ids) = send(binary(&[("content-type", "application/cloudevents-batch+json")]), batch.to_string()).await;
+        assert_eq!((s, ids), (StatusCode::OK, json!(["ce:2:gw:2"])));
+        // No body is an event without data.
+        let (s, _, ids) = send(binary(CE), "").await;
+        assert_eq!((s, ids), (StatusCode::OK, json!(["ce:2:gw:1"])));
+    }
+
+    #[tokio::test]
+    async fn binary_mode_errors_name_the_header_or_the_body() {
+        let without = |name: &str| CE.iter().copied().filter(|(k, _)| *k != name).collect::<Vec<_>>();
+        let with = |extra: (&'static str, &'static str)| {
+            let mut h = CE.to_vec();
+            h.push(extra);
+            h
+        };
+        let cases: Vec<(Vec<(&str, &str)>, &str, StatusCode, &str, &str)> = vec![
+            (without("ce-time"), "{}", StatusCode::BAD_REQUEST, "ce-time", "Tally meters by event time"),
+            (without("ce-source"), "{}", StatusCode::BAD_REQUEST, "ce-source", "is required"),
+            (with(("ce-Bad_Name", "x")), "{}", StatusCode::BAD_REQUEST, "ce-bad_name", "extension"),
+            (with(("ce-x", "%FF")), "{}", StatusCode::BAD_REQUEST, "ce-x", "UTF-8"),
+            (CE.to_vec(), r#"{"input_tokens": -1}"#, StatusCode::BAD_REQUEST, "data.input_tokens", "non-negative"),
+            (CE.to_vec(), "[1]", StatusCode::BAD_REQUEST, "body", "JSON object"),
+            (CE.to_vec(), "input_tokens=7", StatusCode::BAD_REQUEST, "body", "not JSON"),
+        ];
+        for (headers, body, status, field, says) in cases {
+            let (s, _, err) = send(binary(&headers), body).await;
+            assert_eq!((s, err["field"].as_str()), (status, Some(field)), "{headers:?} {body}: {err}");
+            let message = err["error"].as_str().unwrap();
+            assert!(message.contains("binary content mode") && message.contains(says), "{err}");
+        }
+        let text = CE.iter().copied().map(|(k, v)| if k == "content-type" { (k, "text/plain") } else { (k, v) }).collect::<Vec<_>>();
+        let (s, _, err) = send(binary(&text), "{}").await;
+        assert_eq!((s, err["field"].as_str()), (StatusCode::UNSUPPORTED_MEDIA_TYPE, Some("content-type")), "{err}");
+        assert!(err["error"].as_str().unwrap().contains("binary content mode"), "{err}");
+        let twice = binary(CE).header("ce-id", "2");
+        let (s, _, err) = send(twice, "{}").await;
+        assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("ce-id")), "{err}");
+    }
+
+    #[tokio::test]
+    async fn bodies_are_json_decoded_and_limited_and_refusals_are_json() {
+        use std::io::Write;
+        let event = json!({"id": "a", "subject": "s", "time": "2026-11-22T10:00:00Z"});
+        let gzip = |bytes: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            e.write_all(bytes).unwrap();
+            e.finish().unwrap()
+        };
+        let post = || axum::http::Request::post("/v1/events");
+        let (s, _, ids) = send(post().header("content-encoding", "gzip"), gzip(event.to_string().as_bytes())).await;
+        assert_eq!((s, ids), (StatusCode::OK, json!(["a"])));
+        let (s, _, ids) = send(post(), event.to_string()).await;
+        assert_eq!((s, ids), (StatusCode::OK, json!(["a"])), "no Content-Type is read as JSON");
+        // 4 kB of gzip inflating to 4 MB: refused at the limit (4096 bytes), never held whole.
+        let bomb = gzip(format!("[{}]", " ".repeat(4_000_000)).as_bytes());
+        assert!(bomb.len() < 4096);
+        let cases = [
+            (post().header("content-encoding", "gzip"), bomb, StatusCode::PAYLOAD_TOO_LARGE, "body"),
+            (post().header("content-encoding", "zstd"), b"{}".to_vec(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "content-encoding"),
+            (post().header("content-type", "text/plain"), b"{}".to_vec(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "content-type"),
+            (post(), b"{\"id\": ".to_vec(), StatusCode::BAD_REQUEST, "id"),
+            (post(), b"[{\"id\": 1} x".to_vec(), StatusCode::BAD_REQUEST, "body"),
+            (post(), br#"{"id": "a", "subject": "s", "time": "2026-11-22T10:00:00Z", "colour": 1}"#.to_vec(), StatusCode::BAD_REQUEST, "colour"),
+            (post(), br#"{"id": "a", "subject": "s", "time": "2026-11-22T10:00:00Z", "input_tokens": "7"}"#.to_vec(), StatusCode::BAD_REQUEST, "input_tokens"),
+            (post(), br#"{"id": "a", "subject": "s"}"#.to_vec(), StatusCode::BAD_REQUEST, "time"),
+            (axum::http::Request::get("/v1/nope"), vec![], StatusCode::NOT_FOUND, "path"),
+            (axum::http::Request::get("/v1/events"), vec![], StatusCode::METHOD_NOT_ALLOWED, "method"),
+        ];
+        for (req, body, status, field) in cases {
+            let (s, headers, err) = send(req, body).await;
+            assert_eq!((s, err["field"].as_str()), (status, Some(field)), "{err}");
+            assert!(err["error"].is_string(), "{err}");
+            if s == StatusCode::METHOD_NOT_ALLOWED {
+                assert_eq!(headers["allow"], "POST");
+            }
+        }
     }
 
     #[test]
