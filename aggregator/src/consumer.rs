@@ -33,10 +33,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::Utc;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tally_common::kafka::KafkaSettings;
-use tally_common::consuming::{self, KafkaLog};
+use tally_common::consuming;
+use tally_common::health::{watched, ClientHealth, Clients, Watched};
+use tally_common::producing::RebuildingProducer;
 use tally_common::membership::{Heartbeats, Membership, ShareChange};
 use tally_common::metrics::{Counter, Gauge, Registry, Timing};
 use tally_common::postgres::PostgresSettings;
@@ -164,7 +165,7 @@ struct Loop {
     settings: AggregatorSettings,
     /// One consumer per lane, assigned that lane's owned partitions, so a lane whose buffer
     /// is full does not hold up the others.
-    consumers: Vec<StreamConsumer<KafkaLog>>,
+    consumers: Vec<StreamConsumer<Watched>>,
     heartbeats: Heartbeats,
     committer: Committer,
     owned: HashMap<i32, Owned>,
@@ -297,8 +298,10 @@ pub async fn run(
     }
     let policy = PolicyHandle::new(Policy::builtin());
     policy.sync(&mut *pool.acquire().await?).await?;
-    let consumers = (0..settings.lanes()).map(|_| usage_consumer(&kafka, &settings.group)).collect::<anyhow::Result<Vec<_>>>()?;
-    let producer: FutureProducer = kafka.producer_config().create().context("failed to create the outbox producer")?;
+    let clients = Clients::default();
+    let consumers = (0..settings.lanes())
+        .map(|lane| usage_consumer(&kafka, &settings.group, clients.register(format!("usage consumer (lane {lane})"))))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let store = Store {
         pool: pool.clone(),
         group: settings.group.clone(),
@@ -310,10 +313,14 @@ pub async fn run(
         recorder: Default::default(),
     };
     let metrics = Arc::new(Metrics::new());
+    let rebuilds = metrics.registry.counter("tally_kafka_producer_rebuilds_total", "producers replaced after a fatal error", &[("client", "outbox")]);
+    let producer = RebuildingProducer::new(kafka.producer_config(), clients.register("outbox producer"), Some(rebuilds))?;
     let (relay_wake, relay_stop) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    let relay_task = tokio::spawn(relay::run(pool.clone(), producer.clone(), relay_wake.clone(), relay_stop.clone()));
-    let health = spawn_health_server(&settings, metrics.clone()).await?;
-    let scheduler = tokio::spawn(run_scheduler(store.clone(), policy.clone(), relay_wake.clone(), metrics.clone(), control_wake(&kafka)));
+    let heartbeats = relay::Heartbeats::new(kafka.decisions_topic.clone(), store.owner.clone());
+    let relay_task = tokio::spawn(relay::run(pool.clone(), producer.clone(), heartbeats, relay_wake.clone(), relay_stop.clone()));
+    let control = control_wake(&kafka, clients.register("control consumer"));
+    let health = spawn_health_server(&settings, metrics.clone(), clients).await?;
+    let scheduler = tokio::spawn(run_scheduler(store.clone(), policy.clone(), relay_wake.clone(), metrics.clone(), control));
     tracing::info!(group = %settings.group, topic = %kafka.usage_topic, owner = %store.owner, "aggregator consuming");
     let timeout = Duration::from_secs(settings.shutdown_timeout_seconds);
     let membership = Membership {
@@ -358,9 +365,10 @@ pub async fn run(
 /// A notifier woken by every message on the control topic (configuration changes), so the
 /// scheduler reacts at once rather than at its next tick. Reads from the end: past changes
 /// are already in Postgres.
-fn control_wake(kafka: &KafkaSettings) -> Arc<Notify> {
+fn control_wake(kafka: &KafkaSettings, health: Arc<ClientHealth>) -> Arc<Notify> {
     let wake = Arc::new(Notify::new());
-    let consumer: Result<StreamConsumer<KafkaLog>, _> = kafka.consumer_config("tally-control-reader").create_with_context(KafkaLog);
+    let consumer: Result<StreamConsumer<Watched>, _> =
+        watched(kafka.consumer_config("tally-control-reader")).create_with_context(Watched::new(health));
     let mut tpl = TopicPartitionList::new();
     let _ = tpl.add_partition_offset(&kafka.control_topic, 0, Offset::End);
     match consumer.and_then(|c| c.assign(&tpl).map(|_| c)) {
@@ -411,13 +419,24 @@ async fn run_scheduler(store: Store, policy: PolicyHandle, relay_wake: Arc<Notif
     }
 }
 
-async fn spawn_health_server(settings: &AggregatorSettings, metrics: Arc<Metrics>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+/// `/healthz` (liveness: 200 with the Kafka clients' states, 503 only when one stayed
+/// broken, see [`tally_common::health`]), `/readyz` (503 while a client is disconnected or
+/// broken) and `/metrics`.
+async fn spawn_health_server(settings: &AggregatorSettings, metrics: Arc<Metrics>, clients: Clients) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use axum::http::StatusCode;
     use axum::routing::get;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("failed to listen on {}", settings.listen))?;
+    let report = move |ready: bool| {
+        let r = clients.report(Instant::now());
+        let ok = if ready { r.ready } else { r.live };
+        (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, axum::Json(r))
+    };
+    let (live, ready) = (report.clone(), report);
     let app = axum::Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(move || async move { live(false) }))
+        .route("/readyz", get(move || async move { ready(true) }))
         .route("/metrics", get(move || async move { metrics.registry.render() }));
     Ok(tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -844,8 +863,8 @@ impl Committer {
 }
 
 /// The usage topic's consumer of one lane.
-fn usage_consumer(kafka: &KafkaSettings, group: &str) -> anyhow::Result<StreamConsumer<KafkaLog>> {
-    usage_consumer_config(kafka, group).create_with_context(KafkaLog).context("failed to create the usage consumer")
+fn usage_consumer(kafka: &KafkaSettings, group: &str, health: Arc<ClientHealth>) -> anyhow::Result<StreamConsumer<Watched>> {
+    watched(usage_consumer_config(kafka, group)).create_with_context(Watched::new(health)).context("failed to create the usage consumer")
 }
 
 /// The configuration of a lane's usage consumer: a small prefetch, refilled soon.
@@ -863,7 +882,7 @@ fn usage_consumer_config(kafka: &KafkaSettings, group: &str) -> ClientConfig {
 }
 
 /// The next message from any of the `lanes`' consumers, with the hash of its key.
-async fn receive_any(consumers: &[StreamConsumer<KafkaLog>], lanes: &[usize]) -> rdkafka::error::KafkaResult<(Delivery, u64)> {
+async fn receive_any(consumers: &[StreamConsumer<Watched>], lanes: &[usize]) -> rdkafka::error::KafkaResult<(Delivery, u64)> {
     let receives = lanes.iter().map(|l| Box::pin(consumers[*l].recv()));
     let (received, _, _) = futures::future::select_all(receives).await;
     received.map(|m| keyed_delivery(&m))
