@@ -21,9 +21,13 @@
 //! - Headers: `X-RateLimit-Limit`, `-Remaining` and `-Reset` (seconds until the reset) of the
 //!   most constraining quota (the denying one when denied, else the one with the smallest
 //!   share left), `Retry-After` (seconds) on denial, `X-Tally-Decision-Age-Ms`.
-//! - Staleness: when the view has not caught up with the topic for longer than the configured
-//!   bound, the configured policy answers instead: `open` allows, `closed` denies
-//!   (Retry-After 1). The answer says so (`stale`, `staleness_ms`, `stale_policy`, `reason`).
+//! - Staleness ([`crate::view`]): the view is stale when it has not caught up with the topic,
+//!   or has read neither a snapshot nor an aggregator heartbeat on some partition, for longer
+//!   than the configured bound (or never did: `staleness_ms` is then `null`). A stale view
+//!   means decisions may have stopped reaching it, e.g. no aggregator runs or the relay cannot
+//!   publish, so a block may be missing. The configured policy answers instead: `open`
+//!   allows, `closed` denies (Retry-After 1). The answer says so (`stale`, `staleness_ms`,
+//!   `stale_policy`, `reason`).
 //! - The status is 200 whenever the question could be answered, allowed or not; gateways
 //!   read `allowed` (or map a denial to their own 429).
 
@@ -102,7 +106,8 @@ pub struct CheckAnswer {
     /// `view`, `database` (before the view caught up) or `policy` (no decision yet).
     pub source: &'static str,
     pub stale: bool,
-    /// How far behind the decisions topic the view may be; `null` before it caught up.
+    /// How far behind the aggregators' decisions the view may be; `null` before it caught up
+    /// or heard from every partition.
     pub staleness_ms: Option<i64>,
     pub stale_policy: StalePolicy,
 }
@@ -283,7 +288,7 @@ pub async fn check(State(state): State<Arc<AppState>>, JsonBody(req): JsonBody<C
     let mut source = "view";
     let mut snapshot: Option<Arc<DecisionSnapshot>> = state.view.get(&subject);
     let mut unavailable = false;
-    if staleness.is_none() {
+    if state.view.caught_up_at().is_none() {
         // Only before the view first caught up: the view may lack a decision, or hold an
         // older one; the newer of the two answers.
         match crate::routes::stored_decision(&state, &subject).await {

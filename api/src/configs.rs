@@ -21,7 +21,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use tally_common::producing::{Outgoing, RebuildingProducer};
 use serde_yaml::Value;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
@@ -105,15 +105,15 @@ impl ConfigCache {
 
 /// Announces configuration versions on the control topic.
 pub struct Announcer {
-    pub producer: FutureProducer,
+    pub producer: Arc<RebuildingProducer>,
     pub topic: String,
 }
 
 impl Announcer {
     async fn announce(&self, version: i64) {
         let payload = serde_json::json!({"type": "config_applied", "version": version, "at": chrono::Utc::now()}).to_string();
-        let record = FutureRecord::to(&self.topic).key("config").payload(&payload);
-        if let Err((e, _)) = self.producer.send(record, Duration::from_secs(5)).await {
+        let record = Outgoing::new(&self.topic, b"config", payload.as_bytes());
+        if let Err(e) = self.producer.send(record, Duration::from_secs(5)).await {
             tracing::warn!(error = %e, version, topic = %self.topic, "announcing a configuration version failed; aggregators pick it up at their next tick");
         }
     }

@@ -87,14 +87,14 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let pool = postgres.connect().await?;
     let view = Arc::new(view::DecisionView::default());
-    let feeder = view::spawn_feeder(view.clone(), &kafka)?;
+    let clients = tally_common::health::Clients::default();
+    let feeder = view::spawn_feeder(view.clone(), &kafka, clients.register("decisions consumer"))?;
     let configs = Arc::new(configs::ConfigCache::new(configs::Loaded::builtin()?));
     if let Err(e) = configs.refresh(&pool).await {
         tracing::warn!(error = %e, "failed to load the tier configuration; retrying in the background");
     }
     let refresher = configs.spawn_refresher(pool.clone());
-    let producer: rdkafka::producer::FutureProducer =
-        kafka.producer_config().create().context("failed to create the control producer")?;
+    let producer = tally_common::producing::RebuildingProducer::new(kafka.producer_config(), clients.register("control producer"), None)?;
     let history = Arc::new(history::HistoryState { ch: tally_history::ch::Ch::new(&clickhouse), pool: pool.clone() });
     let state = routes::AppState::new(routes::Parts {
         view,
@@ -107,7 +107,7 @@ pub async fn run(
         },
         auth: settings.auth.clone(),
         max_page: settings.max_page.max(1),
-        broker: Some(producer),
+        broker: Some(routes::Broker { producer, clients }),
     });
     state.auth.log_posture();
     let flusher = state.last_use.spawn_flusher(pool.clone());

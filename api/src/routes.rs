@@ -139,8 +139,16 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     /// Largest page a list answers.
     pub max_page: usize,
-    /// A client of the broker, for `/readyz`; `None` skips that probe.
-    pub broker: Option<rdkafka::producer::FutureProducer>,
+    /// The broker's clients, for `/readyz`; `None` skips that probe.
+    pub broker: Option<Broker>,
+}
+
+/// The API's Kafka clients, as `/readyz` sees them.
+pub struct Broker {
+    /// Probed with a metadata request.
+    pub producer: Arc<tally_common::producing::RebuildingProducer>,
+    /// Every client's state (the decisions consumer, the control producer).
+    pub clients: tally_common::health::Clients,
 }
 
 /// What [`AppState::new`] needs.
@@ -152,7 +160,7 @@ pub struct Parts {
     pub check: CheckSettings,
     pub auth: AuthSettings,
     pub max_page: usize,
-    pub broker: Option<rdkafka::producer::FutureProducer>,
+    pub broker: Option<Broker>,
 }
 
 impl AppState {
@@ -281,26 +289,37 @@ struct Readiness {
     postgres: &'static str,
     broker: &'static str,
     decision_view: &'static str,
+    /// How far behind the aggregators' decisions the view may be (see [`crate::view`]);
+    /// informative: a stale view does not make the API unready, checks answer by policy.
+    decision_staleness_ms: Option<i64>,
+    /// The state of each Kafka client ([`tally_common::health`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    clients: Vec<tally_common::health::ClientStatus>,
 }
 
-/// Ready when Postgres answers, the broker answers and the decision view caught up once.
+/// Ready when Postgres answers, the broker answers, no Kafka client is disconnected or broken
+/// and the decision view caught up once.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let postgres = match tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&state.pool)).await {
         Ok(Ok(_)) => "ok",
         _ => "unavailable",
     };
-    let broker = match &state.broker {
-        None => "not_checked",
-        Some(p) => {
-            let client = p.clone();
+    let (broker, clients) = match &state.broker {
+        None => ("not_checked", None),
+        Some(b) => {
+            let client = b.producer.producer();
             let probe = tokio::task::spawn_blocking(move || rdkafka::producer::Producer::client(&client).fetch_metadata(None, Duration::from_secs(2)).is_ok());
-            if matches!(probe.await, Ok(true)) { "ok" } else { "unavailable" }
+            let broker = if matches!(probe.await, Ok(true)) { "ok" } else { "unavailable" };
+            (broker, Some(b.clients.report(std::time::Instant::now())))
         }
     };
     let decision_view = if state.view.caught_up_at().is_some() { "caught_up" } else { "catching_up" };
-    let ready = postgres == "ok" && broker != "unavailable" && decision_view == "caught_up";
+    let clients_ready = clients.as_ref().is_none_or(|c| c.ready);
+    let ready = postgres == "ok" && broker != "unavailable" && clients_ready && decision_view == "caught_up";
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(Readiness { ready, postgres, broker, decision_view })).into_response()
+    let decision_staleness_ms = state.view.staleness(Utc::now()).map(|s| s.num_milliseconds());
+    let clients = clients.map(|c| c.clients).unwrap_or_default();
+    (status, Json(Readiness { ready, postgres, broker, decision_view, decision_staleness_ms, clients })).into_response()
 }
 
 #[derive(Serialize)]

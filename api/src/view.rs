@@ -4,21 +4,38 @@
 //! own, commits nothing, and keeps the snapshot with the highest version per subject, so
 //! redelivered or reordered snapshots never move a subject backwards.
 //!
-//! Freshness: a watcher compares, about once a second, the feeder's position with the
-//! topic's high watermarks. When every partition is consumed up to its high watermark, the
-//! view holds every snapshot published before that instant, and [`DecisionView::caught_up_at`]
-//! moves to it. The view's staleness is the time since then: it grows when the broker is
-//! unreachable or the feeder falls behind, and an idle topic stays fresh.
+//! Freshness has two parts, and the view is as fresh as the older of the two:
+//! - *caught up*: a watcher compares, about twice a second, the feeder's position with the
+//!   topic's high watermarks. When every partition is consumed up to its high watermark, the
+//!   view holds every snapshot published before that instant, and
+//!   [`DecisionView::caught_up_at`] moves to it. This stops when the broker is unreachable
+//!   or the feeder falls behind.
+//! - *flowing*: the aggregators' relay publishes a heartbeat to every partition about once
+//!   a second ([`tally_domain::heartbeat`]), saying the decisions committed before its `at`
+//!   are on the topic. Per partition the view keeps the latest `at` of a heartbeat or
+//!   `calculated_at` of a snapshot it read. This stops when decisions stop flowing (no
+//!   aggregator running, the relay unable to read Postgres or to publish), which a caught-up
+//!   view cannot see: with nothing published it stays caught up.
+//!
+//! [`DecisionView::fresh_as_of`] is the earlier of the last catch-up and, over the topic's
+//! partitions, the oldest latest heartbeat-or-snapshot; the staleness is the time since
+//! then. A partition with neither yet leaves the view without a freshness (stale). Until the
+//! watcher read the topic's partition count, only the catch-up counts. Heartbeat times come
+//! from the aggregators' clocks: clock skew between hosts adds to (or hides) staleness.
+//! Heartbeat records are never taken as decisions.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::Message;
+use tally_common::health::{watched, ClientHealth, Watched};
 use tally_common::kafka::KafkaSettings;
 use tally_domain::decision::DecisionSnapshot;
+use tally_domain::heartbeat::{is_heartbeat_key, Heartbeat};
 
 #[derive(Default)]
 pub struct DecisionView {
@@ -26,6 +43,10 @@ pub struct DecisionView {
     snapshots: RwLock<HashMap<String, Arc<DecisionSnapshot>>>,
     last_message_at: RwLock<Option<DateTime<Utc>>>,
     caught_up_at: RwLock<Option<DateTime<Utc>>>,
+    /// The topic's partition count, once the watcher read it (0 before).
+    partitions: AtomicUsize,
+    /// Per partition, the latest heartbeat `at` or snapshot `calculated_at` read.
+    flow: RwLock<HashMap<i32, DateTime<Utc>>>,
 }
 
 impl DecisionView {
@@ -74,9 +95,39 @@ impl DecisionView {
         self.caught_up_at.read().ok().and_then(|t| *t)
     }
 
-    /// How far behind the topic the view may be at `now`; `None` if it never caught up.
+    /// Records the topic's partition count.
+    pub fn set_partitions(&self, n: usize) {
+        self.partitions.store(n, Ordering::Relaxed);
+    }
+
+    /// Records a heartbeat's `at` or a snapshot's `calculated_at` read from `partition`.
+    pub fn note_flow(&self, partition: i32, at: DateTime<Utc>) {
+        if let Ok(mut flow) = self.flow.write() {
+            let t = flow.entry(partition).or_insert(at);
+            if *t < at {
+                *t = at;
+            }
+        }
+    }
+
+    /// The instant as of which the view holds every decision the aggregators committed (see
+    /// the module docs); `None` before it caught up, or while a partition has had neither a
+    /// heartbeat nor a snapshot.
+    pub fn fresh_as_of(&self) -> Option<DateTime<Utc>> {
+        let caught_up = self.caught_up_at()?;
+        let n = self.partitions.load(Ordering::Relaxed);
+        if n == 0 {
+            return Some(caught_up);
+        }
+        let flow = self.flow.read().ok()?;
+        let oldest = (0..n as i32).map(|p| flow.get(&p).copied()).collect::<Option<Vec<_>>>()?.into_iter().min()?;
+        Some(caught_up.min(oldest))
+    }
+
+    /// How far behind the aggregators' decisions the view may be at `now` (see
+    /// [`DecisionView::fresh_as_of`]); `None` when that is unknown.
     pub fn staleness(&self, now: DateTime<Utc>) -> Option<chrono::Duration> {
-        self.caught_up_at().map(|t| (now - t).max(chrono::Duration::zero()))
+        self.fresh_as_of().map(|t| (now - t).max(chrono::Duration::zero()))
     }
 
     /// When the feeder last received a message.
@@ -85,13 +136,17 @@ impl DecisionView {
     }
 }
 
-/// Starts the task that feeds `view` from the decisions topic.
+/// Starts the task that feeds `view` from the decisions topic; the consumer reports to
+/// `health`.
 pub fn spawn_feeder(
     view: std::sync::Arc<DecisionView>,
     kafka: &KafkaSettings,
+    health: Arc<ClientHealth>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let group = format!("tally-api-view-{}", uuid::Uuid::new_v4());
-    let consumer: StreamConsumer = kafka.consumer_config(&group).create().context("failed to create the decisions consumer")?;
+    let consumer: StreamConsumer<Watched> = watched(kafka.consumer_config(&group))
+        .create_with_context(Watched::new(health))
+        .context("failed to create the decisions consumer")?;
     consumer
         .subscribe(&[kafka.decisions_topic.as_str()])
         .with_context(|| format!("failed to subscribe to {}", kafka.decisions_topic))?;
@@ -104,8 +159,16 @@ pub fn spawn_feeder(
                 Ok(message) => {
                     view.touch();
                     let Some(payload) = message.payload() else { continue };
+                    if is_heartbeat_key(message.key()) {
+                        match serde_json::from_slice::<Heartbeat>(payload) {
+                            Ok(h) => view.note_flow(message.partition(), h.at),
+                            Err(e) => tracing::debug!(error = %e, offset = message.offset(), "skipping an unreadable heartbeat"),
+                        }
+                        continue;
+                    }
                     match serde_json::from_slice::<DecisionSnapshot>(payload) {
                         Ok(snapshot) => {
+                            view.note_flow(message.partition(), snapshot.calculated_at);
                             view.offer(snapshot);
                         }
                         Err(e) => tracing::warn!(error = %e, offset = message.offset(), "skipping an unreadable decision snapshot"),
@@ -129,14 +192,16 @@ impl Drop for AbortOnDrop {
 }
 
 /// Whether `consumer` has consumed every partition of `topic` up to its high watermark.
-/// Blocking (broker round trips); run it off the async threads.
-fn caught_up(consumer: &StreamConsumer, topic: &str) -> anyhow::Result<bool> {
+/// Records the partition count in `view` first. Blocking (broker round trips); run it off
+/// the async threads.
+fn caught_up(view: &DecisionView, consumer: &StreamConsumer<Watched>, topic: &str) -> anyhow::Result<bool> {
     let timeout = std::time::Duration::from_secs(2);
     let metadata = consumer.fetch_metadata(Some(topic), timeout).context("failed to fetch the decisions topic's metadata")?;
     let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else { return Ok(false) };
     if t.partitions().is_empty() {
         return Ok(false);
     }
+    view.set_partitions(t.partitions().len());
     let position = consumer.position().context("failed to read the feeder's position")?;
     for p in t.partitions() {
         let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout).context("failed to fetch watermarks")?;
@@ -153,11 +218,11 @@ fn caught_up(consumer: &StreamConsumer, topic: &str) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-async fn watch_freshness(view: std::sync::Arc<DecisionView>, consumer: std::sync::Arc<StreamConsumer>, topic: String) {
+async fn watch_freshness(view: std::sync::Arc<DecisionView>, consumer: std::sync::Arc<StreamConsumer<Watched>>, topic: String) {
     loop {
         let started = Utc::now();
-        let (c, t) = (consumer.clone(), topic.clone());
-        match tokio::task::spawn_blocking(move || caught_up(&c, &t)).await {
+        let (v, c, t) = (view.clone(), consumer.clone(), topic.clone());
+        match tokio::task::spawn_blocking(move || caught_up(&v, &c, &t)).await {
             Ok(Ok(true)) => view.mark_caught_up(started),
             Ok(Ok(false)) => {}
             Ok(Err(e)) => tracing::debug!(error = %e, "decision view freshness check failed"),
@@ -201,5 +266,25 @@ mod tests {
         view.mark_caught_up(t0);
         view.mark_caught_up(t0 - chrono::Duration::seconds(5));
         assert_eq!(view.staleness(t0 + chrono::Duration::seconds(3)), Some(chrono::Duration::seconds(3)));
+    }
+
+    #[test]
+    fn once_the_partitions_are_known_every_one_needs_a_recent_heartbeat_or_snapshot() {
+        let (view, t0, s) = (DecisionView::default(), Utc::now(), chrono::Duration::seconds);
+        view.mark_caught_up(t0);
+        view.set_partitions(2);
+        // Caught up, but nothing says decisions flow on partition 1.
+        view.note_flow(0, t0 - s(1));
+        assert_eq!(view.fresh_as_of(), None);
+        assert_eq!(view.staleness(t0), None);
+        view.note_flow(1, t0 - s(30));
+        assert_eq!(view.staleness(t0), Some(s(30)), "the oldest partition counts");
+        view.note_flow(1, t0 - s(2));
+        view.note_flow(1, t0 - s(40));
+        assert_eq!(view.staleness(t0), Some(s(2)), "a partition's time never goes back");
+        // Heartbeats go on but the view stopped catching up: the catch-up counts.
+        view.note_flow(0, t0 + s(20));
+        view.note_flow(1, t0 + s(20));
+        assert_eq!(view.staleness(t0 + s(20)), Some(s(20)));
     }
 }

@@ -246,7 +246,8 @@ impl Tally {
     }
 
     /// Every message on `topic` (one of this test's topic names), read from the beginning
-    /// until nothing new arrived for two seconds.
+    /// until nothing new arrived for two seconds. The aggregators' heartbeats on the
+    /// decisions topic are skipped (they arrive every second).
     pub async fn read_topic(&self, topic: &str) -> Vec<(String, Value)> {
         use rdkafka::consumer::{Consumer, StreamConsumer};
         use rdkafka::Message;
@@ -259,12 +260,15 @@ impl Tally {
             .expect("create consumer");
         consumer.subscribe(&[topic]).expect("subscribe");
         let mut out = Vec::new();
-        let mut idle = Duration::from_secs(10);
-        while let Ok(Ok(m)) = tokio::time::timeout(idle, consumer.recv()).await {
+        let mut until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while let Ok(Ok(m)) = tokio::time::timeout_at(until, consumer.recv()).await {
+            if tally_domain::heartbeat::is_heartbeat_key(m.key()) {
+                continue;
+            }
             let key = m.key().map(|k| String::from_utf8_lossy(k).to_string()).unwrap_or_default();
             let value = m.payload().and_then(|p| serde_json::from_slice(p).ok()).unwrap_or(Value::Null);
             out.push((key, value));
-            idle = Duration::from_secs(2);
+            until = tokio::time::Instant::now() + Duration::from_secs(2);
         }
         out
     }
