@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -48,6 +49,11 @@ fn bad_request(e: QueryError) -> Response {
     (StatusCode::BAD_REQUEST, Json(ApiError { error: e.message, field: Some(e.field) })).into_response()
 }
 
+/// The query string's parameters, or a 400 in JSON naming `query` (e.g. a repeated parameter).
+fn params<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, Response> {
+    q.map(|Query(p)| p).map_err(|e| (StatusCode::BAD_REQUEST, Json(ApiError { error: e.body_text(), field: Some("query") })).into_response())
+}
+
 fn unavailable(what: &str, e: impl std::fmt::Display) -> Response {
     tracing::error!(error = %e, "history query failed");
     (StatusCode::SERVICE_UNAVAILABLE, Json(ApiError { error: format!("the {what} is unavailable"), field: None })).into_response()
@@ -64,16 +70,27 @@ async fn run_series(state: &HistoryState, p: &Params) -> Response {
     }
 }
 
-async fn series(State(state): State<Arc<HistoryState>>, Query(p): Query<Params>) -> Response {
-    run_series(&state, &p).await
+async fn series(State(state): State<Arc<HistoryState>>, q: Result<Query<Params>, QueryRejection>) -> Response {
+    match params(q) {
+        Ok(p) => run_series(&state, &p).await,
+        Err(refused) => refused,
+    }
 }
 
-async fn subject_series(State(state): State<Arc<HistoryState>>, Path(subject): Path<String>, Query(mut p): Query<Params>) -> Response {
+async fn subject_series(State(state): State<Arc<HistoryState>>, Path(subject): Path<String>, q: Result<Query<Params>, QueryRejection>) -> Response {
+    let mut p = match params(q) {
+        Ok(p) => p,
+        Err(refused) => return refused,
+    };
     p.subject = Some(subject);
     run_series(&state, &p).await
 }
 
-async fn top(State(state): State<Arc<HistoryState>>, Query(p): Query<Params>) -> Response {
+async fn top(State(state): State<Arc<HistoryState>>, q: Result<Query<Params>, QueryRejection>) -> Response {
+    let p = match params(q) {
+        Ok(p) => p,
+        Err(refused) => return refused,
+    };
     let q = match TopQuery::parse(&p) {
         Ok(q) => q,
         Err(e) => return bad_request(e),
@@ -90,7 +107,11 @@ struct ReconcileParams {
     subject: Option<String>,
 }
 
-async fn reconcile_period(State(state): State<Arc<HistoryState>>, Query(p): Query<ReconcileParams>) -> Response {
+async fn reconcile_period(State(state): State<Arc<HistoryState>>, q: Result<Query<ReconcileParams>, QueryRejection>) -> Response {
+    let p = match params(q) {
+        Ok(p) => p,
+        Err(refused) => return refused,
+    };
     let Some(period) = p.period else {
         return bad_request(QueryError { field: "period", message: "required (YYYY-MM)".into() });
     };

@@ -504,6 +504,12 @@ async fn unknown_routes_and_wrong_methods_answer_json() {
         assert!(err["error"].as_str().unwrap().starts_with(&format!("{method} is not allowed on {path}")), "{err}");
         assert_eq!(h["allow"], allow, "{method} {path}");
     }
+    // A query string that does not parse is a JSON 400 too.
+    for path in ["/v1/history/series?metric=a&metric=b", "/v1/history/top?limit=1&limit=2", "/v1/reconcile?period=a&period=b", "/v1/subjects/a/usage?limit=1&limit=2"] {
+        let (s, _, err) = e.send("GET", path, Some(ADMIN), None).await;
+        assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("query")), "{path}: {err}");
+        assert!(err["error"].as_str().unwrap().contains("duplicate field"), "{err}");
+    }
     e.done().await;
 }
 
