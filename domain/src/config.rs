@@ -172,9 +172,17 @@ impl ModelPrice {
     /// `(input × input_price + output × output_price + cached × cached_price) / 1e6`,
     /// rounded to the nearest micro-dollar (ties to even), saturating.
     pub fn cost_micros(&self, input_tokens: i64, output_tokens: i64, cached_tokens: i64) -> i64 {
-        let total = i128::from(input_tokens) * i128::from(self.input)
-            + i128::from(output_tokens) * i128::from(self.output)
-            + i128::from(cached_tokens) * i128::from(self.cached);
+        // Each product fits an i128 (its magnitude is below 2^127); their sum may not, at the
+        // ends of i64. Adding the smallest and the largest first cannot overflow when their
+        // signs differ (and when they agree, all three do), so the sum saturates only when
+        // the exact sum is out of range, and then on its side.
+        let mut terms = [
+            i128::from(input_tokens) * i128::from(self.input),
+            i128::from(output_tokens) * i128::from(self.output),
+            i128::from(cached_tokens) * i128::from(self.cached),
+        ];
+        terms.sort_unstable();
+        let total = terms[0].saturating_add(terms[2]).saturating_add(terms[1]);
         let (q, r) = (total.div_euclid(1_000_000), total.rem_euclid(1_000_000));
         let q = if r > 500_000 || (r == 500_000 && q % 2 != 0) { q + 1 } else { q };
         i64::try_from(q).unwrap_or(if q < 0 { i64::MIN } else { i64::MAX })
@@ -1200,6 +1208,17 @@ overrides:
         assert_eq!(cheap.cost_micros(10, 0, 0), 1); // 0.75 -> 1
         let c = Config::from_yaml_str("default_tier: f\ntiers: [{name: f}]\nprices: {m: {input: 7, output: 9}}\n").unwrap();
         assert_eq!(c.price("m"), Some(&ModelPrice { input: 7, output: 9, cached: 7 }));
+    }
+
+    #[test]
+    fn a_cost_past_the_ends_of_i64_saturates_instead_of_overflowing() {
+        let dear = ModelPrice { input: u64::MAX, output: u64::MAX, cached: u64::MAX };
+        assert_eq!(dear.cost_micros(i64::MAX, i64::MAX, i64::MAX), i64::MAX);
+        assert_eq!(dear.cost_micros(i64::MIN, i64::MIN, i64::MIN), i64::MIN);
+        assert_eq!(dear.cost_micros(1, 0, 0), 18_446_744_073_710);
+        // Two products that overflow together, cancelled by the third: the exact sum is
+        // 2^64 - 1 millionths of a micro-dollar.
+        assert_eq!(dear.cost_micros(i64::MAX, 2, i64::MIN), 18_446_744_073_710);
     }
 
     #[test]
