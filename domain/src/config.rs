@@ -209,7 +209,7 @@ impl Config {
         if text.trim().is_empty() {
             return Err(ConfigErrors(vec![ConfigError::at("", "the configuration is empty; `default_tier` is required")]));
         }
-        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| ConfigErrors(vec![ConfigError::from_yaml(&e)]))?;
+        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| ConfigErrors(vec![ConfigError::from_file(text, &e)]))?;
         let mut v = Validator::default();
         let config = v.config(raw);
         if v.errors.is_empty() {
@@ -249,6 +249,35 @@ impl ConfigError {
             line: location.as_ref().map(|l| l.line()),
             column: location.as_ref().map(|l| l.column()),
             message,
+        }
+    }
+}
+
+impl ConfigError {
+    /// A YAML error of the whole file, located. serde_yaml gives no line when the file holds
+    /// more than one document, or what its parser takes for several (a mapping indented
+    /// differently after its first line); the second document's own error says where, or
+    /// failing that, the `---` line that starts it.
+    fn from_file(text: &str, e: &serde_yaml::Error) -> ConfigError {
+        let error = ConfigError::from_yaml(e);
+        if error.line.is_some() {
+            return error;
+        }
+        // Only the second document, no further: after some errors the documents never end.
+        let Some(second) = serde_yaml::Deserializer::from_str(text).nth(1) else { return error };
+        match serde::de::IgnoredAny::deserialize(second) {
+            Err(e) if e.location().is_some() => ConfigError::from_yaml(&e),
+            _ => {
+                let mut markers = text.lines().enumerate().filter(|(_, l)| *l == "---" || l.starts_with("--- "));
+                let starts_with_marker = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).is_some_and(|l| l.starts_with("---"));
+                let line = markers.nth(usize::from(starts_with_marker)).map(|(i, _)| i + 1);
+                ConfigError {
+                    path: String::new(),
+                    line,
+                    column: line.map(|_| 1),
+                    message: "the file holds more than one YAML document (a `---` line starts each); a configuration is one document".into(),
+                }
+            }
         }
     }
 }
@@ -1219,6 +1248,22 @@ overrides:
         // Two products that overflow together, cancelled by the third: the exact sum is
         // 2^64 - 1 millionths of a micro-dollar.
         assert_eq!(dear.cost_micros(i64::MAX, 2, i64::MIN), 18_446_744_073_710);
+    }
+
+    #[test]
+    fn a_file_of_several_documents_is_refused_with_a_line() {
+        let cases = [
+            ("default_tier: f\ntiers: [{name: f}]\n---\nquotas: []\n", 3, "more than one YAML document"),
+            ("---\ndefault_tier: f\n--- \nquotas: []\n", 3, "more than one YAML document"),
+            // Indented differently after the first line: the parser sees a second document.
+            (" default_tier: f\ntiers: [{name: f}]\n", 2, "document start"),
+        ];
+        for (yaml, line, message) in cases {
+            let e = errors(yaml);
+            assert_eq!(e.len(), 1, "{yaml:?}: {e:?}");
+            assert_eq!(e[0].line, Some(line), "{yaml:?}: {e:?}");
+            assert!(e[0].message.contains(message), "{yaml:?}: {e:?}");
+        }
     }
 
     #[test]
