@@ -70,6 +70,15 @@ pub fn thresholds_reached(used: i64, limit: i64, thresholds_percent: &[u32]) -> 
     reached
 }
 
+/// What may still be used before the quota is breached: `max(limit + burst - used, 0)`,
+/// with `limit + burst` saturating as in [`quota_state`], so it is 0 exactly when the
+/// quota is breached. Exact for every `i64` input (a negative `used`, which corrections
+/// can leave, included), saturating at `i64::MAX`.
+pub fn remaining(used: i64, limit: i64, burst: i64) -> i64 {
+    let left = i128::from(limit.saturating_add(burst)) - i128::from(used);
+    i64::try_from(left.max(0)).unwrap_or(i64::MAX)
+}
+
 /// One quota's line in a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuotaDecision {
@@ -132,6 +141,19 @@ mod tests {
         assert_eq!(thresholds_reached(79, 100, &[80, 100]), Vec::<u32>::new());
         assert_eq!(thresholds_reached(80, 100, &[80, 100]), vec![80]);
         assert_eq!(thresholds_reached(150, 100, &[100, 80, 80]), vec![80, 100]);
+    }
+
+    #[test]
+    fn remaining_is_what_is_left_before_the_breach_and_never_wraps() {
+        assert_eq!(remaining(30, 100, 10), 80);
+        assert_eq!(remaining(110, 100, 10), 0);
+        assert_eq!(remaining(500, 100, 0), 0);
+        // A ledger that corrections left negative, under the largest limit and burst a
+        // configuration can give: `limit + burst - used` would overflow an i64.
+        assert_eq!(remaining(-5, i64::MAX, i64::MAX), i64::MAX);
+        assert_eq!(remaining(i64::MIN, 0, 0), i64::MAX);
+        assert_eq!(remaining(i64::MAX, i64::MAX, i64::MAX), 0);
+        assert_eq!(quota_state(i64::MAX, i64::MAX, i64::MAX, &[80]), QuotaState::Breached);
     }
 
     #[test]
