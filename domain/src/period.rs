@@ -45,7 +45,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{DateTime, Datelike, Days, Duration, Months, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc};
+use chrono::{DateTime, Datelike, Days, Duration, Months, NaiveDate, NaiveDateTime, NaiveTime, Offset, TimeZone, Utc};
 use chrono_tz::Tz;
 
 /// Seconds in a day.
@@ -468,8 +468,11 @@ pub fn start_of_day(d: NaiveDate, tz: Tz) -> Option<DateTime<Utc>> {
 /// end to the second.
 fn first_instant_at_or_after(local: NaiveDateTime, tz: Tz) -> Option<DateTime<Utc>> {
     let as_utc = local.and_utc().timestamp();
-    let reached = |secs: i64| {
-        DateTime::from_timestamp(secs, 0).is_some_and(|t| t.with_timezone(&tz).naive_local() >= local)
+    // Past the ends of chrono's range (where the local time is out of it too), the latest
+    // instants have reached `local` and the earliest have not.
+    let reached = |secs: i64| match DateTime::from_timestamp(secs, 0) {
+        Some(t) => local_time(t, tz).map_or(secs > 0, |l| l >= local),
+        None => secs > 0,
     };
     let (mut lo, mut hi) = (as_utc - 15 * 3_600, as_utc + 15 * 3_600);
     if reached(lo) || !reached(hi) {
@@ -486,9 +489,14 @@ fn first_instant_at_or_after(local: NaiveDateTime, tz: Tz) -> Option<DateTime<Ut
     DateTime::from_timestamp(hi, 0)
 }
 
+/// The local time of `at` in `tz`; `None` within a day of the ends of chrono's range, where
+/// it is out of the range (`DateTime::naive_local` panics there).
+fn local_time(at: DateTime<Utc>, tz: Tz) -> Option<NaiveDateTime> {
+    at.naive_utc().checked_add_offset(tz.offset_from_utc_datetime(&at.naive_utc()).fix())
+}
+
 fn calendar_window(spec: PeriodSpec, at: DateTime<Utc>, tz: Tz) -> Window {
-    let local_date = at.with_timezone(&tz).date_naive();
-    let mut start_date = period_start_date(spec, local_date);
+    let mut start_date = local_time(at, tz).and_then(|local| period_start_date(spec, local.date()));
     // The local date of `at` names the right period except in the hour a clock turns back
     // across midnight; then `at` belongs to the neighbouring period. One step each way
     // suffices; the bound keeps this total.
@@ -890,6 +898,22 @@ mod tests {
         "Pacific/Chatham",
         "America/St_Johns",
     ];
+
+    #[test]
+    fn windows_at_the_ends_of_chronos_range_do_not_panic() {
+        // Near the ends, a local time west or east of UTC is out of chrono's range.
+        let specs = [PeriodSpec::Day, PeriodSpec::Week, PeriodSpec::Month, PeriodSpec::MonthAnchored { day: 31 }, PeriodSpec::Year];
+        for zone in ["America/Santiago", "Pacific/Chatham", "UTC"] {
+            let tz: Tz = zone.parse().unwrap();
+            for at in [DateTime::<Utc>::MIN_UTC, DateTime::<Utc>::MIN_UTC + Duration::hours(30), DateTime::<Utc>::MAX_UTC] {
+                for spec in specs {
+                    let w = spec.window(at, tz);
+                    assert!(w.start <= at && at <= w.end, "{spec} at {at} in {zone}: {w:?}");
+                    let _ = spec.resets_at(at, tz);
+                }
+            }
+        }
+    }
 
     fn any_spec() -> impl Strategy<Value = PeriodSpec> {
         prop_oneof![
