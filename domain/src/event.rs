@@ -401,9 +401,13 @@ fn required_time(obj: &Map<String, Value>, field: &str) -> Result<DateTime<Utc>,
         None | Some(Value::Null) => {
             Err(err(field, "is required: Tally meters by event time; set `time` to when the usage happened (RFC 3339)"))
         }
-        Some(Value::String(s)) => DateTime::parse_from_rfc3339(s)
-            .map(|t| t.with_timezone(&Utc))
-            .map_err(|e| err(field, format!("must be an RFC 3339 time such as 2026-11-22T10:00:00Z ({e})"))),
+        Some(Value::String(s)) => match DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)) {
+            // RFC 3339 writes years 0000 to 9999: an offset can take a time written in range
+            // out of it in UTC, where the canonical form could not write it.
+            Ok(t) if (0..=9999).contains(&t.year()) => Ok(t),
+            Ok(_) => Err(err(field, "must be from 0000-01-01T00:00:00Z to 9999-12-31T23:59:59Z once in UTC")),
+            Err(e) => Err(err(field, format!("must be an RFC 3339 time such as 2026-11-22T10:00:00Z ({e})"))),
+        },
         Some(_) => Err(err(field, "must be an RFC 3339 string")),
     }
 }
