@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use tally_aggregator::policy;
+use tally_common::producing::{Outgoing, RebuildingProducer};
 use tally_common::kafka::KafkaSettings;
 use tally_common::postgres::PostgresSettings;
 
@@ -56,14 +56,16 @@ async fn apply(file: &PathBuf, postgres: &PostgresSettings, kafka: &KafkaSetting
     Ok(ExitCode::SUCCESS)
 }
 
-/// Publishes `{"type": "config_applied", "version": N}` on the control topic.
+/// Publishes `{"type": "config_applied", "version": N}` on the control topic (sent again on
+/// a new producer after a fatal error).
 async fn announce(kafka: &KafkaSettings, version: i64) -> anyhow::Result<()> {
-    let producer: FutureProducer = kafka.producer_config().create().context("failed to create the control producer")?;
+    let health = tally_common::health::ClientHealth::new("control producer");
+    let producer = RebuildingProducer::new(kafka.producer_config(), health, None)?;
     let payload = serde_json::json!({"type": "config_applied", "version": version, "at": chrono::Utc::now()}).to_string();
     producer
-        .send(FutureRecord::to(&kafka.control_topic).key("config").payload(&payload), Duration::from_secs(10))
+        .send(Outgoing::new(&kafka.control_topic, b"config", payload.as_bytes()), Duration::from_secs(10))
         .await
-        .map_err(|(e, _)| anyhow::anyhow!("the configuration is stored, but announcing it on {} failed: {e}; aggregators pick it up within a second anyway", kafka.control_topic))?;
+        .map_err(|e| anyhow::anyhow!("the configuration is stored, but announcing it on {} failed: {e}; aggregators pick it up within a second anyway", kafka.control_topic))?;
     Ok(())
 }
 

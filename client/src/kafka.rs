@@ -1,26 +1,57 @@
+use std::sync::RwLock;
 use std::time::Duration;
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientConfig;
 
 use crate::{Error, Usage};
 
 /// Produces usage events straight to the usage topic.
+///
+/// An idempotent producer that hits a fatal error (e.g. fenced by the broker after an outage
+/// longer than its message timeout) fails every send until it is destroyed: the sender then
+/// creates a new one and sends the failed event once more on it (same id, counted once).
 pub struct KafkaSender {
-    producer: FutureProducer,
+    config: ClientConfig,
+    /// The producer in use and its generation (how often it was replaced).
+    producer: RwLock<(u64, FutureProducer)>,
     topic: String,
+}
+
+/// Whether `e` (or the producer's state) leaves the producer unusable.
+fn is_fatal(e: &KafkaError, producer: &FutureProducer) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::Fatal | RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
+    ) || producer.client().fatal_error().is_some()
 }
 
 impl KafkaSender {
     /// An idempotent, acks=all producer on `brokers` for `topic` (e.g. `tally.usage.v1`).
     pub fn new(brokers: &str, topic: &str) -> Result<KafkaSender, Error> {
-        let producer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("message.timeout.ms", "30000")
-            .create()
-            .map_err(|e| Error::Kafka(e.to_string()))?;
-        Ok(KafkaSender { producer, topic: topic.to_string() })
+        let mut config = rdkafka::ClientConfig::new();
+        config.set("bootstrap.servers", brokers).set("enable.idempotence", "true").set("acks", "all").set("message.timeout.ms", "30000");
+        let producer = config.create().map_err(|e| Error::Kafka(e.to_string()))?;
+        Ok(KafkaSender { config, producer: RwLock::new((0, producer)), topic: topic.to_string() })
+    }
+
+    fn producer(&self) -> (u64, FutureProducer) {
+        self.producer.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the producer of `generation` unless another send did already.
+    fn replace(&self, generation: u64) -> Result<(), Error> {
+        let fresh: FutureProducer = self.config.create().map_err(|e| Error::Kafka(e.to_string()))?;
+        let mut current = self.producer.write().unwrap_or_else(|e| e.into_inner());
+        if current.0 == generation {
+            let old = std::mem::replace(&mut *current, (generation + 1, fresh));
+            drop(current);
+            // Dropping a producer purges and joins its thread: off the async threads.
+            drop(tokio::task::spawn_blocking(move || drop(old)));
+        }
+        Ok(())
     }
 
     /// Validates every event (nothing is produced if one is invalid), produces their
@@ -29,8 +60,20 @@ impl KafkaSender {
         let canonical = events.iter().map(Usage::validate).collect::<Result<Vec<_>, _>>()?;
         let payloads: Vec<Vec<u8>> = canonical.iter().map(|e| e.to_canonical_json()).collect();
         for (event, payload) in canonical.iter().zip(&payloads) {
-            let record = FutureRecord::to(&self.topic).key(event.subject.as_bytes()).payload(payload.as_slice());
-            self.producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| Error::Kafka(e.to_string()))?;
+            let mut replaced = false;
+            loop {
+                let (generation, producer) = self.producer();
+                let record = FutureRecord::to(&self.topic).key(event.subject.as_bytes()).payload(payload.as_slice());
+                match producer.send(record, Duration::from_secs(30)).await {
+                    Ok(_) => break,
+                    Err((e, _)) if !replaced && is_fatal(&e, &producer) => {
+                        tracing::warn!(error = %e, "kafka producer hit a fatal error; sending on a new one");
+                        self.replace(generation)?;
+                        replaced = true;
+                    }
+                    Err((e, _)) => return Err(Error::Kafka(e.to_string())),
+                }
+            }
         }
         Ok(events.len())
     }
