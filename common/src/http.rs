@@ -103,10 +103,17 @@ pub async fn read_body(req: Request) -> Result<Bytes, Refusal> {
 
 /// Deserializes a JSON body, naming the field of the first error by its path.
 pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Refusal> {
+    // Tracking the path costs on every value, and only an error needs it: a body that does
+    // not deserialize is read again to locate the error.
+    serde_json::from_slice(bytes).map_err(|plain| located::<T>(bytes, plain))
+}
+
+fn located<T: serde::de::DeserializeOwned>(bytes: &[u8], plain: serde_json::Error) -> Refusal {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(json_refusal)?;
-    de.end().map_err(|e| Refusal::bad("body", format!("invalid JSON: {e}")))?;
-    Ok(value)
+    match serde_path_to_error::deserialize::<_, T>(&mut de) {
+        Err(e) => json_refusal(e),
+        Ok(_) => Refusal::bad("body", format!("invalid JSON: {}", de.end().err().unwrap_or(plain))),
+    }
 }
 
 fn json_refusal(e: serde_path_to_error::Error<serde_json::Error>) -> Refusal {
