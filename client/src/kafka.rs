@@ -78,3 +78,24 @@ impl KafkaSender {
         Ok(events.len())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_fenced_producer_is_replaced_and_the_event_sent_again() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("usage", 1, 1).unwrap();
+        let sender = KafkaSender::new(&cluster.bootstrap_servers(), "usage").unwrap();
+        let now = chrono::Utc::now();
+        assert_eq!(sender.send(&[Usage::new("a", "alice", now)]).await.unwrap(), 1);
+        cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED]);
+        assert_eq!(sender.send(&[Usage::new("b", "alice", now)]).await.unwrap(), 1);
+        assert_eq!(sender.producer().0, 1, "replaced once");
+        assert_eq!(sender.send(&[Usage::new("c", "alice", now)]).await.unwrap(), 1);
+        assert_eq!(sender.producer().0, 1);
+    }
+}
