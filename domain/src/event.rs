@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::metric::Amounts;
+use crate::metric::{Amounts, MAX_AMOUNT};
 
 mod canonical;
 
@@ -107,7 +107,7 @@ impl UsageEvent {
             && self.api_key_sha256.as_deref().is_none_or(is_sha256_hex)
             && chars_within(&self.scope, MAX_NAME_CHARS)
             && self.model.as_deref().is_none_or(|m| chars_within(m, MAX_NAME_CHARS))
-            && counts.iter().all(|n| *n >= 0)
+            && counts.iter().all(|n| (0..=MAX_AMOUNT).contains(n))
             && self.corrects.as_deref().is_none_or(corrects_ok)
     }
 }
@@ -144,10 +144,25 @@ pub fn parse_event_with_fingerprint(bytes: &[u8]) -> Result<(UsageEvent, String)
 pub struct EventError {
     pub field: String,
     pub message: String,
+    pub kind: EventErrorKind,
+}
+
+/// What kind of refusal an [`EventError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventErrorKind {
+    /// The event is malformed: a missing, mistyped, unknown or too long field.
+    Invalid,
+    /// An amount is an integer past [`MAX_AMOUNT`]: counting it would overflow a ledger row.
+    /// The aggregator quarantines such an event as `overflow`.
+    OutOfRange,
 }
 
 fn err(field: &str, message: impl Into<String>) -> EventError {
-    EventError { field: field.to_string(), message: message.into() }
+    EventError { field: field.to_string(), message: message.into(), kind: EventErrorKind::Invalid }
+}
+
+fn out_of_range(field: &str, message: impl Into<String>) -> EventError {
+    EventError { kind: EventErrorKind::OutOfRange, ..err(field, message) }
 }
 
 /// The SHA-256 of an API key, hex encoded: the only form in which Tally stores a key.
@@ -415,12 +430,18 @@ fn required_time(obj: &Map<String, Value>, field: &str) -> Result<DateTime<Utc>,
 fn optional_count(obj: &Map<String, Value>, key: &str, field: &str) -> Result<Option<i64>, EventError> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => match n.as_i64() {
-            Some(v) if v >= 0 => Ok(Some(v)),
+        Some(Value::Number(n)) => match (n.as_i64(), n.as_u64()) {
+            (Some(v), _) if (0..=MAX_AMOUNT).contains(&v) => Ok(Some(v)),
+            (Some(v), _) if v > MAX_AMOUNT => Err(above_bound(field, n)),
+            (None, Some(_)) => Err(above_bound(field, n)),
             _ => Err(err(field, format!("must be a non-negative integer, got {n}"))),
         },
         Some(_) => Err(err(field, "must be a non-negative integer")),
     }
+}
+
+fn above_bound(field: &str, n: &serde_json::Number) -> EventError {
+    out_of_range(field, format!("{n} is above the largest amount Tally counts, {MAX_AMOUNT} (10^15)"))
 }
 
 fn attributes(obj: &Map<String, Value>, field: &str) -> Result<BTreeMap<String, String>, EventError> {
@@ -495,6 +516,26 @@ mod tests {
             let e = parse(value.clone()).unwrap_err();
             assert_eq!(e.field, field, "for {value}");
         }
+    }
+
+    #[test]
+    fn amounts_are_bounded_and_an_amount_past_the_bound_is_out_of_range() {
+        let with = |n: Value| json!({"id": "e", "subject": "a", "time": "2026-11-22T10:00:00Z", "cost_micros": n});
+        assert_eq!(parse(with(json!(MAX_AMOUNT))).unwrap().cost_micros, Some(MAX_AMOUNT));
+        for past in [json!(MAX_AMOUNT + 1), json!(i64::MAX - 1), json!(u64::MAX)] {
+            let e = parse(with(past.clone())).unwrap_err();
+            assert_eq!((e.field.as_str(), e.kind), ("cost_micros", EventErrorKind::OutOfRange), "for {past}");
+            assert!(e.message.contains("10^15"), "{e}");
+        }
+        for wrong in [json!(-1), json!(1.5), json!(1e30), json!("5")] {
+            let e = parse(with(wrong.clone())).unwrap_err();
+            assert_eq!((e.field.as_str(), e.kind), ("cost_micros", EventErrorKind::Invalid), "for {wrong}");
+        }
+        // The canonical fast path holds the same bound.
+        let valid = parse(with(json!(1))).unwrap();
+        let past = UsageEvent { input_tokens: MAX_AMOUNT + 1, ..valid };
+        let e = parse_event_with_fingerprint(&past.to_canonical_json()).unwrap_err();
+        assert_eq!((e.field.as_str(), e.kind), ("input_tokens", EventErrorKind::OutOfRange));
     }
 
     #[test]

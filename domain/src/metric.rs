@@ -60,7 +60,20 @@ impl FromStr for Metric {
     }
 }
 
-/// The amounts of every metric carried by one event (or a sum of events).
+/// The largest amount Tally counts, in any metric's unit: 10^15 (tokens, requests or
+/// micro-dollars, which makes $1 000 000 000 of cost).
+///
+/// It bounds each amount of an event and each ledger row's `used`. A year of a very large
+/// platform's traffic fits one row: 10^15 tokens a year is about 32 million tokens a second,
+/// all year, for one subject. Every sum of bounded values stays far inside `i64` (the sum of
+/// two rows, or an event's `input_tokens + output_tokens`, is at most 2 x 10^15 against
+/// 9.2 x 10^18), so arithmetic near the bound is exact, and a sum that passes the bound is
+/// refused (quarantined as `overflow`) rather than wrapped or clamped.
+pub const MAX_AMOUNT: i64 = 1_000_000_000_000_000;
+
+/// The amounts of every metric carried by one event (or a sum of events). Sums saturate at
+/// `i64`'s ends instead of wrapping: a saturated sum is far past [`MAX_AMOUNT`], so whatever
+/// checks it against the bound refuses it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Amounts {
     pub requests: i64,
@@ -77,7 +90,7 @@ impl Amounts {
             Metric::InputTokens => self.input_tokens,
             Metric::OutputTokens => self.output_tokens,
             Metric::CachedTokens => self.cached_tokens,
-            Metric::TotalTokens => self.input_tokens + self.output_tokens,
+            Metric::TotalTokens => self.input_tokens.saturating_add(self.output_tokens),
             Metric::CostMicros => self.cost_micros,
         }
     }
@@ -85,32 +98,32 @@ impl Amounts {
     /// The amounts with every sign flipped: what a correction applies to revert an event.
     pub fn negated(&self) -> Amounts {
         Amounts {
-            requests: -self.requests,
-            input_tokens: -self.input_tokens,
-            output_tokens: -self.output_tokens,
-            cached_tokens: -self.cached_tokens,
-            cost_micros: -self.cost_micros,
+            requests: self.requests.saturating_neg(),
+            input_tokens: self.input_tokens.saturating_neg(),
+            output_tokens: self.output_tokens.saturating_neg(),
+            cached_tokens: self.cached_tokens.saturating_neg(),
+            cost_micros: self.cost_micros.saturating_neg(),
         }
     }
 }
 
 impl std::ops::AddAssign for Amounts {
     fn add_assign(&mut self, other: Amounts) {
-        self.requests += other.requests;
-        self.input_tokens += other.input_tokens;
-        self.output_tokens += other.output_tokens;
-        self.cached_tokens += other.cached_tokens;
-        self.cost_micros += other.cost_micros;
+        self.requests = self.requests.saturating_add(other.requests);
+        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
+        self.cached_tokens = self.cached_tokens.saturating_add(other.cached_tokens);
+        self.cost_micros = self.cost_micros.saturating_add(other.cost_micros);
     }
 }
 
 impl std::ops::SubAssign for Amounts {
     fn sub_assign(&mut self, other: Amounts) {
-        self.requests -= other.requests;
-        self.input_tokens -= other.input_tokens;
-        self.output_tokens -= other.output_tokens;
-        self.cached_tokens -= other.cached_tokens;
-        self.cost_micros -= other.cost_micros;
+        self.requests = self.requests.saturating_sub(other.requests);
+        self.input_tokens = self.input_tokens.saturating_sub(other.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_sub(other.output_tokens);
+        self.cached_tokens = self.cached_tokens.saturating_sub(other.cached_tokens);
+        self.cost_micros = self.cost_micros.saturating_sub(other.cost_micros);
     }
 }
 
@@ -126,6 +139,27 @@ mod tests {
         assert_eq!(sum, Amounts { requests: 2, input_tokens: 20, output_tokens: 10, cached_tokens: 4, cost_micros: 14 });
         sum -= a;
         assert_eq!(sum, a);
+    }
+
+    #[test]
+    fn sums_saturate_instead_of_wrapping() {
+        let big = Amounts { requests: i64::MAX, input_tokens: i64::MAX, output_tokens: 1, cached_tokens: i64::MIN, cost_micros: 0 };
+        let mut sum = big;
+        sum += big;
+        assert_eq!(sum.requests, i64::MAX);
+        assert_eq!(sum.get(Metric::TotalTokens), i64::MAX);
+        let mut low = big;
+        low -= Amounts { cached_tokens: 1, ..Amounts::default() };
+        assert_eq!(low.cached_tokens, i64::MIN);
+        assert_eq!(big.negated().cached_tokens, i64::MAX);
+    }
+
+    #[test]
+    fn the_sum_of_two_bounded_rows_is_exact() {
+        let row = Amounts { input_tokens: MAX_AMOUNT, output_tokens: MAX_AMOUNT, ..Amounts::default() };
+        let mut sum = row;
+        sum += row;
+        assert_eq!(sum.get(Metric::TotalTokens), 4 * MAX_AMOUNT);
     }
 
     #[test]
