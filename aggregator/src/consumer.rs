@@ -49,7 +49,8 @@ use tokio::task::JoinHandle;
 use crate::plan::{parse_batch, Delivery};
 use crate::policy::{Policy, PolicyHandle};
 use crate::lanes::{key_hash, BatchLimits, Lane};
-use crate::store::{Outcome, Range, Store, StoreError, Subjects};
+use crate::isolate::{self, Isolation};
+use crate::store::{Finish, Outcome, Range, Store, StoreError, Subjects};
 use crate::{relay, AggregatorSettings};
 
 
@@ -108,6 +109,7 @@ struct Metrics {
     counted: Counter,
     duplicates: Counter,
     quarantined: Counter,
+    isolated: Counter,
     snapshots: Counter,
     batches: Timing,
     fenced: Counter,
@@ -126,6 +128,11 @@ impl Metrics {
             counted: r.counter("tally_aggregator_events_counted_total", "events counted in the ledgers", &[]),
             duplicates: r.counter("tally_aggregator_events_duplicate_total", "redelivered events skipped by dedupe", &[]),
             quarantined: r.counter("tally_aggregator_events_quarantined_total", "events sent to quarantine", &[]),
+            isolated: r.counter(
+                "tally_aggregator_events_isolated_total",
+                "events quarantined because their batch's transaction failed with them (also counted as quarantined)",
+                &[],
+            ),
             snapshots: r.counter("tally_aggregator_snapshots_total", "decision snapshots written to the outbox", &[]),
             batches: Timing::new(
                 &r,
@@ -804,15 +811,19 @@ impl Loop {
 }
 
 impl Committer {
-    /// Commits one lane's batch (with its due refreshes), retrying database errors until it
-    /// succeeds or is fenced; a refusal by fencing names the partition and the batch's epoch.
+    /// Commits one lane's batch (with its due refreshes) until it succeeds or is fenced; a
+    /// refusal by fencing names the partition and the batch's epoch. A transient failure is
+    /// retried with backoff. Any other failure looks for the event that causes it
+    /// ([`crate::isolate`]): that event is quarantined and the batch tried again at once;
+    /// when no event is to blame, the batch is retried with backoff.
     async fn commit_with_retry(&self, work: &mut LaneWork) -> Result<Outcome, Refused> {
         let mut backoff = Duration::from_millis(200);
         loop {
             let (now, parsing) = (Utc::now(), Instant::now());
             let parsed = parse_batch(&mut work.deliveries, now, self.lateness);
             let started = Instant::now();
-            match self.store.commit_batch(&work.ranges, parsed, &work.refreshes, &self.policy, now, self.refresh).await {
+            let result = self.store.commit_batch(&work.ranges, parsed, &work.refreshes, &self.policy, now, self.refresh, Finish::Commit).await;
+            let failure = match result {
                 Ok(outcome) => {
                     let took = started.elapsed();
                     self.metrics.batches.record(took);
@@ -821,14 +832,52 @@ impl Committer {
                     return Ok(outcome);
                 }
                 Err(StoreError::Fenced { partition, epoch, .. }) => return Err((partition, epoch)),
-                Err(e) => {
-                    self.metrics.db_retries.inc();
-                    tracing::warn!(error = %e, lane = work.lane, retry_in_ms = backoff.as_millis() as u64, "batch commit failed; the lane is paused");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
+                Err(e) if e.is_transient() => e,
+                Err(e) => match self.isolate(work, e).await {
+                    Some(e) => e,
+                    None => continue,
+                },
+            };
+            self.metrics.db_retries.inc();
+            tracing::warn!(error = %failure, lane = work.lane, retry_in_ms = backoff.as_millis() as u64, "batch commit failed; the lane is paused");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
+    }
+
+    /// Looks for the delivery that makes `work`'s batch fail with `failure` and marks it
+    /// for quarantine. Returns the failure to back off on when no event is to blame or a
+    /// transient failure stopped the search, `None` when an event was isolated.
+    async fn isolate(&self, work: &mut LaneWork, failure: StoreError) -> Option<StoreError> {
+        let len = work.deliveries.len();
+        tracing::warn!(error = %failure, lane = work.lane, events = len, "batch commit failed; looking for the event that causes it");
+        let mut trials = BatchTrials { committer: self, work: &mut *work };
+        match isolate::find_poison(&mut trials, len, failure).await {
+            Isolation::Found { index, refusal } => {
+                let d = &mut work.deliveries[index];
+                tracing::warn!(partition = d.partition, offset = d.offset, reason = %refusal.reason, detail = refusal.detail.as_deref().unwrap_or_default(), "event isolated from its batch; it goes to quarantine");
+                d.isolated = Some(refusal);
+                self.metrics.isolated.inc();
+                None
+            }
+            Isolation::NotAnEvent(e) | Isolation::Interrupted(e) => Some(e),
+        }
+    }
+}
+
+/// A lane's batch, tried by prefixes in transactions that roll back ([`crate::isolate`]).
+struct BatchTrials<'a> {
+    committer: &'a Committer,
+    work: &'a mut LaneWork,
+}
+
+impl isolate::Trials for BatchTrials<'_> {
+    async fn try_prefix(&mut self, prefix: usize) -> Result<(), StoreError> {
+        let c = self.committer;
+        let now = Utc::now();
+        // No ranges: the offsets are the batch's, and a trial commits nothing anyway.
+        let parsed = parse_batch(&mut self.work.deliveries[..prefix], now, c.lateness);
+        c.store.commit_batch(&[], parsed, &self.work.refreshes, &c.policy, now, c.refresh, Finish::RollBack).await.map(|_| ())
     }
 }
 
@@ -846,7 +895,7 @@ impl Committer {
         let oldest = deliveries.iter().filter_map(|d| d.event()).map(|e| e.time).min();
         let age_millis = oldest.map_or(0, |t| (now - t).num_milliseconds());
         let parsed = parse_batch(deliveries, now, self.lateness);
-        let result = self.store.commit_batch(&[], parsed, &Subjects::new(), &self.policy, now, self.refresh).await;
+        let result = self.store.commit_batch(&[], parsed, &Subjects::new(), &self.policy, now, self.refresh, Finish::Commit).await;
         let outcome = match result {
             Ok(outcome) => {
                 let (waited_millis, millis) = (waited.as_millis() as u64, started.elapsed().as_millis() as u64);

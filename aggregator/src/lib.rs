@@ -46,6 +46,7 @@
 pub mod consumer;
 pub mod dedupe;
 pub mod headroom;
+pub mod isolate;
 pub mod lanes;
 pub mod plan;
 pub mod policy;

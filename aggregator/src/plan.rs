@@ -11,7 +11,7 @@ use foldhash::{HashMap, HashMapExt};
 use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
 use tally_domain::decision::{quota_state, QuotaDecision};
-use tally_domain::event::{parse_event_with_fingerprint, timeliness, Timeliness, UsageEvent};
+use tally_domain::event::{parse_event_with_fingerprint, timeliness, EventErrorKind, Timeliness, UsageEvent};
 use tally_domain::period::{PeriodSpec, Window};
 
 use crate::policy::{Policy, Quota, Resolved};
@@ -30,17 +30,40 @@ pub struct Delivery {
     /// Decided already by a fast commit ([`crate::headroom`]): counted, or skipped as a
     /// duplicate, or quarantined. Its batch only moves the cursor past it.
     pub decided_early: bool,
+    /// Found to fail its batch's transaction on its own ([`crate::isolate`]): its batch
+    /// quarantines it with this refusal instead of counting it.
+    pub isolated: Option<Refusal>,
 }
 
-/// A payload parsed: the event and its fingerprint, or the reason it goes to quarantine.
-pub type ParseResult = Result<(UsageEvent, String), String>;
+/// A payload parsed: the event and its fingerprint, or why it goes to quarantine.
+pub type ParseResult = Result<(UsageEvent, String), Refusal>;
+
+/// Why a message goes to quarantine: a `reason` whose first word is stable (`overflow`,
+/// `invalid event`, `late`, ...) and, where there is more to say, a `detail`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: String,
+    pub detail: Option<String>,
+}
+
+impl Refusal {
+    pub fn new(reason: impl Into<String>) -> Self {
+        Refusal { reason: reason.into(), detail: None }
+    }
+
+    /// An amount past [`tally_domain::metric::MAX_AMOUNT`], or a sum of amounts past a
+    /// ledger's bound: counting it would overflow.
+    pub fn overflow(detail: impl Into<String>) -> Self {
+        Refusal { reason: "overflow".to_string(), detail: Some(detail.into()) }
+    }
+}
 
 impl Delivery {
     /// A delivery as received, its payload parsed at once: the loop reads the event's
     /// amounts on arrival ([`crate::headroom`]), and its batch does not parse it again.
     pub fn received(partition: i32, offset: i64, payload: Option<Vec<u8>>) -> Self {
         let parsed = Some(Box::new(parse_payload(payload.as_deref())));
-        Delivery { partition, offset, payload, parsed, decided_early: false }
+        Delivery { partition, offset, payload, parsed, decided_early: false, isolated: None }
     }
 
     /// The event, when the payload parsed (and was parsed on receipt).
@@ -51,8 +74,9 @@ impl Delivery {
 
 fn parse_payload(payload: Option<&[u8]>) -> ParseResult {
     match payload.map(parse_event_with_fingerprint) {
-        None => Err("empty message".to_string()),
-        Some(Err(e)) => Err(format!("invalid event: {e}")),
+        None => Err(Refusal::new("empty message")),
+        Some(Err(e)) if e.kind == EventErrorKind::OutOfRange => Err(Refusal::overflow(e.to_string())),
+        Some(Err(e)) => Err(Refusal::new(format!("invalid event: {e}"))),
         Some(Ok(parsed)) => Ok(parsed),
     }
 }
@@ -61,6 +85,10 @@ fn parse_payload(payload: Option<&[u8]>) -> ParseResult {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Quarantined {
     pub reason: String,
+    /// More about the reason, where there is more to say (which amount overflowed, the
+    /// database's refusal of an isolated event).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
     /// The event id when the message parsed far enough to have one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event_id: Option<String>,
@@ -78,7 +106,12 @@ impl Quarantined {
             Ok(text) => (text.to_string(), "utf8"),
             Err(_) => (bytes.iter().map(|b| format!("{b:02x}")).collect(), "hex"),
         };
-        Quarantined { reason: reason.into(), event_id, partition: d.partition, offset: d.offset, original, original_encoding }
+        Quarantined { reason: reason.into(), detail: None, event_id, partition: d.partition, offset: d.offset, original, original_encoding }
+    }
+
+    /// The quarantine record of a refusal.
+    pub fn refused(refusal: Refusal, event_id: Option<String>, d: &Delivery) -> Self {
+        Quarantined { detail: refusal.detail, ..Quarantined::new(refusal.reason, event_id, d) }
     }
 }
 
@@ -114,11 +147,17 @@ pub fn parse_batch(deliveries: &mut [Delivery], now: DateTime<Utc>, lateness: Du
     for (d, result) in deliveries.iter().zip(results) {
         let (event, fingerprint) = match result.map(|r| *r) {
             None => continue,
-            Some(Err(reason)) => {
-                parsed.quarantined.push(Quarantined::new(reason, None, d));
+            Some(Err(refusal)) => {
+                parsed.quarantined.push(Quarantined::refused(refusal, None, d));
                 continue;
             }
-            Some(Ok(parsed_event)) => parsed_event,
+            Some(Ok((event, fingerprint))) => match &d.isolated {
+                Some(refusal) => {
+                    parsed.quarantined.push(Quarantined::refused(refusal.clone(), Some(event.id), d));
+                    continue;
+                }
+                None => (event, fingerprint),
+            },
         };
         match timeliness(event.time, now, lateness) {
             Timeliness::OnTime => {}
@@ -229,7 +268,8 @@ pub fn ledger_deltas(events: &[&UsageEvent], policy: &Policy) -> BTreeMap<Ledger
                     slot.as_mut().expect("just set")
                 }
             };
-            running.used += amounts.get(quota.metric);
+            // Saturating: a sum past the ledger bound is refused by the ledger's check.
+            running.used = running.used.saturating_add(amounts.get(quota.metric));
             running.latest = running.latest.max(at);
         }
     }
@@ -269,7 +309,7 @@ fn merge_rows(resolutions: &Resolutions<'_>, sums: Vec<(usize, usize, RunningSum
         if key != kept_key {
             return false;
         }
-        kept.used += delta.used;
+        kept.used = kept.used.saturating_add(delta.used);
         if *rank > *kept_rank {
             (kept.quota, kept.limit, *kept_rank) = (std::mem::take(&mut delta.quota), delta.limit, *rank);
         }

@@ -9,9 +9,10 @@ use chrono::{DateTime, Duration, Utc};
 use sqlx::{PgPool, Postgres, Transaction};
 use tally_domain::decision::{thresholds_reached, DecisionSnapshot, QuotaDecision};
 use tally_domain::event::UsageEvent;
+use tally_domain::metric::MAX_AMOUNT;
 
 use crate::headroom;
-use crate::plan::{self, Candidate, LedgerDelta, LedgerKey, Parsed, Quarantined};
+use crate::plan::{self, Candidate, LedgerDelta, LedgerKey, Parsed, Quarantined, Refusal};
 use crate::policy::{Policy, PolicyHandle};
 
 /// Why a batch was not committed.
@@ -33,6 +34,70 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, StoreError::Database(_) | StoreError::Config(_))
     }
+
+    /// Whether the same transaction may well succeed if tried again, whatever it holds: a
+    /// lost or refused connection, a serialization failure or deadlock, a server shutting
+    /// down or out of resources. Any other failure may be caused by what the batch holds,
+    /// and [`crate::isolate`] looks for the event that causes it.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Fenced { .. } | StoreError::Config(_) => false,
+            StoreError::Database(e) => is_transient_database_error(e),
+        }
+    }
+
+    /// Whether this failure is a ledger bound refusing a sum: a ledger row past
+    /// [`tally_domain::metric::MAX_AMOUNT`] (the `ledgers_used_within_bound` check) or past
+    /// what a `bigint` holds.
+    pub fn is_overflow(&self) -> bool {
+        let StoreError::Database(sqlx::Error::Database(e)) = self else { return false };
+        match e.code().as_deref() {
+            Some(NUMERIC_VALUE_OUT_OF_RANGE) => true,
+            Some(CHECK_VIOLATION) => e.constraint() == Some(LEDGER_BOUND_CONSTRAINT),
+            _ => false,
+        }
+    }
+}
+
+/// SQLSTATE of a value out of a type's range (a `bigint` sum past 2^63 - 1).
+const NUMERIC_VALUE_OUT_OF_RANGE: &str = "22003";
+/// SQLSTATE of a failed `CHECK` constraint.
+const CHECK_VIOLATION: &str = "23514";
+/// The check that keeps every ledger row's `used` within the amount bound (migration 0015).
+const LEDGER_BOUND_CONSTRAINT: &str = "ledgers_used_within_bound";
+
+/// Postgres and connection failures that say nothing about the batch: connection
+/// exceptions (class 08), transaction rollbacks such as serialization failures and
+/// deadlocks (40), insufficient resources (53), operator intervention such as a shutdown
+/// (57), system errors (58), a lock not available (55P03), and every failure to reach or
+/// keep the server.
+fn is_transient_database_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            let code = db.code();
+            let code = code.as_deref().unwrap_or_default();
+            ["08", "40", "53", "57", "58"].iter().any(|class| code.starts_with(class)) || code == "55P03"
+        }
+        sqlx::Error::Configuration(_)
+        | sqlx::Error::InvalidArgument(_)
+        | sqlx::Error::RowNotFound
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Encode(_)
+        | sqlx::Error::Decode(_) => false,
+        // I/O, TLS, protocol, pool timeouts, a crashed worker, and what sqlx may add.
+        _ => true,
+    }
+}
+
+/// Whether [`Store::commit_batch`] commits its transaction or rolls it back (a trial of
+/// [`crate::isolate`], which only wants to know whether the batch would commit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    Commit,
+    RollBack,
 }
 
 /// A partition this instance owns, with the offset to resume from.
@@ -115,6 +180,7 @@ impl Store {
     /// Commits one batch atomically (see the crate docs for the steps). `refreshes` are
     /// subjects without events in the batch whose usage refresh is due: they are decided in
     /// the same transaction, which costs far less than a transaction of their own.
+    #[allow(clippy::too_many_arguments)]
     pub async fn commit_batch(
         &self,
         ranges: &[Range],
@@ -123,6 +189,7 @@ impl Store {
         policy: &PolicyHandle,
         now: DateTime<Utc>,
         refresh: Duration,
+        finish: Finish,
     ) -> Result<Outcome, StoreError> {
         let mut phases = Phases::start();
         let mut conn = self.pool.acquire().await?;
@@ -135,6 +202,7 @@ impl Store {
         for c in candidates.iter_mut() {
             c.event.cost_micros = policy.cost_micros(&c.event);
         }
+        quarantine_overpriced(&mut candidates, &mut quarantined);
         let recorded = self.recorder.record_event_ids(&mut tx, &candidates, policy.version).await?;
         phases.lap("dedupe");
         let mut outcome = Outcome { duplicates, dedupe_fell_back: recorded.fell_back, ..Outcome::default() };
@@ -167,7 +235,10 @@ impl Store {
         outcome.quarantined = quarantined.len();
         self.enqueue_quarantine(&mut tx, &quarantined).await?;
         self.advance_offsets(&mut tx, ranges).await?;
-        tx.commit().await?;
+        match finish {
+            Finish::Commit => tx.commit().await?,
+            Finish::RollBack => tx.rollback().await?,
+        }
         // A batch's statements carry megabytes of arrays, and a connection keeps the largest
         // buffers it ever needed; give them back before the connection returns to the pool.
         sqlx::Connection::shrink_buffers(&mut *conn);
@@ -225,7 +296,7 @@ impl Store {
             let event = row.into_negated_event();
             for (key, delta) in plan::ledger_deltas(&[&event], &counted_under) {
                 let entry = deltas.entry(key).or_insert(LedgerDelta { used: 0, ..delta.clone() });
-                entry.used += delta.used;
+                entry.used = entry.used.saturating_add(delta.used);
             }
             reverted.push(event);
         }
@@ -368,7 +439,7 @@ impl Store {
             for (q, (key, resets_at)) in p.resolved.quotas.iter().zip(p.keys.iter_mut()) {
                 let Some(days) = plan::rolling_days(q) else { continue };
                 let usage = buckets.get(&rolling_id(key)).map(Vec::as_slice).unwrap_or_default();
-                let total: i64 = usage.iter().map(|(_, n)| n).sum();
+                let total = usage.iter().fold(0i64, |sum, (_, n)| sum.saturating_add(*n));
                 used.insert(key.clone(), total);
                 *resets_at = tally_domain::period::rolling_unblock_at(usage, q.limit, q.burst, days, now)
                     .or_else(|| usage.iter().map(|(t, _)| *t).min().map(|t| t + Duration::days(days as i64)))
@@ -640,6 +711,20 @@ fn subjects_of(events: &[&UsageEvent]) -> Subjects {
         }
     }
     subjects
+}
+
+/// Moves to quarantine, as `overflow`, every candidate whose cost priced from the model's
+/// price is past [`MAX_AMOUNT`] (an amount the sender gave was bounded when it was parsed).
+fn quarantine_overpriced(candidates: &mut Vec<Candidate<'_>>, quarantined: &mut Vec<Quarantined>) {
+    candidates.retain(|c| {
+        let cost = c.event.cost_micros.unwrap_or(0);
+        if cost <= MAX_AMOUNT {
+            return true;
+        }
+        let detail = format!("the cost priced from model {:?}'s price, {cost} micro-dollars, is above the largest amount Tally counts, {MAX_AMOUNT} (10^15)", c.event.model.as_deref().unwrap_or_default());
+        quarantined.push(Quarantined::refused(Refusal::overflow(detail), Some(c.event.id.clone()), c.delivery));
+        false
+    });
 }
 
 /// Adds the deltas to the ledgers with one bulk upsert; returns the `used` of every row it

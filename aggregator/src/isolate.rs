@@ -1,0 +1,166 @@
+//! Poison isolation: finding the event that makes a batch's transaction fail.
+//!
+//! A batch commits all its events or none. When its transaction fails for a reason that is
+//! not transient ([`StoreError::is_transient`]), the failure may be caused by one of its
+//! events: an amount that takes a ledger row past the bound, a configuration it cannot be
+//! counted under, anything the database refuses. Retrying the batch as it is would fail
+//! for ever and stop every subject of its partitions.
+//!
+//! Contract:
+//! - The search tries prefixes of the batch (its first `k` deliveries, with the batch's due
+//!   refreshes, no offsets) in transactions that are rolled back. The empty prefix must
+//!   commit, else no event is to blame ([`Isolation::NotAnEvent`]). A binary search then
+//!   finds the shortest prefix that fails: its last delivery is the poison. Failures are
+//!   taken to be monotone (an event never undoes the failure of an earlier one: amounts are
+//!   non-negative), so the poison is the delivery whose arrival breaks the batch, after the
+//!   events before it in the batch.
+//! - The caller quarantines the poison with the refusal found (`overflow` for a ledger
+//!   bound, `unprocessable` with the database's words otherwise), and commits the batch
+//!   again: every other event is counted exactly once, and the offsets move past all.
+//! - A transient failure during the search interrupts it ([`Isolation::Interrupted`]); the
+//!   caller backs off and tries the whole batch again, so nothing is quarantined for a
+//!   failure of the database.
+//!
+//! It costs about `log2(batch size)` trial transactions per poison event, on a path that
+//! healthy traffic never takes.
+
+use crate::plan::Refusal;
+use crate::store::StoreError;
+
+/// A batch whose prefixes can be tried.
+pub trait Trials {
+    /// Whether the batch's first `prefix` deliveries (and its refreshes) would commit.
+    fn try_prefix(&mut self, prefix: usize) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// What the search found.
+#[derive(Debug)]
+pub enum Isolation {
+    /// The delivery at `index` fails the batch: the prefix before it commits, the prefix
+    /// with it fails with `refusal`'s cause.
+    Found { index: usize, refusal: Refusal },
+    /// The batch fails without any of its events: not an event's fault.
+    NotAnEvent(StoreError),
+    /// A transient failure stopped the search.
+    Interrupted(StoreError),
+}
+
+/// Finds the delivery that makes a batch of `len` deliveries fail; `failure` is how the
+/// whole batch failed.
+pub async fn find_poison(trials: &mut impl Trials, len: usize, failure: StoreError) -> Isolation {
+    match trials.try_prefix(0).await {
+        Ok(()) => {}
+        Err(e) if e.is_transient() => return Isolation::Interrupted(e),
+        Err(e) => return Isolation::NotAnEvent(e),
+    }
+    // Invariant: the prefix of `good` deliveries commits, the prefix of `bad` fails with
+    // `cause`.
+    let (mut good, mut bad, mut cause) = (0, len, failure);
+    while bad - good > 1 {
+        let mid = good + (bad - good) / 2;
+        match trials.try_prefix(mid).await {
+            Ok(()) => good = mid,
+            Err(e) if e.is_transient() => return Isolation::Interrupted(e),
+            Err(e) => (bad, cause) = (mid, e),
+        }
+    }
+    if bad == 0 {
+        return Isolation::NotAnEvent(cause);
+    }
+    Isolation::Found { index: bad - 1, refusal: refusal_of(&cause) }
+}
+
+/// How an isolated event is quarantined, from the failure it causes.
+pub fn refusal_of(cause: &StoreError) -> Refusal {
+    if cause.is_overflow() {
+        let detail = format!(
+            "counting it would take a ledger row past the largest amount Tally counts, {} (10^15): {cause}",
+            tally_domain::metric::MAX_AMOUNT
+        );
+        return Refusal::overflow(detail);
+    }
+    Refusal { reason: "unprocessable".to_string(), detail: Some(format!("its batch's transaction fails with it: {cause}")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch that fails once its prefix holds `poison` (or never, or always), counting
+    /// the trials.
+    struct Fake {
+        fails_from: Option<usize>,
+        transient_at: Option<usize>,
+        tried: Vec<usize>,
+    }
+
+    impl Trials for Fake {
+        async fn try_prefix(&mut self, prefix: usize) -> Result<(), StoreError> {
+            self.tried.push(prefix);
+            if self.transient_at == Some(prefix) {
+                return Err(StoreError::Database(sqlx::Error::PoolTimedOut));
+            }
+            match self.fails_from {
+                Some(poison) if prefix > poison => Err(StoreError::Config(anyhow::anyhow!("event {poison} cannot be counted"))),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    fn fake(fails_from: Option<usize>) -> Fake {
+        Fake { fails_from, transient_at: None, tried: Vec::new() }
+    }
+
+    fn whole_batch_failed() -> StoreError {
+        StoreError::Config(anyhow::anyhow!("the whole batch failed"))
+    }
+
+    #[tokio::test]
+    async fn finds_the_poison_at_every_position_in_about_log2_trials() {
+        for len in [1usize, 2, 3, 10, 10_001] {
+            for poison in [0, len / 2, len - 1] {
+                let mut trials = fake(Some(poison));
+                let Isolation::Found { index, refusal } = find_poison(&mut trials, len, whole_batch_failed()).await else {
+                    panic!("len {len}, poison {poison}: not found");
+                };
+                assert_eq!(index, poison, "len {len}");
+                assert_eq!(refusal.reason, "unprocessable");
+                // The cause is the failure of the shortest failing prefix: the whole batch's
+                // when the poison is its last delivery.
+                let cause = if poison == len - 1 { "the whole batch failed".to_string() } else { format!("event {poison} cannot be counted") };
+                assert!(refusal.detail.unwrap().contains(&cause), "len {len}, poison {poison}");
+                let bound = 2 + (len as f64).log2().ceil() as usize;
+                assert!(trials.tried.len() <= bound, "len {len}: {} trials", trials.tried.len());
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_fails_without_events_blames_none() {
+        struct Always;
+        impl Trials for Always {
+            async fn try_prefix(&mut self, _: usize) -> Result<(), StoreError> {
+                Err(StoreError::Config(anyhow::anyhow!("stored configuration cannot load")))
+            }
+        }
+        assert!(matches!(find_poison(&mut Always, 100, whole_batch_failed()).await, Isolation::NotAnEvent(_)));
+    }
+
+    #[tokio::test]
+    async fn a_transient_failure_interrupts_the_search_and_blames_none() {
+        for at in [0, 50, 75] {
+            let mut trials = Fake { transient_at: Some(at), ..fake(Some(90)) };
+            let found = find_poison(&mut trials, 100, whole_batch_failed()).await;
+            assert!(matches!(found, Isolation::Interrupted(_)), "transient at {at}: {found:?}");
+        }
+    }
+
+    #[test]
+    fn transient_failures_are_told_from_the_batch_s_own() {
+        assert!(StoreError::Database(sqlx::Error::PoolTimedOut).is_transient());
+        assert!(StoreError::Database(sqlx::Error::Io(std::io::Error::other("reset"))).is_transient());
+        assert!(!StoreError::Database(sqlx::Error::RowNotFound).is_transient());
+        assert!(!StoreError::Config(anyhow::anyhow!("x")).is_transient());
+        assert_eq!(refusal_of(&StoreError::Database(sqlx::Error::RowNotFound)).reason, "unprocessable");
+    }
+}
