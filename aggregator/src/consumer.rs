@@ -852,7 +852,7 @@ impl Committer {
         let len = work.deliveries.len();
         tracing::warn!(error = %failure, lane = work.lane, events = len, "batch commit failed; looking for the event that causes it");
         let mut trials = BatchTrials { committer: self, work: &mut *work };
-        match isolate::find_poison(&mut trials, len, failure).await {
+        match isolate::find_poison(&mut trials, len).await {
             Isolation::Found { index, refusal } => {
                 let d = &mut work.deliveries[index];
                 tracing::warn!(partition = d.partition, offset = d.offset, reason = %refusal.reason, detail = refusal.detail.as_deref().unwrap_or_default(), "event isolated from its batch; it goes to quarantine");
@@ -861,6 +861,7 @@ impl Committer {
                 None
             }
             Isolation::NotAnEvent(e) | Isolation::Interrupted(e) => Some(e),
+            Isolation::NotReproduced => Some(failure),
         }
     }
 }

@@ -8,8 +8,10 @@
 //!
 //! Contract:
 //! - The search tries prefixes of the batch (its first `k` deliveries, with the batch's due
-//!   refreshes, no offsets) in transactions that are rolled back. The empty prefix must
-//!   commit, else no event is to blame ([`Isolation::NotAnEvent`]). A binary search then
+//!   refreshes, no offsets) in transactions that are rolled back. The whole batch must fail
+//!   again, else the failure was a passing one and nothing is blamed
+//!   ([`Isolation::NotReproduced`]); the empty prefix must commit, else no event is to blame
+//!   ([`Isolation::NotAnEvent`]). Every verdict rests on trials: a binary search then
 //!   finds the shortest prefix that fails: its last delivery is the poison. Failures are
 //!   taken to be monotone (an event never undoes the failure of an earlier one: amounts are
 //!   non-negative), so the poison is the delivery whose arrival breaks the batch, after the
@@ -41,13 +43,19 @@ pub enum Isolation {
     Found { index: usize, refusal: Refusal },
     /// The batch fails without any of its events: not an event's fault.
     NotAnEvent(StoreError),
+    /// The whole batch did not fail again: its failure passed.
+    NotReproduced,
     /// A transient failure stopped the search.
     Interrupted(StoreError),
 }
 
-/// Finds the delivery that makes a batch of `len` deliveries fail; `failure` is how the
-/// whole batch failed.
-pub async fn find_poison(trials: &mut impl Trials, len: usize, failure: StoreError) -> Isolation {
+/// Finds the delivery that makes a batch of `len` deliveries fail.
+pub async fn find_poison(trials: &mut impl Trials, len: usize) -> Isolation {
+    let failure = match trials.try_prefix(len).await {
+        Ok(()) => return Isolation::NotReproduced,
+        Err(e) if e.is_transient() => return Isolation::Interrupted(e),
+        Err(e) => e,
+    };
     match trials.try_prefix(0).await {
         Ok(()) => {}
         Err(e) if e.is_transient() => return Isolation::Interrupted(e),
@@ -111,25 +119,18 @@ mod tests {
         Fake { fails_from, transient_at: None, tried: Vec::new() }
     }
 
-    fn whole_batch_failed() -> StoreError {
-        StoreError::Config(anyhow::anyhow!("the whole batch failed"))
-    }
-
     #[tokio::test]
     async fn finds_the_poison_at_every_position_in_about_log2_trials() {
         for len in [1usize, 2, 3, 10, 10_001] {
             for poison in [0, len / 2, len - 1] {
                 let mut trials = fake(Some(poison));
-                let Isolation::Found { index, refusal } = find_poison(&mut trials, len, whole_batch_failed()).await else {
+                let Isolation::Found { index, refusal } = find_poison(&mut trials, len).await else {
                     panic!("len {len}, poison {poison}: not found");
                 };
                 assert_eq!(index, poison, "len {len}");
                 assert_eq!(refusal.reason, "unprocessable");
-                // The cause is the failure of the shortest failing prefix: the whole batch's
-                // when the poison is its last delivery.
-                let cause = if poison == len - 1 { "the whole batch failed".to_string() } else { format!("event {poison} cannot be counted") };
-                assert!(refusal.detail.unwrap().contains(&cause), "len {len}, poison {poison}");
-                let bound = 2 + (len as f64).log2().ceil() as usize;
+                assert!(refusal.detail.unwrap().contains(&format!("event {poison} cannot be counted")), "len {len}, poison {poison}");
+                let bound = 3 + (len as f64).log2().ceil() as usize;
                 assert!(trials.tried.len() <= bound, "len {len}: {} trials", trials.tried.len());
             }
         }
@@ -143,14 +144,21 @@ mod tests {
                 Err(StoreError::Config(anyhow::anyhow!("stored configuration cannot load")))
             }
         }
-        assert!(matches!(find_poison(&mut Always, 100, whole_batch_failed()).await, Isolation::NotAnEvent(_)));
+        assert!(matches!(find_poison(&mut Always, 100).await, Isolation::NotAnEvent(_)));
+    }
+
+    #[tokio::test]
+    async fn a_failure_that_does_not_come_back_blames_none() {
+        let mut trials = fake(None);
+        assert!(matches!(find_poison(&mut trials, 100).await, Isolation::NotReproduced));
+        assert_eq!(trials.tried, [100], "one trial of the whole batch, then nothing");
     }
 
     #[tokio::test]
     async fn a_transient_failure_interrupts_the_search_and_blames_none() {
-        for at in [0, 50, 75] {
+        for at in [100, 0, 50, 75] {
             let mut trials = Fake { transient_at: Some(at), ..fake(Some(90)) };
-            let found = find_poison(&mut trials, 100, whole_batch_failed()).await;
+            let found = find_poison(&mut trials, 100).await;
             assert!(matches!(found, Isolation::Interrupted(_)), "transient at {at}: {found:?}");
         }
     }
