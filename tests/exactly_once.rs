@@ -494,6 +494,7 @@ async fn both_ways_of_recording_event_ids_write_the_same_dedupe_rows() {
         payload: None,
         parsed: None,
         decided_early: false,
+        isolated: None,
     };
     let samples = dedupe_row_samples();
     let candidates = |prefix: &str| -> Vec<Candidate<'_>> {
