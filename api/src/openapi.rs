@@ -99,7 +99,7 @@ pub fn document() -> Value {
         },
         "paths": {
             "/healthz": {"get": op("liveness", None, &[], None, &ok)},
-            "/readyz": {"get": op("readiness: Postgres, broker, decision view caught up", None, &[], None, &[("200", "ready"), ("503", "not ready")])},
+            "/readyz": {"get": op("readiness: Postgres, broker, Kafka clients connected, decision view caught up", None, &[], None, &[("200", "ready"), ("503", "not ready")])},
             "/metrics": {"get": op("Prometheus metrics", None, &[], None, &ok)},
             "/openapi.json": {"get": op("this document", None, &[], None, &ok)},
             "/v1/check": {"post": op("may this subject make this request now? (X-RateLimit-*, Retry-After headers)", read, &[], Some("CheckRequest"),
