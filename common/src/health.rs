@@ -6,13 +6,16 @@
 //!   *disconnected* from that instant; a fatal error (`_FATAL`, e.g. a fenced idempotent
 //!   producer) marks it *broken* until it is replaced ([`crate::producing`]);
 //! - through its statistics (`statistics.interval.ms`, once a second, see [`watched`]): a
-//!   broker connection that is up clears *disconnected*; brokers that librdkafka is
-//!   connecting to with none up mark it. Brokers in `INIT` say nothing: librdkafka leaves a
-//!   broker there both between reconnect attempts and when an idle client needs no
-//!   connection (sparse connections). So an idle client is no longer disconnected once no
-//!   broker was reported down for [`IDLE_CLEARS_AFTER`] (longer than librdkafka's longest
-//!   reconnect backoff, 10 s by default, after which a client that wants a connection tries
-//!   again and, failing, reports all brokers down again).
+//!   broker connection that is up clears *disconnected*; with none up, brokers that
+//!   librdkafka is connecting to, or connection attempts made since the last statistics,
+//!   mark it. Brokers in `INIT` with no new attempt say nothing: librdkafka leaves a broker
+//!   there both between reconnect attempts and when an idle client needs no connection
+//!   (sparse connections). So an idle client is no longer disconnected once no broker was
+//!   reported down for [`IDLE_CLEARS_AFTER`] (longer than librdkafka's longest reconnect
+//!   backoff, 10 s by default, after which a client that wants a connection tries again).
+//!
+//! (A consumer's errors come back from its `poll`/`recv`, not through the error callback,
+//! so for consumers the statistics are what tells.)
 //!
 //! A delivered message clears *disconnected* too. A client is reported disconnected only
 //! after [`DISCONNECTED_GRACE`], so a reconnect does not flap readiness.
@@ -22,7 +25,7 @@
 //! [`BROKEN_LIVENESS`], i.e. replacing it did not help and a restart might.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -246,21 +249,32 @@ pub enum Connection {
     Idle,
 }
 
-/// The connection from each broker's `(source, state)` in librdkafka's statistics. The
-/// internal and logical brokers (`source` `internal`, `logical`) are not connections.
-pub fn connection<'a>(brokers: impl IntoIterator<Item = (&'a str, &'a str)>) -> Connection {
-    let mut down = false;
-    for (source, state) in brokers {
+/// The connection from each broker's `(source, state, connects)` in librdkafka's
+/// statistics, and the total of `connects` (connection attempts) to pass next time as
+/// `attempts_before` (`None` the first time). The internal and logical brokers (`source`
+/// `internal`, `logical`) are not connections.
+pub fn connection<'a>(brokers: impl IntoIterator<Item = (&'a str, &'a str, u64)>, attempts_before: Option<u64>) -> (Connection, u64) {
+    let (mut down, mut up, mut attempts) = (false, false, 0u64);
+    for (source, state, connects) in brokers {
         if source == "internal" || source == "logical" {
             continue;
         }
+        attempts += connects;
         match state {
-            "UP" | "UPDATE" => return Connection::Up,
+            "UP" | "UPDATE" => up = true,
             "INIT" => {}
             _ => down = true,
         }
     }
-    if down { Connection::Down } else { Connection::Idle }
+    let tried = attempts_before.is_some_and(|before| attempts > before);
+    let c = if up {
+        Connection::Up
+    } else if down || tried {
+        Connection::Down
+    } else {
+        Connection::Idle
+    };
+    (c, attempts)
 }
 
 #[derive(Deserialize)]
@@ -275,6 +289,8 @@ struct BrokerStats {
     source: String,
     #[serde(default)]
     state: String,
+    #[serde(default)]
+    connects: u64,
 }
 
 /// A client context: librdkafka's log lines go to tracing (as with
@@ -285,6 +301,8 @@ pub struct Watched {
     generation: u64,
     /// Set on a fatal error, for the owner of this instance (see [`crate::producing`]).
     fatal: Arc<AtomicBool>,
+    /// Connection attempts as of the last statistics (`u64::MAX` before the first).
+    attempts: AtomicU64,
 }
 
 impl Default for Watched {
@@ -298,7 +316,7 @@ impl Watched {
     /// A context for the instance of `health`'s client now in use.
     pub fn new(health: Arc<ClientHealth>) -> Watched {
         let generation = health.generation();
-        Watched { health, generation, fatal: Arc::new(AtomicBool::new(false)) }
+        Watched { health, generation, fatal: Arc::new(AtomicBool::new(false)), attempts: AtomicU64::new(u64::MAX) }
     }
 
     /// Whether this instance hit a fatal error.
@@ -343,7 +361,10 @@ impl ClientContext for Watched {
 
     fn stats_raw(&self, statistics: &[u8]) {
         let Ok(stats) = serde_json::from_slice::<Stats>(statistics) else { return };
-        match connection(stats.brokers.values().map(|b| (b.source.as_str(), b.state.as_str()))) {
+        let before = Some(self.attempts.load(Ordering::Relaxed)).filter(|a| *a != u64::MAX);
+        let (connection, attempts) = connection(stats.brokers.values().map(|b| (b.source.as_str(), b.state.as_str(), b.connects)), before);
+        self.attempts.store(attempts, Ordering::Relaxed);
+        match connection {
             Connection::Up => self.health.reached_brokers(self.generation),
             Connection::Idle => self.health.idle(self.generation, Instant::now()),
             Connection::Down => {
@@ -361,10 +382,15 @@ mod tests {
 
     #[test]
     fn connection_is_up_with_one_broker_up_and_down_only_while_trying() {
-        assert_eq!(connection([("configured", "DOWN"), ("learned", "UP"), ("internal", "UP")]), Connection::Up);
-        assert_eq!(connection([("configured", "CONNECT"), ("learned", "DOWN"), ("internal", "UP")]), Connection::Down);
-        assert_eq!(connection([("configured", "INIT"), ("learned", "INIT"), ("logical", "UP")]), Connection::Idle);
-        assert_eq!(connection([]), Connection::Idle);
+        let c = |b: &[(&'static str, &'static str, u64)], before| connection(b.iter().copied(), before).0;
+        assert_eq!(c(&[("configured", "DOWN", 3), ("learned", "UP", 1), ("internal", "UP", 0)], None), Connection::Up);
+        assert_eq!(c(&[("configured", "CONNECT", 3), ("learned", "DOWN", 2), ("internal", "UP", 0)], None), Connection::Down);
+        assert_eq!(c(&[("configured", "INIT", 1), ("learned", "INIT", 1), ("logical", "UP", 0)], None), Connection::Idle);
+        // Between reconnect attempts: INIT, but attempts were made since the last look.
+        assert_eq!(c(&[("configured", "INIT", 4), ("learned", "INIT", 3), ("logical", "UP", 9)], Some(5)), Connection::Down);
+        assert_eq!(c(&[("configured", "INIT", 4), ("learned", "INIT", 3)], Some(7)), Connection::Idle);
+        assert_eq!(connection([("configured", "INIT", 4), ("logical", "UP", 9)], None).1, 4);
+        assert_eq!(c(&[], None), Connection::Idle);
     }
 
     #[test]
