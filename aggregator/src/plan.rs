@@ -10,7 +10,7 @@ use foldhash::{HashMap, HashMapExt};
 
 use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
-use tally_domain::decision::{quota_state, QuotaDecision};
+use tally_domain::decision::{quota_state, remaining, QuotaDecision};
 use tally_domain::event::{parse_event_with_fingerprint, timeliness, EventErrorKind, Timeliness, UsageEvent};
 use tally_domain::period::{PeriodSpec, Window};
 
@@ -406,7 +406,7 @@ pub fn decide(quotas: &[Quota], keys: &[(LedgerKey, DateTime<Utc>)], used: impl 
                 action: q.action.clone(),
                 used,
                 limit: q.limit,
-                remaining: (q.limit.saturating_add(q.burst) - used).max(0),
+                remaining: remaining(used, q.limit, q.burst),
                 resets_at: *resets_at,
                 fired: Vec::new(),
             }
