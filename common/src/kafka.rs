@@ -59,7 +59,10 @@ pub const DEFAULT_FETCH_WAIT_MS: u32 = 20;
 impl KafkaSettings {
     fn base(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &self.brokers);
+        // librdkafka backs off reconnects up to 10 s by default: after an outage a client
+        // came back up to 10 s after the broker. Two seconds costs one attempt per client
+        // every two seconds while the broker is away.
+        c.set("bootstrap.servers", &self.brokers).set("reconnect.backoff.max.ms", "2000");
         if let Some(debug) = self.debug.as_deref().filter(|d| !d.is_empty()) {
             c.set("debug", debug);
         }

@@ -81,8 +81,12 @@ pub struct Tally {
 impl Tally {
     /// Names for a new test and `tally setup` run for them; no service started yet.
     pub fn prepare(config_yaml: Option<&str>) -> Tally {
+        Tally::prepare_on(Servers::get(), config_yaml)
+    }
+
+    /// As [`Tally::prepare`], on the given servers (e.g. a broker of the test's own).
+    pub fn prepare_on(servers: Servers, config_yaml: Option<&str>) -> Tally {
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-        let servers = Servers::get();
         let log_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("tally-tests").join(&id);
         std::fs::create_dir_all(&log_dir).expect("create log dir");
         let config = config_yaml.map(|yaml| {
