@@ -9,8 +9,8 @@
 //! - Compressed request bodies ([`decoding`]): `Content-Encoding: gzip` (or `x-gzip`),
 //!   `deflate` (zlib) and `br` are decoded before anything reads the body, so the body limit
 //!   counts decoded bytes: a small body that inflates past it is a 413, read only up to the
-//!   limit, never held whole. `identity` is no encoding; any other is a 415 naming
-//!   `content-encoding`, with `Accept-Encoding` listing what is decoded.
+//!   limit, never held whole. `identity` is no encoding; any other on a request with a body
+//!   is a 415 naming `content-encoding`, with `Accept-Encoding` listing what is decoded.
 //! - Unknown routes (404, `field: "path"`) and wrong methods (405, `field: "method"`, with the
 //!   `Allow` header) answer JSON too ([`json_fallbacks`]).
 //!
@@ -166,8 +166,13 @@ pub fn decoding<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S
 }
 
 /// Answers 415 in JSON to a coding [`decoding`] does not decode (the decompression layer's own
-/// 415 has no body), and writes the known ones as that layer reads them.
+/// 415 has no body), and writes the known ones as that layer reads them. A request without a
+/// body has nothing to decode: its `Content-Encoding` is dropped.
 async fn known_encoding(mut req: Request, next: Next) -> Response {
+    if axum::body::HttpBody::is_end_stream(req.body()) {
+        req.headers_mut().remove(header::CONTENT_ENCODING);
+        return next.run(req).await;
+    }
     let values: Vec<&HeaderValue> = req.headers().get_all(header::CONTENT_ENCODING).iter().collect();
     let coding = match values.as_slice() {
         [] => return next.run(req).await,
@@ -344,6 +349,9 @@ mod tests {
         }
         let two = post_json("/items").header("content-encoding", "gzip").header("content-encoding", "br");
         assert_eq!(send(two, "{}").await.0, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        // Without a body there is nothing to decode.
+        let (status, _, body) = send(Request::get("/health").header("content-encoding", "zstd"), HttpBody::empty()).await;
+        assert_eq!((status, body), (StatusCode::OK, json!("ok")));
         let (status, _, err) = send(post_json("/items").header("content-encoding", "gzip"), "not gzip at all").await;
         assert_eq!((status, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("body")), "{err}");
     }
