@@ -160,7 +160,7 @@ async fn a_broker_cut_longer_than_the_message_timeout_heals_without_a_restart() 
     let took = started.elapsed();
     assert_eq!(s, 503, "ingest during the cut: {body}");
     assert!(retry_after.is_some(), "a 503 says when to retry");
-    assert!(took < Duration::from_millis(ACK_TIMEOUT_MS + 1500), "ingest held the request {took:?}");
+    assert!(took < Duration::from_millis(ACK_TIMEOUT_MS + 3000), "ingest held the request {took:?}");
     assert!(body["error"].is_string(), "{body}");
 
     // The check answers by its (closed) policy once the view is staler than the bound.

@@ -27,7 +27,8 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tally_common::clickhouse::ClickHouseSettings;
 use tally_common::kafka::KafkaSettings;
-use tally_common::consuming::{self, KafkaLog};
+use tally_common::consuming;
+use tally_common::health::{watched, Clients, Watched};
 use tally_common::membership::{Heartbeats, Membership, ShareChange};
 use tally_common::metrics::{Counter, Gauge, Registry, Timing};
 use tally_common::postgres::PostgresSettings;
@@ -98,7 +99,7 @@ fn failpoint() -> Option<Step> {
 struct Loop {
     settings: WriterSettings,
     topic: String,
-    consumer: StreamConsumer<KafkaLog>,
+    consumer: StreamConsumer<Watched>,
     heartbeats: Heartbeats,
     progress: Progress,
     sink: Sink,
@@ -121,9 +122,9 @@ pub async fn run(
     }
     let pool = postgres.connect().await?;
     // The Kafka group only receives offset hints: partitions are assigned manually.
-    let consumer: StreamConsumer<KafkaLog> = kafka
-        .consumer_config(&settings.group)
-        .create_with_context(KafkaLog)
+    let clients = Clients::default();
+    let consumer: StreamConsumer<Watched> = watched(kafka.consumer_config(&settings.group))
+        .create_with_context(Watched::new(clients.register("usage consumer")))
         .context("failed to create the history consumer")?;
     let progress = Progress {
         pool: pool.clone(),
@@ -139,7 +140,7 @@ pub async fn run(
         lease: settings.member_lease(),
     };
     let metrics = Arc::new(Metrics::new());
-    let health = spawn_health_server(settings.listen, metrics.clone()).await?;
+    let health = spawn_health_server(settings.listen, metrics.clone(), clients.clone()).await?;
     let lag = spawn_lag_gauge(progress.clone(), metrics.clone());
     tracing::info!(group = %settings.group, ledger_group = %settings.ledger_group, topic = %kafka.usage_topic, owner = %progress.owner,
         clickhouse = %clickhouse.clickhouse_url, database = %clickhouse.clickhouse_database, "history writer consuming");
@@ -165,11 +166,21 @@ pub async fn run(
     Ok(())
 }
 
-async fn spawn_health_server(listen: std::net::SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+/// `/healthz` (liveness: 200 with the consumer's state), `/readyz` (503 while the consumer
+/// cannot reach the broker; [`tally_common::health`]) and `/metrics`.
+async fn spawn_health_server(listen: std::net::SocketAddr, metrics: Arc<Metrics>, clients: Clients) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use axum::http::StatusCode;
     use axum::routing::get;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("failed to listen on {listen}"))?;
+    let report = move |ready: bool| {
+        let r = clients.report(std::time::Instant::now());
+        let ok = if ready { r.ready } else { r.live };
+        (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, axum::Json(r))
+    };
+    let (live, ready) = (report.clone(), report);
     let app = axum::Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(move || async move { live(false) }))
+        .route("/readyz", get(move || async move { ready(true) }))
         .route("/metrics", get(move || async move { metrics.registry.render() }));
     Ok(tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
