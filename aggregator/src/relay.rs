@@ -6,7 +6,8 @@
 //! and delete republishes; consumers keep the highest version.
 //!
 //! The producer replaces itself after a fatal error ([`tally_common::producing`]); rows that
-//! failed stay in the outbox and the next round publishes them again.
+//! failed stay in the outbox and the next round publishes them again, in id order (the
+//! relay does not use the producer's own resend, which could reorder a subject's snapshots).
 //!
 //! Heartbeats: after a round that left the outbox empty as of its read, the relay publishes
 //! a heartbeat ([`tally_domain::heartbeat`]) to every partition of the decisions topic, at
@@ -78,7 +79,8 @@ async fn relay_once(pool: &PgPool, producer: &RebuildingProducer) -> anyhow::Res
     if rows.is_empty() {
         return Ok(Round { published: 0, drained_at });
     }
-    let sends = rows.iter().map(|(_, topic, key, payload)| producer.send(Outgoing::new(topic, key.as_bytes(), payload), QUEUE_TIMEOUT));
+    // Not resent within the round: the next round publishes failed rows again, in id order.
+    let sends = rows.iter().map(|(_, topic, key, payload)| producer.send_once(Outgoing::new(topic, key.as_bytes(), payload), QUEUE_TIMEOUT));
     for result in join_all(sends).await {
         result.map_err(|e| anyhow::anyhow!("failed to publish an outbox message: {e}"))?;
     }

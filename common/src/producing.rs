@@ -167,7 +167,19 @@ impl RebuildingProducer {
     /// the wait for room in librdkafka's queue; the acknowledgement comes within
     /// `message.timeout.ms`.
     pub async fn send(&self, message: Outgoing<'_>, queue_timeout: Duration) -> Result<Delivery, KafkaError> {
-        let mut resent = false;
+        self.send_resending(message, queue_timeout, true).await
+    }
+
+    /// As [`RebuildingProducer::send`], but never sends again: after a fatal error the
+    /// producer is replaced for the next send and the error returned. For a caller that
+    /// resends in its own order (the outbox relay: a resend of each failed message as its
+    /// error arrives could reorder a subject's snapshots on the compacted topic).
+    pub async fn send_once(&self, message: Outgoing<'_>, queue_timeout: Duration) -> Result<Delivery, KafkaError> {
+        self.send_resending(message, queue_timeout, false).await
+    }
+
+    async fn send_resending(&self, message: Outgoing<'_>, queue_timeout: Duration, resend: bool) -> Result<Delivery, KafkaError> {
+        let mut resent = !resend;
         loop {
             let instance = self.instance();
             let instance = if instance.is_fatal() {
@@ -243,6 +255,11 @@ mod tests {
         let report = clients.report(Instant::now());
         assert!(report.ready, "{report:?}");
         assert_eq!(report.clients[0].rebuilds, 1);
+        // send_once leaves the resend to the caller, on the replaced producer.
+        cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED]);
+        assert!(producer.send_once(Outgoing::new("t", b"k", b"four"), Duration::from_secs(5)).await.is_err());
+        assert_eq!(rebuilds.get(), 2);
+        producer.send_once(Outgoing::new("t", b"k", b"four"), Duration::from_secs(5)).await.expect("the caller's resend");
     }
 
     #[test]
