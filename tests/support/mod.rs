@@ -50,8 +50,25 @@ impl Servers {
 }
 
 /// A free loopback port (bound and released; the service binds it right after).
+///
+/// Picked at random below the kernel's ephemeral range, not by binding port 0: a port from
+/// that range can be taken, between this probe and the service's bind, as the local port
+/// of any outgoing connection on the machine (tests open thousands), and the service then
+/// fails with "address already in use". Below the range only another test's probe can
+/// take it, one chance in thousands per pair of tests starting at the same instant.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port")
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_start.max(20_000));
+    for _ in 0..1000 {
+        let port = low + (uuid::Uuid::new_v4().as_u128() % u128::from(high - low)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {low}..{high}")
 }
 
 fn with_database(url: &str, db: &str) -> String {
