@@ -621,3 +621,30 @@ fn export_json(t: &Tally, period: &str) -> Value {
 fn enc(s: &str) -> String {
     s.replace('+', "%2B").replace(':', "%3A")
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_clickhouse_refuses_on_its_own_is_isolated_and_history_goes_on() {
+    let mut t = Tally::start(Some(TIERS)).await;
+    let pool = t.pg().await;
+    let events = batch(&t, "iso", 80, Utc::now());
+    let refused = events[17]["id"].as_str().unwrap().to_string();
+    let url = t.spawn_history_writer(&[("TALLY_HISTORY_REFUSE_EVENT", refused.clone())]);
+    post_all(&t, &events).await;
+    wait_converged(&t, &pool, 80).await;
+
+    // Every other event is in history, raw rows and rollups alike; the refused one is not,
+    // and it is recorded with ClickHouse's words.
+    assert_history_exact(&t, 79).await;
+    let present = t.clickhouse_i64(&format!("SELECT count() FROM `{}`.usage_events WHERE event_id = '{refused}'", t.clickhouse_database())).await;
+    assert_eq!(present, 0);
+    let rows: Vec<(String, String)> = sqlx::query_as("SELECT event_id, reason FROM history_isolated WHERE group_id = $1")
+        .bind(t.history_group())
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].0, refused);
+    assert!(rows[0].1.contains("TALLY_HISTORY_REFUSE_EVENT"), "{rows:?}");
+    assert_eq!(t.metric(&url, "tally_history_events_isolated_total").await, 1);
+    assert_eq!(accepted_events(&pool).await, 80, "the ledger counted it all the same");
+}

@@ -31,6 +31,7 @@
 
 pub mod billing;
 pub mod ch;
+pub mod isolate;
 pub mod plan;
 pub mod progress;
 pub mod query;

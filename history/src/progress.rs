@@ -39,6 +39,13 @@ pub struct Range {
     pub next: i64,
 }
 
+/// An event of a batch that ClickHouse refused on its own, with ClickHouse's words.
+#[derive(Debug, Clone, Copy)]
+pub struct IsolatedEvent<'a> {
+    pub event: &'a tally_domain::event::UsageEvent,
+    pub reason: &'a str,
+}
+
 #[derive(Clone)]
 pub struct Progress {
     pub pool: PgPool,
@@ -67,9 +74,24 @@ impl Progress {
         Ok(Claim { partition, next_offset, epoch })
     }
 
-    /// Advances the stored offsets of every range in one transaction, or none of them.
-    pub async fn advance(&self, ranges: &[Range]) -> Result<(), ProgressError> {
+    /// Advances the stored offsets of every range in one transaction, or none of them, and
+    /// records in it the batch's events that ClickHouse refused ([`crate::isolate`]).
+    pub async fn advance(&self, ranges: &[Range], isolated: &[IsolatedEvent<'_>]) -> Result<(), ProgressError> {
         let mut tx = self.pool.begin().await?;
+        if !isolated.is_empty() {
+            sqlx::query(
+                "INSERT INTO history_isolated (group_id, event_id, subject, event_time, reason)
+                 SELECT $1, unnest($2::text[]), unnest($3::text[]), unnest($4::timestamptz[]), unnest($5::text[])
+                 ON CONFLICT (group_id, event_id) DO NOTHING",
+            )
+            .bind(&self.group)
+            .bind(isolated.iter().map(|i| i.event.id.as_str()).collect::<Vec<_>>())
+            .bind(isolated.iter().map(|i| i.event.subject.as_str()).collect::<Vec<_>>())
+            .bind(isolated.iter().map(|i| i.event.time).collect::<Vec<_>>())
+            .bind(isolated.iter().map(|i| i.reason).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
         for r in ranges {
             let updated = sqlx::query(
                 "UPDATE history_offsets SET next_offset = $1, updated_at = now()

@@ -33,10 +33,11 @@ use tally_common::membership::{Heartbeats, Membership, ShareChange};
 use tally_common::metrics::{Counter, Gauge, Registry, Timing};
 use tally_common::postgres::PostgresSettings;
 
-use crate::ch::Ch;
+use crate::ch::{Ch, ChError};
+use crate::isolate;
 use crate::plan::{self, Delivery};
-use crate::progress::{Progress, ProgressError, Range};
-use crate::sink::{Sink, Step};
+use crate::progress::{IsolatedEvent, Progress, ProgressError, Range};
+use crate::sink::{Counted, Sink, Step, Written};
 use crate::WriterSettings;
 
 
@@ -56,6 +57,7 @@ struct Metrics {
     orphan_corrections: Counter,
     batches: Timing,
     failures: Counter,
+    isolated: Counter,
     fenced: Counter,
     held: Counter,
     owned_partitions: Gauge,
@@ -77,12 +79,47 @@ impl Metrics {
             ),
             batches: Timing::new(&r, "tally_history_batch_micros_total", "tally_history_batches_total", "time spent writing batches"),
             failures: r.counter("tally_history_batch_failures_total", "batches rewound after a ClickHouse or Postgres failure", &[]),
+            isolated: r.counter(
+                "tally_history_events_isolated_total",
+                "counted events ClickHouse refused on their own, left out of history and recorded in history_isolated",
+                &[],
+            ),
             fenced: r.counter("tally_history_batches_fenced_total", "batches refused by fencing", &[]),
             held: r.counter("tally_history_waits_for_ledger_total", "batches cut short because the ledger had not reached them", &[]),
             owned_partitions: r.gauge("tally_history_owned_partitions", "partitions this instance owns", &[]),
             lag: r.gauge("tally_history_lag_messages", "messages the ledger consumed that history has not written", &[]),
             registry: r,
         }
+    }
+}
+
+/// A deliberate refusal for tests (`TALLY_HISTORY_REFUSE_EVENT`): any write holding the
+/// event with this id fails as ClickHouse refusing it would.
+fn refused_event() -> Option<String> {
+    std::env::var("TALLY_HISTORY_REFUSE_EVENT").ok().filter(|id| !id.is_empty())
+}
+
+/// The sink's writes as [`isolate`] tries them, with the test failpoints.
+struct SinkWrites<'a> {
+    sink: &'a Sink,
+    crash_at: Option<Step>,
+    refuse: Option<&'a str>,
+}
+
+impl isolate::Writes for SinkWrites<'_> {
+    async fn write(&mut self, events: &[Counted]) -> Result<Written, ChError> {
+        if let Some(id) = self.refuse.filter(|id| events.iter().any(|c| c.event.id == *id)) {
+            return Err(ChError::Refused { status: 500, message: format!("failpoint: event {id:?} refused (TALLY_HISTORY_REFUSE_EVENT)") });
+        }
+        let crash_at = self.crash_at;
+        self.sink
+            .write(events, Utc::now(), |step| {
+                if crash_at == Some(step) {
+                    tracing::error!(?step, "failpoint: aborting mid-batch");
+                    std::process::abort();
+                }
+            })
+            .await
     }
 }
 
@@ -107,6 +144,7 @@ struct Loop {
     metrics: Arc<Metrics>,
     backoff: Duration,
     crash_at: Option<Step>,
+    refuse: Option<String>,
 }
 
 /// Runs the history writer until `shutdown` resolves (see the crate docs).
@@ -154,6 +192,7 @@ pub async fn run(
         metrics,
         backoff: Duration::ZERO,
         crash_at: failpoint(),
+        refuse: refused_event(),
         settings,
     };
     state.consume_until(shutdown).await;
@@ -367,20 +406,18 @@ impl Loop {
         };
         plan::resolve_models(&mut selection.counted, &stored_models);
         let crash_at = self.crash_at.filter(|_| !selection.counted.is_empty());
-        let written = match self
-            .sink
-            .write(&selection.counted, Utc::now(), |step| {
-                if crash_at == Some(step) {
-                    tracing::error!(?step, "failpoint: aborting mid-batch");
-                    std::process::abort();
-                }
-            })
-            .await
-        {
-            Ok(w) => w,
+        let mut writes = SinkWrites { sink: &self.sink, crash_at, refuse: self.refuse.as_deref() };
+        let outcome = match isolate::write_isolating(&mut writes, &selection.counted).await {
+            Ok(outcome) => outcome,
             Err(e) => return Err(self.fail(&ready_ranges, &format!("ClickHouse write failed: {e}"))),
         };
-        match self.progress.advance(&ready_ranges).await {
+        let isolated: Vec<IsolatedEvent<'_>> =
+            outcome.isolated.iter().map(|i| IsolatedEvent { event: &selection.counted[i.index].event, reason: &i.error }).collect();
+        for i in &isolated {
+            tracing::error!(event_id = %i.event.id, subject = %i.event.subject, reason = i.reason, "ClickHouse refused this counted event on its own; history goes on without it (history_isolated)");
+        }
+        let written = outcome.written;
+        match self.progress.advance(&ready_ranges, &isolated).await {
             Ok(()) => {}
             Err(ProgressError::Fenced { partition, .. }) => {
                 self.metrics.fenced.inc();
@@ -396,6 +433,7 @@ impl Loop {
         self.backoff = Duration::ZERO;
         self.metrics.batches.record(started.elapsed());
         self.metrics.written.add(written.inserted as u64);
+        self.metrics.isolated.add(isolated.len() as u64);
         self.metrics.replayed.add(written.already_present as u64);
         self.metrics.not_counted.add(selection.not_counted as u64);
         self.metrics.corrections.add(selection.corrections as u64);
