@@ -46,7 +46,7 @@ use futures::FutureExt;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::plan::{parse_batch, Delivery};
+use crate::plan::{parse_batch, Delivery, Refusal};
 use crate::policy::{Policy, PolicyHandle};
 use crate::lanes::{key_hash, BatchLimits, Lane};
 use crate::isolate::{self, Isolation};
@@ -876,9 +876,17 @@ impl isolate::Trials for BatchTrials<'_> {
     async fn try_prefix(&mut self, prefix: usize) -> Result<(), StoreError> {
         let c = self.committer;
         let now = Utc::now();
-        // No ranges: the offsets are the batch's, and a trial commits nothing anyway.
+        // No ranges, so no fencing check: the offsets are the batch's, and a trial commits
+        // nothing anyway.
         let parsed = parse_batch(&mut self.work.deliveries[..prefix], now, c.lateness);
         c.store.commit_batch(&[], parsed, &self.work.refreshes, &c.policy, now, c.refresh, Finish::RollBack).await.map(|_| ())
+    }
+
+    async fn try_quarantining(&mut self, prefix: usize, index: usize, refusal: &Refusal) -> Result<(), StoreError> {
+        self.work.deliveries[index].isolated = Some(refusal.clone());
+        let result = self.try_prefix(prefix).await;
+        self.work.deliveries[index].isolated = None;
+        result
     }
 }
 

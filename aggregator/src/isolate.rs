@@ -12,10 +12,14 @@
 //!   again, else the failure was a passing one and nothing is blamed
 //!   ([`Isolation::NotReproduced`]); the empty prefix must commit, else no event is to blame
 //!   ([`Isolation::NotAnEvent`]). Every verdict rests on trials: a binary search then
-//!   finds the shortest prefix that fails: its last delivery is the poison. Failures are
-//!   taken to be monotone (an event never undoes the failure of an earlier one: amounts are
-//!   non-negative), so the poison is the delivery whose arrival breaks the batch, after the
-//!   events before it in the batch.
+//!   finds a prefix that fails whose prefix one shorter commits; its last delivery is the
+//!   suspect. Usage only adds (a correction, which subtracts, cannot break a bound), so for
+//!   an overflow that is the delivery whose arrival breaks the batch after the events
+//!   before it. Last, that prefix is tried once more with the suspect quarantined instead
+//!   of counted, as the batch's next commit will do: only if that commits is the suspect
+//!   blamed. So a failure that any write meets (a read-only server after a failover,
+//!   revoked permissions), which the empty prefix, writing nothing, does not show, blames
+//!   nobody: quarantining the suspect fails too.
 //! - The caller quarantines the poison with the refusal found (`overflow` for a ledger
 //!   bound, `unprocessable` with the database's words otherwise), and commits the batch
 //!   again: every other event is counted exactly once, and the offsets move past all.
@@ -33,6 +37,15 @@ use crate::store::StoreError;
 pub trait Trials {
     /// Whether the batch's first `prefix` deliveries (and its refreshes) would commit.
     fn try_prefix(&mut self, prefix: usize) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
+
+    /// Whether the first `prefix` deliveries would commit with the one at `index`
+    /// quarantined as `refusal` instead of counted.
+    fn try_quarantining(
+        &mut self,
+        prefix: usize,
+        index: usize,
+        refusal: &Refusal,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
 }
 
 /// What the search found.
@@ -75,7 +88,12 @@ pub async fn find_poison(trials: &mut impl Trials, len: usize) -> Isolation {
     if bad == 0 {
         return Isolation::NotAnEvent(cause);
     }
-    Isolation::Found { index: bad - 1, refusal: refusal_of(&cause) }
+    let (index, refusal) = (bad - 1, refusal_of(&cause));
+    match trials.try_quarantining(bad, index, &refusal).await {
+        Ok(()) => Isolation::Found { index, refusal },
+        Err(e) if e.is_transient() => Isolation::Interrupted(e),
+        Err(e) => Isolation::NotAnEvent(e),
+    }
 }
 
 /// How an isolated event is quarantined, from the failure it causes.
@@ -94,29 +112,45 @@ pub fn refusal_of(cause: &StoreError) -> Refusal {
 mod tests {
     use super::*;
 
-    /// A batch that fails once its prefix holds `poison` (or never, or always), counting
-    /// the trials.
+    /// A batch that fails once its prefix counts `poison` (or never), counting the trials;
+    /// with `writes_fail`, every prefix that writes anything fails.
     struct Fake {
         fails_from: Option<usize>,
         transient_at: Option<usize>,
+        writes_fail: bool,
         tried: Vec<usize>,
     }
 
-    impl Trials for Fake {
-        async fn try_prefix(&mut self, prefix: usize) -> Result<(), StoreError> {
+    impl Fake {
+        fn outcome(&mut self, prefix: usize, quarantined: Option<usize>) -> Result<(), StoreError> {
             self.tried.push(prefix);
             if self.transient_at == Some(prefix) {
                 return Err(StoreError::Database(sqlx::Error::PoolTimedOut));
             }
+            if self.writes_fail && prefix > 0 {
+                return Err(StoreError::Config(anyhow::anyhow!("cannot execute INSERT in a read-only transaction")));
+            }
             match self.fails_from {
-                Some(poison) if prefix > poison => Err(StoreError::Config(anyhow::anyhow!("event {poison} cannot be counted"))),
+                Some(poison) if prefix > poison && quarantined != Some(poison) => {
+                    Err(StoreError::Config(anyhow::anyhow!("event {poison} cannot be counted")))
+                }
                 _ => Ok(()),
             }
         }
     }
 
+    impl Trials for Fake {
+        async fn try_prefix(&mut self, prefix: usize) -> Result<(), StoreError> {
+            self.outcome(prefix, None)
+        }
+
+        async fn try_quarantining(&mut self, prefix: usize, index: usize, _: &Refusal) -> Result<(), StoreError> {
+            self.outcome(prefix, Some(index))
+        }
+    }
+
     fn fake(fails_from: Option<usize>) -> Fake {
-        Fake { fails_from, transient_at: None, tried: Vec::new() }
+        Fake { fails_from, transient_at: None, writes_fail: false, tried: Vec::new() }
     }
 
     #[tokio::test]
@@ -130,7 +164,7 @@ mod tests {
                 assert_eq!(index, poison, "len {len}");
                 assert_eq!(refusal.reason, "unprocessable");
                 assert!(refusal.detail.unwrap().contains(&format!("event {poison} cannot be counted")), "len {len}, poison {poison}");
-                let bound = 3 + (len as f64).log2().ceil() as usize;
+                let bound = 4 + (len as f64).log2().ceil() as usize;
                 assert!(trials.tried.len() <= bound, "len {len}: {} trials", trials.tried.len());
             }
         }
@@ -143,8 +177,18 @@ mod tests {
             async fn try_prefix(&mut self, _: usize) -> Result<(), StoreError> {
                 Err(StoreError::Config(anyhow::anyhow!("stored configuration cannot load")))
             }
+
+            async fn try_quarantining(&mut self, prefix: usize, _: usize, _: &Refusal) -> Result<(), StoreError> {
+                self.try_prefix(prefix).await
+            }
         }
         assert!(matches!(find_poison(&mut Always, 100).await, Isolation::NotAnEvent(_)));
+    }
+
+    #[tokio::test]
+    async fn a_failure_every_write_meets_blames_none_though_the_empty_prefix_commits() {
+        let mut trials = Fake { writes_fail: true, ..fake(None) };
+        assert!(matches!(find_poison(&mut trials, 1000).await, Isolation::NotAnEvent(_)));
     }
 
     #[tokio::test]
@@ -169,6 +213,8 @@ mod tests {
         assert!(StoreError::Database(sqlx::Error::Io(std::io::Error::other("reset"))).is_transient());
         assert!(!StoreError::Database(sqlx::Error::RowNotFound).is_transient());
         assert!(!StoreError::Config(anyhow::anyhow!("x")).is_transient());
+        let lost = anyhow::Error::new(sqlx::Error::PoolTimedOut).context("failed to load configuration version 3");
+        assert!(StoreError::Config(lost).is_transient(), "a configuration that could not be read for a lost connection");
         assert_eq!(refusal_of(&StoreError::Database(sqlx::Error::RowNotFound)).reason, "unprocessable");
     }
 }

@@ -25,24 +25,24 @@ pub enum StoreError {
     /// Postgres failed; the same batch can be retried.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
-    /// The tier configuration in force could not be loaded; retried like a database error.
+    /// A tier configuration (the one in force, or the one an event being corrected was
+    /// counted under) could not be loaded: transient when a database error caused it.
     #[error("configuration error: {0:#}")]
     Config(#[from] anyhow::Error),
 }
 
 impl StoreError {
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Database(_) | StoreError::Config(_))
-    }
-
     /// Whether the same transaction may well succeed if tried again, whatever it holds: a
     /// lost or refused connection, a serialization failure or deadlock, a server shutting
     /// down or out of resources. Any other failure may be caused by what the batch holds,
     /// and [`crate::isolate`] looks for the event that causes it.
     pub fn is_transient(&self) -> bool {
         match self {
-            StoreError::Fenced { .. } | StoreError::Config(_) => false,
+            StoreError::Fenced { .. } => false,
             StoreError::Database(e) => is_transient_database_error(e),
+            // Loading a configuration reads Postgres too: its failure is transient when a
+            // database error under it is.
+            StoreError::Config(e) => e.chain().filter_map(|cause| cause.downcast_ref::<sqlx::Error>()).any(is_transient_database_error),
         }
     }
 
@@ -69,14 +69,15 @@ const LEDGER_BOUND_CONSTRAINT: &str = "ledgers_used_within_bound";
 /// Postgres and connection failures that say nothing about the batch: connection
 /// exceptions (class 08), transaction rollbacks such as serialization failures and
 /// deadlocks (40), insufficient resources (53), operator intervention such as a shutdown
-/// (57), system errors (58), a lock not available (55P03), and every failure to reach or
+/// (57), system errors (58), a lock not available (55P03), a read-only server (25006, as
+/// after a failover until the pool reaches the new primary), and every failure to reach or
 /// keep the server.
 fn is_transient_database_error(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => {
             let code = db.code();
             let code = code.as_deref().unwrap_or_default();
-            ["08", "40", "53", "57", "58"].iter().any(|class| code.starts_with(class)) || code == "55P03"
+            ["08", "40", "53", "57", "58"].iter().any(|class| code.starts_with(class)) || ["55P03", "25006"].contains(&code)
         }
         sqlx::Error::Configuration(_)
         | sqlx::Error::InvalidArgument(_)
