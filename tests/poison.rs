@@ -117,7 +117,8 @@ async fn an_event_that_would_overflow_a_stored_ledger_row_is_isolated_and_its_pa
     assert!(wait_consumed(&t, &pool, 1, Duration::from_secs(60)).await);
     let (status, body) = t.post_events(&event("tip", "whale", 11)).await;
     assert_eq!(status, 202, "valid on its own: {body}");
-    // Valid JSON that Postgres cannot store (text holds no NUL), straight to Kafka.
+    // Valid JSON that Postgres could not store (text holds no NUL), straight to Kafka: refused
+    // as it is parsed.
     let nul = event("nul", "nul\u{0}subject", 5).to_string();
     t.produce_raw(None, "nul", nul.as_bytes()).await;
     let others = produce_others(&t, "next", 20).await;

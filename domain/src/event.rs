@@ -109,6 +109,7 @@ impl UsageEvent {
             && self.model.as_deref().is_none_or(|m| chars_within(m, MAX_NAME_CHARS))
             && counts.iter().all(|n| (0..=MAX_AMOUNT).contains(n))
             && self.corrects.as_deref().is_none_or(corrects_ok)
+            && refuse_nul_and_reserved(self, "").is_ok()
     }
 }
 
@@ -181,10 +182,39 @@ pub fn event_from_value(value: Value) -> Result<UsageEvent, EventError> {
     let Value::Object(obj) = value else {
         return Err(err("$", "an event must be a JSON object"));
     };
-    if obj.contains_key("specversion") {
-        from_cloudevent(obj)
-    } else {
-        from_plain(obj)
+    let (event, data_prefix) = if obj.contains_key("specversion") { (from_cloudevent(obj)?, "data.") } else { (from_plain(obj)?, "") };
+    refuse_nul_and_reserved(&event, data_prefix)?;
+    Ok(event)
+}
+
+/// The start of the keys of the aggregators' heartbeat records on the decisions topic
+/// (`crate::heartbeat`): no subject may take it, or its decisions would be read as
+/// heartbeats and never block it.
+const RESERVED_SUBJECT_PREFIX: &str = crate::heartbeat::HEARTBEAT_KEY_PREFIX;
+
+/// Refuses text Postgres cannot store (U+0000 in any string: its `text` and `jsonb` hold no
+/// NUL) and a subject under the reserved heartbeat prefix. Every shape ends here, so ingest
+/// refuses what the aggregator could not count.
+fn refuse_nul_and_reserved(e: &UsageEvent, data_prefix: &str) -> Result<(), EventError> {
+    if e.subject.starts_with(RESERVED_SUBJECT_PREFIX) {
+        return Err(err("subject", format!("must not start with {RESERVED_SUBJECT_PREFIX:?}, which Tally reserves for its heartbeat records")));
+    }
+    let nul = |s: &str| s.contains('\0');
+    let data = |name: &str| format!("{data_prefix}{name}");
+    let named = [("id".to_string(), e.id.as_str()), ("subject".to_string(), e.subject.as_str()), (data("scope"), e.scope.as_str())]
+        .into_iter()
+        .chain(e.model.as_deref().map(|m| (data("model"), m)))
+        .chain(e.corrects.as_deref().map(|c| (data("corrects"), c)));
+    let attributes = e.attributes.iter().flat_map(|(k, v)| {
+        let field = match k.strip_prefix("ce.") {
+            Some(extension) if !data_prefix.is_empty() => extension.to_string(),
+            _ => data(&format!("attributes.{k}")),
+        };
+        [(field.clone(), k.as_str()), (field, v.as_str())]
+    });
+    match named.chain(attributes).find(|(_, text)| nul(text)) {
+        Some((field, _)) => Err(err(&field, "must not contain the NUL character (U+0000)")),
+        None => Ok(()),
     }
 }
 
@@ -536,6 +566,31 @@ mod tests {
         let past = UsageEvent { input_tokens: MAX_AMOUNT + 1, ..valid };
         let e = parse_event_with_fingerprint(&past.to_canonical_json()).unwrap_err();
         assert_eq!((e.field.as_str(), e.kind), ("input_tokens", EventErrorKind::OutOfRange));
+    }
+
+    #[test]
+    fn nul_characters_and_the_reserved_heartbeat_prefix_are_refused_naming_the_field() {
+        let at = "2026-11-22T10:00:00Z";
+        let cases = [
+            (json!({"id": "e", "subject": "a\u{0}b", "time": at}), "subject"),
+            (json!({"id": "e\u{0}", "subject": "a", "time": at}), "id"),
+            (json!({"id": "e", "subject": "a", "time": at, "scope": "\u{0}"}), "scope"),
+            (json!({"id": "e", "subject": "a", "time": at, "model": "m\u{0}"}), "model"),
+            (json!({"id": "e", "subject": "a", "time": at, "attributes": {"k": "v\u{0}"}}), "attributes.k"),
+            (json!({"id": "e", "subject": "a", "time": at, "attributes": {"k\u{0}": "v"}}), "attributes.k\u{0}"),
+            (json!({"id": "e", "subject": "a", "time": at, "corrects": "x\u{0}"}), "corrects"),
+            (json!({"specversion": "1.0", "id": "1", "source": "s", "type": "t", "subject": "a", "time": at, "data": {"model": "\u{0}"}}), "data.model"),
+            (json!({"specversion": "1.0", "id": "1", "source": "s", "type": "t", "subject": "a", "time": at, "traceparent": "\u{0}"}), "traceparent"),
+            (json!({"id": "e", "subject": "__tally_heartbeat__/0", "time": at}), "subject"),
+        ];
+        for (value, field) in cases {
+            let e = parse(value.clone()).unwrap_err();
+            assert_eq!(e.field, field, "for {value}: {e}");
+            let bytes = serde_json::to_vec(&value).unwrap();
+            assert_eq!(parse_event_with_fingerprint(&bytes).unwrap_err().field, field);
+        }
+        // The prefix is reserved whole: a subject merely like it is fine.
+        assert!(parse(json!({"id": "e", "subject": "__tally_heartbeat__", "time": at})).is_ok());
     }
 
     #[test]
