@@ -648,3 +648,22 @@ async fn an_event_clickhouse_refuses_on_its_own_is_isolated_and_history_goes_on(
     assert_eq!(t.metric(&url, "tally_history_events_isolated_total").await, 1);
     assert_eq!(accepted_events(&pool).await, 80, "the ledger counted it all the same");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_binary_mode_cloudevent_from_kafka_reaches_history_as_the_ledger_counted_it() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let mut t = Tally::start(Some(TIERS)).await;
+    let pool = t.pg().await;
+    t.spawn_history_writer(&[]);
+    let subject = format!("bin-{}", t.id);
+    let time = Utc::now().to_rfc3339();
+    let headers = [("ce_specversion", "1.0"), ("ce_id", "7"), ("ce_source", "gw"), ("ce_type", "usage"), ("ce_subject", subject.as_str()),
+                   ("ce_time", time.as_str()), ("content-type", "application/json")]
+        .iter()
+        .fold(OwnedHeaders::new(), |h, (key, value)| h.insert(Header { key, value: Some(value.as_bytes()) }));
+    let record = rdkafka::producer::FutureRecord::to(&t.usage_topic).key(&subject).payload(r#"{"input_tokens": 41, "output_tokens": 1}"#).headers(headers);
+    t.producer().send(record, Duration::from_secs(30)).await.expect("produce a binary mode CloudEvent");
+    wait_converged(&t, &pool, 1).await;
+    assert_eq!(ledger_sum(&pool, &subject, "total_tokens").await, 42, "the ledger counted it");
+    assert_eq!(history_sum(&t, &subject, "input_tokens + output_tokens").await, 42, "history holds it too");
+}

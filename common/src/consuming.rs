@@ -89,3 +89,64 @@ where
     }
     batch
 }
+
+/// A usage message's payload as Tally parses it: the structured form of a CloudEvent sent
+/// in binary content mode ([`binary_cloudevent`]), else the value as it is. The aggregator
+/// and the history writer both read messages through it, so they see the same event.
+pub fn payload(m: &BorrowedMessage<'_>) -> Option<Vec<u8>> {
+    use rdkafka::Message;
+    m.headers().and_then(|h| binary_cloudevent(h, m.payload())).or_else(|| m.payload().map(<[u8]>::to_vec))
+}
+
+/// The structured form (JSON bytes) of a CloudEvent sent in binary content mode, as the
+/// Kafka binding writes it: `ce_specversion` and its other attributes in `ce_` headers, the
+/// data's type in `content-type`, the data as the value. It is then parsed, deduplicated and
+/// quarantined like any event (a quarantined one carries this form: the value is in its
+/// `data`, or `data_base64` when it is not JSON). `None` for any other message, a structured
+/// CloudEvent (`content-type: application/cloudevents...`) included.
+pub fn binary_cloudevent(headers: &impl rdkafka::message::Headers, value: Option<&[u8]>) -> Option<Vec<u8>> {
+    let mut attributes = Vec::new();
+    let mut content_type = None;
+    for header in headers.iter() {
+        let text = String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned();
+        if let Some(name) = header.key.strip_prefix("ce_") {
+            attributes.push((name.to_string(), text));
+        } else if header.key.eq_ignore_ascii_case("content-type") {
+            content_type = Some(text);
+        }
+    }
+    let structured = content_type.as_deref().is_some_and(|t| t.trim().to_ascii_lowercase().starts_with("application/cloudevents"));
+    if structured || !attributes.iter().any(|(name, _)| name == "specversion") {
+        return None;
+    }
+    let envelope = tally_domain::event::cloudevent_from_binary(attributes, content_type.as_deref(), value.unwrap_or_default());
+    Some(serde_json::to_vec(&envelope).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_binary_mode_cloudevent_is_read_as_its_structured_form() {
+        use rdkafka::message::{Header, OwnedHeaders};
+        let headers = |pairs: &[(&str, &str)]| {
+            pairs.iter().fold(OwnedHeaders::new(), |h, (key, value)| h.insert(Header { key, value: Some(value.as_bytes()) }))
+        };
+        let ce = [("ce_specversion", "1.0"), ("ce_id", "1"), ("ce_source", "gw"), ("ce_type", "usage"), ("ce_subject", "alice"),
+                  ("ce_time", "2026-11-22T10:00:00Z"), ("ce_traceparent", "00-abc-def-01"), ("content-type", "application/json")];
+        let value = br#"{"input_tokens": 7}"#;
+        let structured = binary_cloudevent(&headers(&ce), Some(value)).expect("a binary mode event");
+        let (event, _) = tally_domain::event::parse_event_with_fingerprint(&structured).unwrap();
+        assert_eq!((event.id.as_str(), event.subject.as_str(), event.input_tokens), ("ce:2:gw:1", "alice", 7));
+        assert_eq!(event.attributes["ce.traceparent"], "00-abc-def-01");
+        // A value that is not JSON is kept, in data_base64, and refused naming it.
+        let refused = binary_cloudevent(&headers(&ce), Some(b"\xff")).unwrap();
+        assert_eq!(tally_domain::event::parse_event_with_fingerprint(&refused).unwrap_err().field, "data_base64");
+        let plain = binary_cloudevent(&headers(&ce[1..]), Some(value));
+        assert_eq!(plain, None, "without ce_specversion it is not a CloudEvent in binary mode");
+        let structured_mode = [("ce_specversion", "1.0"), ("content-type", "application/cloudevents+json")];
+        assert_eq!(binary_cloudevent(&headers(&structured_mode), Some(value)), None);
+        assert_eq!(binary_cloudevent(&headers(&[("traceparent", "x")]), Some(value)), None);
+    }
+}

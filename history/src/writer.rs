@@ -479,5 +479,5 @@ impl Loop {
 }
 
 fn to_delivery(m: &rdkafka::message::BorrowedMessage<'_>) -> Delivery {
-    Delivery { partition: m.partition(), offset: m.offset(), payload: m.payload().map(<[u8]>::to_vec) }
+    Delivery { partition: m.partition(), offset: m.offset(), payload: consuming::payload(m) }
 }
