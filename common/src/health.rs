@@ -173,14 +173,24 @@ impl ClientHealth {
         });
     }
 
-    /// The client was replaced by a new instance; returns the new instance's generation.
-    pub fn replaced(&self) -> u64 {
+    /// A new instance is being created: from now on only its callbacks count. Returns its
+    /// generation. The client stays broken (since when it broke) until [`Self::rebuilt`], so
+    /// a replacement that keeps failing still ends liveness.
+    pub fn replacing(&self) -> u64 {
         self.with(|s| {
             s.generation += 1;
-            s.broken_since = None;
-            s.rebuilds += 1;
             s.generation
         })
+    }
+
+    /// The new instance of `generation` is in use: the client is no longer broken.
+    pub fn rebuilt(&self, generation: u64) {
+        self.with(|s| {
+            if s.generation == generation {
+                s.broken_since = None;
+                s.rebuilds += 1;
+            }
+        });
     }
 
     /// Whether the instance in use is broken.
@@ -412,7 +422,13 @@ mod tests {
         assert!(!report.ready && report.live);
         assert_eq!(report.clients[0].state, "broken");
         assert!(!clients.report(t0 + BROKEN_LIVENESS).live);
-        let g2 = h.replaced();
+        // A replacement that fails keeps the client broken since it first broke.
+        let failed = h.replacing();
+        h.broke(failed, late, "could not create");
+        assert!(!clients.report(t0 + BROKEN_LIVENESS).live, "failed replacements do not reset the broken time");
+        assert_eq!(h.status(late).rebuilds, 0);
+        let g2 = h.replacing();
+        h.rebuilt(g2);
         assert_eq!(h.status(late).state, "ok");
         assert_eq!(h.status(late).rebuilds, 1);
         // The replaced instance's late callbacks change nothing.

@@ -137,10 +137,11 @@ impl RebuildingProducer {
         if current.generation != generation {
             return;
         }
-        let next_generation = self.health.replaced();
+        let next_generation = self.health.replacing();
         match Self::create(&self.config, &self.health) {
             Ok(instance) => {
                 debug_assert_eq!(instance.generation, next_generation);
+                self.health.rebuilt(next_generation);
                 let old = std::mem::replace(&mut *current, Arc::new(instance));
                 drop(current);
                 if let Some(c) = &self.rebuilds {
@@ -154,8 +155,8 @@ impl RebuildingProducer {
                 }
             }
             Err(e) => {
-                // The broken instance stays in use under its old generation, so the next send
-                // or watchdog round tries again; the report says broken meanwhile.
+                // The broken instance stays in use, so the next send or watchdog round tries
+                // again; the report says broken (since it first broke) meanwhile.
                 self.health.broke(next_generation, Instant::now(), &format!("{why}; {e:#}"));
                 tracing::error!(client = self.health.name(), error = %e, "could not replace a broken kafka producer; retrying");
             }
