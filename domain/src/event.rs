@@ -199,7 +199,12 @@ fn refuse_nul_and_reserved(e: &UsageEvent, data_prefix: &str) -> Result<(), Even
     if e.subject.starts_with(RESERVED_SUBJECT_PREFIX) {
         return Err(err("subject", format!("must not start with {RESERVED_SUBJECT_PREFIX:?}, which Tally reserves for its heartbeat records")));
     }
-    let nul = |s: &str| s.contains('\0');
+    let nul = |s: &str| s.as_bytes().contains(&0);
+    let texts = [e.id.as_str(), e.subject.as_str(), e.scope.as_str(), e.model.as_deref().unwrap_or_default(), e.corrects.as_deref().unwrap_or_default()];
+    if !texts.into_iter().any(nul) && !e.attributes.iter().any(|(k, v)| nul(k) || nul(v)) {
+        return Ok(());
+    }
+    // Only now name the field: every event is checked, few are refused.
     let data = |name: &str| format!("{data_prefix}{name}");
     let named = [("id".to_string(), e.id.as_str()), ("subject".to_string(), e.subject.as_str()), (data("scope"), e.scope.as_str())]
         .into_iter()
