@@ -117,6 +117,7 @@ async fn ingest_and_api_refuse_in_json_naming_what_was_wrong() {
         (http.post(&check).body("{nope"), 400, "body"),
         (http.get(format!("{}/v1/nope", t.ingest_url)), 404, "path"),
         (http.get(format!("{}/v1/nope", t.api_url)), 404, "path"),
+        (http.get(format!("{}/nope", t.aggregator_url)), 404, "path"),
         (http.get(&events), 405, "method"),
         (http.get(&check), 405, "method"),
     ];

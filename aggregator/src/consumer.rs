@@ -326,7 +326,10 @@ pub async fn run(
     let heartbeats = relay::Heartbeats::new(kafka.decisions_topic.clone(), store.owner.clone());
     let relay_task = tokio::spawn(relay::run(pool.clone(), producer.clone(), heartbeats, relay_wake.clone(), relay_stop.clone()));
     let control = control_wake(&kafka, clients.register("control consumer"));
-    let health = spawn_health_server(&settings, metrics.clone(), clients).await?;
+    let health = {
+        let metrics = metrics.clone();
+        tally_common::health::serve_probes(settings.listen, clients, move || metrics.registry.render()).await?
+    };
     let scheduler = tokio::spawn(run_scheduler(store.clone(), policy.clone(), relay_wake.clone(), metrics.clone(), control));
     tracing::info!(group = %settings.group, topic = %kafka.usage_topic, owner = %store.owner, "aggregator consuming");
     let timeout = Duration::from_secs(settings.shutdown_timeout_seconds);
@@ -424,30 +427,6 @@ async fn run_scheduler(store: Store, policy: PolicyHandle, relay_wake: Arc<Notif
             _ = wake.notified() => {}
         }
     }
-}
-
-/// `/healthz` (liveness: 200 with the Kafka clients' states, 503 only when one stayed
-/// broken, see [`tally_common::health`]), `/readyz` (503 while a client is disconnected or
-/// broken) and `/metrics`.
-async fn spawn_health_server(settings: &AggregatorSettings, metrics: Arc<Metrics>, clients: Clients) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    use axum::http::StatusCode;
-    use axum::routing::get;
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .with_context(|| format!("failed to listen on {}", settings.listen))?;
-    let report = move |ready: bool| {
-        let r = clients.report(Instant::now());
-        let ok = if ready { r.ready } else { r.live };
-        (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, axum::Json(r))
-    };
-    let (live, ready) = (report.clone(), report);
-    let app = axum::Router::new()
-        .route("/healthz", get(move || async move { live(false) }))
-        .route("/readyz", get(move || async move { ready(true) }))
-        .route("/metrics", get(move || async move { metrics.registry.render() }));
-    Ok(tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    }))
 }
 
 /// What woke the consume loop.

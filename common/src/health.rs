@@ -218,6 +218,34 @@ impl ClientHealth {
     }
 }
 
+/// Serves a background service's probes on `listen`: `/healthz` (liveness) and `/readyz`
+/// (readiness) with the report of `clients` (module docs), `/metrics` with what `metrics`
+/// renders, and JSON answers for any other route or method.
+pub async fn serve_probes(
+    listen: std::net::SocketAddr,
+    clients: Clients,
+    metrics: impl Fn() -> String + Clone + Send + Sync + 'static,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use anyhow::Context;
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("failed to listen on {listen}"))?;
+    let report = move |ready: bool| {
+        let r = clients.report(Instant::now());
+        let ok = if ready { r.ready } else { r.live };
+        (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, axum::Json(r))
+    };
+    let (live, ready) = (report.clone(), report);
+    let app = axum::Router::new()
+        .route("/healthz", get(move || async move { live(false) }))
+        .route("/readyz", get(move || async move { ready(true) }))
+        .route("/metrics", get(move || async move { metrics() }));
+    let app = crate::http::json_fallbacks(app);
+    Ok(tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    }))
+}
+
 /// The Kafka clients a service reports on.
 #[derive(Clone, Default)]
 pub struct Clients(Arc<Mutex<Vec<Arc<ClientHealth>>>>);

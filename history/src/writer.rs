@@ -178,7 +178,10 @@ pub async fn run(
         lease: settings.member_lease(),
     };
     let metrics = Arc::new(Metrics::new());
-    let health = spawn_health_server(settings.listen, metrics.clone(), clients.clone()).await?;
+    let health = {
+        let metrics = metrics.clone();
+        tally_common::health::serve_probes(settings.listen, clients.clone(), move || metrics.registry.render()).await?
+    };
     let lag = spawn_lag_gauge(progress.clone(), metrics.clone());
     tracing::info!(group = %settings.group, ledger_group = %settings.ledger_group, topic = %kafka.usage_topic, owner = %progress.owner,
         clickhouse = %clickhouse.clickhouse_url, database = %clickhouse.clickhouse_database, "history writer consuming");
@@ -203,27 +206,6 @@ pub async fn run(
     lag.abort();
     tracing::info!("history writer stopped");
     Ok(())
-}
-
-/// `/healthz` (liveness: 200 with the consumer's state), `/readyz` (503 while the consumer
-/// cannot reach the broker; [`tally_common::health`]) and `/metrics`.
-async fn spawn_health_server(listen: std::net::SocketAddr, metrics: Arc<Metrics>, clients: Clients) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    use axum::http::StatusCode;
-    use axum::routing::get;
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("failed to listen on {listen}"))?;
-    let report = move |ready: bool| {
-        let r = clients.report(std::time::Instant::now());
-        let ok = if ready { r.ready } else { r.live };
-        (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, axum::Json(r))
-    };
-    let (live, ready) = (report.clone(), report);
-    let app = axum::Router::new()
-        .route("/healthz", get(move || async move { live(false) }))
-        .route("/readyz", get(move || async move { ready(true) }))
-        .route("/metrics", get(move || async move { metrics.registry.render() }));
-    Ok(tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    }))
 }
 
 fn spawn_lag_gauge(progress: Progress, metrics: Arc<Metrics>) -> tokio::task::JoinHandle<()> {
