@@ -115,6 +115,7 @@ async fn ingest_and_api_refuse_in_json_naming_what_was_wrong() {
         (http.post(&events).body(r#"{"id": "e1", "subject": "s", "time": "2026-11-22T10:00:00Z", "colour": 1}"#), 400, "colour"),
         (http.post(&check).body(r#"{"subject": 5}"#), 400, "subject"),
         (http.post(&check).body("{nope"), 400, "body"),
+        (http.post(&events).body("[]"), 400, "body"),
         (http.get(format!("{}/v1/nope", t.ingest_url)), 404, "path"),
         (http.get(format!("{}/v1/nope", t.api_url)), 404, "path"),
         (http.get(format!("{}/nope", t.aggregator_url)), 404, "path"),

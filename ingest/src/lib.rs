@@ -209,13 +209,13 @@ fn validate(body: Value, max_batch: usize) -> Result<Vec<UsageEvent>, Response> 
         other => (vec![other], true),
     };
     if items.is_empty() {
-        return Err(error(StatusCode::BAD_REQUEST, "the batch is empty".into(), None, None));
+        return Err(error(StatusCode::BAD_REQUEST, "the batch is empty: send one event or an array of at least one".into(), Some("body".into()), None));
     }
     if items.len() > max_batch {
         return Err(error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("{} events in one request; the limit is {max_batch}", items.len()),
-            None,
+            format!("{} events in one request; the limit is {max_batch} (TALLY_INGEST_MAX_BATCH)", items.len()),
+            Some("body".into()),
             None,
         ));
     }
