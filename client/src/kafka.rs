@@ -43,14 +43,14 @@ impl KafkaSender {
 
     /// Replaces the producer of `generation` unless another send did already.
     fn replace(&self, generation: u64) -> Result<(), Error> {
+        if self.producer().0 != generation {
+            return Ok(());
+        }
         let fresh: FutureProducer = self.config.create().map_err(|e| Error::Kafka(e.to_string()))?;
         let mut current = self.producer.write().unwrap_or_else(|e| e.into_inner());
-        if current.0 == generation {
-            let old = std::mem::replace(&mut *current, (generation + 1, fresh));
-            drop(current);
-            // Dropping a producer purges and joins its thread: off the async threads.
-            drop(tokio::task::spawn_blocking(move || drop(old)));
-        }
+        let unused = if current.0 == generation { std::mem::replace(&mut *current, (generation + 1, fresh)).1 } else { fresh };
+        drop(current);
+        drop_off_async_threads(unused);
         Ok(())
     }
 
@@ -76,6 +76,15 @@ impl KafkaSender {
             }
         }
         Ok(events.len())
+    }
+}
+
+/// Drops a producer, which purges and joins its thread: on a blocking thread when a tokio
+/// runtime runs this, so no async thread waits (and no panic outside one).
+fn drop_off_async_threads(producer: FutureProducer) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(move || drop(producer))),
+        Err(_) => drop(producer),
     }
 }
 
