@@ -6,20 +6,13 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Serialize;
+use tally_common::http::ErrorBody;
 
 #[derive(Debug)]
 pub struct AppError {
     pub status: StatusCode,
     pub error: String,
     pub field: Option<String>,
-}
-
-#[derive(Serialize)]
-struct Body<'a> {
-    error: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<&'a str>,
 }
 
 impl AppError {
@@ -64,7 +57,7 @@ impl From<sqlx::Error> for AppError {
 
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
-        let mut r = (self.status, Json(Body { error: &self.error, field: self.field.as_deref() })).into_response();
+        let mut r = (self.status, Json(ErrorBody { error: &self.error, field: self.field.as_deref() })).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             r.headers_mut().insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
         }

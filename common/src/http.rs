@@ -35,11 +35,13 @@ pub struct Refusal {
     pub field: Option<String>,
 }
 
+/// The JSON body of every refusal Tally's HTTP services answer: what was wrong, and the
+/// field it was wrong in.
 #[derive(Serialize)]
-struct Body<'a> {
-    error: &'a str,
+pub struct ErrorBody<'a> {
+    pub error: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<&'a str>,
+    pub field: Option<&'a str>,
 }
 
 impl Refusal {
@@ -55,7 +57,7 @@ impl Refusal {
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        let mut r = (self.status, Json(Body { error: &self.error, field: self.field.as_deref() })).into_response();
+        let mut r = (self.status, Json(ErrorBody { error: &self.error, field: self.field.as_deref() })).into_response();
         if self.field.as_deref() == Some("content-encoding") {
             r.headers_mut().insert(header::ACCEPT_ENCODING, HeaderValue::from_static(ENCODINGS));
         }
