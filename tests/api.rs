@@ -164,7 +164,8 @@ async fn an_override_is_created_used_and_expires() {
 async fn a_revoked_key_is_refused() {
     let t = start().await;
     let url = format!("{}/v1/admin/api-keys", t.api_url);
-    let (status, _, created) = call("POST", &url, Some(ADMIN), Some(&json!({"tier": "pro", "subject": "acme", "label": "acme-prod"}))).await;
+    let (status, _, created) =
+        call("POST", &url, Some(ADMIN), Some(&json!({"tier": "pro", "subject": "acme", "label": "acme-prod"}))).await;
     assert_eq!(status, 201, "{created}");
     let key = created["key"].as_str().unwrap().to_string();
     let id = created["id"].as_str().unwrap().to_string();
@@ -192,10 +193,7 @@ async fn a_revoked_key_is_refused() {
     // A second API instance, which did not make the change, refuses it too.
     let mut t = t;
     let other = format!("http://127.0.0.1:{}", support::free_port());
-    t.spawn_env("api", &[
-        ("TALLY_API_LISTEN", other.trim_start_matches("http://").to_string()),
-        ("TALLY_READ_TOKEN", READ.to_string()),
-    ]);
+    t.spawn_env("api", &[("TALLY_API_LISTEN", other.trim_start_matches("http://").to_string()), ("TALLY_READ_TOKEN", READ.to_string())]);
     let ok = support::wait_for(Duration::from_secs(30), || async {
         http().get(format!("{other}/healthz")).send().await.map(|r| r.status().is_success()).unwrap_or(false)
     })
@@ -246,10 +244,9 @@ async fn tokens_are_enforced_on_every_route_that_needs_one() {
     let (s, _, _) = call("POST", &format!("{}/v1/events", t.ingest_url), Some(INGEST), Some(&event)).await;
     assert_eq!(s, 202);
     // Ready once the decision view caught up with its topic.
-    let ready = support::wait_for(Duration::from_secs(30), || async {
-        call("GET", &format!("{}/readyz", t.api_url), None, None).await.0 == 200
-    })
-    .await;
+    let ready =
+        support::wait_for(Duration::from_secs(30), || async { call("GET", &format!("{}/readyz", t.api_url), None, None).await.0 == 200 })
+            .await;
     let (_, _, body) = call("GET", &format!("{}/readyz", t.api_url), None, None).await;
     assert!(ready, "{body}");
     assert_eq!((body["broker"].as_str(), body["postgres"].as_str()), (Some("ok"), Some("ok")));

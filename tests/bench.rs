@@ -36,7 +36,8 @@ const POSITIVE: [(&str, &str); 18] = [
 #[test]
 fn quick_bench_reports_every_section_with_figures_and_ratios() {
     let servers = Servers::get();
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("tally-tests").join(format!("bench-{}", uuid::Uuid::new_v4().simple()));
+    let dir =
+        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("tally-tests").join(format!("bench-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).expect("create the report directory");
     let json_path = dir.join("bench.json");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
@@ -54,7 +55,8 @@ fn quick_bench_reports_every_section_with_figures_and_ratios() {
         assert!(table.contains(&format!("== {section}")), "the table has no {section} section:\n{table}");
     }
 
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).expect("read the JSON report")).expect("the report is JSON");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).expect("read the JSON report")).expect("the report is JSON");
     assert_eq!(report["quick"], true);
     assert!(report["machine"]["cpus"].as_u64().unwrap_or(0) > 0, "machine: {}", report["machine"]);
     for section in SECTIONS {
@@ -80,7 +82,8 @@ fn quick_bench_reports_every_section_with_figures_and_ratios() {
     // The CPU shares are of the whole machine: with the idle share they cannot add up to
     // much more than all of it (clock ticks are read a moment apart).
     let decision = &report["sections"]["decision_latency"]["figures"];
-    let shares: f64 = decision.as_object().into_iter().flatten().filter(|(k, _)| k.starts_with("cpu_share_")).filter_map(|(_, v)| v.as_f64()).sum();
+    let shares: f64 =
+        decision.as_object().into_iter().flatten().filter(|(k, _)| k.starts_with("cpu_share_")).filter_map(|(_, v)| v.as_f64()).sum();
     let idle = decision["machine_idle_share"].as_f64().unwrap_or(-1.0);
     assert!((0.0..=1.0).contains(&idle) && shares + idle <= 1.1, "idle {idle}, shares {shares}: {decision}");
 }

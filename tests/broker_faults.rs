@@ -190,7 +190,8 @@ async fn a_broker_cut_longer_than_the_message_timeout_heals_without_a_restart() 
     let restored_at = Instant::now();
 
     // Ingest accepts again: the retry of the refused request, same id, is a 202.
-    let accepted = wait_for(Duration::from_secs(20), || async { post(&http, &events_url, &event("during-1", "light", 20)).await.0 == 202 }).await;
+    let accepted =
+        wait_for(Duration::from_secs(20), || async { post(&http, &events_url, &event("during-1", "light", 20)).await.0 == 202 }).await;
     assert!(accepted, "ingest never accepted again after the cut; logs in {}", t.log_dir().display());
     eprintln!("ingest accepted again {:?} after the cut ended", restored_at.elapsed());
 

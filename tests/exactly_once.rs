@@ -262,7 +262,8 @@ async fn the_same_id_with_another_payload_is_quarantined_as_a_conflict() {
 
     assert_eq!(t.used("c", "total_tokens").await, 15);
     let quarantined = t.read_topic(&t.topic("quarantine")).await;
-    let conflicts: Vec<&Value> = quarantined.iter().map(|(_, v)| v).filter(|v| v["reason"].as_str().unwrap_or("").starts_with("conflict")).collect();
+    let conflicts: Vec<&Value> =
+        quarantined.iter().map(|(_, v)| v).filter(|v| v["reason"].as_str().unwrap_or("").starts_with("conflict")).collect();
     assert_eq!(conflicts.len(), 2, "{quarantined:?}");
     let ids: HashSet<&str> = conflicts.iter().map(|v| v["event_id"].as_str().unwrap()).collect();
     assert_eq!(ids, HashSet::from(["e1", "e2"]));
@@ -278,13 +279,12 @@ async fn a_poison_message_last_in_its_partition_advances_the_offset_and_is_quara
     let (_, poison) = t.produce_raw(Some(p), "p", &[0xff, 0xfe, b'{']).await;
     assert_eq!(poison, first + 1);
     let advanced = wait_for(Duration::from_secs(30), || async {
-        let next: Option<i64> =
-            sqlx::query_scalar("SELECT next_offset FROM consumer_offsets WHERE group_id = $1 AND partition = $2")
-                .bind(&t.group)
-                .bind(p)
-                .fetch_optional(&pool)
-                .await
-                .unwrap();
+        let next: Option<i64> = sqlx::query_scalar("SELECT next_offset FROM consumer_offsets WHERE group_id = $1 AND partition = $2")
+            .bind(&t.group)
+            .bind(p)
+            .fetch_optional(&pool)
+            .await
+            .unwrap();
         next == Some(poison + 1)
     })
     .await;
@@ -319,7 +319,8 @@ async fn a_correction_reverts_its_event_once_however_often_it_is_delivered() {
     assert_eq!(t.used("fix", "total_tokens").await, 50);
     assert_eq!(t.used("fix", "requests").await, 1);
 
-    let counted: Vec<String> = sqlx::query_scalar("SELECT event_id FROM processed_events ORDER BY event_id").fetch_all(&pool).await.unwrap();
+    let counted: Vec<String> =
+        sqlx::query_scalar("SELECT event_id FROM processed_events ORDER BY event_id").fetch_all(&pool).await.unwrap();
     assert_eq!(counted, ["c1", "e1", "e2"]);
     let quarantined = t.read_topic(&t.topic("quarantine")).await;
     let refused: HashSet<&str> = quarantined
@@ -468,15 +469,9 @@ async fn record_event_ids(
     batch: &[tally_aggregator::plan::Candidate<'_>],
 ) -> (tally_aggregator::dedupe::Recorded, Vec<bool>) {
     let mut tx = pool.begin().await.expect("begin");
-    let recorded = recorder
-        .record_event_ids(&mut tx, batch, 7)
-        .await
-        .expect("record_event_ids");
+    let recorded = recorder.record_event_ids(&mut tx, batch, 7).await.expect("record_event_ids");
     tx.commit().await.expect("commit");
-    let fresh = batch
-        .iter()
-        .map(|c| recorded.is_fresh(&c.event.id))
-        .collect();
+    let fresh = batch.iter().map(|c| recorded.is_fresh(&c.event.id)).collect();
     (recorded, fresh)
 }
 
@@ -488,24 +483,14 @@ async fn both_ways_of_recording_event_ids_write_the_same_dedupe_rows() {
     use tally_aggregator::plan::{Candidate, Delivery};
     let t = Tally::start(Some(TIERS)).await;
     let pool = t.pg().await;
-    let delivery = Delivery {
-        partition: 0,
-        offset: 0,
-        payload: None,
-        parsed: None,
-        decided_early: false,
-        isolated: None,
-    };
+    let delivery = Delivery { partition: 0, offset: 0, payload: None, parsed: None, decided_early: false, isolated: None };
     let samples = dedupe_row_samples();
     let candidates = |prefix: &str| -> Vec<Candidate<'_>> {
         samples
             .iter()
             .enumerate()
             .map(|(i, e)| Candidate {
-                event: tally_domain::event::UsageEvent {
-                    id: format!("{prefix}-{i}"),
-                    ..e.clone()
-                },
+                event: tally_domain::event::UsageEvent { id: format!("{prefix}-{i}"), ..e.clone() },
                 fingerprint: format!("fingerprint-{i}"),
                 delivery: &delivery,
             })
@@ -513,10 +498,7 @@ async fn both_ways_of_recording_event_ids_write_the_same_dedupe_rows() {
     };
     let recorder = Recorder::default();
     let (copied, fresh) = record_event_ids(&pool, &recorder, &candidates("copied")).await;
-    assert!(
-        !copied.fell_back && fresh.iter().all(|f| *f),
-        "new ids only: the plain way records them all"
-    );
+    assert!(!copied.fell_back && fresh.iter().all(|f| *f), "new ids only: the plain way records them all");
 
     // The same ids again, and one more: the plain way meets known ids, changes nothing, and
     // the skipping way records only the new one and reports the others' fingerprints.
@@ -585,15 +567,8 @@ async fn both_ways_of_recording_event_ids_write_the_same_dedupe_rows() {
         .collect();
     assert_eq!(rows("skipped").await, expected, "the skipping way's rows");
     assert_eq!(rows("copied").await, expected, "the plain way's rows");
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_events")
-        .fetch_one(&pool)
-        .await
-        .expect("count");
-    assert_eq!(
-        total,
-        2 * samples.len() as i64 + 1,
-        "the failed plain attempt left no row behind"
-    );
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_events").fetch_one(&pool).await.expect("count");
+    assert_eq!(total, 2 * samples.len() as i64 + 1, "the failed plain attempt left no row behind");
 
     // A batch of several COPY chunks (each row is well over 100 bytes).
     let many: Vec<Candidate<'_>> = (0..2 * tally_aggregator::dedupe::COPY_CHUNK / 100)
@@ -605,12 +580,11 @@ async fn both_ways_of_recording_event_ids_write_the_same_dedupe_rows() {
         .collect();
     let (recorded, fresh) = record_event_ids(&pool, &Recorder::default(), &many).await;
     assert!(!recorded.fell_back && fresh.iter().all(|f| *f));
-    let (rows, tokens): (i64, i64) = sqlx::query_as(
-        "SELECT count(*), sum(input_tokens)::bigint FROM processed_events WHERE event_id LIKE 'many-%'",
-    )
-    .fetch_one(&pool)
-    .await
-    .expect("read the large batch");
+    let (rows, tokens): (i64, i64) =
+        sqlx::query_as("SELECT count(*), sum(input_tokens)::bigint FROM processed_events WHERE event_id LIKE 'many-%'")
+            .fetch_one(&pool)
+            .await
+            .expect("read the large batch");
     let n = many.len() as i64;
     assert_eq!((rows, tokens), (n, n * (n - 1) / 2), "every row of every chunk, each once");
 }

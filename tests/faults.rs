@@ -24,8 +24,10 @@ tiers:
 
 fn batch(prefix: &str, n: usize) -> Vec<Value> {
     (0..n)
-        .map(|i| json!({"id": format!("{prefix}-{i}"), "subject": format!("s{}", i % 7), "time": chrono::Utc::now().to_rfc3339(),
-                        "input_tokens": 10 + i as i64, "output_tokens": 1}))
+        .map(|i| {
+            json!({"id": format!("{prefix}-{i}"), "subject": format!("s{}", i % 7), "time": chrono::Utc::now().to_rfc3339(),
+                        "input_tokens": 10 + i as i64, "output_tokens": 1})
+        })
         .collect()
 }
 
@@ -56,7 +58,8 @@ async fn sigterm_drains_commits_and_exits_within_the_shutdown_timeout() {
     let status = status.unwrap_or_else(|| panic!("the aggregator did not exit within 15 s of SIGTERM"));
     assert!(status.success(), "the aggregator exited with {status}");
     eprintln!("aggregator exited {:?} after SIGTERM", started.elapsed());
-    let members: i64 = sqlx::query_scalar("SELECT count(*) FROM consumer_members WHERE group_id = $1").bind(&t.group).fetch_one(&pool).await.unwrap();
+    let members: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM consumer_members WHERE group_id = $1").bind(&t.group).fetch_one(&pool).await.unwrap();
     assert_eq!(members, 0, "an orderly shutdown leaves the group");
 
     // Whatever it committed before exiting is final; a successor finishes the rest exactly.
@@ -86,10 +89,9 @@ async fn a_postgres_outage_pauses_consumption_and_it_resumes_with_nothing_lost()
     for chunk in second.chunks(50) {
         assert_eq!(t.post_events(&Value::Array(chunk.to_vec())).await.0, 202);
     }
-    let noticed = wait_for(Duration::from_secs(30), || async {
-        t.metric(&t.aggregator_url, "tally_aggregator_database_retries_total").await > 0
-    })
-    .await;
+    let noticed =
+        wait_for(Duration::from_secs(30), || async { t.metric(&t.aggregator_url, "tally_aggregator_database_retries_total").await > 0 })
+            .await;
     assert!(noticed, "the aggregator never retried against the unavailable database");
     assert_eq!(t.consumed(&pool).await, 100, "nothing may commit while Postgres is unreachable");
     assert_eq!(t.running("aggregator"), 1, "the aggregator must pause, not die");

@@ -234,7 +234,13 @@ async fn a_batch_replayed_twice_leaves_no_duplicates_in_raw_rows_or_rollups() {
     assert_eq!(accepted_events(&pool).await, 120);
     assert_history_exact(&t, 120).await;
     assert_history_matches_ledger(&t, &pool).await;
-    let first = t.clickhouse_i64(&format!("SELECT input_tokens FROM `{}`.usage_events FINAL WHERE event_id = 'r-0-{}'", t.clickhouse_database(), t.id)).await;
+    let first = t
+        .clickhouse_i64(&format!(
+            "SELECT input_tokens FROM `{}`.usage_events FINAL WHERE event_id = 'r-0-{}'",
+            t.clickhouse_database(),
+            t.id
+        ))
+        .await;
     assert_eq!(first, 10, "the conflicting payload reached history");
 
     // Replay the whole topic into history: forget the writer's progress and start it again.
@@ -265,15 +271,24 @@ async fn a_writer_killed_mid_batch_and_restarted_converges_exactly() {
 
     // Crash right after the raw insert, before rollups and progress.
     t.spawn_history_writer(&[("TALLY_HISTORY_FAILPOINT", "after-raw-insert".to_string())]);
-    let crashed = wait_for(Duration::from_secs(90), || async { t.clickhouse_i64(&format!("SELECT count() FROM `{}`.usage_events", t.clickhouse_database())).await > 0 }).await;
+    let crashed = wait_for(Duration::from_secs(90), || async {
+        t.clickhouse_i64(&format!("SELECT count() FROM `{}`.usage_events", t.clickhouse_database())).await > 0
+    })
+    .await;
     assert!(crashed, "the writer never inserted; logs in {}", t.log_dir().display());
-    assert!(wait_for(Duration::from_secs(30), || std::future::ready(t.running("history-writer") == 0)).await, "failpoint did not abort the writer");
+    assert!(
+        wait_for(Duration::from_secs(30), || std::future::ready(t.running("history-writer") == 0)).await,
+        "failpoint did not abort the writer"
+    );
     assert_eq!(offsets_sum(&pool, "history_offsets", &t.history_group()).await, 0, "progress advanced before the rollups");
     t.kill("history-writer");
 
     // Crash after the rollups, before progress: the restarted writer replays the batch.
     t.spawn_history_writer(&[("TALLY_HISTORY_FAILPOINT", "after-rollups".to_string())]);
-    assert!(wait_for(Duration::from_secs(90), || std::future::ready(t.running("history-writer") == 0)).await, "failpoint did not abort the writer");
+    assert!(
+        wait_for(Duration::from_secs(90), || std::future::ready(t.running("history-writer") == 0)).await,
+        "failpoint did not abort the writer"
+    );
     t.kill("history-writer");
 
     // A plain SIGKILL while events keep flowing, then a final restart.
@@ -287,7 +302,8 @@ async fn a_writer_killed_mid_batch_and_restarted_converges_exactly() {
     // The killed writer still heartbeats in nobody's name: once its lease ends, the restarted
     // writer owns every partition (the default 4), without any Kafka group rebalance.
     let url = t.spawn_history_writer(&[]);
-    let listening = wait_for(Duration::from_secs(30), || tokio::net::TcpStream::connect(url.trim_start_matches("http://")).map(|c| c.is_ok())).await;
+    let listening =
+        wait_for(Duration::from_secs(30), || tokio::net::TcpStream::connect(url.trim_start_matches("http://")).map(|c| c.is_ok())).await;
     assert!(listening, "the restarted writer never served /metrics; logs in {}", t.log_dir().display());
     let owns_all = wait_for(Duration::from_secs(60), || async { t.metric(&url, "tally_history_owned_partitions").await == 4 }).await;
     assert!(owns_all, "the restarted writer never owned every partition; logs in {}", t.log_dir().display());
@@ -530,7 +546,12 @@ async fn a_closed_period_exports_totals_equal_to_the_ledger_and_late_usage_as_ad
     let from = month.to_rfc3339();
     let to = (month + Span::days(28)).to_rfc3339();
     let (status, body) = t
-        .get(&format!("{}/v1/history/series?metric=total_tokens&granularity=day&group_by=model&from={}&to={}", t.api_url, enc(&from), enc(&to)))
+        .get(&format!(
+            "{}/v1/history/series?metric=total_tokens&granularity=day&group_by=model&from={}&to={}",
+            t.api_url,
+            enc(&from),
+            enc(&to)
+        ))
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["source"], "daily");
@@ -602,7 +623,11 @@ async fn a_closed_period_exports_totals_equal_to_the_ledger_and_late_usage_as_ad
     let export = export_json(&t, &period);
     assert_eq!(export["ledger_mismatches"], json!([]));
     let adjustments: Vec<&Value> = export["lines"].as_array().unwrap().iter().filter(|l| l["kind"] == "adjustment").collect();
-    let adj_tokens: i64 = adjustments.iter().filter(|l| l["metric"] == "input_tokens" || l["metric"] == "output_tokens").map(|l| l["quantity"].as_i64().unwrap()).sum();
+    let adj_tokens: i64 = adjustments
+        .iter()
+        .filter(|l| l["metric"] == "input_tokens" || l["metric"] == "output_tokens")
+        .map(|l| l["quantity"].as_i64().unwrap())
+        .sum();
     assert_eq!(adj_tokens, 100);
     let rows = ledger(alice.clone()).await;
     let used = rows.iter().find(|(m, _)| m == "total_tokens").map(|(_, u)| *u);
@@ -635,7 +660,8 @@ async fn an_event_clickhouse_refuses_on_its_own_is_isolated_and_history_goes_on(
     // Every other event is in history, raw rows and rollups alike; the refused one is not,
     // and it is recorded with ClickHouse's words.
     assert_history_exact(&t, 79).await;
-    let present = t.clickhouse_i64(&format!("SELECT count() FROM `{}`.usage_events WHERE event_id = '{refused}'", t.clickhouse_database())).await;
+    let present =
+        t.clickhouse_i64(&format!("SELECT count() FROM `{}`.usage_events WHERE event_id = '{refused}'", t.clickhouse_database())).await;
     assert_eq!(present, 0);
     let rows: Vec<(String, String)> = sqlx::query_as("SELECT event_id, reason FROM history_isolated WHERE group_id = $1")
         .bind(t.history_group())
@@ -657,11 +683,21 @@ async fn a_binary_mode_cloudevent_from_kafka_reaches_history_as_the_ledger_count
     t.spawn_history_writer(&[]);
     let subject = format!("bin-{}", t.id);
     let time = Utc::now().to_rfc3339();
-    let headers = [("ce_specversion", "1.0"), ("ce_id", "7"), ("ce_source", "gw"), ("ce_type", "usage"), ("ce_subject", subject.as_str()),
-                   ("ce_time", time.as_str()), ("content-type", "application/json")]
-        .iter()
-        .fold(OwnedHeaders::new(), |h, (key, value)| h.insert(Header { key, value: Some(value.as_bytes()) }));
-    let record = rdkafka::producer::FutureRecord::to(&t.usage_topic).key(&subject).payload(r#"{"input_tokens": 41, "output_tokens": 1}"#).headers(headers);
+    let headers = [
+        ("ce_specversion", "1.0"),
+        ("ce_id", "7"),
+        ("ce_source", "gw"),
+        ("ce_type", "usage"),
+        ("ce_subject", subject.as_str()),
+        ("ce_time", time.as_str()),
+        ("content-type", "application/json"),
+    ]
+    .iter()
+    .fold(OwnedHeaders::new(), |h, (key, value)| h.insert(Header { key, value: Some(value.as_bytes()) }));
+    let record = rdkafka::producer::FutureRecord::to(&t.usage_topic)
+        .key(&subject)
+        .payload(r#"{"input_tokens": 41, "output_tokens": 1}"#)
+        .headers(headers);
     t.producer().send(record, Duration::from_secs(30)).await.expect("produce a binary mode CloudEvent");
     wait_converged(&t, &pool, 1).await;
     assert_eq!(ledger_sum(&pool, &subject, "total_tokens").await, 42, "the ledger counted it");

@@ -56,10 +56,11 @@ async fn produce_others(t: &Tally, prefix: &str, n: usize) -> BTreeMap<String, i
 
 /// The ledgers' `used` per subject for `total_tokens` over all scopes.
 async fn used_by_subject(pool: &sqlx::PgPool) -> BTreeMap<String, i64> {
-    let rows: Vec<(String, i64)> = sqlx::query_as("SELECT subject, sum(used)::bigint FROM ledgers WHERE metric = 'total_tokens' AND scope = '*' GROUP BY subject")
-        .fetch_all(pool)
-        .await
-        .unwrap();
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT subject, sum(used)::bigint FROM ledgers WHERE metric = 'total_tokens' AND scope = '*' GROUP BY subject")
+            .fetch_all(pool)
+            .await
+            .unwrap();
     rows.into_iter().collect()
 }
 
@@ -90,7 +91,11 @@ async fn amounts_near_i64_max_are_refused_at_ingest_and_quarantined_as_overflow_
         t.produce_raw(None, "victim", e.to_string().as_bytes()).await;
     }
     let others = produce_others(&t, "after", 20).await;
-    assert!(wait_consumed(&t, &pool, 23, Duration::from_secs(60)).await, "offsets never reached the end; logs in {}", t.log_dir().display());
+    assert!(
+        wait_consumed(&t, &pool, 23, Duration::from_secs(60)).await,
+        "offsets never reached the end; logs in {}",
+        t.log_dir().display()
+    );
     let used = used_by_subject(&pool).await;
     assert_eq!(used.get("victim"), Some(&7), "the victim's ledger holds only its valid event: {used:?}");
     for (subject, tokens) in &others {
@@ -130,11 +135,16 @@ async fn an_event_that_would_overflow_a_stored_ledger_row_is_isolated_and_its_pa
     for (subject, tokens) in &others {
         assert_eq!(used.get(subject), Some(tokens), "{subject} counted exactly");
     }
-    let counted: Vec<String> = sqlx::query_scalar("SELECT event_id FROM processed_events WHERE subject = 'whale'").fetch_all(&pool).await.unwrap();
+    let counted: Vec<String> =
+        sqlx::query_scalar("SELECT event_id FROM processed_events WHERE subject = 'whale'").fetch_all(&pool).await.unwrap();
     assert_eq!(counted, ["fill"], "the refused event has no dedupe record");
     let q = quarantined(&t).await;
     assert_eq!(q.len(), 2, "{q:?}");
-    let of = |id: &str| q.iter().find(|v| v["original"].as_str().unwrap_or_default().contains(&format!("\"{id}\""))).unwrap_or_else(|| panic!("{id} not quarantined: {q:?}"));
+    let of = |id: &str| {
+        q.iter()
+            .find(|v| v["original"].as_str().unwrap_or_default().contains(&format!("\"{id}\"")))
+            .unwrap_or_else(|| panic!("{id} not quarantined: {q:?}"))
+    };
     let tip = of("tip");
     assert_eq!((tip["reason"].as_str(), tip["event_id"].as_str()), (Some("overflow"), Some("tip")), "{tip}");
     assert!(tip["detail"].as_str().unwrap().contains("ledgers_used_within_bound"), "{tip}");
@@ -211,10 +221,9 @@ async fn a_postgres_outage_during_a_poisoned_batch_is_retried_and_quarantines_no
     // retried with backoff, which must not send anything to quarantine.
     switch.set(false);
     let sent = produce_batch_with_poison(&t, 3_000).await;
-    let retried = wait_for(Duration::from_secs(30), || async {
-        t.metric(&t.aggregator_url, "tally_aggregator_database_retries_total").await > 0
-    })
-    .await;
+    let retried =
+        wait_for(Duration::from_secs(30), || async { t.metric(&t.aggregator_url, "tally_aggregator_database_retries_total").await > 0 })
+            .await;
     assert!(retried, "the aggregator never met the outage; logs in {}", t.log_dir().display());
     assert_eq!(t.metric(&t.aggregator_url, "tally_aggregator_events_quarantined_total").await, 0, "an outage quarantines nothing");
     switch.set(true);

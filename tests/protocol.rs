@@ -69,7 +69,8 @@ async fn cloudevents_in_every_mode_are_counted_and_keep_their_extensions() {
     assert_eq!((s, a["accepted"].as_i64()), (202, Some(1)), "{a}");
 
     // Binary over Kafka, straight to the usage topic; and one without its time.
-    let attributes = [("specversion", "1.0"), ("id", "k1"), ("source", "gw"), ("type", "usage"), ("subject", subject), ("time", now.as_str())];
+    let attributes =
+        [("specversion", "1.0"), ("id", "k1"), ("source", "gw"), ("type", "usage"), ("subject", subject), ("time", now.as_str())];
     produce_binary(&t, subject, &attributes, br#"{"input_tokens": 100}"#).await;
     produce_binary(&t, subject, &attributes[..5], br#"{"input_tokens": 1000}"#).await;
 

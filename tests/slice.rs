@@ -63,10 +63,7 @@ async fn events_over_http_give_exact_ledgers_and_a_block_decision() {
     assert_eq!(t.metric(&t.aggregator_url, "tally_aggregator_events_counted_total").await, 7);
     assert_eq!(t.metric(&t.aggregator_url, "tally_aggregator_events_duplicate_total").await, 4);
 
-    let blocked = wait_for(Duration::from_secs(20), || async {
-        t.decision(&heavy).await.is_some_and(|d| d["allowed"] == false)
-    })
-    .await;
+    let blocked = wait_for(Duration::from_secs(20), || async { t.decision(&heavy).await.is_some_and(|d| d["allowed"] == false) }).await;
     assert!(blocked, "heavy was never blocked; logs in {}", t.log_dir().display());
     let d = t.decision(&heavy).await.expect("decision");
     assert_eq!(d["subject"], heavy.as_str());
@@ -95,10 +92,8 @@ async fn events_over_http_give_exact_ledgers_and_a_block_decision() {
 
     // The database the services created compares text byte for byte, whatever the server's
     // locale (common/src/postgres.rs, BYTE_ORDER_COLLATION).
-    let collation: String = sqlx::query_scalar("SELECT datcollate FROM pg_database WHERE datname = current_database()")
-        .fetch_one(&t.pg().await)
-        .await
-        .unwrap();
+    let collation: String =
+        sqlx::query_scalar("SELECT datcollate FROM pg_database WHERE datname = current_database()").fetch_one(&t.pg().await).await.unwrap();
     assert_eq!(collation, "C");
 }
 

@@ -32,27 +32,26 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::Utc;
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use tally_common::kafka::KafkaSettings;
 use tally_common::consuming;
 use tally_common::health::{watched, ClientHealth, Clients, Watched};
-use tally_common::producing::RebuildingProducer;
+use tally_common::kafka::KafkaSettings;
 use tally_common::membership::{Heartbeats, Membership, ShareChange};
 use tally_common::metrics::{Counter, Gauge, Registry, Timing};
 use tally_common::postgres::PostgresSettings;
-use futures::stream::{FuturesUnordered, StreamExt};
-use futures::FutureExt;
+use tally_common::producing::RebuildingProducer;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use crate::isolate::{self, Isolation};
+use crate::lanes::{key_hash, BatchLimits, Lane};
 use crate::plan::{parse_batch, Delivery, Refusal};
 use crate::policy::{Policy, PolicyHandle};
-use crate::lanes::{key_hash, BatchLimits, Lane};
-use crate::isolate::{self, Isolation};
 use crate::store::{Finish, Outcome, Range, Store, StoreError, Subjects};
 use crate::{relay, AggregatorSettings};
-
 
 /// Most subjects one scheduler transaction decides. Small, because a batch touching one of
 /// them waits for the scheduler's row locks.
@@ -300,7 +299,9 @@ pub async fn run(
     if let Some(path) = &settings.config {
         match crate::policy::seed_from_file(&pool, path).await? {
             Some(applied) => tracing::info!(version = applied.version, file = %path.display(), "tier configuration seeded"),
-            None => tracing::info!(file = %path.display(), "a tier configuration is already stored; --config only seeds an empty database (change it with `tally config apply`)"),
+            None => {
+                tracing::info!(file = %path.display(), "a tier configuration is already stored; --config only seeds an empty database (change it with `tally config apply`)")
+            }
         }
     }
     let policy = PolicyHandle::new(Policy::builtin());
@@ -320,7 +321,8 @@ pub async fn run(
         recorder: Default::default(),
     };
     let metrics = Arc::new(Metrics::new());
-    let rebuilds = metrics.registry.counter("tally_kafka_producer_rebuilds_total", "producers replaced after a fatal error", &[("client", "outbox")]);
+    let rebuilds =
+        metrics.registry.counter("tally_kafka_producer_rebuilds_total", "producers replaced after a fatal error", &[("client", "outbox")]);
     let producer = RebuildingProducer::new(kafka.producer_config(), clients.register("outbox producer"), Some(rebuilds))?;
     let (relay_wake, relay_stop) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let heartbeats = relay::Heartbeats::new(kafka.decisions_topic.clone(), store.owner.clone());
@@ -546,7 +548,6 @@ impl Loop {
         in_flight.push(tokio::spawn(async move { committer.commit_fast(work, waited).await }));
     }
 
-
     /// Heartbeats the membership (at most once a second) and brings the owned partitions in
     /// line with this member's share: drops the ones it lost (and their buffered messages),
     /// claims the ones it gained, and assigns the consumer to exactly the owned ones.
@@ -668,10 +669,12 @@ impl Loop {
         let mut ranges: HashMap<i32, Range> = HashMap::new();
         for d in deliveries {
             let epoch = self.owned.get(&d.partition).map_or(0, |o| o.epoch);
-            ranges
-                .entry(d.partition)
-                .and_modify(|r| r.next = d.offset + 1)
-                .or_insert(Range { partition: d.partition, epoch, start: d.offset, next: d.offset + 1 });
+            ranges.entry(d.partition).and_modify(|r| r.next = d.offset + 1).or_insert(Range {
+                partition: d.partition,
+                epoch,
+                start: d.offset,
+                next: d.offset + 1,
+            });
         }
         let mut ranges: Vec<Range> = ranges.into_values().collect();
         ranges.sort_by_key(|r| r.partition);
@@ -737,7 +740,6 @@ impl Loop {
         self.relay_wake.notify_one();
     }
 
-
     /// After a lane's batch was refused: the partition is given up (unless this instance
     /// has claimed it again since the batch's epoch) and its buffered messages dropped; the
     /// lane's other partitions drop what they buffered and re-read from their stored
@@ -801,13 +803,21 @@ impl Committer {
             let (now, parsing) = (Utc::now(), Instant::now());
             let parsed = parse_batch(&mut work.deliveries, now, self.lateness);
             let started = Instant::now();
-            let result = self.store.commit_batch(&work.ranges, parsed, &work.refreshes, &self.policy, now, self.refresh, Finish::Commit).await;
+            let result =
+                self.store.commit_batch(&work.ranges, parsed, &work.refreshes, &self.policy, now, self.refresh, Finish::Commit).await;
             let failure = match result {
                 Ok(outcome) => {
                     let took = started.elapsed();
                     self.metrics.batches.record(took);
                     let (parse_millis, millis) = ((started - parsing).as_millis() as u64, took.as_millis() as u64);
-                    tracing::debug!(lane = work.lane, events = work.deliveries.len(), refreshes = work.refreshes.len(), parse_millis, millis, "batch committed");
+                    tracing::debug!(
+                        lane = work.lane,
+                        events = work.deliveries.len(),
+                        refreshes = work.refreshes.len(),
+                        parse_millis,
+                        millis,
+                        "batch committed"
+                    );
                     return Ok(outcome);
                 }
                 Err(StoreError::Fenced { partition, epoch, .. }) => return Err((partition, epoch)),

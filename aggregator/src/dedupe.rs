@@ -244,8 +244,10 @@ async fn first_fingerprints(tx: &mut Transaction<'_, Postgres>, ids: &[&str]) ->
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
-    let rows: Vec<(String, String)> =
-        sqlx::query_as("SELECT event_id, fingerprint FROM processed_events WHERE event_id = ANY($1)").bind(ids).fetch_all(&mut **tx).await?;
+    let rows: Vec<(String, String)> = sqlx::query_as("SELECT event_id, fingerprint FROM processed_events WHERE event_id = ANY($1)")
+        .bind(ids)
+        .fetch_all(&mut **tx)
+        .await?;
     Ok(rows.into_iter().collect())
 }
 

@@ -242,7 +242,8 @@ mod tests {
     fn a_push_returns_a_copy_of_an_urgent_delivery_and_keeps_it_buffered_in_order() {
         let t0 = Instant::now();
         let event = |offset: i64, tokens: i64| {
-            let v = serde_json::json!({"id": format!("e{offset}"), "subject": "s", "time": Utc::now().to_rfc3339(), "input_tokens": tokens});
+            let v =
+                serde_json::json!({"id": format!("e{offset}"), "subject": "s", "time": Utc::now().to_rfc3339(), "input_tokens": tokens});
             Delivery::received(0, offset, Some(serde_json::to_vec(&v).unwrap()))
         };
         let mut lane = Lane::default();

@@ -418,12 +418,7 @@ pub fn decide(quotas: &[Quota], keys: &[(LedgerKey, DateTime<Utc>)], used: impl 
 /// current period of every quota that is not `ok` (its rollover may unblock), or the next
 /// change of its overrides or assignments, whichever comes first.
 pub fn next_check_at(quotas: &[QuotaDecision], policy_change: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
-    quotas
-        .iter()
-        .filter(|q| q.state != tally_domain::decision::QuotaState::Ok)
-        .map(|q| q.resets_at)
-        .chain(policy_change)
-        .min()
+    quotas.iter().filter(|q| q.state != tally_domain::decision::QuotaState::Ok).map(|q| q.resets_at).chain(policy_change).min()
 }
 
 /// What the aggregator keeps of a subject's last published snapshot (in `decisions`): enough
@@ -477,12 +472,7 @@ impl Hasher for Fnv1a {
 /// Whether a new snapshot must be published: when a threshold fired, on the first decision,
 /// on any change of state, action, limit, reset instant or tier, and otherwise when usage
 /// changed and the last snapshot is older than `refresh`.
-pub fn should_publish(
-    previous: Option<&Published>,
-    current: &Published,
-    quotas: &[QuotaDecision],
-    refresh: Duration,
-) -> bool {
+pub fn should_publish(previous: Option<&Published>, current: &Published, quotas: &[QuotaDecision], refresh: Duration) -> bool {
     let Some(prev) = previous else { return true };
     if quotas.iter().any(|q| !q.fired.is_empty()) {
         return true;
@@ -519,7 +509,8 @@ mod tests {
         )
         .unwrap();
         let at: DateTime<Utc> = "2026-11-22T11:59:58.700Z".parse().unwrap();
-        let e = tally_domain::event::event_from_value(json!({"id": "a", "subject": "s", "time": at.to_rfc3339(), "output_tokens": 4})).unwrap();
+        let e =
+            tally_domain::event::event_from_value(json!({"id": "a", "subject": "s", "time": at.to_rfc3339(), "output_tokens": 4})).unwrap();
         let deltas = ledger_deltas(&[&e, &e], &policy);
         assert_eq!(deltas.len(), 1);
         let (key, delta) = deltas.iter().next().unwrap();
@@ -550,10 +541,8 @@ mod tests {
             event("f", "s", "2026-11-22T10:00:00Z", 8),
         ];
         let refs: Vec<&UsageEvent> = events.iter().collect();
-        let sums: Vec<(String, String, i64)> = ledger_deltas(&refs, &policy)
-            .into_iter()
-            .map(|(k, d)| (k.subject, k.period_start.format("%d").to_string(), d.used))
-            .collect();
+        let sums: Vec<(String, String, i64)> =
+            ledger_deltas(&refs, &policy).into_iter().map(|(k, d)| (k.subject, k.period_start.format("%d").to_string(), d.used)).collect();
         let row = |s: &str, day: &str, used: i64| (s.to_string(), day.to_string(), used);
         assert_eq!(sums, [row("other", "21", 10), row("other", "22", 20), row("s", "21", 5), row("s", "22", 10)]);
     }
@@ -581,8 +570,10 @@ mod tests {
         let refs: Vec<&UsageEvent> = events.iter().collect();
         let deltas = ledger_deltas(&refs, &policy);
         let day = |d: &str| d.parse::<DateTime<Utc>>().unwrap();
-        let today: Vec<&LedgerDelta> = deltas.iter().filter(|(k, _)| k.period_start == day("2026-11-22T00:00:00Z")).map(|(_, d)| d).collect();
-        let yesterday: Vec<&LedgerDelta> = deltas.iter().filter(|(k, _)| k.period_start == day("2026-11-21T00:00:00Z")).map(|(_, d)| d).collect();
+        let today: Vec<&LedgerDelta> =
+            deltas.iter().filter(|(k, _)| k.period_start == day("2026-11-22T00:00:00Z")).map(|(_, d)| d).collect();
+        let yesterday: Vec<&LedgerDelta> =
+            deltas.iter().filter(|(k, _)| k.period_start == day("2026-11-21T00:00:00Z")).map(|(_, d)| d).collect();
         assert_eq!(deltas.len(), 2, "{deltas:?}");
         assert_eq!(today[0].used, 15);
         assert_eq!(today[0].limit, 100, "the limit in force at the row's latest event (11:00, after the override)");
@@ -617,8 +608,10 @@ mod tests {
         let time = "2026-11-22T10:00:00Z";
         let events = [
             tally_domain::event::event_from_value(json!({"id": "a", "subject": "s", "time": time, "input_tokens": 1})).unwrap(),
-            tally_domain::event::event_from_value(json!({"id": "b", "subject": "s", "time": time, "input_tokens": 2, "api_key_sha256": key}))
-                .unwrap(),
+            tally_domain::event::event_from_value(
+                json!({"id": "b", "subject": "s", "time": time, "input_tokens": 2, "api_key_sha256": key}),
+            )
+            .unwrap(),
         ];
         let refs: Vec<&UsageEvent> = events.iter().collect();
         // The sums are walked in a randomly seeded hash order: many runs, one answer.
@@ -654,7 +647,11 @@ mod tests {
         assert!(batch[0].event().is_some(), "parsed on receipt");
         let parsed = parse_batch(&mut batch, now(), Duration::days(35));
         let ids: Vec<&str> = parsed.candidates.iter().map(|c| c.event.id.as_str()).collect();
-        assert_eq!((ids, parsed.duplicates, parsed.quarantined.len()), (vec!["a"], 1, 0), "the early one is neither counted nor a duplicate");
+        assert_eq!(
+            (ids, parsed.duplicates, parsed.quarantined.len()),
+            (vec!["a"], 1, 0),
+            "the early one is neither counted nor a duplicate"
+        );
         let fingerprint = parsed.candidates[0].fingerprint.clone();
         // A retry parses the payloads again, with the same result.
         assert!(batch[0].parsed.is_none(), "taken by the first parse");

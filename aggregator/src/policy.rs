@@ -7,8 +7,8 @@
 //! the version in force ([`PolicyHandle::sync`]), so a change applies from the next batch on.
 //!
 
-use std::path::Path;
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::Context;
@@ -127,10 +127,8 @@ impl PolicyHandle {
         let current = self.current();
         match latest {
             Some(v) if v != current.version => {
-                let document: String = sqlx::query_scalar("SELECT document FROM config_versions WHERE version = $1")
-                    .bind(v)
-                    .fetch_one(&mut *conn)
-                    .await?;
+                let document: String =
+                    sqlx::query_scalar("SELECT document FROM config_versions WHERE version = $1").bind(v).fetch_one(&mut *conn).await?;
                 let mut policy = Policy::from_yaml(&document, &format!("(config version {v})"))?;
                 policy.version = v;
                 tracing::info!(version = v, "tier configuration loaded");

@@ -80,7 +80,8 @@ async fn relay_once(pool: &PgPool, producer: &RebuildingProducer) -> anyhow::Res
         return Ok(Round { published: 0, drained_at });
     }
     // Not resent within the round: the next round publishes failed rows again, in id order.
-    let sends = rows.iter().map(|(_, topic, key, payload)| producer.send_once(Outgoing::new(topic, key.as_bytes(), payload), QUEUE_TIMEOUT));
+    let sends =
+        rows.iter().map(|(_, topic, key, payload)| producer.send_once(Outgoing::new(topic, key.as_bytes(), payload), QUEUE_TIMEOUT));
     for result in join_all(sends).await {
         result.map_err(|e| anyhow::anyhow!("failed to publish an outbox message: {e}"))?;
     }

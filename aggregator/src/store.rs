@@ -284,7 +284,8 @@ impl Store {
         let refused: Vec<&str> = ids.iter().copied().filter(|id| !applied.contains(id)).collect();
         for c in corrections.iter().filter(|c| refused.contains(&c.event.id.as_str())) {
             let target = c.event.corrects.as_deref().unwrap_or_default();
-            let reason = format!("correction: event {target:?} of subject {:?} was never counted, or is already corrected", c.event.subject);
+            let reason =
+                format!("correction: event {target:?} of subject {:?} was never counted, or is already corrected", c.event.subject);
             quarantined.push(Quarantined::new(reason, Some(c.event.id.clone()), c.delivery));
         }
         if !refused.is_empty() {
@@ -722,7 +723,10 @@ fn quarantine_overpriced(candidates: &mut Vec<Candidate<'_>>, quarantined: &mut 
         if cost <= MAX_AMOUNT {
             return true;
         }
-        let detail = format!("the cost priced from model {:?}'s price, {cost} micro-dollars, is above the largest amount Tally counts, {MAX_AMOUNT} (10^15)", c.event.model.as_deref().unwrap_or_default());
+        let detail = format!(
+            "the cost priced from model {:?}'s price, {cost} micro-dollars, is above the largest amount Tally counts, {MAX_AMOUNT} (10^15)",
+            c.event.model.as_deref().unwrap_or_default()
+        );
         quarantined.push(Quarantined::refused(Refusal::overflow(detail), Some(c.event.id.clone()), c.delivery));
         false
     });

@@ -153,7 +153,9 @@ pub async fn config_show(State(state): State<Arc<AppState>>) -> Answer {
             .fetch_optional(&state.pool)
             .await?;
     Ok(Json(match row {
-        Some((version, document, source, applied_at)) => json!({"version": version, "document": document, "source": source, "applied_at": applied_at}),
+        Some((version, document, source, applied_at)) => {
+            json!({"version": version, "document": document, "source": source, "applied_at": applied_at})
+        }
         None => json!({"version": 0, "document": crate::configs::DEFAULT_CONFIG, "source": "built-in default", "applied_at": null}),
     })
     .into_response())
@@ -168,7 +170,10 @@ fn tier_index(tree: &mut Value, name: &str) -> Result<Option<usize>, AppError> {
 pub async fn tiers_list(State(state): State<Arc<AppState>>, q: Q) -> Answer {
     let p = params(q)?;
     let (_, mut tree) = latest(&state).await?;
-    let items = seq(&mut tree, "tiers")?.iter().map(|t| (str_field(t, "name").unwrap_or_default().to_string(), to_json(t))).collect::<BTreeMap<_, _>>();
+    let items = seq(&mut tree, "tiers")?
+        .iter()
+        .map(|t| (str_field(t, "name").unwrap_or_default().to_string(), to_json(t)))
+        .collect::<BTreeMap<_, _>>();
     page(items.into_iter().collect(), &p, state.max_page)
 }
 
@@ -575,7 +580,8 @@ pub async fn override_create(State(state): State<Arc<AppState>>, JsonBody(body):
     let expires_at = match (&body.duration, body.expires_at) {
         (Some(_), Some(_)) => return Err(AppError::bad("expires_at", "give `duration` or `expires_at`, not both")),
         (Some(d), None) => {
-            let d = parse_duration(d).ok_or_else(|| AppError::bad("duration", "a duration such as 90s, 30m, 1h or 2d (at most 366 days)"))?;
+            let d =
+                parse_duration(d).ok_or_else(|| AppError::bad("duration", "a duration such as 90s, 30m, 1h or 2d (at most 366 days)"))?;
             body.starts_at.unwrap_or(now) + d
         }
         (None, Some(t)) => t,

@@ -275,7 +275,11 @@ pub async fn check(State(state): State<Arc<AppState>>, JsonBody(req): JsonBody<C
         }
         (Some(s), _) | (None, Some(s)) => s,
         (None, None) => {
-            let why = if key_sha.is_some() { "required: the API key is not bound to a subject" } else { "required (or an api_key bound to a subject)" };
+            let why = if key_sha.is_some() {
+                "required: the API key is not bound to a subject"
+            } else {
+                "required (or an api_key bound to a subject)"
+            };
             return Err(AppError::bad("subject", why));
         }
     };
@@ -332,7 +336,11 @@ pub async fn check(State(state): State<Arc<AppState>>, JsonBody(req): JsonBody<C
         _ => req.model,
     };
     let retry_after_seconds = verdict.retry_at.map(|t| ceil_seconds(t - now).max(1));
-    if verdict.allowed { state.metrics.allowed.inc() } else { state.metrics.denied.inc() }
+    if verdict.allowed {
+        state.metrics.allowed.inc()
+    } else {
+        state.metrics.denied.inc()
+    }
     let answer = CheckAnswer {
         allowed: verdict.allowed,
         subject,

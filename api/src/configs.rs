@@ -21,10 +21,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use tally_common::producing::{Outgoing, RebuildingProducer};
 use serde_yaml::Value;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
+use tally_common::producing::{Outgoing, RebuildingProducer};
 use tally_domain::config::{Config, ConfigErrors};
 
 use crate::error::AppError;
@@ -135,8 +135,9 @@ pub struct Edited<T> {
 impl Editor {
     /// The latest stored version and document (the built-in default when none).
     async fn latest(&self) -> Result<(i64, String), AppError> {
-        let row: Option<(i64, String)> =
-            sqlx::query_as("SELECT version, document FROM config_versions ORDER BY version DESC LIMIT 1").fetch_optional(&self.pool).await?;
+        let row: Option<(i64, String)> = sqlx::query_as("SELECT version, document FROM config_versions ORDER BY version DESC LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.unwrap_or_else(|| (0, DEFAULT_CONFIG.to_string())))
     }
 
@@ -163,8 +164,9 @@ impl Editor {
             let mut tx = self.pool.begin().await?;
             // The same lock `tally config apply` takes: one writer at a time.
             sqlx::query("LOCK TABLE config_versions IN SHARE ROW EXCLUSIVE MODE").execute(&mut *tx).await?;
-            let latest: Option<(i64, String)> =
-                sqlx::query_as("SELECT version, sha256 FROM config_versions ORDER BY version DESC LIMIT 1").fetch_optional(&mut *tx).await?;
+            let latest: Option<(i64, String)> = sqlx::query_as("SELECT version, sha256 FROM config_versions ORDER BY version DESC LIMIT 1")
+                .fetch_optional(&mut *tx)
+                .await?;
             if latest.as_ref().map(|(v, _)| *v).unwrap_or(0) != base {
                 tx.rollback().await.ok();
                 tracing::info!(base, "configuration changed while editing; retrying on the newer version");

@@ -51,7 +51,8 @@ fn bad_request(e: QueryError) -> Response {
 
 /// The query string's parameters, or a 400 in JSON naming `query` (e.g. a repeated parameter).
 fn params<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, Response> {
-    q.map(|Query(p)| p).map_err(|e| (StatusCode::BAD_REQUEST, Json(ApiError { error: e.body_text(), field: Some("query") })).into_response())
+    q.map(|Query(p)| p)
+        .map_err(|e| (StatusCode::BAD_REQUEST, Json(ApiError { error: e.body_text(), field: Some("query") })).into_response())
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> Response {
@@ -77,7 +78,11 @@ async fn series(State(state): State<Arc<HistoryState>>, q: Result<Query<Params>,
     }
 }
 
-async fn subject_series(State(state): State<Arc<HistoryState>>, Path(subject): Path<String>, q: Result<Query<Params>, QueryRejection>) -> Response {
+async fn subject_series(
+    State(state): State<Arc<HistoryState>>,
+    Path(subject): Path<String>,
+    q: Result<Query<Params>, QueryRejection>,
+) -> Response {
     let mut p = match params(q) {
         Ok(p) => p,
         Err(refused) => return refused,

@@ -111,13 +111,10 @@ pub async fn run(
     });
     state.auth.log_posture();
     let flusher = state.last_use.spawn_flusher(pool.clone());
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .with_context(|| format!("failed to listen on {}", settings.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(settings.listen).await.with_context(|| format!("failed to listen on {}", settings.listen))?;
     tracing::info!(listen = %settings.listen, topic = %kafka.decisions_topic, stale_policy = ?settings.stale_policy, "api listening");
-    let served = axum::serve(listener, app(state.clone(), Some(history), settings.max_body_bytes))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let served = axum::serve(listener, app(state.clone(), Some(history), settings.max_body_bytes)).with_graceful_shutdown(shutdown).await;
     flusher.abort();
     if let Err(e) = state.last_use.flush(&pool).await {
         tracing::warn!(error = %e, "failed to record the last API key uses at shutdown");

@@ -5,12 +5,8 @@ use axum::Json;
 use serde_json::{json, Value};
 
 /// Routes mounted from `crate::history` (its own router), as (method, path).
-pub const HISTORY_ROUTES: &[(&str, &str)] = &[
-    ("GET", "/v1/history/series"),
-    ("GET", "/v1/history/top"),
-    ("GET", "/v1/subjects/{subject}/history"),
-    ("GET", "/v1/reconcile"),
-];
+pub const HISTORY_ROUTES: &[(&str, &str)] =
+    &[("GET", "/v1/history/series"), ("GET", "/v1/history/top"), ("GET", "/v1/subjects/{subject}/history"), ("GET", "/v1/reconcile")];
 
 fn op(summary: &str, security: Option<&str>, params: &[&str], body: Option<&str>, responses: &[(&str, &str)]) -> Value {
     let mut o = json!({"summary": summary, "responses": {}});
@@ -32,8 +28,10 @@ fn op(summary: &str, security: Option<&str>, params: &[&str], body: Option<&str>
         o["parameters"] = Value::Array(params);
     }
     if let Some(schema) = body {
-        o["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}});
-        let error = |desc: &str| json!({"description": desc, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+        o["requestBody"] =
+            json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}});
+        let error =
+            |desc: &str| json!({"description": desc, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
         if o["responses"].get("400").is_none() {
             o["responses"]["400"] = error("bad input");
         }

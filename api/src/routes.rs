@@ -308,7 +308,9 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         None => ("not_checked", None),
         Some(b) => {
             let client = b.producer.producer();
-            let probe = tokio::task::spawn_blocking(move || rdkafka::producer::Producer::client(&client).fetch_metadata(None, Duration::from_secs(2)).is_ok());
+            let probe = tokio::task::spawn_blocking(move || {
+                rdkafka::producer::Producer::client(&client).fetch_metadata(None, Duration::from_secs(2)).is_ok()
+            });
             let broker = if matches!(probe.await, Ok(true)) { "ok" } else { "unavailable" };
             (broker, Some(b.clients.report(std::time::Instant::now())))
         }
@@ -370,7 +372,10 @@ async fn decision(State(state): State<Arc<AppState>>, Path(subject): Path<String
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response());
     }
     let age_ms = (Utc::now() - snapshot.calculated_at).num_milliseconds().max(0);
-    Ok(([(header::ETAG, etag_value), (header::CACHE_CONTROL, HeaderValue::from_static("no-cache"))], Json(DecisionAnswer { snapshot: &snapshot, age_ms, source }))
+    Ok((
+        [(header::ETAG, etag_value), (header::CACHE_CONTROL, HeaderValue::from_static("no-cache"))],
+        Json(DecisionAnswer { snapshot: &snapshot, age_ms, source }),
+    )
         .into_response())
 }
 

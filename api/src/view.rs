@@ -147,9 +147,7 @@ pub fn spawn_feeder(
     let consumer: StreamConsumer<Watched> = watched(kafka.consumer_config(&group))
         .create_with_context(Watched::new(health))
         .context("failed to create the decisions consumer")?;
-    consumer
-        .subscribe(&[kafka.decisions_topic.as_str()])
-        .with_context(|| format!("failed to subscribe to {}", kafka.decisions_topic))?;
+    consumer.subscribe(&[kafka.decisions_topic.as_str()]).with_context(|| format!("failed to subscribe to {}", kafka.decisions_topic))?;
     let consumer = std::sync::Arc::new(consumer);
     let watcher = tokio::spawn(watch_freshness(view.clone(), consumer.clone(), kafka.decisions_topic.clone()));
     Ok(tokio::spawn(async move {
@@ -237,14 +235,7 @@ mod tests {
     use super::*;
 
     fn snap(version: i64, allowed: bool) -> DecisionSnapshot {
-        DecisionSnapshot {
-            subject: "alice".into(),
-            allowed,
-            version,
-            calculated_at: Utc::now(),
-            tier: "default".into(),
-            quotas: vec![],
-        }
+        DecisionSnapshot { subject: "alice".into(), allowed, version, calculated_at: Utc::now(), tier: "default".into(), quotas: vec![] }
     }
 
     #[test]

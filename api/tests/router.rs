@@ -44,7 +44,10 @@ struct Env {
 }
 
 fn database_url(name: &str) -> String {
-    let base = std::env::var("TALLY_DATABASE_URL").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let base = std::env::var("TALLY_DATABASE_URL")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let (server, _) = base.rsplit_once('/').expect("TALLY_DATABASE_URL has a database part");
     format!("{server}/{name}")
 }
@@ -56,7 +59,11 @@ async fn env_with(auth: AuthSettings, stale_policy: StalePolicy, tiers: Option<&
     let pool = db.connect().await.expect("connect");
     migrate(&pool).await.expect("migrate");
     if let Some(doc) = tiers {
-        sqlx::query("INSERT INTO config_versions (document, sha256, source) VALUES ($1, 'x', 'test')").bind(doc).execute(&pool).await.unwrap();
+        sqlx::query("INSERT INTO config_versions (document, sha256, source) VALUES ($1, 'x', 'test')")
+            .bind(doc)
+            .execute(&pool)
+            .await
+            .unwrap();
     }
     let configs = Arc::new(ConfigCache::new(Loaded::builtin().unwrap()));
     configs.refresh(&pool).await.expect("load the configuration");
@@ -99,7 +106,13 @@ impl Env {
         let r = self.app.clone().oneshot(req).await.unwrap();
         let (status, headers) = (r.status(), r.headers().clone());
         let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
-        let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| if bytes.is_empty() { Value::Null } else { Value::String(String::from_utf8_lossy(&bytes).into()) });
+        let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+            if bytes.is_empty() {
+                Value::Null
+            } else {
+                Value::String(String::from_utf8_lossy(&bytes).into())
+            }
+        });
         (status, headers, v)
     }
 
@@ -212,7 +225,8 @@ async fn tokens_are_enforced_on_every_route_that_needs_one() {
     let auth = AuthSettings { admin: Some(Token::new(ADMIN)), read: Some(Token::new(READ)), no_auth: false };
     let e = env_with(auth, StalePolicy::Open, Some(TIERS)).await;
     let versions = e.versions().await;
-    let mut all: Vec<(String, String, Role)> = routes::routes().iter().map(|r| (r.method.to_string(), r.path.to_string(), r.role)).collect();
+    let mut all: Vec<(String, String, Role)> =
+        routes::routes().iter().map(|r| (r.method.to_string(), r.path.to_string(), r.role)).collect();
     all.extend(tally_api::openapi::HISTORY_ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string(), Role::Read)));
     for (method, path, role) in &all {
         let path = concrete(path);
@@ -229,7 +243,11 @@ async fn tokens_are_enforced_on_every_route_that_needs_one() {
                 assert_ne!(read, StatusCode::UNAUTHORIZED, "{method} {path} takes the read token");
             }
             Role::Admin => {
-                assert_eq!((none, wrong, read), (StatusCode::UNAUTHORIZED, StatusCode::UNAUTHORIZED, StatusCode::UNAUTHORIZED), "{method} {path}");
+                assert_eq!(
+                    (none, wrong, read),
+                    (StatusCode::UNAUTHORIZED, StatusCode::UNAUTHORIZED, StatusCode::UNAUTHORIZED),
+                    "{method} {path}"
+                );
             }
         }
     }
@@ -443,8 +461,16 @@ fn brotli(bytes: &[u8]) -> Vec<u8> {
 
 impl Env {
     /// Sends raw bytes with a Content-Encoding (and an optional token).
-    async fn send_encoded(&self, method: &str, path: &str, token: Option<&str>, coding: &str, body: Vec<u8>) -> (StatusCode, axum::http::HeaderMap, Value) {
-        let mut req = Request::builder().method(method).uri(path).header("content-type", "application/json").header("content-encoding", coding);
+    async fn send_encoded(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        coding: &str,
+        body: Vec<u8>,
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let mut req =
+            Request::builder().method(method).uri(path).header("content-type", "application/json").header("content-encoding", coding);
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
@@ -505,7 +531,12 @@ async fn unknown_routes_and_wrong_methods_answer_json() {
         assert_eq!(h["allow"], allow, "{method} {path}");
     }
     // A query string that does not parse is a JSON 400 too.
-    for path in ["/v1/history/series?metric=a&metric=b", "/v1/history/top?limit=1&limit=2", "/v1/reconcile?period=a&period=b", "/v1/subjects/a/usage?limit=1&limit=2"] {
+    for path in [
+        "/v1/history/series?metric=a&metric=b",
+        "/v1/history/top?limit=1&limit=2",
+        "/v1/reconcile?period=a&period=b",
+        "/v1/subjects/a/usage?limit=1&limit=2",
+    ] {
         let (s, _, err) = e.send("GET", path, Some(ADMIN), None).await;
         assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("query")), "{path}: {err}");
         assert!(err["error"].as_str().unwrap().contains("duplicate field"), "{err}");
@@ -535,7 +566,9 @@ async fn a_stale_view_applies_the_configured_policy_and_says_so() {
         });
         let app = tally_api::app(state, None, 4096);
         let r = app
-            .oneshot(Request::post("/v1/check").header("content-type", "application/json").body(Body::from(r#"{"subject":"alice"}"#)).unwrap())
+            .oneshot(
+                Request::post("/v1/check").header("content-type", "application/json").body(Body::from(r#"{"subject":"alice"}"#)).unwrap(),
+            )
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::OK);
@@ -566,7 +599,8 @@ async fn tiers_crud_validation_and_paging() {
     assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("name")));
     assert_eq!(e.versions().await, before, "invalid input wrote nothing");
 
-    let gold = json!({"name": "gold", "priority": 20, "rate_multiplier": 5, "quotas": [{"name": "rpm", "metric": "requests", "rate": "100/m"}]});
+    let gold =
+        json!({"name": "gold", "priority": 20, "rate_multiplier": 5, "quotas": [{"name": "rpm", "metric": "requests", "rate": "100/m"}]});
     let (s, created) = e.admin("POST", "/v1/admin/tiers", Some(gold.clone())).await;
     assert_eq!(s, StatusCode::CREATED, "{created}");
     assert!(created["version"].as_i64().unwrap() > 0);
@@ -620,7 +654,11 @@ async fn an_edit_builds_on_a_version_applied_meanwhile() {
     let e = env().await;
     // Someone runs `tally config apply` with a new tier; the next admin edit keeps it.
     let applied = format!("{TIERS}  - name: bronze\n");
-    sqlx::query("INSERT INTO config_versions (document, sha256, source) VALUES ($1, 'y', 'file')").bind(&applied).execute(&e.state.pool).await.unwrap();
+    sqlx::query("INSERT INTO config_versions (document, sha256, source) VALUES ($1, 'y', 'file')")
+        .bind(&applied)
+        .execute(&e.state.pool)
+        .await
+        .unwrap();
     let (s, _) = e.admin("PUT", "/v1/admin/groups/g", Some(json!({"tier": "bronze"}))).await;
     assert_eq!(s, StatusCode::OK);
     let doc = e.document().await;
@@ -702,7 +740,11 @@ async fn overrides_are_validated_before_anything_is_written() {
     let with = |patch: Value| {
         let mut b = base.clone();
         for (k, v) in patch.as_object().unwrap() {
-            if v.is_null() { b.as_object_mut().unwrap().remove(k); } else { b[k] = v.clone(); }
+            if v.is_null() {
+                b.as_object_mut().unwrap().remove(k);
+            } else {
+                b[k] = v.clone();
+            }
         }
         b
     };

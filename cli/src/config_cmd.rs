@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tally_aggregator::policy;
-use tally_common::producing::{Outgoing, RebuildingProducer};
 use tally_common::kafka::KafkaSettings;
 use tally_common::postgres::PostgresSettings;
+use tally_common::producing::{Outgoing, RebuildingProducer};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ConfigCommand {
@@ -62,10 +62,12 @@ async fn announce(kafka: &KafkaSettings, version: i64) -> anyhow::Result<()> {
     let health = tally_common::health::ClientHealth::new("control producer");
     let producer = RebuildingProducer::new(kafka.producer_config(), health, None)?;
     let payload = serde_json::json!({"type": "config_applied", "version": version, "at": chrono::Utc::now()}).to_string();
-    producer
-        .send(Outgoing::new(&kafka.control_topic, b"config", payload.as_bytes()), Duration::from_secs(10))
-        .await
-        .map_err(|e| anyhow::anyhow!("the configuration is stored, but announcing it on {} failed: {e}; aggregators pick it up within a second anyway", kafka.control_topic))?;
+    producer.send(Outgoing::new(&kafka.control_topic, b"config", payload.as_bytes()), Duration::from_secs(10)).await.map_err(|e| {
+        anyhow::anyhow!(
+            "the configuration is stored, but announcing it on {} failed: {e}; aggregators pick it up within a second anyway",
+            kafka.control_topic
+        )
+    })?;
     Ok(())
 }
 

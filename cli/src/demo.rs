@@ -30,8 +30,7 @@ fn default_prefix() -> String {
 
 /// The demo's users: (name suffix, tokens per request, API key). The tier comes from
 /// examples/demo.yaml: users are on free unless they send the pro API key.
-const USERS: [(&str, i64, Option<&str>); 3] =
-    [("ana", 1500, None), ("ben", 1500, Some("sk-demo-pro")), ("cy", 200, None)];
+const USERS: [(&str, i64, Option<&str>); 3] = [("ana", 1500, None), ("ben", 1500, Some("sk-demo-pro")), ("cy", 200, None)];
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;

@@ -201,9 +201,7 @@ fn explain_period(period: &str, at: &str, tz: &str, anchor_day: Option<u8>) -> R
     let spec = match (anchor_day, spec) {
         (None, spec) => spec,
         (Some(day), PeriodSpec::Month) if (1..=31).contains(&day) => PeriodSpec::MonthAnchored { day },
-        (Some(day), PeriodSpec::Month) => {
-            return Err(ExplainError::arg("--anchor-day", format!("{day} is not a day of the month (1-31)")))
-        }
+        (Some(day), PeriodSpec::Month) => return Err(ExplainError::arg("--anchor-day", format!("{day} is not a day of the month (1-31)"))),
         (Some(_), other) => {
             return Err(ExplainError::arg("--anchor-day", format!("applies only to `month`, not `{other}`")));
         }
@@ -384,9 +382,9 @@ fn summary(config: &Config, name: &str) -> String {
     if !config.groups.is_empty() {
         let _ = writeln!(out, "\ngroups:");
         for (group, tier) in &config.groups {
-            let members: Vec<&str> =
-                config.members.iter().filter(|(_, gs)| gs.contains(group)).map(|(s, _)| s.as_str()).collect();
-            let _ = writeln!(out, "  {group} -> {tier} (members: {})", if members.is_empty() { "-".to_string() } else { members.join(", ") });
+            let members: Vec<&str> = config.members.iter().filter(|(_, gs)| gs.contains(group)).map(|(s, _)| s.as_str()).collect();
+            let _ =
+                writeln!(out, "  {group} -> {tier} (members: {})", if members.is_empty() { "-".to_string() } else { members.join(", ") });
         }
     }
     if !config.assignments.is_empty() {

@@ -7,11 +7,11 @@ use tally_aggregator::AggregatorSettings;
 use tally_api::ApiSettings;
 use tally_cli::explain::{ExplainCommand, ValidateConfigArgs};
 use tally_cli::{bench, close_period, config_cmd, demo, explain, export, reconcile, setup};
-use tally_history::WriterSettings;
 use tally_common::clickhouse::ClickHouseSettings;
 use tally_common::kafka::KafkaSettings;
 use tally_common::postgres::PostgresSettings;
 use tally_common::{shutdown, telemetry};
+use tally_history::WriterSettings;
 use tally_ingest::IngestSettings;
 
 mod memory;

@@ -23,7 +23,10 @@ pub async fn setup(kafka: &KafkaSettings, pg: &PostgresSettings, ch: &ClickHouse
         eprintln!("[setup] clickhouse: creating database {} and tables", ch.clickhouse_database);
         ch.migrate().await?;
     }
-    eprintln!("[setup] kafka: creating topics {}, {}, {}, {}", kafka.usage_topic, kafka.decisions_topic, kafka.quarantine_topic, kafka.control_topic);
+    eprintln!(
+        "[setup] kafka: creating topics {}, {}, {}, {}",
+        kafka.usage_topic, kafka.decisions_topic, kafka.quarantine_topic, kafka.control_topic
+    );
     kafka.ensure_topics().await?;
     eprintln!("[setup] done");
     Ok(())

@@ -133,8 +133,16 @@ mod tests {
         let headers = |pairs: &[(&str, &str)]| {
             pairs.iter().fold(OwnedHeaders::new(), |h, (key, value)| h.insert(Header { key, value: Some(value.as_bytes()) }))
         };
-        let ce = [("ce_specversion", "1.0"), ("ce_id", "1"), ("ce_source", "gw"), ("ce_type", "usage"), ("ce_subject", "alice"),
-                  ("ce_time", "2026-11-22T10:00:00Z"), ("ce_traceparent", "00-abc-def-01"), ("content-type", "application/json")];
+        let ce = [
+            ("ce_specversion", "1.0"),
+            ("ce_id", "1"),
+            ("ce_source", "gw"),
+            ("ce_type", "usage"),
+            ("ce_subject", "alice"),
+            ("ce_time", "2026-11-22T10:00:00Z"),
+            ("ce_traceparent", "00-abc-def-01"),
+            ("content-type", "application/json"),
+        ];
         let value = br#"{"input_tokens": 7}"#;
         let structured = binary_cloudevent(&headers(&ce), Some(value)).expect("a binary mode event");
         let (event, _) = tally_domain::event::parse_event_with_fingerprint(&structured).unwrap();

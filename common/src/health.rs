@@ -485,4 +485,3 @@ mod tests {
         assert_eq!(h.status(quiet).state, "ok");
     }
 }
-

@@ -318,7 +318,14 @@ mod tests {
     #[tokio::test]
     async fn compressed_bodies_are_decoded() {
         let body = br#"{"name": "zipped"}"#;
-        for (coding, encoded) in [("gzip", gzip(body)), ("x-gzip", gzip(body)), ("GZIP", gzip(body)), ("deflate", deflate(body)), ("br", brotli(body)), ("identity", body.to_vec())] {
+        for (coding, encoded) in [
+            ("gzip", gzip(body)),
+            ("x-gzip", gzip(body)),
+            ("GZIP", gzip(body)),
+            ("deflate", deflate(body)),
+            ("br", brotli(body)),
+            ("identity", body.to_vec()),
+        ] {
             let (status, _, answer) = send(post_json("/items").header("content-encoding", coding), encoded).await;
             assert_eq!((status, answer), (StatusCode::OK, json!("zipped")), "{coding}");
         }

@@ -96,21 +96,16 @@ impl KafkaSettings {
 
     /// Creates Tally's four topics if they do not exist yet.
     pub async fn ensure_topics(&self) -> anyhow::Result<()> {
-        let admin: AdminClient<DefaultClientContext> =
-            self.base().create().context("failed to create the Kafka admin client")?;
+        let admin: AdminClient<DefaultClientContext> = self.base().create().context("failed to create the Kafka admin client")?;
         let compact = [("cleanup.policy", "compact")];
         let topics = [
             NewTopic::new(&self.usage_topic, self.partitions, TopicReplication::Fixed(1)),
-            NewTopic::new(&self.decisions_topic, self.partitions, TopicReplication::Fixed(1))
-                .set(compact[0].0, compact[0].1),
+            NewTopic::new(&self.decisions_topic, self.partitions, TopicReplication::Fixed(1)).set(compact[0].0, compact[0].1),
             NewTopic::new(&self.quarantine_topic, self.partitions, TopicReplication::Fixed(1)),
             NewTopic::new(&self.control_topic, 1, TopicReplication::Fixed(1)),
         ];
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        let results = admin
-            .create_topics(&topics, &opts)
-            .await
-            .with_context(|| format!("failed to create topics on {}", self.brokers))?;
+        let results = admin.create_topics(&topics, &opts).await.with_context(|| format!("failed to create topics on {}", self.brokers))?;
         for result in results {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

@@ -60,10 +60,7 @@ fn render_labels(labels: &[(&str, &str)]) -> String {
     if labels.is_empty() {
         return String::new();
     }
-    let inner: Vec<String> = labels
-        .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
-        .collect();
+    let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))).collect();
     format!("{{{}}}", inner.join(","))
 }
 
@@ -121,7 +118,6 @@ impl Timing {
         self.count.inc();
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -57,10 +57,8 @@ impl PostgresSettings {
         let name = self.database()?;
         let admin = self.options()?.database("postgres");
         let mut conn = admin.connect().await.context("failed to connect to the Postgres server")?;
-        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(&name)
-            .fetch_one(&mut conn)
-            .await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)").bind(&name).fetch_one(&mut conn).await?;
         if !exists {
             let quoted = format!("\"{}\"", name.replace('"', "\"\""));
             match sqlx::query(&format!("CREATE DATABASE {quoted} {BYTE_ORDER_COLLATION}")).execute(&mut conn).await {
@@ -86,8 +84,5 @@ impl PostgresSettings {
 
 /// Applies the embedded Postgres migrations.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    sqlx::migrate!("../migrations/postgres")
-        .run(pool)
-        .await
-        .context("failed to run the Postgres migrations")
+    sqlx::migrate!("../migrations/postgres").run(pool).await.context("failed to run the Postgres migrations")
 }

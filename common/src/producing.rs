@@ -105,9 +105,8 @@ impl RebuildingProducer {
     fn create(config: &ClientConfig, health: &Arc<ClientHealth>) -> anyhow::Result<Instance> {
         let context = Watched::new(health.clone());
         let (generation, fatal) = (health.generation(), context.fatal_flag());
-        let producer: FutureProducer<Watched> = config
-            .create_with_context(context)
-            .map_err(|e| anyhow::anyhow!("failed to create the {} producer: {e}", health.name()))?;
+        let producer: FutureProducer<Watched> =
+            config.create_with_context(context).map_err(|e| anyhow::anyhow!("failed to create the {} producer: {e}", health.name()))?;
         Ok(Instance { generation, producer, fatal })
     }
 

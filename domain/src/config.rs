@@ -269,13 +269,15 @@ impl ConfigError {
             Err(e) if e.location().is_some() => ConfigError::from_yaml(&e),
             _ => {
                 let mut markers = text.lines().enumerate().filter(|(_, l)| *l == "---" || l.starts_with("--- "));
-                let starts_with_marker = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).is_some_and(|l| l.starts_with("---"));
+                let starts_with_marker =
+                    text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).is_some_and(|l| l.starts_with("---"));
                 let line = markers.nth(usize::from(starts_with_marker)).map(|(i, _)| i + 1);
                 ConfigError {
                     path: String::new(),
                     line,
                     column: line.map(|_| 1),
-                    message: "the file holds more than one YAML document (a `---` line starts each); a configuration is one document".into(),
+                    message: "the file holds more than one YAML document (a `---` line starts each); a configuration is one document"
+                        .into(),
                 }
             }
         }
@@ -501,9 +503,7 @@ impl Validator {
                 self.err(&fallback_path, "only allowed with `action: degrade`");
                 None
             }
-            (Some("degrade"), Some(model)) if !model.trim().is_empty() => {
-                Some(Action::Degrade { fallback_model: model.to_string() })
-            }
+            (Some("degrade"), Some(model)) if !model.trim().is_empty() => Some(Action::Degrade { fallback_model: model.to_string() }),
             (Some("degrade"), _) => {
                 self.err(&fallback_path, "is required with `action: degrade`: the model to fall back to");
                 None
@@ -627,16 +627,7 @@ impl Validator {
             return None;
         }
         let (limit, period) = limit_period?;
-        Some(QuotaDef {
-            name: raw.name,
-            metric: metric?,
-            period,
-            limit,
-            scope: raw.scope,
-            burst: burst?,
-            thresholds: thresholds?,
-            action,
-        })
+        Some(QuotaDef { name: raw.name, metric: metric?, period, limit, scope: raw.scope, burst: burst?, thresholds: thresholds?, action })
     }
 
     fn quotas(&mut self, values: Vec<Value>, list: &str) -> Vec<QuotaDef> {
@@ -701,11 +692,8 @@ impl Validator {
     fn tier(&mut self, value: Value, index: usize, base: &[QuotaDef], seen: &BTreeSet<String>) -> Option<Tier> {
         let raw: RawTier = self.item(value, &item_path("tiers", index))?;
         let errors_before = self.errors.len();
-        let path = if raw.name.trim().is_empty() || seen.contains(&raw.name) {
-            item_path("tiers", index)
-        } else {
-            format!("tiers.{}", raw.name)
-        };
+        let path =
+            if raw.name.trim().is_empty() || seen.contains(&raw.name) { item_path("tiers", index) } else { format!("tiers.{}", raw.name) };
         let name_ok = self.non_empty(&raw.name, &format!("{path}.name"));
         if seen.contains(&raw.name) {
             self.err(&format!("{path}.name"), format!("duplicate tier name `{}`", raw.name));
@@ -725,8 +713,13 @@ impl Validator {
                 if explicit_limits.iter().any(|o| target(o) == target(&e)) {
                     self.err(&epath, format!("a second explicit limit for scope `{}` and {}", e.scope, e.metric));
                 }
-                if let Some(q) = quotas.iter().find(|q| e.quota.as_deref().is_none_or(|n| n == q.name) && base.iter().any(|b| b.name == q.name && b.metric == e.metric)) {
-                    self.err(&epath, format!("base quota `{}` is replaced by this tier's own quota, so this explicit limit would never apply", q.name));
+                if let Some(q) = quotas.iter().find(|q| {
+                    e.quota.as_deref().is_none_or(|n| n == q.name) && base.iter().any(|b| b.name == q.name && b.metric == e.metric)
+                }) {
+                    self.err(
+                        &epath,
+                        format!("base quota `{}` is replaced by this tier's own quota, so this explicit limit would never apply", q.name),
+                    );
                 }
                 explicit_limits.push(e);
             }
@@ -806,19 +799,7 @@ impl Validator {
         let api_keys = self.api_keys(raw.api_keys.unwrap_or_default(), &tier_names);
         let prices = self.prices(raw.prices.unwrap_or(Pairs(Vec::new())));
 
-        Config {
-            default_tier,
-            timezone,
-            quotas,
-            tiers,
-            groups,
-            members,
-            subject_timezones,
-            assignments,
-            overrides,
-            api_keys,
-            prices,
-        }
+        Config { default_tier, timezone, quotas, tiers, groups, members, subject_timezones, assignments, overrides, api_keys, prices }
     }
 
     fn groups(&mut self, pairs: Pairs<Value>, tiers: &BTreeSet<String>) -> BTreeMap<String, String> {
@@ -892,9 +873,7 @@ impl Validator {
             if let Some(o) = self.override_item(raw, &path, quota_names) {
                 let key = |x: &Override| (x.subject.clone(), x.scope.clone(), x.quota.clone());
                 let overlapping = out.iter().find(|p| {
-                    key(p) == key(&o)
-                        && p.starts_at.is_none_or(|s| s < o.expires_at)
-                        && o.starts_at.is_none_or(|s| s < p.expires_at)
+                    key(p) == key(&o) && p.starts_at.is_none_or(|s| s < o.expires_at) && o.starts_at.is_none_or(|s| s < p.expires_at)
                 });
                 if overlapping.is_some() {
                     self.err(&path, format!("overlaps another override for `{}` with the same scope and quota", o.subject));
@@ -1211,7 +1190,10 @@ overrides:
     #[test]
     fn api_key_hashes_are_normalised_and_unique() {
         let upper = hash_api_key("k").to_ascii_uppercase();
-        let c = Config::from_yaml_str(&format!("default_tier: free\ntiers: [{{name: free}}]\napi_keys: [{{key_sha256: {upper}, tier: free}}]\n")).unwrap();
+        let c = Config::from_yaml_str(&format!(
+            "default_tier: free\ntiers: [{{name: free}}]\napi_keys: [{{key_sha256: {upper}, tier: free}}]\n"
+        ))
+        .unwrap();
         assert_eq!(c.api_key_tier(&hash_api_key("k")), Some("free"));
         let dup = format!("default_tier: free\ntiers: [{{name: free}}]\napi_keys: [{{key_sha256: {upper}, tier: free}}, {{key_sha256: {upper}, tier: free}}]\n");
         assert_eq!(paths(&dup), ["api_keys[1].key_sha256"]);
@@ -1220,7 +1202,10 @@ overrides:
     #[test]
     fn api_keys_may_be_bound_to_a_subject() {
         let h = hash_api_key("k");
-        let c = Config::from_yaml_str(&format!("default_tier: free\ntiers: [{{name: free}}]\napi_keys: [{{key_sha256: {h}, tier: free, subject: acme}}]\n")).unwrap();
+        let c = Config::from_yaml_str(&format!(
+            "default_tier: free\ntiers: [{{name: free}}]\napi_keys: [{{key_sha256: {h}, tier: free, subject: acme}}]\n"
+        ))
+        .unwrap();
         assert_eq!(c.api_keys[&h].subject.as_deref(), Some("acme"));
         let empty = format!("default_tier: free\ntiers: [{{name: free}}]\napi_keys: [{{key_sha256: {h}, tier: free, subject: ' '}}]\n");
         assert_eq!(paths(&empty), ["api_keys[0].subject"]);

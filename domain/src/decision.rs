@@ -46,10 +46,7 @@ pub fn quota_state(used: i64, limit: i64, burst: i64, thresholds_percent: &[u32]
     if used >= limit.saturating_add(burst) {
         return QuotaState::Breached;
     }
-    let warned = thresholds_percent
-        .iter()
-        .filter(|&&t| t < 100)
-        .any(|&t| (used as i128) * 100 >= (limit as i128) * (t as i128));
+    let warned = thresholds_percent.iter().filter(|&&t| t < 100).any(|&t| (used as i128) * 100 >= (limit as i128) * (t as i128));
     if warned {
         QuotaState::Warning
     } else {
@@ -60,11 +57,8 @@ pub fn quota_state(used: i64, limit: i64, burst: i64, thresholds_percent: &[u32]
 /// Every threshold (percent of the limit) that `used` has reached, ascending. The
 /// aggregator records fired thresholds so each fires once per subject, quota and period.
 pub fn thresholds_reached(used: i64, limit: i64, thresholds_percent: &[u32]) -> Vec<u32> {
-    let mut reached: Vec<u32> = thresholds_percent
-        .iter()
-        .copied()
-        .filter(|&t| (used as i128) * 100 >= (limit as i128) * (t as i128))
-        .collect();
+    let mut reached: Vec<u32> =
+        thresholds_percent.iter().copied().filter(|&t| (used as i128) * 100 >= (limit as i128) * (t as i128)).collect();
     reached.sort_unstable();
     reached.dedup();
     reached

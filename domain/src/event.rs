@@ -197,10 +197,19 @@ const RESERVED_SUBJECT_PREFIX: &str = crate::heartbeat::HEARTBEAT_KEY_PREFIX;
 /// refuses what the aggregator could not count.
 fn refuse_nul_and_reserved(e: &UsageEvent, data_prefix: &str) -> Result<(), EventError> {
     if e.subject.starts_with(RESERVED_SUBJECT_PREFIX) {
-        return Err(err("subject", format!("must not start with {RESERVED_SUBJECT_PREFIX:?}, which Tally reserves for its heartbeat records")));
+        return Err(err(
+            "subject",
+            format!("must not start with {RESERVED_SUBJECT_PREFIX:?}, which Tally reserves for its heartbeat records"),
+        ));
     }
     let nul = |s: &str| s.as_bytes().contains(&0);
-    let texts = [e.id.as_str(), e.subject.as_str(), e.scope.as_str(), e.model.as_deref().unwrap_or_default(), e.corrects.as_deref().unwrap_or_default()];
+    let texts = [
+        e.id.as_str(),
+        e.subject.as_str(),
+        e.scope.as_str(),
+        e.model.as_deref().unwrap_or_default(),
+        e.corrects.as_deref().unwrap_or_default(),
+    ];
     if !texts.into_iter().any(nul) && !e.attributes.iter().any(|(k, v)| nul(k) || nul(v)) {
         return Ok(());
     }
@@ -224,16 +233,36 @@ fn refuse_nul_and_reserved(e: &UsageEvent, data_prefix: &str) -> Result<(), Even
 }
 
 const PLAIN_FIELDS: &[&str] = &[
-    "id", "subject", "time", "api_key", "api_key_sha256", "scope", "model", "requests", "input_tokens",
-    "output_tokens", "cached_tokens", "cost_micros", "attributes", "corrects",
+    "id",
+    "subject",
+    "time",
+    "api_key",
+    "api_key_sha256",
+    "scope",
+    "model",
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "cost_micros",
+    "attributes",
+    "corrects",
 ];
 const DATA_FIELDS: &[&str] = &[
-    "api_key", "api_key_sha256", "scope", "model", "requests", "input_tokens", "output_tokens",
-    "cached_tokens", "cost_micros", "attributes", "corrects",
+    "api_key",
+    "api_key_sha256",
+    "scope",
+    "model",
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "cost_micros",
+    "attributes",
+    "corrects",
 ];
-const CLOUDEVENT_FIELDS: &[&str] = &[
-    "specversion", "id", "source", "type", "subject", "time", "data", "data_base64", "datacontenttype", "dataschema",
-];
+const CLOUDEVENT_FIELDS: &[&str] =
+    &["specversion", "id", "source", "type", "subject", "time", "data", "data_base64", "datacontenttype", "dataschema"];
 /// Longest CloudEvents extension attribute name (the specification's limit).
 const MAX_EXTENSION_NAME_CHARS: usize = 20;
 /// The prefix of a CloudEvents extension attribute's key in [`UsageEvent::attributes`].
@@ -365,13 +394,7 @@ pub fn cloudevent_from_binary(attributes: impl IntoIterator<Item = (String, Stri
     Value::Object(envelope)
 }
 
-fn build(
-    id: String,
-    subject: String,
-    time: DateTime<Utc>,
-    obj: &Map<String, Value>,
-    prefix: &str,
-) -> Result<UsageEvent, EventError> {
+fn build(id: String, subject: String, time: DateTime<Utc>, obj: &Map<String, Value>, prefix: &str) -> Result<UsageEvent, EventError> {
     let f = |name: &str| format!("{prefix}{name}");
     let api_key_sha256 = match (obj.get("api_key"), obj.get("api_key_sha256")) {
         (Some(_), Some(_)) => return Err(err(&f("api_key"), "give api_key or api_key_sha256, not both")),
@@ -584,8 +607,14 @@ mod tests {
             (json!({"id": "e", "subject": "a", "time": at, "attributes": {"k": "v\u{0}"}}), "attributes.k"),
             (json!({"id": "e", "subject": "a", "time": at, "attributes": {"k\u{0}": "v"}}), "attributes.k\u{0}"),
             (json!({"id": "e", "subject": "a", "time": at, "corrects": "x\u{0}"}), "corrects"),
-            (json!({"specversion": "1.0", "id": "1", "source": "s", "type": "t", "subject": "a", "time": at, "data": {"model": "\u{0}"}}), "data.model"),
-            (json!({"specversion": "1.0", "id": "1", "source": "s", "type": "t", "subject": "a", "time": at, "traceparent": "\u{0}"}), "traceparent"),
+            (
+                json!({"specversion": "1.0", "id": "1", "source": "s", "type": "t", "subject": "a", "time": at, "data": {"model": "\u{0}"}}),
+                "data.model",
+            ),
+            (
+                json!({"specversion": "1.0", "id": "1", "source": "s", "type": "t", "subject": "a", "time": at, "traceparent": "\u{0}"}),
+                "traceparent",
+            ),
             (json!({"id": "e", "subject": "__tally_heartbeat__/0", "time": at}), "subject"),
         ];
         for (value, field) in cases {
@@ -644,9 +673,7 @@ mod tests {
 
     #[test]
     fn a_cloudevent_whose_dedupe_key_outgrows_the_id_limit_is_refused_naming_id() {
-        let ce = |id: String| {
-            json!({"specversion": "1.0", "id": id, "source": "gw", "type": "usage", "subject": "a", "time": "2026-11-22T10:00:00Z"})
-        };
+        let ce = |id: String| json!({"specversion": "1.0", "id": id, "source": "gw", "type": "usage", "subject": "a", "time": "2026-11-22T10:00:00Z"});
         // "ce:2:gw:" takes 8 characters of the 128.
         let fits = parse(ce("x".repeat(MAX_ID_CHARS - 8))).unwrap();
         assert_eq!(fits.id.chars().count(), MAX_ID_CHARS);
@@ -660,7 +687,11 @@ mod tests {
         let mut ce = json!({"specversion": "1.0", "id": "1", "source": "gw", "type": "usage", "subject": "a",
                             "time": "2026-11-22T10:00:00Z", "data": {"input_tokens": 7, "attributes": {"route": "chat"}}});
         for (k, v) in extra.as_object().unwrap() {
-            if v.is_null() { ce.as_object_mut().unwrap().remove(k); } else { ce[k] = v.clone(); }
+            if v.is_null() {
+                ce.as_object_mut().unwrap().remove(k);
+            } else {
+                ce[k] = v.clone();
+            }
         }
         ce
     }
@@ -672,8 +703,13 @@ mod tests {
                                         "priority": 3, "comexampleext1": "v", "dataref": null})))
         .unwrap();
         let expected: BTreeMap<String, String> = [
-            ("ce.comexampleext1", "v"), ("ce.partitionkey", "a"), ("ce.priority", "3"), ("ce.sampled", "true"),
-            ("ce.traceparent", trace), ("ce.tracestate", "ro=1"), ("route", "chat"),
+            ("ce.comexampleext1", "v"),
+            ("ce.partitionkey", "a"),
+            ("ce.priority", "3"),
+            ("ce.sampled", "true"),
+            ("ce.traceparent", trace),
+            ("ce.tracestate", "ro=1"),
+            ("route", "chat"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -714,7 +750,9 @@ mod tests {
         use base64::Engine;
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
         let plain = parse(cloudevent(json!({}))).unwrap();
-        let encoded = parse(cloudevent(json!({"data": null, "data_base64": b64(r#"{"input_tokens": 7, "attributes": {"route": "chat"}}"#)}))).unwrap();
+        let encoded =
+            parse(cloudevent(json!({"data": null, "data_base64": b64(r#"{"input_tokens": 7, "attributes": {"route": "chat"}}"#)})))
+                .unwrap();
         assert_eq!(encoded, plain);
         let unpadded = b64(r#"{"input_tokens":7,"attributes":{"route":"chat"}}"#).trim_end_matches('=').to_string();
         assert_eq!(parse(cloudevent(json!({"data": null, "data_base64": unpadded}))).unwrap(), plain);
@@ -747,8 +785,15 @@ mod tests {
     #[test]
     fn a_binary_mode_cloudevent_is_the_structured_one() {
         let structured = parse(cloudevent(json!({"traceparent": "00-abc-def-01", "datacontenttype": "application/json"}))).unwrap();
-        let headers = [("specversion", "1.0"), ("id", "1"), ("source", "gw"), ("type", "usage"), ("subject", "a"),
-                       ("time", "2026-11-22T10:00:00Z"), ("TraceParent", "00-abc-def-01")];
+        let headers = [
+            ("specversion", "1.0"),
+            ("id", "1"),
+            ("source", "gw"),
+            ("type", "usage"),
+            ("subject", "a"),
+            ("time", "2026-11-22T10:00:00Z"),
+            ("TraceParent", "00-abc-def-01"),
+        ];
         let headers = || headers.iter().map(|(k, v)| (k.to_string(), v.to_string()));
         let body = br#"{"input_tokens": 7, "attributes": {"route": "chat"}}"#;
         assert_eq!(event_from_value(cloudevent_from_binary(headers(), Some("application/json"), body)), Ok(structured));
@@ -787,8 +832,11 @@ mod tests {
         /// Text with what JSON escapes (quotes, backslashes, control characters) and
         /// multi-byte characters, sometimes empty, sometimes over a length limit.
         fn text(max: usize) -> impl Strategy<Value = String> {
-            proptest::collection::vec(prop_oneof![Just('a'), Just('"'), Just('\\'), Just('\n'), Just('\u{1}'), Just('é'), Just('😀'), Just('/')], 0..max)
-                .prop_map(|cs| cs.into_iter().collect())
+            proptest::collection::vec(
+                prop_oneof![Just('a'), Just('"'), Just('\\'), Just('\n'), Just('\u{1}'), Just('é'), Just('😀'), Just('/')],
+                0..max,
+            )
+            .prop_map(|cs| cs.into_iter().collect())
         }
 
         /// What the event strategies generate, field by field, in [`UsageEvent`]'s order:

@@ -18,14 +18,8 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 6] = [
-        Metric::Requests,
-        Metric::InputTokens,
-        Metric::OutputTokens,
-        Metric::CachedTokens,
-        Metric::TotalTokens,
-        Metric::CostMicros,
-    ];
+    pub const ALL: [Metric; 6] =
+        [Metric::Requests, Metric::InputTokens, Metric::OutputTokens, Metric::CachedTokens, Metric::TotalTokens, Metric::CostMicros];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -53,10 +47,7 @@ pub struct UnknownMetric(pub String);
 impl FromStr for Metric {
     type Err = UnknownMetric;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Metric::ALL
-            .into_iter()
-            .find(|m| m.as_str() == s)
-            .ok_or_else(|| UnknownMetric(s.to_string()))
+        Metric::ALL.into_iter().find(|m| m.as_str() == s).ok_or_else(|| UnknownMetric(s.to_string()))
     }
 }
 

@@ -191,8 +191,7 @@ fn count_and_unit(text: &str, input: &str) -> Result<(Option<u64>, Unit), Period
             (Some(_), false) => PeriodError::UnknownUnit { unit: tail.trim().to_string(), input: input.to_string() },
         });
     }
-    let unit = Unit::from_word(word)
-        .ok_or_else(|| PeriodError::UnknownUnit { unit: word.to_string(), input: input.to_string() })?;
+    let unit = Unit::from_word(word).ok_or_else(|| PeriodError::UnknownUnit { unit: word.to_string(), input: input.to_string() })?;
     if !tail.trim().is_empty() {
         return Err(PeriodError::TrailingGarbage { garbage: tail.trim().to_string(), input: input.to_string() });
     }
@@ -507,9 +506,7 @@ fn calendar_window(spec: PeriodSpec, at: DateTime<Utc>, tz: Tz) -> Window {
             start_date = prev_start_date(spec, date);
             continue;
         }
-        let end = next_start_date(spec, date)
-            .and_then(|next| start_of_day(next, tz))
-            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let end = next_start_date(spec, date).and_then(|next| start_of_day(next, tz)).unwrap_or(DateTime::<Utc>::MAX_UTC);
         if at >= end {
             start_date = next_start_date(spec, date);
             continue;
@@ -524,10 +521,7 @@ fn calendar_window(spec: PeriodSpec, at: DateTime<Utc>, tz: Tz) -> Window {
 /// `at − days < time <= at`.
 pub fn rolling_used(usage: &[(DateTime<Utc>, i64)], days: u32, at: DateTime<Utc>) -> i64 {
     let start = rolling_start(at, days);
-    usage
-        .iter()
-        .filter(|(t, _)| start < *t && *t <= at)
-        .fold(0i64, |sum, (_, amount)| sum.saturating_add(*amount))
+    usage.iter().filter(|(t, _)| start < *t && *t <= at).fold(0i64, |sum, (_, amount)| sum.saturating_add(*amount))
 }
 
 /// When a subject breached on a rolling window becomes allowed again.
@@ -538,13 +532,7 @@ pub fn rolling_used(usage: &[(DateTime<Utc>, i64)], days: u32, at: DateTime<Utc>
 /// into account usage leaving the window (at `time + days`) and usage dated after `now`
 /// entering it. A limit that nothing can satisfy (`limit + burst <= 0`) gives
 /// `Some(DateTime::<Utc>::MAX_UTC)`: never.
-pub fn rolling_unblock_at(
-    usage: &[(DateTime<Utc>, i64)],
-    limit: i64,
-    burst: i64,
-    days: u32,
-    now: DateTime<Utc>,
-) -> Option<DateTime<Utc>> {
+pub fn rolling_unblock_at(usage: &[(DateTime<Utc>, i64)], limit: i64, burst: i64, days: u32, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     let cap = limit.saturating_add(burst);
     let mut used = rolling_used(usage, days, now);
     if used < cap {

@@ -31,8 +31,8 @@ use serde::Serialize;
 
 use crate::config::{Config, Override, OverrideLimit};
 use crate::period::PeriodSpec;
-pub use crate::tier::EffectiveQuota;
 use crate::tier::tier_quotas;
+pub use crate::tier::EffectiveQuota;
 
 /// What is known about the subject of a request.
 #[derive(Debug, Clone, Copy)]
@@ -108,12 +108,8 @@ pub fn resolve(config: &Config, facts: &SubjectFacts, at: DateTime<Utc>) -> Reso
     let tier = config.tier(&tier_name);
     let mut quotas = tier_quotas(&config.quotas, tier, facts.scope);
     let overrides = apply_overrides(config, facts, at, &mut quotas);
-    let timezone = config
-        .subject_timezones
-        .get(facts.subject)
-        .copied()
-        .or_else(|| tier.and_then(|t| t.timezone))
-        .unwrap_or(config.timezone);
+    let timezone =
+        config.subject_timezones.get(facts.subject).copied().or_else(|| tier.and_then(|t| t.timezone)).unwrap_or(config.timezone);
     Resolution {
         tier: tier_name,
         level: if overrides.is_empty() { tier_level } else { Level::Override },
@@ -125,20 +121,14 @@ pub fn resolve(config: &Config, facts: &SubjectFacts, at: DateTime<Utc>) -> Reso
 }
 
 fn pick_tier(config: &Config, facts: &SubjectFacts, at: DateTime<Utc>) -> (String, Level) {
-    let assigned = config
-        .assignments
-        .iter()
-        .find(|a| a.subject == facts.subject && a.active_at(at) && config.tier(&a.tier).is_some());
+    let assigned = config.assignments.iter().find(|a| a.subject == facts.subject && a.active_at(at) && config.tier(&a.tier).is_some());
     if let Some(a) = assigned {
         return (a.tier.clone(), Level::Assignment);
     }
     if let Some(tier) = group_tier(config, facts) {
         return (tier, Level::Group);
     }
-    let by_key = facts
-        .api_key_sha256
-        .and_then(|hash| config.api_key_tier(&hash.to_ascii_lowercase()))
-        .filter(|t| config.tier(t).is_some());
+    let by_key = facts.api_key_sha256.and_then(|hash| config.api_key_tier(&hash.to_ascii_lowercase())).filter(|t| config.tier(t).is_some());
     if let Some(tier) = by_key {
         return (tier.to_string(), Level::ApiKey);
     }
@@ -163,12 +153,7 @@ fn specificity(o: &Override) -> (bool, bool) {
     (o.scope.is_some(), o.quota.is_some())
 }
 
-fn apply_overrides(
-    config: &Config,
-    facts: &SubjectFacts,
-    at: DateTime<Utc>,
-    quotas: &mut [EffectiveQuota],
-) -> Vec<AppliedOverride> {
+fn apply_overrides(config: &Config, facts: &SubjectFacts, at: DateTime<Utc>, quotas: &mut [EffectiveQuota]) -> Vec<AppliedOverride> {
     let active: Vec<&Override> = config
         .overrides
         .iter()
@@ -177,10 +162,7 @@ fn apply_overrides(
         .collect();
     let mut applied = Vec::new();
     for q in quotas.iter_mut() {
-        let best = active
-            .iter()
-            .filter(|o| o.quota.as_deref().is_none_or(|n| n == q.name))
-            .max_by_key(|o| specificity(o));
+        let best = active.iter().filter(|o| o.quota.as_deref().is_none_or(|n| n == q.name)).max_by_key(|o| specificity(o));
         let Some(o) = best else { continue };
         match o.limit {
             OverrideLimit::Limit(limit) => q.limit = limit,
@@ -206,11 +188,7 @@ fn apply_overrides(
 /// expiring. `None` when nothing is scheduled. Period rollovers are separate (see
 /// [`PeriodSpec::next`]).
 pub fn next_change_after(config: &Config, subject: &str, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    let overrides = config
-        .overrides
-        .iter()
-        .filter(|o| o.subject == subject)
-        .flat_map(|o| [o.starts_at, Some(o.expires_at)]);
+    let overrides = config.overrides.iter().filter(|o| o.subject == subject).flat_map(|o| [o.starts_at, Some(o.expires_at)]);
     let assignments = config.assignments.iter().filter(|a| a.subject == subject).map(|a| a.expires_at);
     overrides.chain(assignments).flatten().filter(|t| *t > at).min()
 }
@@ -304,32 +282,149 @@ api_keys:
             Case { subject: "nobody", groups: &[], key: None, scope: "", at: now, tier: "free", level: Level::Default, rpm: (10, 60) },
             // API key: pro, 10/m × 3 = 30 per 60 s.
             Case { subject: "k", groups: &[], key: Some("sk-pro"), scope: "", at: now, tier: "pro", level: Level::ApiKey, rpm: (30, 60) },
-            Case { subject: "k", groups: &[], key: Some("sk-unknown"), scope: "", at: now, tier: "free", level: Level::Default, rpm: (10, 60) },
+            Case {
+                subject: "k",
+                groups: &[],
+                key: Some("sk-unknown"),
+                scope: "",
+                at: now,
+                tier: "free",
+                level: Level::Default,
+                rpm: (10, 60),
+            },
             // Explicit limit for the active scope wins: 5000 per 3600 s.
-            Case { subject: "k", groups: &[], key: Some("sk-pro"), scope: "api", at: now, tier: "pro", level: Level::ApiKey, rpm: (5000, 3600) },
+            Case {
+                subject: "k",
+                groups: &[],
+                key: Some("sk-pro"),
+                scope: "api",
+                at: now,
+                tier: "pro",
+                level: Level::ApiKey,
+                rpm: (5000, 3600),
+            },
             // A group beats the API key.
-            Case { subject: "k", groups: &["sales"], key: Some("sk-pro"), scope: "", at: now, tier: "team", level: Level::Group, rpm: (20, 60) },
+            Case {
+                subject: "k",
+                groups: &["sales"],
+                key: Some("sk-pro"),
+                scope: "",
+                at: now,
+                tier: "team",
+                level: Level::Group,
+                rpm: (20, 60),
+            },
             // Equal priority (pro, team): the first name wins, in any order.
-            Case { subject: "x", groups: &["sales", "eng"], key: None, scope: "", at: now, tier: "pro", level: Level::Group, rpm: (30, 60) },
-            Case { subject: "x", groups: &["eng", "sales"], key: None, scope: "", at: now, tier: "pro", level: Level::Group, rpm: (30, 60) },
+            Case {
+                subject: "x",
+                groups: &["sales", "eng"],
+                key: None,
+                scope: "",
+                at: now,
+                tier: "pro",
+                level: Level::Group,
+                rpm: (30, 60),
+            },
+            Case {
+                subject: "x",
+                groups: &["eng", "sales"],
+                key: None,
+                scope: "",
+                at: now,
+                tier: "pro",
+                level: Level::Group,
+                rpm: (30, 60),
+            },
             Case { subject: "gina", groups: &[], key: None, scope: "", at: now, tier: "pro", level: Level::Group, rpm: (30, 60) },
             // Higher priority wins; configured and given groups combine; unknown ignored.
-            Case { subject: "gina", groups: &["big", "nosuch"], key: None, scope: "", at: now, tier: "enterprise", level: Level::Group, rpm: (100, 60) },
+            Case {
+                subject: "gina",
+                groups: &["big", "nosuch"],
+                key: None,
+                scope: "",
+                at: now,
+                tier: "enterprise",
+                level: Level::Group,
+                rpm: (100, 60),
+            },
             // An assignment beats groups and keys, until it expires (exclusive).
-            Case { subject: "bob", groups: &["eng"], key: Some("sk-pro"), scope: "", at: "2026-11-30T23:59:59Z", tier: "enterprise", level: Level::Assignment, rpm: (100, 60) },
-            Case { subject: "bob", groups: &["eng"], key: Some("sk-pro"), scope: "", at: "2026-12-01T00:00:00Z", tier: "pro", level: Level::Group, rpm: (30, 60) },
+            Case {
+                subject: "bob",
+                groups: &["eng"],
+                key: Some("sk-pro"),
+                scope: "",
+                at: "2026-11-30T23:59:59Z",
+                tier: "enterprise",
+                level: Level::Assignment,
+                rpm: (100, 60),
+            },
+            Case {
+                subject: "bob",
+                groups: &["eng"],
+                key: Some("sk-pro"),
+                scope: "",
+                at: "2026-12-01T00:00:00Z",
+                tier: "pro",
+                level: Level::Group,
+                rpm: (30, 60),
+            },
             // A never-expiring assignment beats a higher-priority group.
             Case { subject: "erin", groups: &[], key: None, scope: "", at: now, tier: "free", level: Level::Assignment, rpm: (10, 60) },
             // Overrides: start inclusive, end exclusive.
-            Case { subject: "carol", groups: &[], key: None, scope: "", at: "2026-11-09T23:59:59Z", tier: "free", level: Level::Default, rpm: (10, 60) },
-            Case { subject: "carol", groups: &[], key: None, scope: "", at: "2026-11-10T00:00:00Z", tier: "free", level: Level::Override, rpm: (999, 60) },
-            Case { subject: "carol", groups: &[], key: None, scope: "", at: "2026-11-19T23:59:59Z", tier: "free", level: Level::Override, rpm: (999, 60) },
-            Case { subject: "carol", groups: &[], key: None, scope: "", at: "2026-11-20T00:00:00Z", tier: "free", level: Level::Default, rpm: (10, 60) },
+            Case {
+                subject: "carol",
+                groups: &[],
+                key: None,
+                scope: "",
+                at: "2026-11-09T23:59:59Z",
+                tier: "free",
+                level: Level::Default,
+                rpm: (10, 60),
+            },
+            Case {
+                subject: "carol",
+                groups: &[],
+                key: None,
+                scope: "",
+                at: "2026-11-10T00:00:00Z",
+                tier: "free",
+                level: Level::Override,
+                rpm: (999, 60),
+            },
+            Case {
+                subject: "carol",
+                groups: &[],
+                key: None,
+                scope: "",
+                at: "2026-11-19T23:59:59Z",
+                tier: "free",
+                level: Level::Override,
+                rpm: (999, 60),
+            },
+            Case {
+                subject: "carol",
+                groups: &[],
+                key: None,
+                scope: "",
+                at: "2026-11-20T00:00:00Z",
+                tier: "free",
+                level: Level::Default,
+                rpm: (10, 60),
+            },
             // The scoped override beats the all-scopes one in its scope only.
             Case { subject: "carol", groups: &[], key: None, scope: "api", at: now, tier: "free", level: Level::Override, rpm: (42, 3600) },
             Case { subject: "carol", groups: &[], key: None, scope: "chat", at: now, tier: "free", level: Level::Override, rpm: (999, 60) },
             // An override beats an assignment for the limit; the tier stays the assignment's.
-            Case { subject: "carol", groups: &["big"], key: None, scope: "", at: now, tier: "enterprise", level: Level::Override, rpm: (999, 60) },
+            Case {
+                subject: "carol",
+                groups: &["big"],
+                key: None,
+                scope: "",
+                at: now,
+                tier: "enterprise",
+                level: Level::Override,
+                rpm: (999, 60),
+            },
         ];
         for (i, c) in cases.iter().enumerate() {
             let r = run(&config, c);
@@ -350,7 +445,16 @@ api_keys:
     #[test]
     fn override_details_and_untouched_quotas() {
         let config = config();
-        let c = Case { subject: "carol", groups: &[], key: None, scope: "api", at: "2026-11-15T12:00:00Z", tier: "free", level: Level::Override, rpm: (42, 3600) };
+        let c = Case {
+            subject: "carol",
+            groups: &[],
+            key: None,
+            scope: "api",
+            at: "2026-11-15T12:00:00Z",
+            tier: "free",
+            level: Level::Override,
+            rpm: (42, 3600),
+        };
         let r = run(&config, &c);
         assert_eq!(r.tier_level, Level::Default);
         // The all-scopes override (no quota named) also sets monthly_tokens.
@@ -364,7 +468,12 @@ api_keys:
         let config = config();
         let facts = |subject, key: Option<&'static str>| (subject, key.map(hash_api_key));
         let tz_of = |(subject, hash): (&str, Option<String>)| {
-            resolve(&config, &SubjectFacts { subject, groups: &[], api_key_sha256: hash.as_deref(), scope: "" }, utc("2026-11-15T00:00:00Z")).timezone
+            resolve(
+                &config,
+                &SubjectFacts { subject, groups: &[], api_key_sha256: hash.as_deref(), scope: "" },
+                utc("2026-11-15T00:00:00Z"),
+            )
+            .timezone
         };
         assert_eq!(tz_of(facts("tom", Some("sk-pro"))), chrono_tz::Asia::Tokyo);
         assert_eq!(tz_of(facts("k", Some("sk-pro"))), chrono_tz::Europe::London);
@@ -374,7 +483,11 @@ api_keys:
     #[test]
     fn tier_action_reaches_base_quotas() {
         let config = config();
-        let r = resolve(&config, &SubjectFacts { subject: "erin2", groups: &["big".to_string()], api_key_sha256: None, scope: "" }, utc("2026-11-15T00:00:00Z"));
+        let r = resolve(
+            &config,
+            &SubjectFacts { subject: "erin2", groups: &["big".to_string()], api_key_sha256: None, scope: "" },
+            utc("2026-11-15T00:00:00Z"),
+        );
         assert!(r.quotas.iter().all(|q| q.action == Action::Degrade { fallback_model: "small".into() }));
         assert_eq!(r.quota("monthly_tokens").map(|q| (q.metric, q.limit)), Some((Metric::TotalTokens, 1_000_000)));
     }

@@ -242,9 +242,7 @@ mod tests {
 
     #[test]
     fn rejects_with_the_reason() {
-        let window = |check: fn(&PeriodError) -> bool| {
-            move |e: &RateError| matches!(e, RateError::Window { source, .. } if check(source))
-        };
+        let window = |check: fn(&PeriodError) -> bool| move |e: &RateError| matches!(e, RateError::Window { source, .. } if check(source));
         type Check = Box<dyn Fn(&RateError) -> bool>;
         let cases: Vec<(&str, Check)> = vec![
             ("", Box::new(|e| matches!(e, RateError::Empty))),
@@ -286,16 +284,16 @@ mod tests {
             (10, 3.0, 30),
             (10, 1.0, 10),
             (0, 1.0, 0),
-            (10, 0.25, 2),  // 2.5 -> 2
-            (10, 0.35, 4),  // 3.5 -> 4 (decimal 0.35, not binary 0.34999...)
-            (10, 0.45, 4),  // 4.5 -> 4
-            (10, 0.55, 6),  // 5.5 -> 6
-            (3, 1.5, 4),    // 4.5 -> 4
-            (5, 1.5, 8),    // 7.5 -> 8
+            (10, 0.25, 2), // 2.5 -> 2
+            (10, 0.35, 4), // 3.5 -> 4 (decimal 0.35, not binary 0.34999...)
+            (10, 0.45, 4), // 4.5 -> 4
+            (10, 0.55, 6), // 5.5 -> 6
+            (3, 1.5, 4),   // 4.5 -> 4
+            (5, 1.5, 8),   // 7.5 -> 8
             (1001, 0.5, 500),
             (1003, 0.5, 502),
             (1000, 1.0005, 1000), // 1000.5 -> 1000
-            (1, 0.1, 1),    // 0.1 -> 0 -> at least 1
+            (1, 0.1, 1),          // 0.1 -> 0 -> at least 1
             (1, 1e-300, 1),
             (0, 2.0, 1),
             (7, 2.675, 19), // 18.725 -> 19

@@ -201,10 +201,7 @@ mod tests {
     #[test]
     fn no_tier_keeps_the_base() {
         let qs = tier_quotas(&base(), None, "");
-        assert_eq!(
-            summary(&qs),
-            vec![("rpm".into(), 10, "1m".into(), None), ("monthly_tokens".into(), 100_000, "month".into(), None)]
-        );
+        assert_eq!(summary(&qs), vec![("rpm".into(), 10, "1m".into(), None), ("monthly_tokens".into(), 100_000, "month".into(), None)]);
         assert_eq!(qs[0].action, Action::Block);
     }
 

@@ -56,8 +56,20 @@ fn check_event_input(bytes: &[u8]) -> Result<Option<UsageEvent>, TestCaseError> 
 }
 
 const EVENT_FIELDS: &[&str] = &[
-    "id", "subject", "time", "api_key", "api_key_sha256", "scope", "model", "requests", "input_tokens",
-    "output_tokens", "cached_tokens", "cost_micros", "attributes", "corrects",
+    "id",
+    "subject",
+    "time",
+    "api_key",
+    "api_key_sha256",
+    "scope",
+    "model",
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "cost_micros",
+    "attributes",
+    "corrects",
 ];
 const CLOUDEVENT_FIELDS: &[&str] = &["specversion", "id", "source", "type", "subject", "time", "data", "datacontenttype"];
 
@@ -67,17 +79,8 @@ fn json_value() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::from),
-        prop_oneof![
-            Just(0i64),
-            Just(1),
-            Just(MAX_AMOUNT),
-            Just(MAX_AMOUNT + 1),
-            Just(i64::MAX),
-            Just(-1),
-            Just(i64::MIN),
-            0..=MAX_AMOUNT,
-        ]
-        .prop_map(Value::from),
+        prop_oneof![Just(0i64), Just(1), Just(MAX_AMOUNT), Just(MAX_AMOUNT + 1), Just(i64::MAX), Just(-1), Just(i64::MIN), 0..=MAX_AMOUNT,]
+            .prop_map(Value::from),
         Just(json!(u64::MAX)),
         prop_oneof![Just(1.5f64), Just(1e15), Just(1e300), Just(-0.0)].prop_map(Value::from),
         prop_oneof![
@@ -98,8 +101,7 @@ fn json_value() -> impl Strategy<Value = Value> {
     ];
     leaf.prop_recursive(2, 8, 3, |inner| {
         prop_oneof![
-            proptest::collection::btree_map("[a-z_]{1,6}", inner.clone(), 0..3)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            proptest::collection::btree_map("[a-z_]{1,6}", inner.clone(), 0..3).prop_map(|m| Value::Object(m.into_iter().collect())),
             proptest::collection::vec(inner, 0..3).prop_map(Value::Array),
         ]
     })
@@ -147,8 +149,7 @@ fn event_object() -> impl Strategy<Value = Value> {
             Value::Object(obj)
         }),
         (envelope, unknown_field()).prop_map(|((fields, data), extra)| {
-            let mut obj: Map<String, Value> =
-                CLOUDEVENT_FIELDS[..6].iter().map(|n| (n.to_string(), valid_value(n))).collect();
+            let mut obj: Map<String, Value> = CLOUDEVENT_FIELDS[..6].iter().map(|n| (n.to_string(), valid_value(n))).collect();
             obj.extend(fields);
             if let Some(Value::Object(d)) = obj.get_mut("data") {
                 d.extend(data);
@@ -222,8 +223,33 @@ fn an_offset_time_outside_years_0_to_9999_in_utc_is_refused_naming_time() {
 // ---- rates and periods ----
 
 const WINDOW_WORDS: &[&str] = &[
-    "s", "sec", "second", "m", "min", "minutes", "h", "hr", "hours", "d", "day", "days", "w", "wk", "week", "mo",
-    "mon", "month", "months", "y", "yr", "year", "rolling", "month@", "@", "fortnight", "",
+    "s",
+    "sec",
+    "second",
+    "m",
+    "min",
+    "minutes",
+    "h",
+    "hr",
+    "hours",
+    "d",
+    "day",
+    "days",
+    "w",
+    "wk",
+    "week",
+    "mo",
+    "mon",
+    "month",
+    "months",
+    "y",
+    "yr",
+    "year",
+    "rolling",
+    "month@",
+    "@",
+    "fortnight",
+    "",
 ];
 
 /// A window as an operator might write it: a number or none, spaces, a unit word, an
@@ -360,10 +386,36 @@ prices:
 /// Values that test each field's checks: the ends of the integer types, floats that are
 /// not numbers, YAML's special forms, the wrong shapes.
 const HOSTILE: &[&str] = &[
-    "9223372036854775807", "9223372036854775808", "-9223372036854775808", "18446744073709551615", "-1", "0",
-    "1.7976931348623157e308", "5e-324", ".inf", "-.inf", ".nan", "~", "[]", "{}", "''", "\"\"", "x",
-    "9223372036854775807/m", "18446744073709551615/s", "0/rolling 366d", "month@31", "&a 1", "*a", "!!binary AAAA",
-    "0000-01-01T00:00:00+01:00", "[1000, 1000]", "[0]", "block", "degrade", "Europe/London",
+    "9223372036854775807",
+    "9223372036854775808",
+    "-9223372036854775808",
+    "18446744073709551615",
+    "-1",
+    "0",
+    "1.7976931348623157e308",
+    "5e-324",
+    ".inf",
+    "-.inf",
+    ".nan",
+    "~",
+    "[]",
+    "{}",
+    "''",
+    "\"\"",
+    "x",
+    "9223372036854775807/m",
+    "18446744073709551615/s",
+    "0/rolling 366d",
+    "month@31",
+    "&a 1",
+    "*a",
+    "!!binary AAAA",
+    "0000-01-01T00:00:00+01:00",
+    "[1000, 1000]",
+    "[0]",
+    "block",
+    "degrade",
+    "Europe/London",
 ];
 
 /// How to mutate one line of the document.
@@ -435,7 +487,11 @@ fn check_config(text: &str) -> Result<(), TestCaseError> {
         Err(errors) => {
             prop_assert!(!errors.0.is_empty());
             for e in &errors.0 {
-                prop_assert!(!e.path.is_empty() || e.line.is_some() || e.message.contains("configuration is empty"), "no location: {:?}", e);
+                prop_assert!(
+                    !e.path.is_empty() || e.line.is_some() || e.message.contains("configuration is empty"),
+                    "no location: {:?}",
+                    e
+                );
             }
             return Ok(());
         }
@@ -522,14 +578,7 @@ fn fields(a: &Amounts) -> [i64; 5] {
 /// Usage as a ledger may hold it: at the bound and a few times past it, negative after
 /// corrections, and at the ends of i64.
 fn any_used() -> impl Strategy<Value = i64> {
-    prop_oneof![
-        Just(0i64),
-        Just(MAX_AMOUNT),
-        Just(i64::MAX),
-        Just(i64::MIN),
-        -MAX_AMOUNT..=4 * MAX_AMOUNT,
-        any::<i64>(),
-    ]
+    prop_oneof![Just(0i64), Just(MAX_AMOUNT), Just(i64::MAX), Just(i64::MIN), -MAX_AMOUNT..=4 * MAX_AMOUNT, any::<i64>(),]
 }
 
 /// Limits and bursts up to the largest a configuration gives (`i64::MAX`).

@@ -91,7 +91,8 @@ pub struct Export {
 
 impl Export {
     pub fn to_csv(&self) -> String {
-        let mut out = String::from("period,kind,subject,model,metric,window_start,window_end,quantity,unit_price_per_million,cost_micros\n");
+        let mut out =
+            String::from("period,kind,subject,model,metric,window_start,window_end,quantity,unit_price_per_million,cost_micros\n");
         for l in &self.lines {
             out.push_str(&format!(
                 "{},{},{},{},{},{},{},{},{},{}\n",
@@ -171,7 +172,12 @@ pub async fn current_lines(pool: &PgPool, ch: &Ch, config: &Config, month: Month
         let conds: Vec<String> = chunk
             .iter()
             .map(|(s, (start, end))| {
-                format!("(subject = {} AND time >= toDateTime({}, 'UTC') AND time < toDateTime({}, 'UTC'))", quote(s), start.timestamp(), end.timestamp())
+                format!(
+                    "(subject = {} AND time >= toDateTime({}, 'UTC') AND time < toDateTime({}, 'UTC'))",
+                    quote(s),
+                    start.timestamp(),
+                    end.timestamp()
+                )
             })
             .collect();
         let sql = format!(
@@ -349,12 +355,23 @@ pub struct CloseOptions {
 }
 
 /// Closes `month` for billing (see the module docs).
-pub async fn close(pool: &PgPool, ch: &Ch, config: &Config, month: Month, options: &CloseOptions, now: DateTime<Utc>) -> anyhow::Result<Closed> {
+pub async fn close(
+    pool: &PgPool,
+    ch: &Ch,
+    config: &Config,
+    month: Month,
+    options: &CloseOptions,
+    now: DateTime<Utc>,
+) -> anyhow::Result<Closed> {
     let CloseOptions { grace_hours, force, closed_by } = options;
     let (grace_hours, force) = (*grace_hours, *force);
     let at = closable_at(month, grace_hours);
     if now < at {
-        anyhow::bail!("period {} can be closed from {} on (its last window ends, plus {grace_hours} h of grace)", month.name(), at.to_rfc3339());
+        anyhow::bail!(
+            "period {} can be closed from {} on (its last window ends, plus {grace_hours} h of grace)",
+            month.name(),
+            at.to_rfc3339()
+        );
     }
     let report = reconcile::reconcile(pool, ch, month, None).await?;
     if !report.ok && !force {

@@ -48,11 +48,8 @@ pub struct Ch {
 
 impl Ch {
     pub fn new(settings: &ClickHouseSettings) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(60))
-            .build()
-            .unwrap_or_default();
+        let http =
+            reqwest::Client::builder().connect_timeout(Duration::from_secs(3)).timeout(Duration::from_secs(60)).build().unwrap_or_default();
         Ch { http, url: settings.clickhouse_url.clone(), database: settings.clickhouse_database.clone() }
     }
 

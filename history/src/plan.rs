@@ -128,12 +128,7 @@ pub struct Selection {
 /// The ids of the parsable events among `ready` (to look up in `processed_events`).
 pub fn candidate_ids(ready: &[Delivery]) -> Vec<String> {
     let mut seen = HashSet::new();
-    ready
-        .iter()
-        .filter_map(|d| parse_event(d.payload.as_deref()?).ok())
-        .map(|e| e.id)
-        .filter(|id| seen.insert(id.clone()))
-        .collect()
+    ready.iter().filter_map(|d| parse_event(d.payload.as_deref()?).ok()).map(|e| e.id).filter(|id| seen.insert(id.clone())).collect()
 }
 
 /// Keeps exactly the events the ledger counted: parsable, and with the very fingerprint
@@ -262,11 +257,18 @@ mod tests {
 
     #[test]
     fn a_counted_correction_becomes_the_negated_row_of_its_target() {
-        let original = json!({"id": "t1", "subject": "a", "time": "2026-11-22T09:30:00Z", "scope": "chat", "input_tokens": 40, "model": "big"});
+        let original =
+            json!({"id": "t1", "subject": "a", "time": "2026-11-22T09:30:00Z", "scope": "chat", "input_tokens": 40, "model": "big"});
         let correction = json!({"id": "c1", "subject": "a", "time": "2026-11-22T10:00:00Z", "corrects": "t1", "model": "small"});
         let refused = json!({"id": "c2", "subject": "a", "time": "2026-11-22T10:00:00Z", "corrects": "t9"});
         let orphan = json!({"id": "c3", "subject": "a", "time": "2026-11-22T10:00:00Z", "corrects": "t8"});
-        let ready = vec![d(0, 0, original.clone()), d(0, 1, correction.clone()), d(0, 2, correction.clone()), d(0, 3, refused), d(0, 4, orphan.clone())];
+        let ready = vec![
+            d(0, 0, original.clone()),
+            d(0, 1, correction.clone()),
+            d(0, 2, correction.clone()),
+            d(0, 3, refused),
+            d(0, 4, orphan.clone()),
+        ];
         let counted = HashMap::from([
             ("t1".to_string(), Ledgered::plain(fp(&original))),
             ("c1".to_string(), Ledgered { fingerprint: fp(&correction), cost_micros: Some(0), reverts: Some(target("t1")) }),
@@ -290,7 +292,10 @@ mod tests {
     #[test]
     fn a_correction_takes_the_stored_row_model_else_its_own() {
         let correction = json!({"id": "c1", "subject": "a", "time": "2026-11-22T10:00:00Z", "corrects": "t1", "model": "small"});
-        let counted = HashMap::from([("c1".to_string(), Ledgered { fingerprint: fp(&correction), cost_micros: Some(0), reverts: Some(target("t1")) })]);
+        let counted = HashMap::from([(
+            "c1".to_string(),
+            Ledgered { fingerprint: fp(&correction), cost_micros: Some(0), reverts: Some(target("t1")) },
+        )]);
         let mut s = select(&[d(0, 0, correction.clone())], &counted);
         assert_eq!(targets_to_look_up(&s.counted), vec![("a".to_string(), target("t1").time, "t1".to_string())]);
         resolve_models(&mut s.counted, &HashMap::from([("t1".to_string(), String::new())]));

@@ -188,7 +188,8 @@ struct CountedRow(
 
 impl CountedRow {
     fn into_entry(self) -> (String, Ledgered) {
-        let CountedRow(id, fingerprint, counted_cost, target, subject, time, scope, api_key_sha256, requests, input, output, cached, cost) = self;
+        let CountedRow(id, fingerprint, counted_cost, target, subject, time, scope, api_key_sha256, requests, input, output, cached, cost) =
+            self;
         let reverts = match (target, subject, time) {
             (Some(event_id), Some(subject), Some(time)) => Some(Reverted {
                 event_id,

@@ -406,8 +406,12 @@ fn assemble(edges: &[DateTime<Utc>], rows: impl Iterator<Item = (i64, String, i6
     let mut series: Vec<Series> = by_key
         .into_iter()
         .map(|(k, values)| {
-            let points: Vec<Point> =
-                edges.iter().take(starts.len()).enumerate().map(|(i, t)| Point { start: *t, value: values.get(&i).copied().unwrap_or(0) }).collect();
+            let points: Vec<Point> = edges
+                .iter()
+                .take(starts.len())
+                .enumerate()
+                .map(|(i, t)| Point { start: *t, value: values.get(&i).copied().unwrap_or(0) })
+                .collect();
             Series { key: grouped.then_some(k), total: points.iter().map(|p| p.value).sum(), points }
         })
         .collect();
@@ -494,14 +498,18 @@ mod tests {
         let p = params(&[("from", "2026-03-28"), ("to", "2026-03-31"), ("tz", "Europe/London")]);
         let q = SeriesQuery::parse(&p).unwrap();
         assert_eq!(q.from, t("2026-03-28T00:00:00Z"));
-        assert_eq!(q.bucket_edges(), vec![t("2026-03-28T00:00:00Z"), t("2026-03-29T00:00:00Z"), t("2026-03-29T23:00:00Z"), t("2026-03-30T23:00:00Z")]);
+        assert_eq!(
+            q.bucket_edges(),
+            vec![t("2026-03-28T00:00:00Z"), t("2026-03-29T00:00:00Z"), t("2026-03-29T23:00:00Z"), t("2026-03-30T23:00:00Z")]
+        );
         // London days after the change start at 23:00 UTC: whole hours, not midnights.
         assert_eq!(q.source(), Source::Hourly);
         let utc = SeriesQuery::parse(&params(&[("from", "2026-11-01"), ("to", "2026-12-01"), ("granularity", "month")])).unwrap();
         assert_eq!(utc.source(), Source::Daily);
         let kolkata = SeriesQuery::parse(&params(&[("from", "2026-11-01"), ("to", "2026-11-03"), ("tz", "Asia/Kolkata")])).unwrap();
         assert_eq!(kolkata.source(), Source::Raw);
-        let odd = SeriesQuery::parse(&params(&[("from", "2026-11-01T00:30:00Z"), ("to", "2026-11-01T05:00:00Z"), ("granularity", "hour")])).unwrap();
+        let odd = SeriesQuery::parse(&params(&[("from", "2026-11-01T00:30:00Z"), ("to", "2026-11-01T05:00:00Z"), ("granularity", "hour")]))
+            .unwrap();
         assert_eq!(odd.source(), Source::Raw);
     }
 
@@ -519,7 +527,12 @@ mod tests {
             top_sql(&q, source_for(&[q.from, q.to]), &table)
         };
         let days = top(&[("from", "2026-11-01"), ("to", "2026-12-01"), ("limit", "20"), ("subject", "a")]);
-        assert!(days.starts_with("SELECT subject, sum(input_tokens + output_tokens) AS value FROM `db`.usage_subject_daily FINAL WHERE day >= "), "{days}");
+        assert!(
+            days.starts_with(
+                "SELECT subject, sum(input_tokens + output_tokens) AS value FROM `db`.usage_subject_daily FINAL WHERE day >= "
+            ),
+            "{days}"
+        );
         assert!(days.ends_with("AND subject = 'a' GROUP BY subject ORDER BY value DESC, subject LIMIT 20"), "{days}");
         let scoped = top(&[("from", "2026-11-01"), ("to", "2026-12-01"), ("scope", "chat"), ("metric", "requests")]);
         assert!(scoped.starts_with("SELECT subject, sum(requests) AS value FROM `db`.usage_daily FINAL WHERE day >= "), "{scoped}");
@@ -535,7 +548,8 @@ mod tests {
     fn series_are_zero_filled_and_limited() {
         let edges = vec![t("2026-11-01T00:00:00Z"), t("2026-11-02T00:00:00Z"), t("2026-11-03T00:00:00Z")];
         let day2 = t("2026-11-02T00:00:00Z").timestamp();
-        let rows = vec![(day2, "a".to_string(), 5), (day2 + 3600, "a".to_string(), 1), (day2, "b".to_string(), 9), (day2, "c".to_string(), 1)];
+        let rows =
+            vec![(day2, "a".to_string(), 5), (day2 + 3600, "a".to_string(), 1), (day2, "b".to_string(), 9), (day2, "c".to_string(), 1)];
         let (series, truncated) = assemble(&edges, rows.into_iter(), true, 2);
         assert!(truncated);
         assert_eq!(series.len(), 2);

@@ -132,7 +132,15 @@ impl Report {
         for d in &self.ledger_drifts {
             out.push_str(&format!(
                 "DRIFT ledger  subject={} quota={} metric={} scope={} period={} start={} ledger={} history={} drift={:+}\n",
-                d.subject, d.quota, d.metric, d.scope, d.period, d.period_start.to_rfc3339(), d.ledger, d.history, d.drift
+                d.subject,
+                d.quota,
+                d.metric,
+                d.scope,
+                d.period,
+                d.period_start.to_rfc3339(),
+                d.ledger,
+                d.history,
+                d.drift
             ));
         }
         for d in &self.event_drifts {
@@ -141,11 +149,7 @@ impl Report {
                 d.subject, d.accepted_events, d.history_distinct_ids, d.history_rows, d.drift, d.duplicates
             ));
         }
-        out.push_str(if self.ok {
-            "ok: zero drift\n"
-        } else {
-            "FAILED: drift found\n"
-        });
+        out.push_str(if self.ok { "ok: zero drift\n" } else { "FAILED: drift found\n" });
         out
     }
 }
@@ -271,7 +275,14 @@ pub async fn reconcile(pool: &PgPool, ch: &Ch, month: Month, subject: Option<&st
         ))
         .await?;
     let mut by_subject: BTreeMap<String, EventCheck> = BTreeMap::new();
-    let blank = |s: &str| EventCheck { subject: s.to_string(), accepted_events: 0, history_rows: 0, history_distinct_ids: 0, drift: 0, duplicates: 0 };
+    let blank = |s: &str| EventCheck {
+        subject: s.to_string(),
+        accepted_events: 0,
+        history_rows: 0,
+        history_distinct_ids: 0,
+        drift: 0,
+        duplicates: 0,
+    };
     for (s, n) in &accepted {
         by_subject.entry(s.clone()).or_insert_with(|| blank(s)).accepted_events = *n;
     }

@@ -26,9 +26,9 @@ use chrono::Utc;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tally_common::clickhouse::ClickHouseSettings;
-use tally_common::kafka::KafkaSettings;
 use tally_common::consuming;
 use tally_common::health::{watched, Clients, Watched};
+use tally_common::kafka::KafkaSettings;
 use tally_common::membership::{Heartbeats, Membership, ShareChange};
 use tally_common::metrics::{Counter, Gauge, Registry, Timing};
 use tally_common::postgres::PostgresSettings;
@@ -39,7 +39,6 @@ use crate::plan::{self, Delivery};
 use crate::progress::{IsolatedEvent, Progress, ProgressError, Range};
 use crate::sink::{Counted, Sink, Step, Written};
 use crate::WriterSettings;
-
 
 #[derive(Debug, Clone, Copy)]
 struct Owned {
@@ -70,7 +69,11 @@ impl Metrics {
         Metrics {
             written: r.counter("tally_history_events_written_total", "raw history rows inserted", &[]),
             replayed: r.counter("tally_history_events_replayed_total", "counted events whose raw row was already in ClickHouse", &[]),
-            not_counted: r.counter("tally_history_events_not_counted_total", "messages the ledger did not count (quarantined, conflicts)", &[]),
+            not_counted: r.counter(
+                "tally_history_events_not_counted_total",
+                "messages the ledger did not count (quarantined, conflicts)",
+                &[],
+            ),
             corrections: r.counter("tally_history_corrections_total", "counted corrections written (or replayed) as negated rows", &[]),
             orphan_corrections: r.counter(
                 "tally_history_corrections_without_target_total",
@@ -156,7 +159,10 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     if settings.group == settings.ledger_group {
-        anyhow::bail!("the history writer's group must not be the ledger's ({}): they would split the partitions between them", settings.group);
+        anyhow::bail!(
+            "the history writer's group must not be the ledger's ({}): they would split the partitions between them",
+            settings.group
+        );
     }
     let pool = postgres.connect().await?;
     // The Kafka group only receives offset hints: partitions are assigned manually.
@@ -247,7 +253,14 @@ impl Loop {
     }
 
     async fn next_batch(&mut self) -> Vec<Delivery> {
-        consuming::collect_batch(&self.consumer, Duration::from_millis(500), Duration::from_millis(self.settings.max_wait_ms), self.settings.max_batch, to_delivery).await
+        consuming::collect_batch(
+            &self.consumer,
+            Duration::from_millis(500),
+            Duration::from_millis(self.settings.max_wait_ms),
+            self.settings.max_batch,
+            to_delivery,
+        )
+        .await
     }
 
     /// Heartbeats the membership (at most once a second) and brings the owned partitions in
@@ -256,7 +269,9 @@ impl Loop {
     async fn maintain_ownership(&mut self) {
         let partition_count = || consuming::partition_count(&self.consumer, &self.topic);
         let owned = self.owned.keys().copied();
-        let Some(ShareChange { gained, lost }) = self.heartbeats.due_change(&self.progress.pool, owned, partition_count).await else { return };
+        let Some(ShareChange { gained, lost }) = self.heartbeats.due_change(&self.progress.pool, owned, partition_count).await else {
+            return;
+        };
         for p in &lost {
             self.owned.remove(p);
             tracing::info!(partition = p, "released partition");
@@ -328,10 +343,12 @@ impl Loop {
         let mut ranges: HashMap<i32, Range> = HashMap::new();
         for d in deliveries {
             let epoch = self.owned.get(&d.partition).map_or(0, |o| o.epoch);
-            ranges
-                .entry(d.partition)
-                .and_modify(|r| r.next = d.offset + 1)
-                .or_insert(Range { partition: d.partition, epoch, start: d.offset, next: d.offset + 1 });
+            ranges.entry(d.partition).and_modify(|r| r.next = d.offset + 1).or_insert(Range {
+                partition: d.partition,
+                epoch,
+                start: d.offset,
+                next: d.offset + 1,
+            });
         }
         let mut ranges: Vec<Range> = ranges.into_values().collect();
         ranges.sort_by_key(|r| r.partition);
@@ -375,7 +392,10 @@ impl Loop {
         let mut selection = plan::select(&gate.ready, &counted);
         if selection.orphan_corrections > 0 {
             self.metrics.orphan_corrections.add(selection.orphan_corrections as u64);
-            tracing::error!(count = selection.orphan_corrections, "counted corrections whose reverted event is not in processed_events; not written");
+            tracing::error!(
+                count = selection.orphan_corrections,
+                "counted corrections whose reverted event is not in processed_events; not written"
+            );
         }
         let targets = plan::targets_to_look_up(&selection.counted);
         let stored_models = if targets.is_empty() {
@@ -419,8 +439,14 @@ impl Loop {
         self.metrics.replayed.add(written.already_present as u64);
         self.metrics.not_counted.add(selection.not_counted as u64);
         self.metrics.corrections.add(selection.corrections as u64);
-        tracing::debug!(inserted = written.inserted, replayed = written.already_present, not_counted = selection.not_counted,
-            hourly = written.hourly_buckets, daily = written.daily_buckets, "history batch written");
+        tracing::debug!(
+            inserted = written.inserted,
+            replayed = written.already_present,
+            not_counted = selection.not_counted,
+            hourly = written.hourly_buckets,
+            daily = written.daily_buckets,
+            "history batch written"
+        );
         self.advance(&ready_ranges);
         wait
     }

@@ -42,13 +42,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tally_common::health::Clients;
-use tally_common::producing::{Outgoing, RebuildingProducer};
 use serde::Serialize;
 use serde_json::Value;
+use tally_common::health::Clients;
+use tally_common::http::{self, Refusal};
 use tally_common::kafka::KafkaSettings;
 use tally_common::metrics::{Counter, Registry, Timing};
-use tally_common::http::{self, Refusal};
+use tally_common::producing::{Outgoing, RebuildingProducer};
 use tally_domain::event::{cloudevent_from_binary, event_from_value, UsageEvent};
 
 /// The ingest service's own settings.
@@ -209,7 +209,12 @@ fn validate(body: Value, max_batch: usize) -> Result<Vec<UsageEvent>, Response> 
         other => (vec![other], true),
     };
     if items.is_empty() {
-        return Err(error(StatusCode::BAD_REQUEST, "the batch is empty: send one event or an array of at least one".into(), Some("body".into()), None));
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "the batch is empty: send one event or an array of at least one".into(),
+            Some("body".into()),
+            None,
+        ));
     }
     if items.len() > max_batch {
         return Err(error(
@@ -247,7 +252,8 @@ async fn read_events(req: Request, max_batch: usize) -> Result<Vec<UsageEvent>, 
     };
     if binary && content_type.as_deref().is_some_and(|m| !http::is_json(m)) {
         let m = content_type.unwrap_or_default();
-        let message = format!("binary content mode: the body is the event's data and must be JSON (Content-Type: application/json), not {m}");
+        let message =
+            format!("binary content mode: the body is the event's data and must be JSON (Content-Type: application/json), not {m}");
         return Err(error(StatusCode::UNSUPPORTED_MEDIA_TYPE, message, Some("content-type".into()), None));
     }
     if !binary {
@@ -286,7 +292,9 @@ fn binary_mode(headers: &HeaderMap) -> bool {
 /// The CloudEvents attributes of a binary mode request: each `ce-` header, named without the
 /// prefix, its value percent-decoded (the HTTP binding encodes what is not printable ASCII).
 fn binary_attributes(headers: &HeaderMap) -> Result<Vec<(String, String)>, Response> {
-    let bad = |name: &str, message: String| error(StatusCode::BAD_REQUEST, format!("binary content mode: {message}"), Some(name.to_string()), None);
+    let bad = |name: &str, message: String| {
+        error(StatusCode::BAD_REQUEST, format!("binary content mode: {message}"), Some(name.to_string()), None)
+    };
     let mut attributes = Vec::new();
     for name in headers.keys() {
         let Some(attribute) = name.as_str().strip_prefix("ce-") else { continue };
@@ -335,9 +343,10 @@ async fn post_events(State(state): State<Arc<AppState>>, req: Request) -> Respon
 /// Produces every event and waits for every acknowledgement (the caller bounds the wait).
 async fn produce_all(state: &AppState, events: &[UsageEvent]) -> anyhow::Result<()> {
     let payloads: Vec<Vec<u8>> = events.iter().map(UsageEvent::to_canonical_json).collect();
-    let deliveries = events.iter().zip(&payloads).map(|(event, payload)| {
-        state.producer.send(Outgoing::new(&state.topic, event.subject.as_bytes(), payload), state.ack_timeout)
-    });
+    let deliveries = events
+        .iter()
+        .zip(&payloads)
+        .map(|(event, payload)| state.producer.send(Outgoing::new(&state.topic, event.subject.as_bytes(), payload), state.ack_timeout));
     for result in futures::future::join_all(deliveries).await {
         result.map_err(|e| anyhow::anyhow!("produce failed: {e}"))?;
     }
@@ -369,14 +378,10 @@ pub async fn run(
     if state.token.is_none() {
         tracing::warn!("no ingest token configured (TALLY_INGEST_TOKEN): anyone who can reach this address can send usage");
     }
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .with_context(|| format!("failed to listen on {}", settings.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(settings.listen).await.with_context(|| format!("failed to listen on {}", settings.listen))?;
     tracing::info!(listen = %settings.listen, topic = %kafka.usage_topic, "ingest listening");
-    axum::serve(listener, router(state, settings.max_body_bytes))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("ingest server failed")
+    axum::serve(listener, router(state, settings.max_body_bytes)).with_graceful_shutdown(shutdown).await.context("ingest server failed")
 }
 
 #[cfg(test)]
@@ -458,7 +463,10 @@ mod tests {
             });
             let app = router(state, 4096);
             let body = r#"{"id": "a", "subject": "s", "time": "2026-11-22T10:00:00Z"}"#;
-            let req = axum::http::Request::post("/v1/events").header("content-type", "application/json").body(axum::body::Body::from(body)).unwrap();
+            let req = axum::http::Request::post("/v1/events")
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(body))
+                .unwrap();
             let started = Instant::now();
             let r = app.clone().oneshot(req).await.unwrap();
             assert!(started.elapsed() < Duration::from_secs(3), "answered after {:?}", started.elapsed());
@@ -510,8 +518,13 @@ mod tests {
     }
 
     const CE: &[(&str, &str)] = &[
-        ("ce-specversion", "1.0"), ("ce-id", "1"), ("ce-source", "gw"), ("ce-type", "usage"), ("ce-subject", "alice"),
-        ("ce-time", "2026-11-22T10:00:00Z"), ("content-type", "application/json"),
+        ("ce-specversion", "1.0"),
+        ("ce-id", "1"),
+        ("ce-source", "gw"),
+        ("ce-type", "usage"),
+        ("ce-subject", "alice"),
+        ("ce-time", "2026-11-22T10:00:00Z"),
+        ("content-type", "application/json"),
     ];
 
     #[tokio::test]
@@ -527,8 +540,10 @@ mod tests {
         assert_eq!(events, vec![event_from_value(structured).unwrap()]);
         assert_eq!(events[0].attributes["ce.note"], "café %");
         // A structured CloudEvent keeps its media type, whatever ce- headers come with it.
-        let structured = json!({"specversion": "1.0", "id": "2", "source": "gw", "type": "usage", "subject": "alice", "time": "2026-11-22T10:00:00Z"});
-        let (s, _, ids) = send(binary(&[("content-type", "application/cloudevents+json"), ("ce-specversion", "1.0")]), structured.to_string()).await;
+        let structured =
+            json!({"specversion": "1.0", "id": "2", "source": "gw", "type": "usage", "subject": "alice", "time": "2026-11-22T10:00:00Z"});
+        let (s, _, ids) =
+            send(binary(&[("content-type", "application/cloudevents+json"), ("ce-specversion", "1.0")]), structured.to_string()).await;
         assert_eq!((s, ids), (StatusCode::OK, json!(["ce:2:gw:2"])));
         let batch = json!([structured]);
         let (s, _, ids) = send(binary(&[("content-type", "application/cloudevents-batch+json")]), batch.to_string()).await;
@@ -593,8 +608,18 @@ mod tests {
             (post().header("content-type", "text/plain"), b"{}".to_vec(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "content-type"),
             (post(), b"{\"id\": ".to_vec(), StatusCode::BAD_REQUEST, "id"),
             (post(), b"[{\"id\": 1} x".to_vec(), StatusCode::BAD_REQUEST, "body"),
-            (post(), br#"{"id": "a", "subject": "s", "time": "2026-11-22T10:00:00Z", "colour": 1}"#.to_vec(), StatusCode::BAD_REQUEST, "colour"),
-            (post(), br#"{"id": "a", "subject": "s", "time": "2026-11-22T10:00:00Z", "input_tokens": "7"}"#.to_vec(), StatusCode::BAD_REQUEST, "input_tokens"),
+            (
+                post(),
+                br#"{"id": "a", "subject": "s", "time": "2026-11-22T10:00:00Z", "colour": 1}"#.to_vec(),
+                StatusCode::BAD_REQUEST,
+                "colour",
+            ),
+            (
+                post(),
+                br#"{"id": "a", "subject": "s", "time": "2026-11-22T10:00:00Z", "input_tokens": "7"}"#.to_vec(),
+                StatusCode::BAD_REQUEST,
+                "input_tokens",
+            ),
             (post(), br#"{"id": "a", "subject": "s"}"#.to_vec(), StatusCode::BAD_REQUEST, "time"),
             (axum::http::Request::get("/v1/nope"), vec![], StatusCode::NOT_FOUND, "path"),
             (axum::http::Request::get("/v1/events"), vec![], StatusCode::METHOD_NOT_ALLOWED, "method"),

@@ -27,10 +27,7 @@ fn start() -> Started {
     let clickhouse = ClickHouse::default().start().expect("start the ClickHouse container");
     let servers = Servers {
         kafka: format!("127.0.0.1:{}", kafka.get_host_port_ipv4(KAFKA_PORT).expect("kafka port")),
-        postgres: format!(
-            "postgres://postgres:postgres@127.0.0.1:{}/postgres",
-            postgres.get_host_port_ipv4(5432).expect("postgres port")
-        ),
+        postgres: format!("postgres://postgres:postgres@127.0.0.1:{}/postgres", postgres.get_host_port_ipv4(5432).expect("postgres port")),
         clickhouse: format!("http://127.0.0.1:{}", clickhouse.get_host_port_ipv4(8123).expect("clickhouse port")),
     };
     Started { _kafka: kafka, _postgres: postgres, _clickhouse: clickhouse, servers }

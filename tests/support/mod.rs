@@ -348,10 +348,7 @@ impl Tally {
         usage["ledgers"]
             .as_array()
             .map(|rows| {
-                rows.iter()
-                    .filter(|r| r["metric"] == metric && r["scope"].is_null())
-                    .map(|r| r["used"].as_i64().unwrap_or(0))
-                    .sum()
+                rows.iter().filter(|r| r["metric"] == metric && r["scope"].is_null()).map(|r| r["used"].as_i64().unwrap_or(0)).sum()
             })
             .unwrap_or(0)
     }

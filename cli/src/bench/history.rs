@@ -92,7 +92,10 @@ pub async fn measure(
     let today = Utc::now().date_naive();
     let (from, to) = (today - chrono::Duration::days(30), today);
     let series_url = |k: usize| {
-        format!("http://{api}/v1/history/series?metric=total_tokens&from={from}&to={to}&granularity=day&subject=h{}", (k * 7919) as u64 % subjects)
+        format!(
+            "http://{api}/v1/history/series?metric=total_tokens&from={from}&to={to}&granularity=day&subject=h{}",
+            (k * 7919) as u64 % subjects
+        )
     };
     let top_url = format!("http://{api}/v1/history/top?metric=total_tokens&from={from}&to={to}&limit=20");
     // One warm-up of each, so the first query does not pay for cold caches alone.

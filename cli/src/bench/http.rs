@@ -71,9 +71,11 @@ pub async fn check(plan: &CheckPlan) -> anyhow::Result<Section> {
     // process's CPU in the run counts (its Kafka feeder's threads too).
     if let (Some(check_cpu), Some(healthz_cpu)) = (api_cpu, floor_api_cpu) {
         let (per_check, per_healthz) = (cpu_us_per_answer(check_cpu, &measured), cpu_us_per_answer(healthz_cpu, &floor));
-        s.figure("api_cpu_us_per_check", per_check)
-            .figure("api_cpu_us_per_healthz", per_healthz)
-            .ratio("api_cpu_check_to_healthz", per_check, per_healthz);
+        s.figure("api_cpu_us_per_check", per_check).figure("api_cpu_us_per_healthz", per_healthz).ratio(
+            "api_cpu_check_to_healthz",
+            per_check,
+            per_healthz,
+        );
     }
     s.figure("generator_cpu_us_per_check", cpu_us_per_answer(measured.generator_cpu_seconds, &measured))
         .figure("generator_cpu_us_per_healthz", cpu_us_per_answer(floor.generator_cpu_seconds, &floor));
@@ -117,7 +119,15 @@ pub async fn check(plan: &CheckPlan) -> anyhow::Result<Section> {
 }
 
 /// Section 7: POST /v1/events with batches of `batch` events on `connections` connections.
-pub async fn ingest(addr: &str, token: &str, batch: usize, connections: usize, warmup: Duration, duration: Duration, ceiling: &Ceiling) -> anyhow::Result<Section> {
+pub async fn ingest(
+    addr: &str,
+    token: &str,
+    batch: usize,
+    connections: usize,
+    warmup: Duration,
+    duration: Duration,
+    ceiling: &Ceiling,
+) -> anyhow::Result<Section> {
     let now = Utc::now();
     let requests: Vec<Req> = (0..64)
         .map(|r| {

@@ -115,7 +115,14 @@ const GRACE: Duration = Duration::from_secs(10);
 
 /// Runs `connections` closed loops against `addr` for `warmup + duration`, presenting
 /// `token` as a bearer token when given. The loops run on a thread of their own.
-pub async fn run(addr: &str, token: Option<&str>, requests: Vec<Req>, connections: usize, warmup: Duration, duration: Duration) -> anyhow::Result<LoadResult> {
+pub async fn run(
+    addr: &str,
+    token: Option<&str>,
+    requests: Vec<Req>,
+    connections: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<LoadResult> {
     anyhow::ensure!(!requests.is_empty(), "no requests to send");
     let encoded: Vec<Vec<u8>> = requests.iter().map(|r| r.encode(addr, token)).collect();
     let addr = addr.to_string();
@@ -136,7 +143,13 @@ pub async fn run(addr: &str, token: Option<&str>, requests: Vec<Req>, connection
 }
 
 /// The closed loops of [`run`], on the current runtime.
-async fn drive(addr: String, requests: Vec<Vec<u8>>, connections: usize, warmup: Duration, duration: Duration) -> anyhow::Result<LoadResult> {
+async fn drive(
+    addr: String,
+    requests: Vec<Vec<u8>>,
+    connections: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<LoadResult> {
     let requests = std::sync::Arc::new(requests);
     let start = Instant::now();
     let (warm, end) = (start + warmup, start + warmup + duration);
@@ -150,7 +163,8 @@ async fn drive(addr: String, requests: Vec<Vec<u8>>, connections: usize, warmup:
     let mut result = LoadResult::default();
     for t in tasks {
         let looped = t.await.context("a load connection panicked")?;
-        let done = looped.map_err(|_| anyhow::anyhow!("a load connection had no answer {} s after the end of the run", GRACE.as_secs()))??;
+        let done =
+            looped.map_err(|_| anyhow::anyhow!("a load connection had no answer {} s after the end of the run", GRACE.as_secs()))??;
         result.requests += done.ok;
         result.errors += done.errors;
         result.answered += done.answered;
@@ -173,7 +187,13 @@ struct ConnectionCounts {
 }
 
 /// One closed loop on one connection.
-async fn connection(addr: String, requests: std::sync::Arc<Vec<Vec<u8>>>, offset: usize, warmup: Instant, end: Instant) -> anyhow::Result<ConnectionCounts> {
+async fn connection(
+    addr: String,
+    requests: std::sync::Arc<Vec<Vec<u8>>>,
+    offset: usize,
+    warmup: Instant,
+    end: Instant,
+) -> anyhow::Result<ConnectionCounts> {
     let mut stream = tokio::net::TcpStream::connect(&addr).await.with_context(|| format!("failed to connect to {addr}"))?;
     stream.set_nodelay(true)?;
     let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);

@@ -216,7 +216,8 @@ async fn measure(args: &BenchArgs, sizes: &Sizes, stack: &Stack, extra: &[String
 
     eprintln!("[bench] decision latency: starting the API");
     p.start_api().await?;
-    let section = p.decision_latency(rate, args.decision_load, Duration::from_secs(sizes.decision_seconds), sizes.subjects, &ceiling).await?;
+    let section =
+        p.decision_latency(rate, args.decision_load, Duration::from_secs(sizes.decision_seconds), sizes.subjects, &ceiling).await?;
     report.add("decision_latency", section);
 
     let section = p.memory(sizes.memory_subjects, idle).await?;
@@ -235,10 +236,19 @@ async fn measure(args: &BenchArgs, sizes: &Sizes, stack: &Stack, extra: &[String
     report.add("check", http::check(&plan).await?);
 
     let ingest_addr = free_addr()?;
-    let mut ingest = stack.spawn("ingest", "ingest", &[("TALLY_INGEST_LISTEN", ingest_addr.clone()), ("TALLY_USAGE_TOPIC", extra[1].clone())])?;
+    let mut ingest =
+        stack.spawn("ingest", "ingest", &[("TALLY_INGEST_LISTEN", ingest_addr.clone()), ("TALLY_USAGE_TOPIC", extra[1].clone())])?;
     ingest.wait_healthy(&ingest_addr, Duration::from_secs(30)).await?;
-    let section =
-        http::ingest(&ingest_addr, &stack.ingest_token, 100, sizes.ingest_connections, sizes.http_warmup, Duration::from_secs(sizes.http_seconds), &ceiling).await?;
+    let section = http::ingest(
+        &ingest_addr,
+        &stack.ingest_token,
+        100,
+        sizes.ingest_connections,
+        sizes.http_warmup,
+        Duration::from_secs(sizes.http_seconds),
+        &ceiling,
+    )
+    .await?;
     ingest.stop();
     report.add("ingest", section);
 
@@ -246,8 +256,16 @@ async fn measure(args: &BenchArgs, sizes: &Sizes, stack: &Stack, extra: &[String
     if let Some(mut agg) = p.aggregator.take() {
         agg.stop();
     }
-    let section = history::measure(&stack.http(Duration::from_secs(600))?, &stack.clickhouse_url, &stack.clickhouse_database, &p.api_addr, sizes.history_rows, sizes.history_subjects, sizes.history_queries)
-            .await?;
+    let section = history::measure(
+        &stack.http(Duration::from_secs(600))?,
+        &stack.clickhouse_url,
+        &stack.clickhouse_database,
+        &p.api_addr,
+        sizes.history_rows,
+        sizes.history_subjects,
+        sizes.history_queries,
+    )
+    .await?;
     report.add("history", section);
     Ok(())
 }

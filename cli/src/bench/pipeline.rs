@@ -167,12 +167,13 @@ impl Pipeline {
 
     /// The sum of the aggregator's stored next offsets: messages consumed and committed.
     pub async fn consumed(&self) -> anyhow::Result<u64> {
-        let sum: Option<i64> = sqlx::query_scalar("SELECT sum(next_offset)::bigint FROM consumer_offsets WHERE group_id = $1 AND topic = $2")
-            .bind(&self.stack.group)
-            .bind(&self.kafka.usage_topic)
-            .fetch_one(&self.pool)
-            .await
-            .context("failed to read consumer_offsets")?;
+        let sum: Option<i64> =
+            sqlx::query_scalar("SELECT sum(next_offset)::bigint FROM consumer_offsets WHERE group_id = $1 AND topic = $2")
+                .bind(&self.stack.group)
+                .bind(&self.kafka.usage_topic)
+                .fetch_one(&self.pool)
+                .await
+                .context("failed to read consumer_offsets")?;
         Ok(sum.unwrap_or(0).max(0) as u64)
     }
 
@@ -321,7 +322,14 @@ impl Pipeline {
 
     /// Section 3: background load at `fraction` of the measured `throughput` (events/s) over
     /// the known subjects for `duration`, and the probes spread over it.
-    pub async fn decision_latency(&mut self, throughput: f64, fraction: f64, duration: Duration, load_subjects: usize, ceiling: &Ceiling) -> anyhow::Result<Section> {
+    pub async fn decision_latency(
+        &mut self,
+        throughput: f64,
+        fraction: f64,
+        duration: Duration,
+        load_subjects: usize,
+        ceiling: &Ceiling,
+    ) -> anyhow::Result<Section> {
         let rate = throughput * fraction;
         let probes = self.probes.clone();
         for p in probes.iter().chain(&self.idle_probes) {
@@ -337,7 +345,9 @@ impl Pipeline {
             match timing {
                 // The first send of a new idempotent producer waits for its start-up (about
                 // half a second on tansu): that probe only warms the producer up.
-                Ok(Some(t)) if k == 0 => eprintln!("[bench] decision latency: warm-up probe {} ms (left out of the floor)", t.total.as_millis()),
+                Ok(Some(t)) if k == 0 => {
+                    eprintln!("[bench] decision latency: warm-up probe {} ms (left out of the floor)", t.total.as_millis())
+                }
                 Ok(Some(t)) => floor.push(t.total),
                 _ => floor_missing += 1,
             }
@@ -377,8 +387,10 @@ impl Pipeline {
         let sent = background.await??;
         self.produced += sent + (probes.len() + self.idle_probes.len()) as u64;
         let _ = probe_producer.flush(Duration::from_secs(10));
-        let snapshots = scrape(&self.http, &self.aggregator_addr, "tally_aggregator_snapshots_total").await.unwrap_or(0.0) - snapshots_before;
-        let fast_commits = scrape(&self.http, &self.aggregator_addr, "tally_aggregator_fast_commits_total").await.unwrap_or(0.0) - fast_before;
+        let snapshots =
+            scrape(&self.http, &self.aggregator_addr, "tally_aggregator_snapshots_total").await.unwrap_or(0.0) - snapshots_before;
+        let fast_commits =
+            scrape(&self.http, &self.aggregator_addr, "tally_aggregator_fast_commits_total").await.unwrap_or(0.0) - fast_before;
         let phase = phase.elapsed().as_secs_f64();
         if latencies.is_empty() {
             bail!("no probe decision became visible at the API");
@@ -442,10 +454,11 @@ impl Pipeline {
     /// Pids of the Postgres backends serving the run's database (the bench's own query's
     /// left out).
     async fn backend_pids(&self) -> Vec<u32> {
-        let pids: Vec<i32> = sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
-            .fetch_all(&self.pool)
-            .await
-            .unwrap_or_default();
+        let pids: Vec<i32> =
+            sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+                .fetch_all(&self.pool)
+                .await
+                .unwrap_or_default();
         pids.into_iter().map(|p| p as u32).collect()
     }
 
@@ -620,11 +633,19 @@ fn time_text(time: DateTime<Utc>) -> String {
 
 /// Produces events at `rate` per second over `subjects` subjects until `duration` passed or
 /// `stop` is set; returns how many were acknowledged.
-fn background_load(kafka: &KafkaSettings, tag: &str, subjects: usize, rate: f64, duration: Duration, stop: &AtomicBool) -> anyhow::Result<u64> {
+fn background_load(
+    kafka: &KafkaSettings,
+    tag: &str,
+    subjects: usize,
+    rate: f64,
+    duration: Duration,
+    stop: &AtomicBool,
+) -> anyhow::Result<u64> {
     // A paced producer sends what each tick released; with the default 5 ms linger every
     // request is that small, and the broker's ~100 ms acknowledgement of five requests in
     // flight caps the rate near 14k/s. 50 ms lets each request carry five ticks.
-    let producer: BaseProducer = kafka.producer_config().set("linger.ms", "50").create().context("failed to create the background producer")?;
+    let producer: BaseProducer =
+        kafka.producer_config().set("linger.ms", "50").create().context("failed to create the background producer")?;
     let templates = Templates::new(tag, subjects, Utc::now())?;
     let started = Instant::now();
     let tick = Duration::from_millis(10);
@@ -663,7 +684,8 @@ pub async fn idle_rss(stack: &Stack, idle_usage: &str, idle_decisions: &str) -> 
         ("TALLY_AGGREGATOR_GROUP", format!("{}-idle", stack.group)),
     ];
     let mut agg = stack.spawn("aggregator", "aggregator-idle", &env_agg)?;
-    let mut api = stack.spawn("api", "api-idle", &[("TALLY_API_LISTEN", api_addr.clone()), ("TALLY_DECISIONS_TOPIC", idle_decisions.to_string())])?;
+    let mut api =
+        stack.spawn("api", "api-idle", &[("TALLY_API_LISTEN", api_addr.clone()), ("TALLY_DECISIONS_TOPIC", idle_decisions.to_string())])?;
     agg.wait_healthy(&agg_addr, Duration::from_secs(30)).await?;
     api.wait_healthy(&api_addr, Duration::from_secs(30)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -124,8 +124,7 @@ impl Stack {
         if let Err(e) = reqwest::Client::new().post(&self.clickhouse_url).body(sql).send().await {
             eprintln!("[bench] could not drop ClickHouse database of the run: {e}");
         }
-        let admin: Result<AdminClient<DefaultClientContext>, _> =
-            ClientConfig::new().set("bootstrap.servers", &self.brokers).create();
+        let admin: Result<AdminClient<DefaultClientContext>, _> = ClientConfig::new().set("bootstrap.servers", &self.brokers).create();
         if let Ok(admin) = admin {
             let names: Vec<&str> = topics.iter().map(String::as_str).collect();
             let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));

@@ -259,7 +259,15 @@ mod tests {
     #[test]
     fn declines_what_chrono_would_write_otherwise() {
         let canonical = String::from_utf8(event("2026-12-07T04:29:39.100Z").to_canonical_json()).unwrap();
-        for other in ["04:29:39.100000Z", "04:29:39.1Z", "04:29:39.10Z", "04:29:39.100000000Z", "04:29:39.000Z", "04:29:60.100Z", "04:29:39.100+00:00"] {
+        for other in [
+            "04:29:39.100000Z",
+            "04:29:39.1Z",
+            "04:29:39.10Z",
+            "04:29:39.100000000Z",
+            "04:29:39.000Z",
+            "04:29:60.100Z",
+            "04:29:39.100+00:00",
+        ] {
             let bytes = canonical.replace("04:29:39.100Z", other);
             assert_eq!(read(bytes.as_bytes()), None, "{other}");
         }
@@ -290,7 +298,12 @@ mod tests {
     fn plain_event() -> impl Strategy<Value = UsageEvent> {
         let text = "[a-zé😀/ ]{0,6}";
         let count = prop_oneof![Just(0i64), Just(1), Just(300), Just(-1), Just(i64::MAX), Just(i64::MIN), any::<i64>()];
-        let nanos = prop_oneof![Just(0u32), (0u32..1000).prop_map(|ms| ms * 1_000_000), (0u32..1_000_000).prop_map(|us| us * 1000), 0u32..1_000_000_000];
+        let nanos = prop_oneof![
+            Just(0u32),
+            (0u32..1000).prop_map(|ms| ms * 1_000_000),
+            (0u32..1_000_000).prop_map(|us| us * 1000),
+            0u32..1_000_000_000
+        ];
         (
             (text, text, -62_167_219_200i64..253_402_300_800, nanos, proptest::option::of("[0-9a-f]{64}"), text),
             (proptest::option::of(text), count.clone(), count.clone(), count.clone(), count.clone(), proptest::option::of(count)),

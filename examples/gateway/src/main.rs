@@ -72,16 +72,13 @@ fn deny(answer: &tally_client::CheckAnswer) -> Response {
             }
         }
     }
-    (StatusCode::TOO_MANY_REQUESTS, headers, Json(json!({"error": "quota exceeded", "reason": answer.reason, "retry_at": answer.retry_at}))).into_response()
+    (StatusCode::TOO_MANY_REQUESTS, headers, Json(json!({"error": "quota exceeded", "reason": answer.reason, "retry_at": answer.retry_at})))
+        .into_response()
 }
 
 async fn chat(State(g): State<Arc<Gateway>>, headers: HeaderMap, Json(mut body): Json<Value>) -> Response {
     let subject = headers.get("x-user").and_then(|v| v.to_str().ok()).map(str::to_string);
-    let api_key = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_string);
+    let api_key = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::to_string);
     if subject.is_none() && api_key.is_none() {
         return (StatusCode::UNAUTHORIZED, Json(json!({"error": "send x-user or a bearer API key"}))).into_response();
     }
