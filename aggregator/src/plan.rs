@@ -707,7 +707,7 @@ mod tests {
         let mut breached = line(100, 100);
         breached.resets_at = now() + Duration::seconds(30);
         let ok = line(1, 100);
-        assert_eq!(next_check_at(&[ok.clone()], None), None);
+        assert_eq!(next_check_at(std::slice::from_ref(&ok), None), None);
         assert_eq!(next_check_at(&[ok.clone(), breached.clone()], None), Some(now() + Duration::seconds(30)));
         assert_eq!(next_check_at(&[breached], Some(now() + Duration::seconds(5))), Some(now() + Duration::seconds(5)));
         assert_eq!(next_check_at(&[ok], Some(now())), Some(now()));

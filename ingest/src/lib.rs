@@ -561,18 +561,27 @@ mod tests {
             h.push(extra);
             h
         };
-        let cases: Vec<(Vec<(&str, &str)>, &str, StatusCode, &str, &str)> = vec![
-            (without("ce-time"), "{}", StatusCode::BAD_REQUEST, "ce-time", "Tally meters by event time"),
-            (without("ce-source"), "{}", StatusCode::BAD_REQUEST, "ce-source", "is required"),
-            (with(("ce-Bad_Name", "x")), "{}", StatusCode::BAD_REQUEST, "ce-bad_name", "extension"),
-            (with(("ce-x", "%FF")), "{}", StatusCode::BAD_REQUEST, "ce-x", "UTF-8"),
-            (CE.to_vec(), r#"{"input_tokens": -1}"#, StatusCode::BAD_REQUEST, "data.input_tokens", "non-negative"),
-            (CE.to_vec(), "[1]", StatusCode::BAD_REQUEST, "body", "JSON object"),
-            (CE.to_vec(), "input_tokens=7", StatusCode::BAD_REQUEST, "body", "not JSON"),
+        /// A binary-mode request that is refused with 400, the field it names and a phrase
+        /// of its message.
+        struct Refused<'a> {
+            headers: Vec<(&'a str, &'a str)>,
+            body: &'a str,
+            field: &'a str,
+            says: &'a str,
+        }
+        let case = |headers, body, field, says| Refused { headers, body, field, says };
+        let cases = [
+            case(without("ce-time"), "{}", "ce-time", "Tally meters by event time"),
+            case(without("ce-source"), "{}", "ce-source", "is required"),
+            case(with(("ce-Bad_Name", "x")), "{}", "ce-bad_name", "extension"),
+            case(with(("ce-x", "%FF")), "{}", "ce-x", "UTF-8"),
+            case(CE.to_vec(), r#"{"input_tokens": -1}"#, "data.input_tokens", "non-negative"),
+            case(CE.to_vec(), "[1]", "body", "JSON object"),
+            case(CE.to_vec(), "input_tokens=7", "body", "not JSON"),
         ];
-        for (headers, body, status, field, says) in cases {
+        for Refused { headers, body, field, says } in cases {
             let (s, _, err) = send(binary(&headers), body).await;
-            assert_eq!((s, err["field"].as_str()), (status, Some(field)), "{headers:?} {body}: {err}");
+            assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some(field)), "{headers:?} {body}: {err}");
             let message = err["error"].as_str().unwrap();
             assert!(message.contains("binary content mode") && message.contains(says), "{err}");
         }

@@ -356,10 +356,7 @@ impl Tally {
     /// A counter or gauge value from a service's `/metrics`.
     pub async fn metric(&self, base_url: &str, name: &str) -> i64 {
         let text = self.http.get(format!("{base_url}/metrics")).send().await.expect("metrics").text().await.unwrap_or_default();
-        text.lines()
-            .filter(|l| l.split(|c| c == ' ' || c == '{').next() == Some(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
-            .sum()
+        text.lines().filter(|l| l.split([' ', '{']).next() == Some(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok()).sum()
     }
 
     pub fn log_dir(&self) -> &std::path::Path {
