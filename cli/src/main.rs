@@ -105,11 +105,45 @@ enum Command {
     ValidateConfig(ValidateConfigArgs),
 }
 
+/// What a command's process is, which decides how it is set up before it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProcessKind {
+    /// A long-running service: its allocators are tuned for bursts and rest ([`memory`]).
+    Service,
+    /// A command that does its job and exits (it may start services as processes of their
+    /// own, which tune themselves): the allocators keep their defaults and no thread starts
+    /// before the command's own.
+    Tool,
+}
+
+impl Command {
+    fn process_kind(&self) -> ProcessKind {
+        match self {
+            Command::Ingest { .. } | Command::Aggregator { .. } | Command::Api { .. } | Command::HistoryWriter { .. } => {
+                ProcessKind::Service
+            }
+            Command::Reconcile(_)
+            | Command::Export(_)
+            | Command::ClosePeriod(_)
+            | Command::Migrate { .. }
+            | Command::Setup { .. }
+            | Command::Config(_)
+            | Command::Bench(_)
+            | Command::Demo(_)
+            | Command::Explain(_)
+            | Command::ValidateConfig(_) => ProcessKind::Tool,
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    memory::tune();
     let cli = Cli::parse();
+    let kind = cli.command.process_kind();
+    if kind == ProcessKind::Service {
+        memory::tune();
+    }
     telemetry::init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().on_thread_park(memory::on_worker_park).build() {
+    let runtime = match runtime_for(kind) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: failed to start the async runtime: {e}");
@@ -151,6 +185,16 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The multi-threaded runtime; a service's workers give memory back as they park.
+fn runtime_for(kind: ProcessKind) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if kind == ProcessKind::Service {
+        builder.on_thread_park(memory::on_worker_park);
+    }
+    builder.build()
+}
+
 fn exit_code(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
@@ -163,5 +207,40 @@ mod tests {
     #[test]
     fn every_command_line_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// One command line for each command, and the kind of process it runs as.
+    const KINDS: [(&[&str], ProcessKind); 14] = [
+        (&["ingest"], ProcessKind::Service),
+        (&["aggregator"], ProcessKind::Service),
+        (&["api"], ProcessKind::Service),
+        (&["history-writer"], ProcessKind::Service),
+        (&["reconcile", "--period", "2026-01"], ProcessKind::Tool),
+        (&["export", "--period", "2026-01"], ProcessKind::Tool),
+        (&["close-period", "--period", "2026-01"], ProcessKind::Tool),
+        (&["migrate"], ProcessKind::Tool),
+        (&["setup"], ProcessKind::Tool),
+        (&["config", "show"], ProcessKind::Tool),
+        (&["bench"], ProcessKind::Tool),
+        (&["demo"], ProcessKind::Tool),
+        (&["explain", "period", "month", "--at", "2026-01-15T00:00:00Z"], ProcessKind::Tool),
+        (&["validate-config", "tiers.yaml"], ProcessKind::Tool),
+    ];
+
+    #[test]
+    fn only_the_four_services_run_as_services() {
+        for (args, expected) in KINDS {
+            let cli = Cli::try_parse_from(std::iter::once("tally").chain(args.iter().copied()))
+                .unwrap_or_else(|e| panic!("tally {}: {e}", args.join(" ")));
+            assert_eq!(cli.command.process_kind(), expected, "tally {}", args.join(" "));
+        }
+    }
+
+    #[test]
+    fn every_command_has_its_kind_checked() {
+        let checked: Vec<&str> = KINDS.iter().map(|(args, _)| args[0]).collect();
+        for command in Cli::command().get_subcommands() {
+            assert!(checked.contains(&command.get_name()), "tally {} has no row in KINDS", command.get_name());
+        }
     }
 }

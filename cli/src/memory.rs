@@ -1,7 +1,9 @@
 //! The binary's allocators: mimalloc for Rust, glibc's `malloc` for librdkafka.
 //!
 //! # Contract
-//! [`tune`] runs first in `main`, before any other thread exists. Afterwards:
+//! mimalloc is the global allocator of every command. [`tune`] is for the long-running
+//! services only (`main` decides which commands those are): it runs in `main` before any other
+//! thread exists, and starts two threads of its own. Afterwards:
 //! - memory freed while the process is busy stays mapped for [`BUSY_PURGE_DELAY_MS`], so
 //!   the next batch reuses it instead of faulting fresh zeroed pages in;
 //! - [`IDLE_LOOKS`] looks after the process went idle, mimalloc hands what was freed back
@@ -17,38 +19,26 @@
 //! over glibc's arena cap (the trim still runs), and `MIMALLOC_ALLOW_THP` over the last.
 
 use std::cell::Cell;
-use std::os::raw::{c_int, c_long, c_ulong};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use libc::c_long;
+use libmimalloc_sys::{mi_collect, mi_option_set, mi_option_t, mi_process_info};
 
 /// Every service runs in this binary; see the `mimalloc` note in Cargo.toml.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc's option `mi_option_purge_delay` (its position in the option enum of both the v2
-/// and v3 headers), in milliseconds: 10 by default in v2, 1000 in v3 (the one built here).
-/// Declared here because the bindings crate exposes options only with a feature that needs
-/// another dependency.
-const MI_OPTION_PURGE_DELAY: i32 = 15;
-
-extern "C" {
-    fn mi_option_set(option: i32, value: c_long);
-    fn mi_collect(force: bool);
-    fn mi_process_info(
-        elapsed_msecs: *mut usize,
-        user_msecs: *mut usize,
-        system_msecs: *mut usize,
-        current_rss: *mut usize,
-        peak_rss: *mut usize,
-        current_commit: *mut usize,
-        peak_commit: *mut usize,
-        page_faults: *mut usize,
-    );
-}
+/// mimalloc's option `mi_option_purge_delay`, in milliseconds (1000 by default in the v3
+/// allocator built here). The bindings name only some of mimalloc's options; this one sits
+/// just before `mi_option_use_numa_nodes` in the option enum of both the v2 and v3 headers,
+/// which the assertion below and a test of its default hold to.
+const MI_OPTION_PURGE_DELAY: mi_option_t = 15;
+const _: () = assert!(MI_OPTION_PURGE_DELAY + 1 == libmimalloc_sys::mi_option_use_numa_nodes);
 
 /// How long mimalloc keeps freed memory mapped while the process is busy. A lane's batch
-/// frees megabytes that the next batch, well within this, allocates again: measured over
-/// the bench's pipeline phase, 109-137k page faults against 244-285k when purging at once.
+/// frees megabytes that the next batch, well within this, allocates again: reusing them
+/// costs no page faults, purging and faulting them in again roughly doubles the faults.
 pub const BUSY_PURGE_DELAY_MS: c_long = 1000;
 /// How often the process's CPU time is looked at.
 pub const LOOK_EVERY: Duration = Duration::from_millis(500);
@@ -61,7 +51,7 @@ pub const IDLE_LOOKS: u32 = 2;
 /// How often freed C heap pages are handed back to the OS.
 const C_HEAP_TRIM_EVERY: Duration = Duration::from_secs(2);
 
-/// Sets up both allocators (module docs).
+/// Sets up both allocators for a service (module docs).
 pub fn tune() {
     no_transparent_huge_pages();
     adapt_mimalloc_purging();
@@ -105,8 +95,8 @@ impl Activity {
 /// Purges freed memory at once while idle and after [`BUSY_PURGE_DELAY_MS`] while busy,
 /// switching on a thread of its own (module docs). By default mimalloc delays purges and
 /// then purges only when a thread allocates again, so memory a large batch freed on a
-/// tokio worker that then idles would stay resident: the aggregator sat at ~330 MiB instead
-/// of ~230 MiB with 100k subjects after a load burst (BENCHMARKS.md).
+/// tokio worker that then idles would stay resident, and a service at rest would stay as
+/// large as its last burst made it.
 fn adapt_mimalloc_purging() {
     if operator_mimalloc_option(&["PURGE_DELAY", "RESET_DELAY"]).is_some() {
         return;
@@ -167,9 +157,8 @@ fn mimalloc_reads_as_on(value: &str) -> bool {
 /// (with the kernel's huge pages in `madvise` mode, that changes nothing for a program
 /// that does not ask for them). mimalloc asks the kernel for huge pages on the memory it
 /// maps, and the kernel then zeroes 2 MiB at each first touch of a huge page, also after
-/// every purge: in the bench's pipeline phase that zeroing was a quarter of the
-/// aggregator's CPU, and without huge pages the aggregator spent 3.5-3.6 instead of
-/// 4.2-4.9 us per event (BENCHMARKS.md, twelfth session).
+/// every purge: with the purging above, that zeroing costs a service more CPU per event
+/// than huge pages save (BENCHMARKS.md).
 #[cfg(target_os = "linux")]
 fn no_transparent_huge_pages() {
     let disable = match operator_mimalloc_option(&["ALLOW_THP"]) {
@@ -179,21 +168,16 @@ fn no_transparent_huge_pages() {
     };
     // SAFETY: prctl with a documented option and its arguments; it only sets a flag of the
     // process's memory map.
-    if unsafe { prctl(PR_SET_THP_DISABLE, disable as c_ulong, 0 as c_ulong, 0 as c_ulong, 0 as c_ulong) } != 0 {
+    if unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, libc::c_ulong::from(disable), 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong)
+    } != 0
+    {
         eprintln!("warning: could not set whether the process gets transparent huge pages: {}", std::io::Error::last_os_error());
     }
 }
 
 #[cfg(not(target_os = "linux"))]
 fn no_transparent_huge_pages() {}
-
-#[cfg(target_os = "linux")]
-const PR_SET_THP_DISABLE: c_int = 41;
-
-#[cfg(target_os = "linux")]
-extern "C" {
-    fn prctl(option: c_int, ...) -> c_int;
-}
 
 /// How many times the process went idle; each worker thread collects once per count.
 static IDLE_SPELLS: AtomicU64 = AtomicU64::new(0);
@@ -229,26 +213,20 @@ fn process_cpu_time() -> Duration {
 /// Keeps what the C allocator holds for librdkafka (which uses `malloc`, not the global
 /// allocator above) from staying resident after a burst: at most 2 arenas, and every
 /// [`C_HEAP_TRIM_EVERY`] a `malloc_trim`, which hands the free pages inside the arenas back
-/// to the OS. Without it glibc keeps them: at 100k subjects ~140 of the aggregator's
-/// ~250 MiB were glibc arenas full of freed fetch data (from /proc/<pid>/smaps,
-/// BENCHMARKS.md). An operator's `MALLOC_ARENA_MAX` (or `glibc.malloc.arena_max` in
-/// `GLIBC_TUNABLES`) wins.
+/// to the OS. Without it glibc keeps them, and after a burst most of an aggregator's memory
+/// can be glibc arenas full of freed fetch data. An operator's `MALLOC_ARENA_MAX` (or
+/// `glibc.malloc.arena_max` in `GLIBC_TUNABLES`) wins.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn keep_c_heap_small() {
-    const M_ARENA_MAX: std::os::raw::c_int = -8;
-    extern "C" {
-        fn mallopt(param: std::os::raw::c_int, value: std::os::raw::c_int) -> std::os::raw::c_int;
-        fn malloc_trim(pad: usize) -> std::os::raw::c_int;
-    }
     let tuned = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("malloc.arena_max"));
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() && !tuned {
         // SAFETY: mallopt with a documented parameter, before any other thread exists.
-        unsafe { mallopt(M_ARENA_MAX, 2) };
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     }
     let trimmer = std::thread::Builder::new().name("c-heap-trim".into()).spawn(|| loop {
         std::thread::sleep(C_HEAP_TRIM_EVERY);
         // SAFETY: malloc_trim is thread-safe; it takes each arena's lock in turn.
-        unsafe { malloc_trim(0) };
+        unsafe { libc::malloc_trim(0) };
     });
     if let Err(e) = trimmer {
         eprintln!("warning: could not start the C heap trimmer: {e}");
@@ -312,16 +290,28 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn transparent_huge_pages_are_off_afterwards() {
-        const PR_GET_THP_DISABLE: c_int = 42;
         assert_eq!(operator_mimalloc_option(&["ALLOW_THP"]), None, "run the tests without MIMALLOC_ALLOW_THP in the environment");
         no_transparent_huge_pages();
         // SAFETY: prctl with a documented option that only reads the flag.
-        let disabled = unsafe { prctl(PR_GET_THP_DISABLE, 0 as c_ulong, 0 as c_ulong, 0 as c_ulong, 0 as c_ulong) };
+        let disabled = unsafe {
+            libc::prctl(libc::PR_GET_THP_DISABLE, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong)
+        };
         assert_eq!(disabled, 1, "PR_GET_THP_DISABLE");
         let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
         if let Some(line) = status.lines().find(|l| l.starts_with("THP_enabled:")) {
             assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
         }
+    }
+
+    #[test]
+    fn the_purge_delay_option_is_the_one_that_defaults_to_a_second() {
+        if operator_mimalloc_option(&["PURGE_DELAY", "RESET_DELAY"]).is_some() {
+            return;
+        }
+        // SAFETY: a plain read of one of the linked mimalloc's options; nothing in the tests
+        // sets it.
+        let delay = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        assert_eq!(delay, 1000, "mimalloc v3's default purge delay");
     }
 
     #[test]
