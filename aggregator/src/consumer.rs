@@ -67,7 +67,7 @@ const CONNECTIONS_BESIDES_LANES: u32 = 4;
 /// How many full batches a lane's buffer may hold. More than one: while a long commit is in
 /// flight and the next batch is already full, the loop goes on receiving that lane's
 /// messages, so an urgent event among them is seen (and committed) at once rather than
-/// after the commit (BENCHMARKS.md, eighth session).
+/// after the commit (DESIGN.md beside this file).
 const BUFFERED_BATCHES: usize = 2;
 
 /// Most messages taken in one go once the loop woke up for one.
@@ -83,8 +83,7 @@ const FETCH_MAX_BYTES: usize = 4 * 1024 * 1024;
 /// prefetch ([`PREFETCH_KBYTES`]) was full. librdkafka waits 1 000 ms by default (its
 /// `fetch.queue.backoff.ms`), and the loop drains a full prefetch much sooner than that: the
 /// consumer then sat idle, and an event produced meanwhile reached the loop up to a second
-/// late. Under the decision section's load a tenth of the probes came about 940 ms late
-/// (BENCHMARKS.md, tenth session).
+/// late (DESIGN.md beside this file).
 const FETCH_QUEUE_BACKOFF_MS: u32 = 10;
 
 /// How long the loop sleeps without messages or commits before it looks after ownership

@@ -8,9 +8,9 @@
 //!
 //! # Two ways to insert
 //! - **Plain** (binary `COPY`), inside a savepoint. It writes each row once, which costs
-//!   Postgres about half of what the skipping insert does (measured on 20 000-row batches:
-//!   one heap and one index record per row, against three WAL records and twice the buffer
-//!   reads for a speculative insertion); `COPY` also writes its heap rows a page at a time
+//!   Postgres about half of what the skipping insert does (one heap and one index record
+//!   per row, against three WAL records and twice the buffer reads for a speculative
+//!   insertion); `COPY` also writes its heap rows a page at a time
 //!   and reads them without unnesting arrays. The rows are encoded straight from the
 //!   candidates and streamed in chunks of [`COPY_CHUNK`] bytes, so Postgres inserts while
 //!   the rest is encoded. If any id is already recorded, or is being recorded by a

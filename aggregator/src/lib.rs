@@ -32,16 +32,15 @@
 //! ledgers, thresholds, snapshots, outbox) unnests its arrays in the select list, side by
 //! side, rather than in
 //! `FROM UNNEST(...)`: Postgres stores a table function's rows in a tuplestore before the
-//! insert reads them, and that cost about 40% more per row (in psql, 40 000 dedupe rows:
-//! 120-133 against 168-193 ms; 2 500 outbox rows of 1 KB: 12-16 against 20-27 ms; the
-//! 20 000-row ledger upsert 96-100 against 105-116 ms). The arrays of one statement always
+//! insert reads them, a cost per row the select-list form does not pay (`DESIGN.md` beside
+//! this file). The arrays of one statement always
 //! have the same length, so both forms give the same rows. Updates and reads join their
 //! arrays as `FROM UNNEST(...)`, which a join needs.
 //!
 //! Those arrays make a batch's statements megabytes long, and a Postgres connection keeps
 //! the largest buffers it ever needed; so after each commit the batch's connection gives
-//! them back before it returns to the pool (with 100k subjects the aggregator held 92-117 MiB
-//! without this and 58-65 MiB with it; BENCHMARKS.md, sixth session).
+//! them back before it returns to the pool; otherwise every pooled connection would hold the
+//! largest batch's buffers for as long as the process runs.
 
 pub mod consumer;
 pub mod dedupe;

@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 
-// The batch's hot maps hash with foldhash (randomly seeded): hashing took about half the
-// aggregator samples it took with SipHash (BENCHMARKS.md, fifth session).
+// The batch's hot maps hash with foldhash (randomly seeded): their keys come from the
+// batch, not from a caller who could choose them to collide, and SipHash's extra cost is
+// paid on every event (DESIGN.md beside this file).
 use foldhash::{HashMap, HashMapExt};
 
 use chrono::{DateTime, Duration, Utc};

@@ -158,7 +158,7 @@ fn mimalloc_reads_as_on(value: &str) -> bool {
 /// that does not ask for them). mimalloc asks the kernel for huge pages on the memory it
 /// maps, and the kernel then zeroes 2 MiB at each first touch of a huge page, also after
 /// every purge: with the purging above, that zeroing costs a service more CPU per event
-/// than huge pages save (BENCHMARKS.md).
+/// than huge pages save (cli/src/DESIGN.md).
 #[cfg(target_os = "linux")]
 fn no_transparent_huge_pages() {
     let disable = match operator_mimalloc_option(&["ALLOW_THP"]) {

@@ -1,6 +1,6 @@
 //! Precedence: the effective tier and quotas of a subject at an instant.
 //!
-//! [`resolve`] applies DESIGN.md's order, first match wins:
+//! [`resolve`] applies the product's order (docs/semantics.md), first match wins:
 //! 1. **Override**: active overrides for the subject (`starts_at` inclusive, `expires_at`
 //!    exclusive) set the limit (and, with a rate, the window) of the quotas they target.
 //!    For each quota the most specific active override applies: one scoped to the request's

@@ -12,9 +12,9 @@
 //! - all connections run on one thread of their own (a current-thread runtime), as
 //!   `redis-benchmark` runs on one.
 //!
-//! An earlier generator used hyper's client: a task per connection plus hyper's connection
-//! task, with two wake-ups through channels per request. It took about a third of the
-//! machine during the check section, against half for the API it measured (BENCHMARKS.md).
+//! A generator on hyper's client (a task per connection plus hyper's connection task, two
+//! wake-ups through channels per request) costs nearly as much CPU as the API it measures,
+//! and on shared cores that tilts the comparison with Redis (cli/src/DESIGN.md).
 //!
 //! Answers must carry a `Content-Length` (axum's do); a chunked or close-delimited answer,
 //! or a closed connection, fails the run with an error that says so.
