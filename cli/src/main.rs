@@ -111,12 +111,14 @@ enum ProcessKind {
     /// A long-running service: its allocators are tuned for bursts and rest ([`memory`]).
     Service,
     /// A command that does its job and exits (it may start services as processes of their
-    /// own, which tune themselves): the allocators keep their defaults and no thread starts
-    /// before the command's own.
+    /// own, which tune themselves): the allocators keep their defaults and no tuning thread
+    /// starts.
     Tool,
 }
 
 impl Command {
+    /// The kind of process this command runs as. The match names every command, so a new
+    /// one does not compile until it is given a kind.
     fn process_kind(&self) -> ProcessKind {
         match self {
             Command::Ingest { .. } | Command::Aggregator { .. } | Command::Api { .. } | Command::HistoryWriter { .. } => {
@@ -209,36 +211,46 @@ mod tests {
         Cli::command().debug_assert();
     }
 
-    /// One command line for each command, and the kind of process it runs as.
-    const KINDS: [(&[&str], ProcessKind); 14] = [
-        (&["ingest"], ProcessKind::Service),
-        (&["aggregator"], ProcessKind::Service),
-        (&["api"], ProcessKind::Service),
-        (&["history-writer"], ProcessKind::Service),
-        (&["reconcile", "--period", "2026-01"], ProcessKind::Tool),
-        (&["export", "--period", "2026-01"], ProcessKind::Tool),
-        (&["close-period", "--period", "2026-01"], ProcessKind::Tool),
-        (&["migrate"], ProcessKind::Tool),
-        (&["setup"], ProcessKind::Tool),
-        (&["config", "show"], ProcessKind::Tool),
-        (&["bench"], ProcessKind::Tool),
-        (&["demo"], ProcessKind::Tool),
-        (&["explain", "period", "month", "--at", "2026-01-15T00:00:00Z"], ProcessKind::Tool),
-        (&["validate-config", "tiers.yaml"], ProcessKind::Tool),
+    /// A command line and the kind of process it must run as.
+    struct KindCase {
+        args: &'static [&'static str],
+        kind: ProcessKind,
+    }
+
+    const fn case(args: &'static [&'static str], kind: ProcessKind) -> KindCase {
+        KindCase { args, kind }
+    }
+
+    /// One command line for each command.
+    const KINDS: [KindCase; 14] = [
+        case(&["ingest"], ProcessKind::Service),
+        case(&["aggregator"], ProcessKind::Service),
+        case(&["api"], ProcessKind::Service),
+        case(&["history-writer"], ProcessKind::Service),
+        case(&["reconcile", "--period", "2026-01"], ProcessKind::Tool),
+        case(&["export", "--period", "2026-01"], ProcessKind::Tool),
+        case(&["close-period", "--period", "2026-01"], ProcessKind::Tool),
+        case(&["migrate"], ProcessKind::Tool),
+        case(&["setup"], ProcessKind::Tool),
+        case(&["config", "show"], ProcessKind::Tool),
+        case(&["bench"], ProcessKind::Tool),
+        case(&["demo"], ProcessKind::Tool),
+        case(&["explain", "period", "month", "--at", "2026-01-15T00:00:00Z"], ProcessKind::Tool),
+        case(&["validate-config", "tiers.yaml"], ProcessKind::Tool),
     ];
 
     #[test]
     fn only_the_four_services_run_as_services() {
-        for (args, expected) in KINDS {
+        for KindCase { args, kind } in KINDS {
             let cli = Cli::try_parse_from(std::iter::once("tally").chain(args.iter().copied()))
                 .unwrap_or_else(|e| panic!("tally {}: {e}", args.join(" ")));
-            assert_eq!(cli.command.process_kind(), expected, "tally {}", args.join(" "));
+            assert_eq!(cli.command.process_kind(), kind, "tally {}", args.join(" "));
         }
     }
 
     #[test]
     fn every_command_has_its_kind_checked() {
-        let checked: Vec<&str> = KINDS.iter().map(|(args, _)| args[0]).collect();
+        let checked: Vec<&str> = KINDS.iter().map(|case| case.args[0]).collect();
         for command in Cli::command().get_subcommands() {
             assert!(checked.contains(&command.get_name()), "tally {} has no row in KINDS", command.get_name());
         }
