@@ -165,7 +165,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let sizes = Sizes::of(&args);
     let stack = Stack::new(&args.brokers, &args.database_url, &args.clickhouse_url, &pipeline::tiers_yaml())?;
     let extra = vec![stack.topic("broker"), stack.topic("ingest"), stack.topic("idle-usage"), stack.topic("idle-decisions")];
-    eprintln!("[bench] run {} (service logs in {})", stack.id, stack.log_dir.display());
+    eprintln!("[bench] run {} (service logs in {})", stack.id(), stack.log_dir().display());
     let started = Instant::now();
     let mut report = Report {
         quick: args.quick,
@@ -186,7 +186,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     outcome?;
     if !args.keep {
         // Logs are kept only when something failed (or with --keep).
-        let _ = std::fs::remove_dir_all(&stack.log_dir);
+        let _ = std::fs::remove_dir_all(stack.log_dir());
     }
     report.seconds = started.elapsed().as_secs_f64();
     print!("{}", report.table());
@@ -202,7 +202,7 @@ async fn measure(args: &BenchArgs, sizes: &Sizes, stack: &Stack, extra: &[String
     let kafka = stack.kafka();
 
     eprintln!("[bench] broker: {} messages", sizes.broker_messages);
-    let messages = pipeline::events(&format!("{}-broker", stack.id), "s", sizes.subjects, sizes.broker_messages);
+    let messages = pipeline::events(&format!("{}-broker", stack.id()), "s", sizes.subjects, sizes.broker_messages);
     let (k, topic, rt) = (kafka.clone(), extra[0].clone(), sizes.round_trips);
     let (section, ceiling) = tokio::task::spawn_blocking(move || broker::measure(&k, &topic, &messages, rt)).await??;
     report.add("broker", section);
@@ -238,7 +238,7 @@ async fn measure(args: &BenchArgs, sizes: &Sizes, stack: &Stack, extra: &[String
     let ingest_addr = free_addr()?;
     let mut ingest =
         stack.spawn("ingest", "ingest", &[("TALLY_INGEST_LISTEN", ingest_addr.clone()), ("TALLY_USAGE_TOPIC", extra[1].clone())])?;
-    ingest.wait_healthy(&ingest_addr, Duration::from_secs(30)).await?;
+    ingest.wait_healthy(&format!("http://{ingest_addr}"), Duration::from_secs(30)).await?;
     let section = http::ingest(
         &ingest_addr,
         &stack.ingest_token,
@@ -258,8 +258,8 @@ async fn measure(args: &BenchArgs, sizes: &Sizes, stack: &Stack, extra: &[String
     }
     let section = history::measure(
         &stack.http(Duration::from_secs(600))?,
-        &stack.clickhouse_url,
-        &stack.clickhouse_database,
+        &stack.tally.servers.clickhouse,
+        &stack.tally.names.database(),
         &p.api_addr,
         sizes.history_rows,
         sizes.history_subjects,

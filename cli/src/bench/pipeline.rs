@@ -31,7 +31,7 @@ use tally_domain::event::{hash_api_key, UsageEvent};
 
 use super::broker::{self, Ceiling, Prepared};
 use super::report::{Latencies, Section};
-use super::stack::{cpu_seconds, cpu_seconds_of, free_addr, pids_named, scrape, CpuWatch, Service, Stack};
+use super::stack::{cpu_seconds, cpu_seconds_of, free_addr, pids_named, rss_of, scrape, CpuWatch, Service, Stack};
 
 /// The three tiers' API keys (raw; the configuration holds their SHA-256).
 pub const TIER_KEYS: [Option<&str>; 3] = [None, Some("bench-key-pro"), Some("bench-key-scale")];
@@ -169,7 +169,7 @@ impl Pipeline {
     pub async fn consumed(&self) -> anyhow::Result<u64> {
         let sum: Option<i64> =
             sqlx::query_scalar("SELECT sum(next_offset)::bigint FROM consumer_offsets WHERE group_id = $1 AND topic = $2")
-                .bind(&self.stack.group)
+                .bind(self.stack.group())
                 .bind(&self.kafka.usage_topic)
                 .fetch_one(&self.pool)
                 .await
@@ -207,12 +207,12 @@ impl Pipeline {
     /// Section 2. Pre-produces `count` events over `subjects` subjects plus one event per probe
     /// subject, then starts the aggregator and times it.
     pub async fn throughput(&mut self, subjects: usize, count: usize, probes: usize, ceiling: &Ceiling) -> anyhow::Result<(Section, f64)> {
-        let mut messages = events(&format!("{}-load", self.stack.id), "s", subjects, count);
+        let mut messages = events(&format!("{}-load", self.stack.id()), "s", subjects, count);
         let now = Utc::now();
         self.probes = (0..probes).map(|k| format!("probe{k}")).collect();
         self.idle_probes = (0..idle_probe_count(probes)).map(|k| format!("idleprobe{k}")).collect();
         for (k, subject) in self.probes.iter().chain(&self.idle_probes).enumerate() {
-            messages.push(event(format!("{}-probe-pre-{k}", self.stack.id), subject.clone(), 0, now, 10));
+            messages.push(event(format!("{}-probe-pre-{k}", self.stack.id()), subject.clone(), 0, now, 10));
         }
         let total = messages.len() as f64;
         let all_subjects = subjects + self.probes.len() + self.idle_probes.len();
@@ -287,7 +287,7 @@ impl Pipeline {
     /// Starts the API and waits until its view holds every subject so far.
     pub async fn start_api(&mut self) -> anyhow::Result<()> {
         let mut api = self.stack.spawn("api", "api", &[("TALLY_API_LISTEN", self.api_addr.clone())])?;
-        api.wait_healthy(&self.api_addr, Duration::from_secs(30)).await?;
+        api.wait_healthy(&format!("http://{}", self.api_addr), Duration::from_secs(30)).await?;
         self.api = Some(api);
         self.wait_view(Duration::from_secs(120)).await
     }
@@ -358,7 +358,7 @@ impl Pipeline {
         let phase = Instant::now();
         let stop = Arc::new(AtomicBool::new(false));
         let kafka = self.kafka.clone();
-        let tag = format!("{}-bg", self.stack.id);
+        let tag = format!("{}-bg", self.stack.id());
         let stop_bg = stop.clone();
         let background = tokio::task::spawn_blocking(move || background_load(&kafka, &tag, load_subjects, rate, duration, &stop_bg));
 
@@ -478,7 +478,7 @@ impl Pipeline {
     /// task that polls the API until it refuses the subject (`None` after 30 s): the time from
     /// just before the produce call, split at the refusing snapshot's `calculated_at`.
     fn probe(&self, producer: &FutureProducer, tag: &str, subject: &str) -> anyhow::Result<tokio::task::JoinHandle<Option<ProbeTiming>>> {
-        let (key, payload) = event(format!("{}-probe-{tag}", self.stack.id), subject.to_string(), 0, Utc::now(), 60_000_000);
+        let (key, payload) = event(format!("{}-probe-{tag}", self.stack.id()), subject.to_string(), 0, Utc::now(), 60_000_000);
         let (started, produced_at) = (Instant::now(), Utc::now());
         if producer.send_result(FutureRecord::to(&self.kafka.usage_topic).key(&key).payload(&payload)).is_err() {
             bail!("failed to queue a probe event");
@@ -508,7 +508,7 @@ impl Pipeline {
         let fresh = target.saturating_sub(self.subjects as usize);
         if fresh > 0 {
             eprintln!("[bench] memory: {fresh} events for fresh subjects, to {target} active subjects");
-            let messages = events(&format!("{}-mem", self.stack.id), "m", fresh, fresh);
+            let messages = events(&format!("{}-mem", self.stack.id()), "m", fresh, fresh);
             self.produce(messages).await?;
             self.subjects += fresh as u64;
             self.wait_consumed(Duration::from_secs(300)).await?;
@@ -516,8 +516,8 @@ impl Pipeline {
         }
         // Let deferred snapshots and allocator caches settle before reading.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let agg = self.aggregator.as_ref().context("the aggregator is not running")?.rss_bytes()?;
-        let api = self.api.as_ref().context("the API is not running")?.rss_bytes()?;
+        let agg = rss_of(self.aggregator.as_ref().context("the aggregator is not running")?)?;
+        let api = rss_of(self.api.as_ref().context("the API is not running")?)?;
         let mib = |b: u64| b as f64 / 1024.0 / 1024.0;
         let mut s = Section::default();
         s.figure("active_subjects", self.subjects as f64)
@@ -681,15 +681,15 @@ pub async fn idle_rss(stack: &Stack, idle_usage: &str, idle_decisions: &str) -> 
         ("TALLY_AGGREGATOR_LISTEN", agg_addr.clone()),
         ("TALLY_USAGE_TOPIC", idle_usage.to_string()),
         ("TALLY_DECISIONS_TOPIC", idle_decisions.to_string()),
-        ("TALLY_AGGREGATOR_GROUP", format!("{}-idle", stack.group)),
+        ("TALLY_AGGREGATOR_GROUP", format!("{}-idle", stack.group())),
     ];
     let mut agg = stack.spawn("aggregator", "aggregator-idle", &env_agg)?;
     let mut api =
         stack.spawn("api", "api-idle", &[("TALLY_API_LISTEN", api_addr.clone()), ("TALLY_DECISIONS_TOPIC", idle_decisions.to_string())])?;
-    agg.wait_healthy(&agg_addr, Duration::from_secs(30)).await?;
-    api.wait_healthy(&api_addr, Duration::from_secs(30)).await?;
+    agg.wait_healthy(&format!("http://{agg_addr}"), Duration::from_secs(30)).await?;
+    api.wait_healthy(&format!("http://{api_addr}"), Duration::from_secs(30)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    Ok((agg.rss_bytes()?, api.rss_bytes()?))
+    Ok((rss_of(&agg)?, rss_of(&api)?))
 }
 
 #[cfg(test)]

@@ -1,14 +1,15 @@
 //! The bench's own Tally on the local stack: names unique to the run, `tally setup` for them,
-//! and the services as child processes of the current `tally` binary.
+//! and the services as child processes of the current `tally` binary. The names, the
+//! services' environment and their start and stop are `tally-testkit`'s, shared with the
+//! black-box tests; this module adds the bench's tokens, topics and measurements.
 //!
 //! Contract: every child process is stopped by its pid when its [`Service`] is dropped, so an
 //! error anywhere in the bench stops what it started. The shared servers (broker, Postgres,
 //! ClickHouse, Redis) are only used, never started or stopped; the run's Postgres and
 //! ClickHouse databases are dropped at the end unless `--keep` is given.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -18,60 +19,53 @@ use rdkafka::ClientConfig;
 use tally_common::clickhouse::ClickHouseSettings;
 use tally_common::kafka::KafkaSettings;
 use tally_common::postgres::PostgresSettings;
+pub use tally_testkit::{free_addr, Service};
+use tally_testkit::{Instance, Names, Servers};
 
 /// Partitions of every topic the bench creates (as `tally setup` does).
 pub const PARTITIONS: i32 = 4;
 
-/// The run's names and server addresses.
+/// Connections in the bench's own Postgres pool.
+const POOL_SIZE: u32 = 4;
+
+/// The run's Tally (names, servers, the services' environment) and its tokens.
 #[derive(Debug, Clone)]
 pub struct Stack {
-    pub id: String,
-    pub brokers: String,
-    /// Postgres URL of the run's own database.
-    pub database_url: String,
-    pub clickhouse_url: String,
-    pub clickhouse_database: String,
-    pub group: String,
-    pub config: PathBuf,
-    pub log_dir: PathBuf,
+    pub tally: Instance,
     /// Bearer token of the API's read routes for this run (`TALLY_READ_TOKEN`).
     pub read_token: String,
     /// Bearer token of ingest for this run (`TALLY_INGEST_TOKEN`).
     pub ingest_token: String,
 }
 
-/// `url` with its database part replaced by `db` (query string kept).
-pub fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
-    let (head, query) = match url.split_once('?') {
-        Some((h, q)) => (h, format!("?{q}")),
-        None => (url, String::new()),
-    };
-    let Some((base, _)) = head.rsplit_once('/') else { bail!("the Postgres URL {head:?} has no database part") };
-    if base.ends_with('/') || !base.contains("://") {
-        bail!("the Postgres URL {head:?} has no database part");
-    }
-    Ok(format!("{base}/{db}{query}"))
-}
-
 impl Stack {
+    /// A run on the servers at `brokers`, `database_url` (its database part is replaced by
+    /// the run's) and `clickhouse_url`, with `tiers_yaml` as its tier configuration.
     pub fn new(brokers: &str, database_url: &str, clickhouse_url: &str, tiers_yaml: &str) -> anyhow::Result<Stack> {
-        let id = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
-        let log_dir = std::env::temp_dir().join(format!("tally-bench-{id}"));
-        std::fs::create_dir_all(&log_dir).with_context(|| format!("failed to create {}", log_dir.display()))?;
-        let config = log_dir.join("tiers.yaml");
-        std::fs::write(&config, tiers_yaml).context("failed to write the bench tier configuration")?;
+        let names = Names::new("bench");
+        let log_dir = std::env::temp_dir().join(format!("tally-bench-{}", names.id));
+        let servers = Servers { kafka: brokers.to_string(), postgres: database_url.to_string(), clickhouse: clickhouse_url.to_string() };
+        let exe = std::env::current_exe().context("failed to find the tally binary")?;
         Ok(Stack {
-            database_url: with_database(database_url, &format!("tally_bench_{id}"))?,
-            brokers: brokers.to_string(),
-            clickhouse_url: clickhouse_url.to_string(),
-            clickhouse_database: format!("tally_bench_{id}"),
-            group: format!("tally-bench-ledger-{id}"),
-            config,
-            log_dir,
+            tally: Instance::new(exe, servers, names, log_dir, Some(tiers_yaml))?,
             read_token: format!("bench-read-{}", uuid::Uuid::new_v4().simple()),
             ingest_token: format!("bench-ingest-{}", uuid::Uuid::new_v4().simple()),
-            id,
         })
+    }
+
+    /// The run's id, in every name it uses.
+    pub fn id(&self) -> &str {
+        &self.tally.names.id
+    }
+
+    /// Where the services' logs go.
+    pub fn log_dir(&self) -> &Path {
+        &self.tally.log_dir
+    }
+
+    /// The consumer group of the run's aggregators.
+    pub fn group(&self) -> String {
+        self.tally.names.group()
     }
 
     /// An HTTP client that presents the run's read token.
@@ -84,12 +78,12 @@ impl Stack {
 
     /// A topic name of this run: `bench.<id>.<kind>.v1`.
     pub fn topic(&self, kind: &str) -> String {
-        format!("bench.{}.{kind}.v1", self.id)
+        self.tally.names.topic(kind)
     }
 
     pub fn kafka(&self) -> KafkaSettings {
         KafkaSettings {
-            brokers: self.brokers.clone(),
+            brokers: self.tally.servers.kafka.clone(),
             usage_topic: self.topic("usage"),
             decisions_topic: self.topic("decisions"),
             quarantine_topic: self.topic("quarantine"),
@@ -102,29 +96,26 @@ impl Stack {
     }
 
     pub fn postgres(&self) -> PostgresSettings {
-        PostgresSettings { database_url: self.database_url.clone(), pool_size: 4 }
+        self.tally.postgres(POOL_SIZE)
     }
 
     pub fn clickhouse(&self) -> ClickHouseSettings {
-        ClickHouseSettings { clickhouse_url: self.clickhouse_url.clone(), clickhouse_database: self.clickhouse_database.clone() }
+        ClickHouseSettings { clickhouse_url: self.tally.servers.clickhouse.clone(), clickhouse_database: self.tally.names.database() }
     }
 
     /// `tally setup` for the run's names, plus the bench's extra topics.
     pub async fn setup(&self, extra_topics: &[String]) -> anyhow::Result<()> {
         crate::setup::setup(&self.kafka(), &self.postgres(), &self.clickhouse(), false).await?;
-        create_topics(&self.brokers, extra_topics).await
+        create_topics(&self.tally.servers.kafka, extra_topics).await
     }
 
     /// Drops the run's Postgres and ClickHouse databases and deletes its topics (best effort).
     pub async fn teardown(&self, topics: &[String]) {
-        if let Err(e) = self.postgres().drop_database().await {
-            eprintln!("[bench] could not drop Postgres database of the run: {e:#}");
+        if let Err(e) = self.tally.drop_databases().await {
+            eprintln!("[bench] could not drop the run's databases: {e:#}");
         }
-        let sql = format!("DROP DATABASE IF EXISTS `{}`", self.clickhouse_database);
-        if let Err(e) = reqwest::Client::new().post(&self.clickhouse_url).body(sql).send().await {
-            eprintln!("[bench] could not drop ClickHouse database of the run: {e}");
-        }
-        let admin: Result<AdminClient<DefaultClientContext>, _> = ClientConfig::new().set("bootstrap.servers", &self.brokers).create();
+        let admin: Result<AdminClient<DefaultClientContext>, _> =
+            ClientConfig::new().set("bootstrap.servers", &self.tally.servers.kafka).create();
         if let Ok(admin) = admin {
             let names: Vec<&str> = topics.iter().map(String::as_str).collect();
             let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
@@ -140,25 +131,11 @@ impl Stack {
         t
     }
 
-    /// `tally <service>` with the run's environment; `env` is applied last.
+    /// `tally <service>` with the run's environment and tokens, its log `<name>.log` in the
+    /// run's log directory; `env` is applied last.
     pub fn spawn(&self, service: &str, name: &str, env: &[(&str, String)]) -> anyhow::Result<Service> {
-        let exe = std::env::current_exe().context("failed to find the tally binary")?;
-        let log_path = self.log_dir.join(format!("{name}.log"));
-        let log = std::fs::File::create(&log_path).with_context(|| format!("failed to create {}", log_path.display()))?;
-        let k = self.kafka();
-        let mut cmd = Command::new(exe);
-        cmd.arg(service)
-            .env("TALLY_KAFKA_BROKERS", &self.brokers)
-            .env("TALLY_DATABASE_URL", &self.database_url)
-            .env("TALLY_CLICKHOUSE_URL", &self.clickhouse_url)
-            .env("TALLY_CLICKHOUSE_DATABASE", &self.clickhouse_database)
-            .env("TALLY_USAGE_TOPIC", &k.usage_topic)
-            .env("TALLY_DECISIONS_TOPIC", &k.decisions_topic)
-            .env("TALLY_QUARANTINE_TOPIC", &k.quarantine_topic)
-            .env("TALLY_CONTROL_TOPIC", &k.control_topic)
-            .env("TALLY_AGGREGATOR_GROUP", &self.group)
-            .env("TALLY_CONFIG", &self.config)
-            .env("TALLY_READ_TOKEN", &self.read_token)
+        let mut cmd = self.tally.command(&[service]);
+        cmd.env("TALLY_READ_TOKEN", &self.read_token)
             .env("TALLY_INGEST_TOKEN", &self.ingest_token)
             .env_remove("TALLY_ADMIN_TOKEN")
             .env_remove("TALLY_API_NO_AUTH")
@@ -167,13 +144,7 @@ impl Stack {
         for (key, value) in env {
             cmd.env(key, value);
         }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("failed to start tally {service}"))?;
-        Ok(Service { name: name.to_string(), child: Some(child), log: log_path })
+        Service::start(name, cmd, self.tally.log_dir.join(format!("{name}.log")))
     }
 }
 
@@ -195,71 +166,9 @@ pub async fn create_topics(brokers: &str, topics: &[String]) -> anyhow::Result<(
     Ok(())
 }
 
-/// A free loopback address (bound and released; the service binds it right after).
-pub fn free_addr() -> anyhow::Result<String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("no free loopback port")?;
-    Ok(l.local_addr()?.to_string())
-}
-
-/// A running child process; stopped (SIGKILL, by pid) when dropped.
-pub struct Service {
-    pub name: String,
-    child: Option<Child>,
-    pub log: PathBuf,
-}
-
-impl Service {
-    /// The process id; `None` once the service was stopped.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// Fails if the process has exited, pointing at its log.
-    pub fn ensure_running(&mut self) -> anyhow::Result<()> {
-        if let Some(child) = self.child.as_mut() {
-            if let Ok(Some(status)) = child.try_wait() {
-                bail!("tally {} exited ({status}); its log: {}", self.name, self.log.display());
-            }
-        }
-        Ok(())
-    }
-
-    /// Resident memory in bytes (VmRSS of /proc/<pid>/status).
-    pub fn rss_bytes(&self) -> anyhow::Result<u64> {
-        rss_bytes(self.pid().with_context(|| format!("tally {} is not running", self.name))?)
-    }
-
-    /// Waits until `GET http://<addr>/healthz` answers 2xx.
-    pub async fn wait_healthy(&mut self, addr: &str, timeout: Duration) -> anyhow::Result<()> {
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.ensure_running()?;
-            if let Ok(r) = client.get(format!("http://{addr}/healthz")).send().await {
-                if r.status().is_success() {
-                    return Ok(());
-                }
-            }
-            if Instant::now() > deadline {
-                bail!("tally {} did not answer on {addr} within {timeout:?}; its log: {}", self.name, self.log.display());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Stops the process now.
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        self.stop();
-    }
+/// Resident memory of a running service, in bytes.
+pub fn rss_of(service: &Service) -> anyhow::Result<u64> {
+    rss_bytes(service.pid().with_context(|| format!("tally {} is not running", service.name))?)
 }
 
 /// VmRSS of a process, in bytes.
@@ -380,14 +289,9 @@ pub async fn scrape(client: &reqwest::Client, addr: &str, name: &str) -> anyhow:
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::time::Instant;
 
-    #[test]
-    fn database_part_is_replaced() {
-        assert_eq!(with_database("postgres://u@h:5432/tally", "b").unwrap(), "postgres://u@h:5432/b");
-        assert_eq!(with_database("postgres://u@h/tally?sslmode=disable", "b").unwrap(), "postgres://u@h/b?sslmode=disable");
-        assert!(with_database("tally", "b").is_err());
-    }
+    use super::*;
 
     #[test]
     fn metric_sums_every_label_set() {
