@@ -1,6 +1,6 @@
 //! The bench report: one [`Section`] per measurement, printed as a table and written as JSON.
 //!
-//! Every section has the same shape, so readers (and `tests/bench.rs`) need no per-section
+//! Every section has the same shape, so readers (and `tests/it/bench.rs`) need no per-section
 //! code: `figures` (absolute numbers, units in the name), `ratios` (each figure set against a
 //! baseline measured in the same run), `targets` (the targets, met or not) and
 //! `notes` (what was measured and how, in words).

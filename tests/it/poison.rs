@@ -3,7 +3,7 @@
 //! quarantined with its reason, no ledger is wrapped or half-applied, and every other
 //! event is counted exactly, its partition moving on.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -1,5 +1,7 @@
 //! The black-box test harness: runs the real `tally` binary against the real broker,
-//! Postgres and ClickHouse, with names of its own per test so tests never share state.
+//! Postgres and ClickHouse, with names of its own per test so tests never share state. The
+//! names, the services' environment, their start and stop and the databases' removal are
+//! `tally-testkit`'s, shared with `tally bench`; this module adds what tests assert with.
 //!
 //! Where the servers come from:
 //! - by default, the local stack (`scripts/stack up`), at the addresses in
@@ -9,75 +11,40 @@
 //!   its databases at the end; a failing one keeps them, beside its logs;
 //! - on a machine with Docker, `TALLY_TEST_CONTAINERS=1` with `--features containers` starts
 //!   them with testcontainers instead (see `containers.rs`). Everything else is the same.
-#![allow(dead_code)]
 
 #[cfg(feature = "containers")]
 mod containers;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+pub use tally_testkit::Servers;
+use tally_testkit::{Instance, Names, Service};
 
-/// Addresses of the servers the tests use.
-#[derive(Debug, Clone)]
-pub struct Servers {
-    pub kafka: String,
-    /// A Postgres URL on the server; its database name is replaced per test.
-    pub postgres: String,
-    pub clickhouse: String,
-}
+/// How long a started service has to answer its health check.
+const HEALTHY_WITHIN: Duration = Duration::from_secs(30);
 
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_string())
-}
-
-impl Servers {
-    pub fn get() -> Servers {
-        if std::env::var("TALLY_TEST_CONTAINERS").as_deref() == Ok("1") {
-            #[cfg(feature = "containers")]
-            return containers::servers();
-            #[cfg(not(feature = "containers"))]
-            panic!("TALLY_TEST_CONTAINERS=1 needs the tests built with `--features containers`");
-        }
-        Servers {
-            kafka: env_or("TALLY_KAFKA_BROKERS", "127.0.0.1:9092"),
-            postgres: env_or("TALLY_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres"),
-            clickhouse: env_or("TALLY_CLICKHOUSE_URL", "http://127.0.0.1:8123"),
-        }
+/// The servers the tests use: the local stack's ([`Servers::from_env`]), or containers of
+/// their own with `TALLY_TEST_CONTAINERS=1`.
+pub fn servers() -> Servers {
+    if std::env::var("TALLY_TEST_CONTAINERS").as_deref() == Ok("1") {
+        #[cfg(feature = "containers")]
+        return containers::servers();
+        #[cfg(not(feature = "containers"))]
+        panic!("TALLY_TEST_CONTAINERS=1 needs the tests built with `--features containers`");
     }
+    Servers::from_env()
 }
 
-/// A free loopback port (bound and released; the service binds it right after).
-///
-/// Picked at random below the kernel's ephemeral range, not by binding port 0: a port from
-/// that range can be taken, between this probe and the service's bind, as the local port
-/// of any outgoing connection on the machine (tests open thousands), and the service then
-/// fails with "address already in use". Below the range only another test's probe can
-/// take it, one chance in thousands per pair of tests starting at the same instant.
+/// A free loopback port ([`tally_testkit::free_port`]).
 pub fn free_port() -> u16 {
-    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    let (low, high) = (10_000u16, ephemeral_start.max(20_000));
-    for _ in 0..1000 {
-        let port = low + (uuid::Uuid::new_v4().as_u128() % u128::from(high - low)) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port in {low}..{high}")
+    tally_testkit::free_port().expect("a free loopback port")
 }
 
-fn with_database(url: &str, db: &str) -> String {
-    let (base, _) = url.rsplit_once('/').expect("TALLY_DATABASE_URL has no database part");
-    let query = url.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
-    format!("{base}/{db}{query}")
-}
-
-/// One test's own Tally: names, environment and running services.
+/// One test's own Tally: names, environment and running services. The public fields are
+/// the test's names and addresses, for the tests to read.
 pub struct Tally {
     pub id: String,
     pub servers: Servers,
@@ -87,9 +54,9 @@ pub struct Tally {
     pub ingest_url: String,
     pub api_url: String,
     pub aggregator_url: String,
-    pub config: Option<PathBuf>,
-    log_dir: PathBuf,
-    children: Vec<(String, Child)>,
+    instance: Instance,
+    /// Every process started and not yet killed, oldest first; each stops when dropped.
+    children: Vec<Service>,
     /// Processes started so far, to name each one's log file uniquely.
     started: usize,
     http: reqwest::Client,
@@ -98,30 +65,25 @@ pub struct Tally {
 impl Tally {
     /// Names for a new test and `tally setup` run for them; no service started yet.
     pub fn prepare(config_yaml: Option<&str>) -> Tally {
-        Tally::prepare_on(Servers::get(), config_yaml)
+        Tally::prepare_on(servers(), config_yaml)
     }
 
     /// As [`Tally::prepare`], on the given servers (e.g. a broker of the test's own).
     pub fn prepare_on(servers: Servers, config_yaml: Option<&str>) -> Tally {
-        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-        let log_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("tally-tests").join(&id);
-        std::fs::create_dir_all(&log_dir).expect("create log dir");
-        let config = config_yaml.map(|yaml| {
-            let path = log_dir.join("tiers.yaml");
-            std::fs::write(&path, yaml).expect("write config");
-            path
-        });
+        let names = Names::new("test");
+        let log_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("tally-tests").join(&names.id);
+        let exe = PathBuf::from(env!("CARGO_BIN_EXE_tally"));
+        let instance = Instance::new(exe, servers, names, log_dir, config_yaml).unwrap_or_else(|e| panic!("{e:#}"));
         let tally = Tally {
-            database_url: with_database(&servers.postgres, &format!("tally_test_{id}")),
-            usage_topic: format!("test.{id}.usage.v1"),
-            group: format!("tally-ledger-{id}"),
+            id: instance.names.id.clone(),
+            servers: instance.servers.clone(),
+            database_url: instance.database_url.clone(),
+            usage_topic: instance.names.topic("usage"),
+            group: instance.names.group(),
             ingest_url: format!("http://127.0.0.1:{}", free_port()),
             api_url: format!("http://127.0.0.1:{}", free_port()),
             aggregator_url: format!("http://127.0.0.1:{}", free_port()),
-            id,
-            servers,
-            config,
-            log_dir,
+            instance,
             children: Vec::new(),
             started: 0,
             http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client"),
@@ -143,73 +105,46 @@ impl Tally {
 
     /// `tally <args>` with this test's environment.
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tally"));
-        cmd.args(args)
-            .env("TALLY_KAFKA_BROKERS", &self.servers.kafka)
-            .env("TALLY_DATABASE_URL", &self.database_url)
-            .env("TALLY_CLICKHOUSE_URL", &self.servers.clickhouse)
-            .env("TALLY_CLICKHOUSE_DATABASE", self.database_name())
-            .env("TALLY_USAGE_TOPIC", &self.usage_topic)
-            .env("TALLY_DECISIONS_TOPIC", format!("test.{}.decisions.v1", self.id))
-            .env("TALLY_QUARANTINE_TOPIC", format!("test.{}.quarantine.v1", self.id))
-            .env("TALLY_CONTROL_TOPIC", format!("test.{}.control.v1", self.id))
-            .env("TALLY_AGGREGATOR_GROUP", &self.group)
-            .env("TALLY_INGEST_LISTEN", self.ingest_url.trim_start_matches("http://"))
+        let mut cmd = self.instance.command(args);
+        cmd.env("TALLY_INGEST_LISTEN", self.ingest_url.trim_start_matches("http://"))
             .env("TALLY_API_LISTEN", self.api_url.trim_start_matches("http://"))
             .env("TALLY_AGGREGATOR_LISTEN", self.aggregator_url.trim_start_matches("http://"))
             .env("RUST_LOG", std::env::var("TALLY_TEST_RUST_LOG").unwrap_or_else(|_| "info,sqlx=warn,rdkafka=warn".into()))
             .env("TALLY_KAFKA_DEBUG", std::env::var("TALLY_TEST_KAFKA_DEBUG").unwrap_or_default());
-        if let Some(config) = &self.config {
-            cmd.env("TALLY_CONFIG", config);
-        }
         cmd
     }
 
-    fn new_log(&mut self, service: &str) -> std::fs::File {
+    /// Starts `cmd` as a process of `service`, its standard error in the test's log directory.
+    fn start_process(&mut self, service: &str, cmd: Command) {
         self.started += 1;
-        std::fs::File::create(self.log_dir.join(format!("{:02}-{service}.log", self.started))).expect("create log")
+        let log = self.instance.log_dir.join(format!("{:02}-{service}.log", self.started));
+        let process = Service::start(service, cmd, log).unwrap_or_else(|e| panic!("failed to start tally {service}: {e:#}"));
+        self.children.push(process);
     }
 
     /// Starts `tally <service>` in the background, its output in the test's log directory.
     pub fn spawn(&mut self, service: &str) {
-        let log = self.new_log(service);
-        let child = self
-            .command(&[service])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("failed to start tally {service}: {e}"));
-        self.children.push((service.to_string(), child));
+        self.start_process(service, self.command(&[service]));
     }
 
     /// Starts one more aggregator in this test's consumer group, with its own health port;
     /// returns its base URL.
     pub fn spawn_aggregator(&mut self) -> String {
         let url = format!("http://127.0.0.1:{}", free_port());
-        let log = self.new_log("aggregator");
-        let child = self
-            .command(&["aggregator"])
-            .env("TALLY_AGGREGATOR_LISTEN", url.trim_start_matches("http://"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("failed to start tally aggregator");
-        self.children.push(("aggregator".to_string(), child));
+        let mut cmd = self.command(&["aggregator"]);
+        cmd.env("TALLY_AGGREGATOR_LISTEN", url.trim_start_matches("http://"));
+        self.start_process("aggregator", cmd);
         url
     }
 
     /// The pids of the running processes of `service`.
     pub fn pids(&self, service: &str) -> Vec<u32> {
-        self.children.iter().filter(|(n, _)| n == service).map(|(_, c)| c.id()).collect()
+        self.children.iter().filter(|c| c.name == service).filter_map(Service::pid).collect()
     }
 
     /// Kills (SIGKILL) one process by pid and forgets it.
     pub fn kill_pid(&mut self, pid: u32) {
-        if let Some(i) = self.children.iter().position(|(_, c)| c.id() == pid) {
-            let (_, mut child) = self.children.remove(i);
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.children.retain(|c| c.pid() != Some(pid));
     }
 
     /// Sends SIGTERM to one process and waits up to `timeout` for it to exit; returns its
@@ -219,8 +154,8 @@ impl Tally {
         assert!(sent, "could not send SIGTERM to {pid}");
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if let Some(i) = self.children.iter().position(|(_, c)| c.id() == pid) {
-                if let Ok(Some(status)) = self.children[i].1.try_wait() {
+            if let Some(i) = self.children.iter().position(|c| c.pid() == Some(pid)) {
+                if let Some(status) = self.children[i].exit_status() {
                     self.children.remove(i);
                     return Some(status);
                 }
@@ -300,22 +235,17 @@ impl Tally {
 
     /// Kills (SIGKILL) every running process of `service`.
     pub fn kill(&mut self, service: &str) {
-        for (name, child) in self.children.iter_mut().filter(|(n, _)| n == service) {
-            let _ = child.kill();
-            let _ = child.wait();
-            let _ = name;
-        }
-        self.children.retain(|(n, _)| n != service);
+        self.children.retain(|c| c.name != service);
     }
 
-    pub async fn wait_healthy(&self) {
-        for url in [&self.ingest_url, &self.api_url, &self.aggregator_url] {
-            let healthz = format!("{url}/healthz");
-            let ok = wait_for(Duration::from_secs(30), || async {
-                self.http.get(&healthz).send().await.map(|r| r.status().is_success()).unwrap_or(false)
-            })
-            .await;
-            assert!(ok, "{healthz} did not answer; logs in {}", self.log_dir.display());
+    /// Waits until the latest ingest, API and aggregator started answer on their default
+    /// addresses; fails at once, naming the log, when one of them exits.
+    pub async fn wait_healthy(&mut self) {
+        let urls = [("ingest", self.ingest_url.clone()), ("api", self.api_url.clone()), ("aggregator", self.aggregator_url.clone())];
+        for (service, url) in urls {
+            let process = self.children.iter_mut().rev().find(|c| c.name == service);
+            let process = process.unwrap_or_else(|| panic!("no tally {service} was started"));
+            process.wait_healthy(&url, HEALTHY_WITHIN).await.unwrap_or_else(|e| panic!("{e:#}"));
         }
     }
 
@@ -360,7 +290,7 @@ impl Tally {
     }
 
     pub fn log_dir(&self) -> &std::path::Path {
-        &self.log_dir
+        &self.instance.log_dir
     }
 }
 
@@ -368,35 +298,25 @@ impl Drop for Tally {
     /// Stops this test's services, then drops its Postgres and ClickHouse databases unless
     /// the test is failing (they are kept for a look, beside the logs in `log_dir`).
     fn drop(&mut self) {
-        for (_, child) in self.children.iter_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.children.clear();
         if !std::thread::panicking() {
-            drop_test_databases(&self.servers, &self.database_name());
+            drop_test_databases(&self.instance);
         }
     }
 }
 
-/// Drops the database `name` on both servers, best effort. On a thread of its own with its
-/// own runtime, because a test drops its `Tally` inside the test's runtime.
-fn drop_test_databases(servers: &Servers, name: &str) {
-    let (servers, db) = (servers.clone(), name.to_string());
+/// Drops the test's databases, best effort. On a thread of its own with its own runtime,
+/// because a test drops its `Tally` inside the test's runtime.
+fn drop_test_databases(instance: &Instance) {
+    let (instance, name) = (instance.clone(), instance.names.database());
     let dropped = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-        runtime.block_on(async {
-            let sql = format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)");
-            let mut pg = <sqlx::PgConnection as sqlx::Connection>::connect(&servers.postgres).await.map_err(|e| e.to_string())?;
-            sqlx::Executor::execute(&mut pg, sql.as_str()).await.map_err(|e| e.to_string())?;
-            let ch = reqwest::Client::new().post(&servers.clickhouse).body(format!("DROP DATABASE IF EXISTS {db}")).send().await;
-            ch.and_then(|r| r.error_for_status()).map_err(|e| e.to_string())?;
-            Ok::<(), String>(())
-        })
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(instance.drop_databases())
     })
     .join();
     match dropped {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => eprintln!("note: could not drop the test databases {name}: {e}"),
+        Ok(Err(e)) => eprintln!("note: could not drop the test databases {name}: {e:#}"),
         Err(_) => eprintln!("note: dropping the test databases {name} panicked"),
     }
 }
@@ -421,14 +341,9 @@ where
 
 /// History (ClickHouse) helpers: the history writer and this test's ClickHouse database.
 impl Tally {
-    /// This test's ClickHouse database.
+    /// This test's ClickHouse database (its Postgres database has the same name).
     pub fn clickhouse_database(&self) -> String {
-        self.database_name()
-    }
-
-    /// The name of this test's databases, the same on Postgres and ClickHouse.
-    fn database_name(&self) -> String {
-        format!("tally_test_{}", self.id)
+        self.instance.names.database()
     }
 
     /// The key of this test's history writer progress (`history_offsets.group_id`).
@@ -438,13 +353,11 @@ impl Tally {
 
     /// Starts `tally <service>` with extra environment variables (applied last).
     pub fn spawn_env(&mut self, service: &str, env: &[(&str, String)]) {
-        let log = self.new_log(service);
         let mut cmd = self.command(&[service]);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap_or_else(|e| panic!("failed to start tally {service}: {e}"));
-        self.children.push((service.to_string(), child));
+        self.start_process(service, cmd);
     }
 
     /// Starts a history writer in this test's history group with its own health port and
@@ -463,7 +376,7 @@ impl Tally {
 
     /// How many processes of `service` are still running (reaping those that exited).
     pub fn running(&mut self, service: &str) -> usize {
-        self.children.iter_mut().filter(|(n, _)| n == service).map(|(_, c)| c.try_wait()).filter(|w| matches!(w, Ok(None))).count()
+        self.children.iter_mut().filter(|c| c.name == service).map(Service::is_running).filter(|running| *running).count()
     }
 
     /// Runs `sql` on this test's ClickHouse server; returns the body (TabSeparated unless

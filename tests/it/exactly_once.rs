@@ -2,7 +2,7 @@
 //! instances, conflicting duplicates and a poison message. Totals are checked to the token
 //! against the sum over distinct event ids.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;

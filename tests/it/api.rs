@@ -3,7 +3,7 @@
 //! override is created, used and expires; a revoked key is refused; every route that needs
 //! a token refuses requests without one.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The end-to-end slice, every hop real: events in over HTTP, through the broker and the
 //! aggregator into the Postgres ledger, and decisions out of the API.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

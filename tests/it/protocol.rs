@@ -2,7 +2,7 @@
 //! with extensions and `data_base64`, compressed bodies, and refusals that are JSON naming
 //! the field, through the real `tally` binaries.
 
-mod support;
+use crate::support;
 
 use std::io::Write;
 use std::time::Duration;

@@ -8,7 +8,7 @@
 //! test's TCP proxy: with the shared broker, librdkafka would connect to the advertised
 //! address after bootstrapping through the proxy and never see the cut.
 
-mod support;
+use crate::support;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -120,7 +120,7 @@ async fn status(http: &reqwest::Client, url: &str) -> (u16, Value) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_cut_longer_than_the_message_timeout_heals_without_a_restart() {
     let broker = OwnBroker::start().await;
-    let servers = Servers { kafka: broker.address(), ..Servers::get() };
+    let servers = Servers { kafka: broker.address(), ..support::servers() };
     let mut t = Tally::prepare_on(servers, Some(TIERS));
     let short = |extra: &[(&'static str, String)]| {
         let mut env = vec![("TALLY_KAFKA_MESSAGE_TIMEOUT_MS", MESSAGE_TIMEOUT_MS.to_string())];

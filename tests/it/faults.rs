@@ -1,7 +1,7 @@
 //! The aggregator under faults: an orderly SIGTERM drains and commits in bounded time, and a
 //! Postgres outage pauses consumption without skipping or double counting anything.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -2,10 +2,9 @@
 //! its JSON report has every section with positive figures and ratios. No timing is asserted:
 //! the figures of a quick run on a shared machine prove only that each section measured.
 
-mod support;
+use crate::support;
 
 use serde_json::Value;
-use support::Servers;
 
 const SECTIONS: [&str; 7] = ["broker", "pipeline", "decision_latency", "check", "history", "memory", "ingest"];
 
@@ -35,7 +34,7 @@ const POSITIVE: [(&str, &str); 18] = [
 
 #[test]
 fn quick_bench_reports_every_section_with_figures_and_ratios() {
-    let servers = Servers::get();
+    let servers = support::servers();
     let dir =
         std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("tally-tests").join(format!("bench-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).expect("create the report directory");

@@ -2,7 +2,7 @@
 //! at the next minute with no traffic, an override expiring on time, and a tier upgrade
 //! through `tally config apply` taking effect within a second.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! events the ledger counted after replays, crashes and a ClickHouse outage; reconciliation
 //! finds injected drift; the billing export matches the ledger.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
