@@ -14,9 +14,9 @@ use tally_api::configs::{ConfigCache, Loaded};
 use tally_api::routes::{self, AppState, AuthSettings, CheckSettings, Parts, Role};
 use tally_api::view::DecisionView;
 use tally_common::auth::Token;
-use tally_common::postgres::{migrate, PostgresSettings};
 use tally_domain::decision::{Action, DecisionSnapshot, QuotaDecision, QuotaState};
 use tally_domain::metric::Metric;
+use tally_testkit::TestDatabase;
 use tower::ServiceExt;
 
 const ADMIN: &str = "admin-token-for-router-tests";
@@ -40,24 +40,12 @@ tiers:
 struct Env {
     app: Router,
     state: Arc<AppState>,
-    db: PostgresSettings,
-}
-
-fn database_url(name: &str) -> String {
-    let base = std::env::var("TALLY_DATABASE_URL")
-        .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let (server, _) = base.rsplit_once('/').expect("TALLY_DATABASE_URL has a database part");
-    format!("{server}/{name}")
+    db: TestDatabase,
 }
 
 async fn env_with(auth: AuthSettings, stale_policy: StalePolicy, tiers: Option<&str>) -> Env {
-    let name = format!("tally_api_test_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let db = PostgresSettings { database_url: database_url(&name), pool_size: 4 };
-    db.create_database_if_missing().await.expect("create the test database");
-    let pool = db.connect().await.expect("connect");
-    migrate(&pool).await.expect("migrate");
+    let db = TestDatabase::create("tally_api_test").await.expect("create the test database");
+    let pool = db.pool.clone();
     if let Some(doc) = tiers {
         sqlx::query("INSERT INTO config_versions (document, sha256, source) VALUES ($1, 'x', 'test')")
             .bind(doc)
@@ -134,8 +122,7 @@ impl Env {
     }
 
     async fn done(self) {
-        self.state.pool.close().await;
-        self.db.drop_database().await.ok();
+        self.db.remove().await.ok();
     }
 }
 
