@@ -1,0 +1,158 @@
+//! Component tests of the batch commit's guards, on a fresh migrated Postgres database per
+//! test and no broker: `Store::commit_batch` refuses a batch whose range does not continue
+//! the stored offset, or that comes from an owner fenced out by a later claim, and such a
+//! refused batch writes nothing (no dedupe record, ledger row, decision, outbox message, and
+//! the stored offset stays).
+
+use chrono::{Duration, Utc};
+use serde_json::json;
+use tally_aggregator::plan::{parse_batch, Delivery};
+use tally_aggregator::policy::{Policy, PolicyHandle};
+use tally_aggregator::store::{Claim, Finish, Outcome, Range, Store, StoreError};
+use tally_testkit::TestDatabase;
+
+/// The partition every test commits on.
+const PARTITION: i32 = 0;
+
+struct Fixture {
+    db: TestDatabase,
+    policy: PolicyHandle,
+}
+
+impl Fixture {
+    async fn new() -> Fixture {
+        let db = TestDatabase::create("tally_store_test").await.expect("create the test database");
+        // The built-in default: a monthly token quota, so a counted event writes a ledger row.
+        let policy = PolicyHandle::new(Policy::builtin());
+        Fixture { db, policy }
+    }
+
+    /// A store as one aggregator instance, `owner`, holds it.
+    fn store(&self, owner: &str) -> Store {
+        Store {
+            pool: self.db.pool.clone(),
+            group: "tally-ledger".to_string(),
+            topic: "tally.usage.v1".to_string(),
+            owner: owner.to_string(),
+            decisions_topic: "tally.decisions.v1".to_string(),
+            quarantine_topic: "tally.quarantine.v1".to_string(),
+            policies: Default::default(),
+            recorder: Default::default(),
+        }
+    }
+
+    /// Commits one batch of `events` (event ids, one delivery each at offsets `start..`) as
+    /// `store`, claiming the range `start..start + events.len()` at `epoch`.
+    async fn commit(&self, store: &Store, epoch: i64, start: i64, events: &[&str]) -> Result<Outcome, StoreError> {
+        let now = Utc::now();
+        let mut deliveries: Vec<Delivery> =
+            events.iter().zip(start..).map(|(id, offset)| Delivery::received(PARTITION, offset, Some(usage_event(id, now)))).collect();
+        let range = Range { partition: PARTITION, epoch, start, next: start + events.len() as i64 };
+        let parsed = parse_batch(&mut deliveries, now, Duration::days(3));
+        store.commit_batch(&[range], parsed, &Default::default(), &self.policy, now, Duration::seconds(1), Finish::Commit).await
+    }
+
+    /// What the tables hold that a batch commit writes.
+    async fn written(&self) -> Written {
+        let pool = &self.db.pool;
+        let count = |table: &str| format!("SELECT count(*) FROM {table}");
+        let offset: (i64, String, i64) = sqlx::query_as("SELECT next_offset, owner, epoch FROM consumer_offsets WHERE partition = $1")
+            .bind(PARTITION)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        Written {
+            dedupe_records: sqlx::query_scalar(&count("processed_events")).fetch_one(pool).await.unwrap(),
+            ledger_used: sqlx::query_scalar("SELECT coalesce(sum(used), 0)::bigint FROM ledgers").fetch_one(pool).await.unwrap(),
+            decisions: sqlx::query_scalar(&count("decisions")).fetch_one(pool).await.unwrap(),
+            outbox: sqlx::query_scalar(&count("outbox")).fetch_one(pool).await.unwrap(),
+            offset: StoredOffset { next_offset: offset.0, owner: offset.1, epoch: offset.2 },
+        }
+    }
+
+    async fn done(self) {
+        self.db.remove().await.expect("drop the test database");
+    }
+}
+
+/// The stored offset of [`PARTITION`] and who owns it.
+#[derive(Debug, PartialEq, Eq)]
+struct StoredOffset {
+    next_offset: i64,
+    owner: String,
+    epoch: i64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Written {
+    dedupe_records: i64,
+    ledger_used: i64,
+    decisions: i64,
+    outbox: i64,
+    offset: StoredOffset,
+}
+
+/// Tokens each test event counts.
+const TOKENS: i64 = 7;
+
+fn usage_event(id: &str, now: chrono::DateTime<Utc>) -> Vec<u8> {
+    json!({"id": id, "subject": "alice", "time": now.to_rfc3339(), "input_tokens": TOKENS}).to_string().into_bytes()
+}
+
+fn assert_fenced(result: Result<Outcome, StoreError>, start: i64, epoch: i64) {
+    match result {
+        Err(StoreError::Fenced { partition, start: s, epoch: e }) => assert_eq!((partition, s, e), (PARTITION, start, epoch)),
+        other => panic!("expected the batch at {start}, epoch {epoch} to be fenced, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_range_that_does_not_continue_the_stored_offset_is_refused_and_writes_nothing() {
+    let f = Fixture::new().await;
+    let store = f.store("aggregator-a");
+    let Claim { next_offset, epoch, .. } = store.claim(PARTITION).await.unwrap();
+    assert_eq!((next_offset, epoch), (0, 1));
+    let first = f.commit(&store, epoch, 0, &["e1", "e2"]).await.expect("the first batch continues offset 0");
+    assert_eq!(first.counted, 2);
+    let before = f.written().await;
+    assert_eq!((before.dedupe_records, before.ledger_used, before.offset.next_offset), (2, 2 * TOKENS, 2));
+
+    // A gap (offsets 2..5 never committed), a replay of the committed range, and an overlap.
+    for start in [5, 0, 1] {
+        assert_fenced(f.commit(&store, epoch, start, &["e3", "e4"]).await, start, epoch);
+        assert_eq!(f.written().await, before, "the refused batch at {start} wrote something");
+    }
+
+    // The batch that does continue the chain commits.
+    let next = f.commit(&store, epoch, 2, &["e3", "e4"]).await.expect("the batch at the stored offset commits");
+    assert_eq!(next.counted, 2);
+    assert_eq!(f.written().await.offset.next_offset, 4);
+    f.done().await;
+}
+
+#[tokio::test]
+async fn a_range_from_a_fenced_owner_is_refused_and_writes_nothing() {
+    let f = Fixture::new().await;
+    let (old, new) = (f.store("aggregator-a"), f.store("aggregator-b"));
+    let old_claim = old.claim(PARTITION).await.unwrap();
+    let new_claim = new.claim(PARTITION).await.unwrap();
+    assert_eq!((old_claim.epoch, new_claim.epoch), (1, 2), "the second claim fences the first");
+    let before = f.written().await;
+    assert_eq!(before.offset, StoredOffset { next_offset: 0, owner: "aggregator-b".to_string(), epoch: 2 });
+
+    // The fenced owner's batch, at its old epoch; and at the new epoch, which is not its own.
+    assert_fenced(f.commit(&old, old_claim.epoch, 0, &["e1"]).await, 0, old_claim.epoch);
+    assert_fenced(f.commit(&old, new_claim.epoch, 0, &["e1"]).await, 0, new_claim.epoch);
+    assert_eq!(f.written().await, before, "a fenced batch wrote something");
+
+    // An owner that claimed again is fenced out of its own older epoch too.
+    let again = new.claim(PARTITION).await.unwrap();
+    assert_fenced(f.commit(&new, new_claim.epoch, 0, &["e1"]).await, 0, new_claim.epoch);
+
+    // The current owner at its current epoch commits the same events.
+    let outcome = f.commit(&new, again.epoch, 0, &["e1"]).await.expect("the current owner commits");
+    assert_eq!(outcome.counted, 1);
+    let after = f.written().await;
+    assert_eq!((after.dedupe_records, after.ledger_used, after.offset.next_offset), (1, TOKENS, 1));
+    f.done().await;
+}
