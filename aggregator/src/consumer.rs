@@ -47,10 +47,11 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::isolate::{self, Isolation};
-use crate::lanes::{key_hash, BatchLimits, Lane};
+use crate::keys::{key_hash, Subjects};
+use crate::lanes::{BatchLimits, Lane};
 use crate::plan::{parse_batch, Delivery, Refusal};
 use crate::policy::{Policy, PolicyHandle};
-use crate::store::{Finish, Outcome, Range, Store, StoreError, Subjects};
+use crate::store::{Finish, Outcome, Range, Store, StoreError};
 use crate::{relay, AggregatorSettings};
 
 /// Most subjects one scheduler transaction decides. Small, because a batch touching one of

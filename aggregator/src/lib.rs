@@ -47,6 +47,7 @@ pub mod consumer;
 pub mod dedupe;
 pub mod headroom;
 pub mod isolate;
+pub mod keys;
 pub mod lanes;
 pub mod plan;
 pub mod policy;

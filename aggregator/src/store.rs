@@ -12,6 +12,7 @@ use tally_domain::event::UsageEvent;
 use tally_domain::metric::MAX_AMOUNT;
 
 use crate::headroom;
+use crate::keys::{Deferred, SubjectKey, Subjects};
 use crate::plan::{self, Candidate, LedgerDelta, LedgerKey, Parsed, Quarantined, Refusal};
 use crate::policy::{Policy, PolicyHandle};
 
@@ -132,14 +133,14 @@ pub struct Outcome {
     /// the loop hands them back to a later batch ([`Store::commit_batch`]'s `refreshes`).
     pub deferred: Deferred,
     /// Every decided subject's headroom as of this commit ([`crate::headroom`]).
-    pub headroom: Vec<(headroom::SubjectKey, Box<[headroom::Line]>)>,
+    pub headroom: Vec<(SubjectKey, Box<[headroom::Line]>)>,
 }
 
 /// What deciding a chunk of subjects gave.
 struct Decided {
     snapshots: usize,
     deferred: Deferred,
-    headroom: Vec<(headroom::SubjectKey, Box<[headroom::Line]>)>,
+    headroom: Vec<(SubjectKey, Box<[headroom::Line]>)>,
 }
 
 /// The aggregator's handle on its Postgres tables.
@@ -385,7 +386,7 @@ impl Store {
         let mut deferred = Deferred::new();
         let mut headroom = Vec::with_capacity(plans.len());
         for SubjectPlan { subject, api_key, resolved, lines, .. } in plans {
-            headroom.push((headroom::SubjectKey::of(&subject), headroom::lines_of(&resolved.quotas, &lines)));
+            headroom.push((SubjectKey::of(&subject), headroom::lines_of(&resolved.quotas, &lines)));
             let prev = previous.get(subject.as_str());
             let mut next_check = plan::next_check_at(&lines, policy.next_change_after(&subject, now));
             let digest = plan::Published::of(&resolved.tier, &lines, now);
@@ -680,9 +681,6 @@ struct Check {
     next_check: Option<DateTime<Utc>>,
 }
 
-/// Subjects to decide for, each with the API key hash of its latest event.
-pub type Subjects = BTreeMap<String, Option<String>>;
-
 /// Most subjects whose decisions one statement of a batch commit plans and writes.
 const DECISION_CHUNK: usize = 2000;
 
@@ -699,9 +697,6 @@ fn chunks(subjects: Subjects, size: usize) -> Vec<Subjects> {
     }
     out
 }
-
-/// Subjects whose fresh usage awaits its refresh: the API key hash, and when it is due.
-pub type Deferred = BTreeMap<String, (Option<String>, DateTime<Utc>)>;
 
 /// The subjects of `events`, each with the API key of its latest event (read from the
 /// latest back, so each subject and key is cloned once, not once per event).
