@@ -268,8 +268,12 @@ impl FastCommits {
     }
 }
 
-/// The partition, and the epoch the batch claimed it at, of a batch refused by fencing.
-type Refused = (i32, i64);
+/// A batch refused by fencing: the partition, and the epoch the batch claimed it at.
+#[derive(Debug, Clone, Copy)]
+struct Refused {
+    partition: i32,
+    epoch: i64,
+}
 
 /// Everything a batch commit needs, owned, so commits run as tasks of their own.
 #[derive(Clone)]
@@ -745,7 +749,7 @@ impl Loop {
     /// has claimed it again since the batch's epoch) and its buffered messages dropped; the
     /// lane's other partitions drop what they buffered and re-read from their stored
     /// offsets; the refreshes wait for the lane's next batch.
-    fn fenced(&mut self, work: LaneWork, (partition, epoch): Refused) {
+    fn fenced(&mut self, work: LaneWork, Refused { partition, epoch }: Refused) {
         self.metrics.fenced.inc();
         if self.owned.get(&partition).is_some_and(|o| o.epoch == epoch) {
             tracing::warn!(partition, epoch, "batch refused by fencing; another member owns the partition now");
@@ -821,7 +825,7 @@ impl Committer {
                     );
                     return Ok(outcome);
                 }
-                Err(StoreError::Fenced { partition, epoch, .. }) => return Err((partition, epoch)),
+                Err(StoreError::Fenced { partition, epoch, .. }) => return Err(Refused { partition, epoch }),
                 Err(e) if e.is_transient() => e,
                 Err(e) => match self.isolate(work, e).await {
                     Some(e) => e,

@@ -273,7 +273,7 @@ impl Store {
              FROM UNNEST($1::text[], $2::text[], $3::text[]) AS c(id, target, subject)
              WHERE t.event_id = c.target AND t.subject = c.subject AND t.corrected_by IS NULL AND t.corrects IS NULL
                AND t.requests IS NOT NULL
-             RETURNING c.id, t.event_id, t.subject, t.event_time, t.scope, t.api_key_sha256, t.requests, t.input_tokens,
+             RETURNING c.id AS correction_id, t.event_id, t.subject, t.event_time, t.scope, t.api_key_sha256, t.requests, t.input_tokens,
                        t.output_tokens, t.cached_tokens, t.cost_micros, t.config_version",
         )
         .bind(&ids)
@@ -281,7 +281,7 @@ impl Store {
         .bind(&subjects)
         .fetch_all(&mut **tx)
         .await?;
-        let applied: HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        let applied: HashSet<&str> = rows.iter().map(|r| r.correction_id.as_str()).collect();
         let refused: Vec<&str> = ids.iter().copied().filter(|id| !applied.contains(id)).collect();
         for c in corrections.iter().filter(|c| refused.contains(&c.event.id.as_str())) {
             let target = c.event.corrects.as_deref().unwrap_or_default();
@@ -294,7 +294,7 @@ impl Store {
         }
         let mut reverted = Vec::with_capacity(rows.len());
         for row in rows {
-            let version = row.11.unwrap_or(0);
+            let version = row.config_version.unwrap_or(0);
             let counted_under = self.policies.version(tx, version, policy).await?;
             let event = row.into_negated_event();
             for (key, delta) in plan::ledger_deltas(&[&event], &counted_under) {
@@ -484,39 +484,39 @@ impl Store {
     }
 }
 
-/// A reverted event as read back from `processed_events`, the correction's id first.
+/// A reverted event as read back from `processed_events`, with the id of the correction
+/// that reverts it and the configuration version it was counted under.
 #[derive(sqlx::FromRow)]
-struct RevertedRow(
-    String,
-    String,
-    String,
-    DateTime<Utc>,
-    Option<String>,
-    Option<String>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-);
+struct RevertedRow {
+    correction_id: String,
+    event_id: String,
+    subject: String,
+    event_time: DateTime<Utc>,
+    scope: Option<String>,
+    api_key_sha256: Option<String>,
+    requests: Option<i64>,
+    input_tokens: Option<i64>,
+    output_tokens: Option<i64>,
+    cached_tokens: Option<i64>,
+    cost_micros: Option<i64>,
+    config_version: Option<i64>,
+}
 
 impl RevertedRow {
     /// The reverted event with every amount negated: its ledger deltas undo the original's.
     fn into_negated_event(self) -> UsageEvent {
-        let RevertedRow(_, id, subject, time, scope, api_key_sha256, requests, input, output, cached, cost, _) = self;
         UsageEvent {
-            id,
-            subject,
-            time,
-            api_key_sha256,
-            scope: scope.unwrap_or_default(),
+            id: self.event_id,
+            subject: self.subject,
+            time: self.event_time,
+            api_key_sha256: self.api_key_sha256,
+            scope: self.scope.unwrap_or_default(),
             model: None,
-            requests: -requests.unwrap_or(0),
-            input_tokens: -input.unwrap_or(0),
-            output_tokens: -output.unwrap_or(0),
-            cached_tokens: -cached.unwrap_or(0),
-            cost_micros: Some(-cost.unwrap_or(0)),
+            requests: -self.requests.unwrap_or(0),
+            input_tokens: -self.input_tokens.unwrap_or(0),
+            output_tokens: -self.output_tokens.unwrap_or(0),
+            cached_tokens: -self.cached_tokens.unwrap_or(0),
+            cost_micros: Some(-self.cost_micros.unwrap_or(0)),
             attributes: Default::default(),
             corrects: None,
         }
@@ -769,12 +769,26 @@ async fn apply_ledger_deltas(
 }
 
 /// A ledger row's key and usage as read back from Postgres.
-type LedgerRow = (String, String, String, String, DateTime<Utc>, i64);
+#[derive(sqlx::FromRow)]
+struct LedgerRow {
+    subject: String,
+    metric: String,
+    scope: String,
+    period: String,
+    period_start: DateTime<Utc>,
+    used: i64,
+}
+
+impl LedgerRow {
+    /// The row's key and its `used`.
+    fn into_usage(self) -> (LedgerKey, i64) {
+        let LedgerRow { subject, metric, scope, period, period_start, used } = self;
+        (LedgerKey { subject, metric, scope, period, period_start }, used)
+    }
+}
 
 fn ledger_usage(rows: Vec<LedgerRow>) -> HashMap<LedgerKey, i64> {
-    rows.into_iter()
-        .map(|(subject, metric, scope, period, period_start, used)| (LedgerKey { subject, metric, scope, period, period_start }, used))
-        .collect()
+    rows.into_iter().map(LedgerRow::into_usage).collect()
 }
 
 /// The `used` of each requested ledger row that exists.
@@ -822,7 +836,7 @@ async fn read_rolling_buckets(
     let scopes: Vec<&str> = keys.iter().map(|k| k.scope.as_str()).collect();
     let periods: Vec<&str> = keys.iter().map(|k| k.period.as_str()).collect();
     let since: Vec<DateTime<Utc>> = keys.iter().map(|k| k.period_start).collect();
-    let rows: Vec<(String, String, String, String, DateTime<Utc>, i64)> = sqlx::query_as(
+    let rows: Vec<LedgerRow> = sqlx::query_as(
         "SELECT k.subject, k.metric, k.scope, k.period, l.period_start, l.used
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) AS k(subject, metric, scope, period, since)
          JOIN ledgers l ON l.subject = k.subject AND l.metric = k.metric AND l.scope = k.scope AND l.period = k.period
@@ -837,8 +851,8 @@ async fn read_rolling_buckets(
     .await?;
     // Keyed without the window start: Postgres keeps microseconds, the key has nanoseconds.
     let mut out: HashMap<RollingId, Vec<(DateTime<Utc>, i64)>> = HashMap::new();
-    for (subject, metric, scope, period, at, n) in rows {
-        out.entry((subject, metric, scope, period)).or_default().push((at, n));
+    for LedgerRow { subject, metric, scope, period, period_start, used } in rows {
+        out.entry((subject, metric, scope, period)).or_default().push((period_start, used));
     }
     Ok(out)
 }
