@@ -105,12 +105,13 @@ pub fn refusal_of(cause: &StoreError) -> Refusal {
         );
         return Refusal::overflow(detail);
     }
-    Refusal { reason: "unprocessable".to_string(), detail: Some(format!("its batch's transaction fails with it: {cause}")) }
+    Refusal::unprocessable(format!("its batch's transaction fails with it: {cause}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quarantine::QuarantineReason;
 
     /// A batch that fails once its prefix counts `poison` (or never), counting the trials;
     /// with `writes_fail`, every prefix that writes anything fails.
@@ -162,7 +163,7 @@ mod tests {
                     panic!("len {len}, poison {poison}: not found");
                 };
                 assert_eq!(index, poison, "len {len}");
-                assert_eq!(refusal.reason, "unprocessable");
+                assert_eq!(refusal.reason.kind, QuarantineReason::Unprocessable);
                 assert!(refusal.detail.unwrap().contains(&format!("event {poison} cannot be counted")), "len {len}, poison {poison}");
                 let bound = 4 + (len as f64).log2().ceil() as usize;
                 assert!(trials.tried.len() <= bound, "len {len}: {} trials", trials.tried.len());
@@ -215,6 +216,6 @@ mod tests {
         assert!(!StoreError::Config(anyhow::anyhow!("x")).is_transient());
         let lost = anyhow::Error::new(sqlx::Error::PoolTimedOut).context("failed to load configuration version 3");
         assert!(StoreError::Config(lost).is_transient(), "a configuration that could not be read for a lost connection");
-        assert_eq!(refusal_of(&StoreError::Database(sqlx::Error::RowNotFound)).reason, "unprocessable");
+        assert_eq!(refusal_of(&StoreError::Database(sqlx::Error::RowNotFound)).reason.kind, QuarantineReason::Unprocessable);
     }
 }

@@ -51,6 +51,7 @@ pub mod keys;
 pub mod lanes;
 pub mod plan;
 pub mod policy;
+pub mod quarantine;
 pub mod relay;
 pub mod store;
 

@@ -15,6 +15,7 @@ use crate::headroom;
 use crate::keys::{Deferred, SubjectKey, Subjects};
 use crate::plan::{self, Candidate, LedgerDelta, LedgerKey, Parsed, Quarantined, Refusal};
 use crate::policy::{Policy, PolicyHandle};
+use crate::quarantine::{QuarantineReason, Reason};
 
 /// Why a batch was not committed.
 #[derive(Debug, thiserror::Error)]
@@ -285,8 +286,8 @@ impl Store {
         let refused: Vec<&str> = ids.iter().copied().filter(|id| !applied.contains(id)).collect();
         for c in corrections.iter().filter(|c| refused.contains(&c.event.id.as_str())) {
             let target = c.event.corrects.as_deref().unwrap_or_default();
-            let reason =
-                format!("correction: event {target:?} of subject {:?} was never counted, or is already corrected", c.event.subject);
+            let words = format!("event {target:?} of subject {:?} was never counted, or is already corrected", c.event.subject);
+            let reason = Reason::with_words(QuarantineReason::Correction, words);
             quarantined.push(Quarantined::new(reason, Some(c.event.id.clone()), c.delivery));
         }
         if !refused.is_empty() {
