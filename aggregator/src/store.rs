@@ -24,7 +24,7 @@ pub enum StoreError {
     /// offset. The batch is refused; the partition must be claimed again before consuming.
     #[error("fenced on partition {partition}: batch starts at {start}, epoch {epoch}, but the stored owner/offset differ")]
     Fenced { partition: i32, start: i64, epoch: i64 },
-    /// Postgres failed; the same batch can be retried.
+    /// Postgres failed: transient or permanent by its cause ([`StoreError::class`]).
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     /// A tier configuration (the one in force, or the one an event being corrected was
@@ -33,19 +33,51 @@ pub enum StoreError {
     Config(#[from] anyhow::Error),
 }
 
+/// What a failed commit calls for. Decided here, where failures are classified; the
+/// consume loop acts on it and decides nothing itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The batch is refused: this instance lost the partition, or the batch does not
+    /// continue the stored offset. Retrying cannot help; the partition is given up or
+    /// rewound.
+    Fenced,
+    /// The same transaction may well succeed if tried again, whatever it holds: a lost or
+    /// refused connection, a serialization failure or deadlock, a server shutting down or
+    /// out of resources. Retried with backoff.
+    Transient,
+    /// The same transaction fails again however often it is tried. Either an event of the
+    /// batch causes it, and [`crate::isolate`] finds and quarantines that event, or none
+    /// does (a stored configuration that cannot load, a schema that does not match,
+    /// revoked permissions), and retrying would loop for ever: the aggregator stops.
+    Permanent,
+}
+
 impl StoreError {
-    /// Whether the same transaction may well succeed if tried again, whatever it holds: a
-    /// lost or refused connection, a serialization failure or deadlock, a server shutting
-    /// down or out of resources. Any other failure may be caused by what the batch holds,
-    /// and [`crate::isolate`] looks for the event that causes it.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            StoreError::Fenced { .. } => false,
+    /// What this failure calls for (see [`ErrorClass`]).
+    pub fn class(&self) -> ErrorClass {
+        let transient = match self {
+            StoreError::Fenced { .. } => return ErrorClass::Fenced,
             StoreError::Database(e) => is_transient_database_error(e),
             // Loading a configuration reads Postgres too: its failure is transient when a
             // database error under it is.
             StoreError::Config(e) => e.chain().filter_map(|cause| cause.downcast_ref::<sqlx::Error>()).any(is_transient_database_error),
+        };
+        if transient {
+            ErrorClass::Transient
+        } else {
+            ErrorClass::Permanent
         }
+    }
+
+    /// Whether the same transaction may well succeed if tried again ([`ErrorClass::Transient`]).
+    pub fn is_transient(&self) -> bool {
+        self.class() == ErrorClass::Transient
+    }
+
+    /// Whether the same transaction fails again however often it is tried
+    /// ([`ErrorClass::Permanent`]).
+    pub fn is_permanent(&self) -> bool {
+        self.class() == ErrorClass::Permanent
     }
 
     /// Whether this failure is a ledger bound refusing a sum: a ledger row past
@@ -948,6 +980,82 @@ async fn enqueue(tx: &mut Transaction<'_, Postgres>, topic: &str, keys: &[String
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::borrow::Cow;
+
+    /// A database error with only a SQLSTATE, as Postgres answers one.
+    #[derive(Debug)]
+    struct Sqlstate(&'static str);
+
+    impl std::fmt::Display for Sqlstate {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "SQLSTATE {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Sqlstate {}
+
+    impl sqlx::error::DatabaseError for Sqlstate {
+        fn message(&self) -> &str {
+            self.0
+        }
+
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn postgres(code: &'static str) -> sqlx::Error {
+        sqlx::Error::Database(Box::new(Sqlstate(code)))
+    }
+
+    #[test]
+    fn a_refusal_by_fencing_is_its_own_class() {
+        assert_eq!(StoreError::Fenced { partition: 0, start: 1, epoch: 2 }.class(), ErrorClass::Fenced);
+    }
+
+    #[test]
+    fn failures_that_say_nothing_about_the_batch_are_transient() {
+        // Serialization failure, deadlock, connection failure, admin shutdown, too many
+        // connections, lock not available, read-only server after a failover.
+        for code in ["40001", "40P01", "08006", "57P01", "53300", "55P03", "25006"] {
+            assert_eq!(StoreError::Database(postgres(code)).class(), ErrorClass::Transient, "SQLSTATE {code}");
+        }
+        assert_eq!(StoreError::Database(sqlx::Error::PoolTimedOut).class(), ErrorClass::Transient);
+        assert_eq!(StoreError::Database(sqlx::Error::Io(std::io::Error::other("reset"))).class(), ErrorClass::Transient);
+        let lost = anyhow::Error::new(sqlx::Error::PoolTimedOut).context("failed to load configuration version 3");
+        assert_eq!(StoreError::Config(lost).class(), ErrorClass::Transient, "a configuration unread for a lost connection");
+    }
+
+    #[test]
+    fn failures_that_come_back_on_every_try_are_permanent() {
+        // Undefined table and column (a schema that does not match), insufficient
+        // privilege, a check violation (a ledger bound: an event's, found by isolation).
+        for code in ["42P01", "42703", "42501", "23514"] {
+            assert_eq!(StoreError::Database(postgres(code)).class(), ErrorClass::Permanent, "SQLSTATE {code}");
+        }
+        assert!(StoreError::Database(sqlx::Error::RowNotFound).is_permanent());
+        let unloadable = anyhow::anyhow!("invalid tier configuration (config version 2):\nexpected a mapping");
+        assert!(StoreError::Config(unloadable).is_permanent(), "a stored configuration that cannot load");
+        let no_table = anyhow::Error::new(postgres("42P01")).context("failed to read config_versions");
+        assert!(StoreError::Config(no_table).is_permanent(), "a configuration table that is not there");
+        assert!(!StoreError::Config(anyhow::anyhow!("x")).is_transient());
+    }
 
     #[test]
     fn chunks_keep_every_subject_once_in_order() {
