@@ -7,6 +7,7 @@ use foldhash::{HashMap, HashMapExt};
 
 use chrono::{DateTime, Duration, Utc};
 use sqlx::{PgPool, Postgres, Transaction};
+use tally_common::postgres;
 use tally_domain::decision::{thresholds_reached, DecisionSnapshot, QuotaDecision};
 use tally_domain::event::UsageEvent;
 use tally_domain::metric::MAX_AMOUNT;
@@ -57,10 +58,10 @@ impl StoreError {
     pub fn class(&self) -> ErrorClass {
         let transient = match self {
             StoreError::Fenced { .. } => return ErrorClass::Fenced,
-            StoreError::Database(e) => is_transient_database_error(e),
+            StoreError::Database(e) => postgres::is_transient(e),
             // Loading a configuration reads Postgres too: its failure is transient when a
             // database error under it is.
-            StoreError::Config(e) => e.chain().filter_map(|cause| cause.downcast_ref::<sqlx::Error>()).any(is_transient_database_error),
+            StoreError::Config(e) => e.chain().filter_map(|cause| cause.downcast_ref::<sqlx::Error>()).any(postgres::is_transient),
         };
         if transient {
             ErrorClass::Transient
@@ -99,33 +100,6 @@ const NUMERIC_VALUE_OUT_OF_RANGE: &str = "22003";
 const CHECK_VIOLATION: &str = "23514";
 /// The check that keeps every ledger row's `used` within the amount bound (migration 0015).
 const LEDGER_BOUND_CONSTRAINT: &str = "ledgers_used_within_bound";
-
-/// Postgres and connection failures that say nothing about the batch: connection
-/// exceptions (class 08), transaction rollbacks such as serialization failures and
-/// deadlocks (40), insufficient resources (53), operator intervention such as a shutdown
-/// (57), system errors (58), a lock not available (55P03), a read-only server (25006, as
-/// after a failover until the pool reaches the new primary), and every failure to reach or
-/// keep the server.
-fn is_transient_database_error(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Database(db) => {
-            let code = db.code();
-            let code = code.as_deref().unwrap_or_default();
-            ["08", "40", "53", "57", "58"].iter().any(|class| code.starts_with(class)) || ["55P03", "25006"].contains(&code)
-        }
-        sqlx::Error::Configuration(_)
-        | sqlx::Error::InvalidArgument(_)
-        | sqlx::Error::RowNotFound
-        | sqlx::Error::TypeNotFound { .. }
-        | sqlx::Error::ColumnIndexOutOfBounds { .. }
-        | sqlx::Error::ColumnNotFound(_)
-        | sqlx::Error::ColumnDecode { .. }
-        | sqlx::Error::Encode(_)
-        | sqlx::Error::Decode(_) => false,
-        // I/O, TLS, protocol, pool timeouts, a crashed worker, and what sqlx may add.
-        _ => true,
-    }
-}
 
 /// Whether [`Store::commit_batch`] commits its transaction or rolls it back (a trial of
 /// [`crate::isolate`], which only wants to know whether the batch would commit).
