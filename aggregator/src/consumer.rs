@@ -28,7 +28,8 @@
 //! stops the aggregator: the loop takes no more messages and starts no more commits, lets
 //! those in flight finish (within the shutdown timeout), leaves the group, and [`run`]
 //! returns the failure, so the process logs it and exits non-zero rather than retrying for
-//! ever.
+//! ever. A permanent failure of the time-driven scheduler, which handles no events, stops
+//! the aggregator the same way.
 //!
 //! Urgent events ([`crate::headroom`]) are copied, as they are accepted, into a queue that a
 //! fast commit takes at once (one in flight at a time, one attempt). It writes no offsets;
@@ -360,7 +361,7 @@ pub async fn run(
         let metrics = metrics.clone();
         tally_common::health::serve_probes(settings.listen, clients, move || metrics.registry.render()).await?
     };
-    let scheduler = tokio::spawn(run_scheduler(store.clone(), policy.clone(), relay_wake.clone(), metrics.clone(), control));
+    let mut scheduler = tokio::spawn(run_scheduler(store.clone(), policy.clone(), relay_wake.clone(), metrics.clone(), control));
     tracing::info!(group = %settings.group, topic = %kafka.usage_topic, owner = %store.owner, "aggregator consuming");
     let timeout = Duration::from_secs(settings.shutdown_timeout_seconds);
     let membership = Membership {
@@ -389,7 +390,7 @@ pub async fn run(
         metrics,
         stopped_by: None,
     };
-    state.consume_until(shutdown, timeout).await;
+    state.consume_until(shutdown, &mut scheduler, timeout).await;
     if let Err(e) = membership.leave(&pool).await {
         tracing::warn!(error = %e, "could not leave the group; the others take over when the lease ends");
     }
@@ -438,8 +439,16 @@ fn control_wake(kafka: &KafkaSettings, health: Arc<ClientHealth>) -> Arc<Notify>
 }
 
 /// Runs the time-driven scheduler: every 200 ms, or at once on a control message, decides
-/// again the subjects that are due (see [`Store::run_due_checks`]).
-async fn run_scheduler(store: Store, policy: PolicyHandle, relay_wake: Arc<Notify>, metrics: Arc<Metrics>, wake: Arc<Notify>) {
+/// again the subjects that are due (see [`Store::run_due_checks`]). A transient failure is
+/// tried again at the next tick; a permanent one (the scheduler handles no events, so none
+/// is to blame) ends it, returning the failure for the loop to stop on.
+async fn run_scheduler(
+    store: Store,
+    policy: PolicyHandle,
+    relay_wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    wake: Arc<Notify>,
+) -> StoreError {
     loop {
         loop {
             match store.run_due_checks(&policy, Utc::now(), SCHEDULER_CHUNK).await {
@@ -451,6 +460,10 @@ async fn run_scheduler(store: Store, policy: PolicyHandle, relay_wake: Arc<Notif
                     if n < SCHEDULER_CHUNK as usize {
                         break;
                     }
+                }
+                Err(e) if e.is_permanent() => {
+                    tracing::error!(error = %e, "scheduled decisions failed permanently; the aggregator stops");
+                    return e;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "scheduled decisions failed; retrying");
@@ -472,12 +485,21 @@ enum Wake {
     /// A message, with the hash of its key.
     Message(Delivery, u64),
     ConsumerError(rdkafka::error::KafkaError),
+    /// The scheduler ended: on a permanent failure, or its task panicked.
+    SchedulerEnded(Result<StoreError, tokio::task::JoinError>),
     Timer,
 }
 
 impl Loop {
-    async fn consume_until(&mut self, shutdown: impl std::future::Future<Output = ()>, drain_timeout: Duration) {
+    async fn consume_until(
+        &mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+        scheduler: &mut JoinHandle<StoreError>,
+        drain_timeout: Duration,
+    ) {
         tokio::pin!(shutdown);
+        // A finished task's handle must not be polled again.
+        let mut scheduler_running = true;
         let mut in_flight: FuturesUnordered<JoinHandle<Settled>> = FuturesUnordered::new();
         self.maintain_ownership().await;
         loop {
@@ -492,6 +514,7 @@ impl Loop {
                     Ok((d, key)) => Wake::Message(d, key),
                     Err(e) => Wake::ConsumerError(e),
                 },
+                ended = &mut *scheduler, if scheduler_running => Wake::SchedulerEnded(ended),
                 _ = tokio::time::sleep_until(wake_at.into()) => Wake::Timer,
             };
             match wake {
@@ -510,6 +533,16 @@ impl Loop {
                 Wake::ConsumerError(e) => {
                     tracing::warn!(error = %e, "consumer error");
                     tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Wake::SchedulerEnded(ended) => {
+                    scheduler_running = false;
+                    match ended {
+                        Ok(failure) => {
+                            self.stopped_by = Some(failure);
+                            break;
+                        }
+                        Err(e) => tracing::error!(error = %e, "the scheduler task ended; decisions are looked at again only with batches"),
+                    }
                 }
                 Wake::Timer => {}
             }

@@ -464,7 +464,7 @@ impl Store {
     /// whose `next_check_at` has come (a rollover, an override change, a usage refresh) is
     /// decided again, and what changed is published.
     /// Returns how many subjects were looked at and how many snapshots were published.
-    pub async fn run_due_checks(&self, policy: &PolicyHandle, now: DateTime<Utc>, limit: i64) -> anyhow::Result<(usize, usize)> {
+    pub async fn run_due_checks(&self, policy: &PolicyHandle, now: DateTime<Utc>, limit: i64) -> Result<(usize, usize), StoreError> {
         let mut tx = self.pool.begin().await?;
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)").bind(SCHEDULER_LOCK).fetch_one(&mut *tx).await?;
         if !locked {
