@@ -1,6 +1,8 @@
 //! A permanent failure that no event causes stops the aggregator: the process logs why and
 //! exits non-zero, for a supervisor to restart and an operator to see, rather than retrying
-//! the same batch for ever while its partitions stand still.
+//! the same batch for ever while its partitions stand still. A stored configuration that
+//! cannot load is met by the next batch and by the scheduler alike; whichever meets it first
+//! stops the process.
 
 mod support;
 

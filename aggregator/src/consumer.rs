@@ -402,7 +402,7 @@ pub async fn run(
     scheduler.abort();
     if let Some(failure) = state.stopped_by {
         tracing::error!(error = %failure, "aggregator stopped by a permanent failure");
-        let context = "the aggregator stopped: a batch fails permanently and no event of it is to blame";
+        let context = "the aggregator stopped on a permanent failure that no event causes";
         return Err(anyhow::Error::new(failure).context(context));
     }
     tracing::info!("aggregator stopped");

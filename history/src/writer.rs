@@ -255,7 +255,7 @@ pub async fn run(
     lag.abort();
     if let Some(failure) = state.stopped_by {
         tracing::error!(error = failure, "history writer stopped by a permanent failure");
-        anyhow::bail!("the history writer stopped: a batch fails permanently and no event of it is to blame: {failure}");
+        anyhow::bail!("the history writer stopped on a permanent failure that no event causes: {failure}");
     }
     tracing::info!("history writer stopped");
     Ok(())
