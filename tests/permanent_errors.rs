@@ -86,3 +86,42 @@ async fn a_stored_configuration_that_cannot_load_stops_the_aggregator_with_a_non
     let quarantined = t.read_topic(&t.topic("quarantine")).await;
     assert!(quarantined.is_empty(), "no event is blamed for the configuration: {quarantined:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_history_table_that_is_gone_stops_the_history_writer_with_a_non_zero_exit() {
+    let t = Tally::start(Some(TIERS)).await;
+    let pool = t.pg().await;
+    let log_path = t.log_dir().join("history-writer-permanent.log");
+    let log = std::fs::File::create(&log_path).expect("create the history writer's log");
+    let child = t
+        .command(&["history-writer"])
+        .env("TALLY_HISTORY_GROUP", t.history_group())
+        .env("TALLY_HISTORY_LISTEN", format!("127.0.0.1:{}", support::free_port()))
+        .env("TALLY_HISTORY_MAX_WAIT_MS", "50")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start tally history-writer");
+    let mut writer = Running(child);
+    let log_text = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let raw_rows = format!("SELECT count() FROM `{}`.usage_events", t.clickhouse_database());
+
+    t.produce_raw(None, "before", &event("before", "before")).await;
+    let written = wait_for(Duration::from_secs(60), || async { t.clickhouse_i64(&raw_rows).await >= 1 }).await;
+    assert!(written, "the history writer never wrote the first event:\n{}", log_text());
+
+    // The raw table gone, as after a botched migration: every write is refused, whatever it
+    // holds. Several events, so that a batch of more than one shows no event is to blame.
+    t.clickhouse(&format!("DROP TABLE `{}`.usage_events", t.clickhouse_database())).await;
+    for i in 0..10 {
+        t.produce_raw(None, "after", &event(&format!("after-{i}"), "after")).await;
+    }
+
+    let status = writer.exited_within(Duration::from_secs(60)).await;
+    let log = log_text();
+    let status = status.unwrap_or_else(|| panic!("the history writer is still retrying after a minute:\n{log}"));
+    assert!(!status.success(), "a permanent failure exits non-zero, not {status}:\n{log}");
+    assert!(log.contains("history writer stopped by a permanent failure"), "the log says it stopped and why:\n{log}");
+    let isolated: i64 = sqlx::query_scalar("SELECT count(*) FROM history_isolated").fetch_one(&pool).await.expect("read history_isolated");
+    assert_eq!(isolated, 0, "no event is blamed for the missing table");
+}
