@@ -19,6 +19,18 @@
 //! Should a producer key otherwise, row locks still serialize the lanes' transactions (a
 //! deadlock is a database error, and the batch is retried).
 //!
+//! A failed batch commit is acted on by its class, decided where failures are classified
+//! ([`crate::store::ErrorClass`]): a batch refused by fencing gives up or rewinds its
+//! partitions; a transient failure is retried with backoff, the lane paused meanwhile; a
+//! permanent one has the event that causes it found ([`crate::isolate`]) and quarantined,
+//! and the batch is committed again without it. A permanent failure that no event of the
+//! batch causes (a stored configuration that cannot load, a schema that does not match)
+//! stops the aggregator: the loop takes no more messages and starts no more commits, lets
+//! those in flight finish (within the shutdown timeout), leaves the group, and [`run`]
+//! returns the failure, so the process logs it and exits non-zero rather than retrying for
+//! ever. A permanent failure of the time-driven scheduler, which handles no events, stops
+//! the aggregator the same way.
+//!
 //! Urgent events ([`crate::headroom`]) are copied, as they are accepted, into a queue that a
 //! fast commit takes at once (one in flight at a time, one attempt). It writes no offsets;
 //! once it committed, the deliveries it decided are marked when their batch is cut, and
@@ -47,10 +59,11 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::isolate::{self, Isolation};
-use crate::lanes::{key_hash, BatchLimits, Lane};
+use crate::keys::{key_hash, Subjects};
+use crate::lanes::{BatchLimits, Lane};
 use crate::plan::{parse_batch, Delivery, Refusal};
 use crate::policy::{Policy, PolicyHandle};
-use crate::store::{Finish, Outcome, Range, Store, StoreError, Subjects};
+use crate::store::{Finish, Outcome, Range, Store, StoreError};
 use crate::{relay, AggregatorSettings};
 
 /// Most subjects one scheduler transaction decides. Small, because a batch touching one of
@@ -180,6 +193,8 @@ struct Loop {
     fast: FastCommits,
     relay_wake: Arc<Notify>,
     metrics: Arc<Metrics>,
+    /// The permanent failure that stopped the loop, once one did.
+    stopped_by: Option<StoreError>,
 }
 
 /// What one lane commits: its deliveries' offset ranges, and its due refreshes.
@@ -190,11 +205,11 @@ struct LaneWork {
     refreshes: Subjects,
 }
 
-/// A commit as it ended: a lane's batch with its outcome or the partition that refused it,
-/// or a fast commit of urgent deliveries with its outcome (`None`: it failed, and the events
-/// are counted with their batches).
+/// A commit as it ended: a lane's batch with its outcome or why it was not committed, or a
+/// fast commit of urgent deliveries with its outcome (`None`: it failed, and the events are
+/// counted with their batches).
 enum Settled {
-    Batch(LaneWork, Result<Outcome, Refused>),
+    Batch(LaneWork, Result<Outcome, NotCommitted>),
     Fast(FastWork, Option<Outcome>),
 }
 
@@ -266,8 +281,22 @@ impl FastCommits {
     }
 }
 
-/// The partition, and the epoch the batch claimed it at, of a batch refused by fencing.
-type Refused = (i32, i64);
+/// Why a lane's batch was not committed.
+#[derive(Debug)]
+enum NotCommitted {
+    /// Refused by fencing: the lane gives the partition up or rewinds.
+    Fenced(Refused),
+    /// A permanent failure that no event of the batch causes
+    /// ([`crate::store::ErrorClass::Permanent`]): the aggregator stops.
+    Permanent(StoreError),
+}
+
+/// A batch refused by fencing: the partition, and the epoch the batch claimed it at.
+#[derive(Debug, Clone, Copy)]
+struct Refused {
+    partition: i32,
+    epoch: i64,
+}
 
 /// Everything a batch commit needs, owned, so commits run as tasks of their own.
 #[derive(Clone)]
@@ -331,7 +360,7 @@ pub async fn run(
         let metrics = metrics.clone();
         tally_common::health::serve_probes(settings.listen, clients, move || metrics.registry.render()).await?
     };
-    let scheduler = tokio::spawn(run_scheduler(store.clone(), policy.clone(), relay_wake.clone(), metrics.clone(), control));
+    let mut scheduler = tokio::spawn(run_scheduler(store.clone(), policy.clone(), relay_wake.clone(), metrics.clone(), control));
     tracing::info!(group = %settings.group, topic = %kafka.usage_topic, owner = %store.owner, "aggregator consuming");
     let timeout = Duration::from_secs(settings.shutdown_timeout_seconds);
     let membership = Membership {
@@ -358,8 +387,9 @@ pub async fn run(
         fast: FastCommits::default(),
         relay_wake,
         metrics,
+        stopped_by: None,
     };
-    state.consume_until(shutdown, timeout).await;
+    state.consume_until(shutdown, &mut scheduler, timeout).await;
     if let Err(e) = membership.leave(&pool).await {
         tracing::warn!(error = %e, "could not leave the group; the others take over when the lease ends");
     }
@@ -369,6 +399,11 @@ pub async fn run(
     let _ = tokio::time::timeout(timeout, relay::drain(&pool, &producer)).await;
     health.abort();
     scheduler.abort();
+    if let Some(failure) = state.stopped_by {
+        tracing::error!(error = %failure, "aggregator stopped by a permanent failure");
+        let context = "the aggregator stopped on a permanent failure that no event causes";
+        return Err(anyhow::Error::new(failure).context(context));
+    }
     tracing::info!("aggregator stopped");
     Ok(())
 }
@@ -403,8 +438,16 @@ fn control_wake(kafka: &KafkaSettings, health: Arc<ClientHealth>) -> Arc<Notify>
 }
 
 /// Runs the time-driven scheduler: every 200 ms, or at once on a control message, decides
-/// again the subjects that are due (see [`Store::run_due_checks`]).
-async fn run_scheduler(store: Store, policy: PolicyHandle, relay_wake: Arc<Notify>, metrics: Arc<Metrics>, wake: Arc<Notify>) {
+/// again the subjects that are due (see [`Store::run_due_checks`]). A transient failure is
+/// tried again at the next tick; a permanent one (the scheduler handles no events, so none
+/// is to blame) ends it, returning the failure for the loop to stop on.
+async fn run_scheduler(
+    store: Store,
+    policy: PolicyHandle,
+    relay_wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    wake: Arc<Notify>,
+) -> StoreError {
     loop {
         loop {
             match store.run_due_checks(&policy, Utc::now(), SCHEDULER_CHUNK).await {
@@ -416,6 +459,10 @@ async fn run_scheduler(store: Store, policy: PolicyHandle, relay_wake: Arc<Notif
                     if n < SCHEDULER_CHUNK as usize {
                         break;
                     }
+                }
+                Err(e) if e.is_permanent() => {
+                    tracing::error!(error = %e, "scheduled decisions failed permanently; the aggregator stops");
+                    return e;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "scheduled decisions failed; retrying");
@@ -437,12 +484,21 @@ enum Wake {
     /// A message, with the hash of its key.
     Message(Delivery, u64),
     ConsumerError(rdkafka::error::KafkaError),
+    /// The scheduler ended: on a permanent failure, or its task panicked.
+    SchedulerEnded(Result<StoreError, tokio::task::JoinError>),
     Timer,
 }
 
 impl Loop {
-    async fn consume_until(&mut self, shutdown: impl std::future::Future<Output = ()>, drain_timeout: Duration) {
+    async fn consume_until(
+        &mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+        scheduler: &mut JoinHandle<StoreError>,
+        drain_timeout: Duration,
+    ) {
         tokio::pin!(shutdown);
+        // A finished task's handle must not be polled again.
+        let mut scheduler_running = true;
         let mut in_flight: FuturesUnordered<JoinHandle<Settled>> = FuturesUnordered::new();
         self.maintain_ownership().await;
         loop {
@@ -457,11 +513,17 @@ impl Loop {
                     Ok((d, key)) => Wake::Message(d, key),
                     Err(e) => Wake::ConsumerError(e),
                 },
+                ended = &mut *scheduler, if scheduler_running => Wake::SchedulerEnded(ended),
                 _ = tokio::time::sleep_until(wake_at.into()) => Wake::Timer,
             };
             match wake {
                 Wake::Shutdown => break,
-                Wake::Settled(settled) => self.settle(settled),
+                Wake::Settled(settled) => {
+                    self.settle(settled);
+                    if self.stopped_by.is_some() {
+                        break;
+                    }
+                }
                 Wake::Message(d, key) => {
                     let now = Instant::now();
                     self.accept(d, key, now);
@@ -470,6 +532,16 @@ impl Loop {
                 Wake::ConsumerError(e) => {
                     tracing::warn!(error = %e, "consumer error");
                     tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Wake::SchedulerEnded(ended) => {
+                    scheduler_running = false;
+                    match ended {
+                        Ok(failure) => {
+                            self.stopped_by = Some(failure);
+                            break;
+                        }
+                        Err(e) => tracing::error!(error = %e, "the scheduler task ended; decisions are looked at again only with batches"),
+                    }
                 }
                 Wake::Timer => {}
             }
@@ -686,7 +758,8 @@ impl Loop {
                 self.lanes[work.lane].settled();
                 match result {
                     Ok(outcome) => self.committed(&work, outcome),
-                    Err(refused) => self.fenced(work, refused),
+                    Err(NotCommitted::Fenced(refused)) => self.fenced(work, refused),
+                    Err(NotCommitted::Permanent(failure)) => self.stop(work.lane, failure),
                 }
             }
             Settled::Fast(work, outcome) => self.fast_committed(work, outcome),
@@ -743,7 +816,7 @@ impl Loop {
     /// has claimed it again since the batch's epoch) and its buffered messages dropped; the
     /// lane's other partitions drop what they buffered and re-read from their stored
     /// offsets; the refreshes wait for the lane's next batch.
-    fn fenced(&mut self, work: LaneWork, (partition, epoch): Refused) {
+    fn fenced(&mut self, work: LaneWork, Refused { partition, epoch }: Refused) {
         self.metrics.fenced.inc();
         if self.owned.get(&partition).is_some_and(|o| o.epoch == epoch) {
             tracing::warn!(partition, epoch, "batch refused by fencing; another member owns the partition now");
@@ -758,6 +831,14 @@ impl Loop {
         self.lanes[work.lane].deferred.extend(work.refreshes.into_iter().map(|(s, key)| (s, (key, now))));
         self.rewind_lane(work.lane);
         self.assign_owned();
+    }
+
+    /// After a lane's batch failed permanently without an event to blame: the loop stops
+    /// taking messages and starting commits, lets the commits in flight finish, and the
+    /// aggregator exits with the failure (see the module docs). The first failure is kept.
+    fn stop(&mut self, lane: usize, failure: StoreError) {
+        tracing::error!(lane, error = %failure, "batch commit failed permanently and no event of it is to blame; the aggregator stops");
+        self.stopped_by.get_or_insert(failure);
     }
 
     /// After a commit: the stored cursors move on, and Kafka gets them as a resume hint.
@@ -791,12 +872,15 @@ impl Loop {
 }
 
 impl Committer {
-    /// Commits one lane's batch (with its due refreshes) until it succeeds or is fenced; a
-    /// refusal by fencing names the partition and the batch's epoch. A transient failure is
-    /// retried with backoff. Any other failure looks for the event that causes it
-    /// ([`crate::isolate`]): that event is quarantined and the batch tried again at once;
-    /// when no event is to blame, the batch is retried with backoff.
-    async fn commit_with_retry(&self, work: &mut LaneWork) -> Result<Outcome, Refused> {
+    /// Commits one lane's batch (with its due refreshes) until it succeeds, is fenced or
+    /// fails permanently, acting on the failure's class ([`crate::store::ErrorClass`]): a
+    /// refusal by fencing names the partition and the batch's epoch; a transient failure is
+    /// retried with backoff; a permanent one looks for the event that causes it
+    /// ([`crate::isolate`]). That event is quarantined and the batch tried again at once;
+    /// when the failure did not come back, or a transient one interrupted the search, the
+    /// batch is retried with backoff; when no event is to blame, the failure is returned and
+    /// the aggregator stops.
+    async fn commit_with_retry(&self, work: &mut LaneWork) -> Result<Outcome, NotCommitted> {
         let mut backoff = Duration::from_millis(200);
         loop {
             let (now, parsing) = (Utc::now(), Instant::now());
@@ -819,11 +903,13 @@ impl Committer {
                     );
                     return Ok(outcome);
                 }
-                Err(StoreError::Fenced { partition, epoch, .. }) => return Err((partition, epoch)),
+                Err(StoreError::Fenced { partition, epoch, .. }) => return Err(NotCommitted::Fenced(Refused { partition, epoch })),
                 Err(e) if e.is_transient() => e,
+                // Permanent: an event's, or the aggregator's.
                 Err(e) => match self.isolate(work, e).await {
-                    Some(e) => e,
-                    None => continue,
+                    Isolated::Quarantined => continue,
+                    Isolated::RetryLater(e) => e,
+                    Isolated::NotAnEvent(e) => return Err(NotCommitted::Permanent(e)),
                 },
             };
             self.metrics.db_retries.inc();
@@ -834,9 +920,8 @@ impl Committer {
     }
 
     /// Looks for the delivery that makes `work`'s batch fail with `failure` and marks it
-    /// for quarantine. Returns the failure to back off on when no event is to blame or a
-    /// transient failure stopped the search, `None` when an event was isolated.
-    async fn isolate(&self, work: &mut LaneWork, failure: StoreError) -> Option<StoreError> {
+    /// for quarantine.
+    async fn isolate(&self, work: &mut LaneWork, failure: StoreError) -> Isolated {
         let len = work.deliveries.len();
         tracing::warn!(error = %failure, lane = work.lane, events = len, "batch commit failed; looking for the event that causes it");
         let mut trials = BatchTrials { committer: self, work: &mut *work };
@@ -846,12 +931,23 @@ impl Committer {
                 tracing::warn!(partition = d.partition, offset = d.offset, reason = %refusal.reason, detail = refusal.detail.as_deref().unwrap_or_default(), "event isolated from its batch; it goes to quarantine");
                 d.isolated = Some(refusal);
                 self.metrics.isolated.inc();
-                None
+                Isolated::Quarantined
             }
-            Isolation::NotAnEvent(e) | Isolation::Interrupted(e) => Some(e),
-            Isolation::NotReproduced => Some(failure),
+            Isolation::NotAnEvent(e) => Isolated::NotAnEvent(e),
+            Isolation::Interrupted(e) => Isolated::RetryLater(e),
+            Isolation::NotReproduced => Isolated::RetryLater(failure),
         }
     }
+}
+
+/// What the search for a batch's poison leaves the commit to do.
+enum Isolated {
+    /// An event was marked for quarantine: commit again at once.
+    Quarantined,
+    /// The failure passed, or a transient one stopped the search: back off and retry.
+    RetryLater(StoreError),
+    /// The batch fails without any of its events: a permanent failure of the aggregator's.
+    NotAnEvent(StoreError),
 }
 
 /// A lane's batch, tried by prefixes in transactions that roll back ([`crate::isolate`]).

@@ -28,6 +28,7 @@ use tally_domain::decision::QuotaDecision;
 use tally_domain::event::UsageEvent;
 use tally_domain::metric::{Amounts, Metric};
 
+use crate::keys::SubjectKey;
 use crate::policy::Quota;
 
 /// How much of one quota's metric may still arrive before its decision changes.
@@ -167,17 +168,6 @@ impl Headroom {
             line.left -= entry.unbatched.get(line.metric);
         }
         (entry.lines, entry.stale) = (lines, false);
-    }
-}
-
-/// A subject as [`Headroom`] knows it: a 64-bit hash of its name, so neither the map nor a
-/// commit's outcome keeps a copy of the name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SubjectKey(u64);
-
-impl SubjectKey {
-    pub fn of(subject: &str) -> Self {
-        SubjectKey(crate::lanes::key_hash(Some(subject.as_bytes())))
     }
 }
 

@@ -1,7 +1,7 @@
 //! Poison isolation: finding the event that makes a batch's transaction fail.
 //!
-//! A batch commits all its events or none. When its transaction fails for a reason that is
-//! not transient ([`StoreError::is_transient`]), the failure may be caused by one of its
+//! A batch commits all its events or none. When its transaction fails permanently
+//! ([`crate::store::ErrorClass::Permanent`]), the failure may be caused by one of its
 //! events: an amount that takes a ledger row past the bound, a configuration it cannot be
 //! counted under, anything the database refuses. Retrying the batch as it is would fail
 //! for ever and stop every subject of its partitions.
@@ -11,9 +11,9 @@
 //!   refreshes, no offsets) in transactions that are rolled back. The whole batch must fail
 //!   again, else the failure was a passing one and nothing is blamed
 //!   ([`Isolation::NotReproduced`]); the empty prefix must commit, else no event is to blame
-//!   ([`Isolation::NotAnEvent`]). Every verdict rests on trials: a binary search then
-//!   finds a prefix that fails whose prefix one shorter commits; its last delivery is the
-//!   suspect. Usage only adds (a correction, which subtracts, cannot break a bound), so for
+//!   ([`Isolation::NotAnEvent`]: the caller stops the aggregator, see [`crate::consumer`]).
+//!   Every verdict rests on trials: a binary search then finds a prefix that fails whose
+//!   prefix one shorter commits; its last delivery is the suspect. Usage only adds (a correction, which subtracts, cannot break a bound), so for
 //!   an overflow that is the delivery whose arrival breaks the batch after the events
 //!   before it. Last, that prefix is tried once more with the suspect quarantined instead
 //!   of counted, as the batch's next commit will do: only if that commits is the suspect
@@ -105,12 +105,13 @@ pub fn refusal_of(cause: &StoreError) -> Refusal {
         );
         return Refusal::overflow(detail);
     }
-    Refusal { reason: "unprocessable".to_string(), detail: Some(format!("its batch's transaction fails with it: {cause}")) }
+    Refusal::unprocessable(format!("its batch's transaction fails with it: {cause}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quarantine::QuarantineReason;
 
     /// A batch that fails once its prefix counts `poison` (or never), counting the trials;
     /// with `writes_fail`, every prefix that writes anything fails.
@@ -162,7 +163,7 @@ mod tests {
                     panic!("len {len}, poison {poison}: not found");
                 };
                 assert_eq!(index, poison, "len {len}");
-                assert_eq!(refusal.reason, "unprocessable");
+                assert_eq!(refusal.reason.kind, QuarantineReason::Unprocessable);
                 assert!(refusal.detail.unwrap().contains(&format!("event {poison} cannot be counted")), "len {len}, poison {poison}");
                 let bound = 4 + (len as f64).log2().ceil() as usize;
                 assert!(trials.tried.len() <= bound, "len {len}: {} trials", trials.tried.len());
@@ -215,6 +216,6 @@ mod tests {
         assert!(!StoreError::Config(anyhow::anyhow!("x")).is_transient());
         let lost = anyhow::Error::new(sqlx::Error::PoolTimedOut).context("failed to load configuration version 3");
         assert!(StoreError::Config(lost).is_transient(), "a configuration that could not be read for a lost connection");
-        assert_eq!(refusal_of(&StoreError::Database(sqlx::Error::RowNotFound)).reason, "unprocessable");
+        assert_eq!(refusal_of(&StoreError::Database(sqlx::Error::RowNotFound)).reason.kind, QuarantineReason::Unprocessable);
     }
 }

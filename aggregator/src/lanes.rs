@@ -11,14 +11,13 @@
 //! partition's buffered deliveries whenever that partition is rewound or lost.
 
 use std::collections::HashSet;
-use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
 use crate::headroom::Headroom;
+use crate::keys::{Deferred, Subjects};
 use crate::plan::Delivery;
-use crate::store::{Deferred, Subjects};
 
 /// One commit lane's state in the consume loop.
 #[derive(Debug, Default)]
@@ -51,13 +50,6 @@ pub struct BatchLimits {
     pub refreshes: usize,
 }
 
-/// A message key's hash, to count a batch's distinct subjects.
-pub fn key_hash(key: Option<&[u8]>) -> u64 {
-    let mut h = crate::plan::Fnv1a::default();
-    key.hash(&mut h);
-    h.finish()
-}
-
 /// How often an idle lane with an empty buffer looks for due refreshes.
 const REFRESH_POLL: Duration = Duration::from_millis(100);
 
@@ -67,7 +59,7 @@ impl Lane {
         Lane { headroom: Headroom::with_capacity(headroom_subjects), ..Lane::default() }
     }
 
-    /// Buffers a delivery with the [`key_hash`] of its message key. Returns a copy of it
+    /// Buffers a delivery with the [`crate::keys::key_hash`] of its message key. Returns a copy of it
     /// when its event is urgent: it may change its subject's decision ([`Headroom::spend`]).
     pub fn push(&mut self, delivery: Delivery, key: u64, now: Instant) -> Option<Delivery> {
         if self.buffer.is_empty() {
@@ -163,6 +155,7 @@ impl Lane {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::key_hash;
 
     fn delivery(partition: i32, offset: i64) -> Delivery {
         Delivery { partition, offset, ..Delivery::default() }
@@ -248,7 +241,7 @@ mod tests {
         };
         let mut lane = Lane::default();
         let left = Box::new([crate::headroom::Line { metric: tally_domain::metric::Metric::InputTokens, scope: None, left: 10 }]);
-        lane.headroom.committed(crate::headroom::SubjectKey::of("s"), left);
+        lane.headroom.committed(crate::keys::SubjectKey::of("s"), left);
         assert!(lane.push(event(0, 9), key_hash(Some(b"s")), t0).is_none());
         let urgent = lane.push(event(1, 1), key_hash(Some(b"s")), t0).expect("the 10th token is urgent");
         assert_eq!((urgent.offset, urgent.event().map(|e| e.input_tokens)), (1, Some(1)));

@@ -46,9 +46,11 @@ pub mod consumer;
 pub mod dedupe;
 pub mod headroom;
 pub mod isolate;
+pub mod keys;
 pub mod lanes;
 pub mod plan;
 pub mod policy;
+pub mod quarantine;
 pub mod relay;
 pub mod store;
 

@@ -15,7 +15,9 @@ use tally_domain::decision::{quota_state, remaining, QuotaDecision};
 use tally_domain::event::{parse_event_with_fingerprint, timeliness, EventErrorKind, Timeliness, UsageEvent};
 use tally_domain::period::{PeriodSpec, Window};
 
+use crate::keys::Fnv1a;
 use crate::policy::{Policy, Quota, Resolved};
+use crate::quarantine::{QuarantineReason, Reason};
 
 /// One message as consumed.
 #[derive(Debug, Clone, Default)]
@@ -39,23 +41,28 @@ pub struct Delivery {
 /// A payload parsed: the event and its fingerprint, or why it goes to quarantine.
 pub type ParseResult = Result<(UsageEvent, String), Refusal>;
 
-/// Why a message goes to quarantine: a `reason` whose first word is stable (`overflow`,
-/// `invalid event`, `late`, ...) and, where there is more to say, a `detail`.
+/// Why a message goes to quarantine: its [`Reason`] (see [`crate::quarantine`]) and, where
+/// there is more to say, a `detail`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
-    pub reason: String,
+    pub reason: Reason,
     pub detail: Option<String>,
 }
 
 impl Refusal {
-    pub fn new(reason: impl Into<String>) -> Self {
+    pub fn new(reason: impl Into<Reason>) -> Self {
         Refusal { reason: reason.into(), detail: None }
     }
 
     /// An amount past [`tally_domain::metric::MAX_AMOUNT`], or a sum of amounts past a
     /// ledger's bound: counting it would overflow.
     pub fn overflow(detail: impl Into<String>) -> Self {
-        Refusal { reason: "overflow".to_string(), detail: Some(detail.into()) }
+        Refusal { reason: QuarantineReason::Overflow.into(), detail: Some(detail.into()) }
+    }
+
+    /// An event that fails its batch's transaction on its own ([`crate::isolate`]).
+    pub fn unprocessable(detail: impl Into<String>) -> Self {
+        Refusal { reason: QuarantineReason::Unprocessable.into(), detail: Some(detail.into()) }
     }
 }
 
@@ -75,9 +82,9 @@ impl Delivery {
 
 fn parse_payload(payload: Option<&[u8]>) -> ParseResult {
     match payload.map(parse_event_with_fingerprint) {
-        None => Err(Refusal::new("empty message")),
+        None => Err(Refusal::new(QuarantineReason::EmptyMessage)),
         Some(Err(e)) if e.kind == EventErrorKind::OutOfRange => Err(Refusal::overflow(e.to_string())),
-        Some(Err(e)) => Err(Refusal::new(format!("invalid event: {e}"))),
+        Some(Err(e)) => Err(Refusal::new(Reason::with_words(QuarantineReason::InvalidEvent, e.to_string()))),
         Some(Ok(parsed)) => Ok(parsed),
     }
 }
@@ -85,7 +92,7 @@ fn parse_payload(payload: Option<&[u8]>) -> ParseResult {
 /// A message refused by the aggregator, published to the quarantine topic with its reason.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Quarantined {
-    pub reason: String,
+    pub reason: Reason,
     /// More about the reason, where there is more to say (which amount overflowed, the
     /// database's refusal of an isolated event).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -101,7 +108,7 @@ pub struct Quarantined {
 }
 
 impl Quarantined {
-    pub fn new(reason: impl Into<String>, event_id: Option<String>, d: &Delivery) -> Self {
+    pub fn new(reason: impl Into<Reason>, event_id: Option<String>, d: &Delivery) -> Self {
         let bytes = d.payload.as_deref().unwrap_or_default();
         let (original, original_encoding) = match std::str::from_utf8(bytes) {
             Ok(text) => (text.to_string(), "utf8"),
@@ -163,12 +170,14 @@ pub fn parse_batch(deliveries: &mut [Delivery], now: DateTime<Utc>, lateness: Du
         match timeliness(event.time, now, lateness) {
             Timeliness::OnTime => {}
             Timeliness::TooLate => {
-                let reason = format!("late: event time {} is older than the lateness window of {} days", event.time, lateness.num_days());
+                let words = format!("event time {} is older than the lateness window of {} days", event.time, lateness.num_days());
+                let reason = Reason::with_words(QuarantineReason::Late, words);
                 parsed.quarantined.push(Quarantined::new(reason, Some(event.id), d));
                 continue;
             }
             Timeliness::InFuture => {
-                let reason = format!("future: event time {} is more than 5 minutes ahead", event.time);
+                let reason =
+                    Reason::with_words(QuarantineReason::Future, format!("event time {} is more than 5 minutes ahead", event.time));
                 parsed.quarantined.push(Quarantined::new(reason, Some(event.id), d));
                 continue;
             }
@@ -187,7 +196,8 @@ pub fn parse_batch(deliveries: &mut [Delivery], now: DateTime<Utc>, lateness: Du
 
 /// The quarantine record for an id already seen with another payload.
 pub fn conflict(id: &str, d: &Delivery) -> Quarantined {
-    Quarantined::new(format!("conflict: event id {id:?} was already counted with a different payload"), Some(id.to_string()), d)
+    let words = format!("event id {id:?} was already counted with a different payload");
+    Quarantined::new(Reason::with_words(QuarantineReason::Conflict, words), Some(id.to_string()), d)
 }
 
 /// The key of one ledger row.
@@ -449,27 +459,6 @@ impl Published {
     }
 }
 
-/// FNV-1a: a fixed, seedless hash, so digests written by one process compare equal in another.
-pub struct Fnv1a(u64);
-
-impl Default for Fnv1a {
-    fn default() -> Self {
-        Fnv1a(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Hasher for Fnv1a {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-}
-
 /// Whether a new snapshot must be published: when a threshold fired, on the first decision,
 /// on any change of state, action, limit, reset instant or tier, and otherwise when usage
 /// changed and the last snapshot is older than `refresh`.
@@ -635,7 +624,8 @@ mod tests {
         assert_eq!(parsed.duplicates, 1);
         assert_eq!(parsed.quarantined.len(), 1);
         assert_eq!(parsed.quarantined[0].offset, 2);
-        assert!(parsed.quarantined[0].reason.starts_with("conflict"));
+        assert_eq!(parsed.quarantined[0].reason.kind, QuarantineReason::Conflict);
+        assert!(parsed.quarantined[0].reason.to_string().starts_with("conflict: event id "));
     }
 
     #[test]
@@ -672,11 +662,13 @@ mod tests {
         ];
         let parsed = parse_batch(&mut batch, now(), Duration::days(35));
         assert!(parsed.candidates.is_empty());
-        let reasons: Vec<&str> = parsed.quarantined.iter().map(|q| q.reason.as_str()).collect();
-        assert!(reasons[0].starts_with("invalid event"), "{reasons:?}");
+        let reasons: Vec<String> = parsed.quarantined.iter().map(|q| q.reason.to_string()).collect();
+        assert!(reasons[0].starts_with("invalid event: "), "{reasons:?}");
         assert_eq!(reasons[1], "empty message");
-        assert!(reasons[2].starts_with("late"));
-        assert!(reasons[3].starts_with("future"));
+        assert_eq!(reasons[2], "late: event time 2026-09-01 00:00:00 UTC is older than the lateness window of 35 days");
+        assert_eq!(reasons[3], "future: event time 2026-11-22 12:06:00 UTC is more than 5 minutes ahead");
+        let written = serde_json::to_value(&parsed.quarantined[2]).unwrap();
+        assert_eq!(written["reason"], reasons[2].as_str(), "the record carries the reason as one string");
         assert_eq!(parsed.quarantined[0].original, "{not json");
         assert_eq!(parsed.quarantined[4].original, "ff00");
         assert_eq!(parsed.quarantined[4].original_encoding, "hex");
@@ -752,7 +744,5 @@ mod tests {
         assert_eq!((a.shape, a.usage), (b.shape, b.usage));
         assert_ne!(a.usage, published("free", &[line(11, 100)], now()).usage);
         assert_ne!(a.shape, published("free", &[line(10, 101)], now()).shape);
-        // FNV-1a of nothing is its offset basis: the hash is seedless.
-        assert_eq!(Fnv1a::default().finish(), 0xcbf2_9ce4_8422_2325);
     }
 }

@@ -7,13 +7,16 @@ use foldhash::{HashMap, HashMapExt};
 
 use chrono::{DateTime, Duration, Utc};
 use sqlx::{PgPool, Postgres, Transaction};
+use tally_common::postgres;
 use tally_domain::decision::{thresholds_reached, DecisionSnapshot, QuotaDecision};
 use tally_domain::event::UsageEvent;
 use tally_domain::metric::MAX_AMOUNT;
 
 use crate::headroom;
+use crate::keys::{Deferred, SubjectKey, Subjects};
 use crate::plan::{self, Candidate, LedgerDelta, LedgerKey, Parsed, Quarantined, Refusal};
 use crate::policy::{Policy, PolicyHandle};
+use crate::quarantine::{QuarantineReason, Reason};
 
 /// Why a batch was not committed.
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +25,7 @@ pub enum StoreError {
     /// offset. The batch is refused; the partition must be claimed again before consuming.
     #[error("fenced on partition {partition}: batch starts at {start}, epoch {epoch}, but the stored owner/offset differ")]
     Fenced { partition: i32, start: i64, epoch: i64 },
-    /// Postgres failed; the same batch can be retried.
+    /// Postgres failed: transient or permanent by its cause ([`StoreError::class`]).
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     /// A tier configuration (the one in force, or the one an event being corrected was
@@ -31,19 +34,51 @@ pub enum StoreError {
     Config(#[from] anyhow::Error),
 }
 
+/// What a failed commit calls for. Decided here, where failures are classified; the
+/// consume loop acts on it and decides nothing itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The batch is refused: this instance lost the partition, or the batch does not
+    /// continue the stored offset. Retrying cannot help; the partition is given up or
+    /// rewound.
+    Fenced,
+    /// The same transaction may well succeed if tried again, whatever it holds: a lost or
+    /// refused connection, a serialization failure or deadlock, a server shutting down or
+    /// out of resources. Retried with backoff.
+    Transient,
+    /// The same transaction fails again however often it is tried. Either an event of the
+    /// batch causes it, and [`crate::isolate`] finds and quarantines that event, or none
+    /// does (a stored configuration that cannot load, a schema that does not match,
+    /// revoked permissions), and retrying would loop for ever: the aggregator stops.
+    Permanent,
+}
+
 impl StoreError {
-    /// Whether the same transaction may well succeed if tried again, whatever it holds: a
-    /// lost or refused connection, a serialization failure or deadlock, a server shutting
-    /// down or out of resources. Any other failure may be caused by what the batch holds,
-    /// and [`crate::isolate`] looks for the event that causes it.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            StoreError::Fenced { .. } => false,
-            StoreError::Database(e) => is_transient_database_error(e),
+    /// What this failure calls for (see [`ErrorClass`]).
+    pub fn class(&self) -> ErrorClass {
+        let transient = match self {
+            StoreError::Fenced { .. } => return ErrorClass::Fenced,
+            StoreError::Database(e) => postgres::is_transient(e),
             // Loading a configuration reads Postgres too: its failure is transient when a
             // database error under it is.
-            StoreError::Config(e) => e.chain().filter_map(|cause| cause.downcast_ref::<sqlx::Error>()).any(is_transient_database_error),
+            StoreError::Config(e) => e.chain().filter_map(|cause| cause.downcast_ref::<sqlx::Error>()).any(postgres::is_transient),
+        };
+        if transient {
+            ErrorClass::Transient
+        } else {
+            ErrorClass::Permanent
         }
+    }
+
+    /// Whether the same transaction may well succeed if tried again ([`ErrorClass::Transient`]).
+    pub fn is_transient(&self) -> bool {
+        self.class() == ErrorClass::Transient
+    }
+
+    /// Whether the same transaction fails again however often it is tried
+    /// ([`ErrorClass::Permanent`]).
+    pub fn is_permanent(&self) -> bool {
+        self.class() == ErrorClass::Permanent
     }
 
     /// Whether this failure is a ledger bound refusing a sum: a ledger row past
@@ -65,33 +100,6 @@ const NUMERIC_VALUE_OUT_OF_RANGE: &str = "22003";
 const CHECK_VIOLATION: &str = "23514";
 /// The check that keeps every ledger row's `used` within the amount bound (migration 0015).
 const LEDGER_BOUND_CONSTRAINT: &str = "ledgers_used_within_bound";
-
-/// Postgres and connection failures that say nothing about the batch: connection
-/// exceptions (class 08), transaction rollbacks such as serialization failures and
-/// deadlocks (40), insufficient resources (53), operator intervention such as a shutdown
-/// (57), system errors (58), a lock not available (55P03), a read-only server (25006, as
-/// after a failover until the pool reaches the new primary), and every failure to reach or
-/// keep the server.
-fn is_transient_database_error(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Database(db) => {
-            let code = db.code();
-            let code = code.as_deref().unwrap_or_default();
-            ["08", "40", "53", "57", "58"].iter().any(|class| code.starts_with(class)) || ["55P03", "25006"].contains(&code)
-        }
-        sqlx::Error::Configuration(_)
-        | sqlx::Error::InvalidArgument(_)
-        | sqlx::Error::RowNotFound
-        | sqlx::Error::TypeNotFound { .. }
-        | sqlx::Error::ColumnIndexOutOfBounds { .. }
-        | sqlx::Error::ColumnNotFound(_)
-        | sqlx::Error::ColumnDecode { .. }
-        | sqlx::Error::Encode(_)
-        | sqlx::Error::Decode(_) => false,
-        // I/O, TLS, protocol, pool timeouts, a crashed worker, and what sqlx may add.
-        _ => true,
-    }
-}
 
 /// Whether [`Store::commit_batch`] commits its transaction or rolls it back (a trial of
 /// [`crate::isolate`], which only wants to know whether the batch would commit).
@@ -132,14 +140,14 @@ pub struct Outcome {
     /// the loop hands them back to a later batch ([`Store::commit_batch`]'s `refreshes`).
     pub deferred: Deferred,
     /// Every decided subject's headroom as of this commit ([`crate::headroom`]).
-    pub headroom: Vec<(headroom::SubjectKey, Box<[headroom::Line]>)>,
+    pub headroom: Vec<(SubjectKey, Box<[headroom::Line]>)>,
 }
 
 /// What deciding a chunk of subjects gave.
 struct Decided {
     snapshots: usize,
     deferred: Deferred,
-    headroom: Vec<(headroom::SubjectKey, Box<[headroom::Line]>)>,
+    headroom: Vec<(SubjectKey, Box<[headroom::Line]>)>,
 }
 
 /// The aggregator's handle on its Postgres tables.
@@ -272,7 +280,7 @@ impl Store {
              FROM UNNEST($1::text[], $2::text[], $3::text[]) AS c(id, target, subject)
              WHERE t.event_id = c.target AND t.subject = c.subject AND t.corrected_by IS NULL AND t.corrects IS NULL
                AND t.requests IS NOT NULL
-             RETURNING c.id, t.event_id, t.subject, t.event_time, t.scope, t.api_key_sha256, t.requests, t.input_tokens,
+             RETURNING c.id AS correction_id, t.event_id, t.subject, t.event_time, t.scope, t.api_key_sha256, t.requests, t.input_tokens,
                        t.output_tokens, t.cached_tokens, t.cost_micros, t.config_version",
         )
         .bind(&ids)
@@ -280,12 +288,12 @@ impl Store {
         .bind(&subjects)
         .fetch_all(&mut **tx)
         .await?;
-        let applied: HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        let applied: HashSet<&str> = rows.iter().map(|r| r.correction_id.as_str()).collect();
         let refused: Vec<&str> = ids.iter().copied().filter(|id| !applied.contains(id)).collect();
         for c in corrections.iter().filter(|c| refused.contains(&c.event.id.as_str())) {
             let target = c.event.corrects.as_deref().unwrap_or_default();
-            let reason =
-                format!("correction: event {target:?} of subject {:?} was never counted, or is already corrected", c.event.subject);
+            let words = format!("event {target:?} of subject {:?} was never counted, or is already corrected", c.event.subject);
+            let reason = Reason::with_words(QuarantineReason::Correction, words);
             quarantined.push(Quarantined::new(reason, Some(c.event.id.clone()), c.delivery));
         }
         if !refused.is_empty() {
@@ -293,7 +301,7 @@ impl Store {
         }
         let mut reverted = Vec::with_capacity(rows.len());
         for row in rows {
-            let version = row.11.unwrap_or(0);
+            let version = row.config_version.unwrap_or(0);
             let counted_under = self.policies.version(tx, version, policy).await?;
             let event = row.into_negated_event();
             for (key, delta) in plan::ledger_deltas(&[&event], &counted_under) {
@@ -385,7 +393,7 @@ impl Store {
         let mut deferred = Deferred::new();
         let mut headroom = Vec::with_capacity(plans.len());
         for SubjectPlan { subject, api_key, resolved, lines, .. } in plans {
-            headroom.push((headroom::SubjectKey::of(&subject), headroom::lines_of(&resolved.quotas, &lines)));
+            headroom.push((SubjectKey::of(&subject), headroom::lines_of(&resolved.quotas, &lines)));
             let prev = previous.get(subject.as_str());
             let mut next_check = plan::next_check_at(&lines, policy.next_change_after(&subject, now));
             let digest = plan::Published::of(&resolved.tier, &lines, now);
@@ -456,7 +464,7 @@ impl Store {
     /// whose `next_check_at` has come (a rollover, an override change, a usage refresh) is
     /// decided again, and what changed is published.
     /// Returns how many subjects were looked at and how many snapshots were published.
-    pub async fn run_due_checks(&self, policy: &PolicyHandle, now: DateTime<Utc>, limit: i64) -> anyhow::Result<(usize, usize)> {
+    pub async fn run_due_checks(&self, policy: &PolicyHandle, now: DateTime<Utc>, limit: i64) -> Result<(usize, usize), StoreError> {
         let mut tx = self.pool.begin().await?;
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)").bind(SCHEDULER_LOCK).fetch_one(&mut *tx).await?;
         if !locked {
@@ -483,39 +491,39 @@ impl Store {
     }
 }
 
-/// A reverted event as read back from `processed_events`, the correction's id first.
+/// A reverted event as read back from `processed_events`, with the id of the correction
+/// that reverts it and the configuration version it was counted under.
 #[derive(sqlx::FromRow)]
-struct RevertedRow(
-    String,
-    String,
-    String,
-    DateTime<Utc>,
-    Option<String>,
-    Option<String>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-);
+struct RevertedRow {
+    correction_id: String,
+    event_id: String,
+    subject: String,
+    event_time: DateTime<Utc>,
+    scope: Option<String>,
+    api_key_sha256: Option<String>,
+    requests: Option<i64>,
+    input_tokens: Option<i64>,
+    output_tokens: Option<i64>,
+    cached_tokens: Option<i64>,
+    cost_micros: Option<i64>,
+    config_version: Option<i64>,
+}
 
 impl RevertedRow {
     /// The reverted event with every amount negated: its ledger deltas undo the original's.
     fn into_negated_event(self) -> UsageEvent {
-        let RevertedRow(_, id, subject, time, scope, api_key_sha256, requests, input, output, cached, cost, _) = self;
         UsageEvent {
-            id,
-            subject,
-            time,
-            api_key_sha256,
-            scope: scope.unwrap_or_default(),
+            id: self.event_id,
+            subject: self.subject,
+            time: self.event_time,
+            api_key_sha256: self.api_key_sha256,
+            scope: self.scope.unwrap_or_default(),
             model: None,
-            requests: -requests.unwrap_or(0),
-            input_tokens: -input.unwrap_or(0),
-            output_tokens: -output.unwrap_or(0),
-            cached_tokens: -cached.unwrap_or(0),
-            cost_micros: Some(-cost.unwrap_or(0)),
+            requests: -self.requests.unwrap_or(0),
+            input_tokens: -self.input_tokens.unwrap_or(0),
+            output_tokens: -self.output_tokens.unwrap_or(0),
+            cached_tokens: -self.cached_tokens.unwrap_or(0),
+            cost_micros: Some(-self.cost_micros.unwrap_or(0)),
             attributes: Default::default(),
             corrects: None,
         }
@@ -680,9 +688,6 @@ struct Check {
     next_check: Option<DateTime<Utc>>,
 }
 
-/// Subjects to decide for, each with the API key hash of its latest event.
-pub type Subjects = BTreeMap<String, Option<String>>;
-
 /// Most subjects whose decisions one statement of a batch commit plans and writes.
 const DECISION_CHUNK: usize = 2000;
 
@@ -699,9 +704,6 @@ fn chunks(subjects: Subjects, size: usize) -> Vec<Subjects> {
     }
     out
 }
-
-/// Subjects whose fresh usage awaits its refresh: the API key hash, and when it is due.
-pub type Deferred = BTreeMap<String, (Option<String>, DateTime<Utc>)>;
 
 /// The subjects of `events`, each with the API key of its latest event (read from the
 /// latest back, so each subject and key is cloned once, not once per event).
@@ -774,12 +776,26 @@ async fn apply_ledger_deltas(
 }
 
 /// A ledger row's key and usage as read back from Postgres.
-type LedgerRow = (String, String, String, String, DateTime<Utc>, i64);
+#[derive(sqlx::FromRow)]
+struct LedgerRow {
+    subject: String,
+    metric: String,
+    scope: String,
+    period: String,
+    period_start: DateTime<Utc>,
+    used: i64,
+}
+
+impl LedgerRow {
+    /// The row's key and its `used`.
+    fn into_usage(self) -> (LedgerKey, i64) {
+        let LedgerRow { subject, metric, scope, period, period_start, used } = self;
+        (LedgerKey { subject, metric, scope, period, period_start }, used)
+    }
+}
 
 fn ledger_usage(rows: Vec<LedgerRow>) -> HashMap<LedgerKey, i64> {
-    rows.into_iter()
-        .map(|(subject, metric, scope, period, period_start, used)| (LedgerKey { subject, metric, scope, period, period_start }, used))
-        .collect()
+    rows.into_iter().map(LedgerRow::into_usage).collect()
 }
 
 /// The `used` of each requested ledger row that exists.
@@ -827,7 +843,7 @@ async fn read_rolling_buckets(
     let scopes: Vec<&str> = keys.iter().map(|k| k.scope.as_str()).collect();
     let periods: Vec<&str> = keys.iter().map(|k| k.period.as_str()).collect();
     let since: Vec<DateTime<Utc>> = keys.iter().map(|k| k.period_start).collect();
-    let rows: Vec<(String, String, String, String, DateTime<Utc>, i64)> = sqlx::query_as(
+    let rows: Vec<LedgerRow> = sqlx::query_as(
         "SELECT k.subject, k.metric, k.scope, k.period, l.period_start, l.used
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) AS k(subject, metric, scope, period, since)
          JOIN ledgers l ON l.subject = k.subject AND l.metric = k.metric AND l.scope = k.scope AND l.period = k.period
@@ -842,8 +858,8 @@ async fn read_rolling_buckets(
     .await?;
     // Keyed without the window start: Postgres keeps microseconds, the key has nanoseconds.
     let mut out: HashMap<RollingId, Vec<(DateTime<Utc>, i64)>> = HashMap::new();
-    for (subject, metric, scope, period, at, n) in rows {
-        out.entry((subject, metric, scope, period)).or_default().push((at, n));
+    for LedgerRow { subject, metric, scope, period, period_start, used } in rows {
+        out.entry((subject, metric, scope, period)).or_default().push((period_start, used));
     }
     Ok(out)
 }
@@ -938,6 +954,82 @@ async fn enqueue(tx: &mut Transaction<'_, Postgres>, topic: &str, keys: &[String
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::borrow::Cow;
+
+    /// A database error with only a SQLSTATE, as Postgres answers one.
+    #[derive(Debug)]
+    struct Sqlstate(&'static str);
+
+    impl std::fmt::Display for Sqlstate {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "SQLSTATE {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Sqlstate {}
+
+    impl sqlx::error::DatabaseError for Sqlstate {
+        fn message(&self) -> &str {
+            self.0
+        }
+
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn postgres(code: &'static str) -> sqlx::Error {
+        sqlx::Error::Database(Box::new(Sqlstate(code)))
+    }
+
+    #[test]
+    fn a_refusal_by_fencing_is_its_own_class() {
+        assert_eq!(StoreError::Fenced { partition: 0, start: 1, epoch: 2 }.class(), ErrorClass::Fenced);
+    }
+
+    #[test]
+    fn failures_that_say_nothing_about_the_batch_are_transient() {
+        // Serialization failure, deadlock, connection failure, admin shutdown, too many
+        // connections, lock not available, read-only server after a failover.
+        for code in ["40001", "40P01", "08006", "57P01", "53300", "55P03", "25006"] {
+            assert_eq!(StoreError::Database(postgres(code)).class(), ErrorClass::Transient, "SQLSTATE {code}");
+        }
+        assert_eq!(StoreError::Database(sqlx::Error::PoolTimedOut).class(), ErrorClass::Transient);
+        assert_eq!(StoreError::Database(sqlx::Error::Io(std::io::Error::other("reset"))).class(), ErrorClass::Transient);
+        let lost = anyhow::Error::new(sqlx::Error::PoolTimedOut).context("failed to load configuration version 3");
+        assert_eq!(StoreError::Config(lost).class(), ErrorClass::Transient, "a configuration unread for a lost connection");
+    }
+
+    #[test]
+    fn failures_that_come_back_on_every_try_are_permanent() {
+        // Undefined table and column (a schema that does not match), insufficient
+        // privilege, a check violation (a ledger bound: an event's, found by isolation).
+        for code in ["42P01", "42703", "42501", "23514"] {
+            assert_eq!(StoreError::Database(postgres(code)).class(), ErrorClass::Permanent, "SQLSTATE {code}");
+        }
+        assert!(StoreError::Database(sqlx::Error::RowNotFound).is_permanent());
+        let unloadable = anyhow::anyhow!("invalid tier configuration (config version 2):\nexpected a mapping");
+        assert!(StoreError::Config(unloadable).is_permanent(), "a stored configuration that cannot load");
+        let no_table = anyhow::Error::new(postgres("42P01")).context("failed to read config_versions");
+        assert!(StoreError::Config(no_table).is_permanent(), "a configuration table that is not there");
+        assert!(!StoreError::Config(anyhow::anyhow!("x")).is_transient());
+    }
 
     #[test]
     fn chunks_keep_every_subject_once_in_order() {

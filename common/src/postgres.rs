@@ -1,4 +1,5 @@
-//! Postgres settings, pool, database creation and migrations.
+//! Postgres settings, pool, database creation and migrations, and which failures are
+//! transient ([`is_transient`]).
 //!
 //! Migrations live in `migrations/postgres` at the repo root and are embedded in the binary.
 
@@ -85,4 +86,32 @@ impl PostgresSettings {
 /// Applies the embedded Postgres migrations.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     sqlx::migrate!("../migrations/postgres").run(pool).await.context("failed to run the Postgres migrations")
+}
+
+/// Whether a Postgres or connection failure says nothing about the statements that met it,
+/// so the same transaction may well succeed if tried again: connection exceptions (class
+/// 08), transaction rollbacks such as serialization failures and deadlocks (40),
+/// insufficient resources (53), operator intervention such as a shutdown (57), system
+/// errors (58), a lock not available (55P03), a read-only server (25006, as after a
+/// failover until the pool reaches the new primary), and every failure to reach or keep the
+/// server. Any other failure comes back when the same statements are tried again.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            let code = db.code();
+            let code = code.as_deref().unwrap_or_default();
+            ["08", "40", "53", "57", "58"].iter().any(|class| code.starts_with(class)) || ["55P03", "25006"].contains(&code)
+        }
+        sqlx::Error::Configuration(_)
+        | sqlx::Error::InvalidArgument(_)
+        | sqlx::Error::RowNotFound
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Encode(_)
+        | sqlx::Error::Decode(_) => false,
+        // I/O, TLS, protocol, pool timeouts, a crashed worker, and what sqlx may add.
+        _ => true,
+    }
 }

@@ -144,7 +144,9 @@ async fn windows(pool: &PgPool, ch: &Ch, month: Month) -> anyhow::Result<BTreeMa
     for s in in_history {
         windows.insert(s.subject, (month.start(), month.end()));
     }
-    for (subject, _metric, scope, period, start, end, _used, _quota) in reconcile::ledger_rows(pool, month, None).await? {
+    for reconcile::LedgerRow { subject, scope, period, period_start: start, period_end: end, .. } in
+        reconcile::ledger_rows(pool, month, None).await?
+    {
         if scope == "*" && period == "month" {
             windows.insert(subject, (start, end));
         }
@@ -283,7 +285,7 @@ pub async fn export(pool: &PgPool, ch: &Ch, config: &Config, month: Month, allow
     }
     let mut compared = 0;
     let mut mismatches = Vec::new();
-    for (subject, metric, scope, period, _start, _end, used, _quota) in reconcile::ledger_rows(pool, month, None).await? {
+    for reconcile::LedgerRow { subject, metric, scope, period, used, .. } in reconcile::ledger_rows(pool, month, None).await? {
         if scope != "*" || period != "month" || metric == "cost_micros" {
             continue;
         }

@@ -12,9 +12,10 @@
 //!   raw rows), so a part written for real while another is refused costs nothing when the
 //!   batch is replayed.
 //! - An event is isolated only if it fails alone while some other part of its batch was
-//!   written: a failure that every part meets is ClickHouse's, not an event's, and the
-//!   batch is retried whole. (A refused event that is alone in its batch therefore waits
-//!   until later events join it on the retries.)
+//!   written: a failure that every part meets is ClickHouse's, not an event's
+//!   ([`Unwritten::not_an_event`]): the caller retries the batch whole when the failure is
+//!   transient and stops when it is permanent. (A refused event that is alone in its batch
+//!   blames nobody either way, and waits until later events join it on the retries.)
 //! - The caller records each isolated event (`history_isolated`, with ClickHouse's words)
 //!   and advances past it, so reconciliation can name the difference it leaves.
 
@@ -44,11 +45,26 @@ pub struct Outcome {
     pub isolated: Vec<Isolated>,
 }
 
+/// A batch's write that failed, and whether any event could be to blame.
+#[derive(Debug)]
+pub struct Unwritten {
+    pub error: ChError,
+    /// Every part of a batch of two or more events failed, each event alone included: the
+    /// failure is ClickHouse's, not an event's.
+    pub not_an_event: bool,
+}
+
+impl Unwritten {
+    fn retry(error: ChError) -> Self {
+        Unwritten { error, not_an_event: false }
+    }
+}
+
 /// Writes `events`, isolating what ClickHouse refuses on its own (see the module docs).
-pub async fn write_isolating(w: &mut impl Writes, events: &[Counted]) -> Result<Outcome, ChError> {
+pub async fn write_isolating(w: &mut impl Writes, events: &[Counted]) -> Result<Outcome, Unwritten> {
     let first = match w.write(events).await {
         Ok(written) => return Ok(Outcome { written, isolated: Vec::new() }),
-        Err(e) if is_unreachable(&e) || events.len() < 2 => return Err(e),
+        Err(e) if is_unreachable(&e) || events.len() < 2 => return Err(Unwritten::retry(e)),
         Err(e) => e,
     };
     let mut outcome = Outcome::default();
@@ -66,14 +82,14 @@ pub async fn write_isolating(w: &mut impl Writes, events: &[Counted]) -> Result<
                     wrote_any = true;
                     add(&mut outcome.written, &written);
                 }
-                Err(e) if is_unreachable(&e) => return Err(e),
+                Err(e) if is_unreachable(&e) => return Err(Unwritten::retry(e)),
                 Err(e) if b - a == 1 => outcome.isolated.push(Isolated { index: a, error: e.to_string() }),
                 Err(_) => pending.push((a, b)),
             }
         }
     }
     if !wrote_any {
-        return Err(first);
+        return Err(Unwritten { error: first, not_an_event: true });
     }
     outcome.isolated.sort_by_key(|i| i.index);
     Ok(outcome)
@@ -148,11 +164,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failure_every_part_meets_isolates_nothing() {
+    async fn a_failure_every_part_meets_isolates_nothing_and_blames_no_event() {
         let mut w = Fake { refuse_all: true, ..fake(&[]) };
-        assert!(write_isolating(&mut w, &events(64)).await.is_err());
+        let unwritten = write_isolating(&mut w, &events(64)).await.unwrap_err();
+        assert!(unwritten.not_an_event, "every part of the batch failed: ClickHouse's failure");
         let mut alone = fake(&["e0"]);
-        assert!(write_isolating(&mut alone, &events(1)).await.is_err(), "alone in its batch, an event waits for company");
+        let unwritten = write_isolating(&mut alone, &events(1)).await.unwrap_err();
+        assert!(!unwritten.not_an_event, "alone in its batch, an event may be to blame: it waits for company");
         assert_eq!(alone.writes, 1);
     }
 

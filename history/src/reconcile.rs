@@ -154,7 +154,18 @@ impl Report {
     }
 }
 
-type LedgerRow = (String, String, String, String, DateTime<Utc>, DateTime<Utc>, i64, String);
+/// One ledger row of a month, as reconciliation and the billing export compare it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LedgerRow {
+    pub subject: String,
+    pub metric: String,
+    pub scope: String,
+    pub period: String,
+    pub period_start: DateTime<Utc>,
+    pub period_end: DateTime<Utc>,
+    pub used: i64,
+    pub quota: String,
+}
 
 /// The ledger rows of `month` (see the module docs), optionally for one subject.
 pub async fn ledger_rows(pool: &PgPool, month: Month, subject: Option<&str>) -> Result<Vec<LedgerRow>, sqlx::Error> {
@@ -193,13 +204,13 @@ struct Sums {
 async fn history_for(ch: &Ch, rows: &[LedgerRow]) -> anyhow::Result<Vec<i64>> {
     let mut out = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(100) {
-        let subjects: BTreeSet<&String> = chunk.iter().map(|r| &r.0).collect();
-        let min = chunk.iter().map(|r| r.4.timestamp()).min().unwrap_or(0);
-        let max = chunk.iter().map(|r| r.5.timestamp()).max().unwrap_or(0);
+        let subjects: BTreeSet<&String> = chunk.iter().map(|r| &r.subject).collect();
+        let min = chunk.iter().map(|r| r.period_start.timestamp()).min().unwrap_or(0);
+        let max = chunk.iter().map(|r| r.period_end.timestamp()).max().unwrap_or(0);
         let columns: Vec<String> = chunk
             .iter()
             .enumerate()
-            .map(|(i, (subject, metric, scope, _, start, end, _, _))| {
+            .map(|(i, LedgerRow { subject, metric, scope, period_start: start, period_end: end, .. })| {
                 let expr = metric_expr(metric).unwrap_or("0");
                 let scope_cond = if scope == "*" { String::new() } else { format!(" AND scope = {}", quote(scope)) };
                 format!(
@@ -237,18 +248,18 @@ pub async fn reconcile(pool: &PgPool, ch: &Ch, month: Month, subject: Option<&st
     let ledger_drifts: Vec<LedgerCheck> = rows
         .iter()
         .zip(history)
-        .filter(|(r, h)| r.6 != *h)
-        .map(|((subject, metric, scope, period, start, end, used, quota), h)| LedgerCheck {
-            subject: subject.clone(),
-            quota: quota.clone(),
-            metric: metric.clone(),
-            scope: scope.clone(),
-            period: period.clone(),
-            period_start: *start,
-            period_end: *end,
-            ledger: *used,
+        .filter(|(r, h)| r.used != *h)
+        .map(|(r, h)| LedgerCheck {
+            subject: r.subject.clone(),
+            quota: r.quota.clone(),
+            metric: r.metric.clone(),
+            scope: r.scope.clone(),
+            period: r.period.clone(),
+            period_start: r.period_start,
+            period_end: r.period_end,
+            ledger: r.used,
             history: h,
-            drift: h - used,
+            drift: h - r.used,
         })
         .collect();
 

@@ -13,9 +13,14 @@
 //! For each batch the loop keeps the run of messages continuing exactly from the stored
 //! offset, holds back what the ledger has not decided on yet, writes the counted events (and
 //! counted corrections, as negated rows: see [`plan`]) with [`Sink::write`], and only then
-//! advances its offsets. Any failure (ClickHouse down, Postgres down) rewinds the batch's
-//! partitions to the stored offsets and retries with a backoff. A batch refused by fencing
-//! drops the partition, which is not claimed again for one lease (the other member owns it).
+//! advances its offsets. A transient failure (ClickHouse or Postgres unreachable, a
+//! ClickHouse server error, a serialization failure) rewinds the batch's partitions to the
+//! stored offsets and retries with a backoff. A permanent failure that no event causes (a
+//! ClickHouse or Postgres refusal that every part of the batch meets, a schema that does
+//! not match: [`ChError::is_retryable`], [`tally_common::postgres::is_transient`]) would
+//! come back on every retry: the writer stops, leaves the group, and [`run`] returns the
+//! failure, so the process logs it and exits non-zero. A batch refused by fencing drops the
+//! partition, which is not claimed again for one lease (the other member owns it).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -148,6 +153,43 @@ struct Loop {
     backoff: Duration,
     crash_at: Option<Step>,
     refuse: Option<String>,
+    /// The permanent failure that stopped the loop, once one did.
+    stopped_by: Option<String>,
+}
+
+/// How lasting a batch's failure is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lasting {
+    /// Retrying the batch may well succeed: back off and retry.
+    Transient,
+    /// Retrying would meet it again, and no event of the batch is to blame: stop.
+    Permanent,
+}
+
+impl Lasting {
+    fn of_postgres(e: &sqlx::Error) -> Lasting {
+        if tally_common::postgres::is_transient(e) {
+            Lasting::Transient
+        } else {
+            Lasting::Permanent
+        }
+    }
+
+    fn of_clickhouse(e: &ChError) -> Lasting {
+        if e.is_retryable() {
+            Lasting::Transient
+        } else {
+            Lasting::Permanent
+        }
+    }
+
+    /// A write's failure: permanent only when no event can be to blame.
+    fn of_write(unwritten: &isolate::Unwritten) -> Lasting {
+        match Lasting::of_clickhouse(&unwritten.error) {
+            Lasting::Permanent if unwritten.not_an_event => Lasting::Permanent,
+            _ => Lasting::Transient,
+        }
+    }
 }
 
 /// Runs the history writer until `shutdown` resolves (see the crate docs).
@@ -202,6 +244,7 @@ pub async fn run(
         backoff: Duration::ZERO,
         crash_at: failpoint(),
         refuse: refused_event(),
+        stopped_by: None,
         settings,
     };
     state.consume_until(shutdown).await;
@@ -210,6 +253,10 @@ pub async fn run(
     }
     health.abort();
     lag.abort();
+    if let Some(failure) = state.stopped_by {
+        tracing::error!(error = failure, "history writer stopped by a permanent failure");
+        anyhow::bail!("the history writer stopped on a permanent failure that no event causes: {failure}");
+    }
     tracing::info!("history writer stopped");
     Ok(())
 }
@@ -243,6 +290,9 @@ impl Loop {
             // A batch always ends in a commit or a rewind, so stopping between batches loses
             // nothing: the next run resumes from the stored offsets.
             if let Err(wait) = self.process(deliveries).await {
+                if self.stopped_by.is_some() {
+                    return;
+                }
                 tokio::select! {
                     biased;
                     _ = &mut shutdown => return,
@@ -363,7 +413,7 @@ impl Loop {
         let partitions: Vec<i32> = all.iter().map(|r| r.partition).collect();
         let ledger = match self.progress.ledger_offsets(&partitions).await {
             Ok(l) => l,
-            Err(e) => return Err(self.fail(&all, &format!("failed to read the ledger's progress: {e}"))),
+            Err(e) => return Err(self.fail(&all, Lasting::of_postgres(&e), &format!("failed to read the ledger's progress: {e}"))),
         };
         let gate = plan::gate(deliveries, &ledger);
         let ready_ranges = self.ranges(&gate.ready);
@@ -387,7 +437,7 @@ impl Loop {
         let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
         let counted = match self.progress.counted(&id_refs).await {
             Ok(c) => c,
-            Err(e) => return Err(self.fail(&ready_ranges, &format!("failed to read processed_events: {e}"))),
+            Err(e) => return Err(self.fail(&ready_ranges, Lasting::of_postgres(&e), &format!("failed to read processed_events: {e}"))),
         };
         let mut selection = plan::select(&gate.ready, &counted);
         if selection.orphan_corrections > 0 {
@@ -403,7 +453,10 @@ impl Loop {
         } else {
             match self.sink.raw_models(&targets).await {
                 Ok(models) => models,
-                Err(e) => return Err(self.fail(&ready_ranges, &format!("ClickHouse lookup of corrected rows failed: {e}"))),
+                Err(e) => {
+                    let lasting = Lasting::of_clickhouse(&e);
+                    return Err(self.fail(&ready_ranges, lasting, &format!("ClickHouse lookup of corrected rows failed: {e}")));
+                }
             }
         };
         plan::resolve_models(&mut selection.counted, &stored_models);
@@ -411,7 +464,10 @@ impl Loop {
         let mut writes = SinkWrites { sink: &self.sink, crash_at, refuse: self.refuse.as_deref() };
         let outcome = match isolate::write_isolating(&mut writes, &selection.counted).await {
             Ok(outcome) => outcome,
-            Err(e) => return Err(self.fail(&ready_ranges, &format!("ClickHouse write failed: {e}"))),
+            Err(unwritten) => {
+                let lasting = Lasting::of_write(&unwritten);
+                return Err(self.fail(&ready_ranges, lasting, &format!("ClickHouse write failed: {}", unwritten.error)));
+            }
         };
         let isolated: Vec<IsolatedEvent<'_>> =
             outcome.isolated.iter().map(|i| IsolatedEvent { event: &selection.counted[i.index].event, reason: &i.error }).collect();
@@ -430,7 +486,9 @@ impl Loop {
                 self.assign_owned();
                 return wait;
             }
-            Err(e) => return Err(self.fail(&ready_ranges, &format!("failed to store progress: {e}"))),
+            Err(ProgressError::Database(e)) => {
+                return Err(self.fail(&ready_ranges, Lasting::of_postgres(&e), &format!("failed to store progress: {e}")));
+            }
         }
         self.backoff = Duration::ZERO;
         self.metrics.batches.record(started.elapsed());
@@ -451,9 +509,16 @@ impl Loop {
         wait
     }
 
-    /// Logs a failed batch, rewinds its partitions and returns the backoff to wait.
-    fn fail(&mut self, ranges: &[Range], what: &str) -> Duration {
+    /// Logs a failed batch, rewinds its partitions and returns the backoff to wait. A
+    /// permanent failure stops the loop instead (see the module docs).
+    fn fail(&mut self, ranges: &[Range], lasting: Lasting, what: &str) -> Duration {
         self.metrics.failures.inc();
+        if lasting == Lasting::Permanent {
+            tracing::error!(error = what, "history batch failed permanently and no event of it is to blame; the writer stops");
+            self.rewind(ranges);
+            self.stopped_by.get_or_insert_with(|| what.to_string());
+            return Duration::ZERO;
+        }
         self.backoff = if self.backoff.is_zero() { Duration::from_millis(200) } else { (self.backoff * 2).min(Duration::from_secs(5)) };
         tracing::warn!(error = what, retry_in_ms = self.backoff.as_millis() as u64, "history batch not written; will retry");
         self.rewind(ranges);
@@ -488,4 +553,34 @@ impl Loop {
 
 fn to_delivery(m: &rdkafka::message::BorrowedMessage<'_>) -> Delivery {
     Delivery { partition: m.partition(), offset: m.offset(), payload: consuming::payload(m) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(status: u16) -> ChError {
+        ChError::Refused { status, message: "Code: 60. Unknown table".to_string() }
+    }
+
+    #[test]
+    fn a_refusal_stops_the_writer_only_when_every_part_of_its_batch_met_it() {
+        let every_part = |error| isolate::Unwritten { error, not_an_event: true };
+        let maybe_an_event = |error| isolate::Unwritten { error, not_an_event: false };
+        assert_eq!(Lasting::of_write(&every_part(refused(404))), Lasting::Permanent);
+        assert_eq!(Lasting::of_write(&every_part(ChError::Decode("x".into()))), Lasting::Permanent);
+        assert_eq!(Lasting::of_write(&every_part(refused(503))), Lasting::Transient, "a server error passes");
+        assert_eq!(Lasting::of_write(&maybe_an_event(refused(400))), Lasting::Transient, "an event alone in its batch waits for company");
+    }
+
+    #[test]
+    fn postgres_failures_are_classed_as_the_aggregator_classes_them() {
+        assert_eq!(Lasting::of_postgres(&sqlx::Error::PoolTimedOut), Lasting::Transient);
+        assert_eq!(Lasting::of_postgres(&sqlx::Error::RowNotFound), Lasting::Permanent);
+        assert_eq!(
+            Lasting::of_postgres(&sqlx::Error::ColumnNotFound("next_offset".into())),
+            Lasting::Permanent,
+            "a schema that does not match"
+        );
+    }
 }

@@ -6,10 +6,14 @@
 //! - Valid events are produced to the usage topic in canonical form (raw API keys replaced by
 //!   their SHA-256), keyed by subject so a subject's events stay on one partition.
 //! - The answer is 202 `{"accepted": n}` only after the broker acknowledged every event.
-//!   If the broker does not within `TALLY_INGEST_ACK_TIMEOUT_MS` (5 s), or refuses, the
-//!   answer is 503 with `Retry-After` and the gateway retries with the same ids. The events
-//!   of a request that timed out may still be delivered later (librdkafka goes on trying
-//!   for `message.timeout.ms`); the aggregator's dedupe makes the retry safe either way.
+//!   If the broker does not within `TALLY_INGEST_ACK_TIMEOUT_MS` (5 s), or the producer
+//!   fails transiently (its queue full, a timeout, the broker unreachable or electing a
+//!   leader, the producer being replaced), the answer is 503 with `Retry-After` and the
+//!   gateway retries with the same ids. The events of a request that timed out may still be
+//!   delivered later (librdkafka goes on trying for `message.timeout.ms`); the aggregator's
+//!   dedupe makes the retry safe either way. An event larger than the broker accepts is a
+//!   413 naming its `index`; any other producer failure is a 500, which a retry would meet
+//!   again ([`ProduceFailure`]). The first failure in the request's order decides.
 //! - The producer replaces itself after a fatal error (e.g. fenced once the broker is back
 //!   after an outage; [`tally_common::producing`]); the request that met it is sent again on
 //!   the new producer within its timeout.
@@ -42,6 +46,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
 use serde::Serialize;
 use serde_json::Value;
 use tally_common::health::Clients;
@@ -325,10 +331,10 @@ async fn post_events(State(state): State<Arc<AppState>>, req: Request) -> Respon
             state.metrics.accepted.add(events.len() as u64);
             (StatusCode::ACCEPTED, Json(serde_json::json!({ "accepted": events.len() }))).into_response()
         }
-        Ok(Err(e)) => {
+        Ok(Err(failed)) => {
             state.metrics.broker_failures.inc();
-            tracing::warn!(error = %e, events = events.len(), "broker did not acknowledge a batch");
-            unavailable("the broker did not acknowledge the events; retry with the same ids".into())
+            tracing::warn!(error = %failed.error, index = failed.index, events = events.len(), "broker did not acknowledge a batch");
+            failed.into_response()
         }
         Err(_) => {
             state.metrics.broker_failures.inc();
@@ -341,16 +347,99 @@ async fn post_events(State(state): State<Arc<AppState>>, req: Request) -> Respon
 }
 
 /// Produces every event and waits for every acknowledgement (the caller bounds the wait).
-async fn produce_all(state: &AppState, events: &[UsageEvent]) -> anyhow::Result<()> {
+/// Returns the first failure in the request's order.
+async fn produce_all(state: &AppState, events: &[UsageEvent]) -> Result<(), FailedEvent> {
     let payloads: Vec<Vec<u8>> = events.iter().map(UsageEvent::to_canonical_json).collect();
     let deliveries = events
         .iter()
         .zip(&payloads)
         .map(|(event, payload)| state.producer.send(Outgoing::new(&state.topic, event.subject.as_bytes(), payload), state.ack_timeout));
-    for result in futures::future::join_all(deliveries).await {
-        result.map_err(|e| anyhow::anyhow!("produce failed: {e}"))?;
+    for (index, result) in futures::future::join_all(deliveries).await.into_iter().enumerate() {
+        result.map_err(|error| FailedEvent { index, error })?;
     }
     Ok(())
+}
+
+/// An event of the request the producer failed to deliver, and how.
+#[derive(Debug)]
+struct FailedEvent {
+    index: usize,
+    error: KafkaError,
+}
+
+/// What a producer failure means for the sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProduceFailure {
+    /// The same request may well succeed shortly: 503 with `Retry-After`.
+    Transient,
+    /// The event is larger than the broker accepts, however often it is sent: 413.
+    TooLarge,
+    /// Anything else, which a retry would meet again: 500.
+    Other,
+}
+
+impl ProduceFailure {
+    /// The failure's class by librdkafka's error code: the local queue full, a message or
+    /// request timed out, the broker unreachable, out of in-sync replicas or electing a
+    /// leader, a throttled or purged send, and a fatal producer error (the producer replaces
+    /// itself, [`tally_common::producing`]) are transient; a message or batch past the
+    /// broker's size limit is too large; the rest (an unknown topic, authorization,
+    /// configuration) is another failure.
+    fn of(error: &KafkaError) -> ProduceFailure {
+        use RDKafkaErrorCode as C;
+        if matches!(error, KafkaError::Canceled) {
+            return ProduceFailure::Transient;
+        }
+        match error.rdkafka_error_code() {
+            Some(C::MessageSizeTooLarge | C::MessageBatchTooLarge) => ProduceFailure::TooLarge,
+            Some(
+                C::QueueFull
+                | C::MessageTimedOut
+                | C::TimedOutQueue
+                | C::OperationTimedOut
+                | C::RequestTimedOut
+                | C::BrokerTransportFailure
+                | C::AllBrokersDown
+                | C::Resolve
+                | C::BrokerDestroy
+                | C::NetworkException
+                | C::BrokerNotAvailable
+                | C::LeaderNotAvailable
+                | C::NotLeaderForPartition
+                | C::PreferredLeaderNotAvailable
+                | C::ReplicaNotAvailable
+                | C::NotEnoughReplicas
+                | C::NotEnoughReplicasAfterAppend
+                | C::ISRInsufficient
+                | C::KafkaStorageError
+                | C::ThrottlingQuotaExceeded
+                | C::Retry
+                | C::PurgeQueue
+                | C::PurgeInflight
+                | C::Fatal
+                | C::ProducerFenced
+                | C::InvalidProducerEpoch,
+            ) => ProduceFailure::Transient,
+            _ => ProduceFailure::Other,
+        }
+    }
+}
+
+impl IntoResponse for FailedEvent {
+    fn into_response(self) -> Response {
+        let FailedEvent { index, error: cause } = self;
+        match ProduceFailure::of(&cause) {
+            ProduceFailure::Transient => unavailable("the broker did not acknowledge the events; retry with the same ids".into()),
+            ProduceFailure::TooLarge => {
+                let message = format!("the event is larger than the broker accepts: {cause}");
+                error(StatusCode::PAYLOAD_TOO_LARGE, message, None, Some(index))
+            }
+            ProduceFailure::Other => {
+                let message = format!("the broker refused the event: {cause}; the same request would be refused again");
+                error(StatusCode::INTERNAL_SERVER_ERROR, message, None, Some(index))
+            }
+        }
+    }
 }
 
 /// The ingest producer, reported in `clients`.
@@ -393,6 +482,73 @@ mod tests {
         let status = r.status();
         let body = futures::executor::block_on(axum::body::to_bytes(r.into_body(), usize::MAX)).unwrap();
         (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    /// A producer failure as librdkafka reports a message it could not deliver.
+    fn failed(index: usize, code: RDKafkaErrorCode) -> FailedEvent {
+        FailedEvent { index, error: KafkaError::MessageProduction(code) }
+    }
+
+    #[test]
+    fn producer_failures_are_classed_by_librdkafka_s_code() {
+        use RDKafkaErrorCode as C;
+        let transient = [
+            C::QueueFull,
+            C::MessageTimedOut,
+            C::RequestTimedOut,
+            C::OperationTimedOut,
+            C::TimedOutQueue,
+            C::BrokerTransportFailure,
+            C::AllBrokersDown,
+            C::NetworkException,
+            C::NotLeaderForPartition,
+            C::LeaderNotAvailable,
+            C::NotEnoughReplicas,
+            C::PurgeQueue,
+            C::PurgeInflight,
+            C::Fatal,
+            C::ProducerFenced,
+        ];
+        for code in transient {
+            assert_eq!(ProduceFailure::of(&KafkaError::MessageProduction(code)), ProduceFailure::Transient, "{code:?}");
+        }
+        assert_eq!(ProduceFailure::of(&KafkaError::Canceled), ProduceFailure::Transient, "a send cut short by a replaced producer");
+        for code in [C::MessageSizeTooLarge, C::MessageBatchTooLarge] {
+            assert_eq!(ProduceFailure::of(&KafkaError::MessageProduction(code)), ProduceFailure::TooLarge, "{code:?}");
+        }
+        for code in [C::UnknownTopicOrPartition, C::UnknownTopic, C::TopicAuthorizationFailed, C::InvalidArgument, C::Fail] {
+            assert_eq!(ProduceFailure::of(&KafkaError::MessageProduction(code)), ProduceFailure::Other, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn a_transient_producer_failure_is_a_503_that_says_when_to_retry() {
+        let r = failed(3, RDKafkaErrorCode::QueueFull).into_response();
+        let retry_after = r.headers().get(axum::http::header::RETRY_AFTER).cloned();
+        let (status, body) = status_and_body(r);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(retry_after, Some(axum::http::HeaderValue::from(RETRY_AFTER_SECONDS)));
+        assert!(body["error"].as_str().unwrap().contains("retry with the same ids"), "{body}");
+    }
+
+    #[test]
+    fn an_event_too_large_for_the_broker_is_a_413_naming_its_index() {
+        let r = failed(2, RDKafkaErrorCode::MessageSizeTooLarge).into_response();
+        assert!(r.headers().get(axum::http::header::RETRY_AFTER).is_none(), "retrying cannot help");
+        let (status, body) = status_and_body(r);
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(body["index"], 2);
+        assert!(body["error"].as_str().unwrap().contains("larger than the broker accepts"), "{body}");
+    }
+
+    #[test]
+    fn any_other_producer_failure_is_a_500_without_retry_after() {
+        let r = failed(0, RDKafkaErrorCode::TopicAuthorizationFailed).into_response();
+        assert!(r.headers().get(axum::http::header::RETRY_AFTER).is_none());
+        let (status, body) = status_and_body(r);
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(body["index"], 0);
+        assert!(body["error"].as_str().unwrap().contains("refused"), "{body}");
     }
 
     #[test]
