@@ -13,6 +13,7 @@ mod exactly_once;
 mod explain_cli;
 mod faults;
 mod history;
+mod permanent_errors;
 mod poison;
 mod protocol;
 mod slice;

@@ -152,6 +152,12 @@ impl Tally {
     pub async fn terminate(&mut self, pid: u32, timeout: Duration) -> Option<std::process::ExitStatus> {
         let sent = Command::new("kill").args(["-TERM", &pid.to_string()]).status().map(|s| s.success()).unwrap_or(false);
         assert!(sent, "could not send SIGTERM to {pid}");
+        self.exited_within(pid, timeout).await
+    }
+
+    /// Waits up to `timeout` for one process to exit by itself; returns its exit status (the
+    /// process is then forgotten), or `None` if it is still running.
+    pub async fn exited_within(&mut self, pid: u32, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Some(i) = self.children.iter().position(|c| c.pid() == Some(pid)) {
@@ -163,6 +169,11 @@ impl Tally {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         None
+    }
+
+    /// The log (standard error) of the process `pid`.
+    pub fn log_of(&self, pid: u32) -> std::path::PathBuf {
+        self.children.iter().find(|c| c.pid() == Some(pid)).map(|c| c.log.clone()).unwrap_or_else(|| panic!("no process {pid}"))
     }
 
     /// A connection pool on this test's Postgres database.

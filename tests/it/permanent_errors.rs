@@ -4,13 +4,11 @@
 //! cannot load is met by the next batch and by the scheduler alike; whichever meets it first
 //! stops the process.
 
-mod support;
-
-use std::process::{Child, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
-use support::{wait_for, Tally};
+
+use crate::support::{wait_for, Tally};
 
 const TIERS: &str = "
 default_tier: metered
@@ -26,30 +24,6 @@ tiers:
     rate_multiplier: 1
 ";
 
-/// A process of the test's own, killed if the test ends before it exits.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Running {
-    /// Its exit status once it exited within `timeout`, else `None`.
-    async fn exited_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(status) = self.0.try_wait().expect("wait for the aggregator") {
-                return Some(status);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        None
-    }
-}
-
 fn event(id: &str, subject: &str) -> Vec<u8> {
     let e = json!({"id": id, "subject": subject, "time": chrono::Utc::now().to_rfc3339(), "input_tokens": 10, "output_tokens": 0});
     e.to_string().into_bytes()
@@ -57,11 +31,10 @@ fn event(id: &str, subject: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stored_configuration_that_cannot_load_stops_the_aggregator_with_a_non_zero_exit() {
-    let t = Tally::prepare(Some(TIERS));
-    let log_path = t.log_dir().join("aggregator-permanent.log");
-    let log = std::fs::File::create(&log_path).expect("create the aggregator's log");
-    let child = t.command(&["aggregator"]).stdout(Stdio::null()).stderr(log).spawn().expect("start tally aggregator");
-    let mut aggregator = Running(child);
+    let mut t = Tally::prepare(Some(TIERS));
+    t.spawn("aggregator");
+    let pid = t.pids("aggregator")[0];
+    let log_path = t.log_of(pid);
     let pool = t.pg().await;
     let log_text = || std::fs::read_to_string(&log_path).unwrap_or_default();
 
@@ -76,7 +49,7 @@ async fn a_stored_configuration_that_cannot_load_stops_the_aggregator_with_a_non
         .expect("store a broken configuration");
     t.produce_raw(None, "after", &event("after", "after")).await;
 
-    let status = aggregator.exited_within(Duration::from_secs(60)).await;
+    let status = t.exited_within(pid, Duration::from_secs(60)).await;
     let log = log_text();
     let status = status.unwrap_or_else(|| panic!("the aggregator is still retrying after a minute:\n{log}"));
     assert!(!status.success(), "a permanent failure exits non-zero, not {status}:\n{log}");
@@ -89,20 +62,11 @@ async fn a_stored_configuration_that_cannot_load_stops_the_aggregator_with_a_non
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_history_table_that_is_gone_stops_the_history_writer_with_a_non_zero_exit() {
-    let t = Tally::start(Some(TIERS)).await;
+    let mut t = Tally::start(Some(TIERS)).await;
     let pool = t.pg().await;
-    let log_path = t.log_dir().join("history-writer-permanent.log");
-    let log = std::fs::File::create(&log_path).expect("create the history writer's log");
-    let child = t
-        .command(&["history-writer"])
-        .env("TALLY_HISTORY_GROUP", t.history_group())
-        .env("TALLY_HISTORY_LISTEN", format!("127.0.0.1:{}", support::free_port()))
-        .env("TALLY_HISTORY_MAX_WAIT_MS", "50")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start tally history-writer");
-    let mut writer = Running(child);
+    t.spawn_history_writer(&[]);
+    let pid = t.pids("history-writer")[0];
+    let log_path = t.log_of(pid);
     let log_text = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let raw_rows = format!("SELECT count() FROM `{}`.usage_events", t.clickhouse_database());
 
@@ -117,7 +81,7 @@ async fn a_history_table_that_is_gone_stops_the_history_writer_with_a_non_zero_e
         t.produce_raw(None, "after", &event(&format!("after-{i}"), "after")).await;
     }
 
-    let status = writer.exited_within(Duration::from_secs(60)).await;
+    let status = t.exited_within(pid, Duration::from_secs(60)).await;
     let log = log_text();
     let status = status.unwrap_or_else(|| panic!("the history writer is still retrying after a minute:\n{log}"));
     assert!(!status.success(), "a permanent failure exits non-zero, not {status}:\n{log}");
