@@ -1,11 +1,11 @@
 //! The tier policy the aggregator applies: the YAML configuration (see
 //! `tally_domain::config`) and the effective quotas of a subject at an instant.
 //!
-//! The configuration lives in Postgres (`config_versions`, the highest version in force),
-//! written by `tally config apply` or by an aggregator started with `--config FILE`. Every
-//! batch and every scheduler pass first checks, inside its transaction, that it decides with
-//! the version in force ([`PolicyHandle::sync`]), so a change applies from the next batch on.
-//!
+//! The configuration lives in the configuration store (`tally_common::config_store`, the
+//! highest version in force), written by `tally config apply`, the admin API, or an
+//! aggregator started with `--config FILE` on an empty store. Every batch and every
+//! scheduler pass first checks, inside its transaction, that it decides with the version in
+//! force ([`PolicyHandle::sync`]), so a change applies from the next batch on.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,15 +14,16 @@ use std::sync::{Arc, Mutex, RwLock};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
-use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, PgPool};
+use tally_common::config_store::{self, Base, CheckedDocument, StoredVersion};
 use tally_domain::config::Config;
 use tally_domain::precedence::{next_change_after, resolve, SubjectFacts};
 
+pub use tally_common::config_store::Applied;
 pub use tally_domain::tier::EffectiveQuota as Quota;
 
 /// The built-in configuration: one default tier with a monthly token budget.
-pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.yaml");
+pub const DEFAULT_CONFIG: &str = config_store::BUILTIN_DOCUMENT;
 
 /// A subject's effective tier and quotas at one instant.
 #[derive(Debug, Clone)]
@@ -39,7 +40,7 @@ pub struct Policy {
     /// The scopes the configuration names anywhere, worked out once: every decision of
     /// every subject lists the quotas of each ([`Policy::resolve_all_scopes`]).
     named_scopes: Vec<String>,
-    /// The `config_versions` version it came from; 0 for the built-in default.
+    /// The stored version it came from; 0 for the built-in default.
     pub version: i64,
 }
 
@@ -48,6 +49,13 @@ impl Policy {
         let config = Config::from_yaml_str(text).map_err(|e| anyhow::anyhow!("invalid tier configuration {origin}:\n{e}"))?;
         let named_scopes = named_scopes(&config);
         Ok(Policy { config, named_scopes, version: 0 })
+    }
+
+    /// The policy of a stored version.
+    fn stored(stored: &StoredVersion) -> anyhow::Result<Policy> {
+        let mut policy = Policy::from_yaml(&stored.document, &format!("(config version {})", stored.version))?;
+        policy.version = stored.version;
+        Ok(policy)
     }
 
     /// The built-in default configuration.
@@ -123,14 +131,13 @@ impl PolicyHandle {
     /// Makes sure the policy is the version in force, loading it on `conn` (usually the
     /// caller's transaction) if a newer one was applied. Returns the policy to decide with.
     pub async fn sync(&self, conn: &mut PgConnection) -> anyhow::Result<Arc<Policy>> {
-        let latest: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM config_versions").fetch_one(&mut *conn).await?;
+        let latest = config_store::latest_version(&mut *conn).await?;
         let current = self.current();
         match latest {
             Some(v) if v != current.version => {
-                let document: String =
-                    sqlx::query_scalar("SELECT document FROM config_versions WHERE version = $1").bind(v).fetch_one(&mut *conn).await?;
-                let mut policy = Policy::from_yaml(&document, &format!("(config version {v})"))?;
-                policy.version = v;
+                let stored =
+                    config_store::at_version(&mut *conn, v).await?.with_context(|| format!("configuration version {v} is missing"))?;
+                let policy = Policy::stored(&stored)?;
                 tracing::info!(version = v, "tier configuration loaded");
                 self.replace(policy);
                 Ok(self.current())
@@ -168,14 +175,10 @@ impl PolicyHistory {
         let policy = if version == 0 {
             Policy::builtin()
         } else {
-            let document: String = sqlx::query_scalar("SELECT document FROM config_versions WHERE version = $1")
-                .bind(version)
-                .fetch_one(&mut *conn)
-                .await
+            let stored = config_store::at_version(&mut *conn, version)
+                .await?
                 .with_context(|| format!("configuration version {version} is missing"))?;
-            let mut p = Policy::from_yaml(&document, &format!("(config version {version})"))?;
-            p.version = version;
-            p
+            Policy::stored(&stored)?
         };
         let policy = Arc::new(policy);
         if let Ok(mut cache) = self.cache.lock() {
@@ -185,56 +188,41 @@ impl PolicyHistory {
     }
 }
 
-/// What `apply` did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Applied {
-    pub version: i64,
-    /// False when the document was already the version in force.
-    pub changed: bool,
-}
-
-/// Validates `document` and makes it the configuration in force, unless it already is.
-/// Nothing is written when it is invalid.
-pub async fn apply(pool: &PgPool, document: &str, source: &str) -> anyhow::Result<Applied> {
-    Policy::from_yaml(document, source)?;
-    let sha = hex::encode(Sha256::digest(document.as_bytes()));
-    let mut tx = pool.begin().await?;
-    // One writer at a time, so "already in force" is decided on the latest version.
-    sqlx::query("LOCK TABLE config_versions IN SHARE ROW EXCLUSIVE MODE").execute(&mut *tx).await?;
-    let latest: Option<(i64, String)> =
-        sqlx::query_as("SELECT version, sha256 FROM config_versions ORDER BY version DESC LIMIT 1").fetch_optional(&mut *tx).await?;
-    if let Some((version, latest_sha)) = &latest {
-        if *latest_sha == sha {
-            tx.commit().await?;
-            return Ok(Applied { version: *version, changed: false });
-        }
-    }
-    let version: i64 = sqlx::query_scalar("INSERT INTO config_versions (document, sha256, source) VALUES ($1, $2, $3) RETURNING version")
-        .bind(document)
-        .bind(&sha)
-        .bind(source)
-        .fetch_one(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(Applied { version, changed: true })
-}
-
 /// Applies `path` only when no configuration has been stored yet: an aggregator started with
 /// `--config` seeds a fresh database, and never overwrites changes made since through
 /// `tally config apply` or the admin API. Returns what was applied, if anything.
 pub async fn seed_from_file(pool: &PgPool, path: &Path) -> anyhow::Result<Option<Applied>> {
-    let stored: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM config_versions)").fetch_one(pool).await?;
-    if stored {
+    if config_store::latest_version(pool).await?.is_some() {
         return Ok(None);
     }
-    apply_file(pool, path).await.map(Some)
+    let file = read_file(path)?;
+    match config_store::apply(pool, &file.document, &file.source, Base::Version(0)).await {
+        Ok(applied) => Ok(Some(applied)),
+        // Another writer stored a version since: it is not overwritten.
+        Err(config_store::ApplyError::Stale { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
-/// Reads a configuration file and applies it.
-pub async fn apply_file(pool: &PgPool, path: &Path) -> anyhow::Result<Applied> {
+/// A configuration file that validated, and the source it is stored under.
+pub struct ConfigFile {
+    pub document: CheckedDocument,
+    /// `file NAME`.
+    pub source: String,
+}
+
+/// Reads and validates a configuration file; an invalid one is an error listing every
+/// problem with its location.
+pub fn read_file(path: &Path) -> anyhow::Result<ConfigFile> {
     let text = std::fs::read_to_string(path).with_context(|| format!("failed to read {}", path.display()))?;
+    let document = CheckedDocument::parse(text).map_err(|e| anyhow::anyhow!("invalid tier configuration {}:\n{e}", path.display()))?;
+    Ok(ConfigFile { document, source: file_source(path) })
+}
+
+/// The source a configuration file is stored under: `file NAME`.
+pub fn file_source(path: &Path) -> String {
     let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    apply(pool, &text, &format!("file {name}")).await
+    format!("file {name}")
 }
 
 #[cfg(test)]

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json_};
 use serde_yaml::{Mapping, Value};
 use sha2::{Digest, Sha256};
+use tally_common::config_store;
 use tally_domain::event::hash_api_key;
 use tally_domain::rate::Rate;
 
@@ -127,9 +128,10 @@ fn to_yaml(v: &Json_) -> Result<Value, AppError> {
 
 /// The latest stored document as a tree, with its version.
 async fn latest(state: &AppState) -> Result<(i64, Value), AppError> {
-    let row: Option<(i64, String)> =
-        sqlx::query_as("SELECT version, document FROM config_versions ORDER BY version DESC LIMIT 1").fetch_optional(&state.pool).await?;
-    let (version, document) = row.unwrap_or_else(|| (0, crate::configs::DEFAULT_CONFIG.to_string()));
+    let (version, document) = match config_store::latest(&state.pool).await? {
+        Some(stored) => (stored.version, stored.document),
+        None => (0, config_store::BUILTIN_DOCUMENT.to_string()),
+    };
     let tree: Value = serde_yaml::from_str(&document).map_err(|e| AppError::unavailable("configuration in force", e))?;
     Ok((version, if tree.is_null() { Value::Mapping(Mapping::new()) } else { tree }))
 }
@@ -148,15 +150,11 @@ fn changed(status: StatusCode, body: Json_) -> Answer {
 // ---- configuration ----
 
 pub async fn config_show(State(state): State<Arc<AppState>>) -> Answer {
-    let row: Option<(i64, String, String, DateTime<Utc>)> =
-        sqlx::query_as("SELECT version, document, source, applied_at FROM config_versions ORDER BY version DESC LIMIT 1")
-            .fetch_optional(&state.pool)
-            .await?;
-    Ok(Json(match row {
-        Some((version, document, source, applied_at)) => {
-            json!({"version": version, "document": document, "source": source, "applied_at": applied_at})
+    Ok(Json(match config_store::latest(&state.pool).await? {
+        Some(v) => json!({"version": v.version, "document": v.document, "source": v.source, "applied_at": v.applied_at}),
+        None => {
+            json!({"version": 0, "document": config_store::BUILTIN_DOCUMENT, "source": config_store::BUILTIN_SOURCE, "applied_at": null})
         }
-        None => json!({"version": 0, "document": crate::configs::DEFAULT_CONFIG, "source": "built-in default", "applied_at": null}),
     })
     .into_response())
 }

@@ -2,8 +2,8 @@
 //!
 //! Contract:
 //! - The configuration is the same data `tally config apply` writes: whole YAML documents in
-//!   `config_versions`, the highest version in force (the built-in default, version 0, when
-//!   none was applied).
+//!   the configuration store (`tally_common::config_store`), the highest version in force
+//!   (the built-in default, version 0, when none was applied).
 //! - [`ConfigCache`] keeps the version in force in memory for the check path (API key
 //!   lookups, the tier of a subject with no decision yet). A background task polls for a
 //!   newer version every 500 ms; an edit made through this API instance is cached at once.
@@ -22,15 +22,12 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use serde_yaml::Value;
-use sha2::{Digest, Sha256};
 use sqlx::PgPool;
-use tally_common::producing::{Outgoing, RebuildingProducer};
+use tally_common::config_store::{self, ApplyError, Base, CheckedDocument, StoredVersion};
+use tally_common::producing::RebuildingProducer;
 use tally_domain::config::{Config, ConfigErrors};
 
 use crate::error::AppError;
-
-/// The built-in configuration, as the aggregator uses it when none was applied.
-pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.yaml");
 
 /// One version of the configuration.
 pub struct Loaded {
@@ -42,8 +39,19 @@ pub struct Loaded {
 
 impl Loaded {
     pub fn builtin() -> anyhow::Result<Loaded> {
-        let config = Config::from_yaml_str(DEFAULT_CONFIG).map_err(|e| anyhow::anyhow!("the built-in configuration is invalid: {e}"))?;
-        Ok(Loaded { version: 0, document: DEFAULT_CONFIG.to_string(), config })
+        let builtin = CheckedDocument::builtin().map_err(|e| anyhow::anyhow!("the built-in configuration is invalid: {e}"))?;
+        Ok(Loaded::checked(0, builtin))
+    }
+
+    fn checked(version: i64, document: CheckedDocument) -> Loaded {
+        Loaded { version, config: document.config().clone(), document: document.text().to_string() }
+    }
+
+    fn stored(stored: StoredVersion) -> anyhow::Result<Loaded> {
+        let version = stored.version;
+        let document =
+            CheckedDocument::parse(stored.document).map_err(|e| anyhow::anyhow!("configuration version {version} is invalid: {e}"))?;
+        Ok(Loaded::checked(version, document))
     }
 }
 
@@ -75,17 +83,14 @@ impl ConfigCache {
         }
     }
 
-    /// Loads the latest version from Postgres if it is newer than the cached one.
+    /// Loads the latest version from the store if it is newer than the cached one.
     pub async fn refresh(&self, pool: &PgPool) -> anyhow::Result<()> {
-        let latest: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM config_versions").fetch_one(pool).await?;
-        let Some(latest) = latest else { return Ok(()) };
+        let Some(latest) = config_store::latest_version(pool).await? else { return Ok(()) };
         if latest <= self.current().version {
             return Ok(());
         }
-        let document: String =
-            sqlx::query_scalar("SELECT document FROM config_versions WHERE version = $1").bind(latest).fetch_one(pool).await?;
-        let config = Config::from_yaml_str(&document).map_err(|e| anyhow::anyhow!("configuration version {latest} is invalid: {e}"))?;
-        self.offer(Loaded { version: latest, document, config });
+        let Some(stored) = config_store::at_version(pool, latest).await? else { return Ok(()) };
+        self.offer(Loaded::stored(stored)?);
         Ok(())
     }
 
@@ -111,9 +116,7 @@ pub struct Announcer {
 
 impl Announcer {
     async fn announce(&self, version: i64) {
-        let payload = serde_json::json!({"type": "config_applied", "version": version, "at": chrono::Utc::now()}).to_string();
-        let record = Outgoing::new(&self.topic, b"config", payload.as_bytes());
-        if let Err(e) = self.producer.send(record, Duration::from_secs(5)).await {
+        if let Err(e) = config_store::announce(&self.producer, &self.topic, version, Duration::from_secs(5)).await {
             tracing::warn!(error = %e, version, topic = %self.topic, "announcing a configuration version failed; aggregators pick it up at their next tick");
         }
     }
@@ -132,13 +135,20 @@ pub struct Edited<T> {
     pub version: i64,
 }
 
+/// The version an edit starts from.
+struct EditBase {
+    /// 0 for the built-in default.
+    version: i64,
+    document: String,
+}
+
 impl Editor {
     /// The latest stored version and document (the built-in default when none).
-    async fn latest(&self) -> Result<(i64, String), AppError> {
-        let row: Option<(i64, String)> = sqlx::query_as("SELECT version, document FROM config_versions ORDER BY version DESC LIMIT 1")
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.unwrap_or_else(|| (0, DEFAULT_CONFIG.to_string())))
+    async fn base(&self) -> Result<EditBase, AppError> {
+        Ok(match config_store::latest(&self.pool).await? {
+            Some(stored) => EditBase { version: stored.version, document: stored.document },
+            None => EditBase { version: 0, document: config_store::BUILTIN_DOCUMENT.to_string() },
+        })
     }
 
     /// Applies `change` to the latest document and stores the result as a new version; see
@@ -151,47 +161,29 @@ impl Editor {
         mut change: impl FnMut(&mut Value) -> Result<T, AppError>,
     ) -> Result<Edited<T>, AppError> {
         for _ in 0..4 {
-            let (base, document) = self.latest().await?;
-            let mut tree: Value = serde_yaml::from_str(&document)
-                .map_err(|e| AppError::unavailable("configuration in force", format!("version {base} does not parse: {e}")))?;
+            let base = self.base().await?;
+            let mut tree: Value = serde_yaml::from_str(&base.document)
+                .map_err(|e| AppError::unavailable("configuration in force", format!("version {} does not parse: {e}", base.version)))?;
             if tree.is_null() {
                 tree = Value::Mapping(Default::default());
             }
             let value = change(&mut tree)?;
             let text = serde_yaml::to_string(&tree).map_err(|e| AppError::unavailable("configuration encoder", e))?;
-            let config = Config::from_yaml_str(&text).map_err(|e| config_error(&e, prefix))?;
-            let sha = hex::encode(Sha256::digest(text.as_bytes()));
-            let mut tx = self.pool.begin().await?;
-            // The same lock `tally config apply` takes: one writer at a time.
-            sqlx::query("LOCK TABLE config_versions IN SHARE ROW EXCLUSIVE MODE").execute(&mut *tx).await?;
-            let latest: Option<(i64, String)> = sqlx::query_as("SELECT version, sha256 FROM config_versions ORDER BY version DESC LIMIT 1")
-                .fetch_optional(&mut *tx)
-                .await?;
-            if latest.as_ref().map(|(v, _)| *v).unwrap_or(0) != base {
-                tx.rollback().await.ok();
-                tracing::info!(base, "configuration changed while editing; retrying on the newer version");
-                continue;
-            }
-            if let Some((version, latest_sha)) = latest {
-                if latest_sha == sha {
-                    tx.commit().await?;
-                    return Ok(Edited { value, version });
+            let document = CheckedDocument::parse(text).map_err(|e| config_error(&e, prefix))?;
+            match config_store::apply(&self.pool, &document, source, Base::Version(base.version)).await {
+                Ok(applied) if applied.changed => {
+                    self.cache.offer(Loaded::checked(applied.version, document));
+                    if let Some(a) = &self.announcer {
+                        a.announce(applied.version).await;
+                    }
+                    return Ok(Edited { value, version: applied.version });
                 }
+                Ok(unchanged) => return Ok(Edited { value, version: unchanged.version }),
+                Err(ApplyError::Stale { base, .. }) => {
+                    tracing::info!(base, "configuration changed while editing; retrying on the newer version");
+                }
+                Err(ApplyError::Database(e)) => return Err(e.into()),
             }
-            let version: i64 =
-                sqlx::query_scalar("INSERT INTO config_versions (document, sha256, source) VALUES ($1, $2, $3) RETURNING version")
-                    .bind(&text)
-                    .bind(&sha)
-                    .bind(source)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            tx.commit().await?;
-            tracing::info!(version, source, "configuration version stored");
-            self.cache.offer(Loaded { version, document: text, config });
-            if let Some(a) = &self.announcer {
-                a.announce(version).await;
-            }
-            return Ok(Edited { value, version });
         }
         Err(AppError::conflict(None, "the configuration kept changing during this edit; retry"))
     }

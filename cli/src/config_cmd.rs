@@ -1,18 +1,20 @@
 //! `tally config apply FILE` and `tally config show`: the tier configuration in Postgres.
 //!
 //! `apply` validates the whole file first (every error with its location, nothing written
-//! when any), stores it as the new version in force, and announces the change on the control
-//! topic so aggregators re-evaluate every subject within a second.
+//! when any), stores it in the configuration store (`tally_common::config_store`) as the new
+//! version in force, whatever version was in force before, and announces the change on the
+//! control topic so aggregators re-evaluate every subject within a second.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use tally_aggregator::policy;
+use tally_common::config_store::{self, Base, CheckedDocument};
 use tally_common::kafka::KafkaSettings;
 use tally_common::postgres::PostgresSettings;
-use tally_common::producing::{Outgoing, RebuildingProducer};
+use tally_common::producing::RebuildingProducer;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ConfigCommand {
@@ -39,14 +41,17 @@ pub async fn run(cmd: ConfigCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn apply(file: &PathBuf, postgres: &PostgresSettings, kafka: &KafkaSettings) -> anyhow::Result<ExitCode> {
+async fn apply(file: &Path, postgres: &PostgresSettings, kafka: &KafkaSettings) -> anyhow::Result<ExitCode> {
     let text = std::fs::read_to_string(file).with_context(|| format!("failed to read {}", file.display()))?;
-    if let Err(e) = policy::Policy::from_yaml(&text, &file.display().to_string()) {
-        eprintln!("{e:#}");
-        return Ok(ExitCode::from(1));
-    }
+    let document = match CheckedDocument::parse(text) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("invalid tier configuration {}:\n{e}", file.display());
+            return Ok(ExitCode::from(1));
+        }
+    };
     let pool = postgres.connect().await?;
-    let applied = policy::apply_file(&pool, file).await?;
+    let applied = config_store::apply(&pool, &document, &policy::file_source(file), Base::Any).await?;
     if !applied.changed {
         println!("configuration version {} is already in force; nothing changed", applied.version);
         return Ok(ExitCode::SUCCESS);
@@ -56,32 +61,24 @@ async fn apply(file: &PathBuf, postgres: &PostgresSettings, kafka: &KafkaSetting
     Ok(ExitCode::SUCCESS)
 }
 
-/// Publishes `{"type": "config_applied", "version": N}` on the control topic (sent again on
-/// a new producer after a fatal error).
+/// Announces the new version on the control topic, on a producer of its own (which sends
+/// again on a new producer after a fatal error).
 async fn announce(kafka: &KafkaSettings, version: i64) -> anyhow::Result<()> {
     let health = tally_common::health::ClientHealth::new("control producer");
     let producer = RebuildingProducer::new(kafka.producer_config(), health, None)?;
-    let payload = serde_json::json!({"type": "config_applied", "version": version, "at": chrono::Utc::now()}).to_string();
-    producer.send(Outgoing::new(&kafka.control_topic, b"config", payload.as_bytes()), Duration::from_secs(10)).await.map_err(|e| {
+    config_store::announce(&producer, &kafka.control_topic, version, Duration::from_secs(10)).await.map_err(|e| {
         anyhow::anyhow!(
             "the configuration is stored, but announcing it on {} failed: {e}; aggregators pick it up within a second anyway",
             kafka.control_topic
         )
-    })?;
-    Ok(())
+    })
 }
 
 async fn show(postgres: &PostgresSettings) -> anyhow::Result<ExitCode> {
     let pool = postgres.connect().await?;
-    let latest: Option<(i64, String, String, chrono::DateTime<chrono::Utc>)> =
-        sqlx::query_as("SELECT version, document, source, applied_at FROM config_versions ORDER BY version DESC LIMIT 1")
-            .fetch_optional(&pool)
-            .await?;
-    match latest {
-        Some((version, document, source, applied_at)) => {
-            println!("# version {version}, applied {applied_at} from {source}\n{document}");
-        }
-        None => println!("# no configuration applied: the built-in default is in force\n{}", policy::DEFAULT_CONFIG),
+    match config_store::latest(&pool).await? {
+        Some(v) => println!("# version {}, applied {} from {}\n{}", v.version, v.applied_at, v.source, v.document),
+        None => println!("# no configuration applied: the built-in default is in force\n{}", config_store::BUILTIN_DOCUMENT),
     }
     Ok(ExitCode::SUCCESS)
 }

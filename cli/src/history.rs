@@ -14,7 +14,7 @@ pub async fn connect(postgres: &PostgresSettings, clickhouse: &ClickHouseSetting
 /// The tier configuration at `path`, or the built-in default.
 pub fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
     let (text, origin) = match path {
-        None => (tally_aggregator::policy::DEFAULT_CONFIG.to_string(), "(built-in default)".to_string()),
+        None => (tally_common::config_store::BUILTIN_DOCUMENT.to_string(), "(built-in default)".to_string()),
         Some(p) => (std::fs::read_to_string(p).with_context(|| format!("failed to read {}", p.display()))?, p.display().to_string()),
     };
     Config::from_yaml_str(&text).map_err(|e| anyhow::anyhow!("invalid tier configuration {origin}:\n{e}"))
