@@ -37,7 +37,8 @@ use tally_domain::rate::Rate;
 
 use crate::error::{AppError, JsonBody};
 use crate::keys;
-use crate::routes::AppState;
+use crate::paging::page_limit;
+use crate::state::AppState;
 
 type Answer = Result<Response, AppError>;
 type Q = Result<Query<PageParams>, QueryRejection>;
@@ -51,17 +52,6 @@ pub struct PageParams {
     cursor: Option<String>,
     /// Only for the override list: one subject's overrides.
     subject: Option<String>,
-}
-
-/// A page size from `?limit=`: default 100, 1..=`max`.
-pub fn page_limit(raw: Option<&str>, max: usize) -> Result<usize, AppError> {
-    match raw {
-        None => Ok(100.min(max)),
-        Some(s) => match s.parse::<usize>() {
-            Ok(n) if (1..=max).contains(&n) => Ok(n),
-            _ => Err(AppError::bad("limit", format!("must be a whole number from 1 to {max}"))),
-        },
-    }
 }
 
 fn params(q: Q) -> Result<PageParams, AppError> {
@@ -779,15 +769,6 @@ mod tests {
         assert_eq!(parse_duration("1w"), None);
         assert_eq!(parse_duration("400d"), None);
         assert_eq!(parse_duration(""), None);
-    }
-
-    #[test]
-    fn page_limits() {
-        assert_eq!(page_limit(None, 500).unwrap(), 100);
-        assert_eq!(page_limit(Some("500"), 500).unwrap(), 500);
-        assert!(page_limit(Some("501"), 500).is_err());
-        assert!(page_limit(Some("0"), 500).is_err());
-        assert!(page_limit(Some("x"), 500).is_err());
     }
 
     #[test]

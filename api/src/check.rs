@@ -45,17 +45,8 @@ use tally_domain::metric::Metric;
 use tally_domain::precedence::{resolve, SubjectFacts};
 
 use crate::error::{AppError, JsonBody};
-use crate::routes::AppState;
-
-/// What to answer when the view is staler than the bound.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StalePolicy {
-    /// Allow every request.
-    Open,
-    /// Deny every request.
-    Closed,
-}
+use crate::state::{AppState, StalePolicy};
+use crate::subjects::stored_decision;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -295,7 +286,7 @@ pub async fn check(State(state): State<Arc<AppState>>, JsonBody(req): JsonBody<C
     if state.view.caught_up_at().is_none() {
         // Only before the view first caught up: the view may lack a decision, or hold an
         // older one; the newer of the two answers.
-        match crate::routes::stored_decision(&state, &subject).await {
+        match stored_decision(&state, &subject).await {
             Ok(found) => {
                 source = "database";
                 if let Some(f) = found {

@@ -14,7 +14,7 @@
 //! - Ledgers are read from Postgres; the API never writes them.
 //! - Usage history, top subjects and reconciliation are read from ClickHouse (and the
 //!   ledger) by [`history`]; a ClickHouse outage only fails those routes.
-//! - Access: bearer tokens per role ([`routes::AuthSettings`]), compared in constant time,
+//! - Access: bearer tokens per role ([`auth::AuthSettings`]), compared in constant time,
 //!   never logged. Bodies are limited (`--max-body-bytes`, counted after decoding a
 //!   `Content-Encoding` of gzip, deflate or br), lists are paged (`--max-page`).
 //! - Every refusal is JSON `{"error", "field"}`: bad JSON bodies (400 naming the field, 413,
@@ -23,13 +23,18 @@
 //!   last-use times, then stops the background tasks.
 
 pub mod admin;
+pub mod auth;
 pub mod check;
 pub mod configs;
 pub mod error;
 pub mod history;
 pub mod keys;
 pub mod openapi;
+pub mod paging;
+pub mod probes;
 pub mod routes;
+pub mod state;
+pub mod subjects;
 pub mod view;
 
 use std::net::SocketAddr;
@@ -49,14 +54,14 @@ pub struct ApiSettings {
     #[arg(long = "listen", env = "TALLY_API_LISTEN", default_value = "127.0.0.1:8081")]
     pub listen: SocketAddr,
     #[command(flatten)]
-    pub auth: routes::AuthSettings,
+    pub auth: auth::AuthSettings,
     /// A check answered while the decision view has not caught up with its topic for longer
     /// than this many milliseconds follows --stale-policy.
     #[arg(long, env = "TALLY_CHECK_MAX_STALENESS_MS", default_value_t = 10_000)]
     pub max_staleness_ms: u64,
     /// What a check answers when the view is too stale: `open` allows, `closed` denies.
     #[arg(long, env = "TALLY_CHECK_STALE_POLICY", value_enum, default_value = "open")]
-    pub stale_policy: check::StalePolicy,
+    pub stale_policy: state::StalePolicy,
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "TALLY_API_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
@@ -68,11 +73,11 @@ pub struct ApiSettings {
 /// The whole router: the routes of [`routes::routes`] and, when given, the history routes
 /// (read role), with JSON answers for unknown routes and wrong methods, the body limit, and
 /// compressed request bodies decoded before the limit counts them (`tally_common::http`).
-pub fn app(state: Arc<routes::AppState>, history: Option<Arc<history::HistoryState>>, max_body_bytes: usize) -> Router {
+pub fn app(state: Arc<state::AppState>, history: Option<Arc<history::HistoryState>>, max_body_bytes: usize) -> Router {
     let auth = state.auth.clone();
     let mut app = routes::router(state);
     if let Some(h) = history {
-        app = app.merge(routes::guard(history::router(h), routes::Role::Read, &auth));
+        app = app.merge(auth::guard(history::router(h), auth::Role::Read, &auth));
     }
     tally_common::http::decoding(tally_common::http::json_fallbacks(app).layer(DefaultBodyLimit::max(max_body_bytes)))
 }
@@ -96,18 +101,18 @@ pub async fn run(
     let refresher = configs.spawn_refresher(pool.clone());
     let producer = tally_common::producing::RebuildingProducer::new(kafka.producer_config(), clients.register("control producer"), None)?;
     let history = Arc::new(history::HistoryState { ch: tally_history::ch::Ch::new(&clickhouse), pool: pool.clone() });
-    let state = routes::AppState::new(routes::Parts {
+    let state = state::AppState::new(state::Parts {
         view,
         pool: pool.clone(),
         configs,
         announcer: Some(configs::Announcer { producer: producer.clone(), topic: kafka.control_topic.clone() }),
-        check: routes::CheckSettings {
+        check: state::CheckSettings {
             max_staleness: chrono::Duration::milliseconds(i64::try_from(settings.max_staleness_ms).unwrap_or(i64::MAX)),
             stale_policy: settings.stale_policy,
         },
         auth: settings.auth.clone(),
         max_page: settings.max_page.max(1),
-        broker: Some(routes::Broker { producer, clients }),
+        broker: Some(state::Broker { producer, clients }),
     });
     state.auth.log_posture();
     let flusher = state.last_use.spawn_flusher(pool.clone());

@@ -1,0 +1,144 @@
+//! `GET /v1/subjects/{subject}/decision` and `.../usage`: a subject's latest decision (from
+//! the view, else Postgres) and its ledger rows.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tally_domain::decision::DecisionSnapshot;
+
+use crate::error::AppError;
+use crate::paging::page_limit;
+use crate::state::AppState;
+
+#[derive(Serialize)]
+struct DecisionAnswer<'a> {
+    #[serde(flatten)]
+    snapshot: &'a DecisionSnapshot,
+    /// Milliseconds between the snapshot's calculation and this answer.
+    age_ms: i64,
+    /// `view` (the in-memory view) or `database` (the Postgres fallback).
+    source: &'static str,
+}
+
+/// The stored decision of `subject` in Postgres.
+pub(crate) async fn stored_decision(state: &AppState, subject: &str) -> Result<Option<DecisionSnapshot>, sqlx::Error> {
+    let row: Option<(sqlx::types::Json<DecisionSnapshot>,)> =
+        sqlx::query_as("SELECT snapshot FROM decisions WHERE subject = $1").bind(subject).fetch_optional(&state.pool).await?;
+    let found = row.map(|(s,)| s.0);
+    if found.is_some() {
+        state.metrics.decisions_from_database.inc();
+    }
+    Ok(found)
+}
+
+async fn latest_decision(state: &AppState, subject: &str) -> Result<Option<(Arc<DecisionSnapshot>, &'static str)>, sqlx::Error> {
+    if let Some(s) = state.view.get(subject) {
+        state.metrics.decisions_from_view.inc();
+        return Ok(Some((s, "view")));
+    }
+    Ok(stored_decision(state, subject).await?.map(|s| (Arc::new(s), "database")))
+}
+
+/// Whether an `If-None-Match` value matches the (weak) entity tag `etag`.
+fn none_match(header: &str, etag: &str) -> bool {
+    let strip = |t: &str| t.trim().trim_start_matches("W/").to_string();
+    header.split(',').any(|t| t.trim() == "*" || strip(t) == strip(etag))
+}
+
+/// `GET /v1/subjects/{subject}/decision`, with a weak ETag of the snapshot's version: the
+/// body's `age_ms` changes with time, the decision only with a new version.
+pub async fn decision(State(state): State<Arc<AppState>>, Path(subject): Path<String>, headers: HeaderMap) -> Result<Response, AppError> {
+    let Some((snapshot, source)) = latest_decision(&state, &subject).await? else {
+        return Err(AppError::not_found("subject", format!("no decision for subject {subject:?} yet")));
+    };
+    let etag = format!("W/\"{}\"", snapshot.version);
+    let etag_value = HeaderValue::from_str(&etag).map_err(|e| AppError::unavailable("encoder", e))?;
+    let inm = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok());
+    if inm.is_some_and(|h| none_match(h, &etag)) {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response());
+    }
+    let age_ms = (Utc::now() - snapshot.calculated_at).num_milliseconds().max(0);
+    Ok((
+        [(header::ETAG, etag_value), (header::CACHE_CONTROL, HeaderValue::from_static("no-cache"))],
+        Json(DecisionAnswer { snapshot: &snapshot, age_ms, source }),
+    )
+        .into_response())
+}
+
+#[derive(Serialize)]
+struct UsageRow {
+    quota: String,
+    metric: String,
+    /// `null` for a quota over all scopes.
+    scope: Option<String>,
+    period: String,
+    period_start: DateTime<Utc>,
+    period_end: DateTime<Utc>,
+    used: i64,
+    limit: i64,
+}
+
+#[derive(Serialize)]
+struct UsageAnswer {
+    subject: String,
+    ledgers: Vec<UsageRow>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageParams {
+    limit: Option<String>,
+}
+
+type LedgerRow = (String, String, String, String, DateTime<Utc>, DateTime<Utc>, i64, i64);
+
+/// `GET /v1/subjects/{subject}/usage?limit=N`: the latest ledger rows, newest period first.
+pub async fn usage(
+    State(state): State<Arc<AppState>>,
+    Path(subject): Path<String>,
+    params: Result<Query<UsageParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, AppError> {
+    let Query(params) = params.map_err(|e| AppError::bad("query", e.body_text()))?;
+    let limit = page_limit(params.limit.as_deref(), state.max_page.max(1000))?;
+    let rows: Vec<LedgerRow> = sqlx::query_as(
+        "SELECT quota, metric, scope, period, period_start, period_end, used, limit_value FROM ledgers
+         WHERE subject = $1 ORDER BY period_start DESC, metric, scope, period LIMIT $2",
+    )
+    .bind(&subject)
+    .bind(limit as i64)
+    .fetch_all(&state.pool)
+    .await?;
+    let ledgers = rows
+        .into_iter()
+        .map(|(quota, metric, scope, period, period_start, period_end, used, limit)| UsageRow {
+            quota,
+            metric,
+            scope: (scope != "*").then_some(scope),
+            period,
+            period_start,
+            period_end,
+            used,
+            limit,
+        })
+        .collect();
+    Ok(Json(UsageAnswer { subject, ledgers }).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_none_match_compares_weakly() {
+        assert!(none_match("W/\"7\"", "W/\"7\""));
+        assert!(none_match("\"7\"", "W/\"7\""));
+        assert!(none_match("\"3\", W/\"7\"", "W/\"7\""));
+        assert!(none_match("*", "W/\"7\""));
+        assert!(!none_match("W/\"8\"", "W/\"7\""));
+    }
+}
