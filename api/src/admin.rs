@@ -2,10 +2,14 @@
 //!
 //! Contract:
 //! - Every change goes through [`crate::configs::Editor::edit`]: one change to the latest
-//!   configuration document, validated as a whole before anything is written, stored as a
-//!   new version (the same data `tally config apply` writes), announced on the control topic.
-//!   Bad input is a 400 `{"error", "field"}` and writes nothing; a change that would break a
-//!   reference elsewhere in the configuration is a 409 naming the configuration path.
+//!   configuration document (`tally_domain::config::ConfigDocument`, typed), validated as
+//!   a whole before anything is written, stored as a new version (the same data
+//!   `tally config apply` writes), announced on the control topic. Bad input is a 400
+//!   `{"error", "field"}` naming the request's field and writes nothing; a change that
+//!   would break a reference elsewhere in the configuration is a 409 naming the
+//!   configuration path.
+//! - Items are answered as the configuration writes them (a tier, an assignment, an
+//!   override with its `id` and whether it is `active` now), in typed answer structs.
 //! - Reads answer from the latest stored version. Lists are sorted by their key and paged:
 //!   `?limit=` (default 100, at most the configured page size) and `?cursor=` (the
 //!   `next_cursor` of the previous page).
@@ -28,16 +32,17 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value as Json_};
-use serde_yaml::{Mapping, Value};
+use serde_json::Value as Json_;
 use sha2::{Digest, Sha256};
 use tally_common::config_store;
+use tally_domain::config::{ApiKeyEntry, AssignmentEntry, ConfigDocument, OverrideEntry, TierEntry};
 use tally_domain::event::hash_api_key;
 use tally_domain::rate::Rate;
 
+use crate::configs::read_document;
 use crate::error::{AppError, JsonBody};
 use crate::keys;
-use crate::paging::page_limit;
+use crate::paging::{page_limit, Keyed, Page};
 use crate::state::AppState;
 
 type Answer = Result<Response, AppError>;
@@ -58,72 +63,20 @@ fn params(q: Q) -> Result<PageParams, AppError> {
     q.map(|Query(p)| p).map_err(|e| AppError::bad("query", e.body_text()))
 }
 
-/// One page of `items` (already sorted by key).
-fn page(items: Vec<(String, Json_)>, p: &PageParams, max: usize) -> Answer {
+/// One page of `items`, as the list answers it.
+fn page<T: Serialize>(items: Vec<Keyed<T>>, p: &PageParams, max: usize) -> Answer {
     let limit = page_limit(p.limit.as_deref(), max)?;
-    let mut rest: Vec<(String, Json_)> = items.into_iter().filter(|(k, _)| p.cursor.as_ref().is_none_or(|c| k > c)).collect();
-    let more = rest.len() > limit;
-    rest.truncate(limit);
-    let next_cursor = if more { rest.last().map(|(k, _)| k.clone()) } else { None };
-    let items: Vec<Json_> = rest.into_iter().map(|(_, v)| v).collect();
-    Ok(Json(json!({"items": items, "next_cursor": next_cursor})).into_response())
+    Ok(Json(Page::of(items, p.cursor.as_deref(), limit)).into_response())
 }
 
-// ---- YAML tree helpers ----
+// ---- the configuration in force ----
 
-fn key(s: &str) -> Value {
-    Value::String(s.to_string())
-}
-
-fn root(tree: &mut Value) -> Result<&mut Mapping, AppError> {
-    match tree {
-        Value::Mapping(m) => Ok(m),
-        _ => Err(AppError::unavailable("configuration in force", "the document is not a mapping")),
+/// The latest stored document (the built-in default when none).
+async fn latest(state: &AppState) -> Result<ConfigDocument, AppError> {
+    match config_store::latest(&state.pool).await? {
+        Some(stored) => read_document(stored.version, &stored.document),
+        None => read_document(0, config_store::BUILTIN_DOCUMENT),
     }
-}
-
-fn seq<'a>(tree: &'a mut Value, name: &str) -> Result<&'a mut Vec<Value>, AppError> {
-    let entry = root(tree)?.entry(key(name)).or_insert(Value::Sequence(vec![]));
-    if entry.is_null() {
-        *entry = Value::Sequence(vec![]);
-    }
-    match entry {
-        Value::Sequence(s) => Ok(s),
-        _ => Err(AppError::unavailable("configuration in force", format!("`{name}` is not a list"))),
-    }
-}
-
-fn map<'a>(tree: &'a mut Value, name: &str) -> Result<&'a mut Mapping, AppError> {
-    let entry = root(tree)?.entry(key(name)).or_insert(Value::Mapping(Mapping::new()));
-    if entry.is_null() {
-        *entry = Value::Mapping(Mapping::new());
-    }
-    match entry {
-        Value::Mapping(m) => Ok(m),
-        _ => Err(AppError::unavailable("configuration in force", format!("`{name}` is not a mapping"))),
-    }
-}
-
-fn str_field<'a>(item: &'a Value, field: &str) -> Option<&'a str> {
-    item.get(field).and_then(Value::as_str)
-}
-
-fn to_json(v: &Value) -> Json_ {
-    serde_json::to_value(v).unwrap_or(Json_::Null)
-}
-
-fn to_yaml(v: &Json_) -> Result<Value, AppError> {
-    serde_yaml::to_value(v).map_err(|e| AppError::bad("body", e.to_string()))
-}
-
-/// The latest stored document as a tree, with its version.
-async fn latest(state: &AppState) -> Result<(i64, Value), AppError> {
-    let (version, document) = match config_store::latest(&state.pool).await? {
-        Some(stored) => (stored.version, stored.document),
-        None => (0, config_store::BUILTIN_DOCUMENT.to_string()),
-    };
-    let tree: Value = serde_yaml::from_str(&document).map_err(|e| AppError::unavailable("configuration in force", e))?;
-    Ok((version, if tree.is_null() { Value::Mapping(Mapping::new()) } else { tree }))
 }
 
 fn name_param(v: &str, field: &str) -> Result<(), AppError> {
@@ -133,49 +86,81 @@ fn name_param(v: &str, field: &str) -> Result<(), AppError> {
     Ok(())
 }
 
-fn changed(status: StatusCode, body: Json_) -> Answer {
+fn answer<T: Serialize>(status: StatusCode, body: T) -> Answer {
     Ok((status, Json(body)).into_response())
+}
+
+/// `GET /v1/admin/config`: the version in force.
+#[derive(Serialize)]
+struct ConfigAnswer {
+    version: i64,
+    document: String,
+    source: String,
+    /// `null` for the built-in default.
+    applied_at: Option<DateTime<Utc>>,
+}
+
+/// A deletion: what went, and the version without it.
+#[derive(Serialize)]
+struct Deleted {
+    deleted: String,
+    version: i64,
 }
 
 // ---- configuration ----
 
 pub async fn config_show(State(state): State<Arc<AppState>>) -> Answer {
-    Ok(Json(match config_store::latest(&state.pool).await? {
-        Some(v) => json!({"version": v.version, "document": v.document, "source": v.source, "applied_at": v.applied_at}),
-        None => {
-            json!({"version": 0, "document": config_store::BUILTIN_DOCUMENT, "source": config_store::BUILTIN_SOURCE, "applied_at": null})
-        }
-    })
-    .into_response())
+    let shown = match config_store::latest(&state.pool).await? {
+        Some(v) => ConfigAnswer { version: v.version, document: v.document, source: v.source, applied_at: Some(v.applied_at) },
+        None => ConfigAnswer {
+            version: 0,
+            document: config_store::BUILTIN_DOCUMENT.to_string(),
+            source: config_store::BUILTIN_SOURCE.to_string(),
+            applied_at: None,
+        },
+    };
+    answer(StatusCode::OK, shown)
 }
 
 // ---- tiers ----
 
-fn tier_index(tree: &mut Value, name: &str) -> Result<Option<usize>, AppError> {
-    Ok(seq(tree, "tiers")?.iter().position(|t| str_field(t, "name") == Some(name)))
+#[derive(Serialize)]
+struct TierChanged {
+    tier: TierEntry,
+    version: i64,
+}
+
+fn tier_index(document: &ConfigDocument, name: &str) -> Option<usize> {
+    document.tiers.iter().position(|t| t.name == name)
+}
+
+fn require_tier(document: &ConfigDocument, name: &str) -> Result<(), AppError> {
+    match document.tier(name) {
+        Some(_) => Ok(()),
+        None => Err(AppError::bad("tier", format!("no tier named {name:?}"))),
+    }
 }
 
 pub async fn tiers_list(State(state): State<Arc<AppState>>, q: Q) -> Answer {
     let p = params(q)?;
-    let (_, mut tree) = latest(&state).await?;
-    let items = seq(&mut tree, "tiers")?
-        .iter()
-        .map(|t| (str_field(t, "name").unwrap_or_default().to_string(), to_json(t)))
-        .collect::<BTreeMap<_, _>>();
-    page(items.into_iter().collect(), &p, state.max_page)
+    let document = latest(&state).await?;
+    // Keyed by name, which validation keeps distinct.
+    let tiers: BTreeMap<String, TierEntry> = document.tiers.into_iter().map(|t| (t.name.clone(), t)).collect();
+    page(tiers.into_iter().map(|(name, t)| Keyed::new(name, t)).collect(), &p, state.max_page)
 }
 
 pub async fn tier_get(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Answer {
-    let (_, mut tree) = latest(&state).await?;
-    let tiers = seq(&mut tree, "tiers")?;
-    match tiers.iter().find(|t| str_field(t, "name") == Some(name.as_str())) {
-        Some(t) => Ok(Json(to_json(t)).into_response()),
+    let document = latest(&state).await?;
+    match document.tier(&name) {
+        Some(t) => answer(StatusCode::OK, t),
         None => Err(AppError::not_found("name", format!("no tier named {name:?}"))),
     }
 }
 
-/// The tier object of a request, with its name set to `name`.
-fn tier_body(body: &Json_, name: &str) -> Result<Value, AppError> {
+/// The tier of a request, named `name`: a tier object as the configuration writes it, whose
+/// `name`, when given, must be `name`. A field the format does not have, or of the wrong
+/// type, is a 400 naming it.
+fn tier_body(body: &Json_, name: &str) -> Result<TierEntry, AppError> {
     let Json_::Object(obj) = body else { return Err(AppError::bad("body", "a tier is a JSON object")) };
     if let Some(n) = obj.get("name") {
         if n.as_str() != Some(name) {
@@ -184,7 +169,7 @@ fn tier_body(body: &Json_, name: &str) -> Result<Value, AppError> {
     }
     let mut obj = obj.clone();
     obj.insert("name".into(), Json_::String(name.to_string()));
-    to_yaml(&Json_::Object(obj))
+    Ok(tally_common::http::from_json_value::<TierEntry>(Json_::Object(obj))?)
 }
 
 pub async fn tier_create(State(state): State<Arc<AppState>>, JsonBody(body): JsonBody<Json_>) -> Answer {
@@ -194,15 +179,15 @@ pub async fn tier_create(State(state): State<Arc<AppState>>, JsonBody(body): Jso
     let prefix = format!("tiers.{name}");
     let edited = state
         .editor
-        .edit("admin api: create tier", &prefix, |tree| {
-            if tier_index(tree, &name)?.is_some() {
+        .edit("admin api: create tier", &prefix, |document| {
+            if tier_index(document, &name).is_some() {
                 return Err(AppError::conflict(Some("name"), format!("a tier named {name:?} exists")));
             }
-            seq(tree, "tiers")?.push(tier.clone());
+            document.tiers.push(tier.clone());
             Ok(())
         })
         .await?;
-    changed(StatusCode::CREATED, json!({"tier": to_json(&tier), "version": edited.version}))
+    answer(StatusCode::CREATED, TierChanged { tier, version: edited.version })
 }
 
 pub async fn tier_put(State(state): State<Arc<AppState>>, Path(name): Path<String>, JsonBody(body): JsonBody<Json_>) -> Answer {
@@ -211,54 +196,108 @@ pub async fn tier_put(State(state): State<Arc<AppState>>, Path(name): Path<Strin
     let prefix = format!("tiers.{name}");
     let edited = state
         .editor
-        .edit("admin api: put tier", &prefix, |tree| {
-            match tier_index(tree, &name)? {
-                Some(i) => seq(tree, "tiers")?[i] = tier.clone(),
-                None => seq(tree, "tiers")?.push(tier.clone()),
+        .edit("admin api: put tier", &prefix, |document| {
+            match tier_index(document, &name) {
+                Some(i) => document.tiers[i] = tier.clone(),
+                None => document.tiers.push(tier.clone()),
             }
             Ok(())
         })
         .await?;
-    changed(StatusCode::OK, json!({"tier": to_json(&tier), "version": edited.version}))
+    answer(StatusCode::OK, TierChanged { tier, version: edited.version })
 }
 
 pub async fn tier_delete(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Answer {
     let prefix = format!("tiers.{name}");
     let edited = state
         .editor
-        .edit("admin api: delete tier", &prefix, |tree| {
-            let i = tier_index(tree, &name)?.ok_or_else(|| AppError::not_found("name", format!("no tier named {name:?}")))?;
-            seq(tree, "tiers")?.remove(i);
+        .edit("admin api: delete tier", &prefix, |document| {
+            let i = tier_index(document, &name).ok_or_else(|| AppError::not_found("name", format!("no tier named {name:?}")))?;
+            document.tiers.remove(i);
             Ok(())
         })
         .await?;
-    changed(StatusCode::OK, json!({"deleted": name, "version": edited.version}))
+    answer(StatusCode::OK, Deleted { deleted: name, version: edited.version })
 }
 
 // ---- groups and members ----
 
+#[derive(Serialize)]
+struct GroupListed {
+    group: String,
+    tier: String,
+    /// How many subjects are members.
+    members: usize,
+}
+
+#[derive(Serialize)]
+struct GroupShown {
+    group: String,
+    tier: String,
+}
+
+#[derive(Serialize)]
+struct GroupChanged {
+    group: String,
+    tier: String,
+    version: i64,
+}
+
+#[derive(Serialize)]
+struct GroupDeleted {
+    deleted: String,
+    /// The subjects that were members, sorted.
+    members_removed: Vec<String>,
+    version: i64,
+}
+
+#[derive(Serialize)]
+struct Member {
+    subject: String,
+}
+
+#[derive(Serialize)]
+struct MemberAdded {
+    group: String,
+    subject: String,
+    version: i64,
+}
+
+#[derive(Serialize)]
+struct MemberRemoved {
+    group: String,
+    removed: String,
+    version: i64,
+}
+
+fn no_group(group: &str) -> AppError {
+    AppError::not_found("group", format!("no group named {group:?}"))
+}
+
+/// The subjects whose groups include `group`.
+fn members_of<'a>(document: &'a ConfigDocument, group: &'a str) -> impl Iterator<Item = &'a String> + 'a {
+    document.members.iter().filter(move |(_, groups)| groups.iter().any(|g| g == group)).map(|(subject, _)| subject)
+}
+
 pub async fn groups_list(State(state): State<Arc<AppState>>, q: Q) -> Answer {
     let p = params(q)?;
-    let (_, mut tree) = latest(&state).await?;
-    let members = map(&mut tree, "members")?.clone();
-    let groups = map(&mut tree, "groups")?;
-    let mut items: Vec<(String, Json_)> = groups
+    let document = latest(&state).await?;
+    let items = document
+        .groups
         .iter()
-        .filter_map(|(g, t)| {
-            let g = g.as_str()?.to_string();
-            let count = members.values().filter(|v| v.as_sequence().is_some_and(|s| s.iter().any(|x| x.as_str() == Some(&g)))).count();
-            Some((g.clone(), json!({"group": g, "tier": to_json(t), "members": count})))
+        .map(|(group, tier)| {
+            let members = members_of(&document, group).count();
+            Keyed::new(group.clone(), GroupListed { group: group.clone(), tier: tier.clone(), members })
         })
         .collect();
-    items.sort_by(|a, b| a.0.cmp(&b.0));
     page(items, &p, state.max_page)
 }
 
 pub async fn group_get(State(state): State<Arc<AppState>>, Path(group): Path<String>) -> Answer {
-    let (_, mut tree) = latest(&state).await?;
-    match map(&mut tree, "groups")?.get(key(&group)) {
-        Some(t) => Ok(Json(json!({"group": group, "tier": to_json(t)})).into_response()),
-        None => Err(AppError::not_found("group", format!("no group named {group:?}"))),
+    let document = latest(&state).await?;
+    match document.groups.get(&group) {
+        Some(tier) => answer(StatusCode::OK, GroupShown { tier: tier.clone(), group }),
+        None => Err(no_group(&group)),
     }
 }
 
@@ -273,57 +312,43 @@ pub async fn group_put(State(state): State<Arc<AppState>>, Path(group): Path<Str
     let prefix = format!("groups.{group}");
     let edited = state
         .editor
-        .edit("admin api: put group", &prefix, |tree| {
-            if tier_index(tree, &body.tier)?.is_none() {
-                return Err(AppError::bad("tier", format!("no tier named {:?}", body.tier)));
-            }
-            map(tree, "groups")?.insert(key(&group), key(&body.tier));
+        .edit("admin api: put group", &prefix, |document| {
+            require_tier(document, &body.tier)?;
+            document.groups.insert(group.clone(), body.tier.clone());
             Ok(())
         })
         .await?;
-    changed(StatusCode::OK, json!({"group": group, "tier": body.tier, "version": edited.version}))
+    answer(StatusCode::OK, GroupChanged { group, tier: body.tier, version: edited.version })
 }
 
 pub async fn group_delete(State(state): State<Arc<AppState>>, Path(group): Path<String>) -> Answer {
     let prefix = format!("groups.{group}");
     let edited = state
         .editor
-        .edit("admin api: delete group", &prefix, |tree| {
-            if map(tree, "groups")?.remove(key(&group)).is_none() {
-                return Err(AppError::not_found("group", format!("no group named {group:?}")));
+        .edit("admin api: delete group", &prefix, |document| {
+            if document.groups.shift_remove(&group).is_none() {
+                return Err(no_group(&group));
             }
-            // Its memberships go with it.
-            let members = map(tree, "members")?;
-            let mut removed = Vec::new();
-            for (subject, groups) in members.iter_mut() {
-                if let Value::Sequence(s) = groups {
-                    let before = s.len();
-                    s.retain(|g| g.as_str() != Some(group.as_str()));
-                    if s.len() != before {
-                        removed.push(subject.as_str().unwrap_or_default().to_string());
-                    }
-                }
+            // Its memberships go with it, and a subject left in no group is no member.
+            let mut removed: Vec<String> = members_of(document, &group).cloned().collect();
+            for groups in document.members.values_mut() {
+                groups.retain(|g| *g != group);
             }
-            members.retain(|_, g| g.as_sequence().is_none_or(|s| !s.is_empty()));
+            document.members.retain(|_, groups| !groups.is_empty());
             removed.sort();
             Ok(removed)
         })
         .await?;
-    changed(StatusCode::OK, json!({"deleted": group, "members_removed": edited.value, "version": edited.version}))
+    answer(StatusCode::OK, GroupDeleted { deleted: group, members_removed: edited.value, version: edited.version })
 }
 
 pub async fn members_list(State(state): State<Arc<AppState>>, Path(group): Path<String>, q: Q) -> Answer {
     let p = params(q)?;
-    let (_, mut tree) = latest(&state).await?;
-    if !map(&mut tree, "groups")?.contains_key(key(&group)) {
-        return Err(AppError::not_found("group", format!("no group named {group:?}")));
+    let document = latest(&state).await?;
+    if !document.groups.contains_key(&group) {
+        return Err(no_group(&group));
     }
-    let mut items: Vec<(String, Json_)> = map(&mut tree, "members")?
-        .iter()
-        .filter(|(_, g)| g.as_sequence().is_some_and(|s| s.iter().any(|x| x.as_str() == Some(group.as_str()))))
-        .filter_map(|(s, _)| s.as_str().map(|s| (s.to_string(), json!({"subject": s}))))
-        .collect();
-    items.sort_by(|a, b| a.0.cmp(&b.0));
+    let items = members_of(&document, &group).map(|s| Keyed::new(s.clone(), Member { subject: s.clone() })).collect();
     page(items, &p, state.max_page)
 }
 
@@ -332,75 +357,91 @@ pub async fn member_put(State(state): State<Arc<AppState>>, Path((group, subject
     let prefix = format!("members.{subject}");
     let edited = state
         .editor
-        .edit("admin api: add member", &prefix, |tree| {
-            if !map(tree, "groups")?.contains_key(key(&group)) {
-                return Err(AppError::not_found("group", format!("no group named {group:?}")));
+        .edit("admin api: add member", &prefix, |document| {
+            if !document.groups.contains_key(&group) {
+                return Err(no_group(&group));
             }
-            let entry = map(tree, "members")?.entry(key(&subject)).or_insert(Value::Sequence(vec![]));
-            if let Value::Sequence(s) = entry {
-                if !s.iter().any(|g| g.as_str() == Some(group.as_str())) {
-                    s.push(key(&group));
-                }
+            let groups = document.members.entry(subject.clone()).or_default();
+            if !groups.contains(&group) {
+                groups.push(group.clone());
             }
             Ok(())
         })
         .await?;
-    changed(StatusCode::OK, json!({"group": group, "subject": subject, "version": edited.version}))
+    answer(StatusCode::OK, MemberAdded { group, subject, version: edited.version })
 }
 
 pub async fn member_delete(State(state): State<Arc<AppState>>, Path((group, subject)): Path<(String, String)>) -> Answer {
     let prefix = format!("members.{subject}");
+    let not_member = || AppError::not_found("subject", format!("{subject:?} is not in group {group:?}"));
     let edited = state
         .editor
-        .edit("admin api: remove member", &prefix, |tree| {
-            let members = map(tree, "members")?;
-            let Some(Value::Sequence(s)) = members.get_mut(key(&subject)) else {
-                return Err(AppError::not_found("subject", format!("{subject:?} is not in group {group:?}")));
-            };
-            let before = s.len();
-            s.retain(|g| g.as_str() != Some(group.as_str()));
-            if s.len() == before {
-                return Err(AppError::not_found("subject", format!("{subject:?} is not in group {group:?}")));
+        .edit("admin api: remove member", &prefix, |document| {
+            let groups = document.members.get_mut(&subject).ok_or_else(not_member)?;
+            let before = groups.len();
+            groups.retain(|g| *g != group);
+            if groups.len() == before {
+                return Err(not_member());
             }
-            if s.is_empty() {
-                members.remove(key(&subject));
+            if groups.is_empty() {
+                document.members.shift_remove(&subject);
             }
             Ok(())
         })
         .await?;
-    changed(StatusCode::OK, json!({"group": group, "removed": subject, "version": edited.version}))
+    answer(StatusCode::OK, MemberRemoved { group, removed: subject, version: edited.version })
 }
 
 // ---- assignments ----
 
-fn with_status(item: &Value, now: DateTime<Utc>, field: &str) -> Json_ {
-    let mut j = to_json(item);
-    let end = str_field(item, field).and_then(|t| t.parse::<DateTime<Utc>>().ok());
-    let start = str_field(item, "starts_at").and_then(|t| t.parse::<DateTime<Utc>>().ok());
-    let active = end.is_none_or(|e| now < e) && start.is_none_or(|s| s <= now);
-    if let Json_::Object(o) = &mut j {
-        o.insert("active".into(), Json_::Bool(active));
+/// A stored time (RFC 3339 text); one that does not parse bounds nothing.
+fn stored_time(text: Option<&str>) -> Option<DateTime<Utc>> {
+    text.and_then(|t| t.parse::<DateTime<Utc>>().ok())
+}
+
+/// Whether `now` is within `[starts_at, expires_at)` (an absent bound is no bound).
+fn active_at(starts_at: Option<&str>, expires_at: Option<&str>, now: DateTime<Utc>) -> bool {
+    stored_time(expires_at).is_none_or(|end| now < end) && stored_time(starts_at).is_none_or(|start| start <= now)
+}
+
+/// An assignment as the admin API shows it.
+#[derive(Serialize)]
+struct AssignmentShown {
+    #[serde(flatten)]
+    assignment: AssignmentEntry,
+    active: bool,
+}
+
+impl AssignmentShown {
+    fn at(assignment: AssignmentEntry, now: DateTime<Utc>) -> AssignmentShown {
+        let active = active_at(None, assignment.expires_at.as_deref(), now);
+        AssignmentShown { assignment, active }
     }
-    j
+}
+
+#[derive(Serialize)]
+struct AssignmentChanged {
+    assignment: AssignmentEntry,
+    version: i64,
+}
+
+fn no_assignment(subject: &str) -> AppError {
+    AppError::not_found("subject", format!("{subject:?} has no assignment"))
 }
 
 pub async fn assignments_list(State(state): State<Arc<AppState>>, q: Q) -> Answer {
     let p = params(q)?;
-    let (_, mut tree) = latest(&state).await?;
+    let document = latest(&state).await?;
     let now = Utc::now();
-    let mut items: Vec<(String, Json_)> = seq(&mut tree, "assignments")?
-        .iter()
-        .map(|a| (str_field(a, "subject").unwrap_or_default().to_string(), with_status(a, now, "expires_at")))
-        .collect();
-    items.sort_by(|a, b| a.0.cmp(&b.0));
+    let items = document.assignments.into_iter().map(|a| Keyed::new(a.subject.clone(), AssignmentShown::at(a, now))).collect();
     page(items, &p, state.max_page)
 }
 
 pub async fn assignment_get(State(state): State<Arc<AppState>>, Path(subject): Path<String>) -> Answer {
-    let (_, mut tree) = latest(&state).await?;
-    match seq(&mut tree, "assignments")?.iter().find(|a| str_field(a, "subject") == Some(subject.as_str())) {
-        Some(a) => Ok(Json(with_status(a, Utc::now(), "expires_at")).into_response()),
-        None => Err(AppError::not_found("subject", format!("{subject:?} has no assignment"))),
+    let document = latest(&state).await?;
+    match document.assignments.into_iter().find(|a| a.subject == subject) {
+        Some(a) => answer(StatusCode::OK, AssignmentShown::at(a, Utc::now())),
+        None => Err(no_assignment(&subject)),
     }
 }
 
@@ -412,6 +453,11 @@ pub struct AssignmentBody {
     reason: Option<String>,
 }
 
+/// How the admin API writes a time into the configuration.
+fn written_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 pub async fn assignment_put(
     State(state): State<Arc<AppState>>,
     Path(subject): Path<String>,
@@ -421,62 +467,72 @@ pub async fn assignment_put(
     if body.expires_at.is_some_and(|t| t <= Utc::now()) {
         return Err(AppError::bad("expires_at", "must be in the future"));
     }
-    let mut item = Mapping::new();
-    item.insert(key("subject"), key(&subject));
-    item.insert(key("tier"), key(&body.tier));
-    if let Some(t) = body.expires_at {
-        item.insert(key("expires_at"), key(&t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)));
-    }
-    if let Some(r) = &body.reason {
-        item.insert(key("reason"), key(r));
-    }
-    let item = Value::Mapping(item);
+    let assignment =
+        AssignmentEntry { subject: subject.clone(), tier: body.tier, expires_at: body.expires_at.map(written_time), reason: body.reason };
     let edited = state
         .editor
-        .edit("admin api: put assignment", "assignments", |tree| {
-            if tier_index(tree, &body.tier)?.is_none() {
-                return Err(AppError::bad("tier", format!("no tier named {:?}", body.tier)));
-            }
-            let list = seq(tree, "assignments")?;
-            list.retain(|a| str_field(a, "subject") != Some(subject.as_str()));
-            list.push(item.clone());
+        .edit("admin api: put assignment", "assignments", |document| {
+            require_tier(document, &assignment.tier)?;
+            document.assignments.retain(|a| a.subject != subject);
+            document.assignments.push(assignment.clone());
             Ok(())
         })
         .await?;
-    changed(StatusCode::OK, json!({"assignment": to_json(&item), "version": edited.version}))
+    answer(StatusCode::OK, AssignmentChanged { assignment, version: edited.version })
 }
 
 pub async fn assignment_delete(State(state): State<Arc<AppState>>, Path(subject): Path<String>) -> Answer {
     let edited = state
         .editor
-        .edit("admin api: delete assignment", "assignments", |tree| {
-            let list = seq(tree, "assignments")?;
-            let before = list.len();
-            list.retain(|a| str_field(a, "subject") != Some(subject.as_str()));
-            if list.len() == before {
-                return Err(AppError::not_found("subject", format!("{subject:?} has no assignment")));
+        .edit("admin api: delete assignment", "assignments", |document| {
+            let before = document.assignments.len();
+            document.assignments.retain(|a| a.subject != subject);
+            if document.assignments.len() == before {
+                return Err(no_assignment(&subject));
             }
             Ok(())
         })
         .await?;
-    changed(StatusCode::OK, json!({"deleted": subject, "version": edited.version}))
+    answer(StatusCode::OK, Deleted { deleted: subject, version: edited.version })
 }
 
 // ---- overrides ----
 
 /// The id of an override: what it targets and when.
-pub fn override_id(item: &Value) -> String {
-    let part = |f: &str| str_field(item, f).unwrap_or("").to_string();
-    let text = ["subject", "scope", "quota", "starts_at", "expires_at"].map(part).join("\u{1f}");
+pub fn override_id(o: &OverrideEntry) -> String {
+    let part = |v: Option<&str>| v.unwrap_or("").to_string();
+    let text = [
+        part(Some(&o.subject)),
+        part(o.scope.as_deref()),
+        part(o.quota.as_deref()),
+        part(o.starts_at.as_deref()),
+        part(Some(&o.expires_at)),
+    ]
+    .join("\u{1f}");
     format!("ovr_{}", &hex::encode(Sha256::digest(text.as_bytes()))[..16])
 }
 
-fn override_json(item: &Value, now: DateTime<Utc>) -> Json_ {
-    let mut j = with_status(item, now, "expires_at");
-    if let Json_::Object(o) = &mut j {
-        o.insert("id".into(), Json_::String(override_id(item)));
+/// An override as the admin API shows it.
+#[derive(Serialize)]
+struct OverrideShown {
+    #[serde(flatten)]
+    entry: OverrideEntry,
+    active: bool,
+    id: String,
+}
+
+impl OverrideShown {
+    fn at(entry: OverrideEntry, now: DateTime<Utc>) -> OverrideShown {
+        let active = active_at(entry.starts_at.as_deref(), Some(&entry.expires_at), now);
+        OverrideShown { id: override_id(&entry), entry, active }
     }
-    j
+}
+
+#[derive(Serialize)]
+struct OverrideCreated {
+    #[serde(rename = "override")]
+    created: OverrideShown,
+    version: i64,
 }
 
 /// A duration such as `90s`, `30m`, `1h`, `2d` (or plain seconds).
@@ -516,55 +572,50 @@ fn required(v: Option<String>, field: &str) -> Result<String, AppError> {
     }
 }
 
+fn no_override(id: &str) -> AppError {
+    AppError::not_found("id", format!("no override {id:?}"))
+}
+
 pub async fn overrides_list(State(state): State<Arc<AppState>>, q: Q) -> Answer {
     let p = params(q)?;
-    let (_, mut tree) = latest(&state).await?;
+    let document = latest(&state).await?;
     let now = Utc::now();
-    let mut items: Vec<(String, Json_)> = seq(&mut tree, "overrides")?
-        .iter()
-        .filter(|o| p.subject.as_deref().is_none_or(|s| str_field(o, "subject") == Some(s)))
-        .map(|o| (override_id(o), override_json(o, now)))
+    let items = document
+        .overrides
+        .into_iter()
+        .filter(|o| p.subject.as_deref().is_none_or(|s| o.subject == s))
+        .map(|o| OverrideShown::at(o, now))
+        .map(|o| Keyed::new(o.id.clone(), o))
         .collect();
-    items.sort_by(|a, b| a.0.cmp(&b.0));
     page(items, &p, state.max_page)
 }
 
 pub async fn override_get(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Answer {
-    let (_, mut tree) = latest(&state).await?;
-    match seq(&mut tree, "overrides")?.iter().find(|o| override_id(o) == id) {
-        Some(o) => Ok(Json(override_json(o, Utc::now())).into_response()),
-        None => Err(AppError::not_found("id", format!("no override {id:?}"))),
+    let document = latest(&state).await?;
+    match document.overrides.into_iter().find(|o| override_id(o) == id) {
+        Some(o) => answer(StatusCode::OK, OverrideShown::at(o, Utc::now())),
+        None => Err(no_override(&id)),
     }
 }
 
-pub async fn override_create(State(state): State<Arc<AppState>>, JsonBody(body): JsonBody<OverrideBody>) -> Answer {
-    // Everything is checked before anything is written.
+/// The override a request asks for, checked field by field (see the module docs); `now`
+/// is when it is asked.
+fn override_entry(body: OverrideBody, now: DateTime<Utc>) -> Result<OverrideEntry, AppError> {
     let subject = required(body.subject, "subject")?;
     name_param(&subject, "subject")?;
-    let mut item = Mapping::new();
-    item.insert(key("subject"), key(&subject));
     if let Some(scope) = &body.scope {
         name_param(scope, "scope")?;
-        item.insert(key("scope"), key(scope));
     }
-    if let Some(quota) = &body.quota {
-        item.insert(key("quota"), key(quota));
-    }
-    match (&body.rate, body.limit) {
+    let (rate, limit) = match (body.rate, body.limit) {
         (Some(_), Some(_)) => return Err(AppError::bad("rate", "give `rate` or `limit`, not both")),
         (None, None) => return Err(AppError::bad("rate", "required (or `limit`)")),
         (Some(rate), None) => {
-            Rate::from_str(rate).map_err(|e| AppError::bad("rate", e.to_string()))?;
-            item.insert(key("rate"), key(rate));
+            Rate::from_str(&rate).map_err(|e| AppError::bad("rate", e.to_string()))?;
+            (Some(rate), None)
         }
-        (None, Some(limit)) => {
-            if limit < 1 {
-                return Err(AppError::bad("limit", "must be at least 1"));
-            }
-            item.insert(key("limit"), Value::Number(limit.into()));
-        }
-    }
-    let now = Utc::now();
+        (None, Some(limit)) if limit < 1 => return Err(AppError::bad("limit", "must be at least 1")),
+        (None, Some(limit)) => (None, Some(limit)),
+    };
     let expires_at = match (&body.duration, body.expires_at) {
         (Some(_), Some(_)) => return Err(AppError::bad("expires_at", "give `duration` or `expires_at`, not both")),
         (Some(d), None) => {
@@ -581,86 +632,139 @@ pub async fn override_create(State(state): State<Arc<AppState>>, JsonBody(body):
     if body.starts_at.is_some_and(|s| s >= expires_at) {
         return Err(AppError::bad("starts_at", "must be before the expiry"));
     }
-    let fmt = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    if let Some(s) = body.starts_at {
-        item.insert(key("starts_at"), key(&fmt(s)));
-    }
-    item.insert(key("expires_at"), key(&fmt(expires_at)));
-    item.insert(key("reason"), key(&required(body.reason, "reason")?));
-    item.insert(key("created_by"), key(&required(body.created_by, "created_by")?));
-    let item = Value::Mapping(item);
+    Ok(OverrideEntry {
+        subject,
+        scope: body.scope,
+        quota: body.quota,
+        rate,
+        limit,
+        starts_at: body.starts_at.map(written_time),
+        expires_at: written_time(expires_at),
+        reason: required(body.reason, "reason")?,
+        created_by: required(body.created_by, "created_by")?,
+    })
+}
+
+pub async fn override_create(State(state): State<Arc<AppState>>, JsonBody(body): JsonBody<OverrideBody>) -> Answer {
+    // Everything is checked before anything is written.
+    let now = Utc::now();
+    let entry = override_entry(body, now)?;
     let edited = state
         .editor
-        .edit("admin api: create override", "overrides", |tree| {
-            seq(tree, "overrides")?.push(item.clone());
+        .edit("admin api: create override", "overrides", |document| {
+            document.overrides.push(entry.clone());
             Ok(())
         })
         .await?;
-    changed(StatusCode::CREATED, json!({"override": override_json(&item, now), "version": edited.version}))
+    answer(StatusCode::CREATED, OverrideCreated { created: OverrideShown::at(entry, now), version: edited.version })
 }
 
 pub async fn override_delete(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Answer {
     let edited = state
         .editor
-        .edit("admin api: delete override", "overrides", |tree| {
-            let list = seq(tree, "overrides")?;
-            let before = list.len();
-            list.retain(|o| override_id(o) != id);
-            if list.len() == before {
-                return Err(AppError::not_found("id", format!("no override {id:?}")));
+        .edit("admin api: delete override", "overrides", |document| {
+            let before = document.overrides.len();
+            document.overrides.retain(|o| override_id(o) != id);
+            if document.overrides.len() == before {
+                return Err(no_override(&id));
             }
             Ok(())
         })
         .await?;
-    changed(StatusCode::OK, json!({"deleted": id, "version": edited.version}))
+    answer(StatusCode::OK, Deleted { deleted: id, version: edited.version })
 }
 
 // ---- API keys ----
 
-type KeyRow = (String, String, Option<DateTime<Utc>>, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+/// A key's row in `api_key_usage`: when it was created, revoked and last used.
+#[derive(sqlx::FromRow)]
+struct KeyUsage {
+    key_sha256: String,
+    key_id: String,
+    created_at: Option<DateTime<Utc>>,
+    revoked_at: Option<DateTime<Utc>>,
+    last_used_at: Option<DateTime<Utc>>,
+}
 
-async fn key_rows(state: &AppState) -> Result<BTreeMap<String, KeyRow>, AppError> {
-    let rows: Vec<KeyRow> =
+/// An API key as the admin API shows it: its entry in the configuration (none once revoked)
+/// and its usage row (none for a key written into a file by hand and never used).
+#[derive(Serialize)]
+struct KeyShown {
+    id: String,
+    tier: Option<String>,
+    subject: Option<String>,
+    label: Option<String>,
+    /// In the configuration in force.
+    active: bool,
+    created_at: Option<DateTime<Utc>>,
+    revoked_at: Option<DateTime<Utc>>,
+    last_used_at: Option<DateTime<Utc>>,
+}
+
+impl KeyShown {
+    fn new(id: String, entry: Option<ApiKeyEntry>, usage: Option<&KeyUsage>) -> KeyShown {
+        let active = entry.is_some();
+        let (tier, subject, label) = match entry {
+            Some(e) => (Some(e.tier), e.subject, e.label),
+            None => (None, None, None),
+        };
+        KeyShown {
+            id,
+            tier,
+            subject,
+            label,
+            active,
+            created_at: usage.and_then(|u| u.created_at),
+            revoked_at: usage.and_then(|u| u.revoked_at),
+            last_used_at: usage.and_then(|u| u.last_used_at),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct KeyRevoked {
+    revoked: String,
+    revoked_at: DateTime<Utc>,
+    version: i64,
+}
+
+/// A key's SHA-256 hex as the configuration compares it.
+fn normalized_sha(entry: &ApiKeyEntry) -> String {
+    entry.key_sha256.as_deref().unwrap_or_default().trim().to_ascii_lowercase()
+}
+
+async fn key_usage(state: &AppState) -> Result<BTreeMap<String, KeyUsage>, AppError> {
+    let rows: Vec<KeyUsage> =
         sqlx::query_as("SELECT key_sha256, key_id, created_at, revoked_at, last_used_at FROM api_key_usage").fetch_all(&state.pool).await?;
-    Ok(rows.into_iter().map(|r| (r.0.clone(), r)).collect())
+    Ok(rows.into_iter().map(|r| (r.key_sha256.clone(), r)).collect())
 }
 
-fn key_json(id: &str, entry: Option<&Value>, row: Option<&KeyRow>) -> Json_ {
-    json!({
-        "id": id,
-        "tier": entry.and_then(|e| str_field(e, "tier")),
-        "subject": entry.and_then(|e| str_field(e, "subject")),
-        "label": entry.and_then(|e| str_field(e, "label")),
-        "active": entry.is_some(),
-        "created_at": row.and_then(|r| r.2),
-        "revoked_at": row.and_then(|r| r.3),
-        "last_used_at": row.and_then(|r| r.4),
-    })
-}
-
-async fn all_keys(state: &AppState) -> Result<Vec<(String, Json_)>, AppError> {
-    let (_, mut tree) = latest(state).await?;
-    let mut rows = key_rows(state).await?;
+/// Every key, active (in the configuration) or revoked (only in `api_key_usage`), by id.
+async fn all_keys(state: &AppState) -> Result<BTreeMap<String, KeyShown>, AppError> {
+    let document = latest(state).await?;
+    let mut usage = key_usage(state).await?;
     let mut out = BTreeMap::new();
-    for entry in seq(&mut tree, "api_keys")?.iter() {
-        let sha = str_field(entry, "key_sha256").unwrap_or_default().trim().to_ascii_lowercase();
+    for entry in document.api_keys {
+        let sha = normalized_sha(&entry);
         let id = keys::key_id(&sha);
-        out.insert(id.clone(), key_json(&id, Some(entry), rows.remove(&sha).as_ref()));
+        let row = usage.remove(&sha);
+        out.insert(id.clone(), KeyShown::new(id, Some(entry), row.as_ref()));
     }
-    for (_, row) in rows {
-        out.entry(row.1.clone()).or_insert_with(|| key_json(&row.1, None, Some(&row)));
+    for row in usage.into_values() {
+        out.entry(row.key_id.clone()).or_insert_with(|| KeyShown::new(row.key_id.clone(), None, Some(&row)));
     }
-    Ok(out.into_iter().collect())
+    Ok(out)
 }
 
 pub async fn keys_list(State(state): State<Arc<AppState>>, q: Q) -> Answer {
     let p = params(q)?;
-    page(all_keys(&state).await?, &p, state.max_page)
+    let items = all_keys(&state).await?.into_iter().map(|(id, k)| Keyed::new(id, k)).collect();
+    page(items, &p, state.max_page)
 }
 
 pub async fn key_get(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Answer {
-    match all_keys(&state).await?.into_iter().find(|(k, _)| *k == id) {
-        Some((_, v)) => Ok(Json(v).into_response()),
+    match all_keys(&state).await?.remove(&id) {
+        Some(k) => answer(StatusCode::OK, k),
         None => Err(AppError::not_found("id", format!("no API key {id:?}"))),
     }
 }
@@ -693,23 +797,12 @@ pub async fn key_create(State(state): State<Arc<AppState>>, JsonBody(body): Json
     let key = keys::generate().map_err(|e| AppError::unavailable("random source", e))?;
     let sha = hash_api_key(&key);
     let id = keys::key_id(&sha);
-    let mut item = Mapping::new();
-    item.insert(self::key("key_sha256"), self::key(&sha));
-    item.insert(self::key("tier"), self::key(&tier));
-    if let Some(l) = &body.label {
-        item.insert(self::key("label"), self::key(l));
-    }
-    if let Some(s) = &body.subject {
-        item.insert(self::key("subject"), self::key(s));
-    }
-    let item = Value::Mapping(item);
+    let entry = ApiKeyEntry::new(sha.clone(), tier.clone(), body.label.clone(), body.subject.clone());
     let edited = state
         .editor
-        .edit("admin api: create api key", "api_keys", |tree| {
-            if tier_index(tree, &tier)?.is_none() {
-                return Err(AppError::bad("tier", format!("no tier named {tier:?}")));
-            }
-            seq(tree, "api_keys")?.push(item.clone());
+        .edit("admin api: create api key", "api_keys", |document| {
+            require_tier(document, &tier)?;
+            document.api_keys.push(entry.clone());
             Ok(())
         })
         .await?;
@@ -731,14 +824,13 @@ pub async fn key_create(State(state): State<Arc<AppState>>, JsonBody(body): Json
 pub async fn key_delete(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Answer {
     let edited = state
         .editor
-        .edit("admin api: revoke api key", "api_keys", |tree| {
-            let list = seq(tree, "api_keys")?;
-            let i = list
+        .edit("admin api: revoke api key", "api_keys", |document| {
+            let i = document
+                .api_keys
                 .iter()
-                .position(|k| str_field(k, "key_sha256").is_some_and(|h| keys::key_id(&h.trim().to_ascii_lowercase()) == id))
+                .position(|k| keys::key_id(&normalized_sha(k)) == id)
                 .ok_or_else(|| AppError::not_found("id", format!("no active API key {id:?}")))?;
-            let removed = list.remove(i);
-            Ok(str_field(&removed, "key_sha256").unwrap_or_default().trim().to_ascii_lowercase())
+            Ok(normalized_sha(&document.api_keys.remove(i)))
         })
         .await?;
     let revoked_at = Utc::now();
@@ -752,7 +844,7 @@ pub async fn key_delete(State(state): State<Arc<AppState>>, Path(id): Path<Strin
     .execute(&state.pool)
     .await?;
     tracing::info!(key_id = %id, "api key revoked");
-    changed(StatusCode::OK, json!({"revoked": id, "revoked_at": revoked_at, "version": edited.version}))
+    answer(StatusCode::OK, KeyRevoked { revoked: id, revoked_at, version: edited.version })
 }
 
 #[cfg(test)]
@@ -771,12 +863,61 @@ mod tests {
         assert_eq!(parse_duration(""), None);
     }
 
+    fn entry(expires_at: &str) -> OverrideEntry {
+        OverrideEntry {
+            subject: "a".into(),
+            scope: None,
+            quota: None,
+            rate: None,
+            limit: Some(5),
+            starts_at: None,
+            expires_at: expires_at.into(),
+            reason: "r".into(),
+            created_by: "c".into(),
+        }
+    }
+
     #[test]
     fn override_ids_depend_on_target_and_time() {
-        let a: Value = serde_yaml::from_str("{subject: a, expires_at: '2026-01-01T00:00:00Z'}").unwrap();
-        let b: Value = serde_yaml::from_str("{subject: a, expires_at: '2026-01-02T00:00:00Z'}").unwrap();
+        let a = entry("2026-01-01T00:00:00Z");
+        let b = entry("2026-01-02T00:00:00Z");
         assert_ne!(override_id(&a), override_id(&b));
         assert_eq!(override_id(&a), override_id(&a.clone()));
         assert!(override_id(&a).starts_with("ovr_"));
+        // The id of a stored override never changes: it is the hash of these fields as text.
+        assert_eq!(
+            override_id(&a),
+            "ovr_".to_string() + &hex::encode(Sha256::digest("a\u{1f}\u{1f}\u{1f}\u{1f}2026-01-01T00:00:00Z"))[..16]
+        );
+    }
+
+    #[test]
+    fn activity_is_within_the_start_and_the_expiry() {
+        let now: DateTime<Utc> = "2026-06-01T00:00:00Z".parse().unwrap();
+        assert!(active_at(None, None, now));
+        assert!(active_at(Some("2026-06-01T00:00:00Z"), Some("2026-06-02T00:00:00Z"), now), "the start is inclusive");
+        assert!(!active_at(None, Some("2026-06-01T00:00:00Z"), now), "the expiry is exclusive");
+        assert!(!active_at(Some("2026-06-01T00:00:01Z"), None, now));
+    }
+
+    #[test]
+    fn an_override_request_is_checked_field_by_field() {
+        let now: DateTime<Utc> = "2026-06-01T00:00:00Z".parse().unwrap();
+        let body = |rate: Option<&str>, limit: Option<i64>| OverrideBody {
+            subject: Some("carol".into()),
+            rate: rate.map(str::to_string),
+            limit,
+            scope: None,
+            quota: None,
+            duration: Some("2h".into()),
+            starts_at: None,
+            expires_at: None,
+            reason: Some("launch".into()),
+            created_by: Some("ops".into()),
+        };
+        let e = override_entry(body(Some("1000/h"), None), now).unwrap();
+        assert_eq!((e.rate.as_deref(), e.limit, e.expires_at.as_str()), (Some("1000/h"), None, "2026-06-01T02:00:00.000Z"));
+        assert_eq!(override_entry(body(None, Some(0)), now).unwrap_err().field.as_deref(), Some("limit"));
+        assert_eq!(override_entry(body(Some("1/h"), Some(3)), now).unwrap_err().field.as_deref(), Some("rate"));
     }
 }

@@ -7,25 +7,26 @@
 //! - [`ConfigCache`] keeps the version in force in memory for the check path (API key
 //!   lookups, the tier of a subject with no decision yet). A background task polls for a
 //!   newer version every 500 ms; an edit made through this API instance is cached at once.
-//! - [`Editor::edit`] applies ONE change: it loads the latest document, changes its YAML
-//!   tree, validates the result with [`Config::from_yaml_str`] (nothing is written if it is
-//!   invalid), and stores it as a new version only if no other version landed since it was
-//!   loaded (optimistic concurrency; it re-applies the change on the newer document up to
-//!   three times, then answers 409). After the commit it announces
-//!   `{"type":"config_applied","version":N}` on the control topic so aggregators re-evaluate
-//!   at once; if that fails they still pick the version up within their 200 ms tick.
-//! - Edits rewrite the document from its YAML tree: comments of a hand-written file do not
-//!   survive an admin edit (the previous versions keep them).
+//! - [`Editor::edit`] applies ONE change: it loads the latest document as a typed
+//!   [`ConfigDocument`], changes it, validates the result with [`Config::from_yaml_str`]
+//!   (nothing is written if it is invalid), and stores it as a new version only if no other
+//!   version landed since it was loaded (optimistic concurrency, `config_store::Base`; it
+//!   re-applies the change on the newer document up to three times, then answers 409).
+//!   After the commit it announces `{"type":"config_applied","version":N}` on the control
+//!   topic so aggregators re-evaluate at once; if that fails they still pick the version up
+//!   within their 200 ms tick.
+//! - Edits write the document back from its typed form: comments (and empty sections) of a
+//!   hand-written file do not survive an admin edit (the previous versions keep them); every
+//!   item, and the order of lists and mappings, does.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use serde_yaml::Value;
 use sqlx::PgPool;
 use tally_common::config_store::{self, ApplyError, Base, CheckedDocument, StoredVersion};
 use tally_common::producing::RebuildingProducer;
-use tally_domain::config::{Config, ConfigErrors};
+use tally_domain::config::{Config, ConfigDocument, ConfigErrors};
 
 use crate::error::AppError;
 
@@ -158,17 +159,13 @@ impl Editor {
         &self,
         source: &str,
         prefix: &str,
-        mut change: impl FnMut(&mut Value) -> Result<T, AppError>,
+        mut change: impl FnMut(&mut ConfigDocument) -> Result<T, AppError>,
     ) -> Result<Edited<T>, AppError> {
         for _ in 0..4 {
             let base = self.base().await?;
-            let mut tree: Value = serde_yaml::from_str(&base.document)
-                .map_err(|e| AppError::unavailable("configuration in force", format!("version {} does not parse: {e}", base.version)))?;
-            if tree.is_null() {
-                tree = Value::Mapping(Default::default());
-            }
-            let value = change(&mut tree)?;
-            let text = serde_yaml::to_string(&tree).map_err(|e| AppError::unavailable("configuration encoder", e))?;
+            let mut document = read_document(base.version, &base.document)?;
+            let value = change(&mut document)?;
+            let text = document.to_yaml_string().map_err(|e| AppError::unavailable("configuration encoder", e))?;
             let document = CheckedDocument::parse(text).map_err(|e| config_error(&e, prefix))?;
             match config_store::apply(&self.pool, &document, source, Base::Version(base.version)).await {
                 Ok(applied) if applied.changed => {
@@ -187,6 +184,13 @@ impl Editor {
         }
         Err(AppError::conflict(None, "the configuration kept changing during this edit; retry"))
     }
+}
+
+/// A stored version's document, typed; a version that does not read is a 503 (it validated
+/// when it was stored, so that is a bug or a hand-edited row).
+pub fn read_document(version: i64, text: &str) -> Result<ConfigDocument, AppError> {
+    ConfigDocument::from_yaml_str(text)
+        .map_err(|e| AppError::unavailable("configuration in force", format!("version {version} does not read: {e}")))
 }
 
 /// The first configuration error as a 400 (or 409 for a broken reference elsewhere).

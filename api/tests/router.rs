@@ -585,6 +585,15 @@ async fn tiers_crud_validation_and_paging() {
     assert!(err["field"].as_str().unwrap().contains("rate"), "{err}");
     let (s, err) = e.admin("POST", "/v1/admin/tiers", Some(json!({"priority": 1}))).await;
     assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("name")));
+    // A field the format does not have, or of the wrong type, is the request's error.
+    for (tier, field) in [
+        (json!({"name": "gold", "colour": "red"}), "colour"),
+        (json!({"name": "gold", "priority": "high"}), "priority"),
+        (json!({"name": "gold", "quotas": [{"name": "rpm", "metric": "requests", "rate": "1/m", "extra": 1}]}), "quotas[0].extra"),
+    ] {
+        let (s, err) = e.admin("POST", "/v1/admin/tiers", Some(tier)).await;
+        assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some(field)), "{err}");
+    }
     assert_eq!(e.versions().await, before, "invalid input wrote nothing");
 
     let gold =

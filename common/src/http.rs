@@ -110,6 +110,12 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Ref
     serde_json::from_slice(bytes).map_err(|plain| located::<T>(bytes, plain))
 }
 
+/// Deserializes JSON a handler already holds (a body it read as a value and completed),
+/// naming the field of the first error by its path as [`parse_json`] does.
+pub fn from_json_value<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, Refusal> {
+    serde_path_to_error::deserialize(value).map_err(json_refusal)
+}
+
 fn located<T: serde::de::DeserializeOwned>(bytes: &[u8], plain: serde_json::Error) -> Refusal {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     match serde_path_to_error::deserialize::<_, T>(&mut de) {
@@ -273,6 +279,21 @@ mod tests {
         let mut out = Vec::new();
         brotli::CompressorWriter::new(&mut out, 4096, 5, 22).write_all(bytes).unwrap();
         out
+    }
+
+    #[test]
+    fn a_held_value_is_read_like_a_body() {
+        let cases = [
+            (json!({"name": "a", "colour": "red"}), "colour", "unknown field `colour`"),
+            (json!({}), "name", "missing field `name`"),
+            (json!({"name": "a", "limits": [{"value": 1}, {"value": "x"}]}), "limits[1].value", "invalid type"),
+        ];
+        for (value, field, says) in cases {
+            let refusal = from_json_value::<Item>(value.clone()).unwrap_err();
+            assert_eq!((refusal.status, refusal.field.as_deref()), (StatusCode::BAD_REQUEST, Some(field)), "{value}");
+            assert!(refusal.error.starts_with(says) && !refusal.error.contains(" line "), "{value}: {}", refusal.error);
+        }
+        assert_eq!(from_json_value::<Item>(json!({"name": "a"})).unwrap().name, "a");
     }
 
     #[tokio::test]

@@ -8,6 +8,9 @@
 //! keys are rejected everywhere. Nothing is half-applied: a file with any error yields no
 //! `Config`.
 //!
+//! [`ConfigDocument`] is the same file as written, typed but not interpreted: what an edit
+//! (the admin API) changes and writes back before validating the result as a whole.
+//!
 //! # Format
 //!
 //! ```yaml
@@ -68,8 +71,9 @@ use std::fmt;
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
+use indexmap::IndexMap;
 use serde::de::{MapAccess, Visitor};
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_yaml::Value;
 
 use crate::decision::Action;
@@ -312,8 +316,206 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-// ---- raw shapes, as written in the file ----
+// ---- the document: the file as written ----
 
+/// The configuration file as written: each section and item with the fields and the types
+/// the format allows, but nothing interpreted (times, rates, periods and metrics stay text)
+/// and nothing checked across items. [`Config::from_yaml_str`] is what validates; a
+/// document is what an edit changes and writes back ([`ConfigDocument::to_yaml_string`]).
+/// Writing a document back keeps every item and the order of lists and mappings; it drops
+/// comments and empty sections.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigDocument {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_tier: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    #[serde(default, deserialize_with = "null_as_empty", skip_serializing_if = "Vec::is_empty")]
+    pub quotas: Vec<QuotaEntry>,
+    #[serde(default, deserialize_with = "null_as_empty", skip_serializing_if = "Vec::is_empty")]
+    pub tiers: Vec<TierEntry>,
+    /// Group -> tier.
+    #[serde(default, deserialize_with = "null_as_empty", skip_serializing_if = "IndexMap::is_empty")]
+    pub groups: IndexMap<String, String>,
+    /// Subject -> its groups.
+    #[serde(default, deserialize_with = "null_as_empty", skip_serializing_if = "IndexMap::is_empty")]
+    pub members: IndexMap<String, Vec<String>>,
+    #[serde(default, deserialize_with = "null_as_empty", skip_serializing_if = "IndexMap::is_empty")]
+    pub subjects: IndexMap<String, SubjectEntry>,
+    #[serde(default, deserialize_with = "null_as_empty", skip_serializing_if = "Vec::is_empty")]
+    pub assignments: Vec<AssignmentEntry>,
+    #[serde(default, deserialize_with = "null_as_empty", skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<OverrideEntry>,
+    #[serde(default, deserialize_with = "null_as_empty", skip_serializing_if = "Vec::is_empty")]
+    pub api_keys: Vec<ApiKeyEntry>,
+    /// Model -> price.
+    #[serde(default, deserialize_with = "null_as_empty", skip_serializing_if = "IndexMap::is_empty")]
+    pub prices: IndexMap<String, PriceEntry>,
+}
+
+impl ConfigDocument {
+    /// Reads a document's shape (an empty file is an empty document). A valid configuration
+    /// always reads; a document that reads may still be invalid.
+    pub fn from_yaml_str(text: &str) -> Result<ConfigDocument, serde_yaml::Error> {
+        match serde_yaml::from_str::<Option<ConfigDocument>>(text)? {
+            Some(document) => Ok(document),
+            None => Ok(ConfigDocument::default()),
+        }
+    }
+
+    /// The document as YAML text.
+    pub fn to_yaml_string(&self) -> Result<String, serde_yaml::Error> {
+        serde_yaml::to_string(self)
+    }
+
+    /// The tier named `name`.
+    pub fn tier(&self, name: &str) -> Option<&TierEntry> {
+        self.tiers.iter().find(|t| t.name == name)
+    }
+}
+
+/// A section written as `null` (a key with nothing after it) is empty.
+fn null_as_empty<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(deserializer: D) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+/// A quota as written (in `quotas` or a tier's `quotas`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaEntry {
+    pub name: String,
+    pub metric: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thresholds: Option<Vec<i64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_model: Option<String>,
+}
+
+/// A tier as written. Validation reads its lists item by item (`Q` and `E` are then untyped
+/// YAML), so that each item's error is reported on its own; a document holds them typed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierEntry<Q = QuotaEntry, E = ExplicitLimitEntry> {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i64>,
+    /// A number as written (`10` stays an integer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_multiplier: Option<serde_yaml::Number>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback_model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explicit_limits: Option<Vec<E>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quotas: Option<Vec<Q>>,
+}
+
+/// An explicit limit of a tier, as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExplicitLimitEntry {
+    pub scope: String,
+    pub metric: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<String>,
+    pub rate: String,
+}
+
+/// A subject's own settings, as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubjectEntry {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+}
+
+/// An assignment as written; `expires_at` is RFC 3339 text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssignmentEntry {
+    pub subject: String,
+    pub tier: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// An override as written; `starts_at` and `expires_at` are RFC 3339 text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverrideEntry {
+    pub subject: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub starts_at: Option<String>,
+    pub expires_at: String,
+    pub reason: String,
+    pub created_by: String,
+}
+
+/// An API key as written: the SHA-256 hex of the key, never the key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyEntry {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_sha256: Option<String>,
+    pub tier: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// Read only so that a plaintext key gets a clear refusal; never kept or written.
+    #[serde(default, skip_serializing)]
+    pub key: Option<serde::de::IgnoredAny>,
+}
+
+impl ApiKeyEntry {
+    /// The entry of the key whose SHA-256 hex is `key_sha256`.
+    pub fn new(key_sha256: String, tier: String, label: Option<String>, subject: Option<String>) -> ApiKeyEntry {
+        ApiKeyEntry { key_sha256: Some(key_sha256), tier, label, subject, key: None }
+    }
+}
+
+/// A model's price as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceEntry {
+    pub input: u64,
+    pub output: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached: Option<u64>,
+}
+
+// ---- what validation reads first ----
+
+/// The top level as validation reads it: the sections' items untyped, so that each item is
+/// read (and its error reported) on its own, and mappings as pairs, so that a key written
+/// twice is reported. Its sections are [`ConfigDocument`]'s.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -328,91 +530,6 @@ struct RawConfig {
     overrides: Option<Vec<Value>>,
     api_keys: Option<Vec<Value>>,
     prices: Option<Pairs<Value>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawQuota {
-    name: String,
-    metric: String,
-    period: Option<String>,
-    rate: Option<String>,
-    limit: Option<i64>,
-    scope: Option<String>,
-    burst: Option<i64>,
-    thresholds: Option<Vec<i64>>,
-    action: Option<String>,
-    fallback_model: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTier {
-    name: String,
-    priority: Option<i64>,
-    rate_multiplier: Option<f64>,
-    timezone: Option<String>,
-    action: Option<String>,
-    fallback_model: Option<String>,
-    explicit_limits: Option<Vec<Value>>,
-    quotas: Option<Vec<Value>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawExplicit {
-    scope: String,
-    metric: String,
-    quota: Option<String>,
-    rate: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSubject {
-    timezone: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAssignment {
-    subject: String,
-    tier: String,
-    expires_at: Option<String>,
-    reason: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawOverride {
-    subject: String,
-    scope: Option<String>,
-    quota: Option<String>,
-    rate: Option<String>,
-    limit: Option<i64>,
-    starts_at: Option<String>,
-    expires_at: String,
-    reason: String,
-    created_by: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawApiKey {
-    key_sha256: Option<String>,
-    /// Only so that a plaintext key gets a clear refusal; its value is never kept.
-    key: Option<serde::de::IgnoredAny>,
-    tier: String,
-    label: Option<String>,
-    subject: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPrice {
-    input: u64,
-    output: u64,
-    cached: Option<u64>,
 }
 
 /// A YAML mapping kept as ordered pairs, so duplicate keys can be reported instead of
@@ -546,7 +663,7 @@ impl Validator {
         }
     }
 
-    fn limit_and_period(&mut self, raw: &RawQuota, path: &str) -> Option<(i64, PeriodSpec)> {
+    fn limit_and_period(&mut self, raw: &QuotaEntry, path: &str) -> Option<(i64, PeriodSpec)> {
         match (&raw.period, &raw.rate, raw.limit) {
             (Some(_), Some(_), _) => {
                 self.err(path, "give `rate` or `period` with `limit`, not both");
@@ -612,7 +729,7 @@ impl Validator {
     }
 
     fn quota(&mut self, value: Value, path: &str) -> Option<QuotaDef> {
-        let raw: RawQuota = self.item(value, path)?;
+        let raw: QuotaEntry = self.item(value, path)?;
         let before = self.errors.len();
         self.non_empty(&raw.name, &format!("{path}.name"));
         let metric = self.metric(&raw.metric, &format!("{path}.metric"));
@@ -648,7 +765,7 @@ impl Validator {
     }
 
     fn explicit(&mut self, value: Value, path: &str, base: &[QuotaDef]) -> Option<ExplicitLimit> {
-        let raw: RawExplicit = self.item(value, path)?;
+        let raw: ExplicitLimitEntry = self.item(value, path)?;
         let scope_ok = self.non_empty(&raw.scope, &format!("{path}.scope"));
         let metric = self.metric(&raw.metric, &format!("{path}.metric"));
         let rate = self.rate(&raw.rate, &format!("{path}.rate"));
@@ -690,7 +807,7 @@ impl Validator {
     }
 
     fn tier(&mut self, value: Value, index: usize, base: &[QuotaDef], seen: &BTreeSet<String>) -> Option<Tier> {
-        let raw: RawTier = self.item(value, &item_path("tiers", index))?;
+        let raw: TierEntry<Value, Value> = self.item(value, &item_path("tiers", index))?;
         let errors_before = self.errors.len();
         let path =
             if raw.name.trim().is_empty() || seen.contains(&raw.name) { item_path("tiers", index) } else { format!("tiers.{}", raw.name) };
@@ -698,7 +815,7 @@ impl Validator {
         if seen.contains(&raw.name) {
             self.err(&format!("{path}.name"), format!("duplicate tier name `{}`", raw.name));
         }
-        let multiplier = raw.rate_multiplier.unwrap_or(1.0);
+        let multiplier = raw.rate_multiplier.as_ref().and_then(serde_yaml::Number::as_f64).unwrap_or(1.0);
         if !valid_multiplier(multiplier) {
             self.err(&format!("{path}.rate_multiplier"), format!("must be a number above 0, got {multiplier}"));
         }
@@ -839,7 +956,7 @@ impl Validator {
         let mut out = BTreeMap::new();
         for (subject, value) in pairs.0 {
             let path = format!("subjects.{subject}");
-            let Some(raw) = self.item::<RawSubject>(value, &path) else { continue };
+            let Some(raw) = self.item::<SubjectEntry>(value, &path) else { continue };
             if let Some(tz) = raw.timezone.and_then(|tz| self.timezone(&tz, &format!("{path}.timezone"))) {
                 out.insert(subject, tz);
             }
@@ -851,7 +968,7 @@ impl Validator {
         let mut out: Vec<Assignment> = Vec::new();
         for (i, value) in values.into_iter().enumerate() {
             let path = item_path("assignments", i);
-            let Some(raw) = self.item::<RawAssignment>(value, &path) else { continue };
+            let Some(raw) = self.item::<AssignmentEntry>(value, &path) else { continue };
             let subject_ok = self.non_empty(&raw.subject, &format!("{path}.subject"));
             self.tier_ref(&raw.tier, tiers, &format!("{path}.tier"));
             let expires_at = raw.expires_at.as_deref().map(|t| self.time(t, &format!("{path}.expires_at")));
@@ -869,7 +986,7 @@ impl Validator {
         let mut out: Vec<Override> = Vec::new();
         for (i, value) in values.into_iter().enumerate() {
             let path = item_path("overrides", i);
-            let Some(raw) = self.item::<RawOverride>(value, &path) else { continue };
+            let Some(raw) = self.item::<OverrideEntry>(value, &path) else { continue };
             if let Some(o) = self.override_item(raw, &path, quota_names) {
                 let key = |x: &Override| (x.subject.clone(), x.scope.clone(), x.quota.clone());
                 let overlapping = out.iter().find(|p| {
@@ -884,7 +1001,7 @@ impl Validator {
         out
     }
 
-    fn override_item(&mut self, raw: RawOverride, path: &str, quota_names: &BTreeSet<String>) -> Option<Override> {
+    fn override_item(&mut self, raw: OverrideEntry, path: &str, quota_names: &BTreeSet<String>) -> Option<Override> {
         let before = self.errors.len();
         self.non_empty(&raw.subject, &format!("{path}.subject"));
         self.non_empty(&raw.reason, &format!("{path}.reason"));
@@ -935,7 +1052,7 @@ impl Validator {
         let mut out = BTreeMap::new();
         for (i, value) in values.into_iter().enumerate() {
             let path = item_path("api_keys", i);
-            let Some(raw) = self.item::<RawApiKey>(value, &path) else { continue };
+            let Some(raw) = self.item::<ApiKeyEntry>(value, &path) else { continue };
             self.tier_ref(&raw.tier, tiers, &format!("{path}.tier"));
             if raw.key.is_some() {
                 self.err(
@@ -971,7 +1088,7 @@ impl Validator {
         let mut out = BTreeMap::new();
         for (model, value) in pairs.0 {
             let path = format!("prices.{model}");
-            if let Some(raw) = self.item::<RawPrice>(value, &path) {
+            if let Some(raw) = self.item::<PriceEntry>(value, &path) {
                 out.insert(model, ModelPrice { input: raw.input, output: raw.output, cached: raw.cached.unwrap_or(raw.input) });
             }
         }
@@ -1255,5 +1372,32 @@ overrides:
     fn errors_display_one_per_line() {
         let e = Config::from_yaml_str("default_tier: nope\ntiers: [{name: free}]\n").unwrap_err();
         assert_eq!(e.to_string(), "1 error in the configuration\n  default_tier: unknown tier `nope` (tiers: free)");
+    }
+
+    #[test]
+    fn a_document_written_back_validates_to_the_same_configuration() {
+        let document = ConfigDocument::from_yaml_str(EXAMPLE).unwrap();
+        let written = document.to_yaml_string().unwrap();
+        assert_eq!(Config::from_yaml_str(&written).unwrap(), Config::from_yaml_str(EXAMPLE).unwrap(), "{written}");
+        assert_eq!(ConfigDocument::from_yaml_str(&written).unwrap(), document, "writing back is stable");
+    }
+
+    #[test]
+    fn a_document_keeps_what_was_written() {
+        let text = "default_tier: free\ntiers:\n  - name: free\n    rate_multiplier: 10\n  - name: half\n    rate_multiplier: 0.5\ngroups: {zeta: free, alpha: half}\noverrides:\n";
+        let document = ConfigDocument::from_yaml_str(text).unwrap();
+        assert!(document.overrides.is_empty(), "a section written as null is empty");
+        assert_eq!(document.groups.keys().collect::<Vec<_>>(), ["zeta", "alpha"], "mappings keep their order");
+        let written = document.to_yaml_string().unwrap();
+        assert!(written.contains("rate_multiplier: 10\n") && written.contains("rate_multiplier: 0.5\n"), "{written}");
+        assert!(!written.contains("priority") && !written.contains("overrides"), "nothing absent is added: {written}");
+        let json = serde_json::to_value(document.tier("free").unwrap()).unwrap();
+        assert_eq!(json, serde_json::json!({"name": "free", "rate_multiplier": 10}));
+    }
+
+    #[test]
+    fn a_document_refuses_what_the_format_does_not_have() {
+        assert!(ConfigDocument::from_yaml_str("tiers: [{name: free, colour: red}]").is_err());
+        assert_eq!(ConfigDocument::from_yaml_str("").unwrap(), ConfigDocument::default());
     }
 }
