@@ -205,8 +205,15 @@ pub fn evaluate(quotas: &[QuotaDecision], scope: &str, estimated_tokens: i64, es
     Verdict { allowed: true, action: None, reason: "ok", quota: tightest.map(|s| s.line()), retry_at: None }
 }
 
+/// What the configuration in force says of a subject with no decision.
+struct PolicyLines {
+    tier: String,
+    /// Its effective tier's quotas, unused.
+    lines: Vec<QuotaDecision>,
+}
+
 /// The lines a subject with no decision would have: its effective tier's quotas, unused.
-fn policy_lines(state: &AppState, subject: &str, key_sha: Option<&str>, scope: &str, now: DateTime<Utc>) -> (String, Vec<QuotaDecision>) {
+fn policy_lines(state: &AppState, subject: &str, key_sha: Option<&str>, scope: &str, now: DateTime<Utc>) -> PolicyLines {
     let loaded = state.configs.current();
     let facts = SubjectFacts { subject, groups: &[], api_key_sha256: key_sha, scope };
     let r = resolve(&loaded.config, &facts, now);
@@ -227,7 +234,7 @@ fn policy_lines(state: &AppState, subject: &str, key_sha: Option<&str>, scope: &
             fired: vec![],
         })
         .collect();
-    (r.tier.clone(), lines)
+    PolicyLines { tier: r.tier.clone(), lines }
 }
 
 fn non_negative(v: Option<i64>, field: &str) -> Result<i64, AppError> {
@@ -308,7 +315,7 @@ pub async fn check(State(state): State<Arc<AppState>>, JsonBody(req): JsonBody<C
         None => {
             source = "policy";
             policy_answer = policy_lines(&state, &subject, key_sha.as_deref(), &scope, now);
-            (policy_answer.0.clone(), 0, None, &policy_answer.1)
+            (policy_answer.tier.clone(), 0, None, &policy_answer.lines)
         }
     };
     let mut verdict = evaluate(lines, &scope, estimated_tokens, estimated_cost, now);

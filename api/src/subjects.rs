@@ -27,21 +27,28 @@ struct DecisionAnswer<'a> {
 
 /// The stored decision of `subject` in Postgres.
 pub(crate) async fn stored_decision(state: &AppState, subject: &str) -> Result<Option<DecisionSnapshot>, sqlx::Error> {
-    let row: Option<(sqlx::types::Json<DecisionSnapshot>,)> =
-        sqlx::query_as("SELECT snapshot FROM decisions WHERE subject = $1").bind(subject).fetch_optional(&state.pool).await?;
-    let found = row.map(|(s,)| s.0);
+    let row: Option<sqlx::types::Json<DecisionSnapshot>> =
+        sqlx::query_scalar("SELECT snapshot FROM decisions WHERE subject = $1").bind(subject).fetch_optional(&state.pool).await?;
+    let found = row.map(|s| s.0);
     if found.is_some() {
         state.metrics.decisions_from_database.inc();
     }
     Ok(found)
 }
 
-async fn latest_decision(state: &AppState, subject: &str) -> Result<Option<(Arc<DecisionSnapshot>, &'static str)>, sqlx::Error> {
-    if let Some(s) = state.view.get(subject) {
+/// A subject's latest decision and where it came from.
+struct FoundDecision {
+    snapshot: Arc<DecisionSnapshot>,
+    /// `view` or `database`.
+    source: &'static str,
+}
+
+async fn latest_decision(state: &AppState, subject: &str) -> Result<Option<FoundDecision>, sqlx::Error> {
+    if let Some(snapshot) = state.view.get(subject) {
         state.metrics.decisions_from_view.inc();
-        return Ok(Some((s, "view")));
+        return Ok(Some(FoundDecision { snapshot, source: "view" }));
     }
-    Ok(stored_decision(state, subject).await?.map(|s| (Arc::new(s), "database")))
+    Ok(stored_decision(state, subject).await?.map(|s| FoundDecision { snapshot: Arc::new(s), source: "database" }))
 }
 
 /// Whether an `If-None-Match` value matches the (weak) entity tag `etag`.
@@ -53,7 +60,7 @@ fn none_match(header: &str, etag: &str) -> bool {
 /// `GET /v1/subjects/{subject}/decision`, with a weak ETag of the snapshot's version: the
 /// body's `age_ms` changes with time, the decision only with a new version.
 pub async fn decision(State(state): State<Arc<AppState>>, Path(subject): Path<String>, headers: HeaderMap) -> Result<Response, AppError> {
-    let Some((snapshot, source)) = latest_decision(&state, &subject).await? else {
+    let Some(FoundDecision { snapshot, source }) = latest_decision(&state, &subject).await? else {
         return Err(AppError::not_found("subject", format!("no decision for subject {subject:?} yet")));
     };
     let etag = format!("W/\"{}\"", snapshot.version);
@@ -95,7 +102,34 @@ pub struct UsageParams {
     limit: Option<String>,
 }
 
-type LedgerRow = (String, String, String, String, DateTime<Utc>, DateTime<Utc>, i64, i64);
+/// A row of `ledgers` as the usage route reads it.
+#[derive(sqlx::FromRow)]
+struct LedgerRow {
+    quota: String,
+    metric: String,
+    /// `*` for a quota over all scopes.
+    scope: String,
+    period: String,
+    period_start: DateTime<Utc>,
+    period_end: DateTime<Utc>,
+    used: i64,
+    limit_value: i64,
+}
+
+impl From<LedgerRow> for UsageRow {
+    fn from(r: LedgerRow) -> UsageRow {
+        UsageRow {
+            quota: r.quota,
+            metric: r.metric,
+            scope: (r.scope != "*").then_some(r.scope),
+            period: r.period,
+            period_start: r.period_start,
+            period_end: r.period_end,
+            used: r.used,
+            limit: r.limit_value,
+        }
+    }
+}
 
 /// `GET /v1/subjects/{subject}/usage?limit=N`: the latest ledger rows, newest period first.
 pub async fn usage(
@@ -113,19 +147,7 @@ pub async fn usage(
     .bind(limit as i64)
     .fetch_all(&state.pool)
     .await?;
-    let ledgers = rows
-        .into_iter()
-        .map(|(quota, metric, scope, period, period_start, period_end, used, limit)| UsageRow {
-            quota,
-            metric,
-            scope: (scope != "*").then_some(scope),
-            period,
-            period_start,
-            period_end,
-            used,
-            limit,
-        })
-        .collect();
+    let ledgers = rows.into_iter().map(UsageRow::from).collect();
     Ok(Json(UsageAnswer { subject, ledgers }).into_response())
 }
 
