@@ -205,18 +205,19 @@ pub async fn seed_from_file(pool: &PgPool, path: &Path) -> anyhow::Result<Option
 }
 
 /// A configuration file that validated, and the source it is stored under.
-pub struct ConfigFile {
-    pub document: CheckedDocument,
+struct ConfigFile {
+    document: CheckedDocument,
     /// `file NAME`.
-    pub source: String,
+    source: String,
 }
 
 /// Reads and validates a configuration file; an invalid one is an error listing every
 /// problem with its location.
-pub fn read_file(path: &Path) -> anyhow::Result<ConfigFile> {
+fn read_file(path: &Path) -> anyhow::Result<ConfigFile> {
     let text = std::fs::read_to_string(path).with_context(|| format!("failed to read {}", path.display()))?;
-    let document = CheckedDocument::parse(text).map_err(|e| anyhow::anyhow!("invalid tier configuration {}:\n{e}", path.display()))?;
-    Ok(ConfigFile { document, source: file_source(path) })
+    let source = file_source(path);
+    let document = CheckedDocument::parse(text).map_err(|e| anyhow::anyhow!("invalid tier configuration {source}:\n{e}"))?;
+    Ok(ConfigFile { document, source })
 }
 
 /// The source a configuration file is stored under: `file NAME`.
