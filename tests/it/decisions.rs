@@ -36,20 +36,7 @@ async fn decision_where(t: &Tally, subject: &str, timeout: Duration, pred: impl 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn thresholds_of_80_and_100_percent_fire_exactly_once_across_redeliveries() {
-    let tiers = "
-default_tier: basic
-timezone: UTC
-quotas:
-  - name: monthly_tokens
-    metric: total_tokens
-    period: month
-    limit: 1000
-    thresholds: [80, 100]
-tiers:
-  - name: basic
-    priority: 0
-    rate_multiplier: 1
-";
+    let tiers = support::fixtures::BASIC_1000_TOKENS;
     let mut t = Tally::start(Some(tiers)).await;
     let s = "th";
     let first = vec![event("a", s, 500), event("b", s, 350)];

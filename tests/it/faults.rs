@@ -8,19 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use support::{authority, via_port, wait_for, Tally, TcpSwitch};
 
-const TIERS: &str = "
-default_tier: metered
-timezone: UTC
-quotas:
-  - name: monthly_tokens
-    metric: total_tokens
-    period: month
-    limit: 1000000000000
-tiers:
-  - name: metered
-    priority: 0
-    rate_multiplier: 1
-";
+const TIERS: &str = support::fixtures::METERED;
 
 fn batch(prefix: &str, n: usize) -> Vec<Value> {
     (0..n)

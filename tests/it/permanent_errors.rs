@@ -10,19 +10,7 @@ use serde_json::json;
 
 use crate::support::{wait_for, Tally};
 
-const TIERS: &str = "
-default_tier: metered
-timezone: UTC
-quotas:
-  - name: monthly_tokens
-    metric: total_tokens
-    period: month
-    limit: 1000000000
-tiers:
-  - name: metered
-    priority: 0
-    rate_multiplier: 1
-";
+const TIERS: &str = crate::support::fixtures::METERED;
 
 fn event(id: &str, subject: &str) -> Vec<u8> {
     let e = json!({"id": id, "subject": subject, "time": chrono::Utc::now().to_rfc3339(), "input_tokens": 10, "output_tokens": 0});

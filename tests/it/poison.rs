@@ -15,19 +15,7 @@ use support::{authority, via_port, wait_for, Tally, TcpSwitch};
 /// The largest amount Tally counts (`tally_domain::metric::MAX_AMOUNT`).
 const MAX_AMOUNT: i64 = 1_000_000_000_000_000;
 
-const TIERS: &str = "
-default_tier: metered
-timezone: UTC
-quotas:
-  - name: monthly_tokens
-    metric: total_tokens
-    period: month
-    limit: 1000000000000
-tiers:
-  - name: metered
-    priority: 0
-    rate_multiplier: 1
-";
+const TIERS: &str = support::fixtures::METERED;
 
 fn event(id: &str, subject: &str, input_tokens: i64) -> Value {
     json!({"id": id, "subject": subject, "time": chrono::Utc::now().to_rfc3339(), "input_tokens": input_tokens, "output_tokens": 0})

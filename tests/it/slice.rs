@@ -8,20 +8,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use support::{wait_for, Tally};
 
-const TIERS: &str = "
-default_tier: basic
-timezone: UTC
-quotas:
-  - name: monthly_tokens
-    metric: total_tokens
-    period: month
-    limit: 1000
-    thresholds: [80, 100]
-tiers:
-  - name: basic
-    priority: 0
-    rate_multiplier: 1
-";
+const TIERS: &str = support::fixtures::BASIC_1000_TOKENS;
 
 fn event(id: &str, subject: &str, input: i64, output: i64) -> Value {
     json!({"id": id, "subject": subject, "time": chrono::Utc::now().to_rfc3339(),

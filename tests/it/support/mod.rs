@@ -14,6 +14,7 @@
 
 #[cfg(feature = "containers")]
 mod containers;
+pub mod fixtures;
 
 use std::path::PathBuf;
 use std::process::Command;
