@@ -6,10 +6,10 @@ use crate::support;
 
 use serde_json::Value;
 
-const SECTIONS: [&str; 7] = ["broker", "pipeline", "decision_latency", "check", "history", "memory", "ingest"];
+const SECTIONS: [&str; 8] = ["broker", "pipeline", "decision_latency", "check", "history", "memory", "ingest", "rollover"];
 
 /// Figures that must be positive in every run (others, such as error counts, may be zero).
-const POSITIVE: [(&str, &str); 18] = [
+const POSITIVE: [(&str, &str); 22] = [
     ("broker", "produce_per_s"),
     ("broker", "consume_per_s"),
     ("broker", "round_trip_p99_ms"),
@@ -30,6 +30,12 @@ const POSITIVE: [(&str, &str); 18] = [
     ("memory", "api_rss_mib"),
     ("ingest", "events_per_s"),
     ("ingest", "request_p99_ms"),
+    // Every blocked subject's unblock reached the topic and the API after the boundary,
+    // while the background load was counted.
+    ("rollover", "unblocks_seen"),
+    ("rollover", "last_unblock_at_api_ms"),
+    ("rollover", "rest_decision_p50_ms"),
+    ("rollover", "counted_per_s_during_storm"),
 ];
 
 #[test]
@@ -85,4 +91,8 @@ fn quick_bench_reports_every_section_with_figures_and_ratios() {
         decision.as_object().into_iter().flatten().filter(|(k, _)| k.starts_with("cpu_share_")).filter_map(|(_, v)| v.as_f64()).sum();
     let idle = decision["machine_idle_share"].as_f64().unwrap_or(-1.0);
     assert!((0.0..=1.0).contains(&idle) && shares + idle <= 1.1, "idle {idle}, shares {shares}: {decision}");
+    // The rollover saw every blocked subject unblocked, and the API refuses none of them after.
+    let rollover = &report["sections"]["rollover"]["figures"];
+    assert_eq!(rollover["unblocks_seen"], rollover["subjects"], "{rollover}");
+    assert_eq!(rollover["still_blocked_at_api_after"].as_f64(), Some(0.0), "{rollover}");
 }

@@ -82,7 +82,7 @@ pub fn produce_all(kafka: &KafkaSettings, topic: &str, messages: &[Prepared]) ->
 }
 
 /// A consumer with every partition of `topic` assigned by hand at `offset`.
-fn assigned_consumer(kafka: &KafkaSettings, topic: &str, offset: Offset) -> anyhow::Result<BaseConsumer> {
+pub(super) fn assigned_consumer(kafka: &KafkaSettings, topic: &str, offset: Offset) -> anyhow::Result<BaseConsumer> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &kafka.brokers)
         .set("group.id", format!("tally-bench-reader-{}", uuid::Uuid::new_v4().simple()))

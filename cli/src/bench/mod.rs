@@ -11,7 +11,10 @@
 //!   run's environment; each is stopped by its pid when the bench is done with it, on error
 //!   too. Everything is on loopback.
 //! - The sections run in this order, so the broker's ceiling is known before anything is set
-//!   against it: broker, pipeline, decision_latency, memory, check, ingest, history.
+//!   against it: broker, pipeline, decision_latency, memory, check, ingest, history,
+//!   rollover. The rollover section runs on a Tally of its own (a second run id, with a tier
+//!   configuration of its own) after the others' services are stopped; `--only rollover`
+//!   runs it alone.
 //! - The report (table on stdout, JSON with `--json`) has per section `figures`, `ratios`
 //!   against a baseline of the same run, `targets` (met or missed) and `notes`. A missed
 //!   target is a finding, not a failure: the exit status is non-zero only when the bench
@@ -23,6 +26,7 @@ mod http;
 mod load;
 mod pipeline;
 mod report;
+mod rollover;
 mod stack;
 
 use std::path::PathBuf;
@@ -66,7 +70,15 @@ Sections, in the order they run:
    the same services idle.
 
 7. ingest: POST /v1/events events/s with batches of 100; ratio to the broker's produce
-   rate.";
+   rate.
+
+8. rollover: 100k subjects (`--rollover-subjects`; `--quick` fewer) blocked by one event
+   each in a short fixed window (60 s; quick 10 s), then the boundary: from it until the
+   last unblock is visible at the API (GET decision), with p50/p99/max of each subject's
+   unblock on the decisions topic, while a background load of other subjects runs
+   (`--rollover-load` events/s); its counted events/s during the storm against before the
+   boundary. Ratio to a single event's decision latency at rest in the same section. Runs
+   on a Tally of its own, last; `--only rollover` runs it alone.";
 
 /// The command line of `tally bench` (see [`LONG_ABOUT`]).
 #[derive(Debug, clap::Args)]
@@ -109,6 +121,21 @@ pub struct BenchArgs {
     /// fractions show how the latency grows with the load.
     #[arg(long, default_value_t = 0.5, value_parser = load_fraction)]
     pub decision_load: f64,
+    /// Subjects blocked before the rollover section's boundary (default 100000, quick 2000).
+    #[arg(long)]
+    pub rollover_subjects: Option<usize>,
+    /// The rollover section's background load in events/s (default 10000, quick 1000).
+    #[arg(long)]
+    pub rollover_load: Option<f64>,
+    /// Run only this section (only sections that stand alone can be named).
+    #[arg(long, value_enum)]
+    pub only: Option<Standalone>,
+}
+
+/// The sections that can run alone (`--only`): they need no figure of another section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Standalone {
+    Rollover,
 }
 
 /// Parses `--decision-load`: a fraction in (0, 1].
@@ -136,6 +163,7 @@ struct Sizes {
     history_rows: u64,
     history_subjects: u64,
     history_queries: usize,
+    rollover: rollover::Plan,
 }
 
 impl Sizes {
@@ -156,6 +184,15 @@ impl Sizes {
             history_rows: args.history_rows.unwrap_or(if q { 100_000 } else { 10_000_000 }),
             history_subjects: if q { 1_000 } else { 10_000 },
             history_queries: if q { 5 } else { 100 },
+            rollover: rollover::Plan {
+                subjects: args.rollover_subjects.unwrap_or(if q { 2_000 } else { 100_000 }),
+                window_seconds: if q { 10 } else { 60 },
+                lead: Duration::from_secs(if q { 8 } else { 45 }),
+                load_per_s: args.rollover_load.unwrap_or(if q { 1_000.0 } else { 10_000.0 }),
+                load_subjects: args.subjects.unwrap_or(if q { 1_000 } else { 10_000 }),
+                rest_probes: if q { 3 } else { 20 },
+                storm_timeout: Duration::from_secs(60),
+            },
         }
     }
 }
@@ -163,9 +200,6 @@ impl Sizes {
 /// Runs the bench; exit 0 when every section was measured.
 pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let sizes = Sizes::of(&args);
-    let stack = Stack::new(&args.brokers, &args.database_url, &args.clickhouse_url, &pipeline::tiers_yaml())?;
-    let extra = vec![stack.topic("broker"), stack.topic("ingest"), stack.topic("idle-usage"), stack.topic("idle-decisions")];
-    eprintln!("[bench] run {} (service logs in {})", stack.id(), stack.log_dir().display());
     let started = Instant::now();
     let mut report = Report {
         quick: args.quick,
@@ -175,9 +209,30 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         sections: Default::default(),
         order: Vec::new(),
     };
+    if args.only.is_none() {
+        measure_on_one_stack(&args, &sizes, &mut report).await?;
+    }
+    // Last, with the other sections' services stopped: it runs a Tally of its own.
+    let servers = rollover::Servers { brokers: &args.brokers, database_url: &args.database_url, clickhouse_url: &args.clickhouse_url };
+    report.add("rollover", rollover::measure(&servers, &sizes.rollover, args.keep).await?);
+    report.seconds = started.elapsed().as_secs_f64();
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json).with_context(|| format!("failed to write {}", path.display()))?;
+        eprintln!("[bench] report written to {}", path.display());
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Every section but rollover, on one Tally set up for the run and removed afterwards.
+async fn measure_on_one_stack(args: &BenchArgs, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
+    let stack = Stack::new(&args.brokers, &args.database_url, &args.clickhouse_url, &pipeline::tiers_yaml())?;
+    let extra = vec![stack.topic("broker"), stack.topic("ingest"), stack.topic("idle-usage"), stack.topic("idle-decisions")];
+    eprintln!("[bench] run {} (service logs in {})", stack.id(), stack.log_dir().display());
     let outcome = async {
         stack.setup(&extra).await.context("tally setup for the bench failed")?;
-        measure(&args, &sizes, &stack, &extra, &mut report).await
+        measure(args, sizes, &stack, &extra, report).await
     }
     .await;
     if !args.keep {
@@ -188,14 +243,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         // Logs are kept only when something failed (or with --keep).
         let _ = std::fs::remove_dir_all(stack.log_dir());
     }
-    report.seconds = started.elapsed().as_secs_f64();
-    print!("{}", report.table());
-    if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, json).with_context(|| format!("failed to write {}", path.display()))?;
-        eprintln!("[bench] report written to {}", path.display());
-    }
-    Ok(std::process::ExitCode::SUCCESS)
+    Ok(())
 }
 
 async fn measure(args: &BenchArgs, sizes: &Sizes, stack: &Stack, extra: &[String], report: &mut Report) -> anyhow::Result<()> {

@@ -633,7 +633,7 @@ fn time_text(time: DateTime<Utc>) -> String {
 
 /// Produces events at `rate` per second over `subjects` subjects until `duration` passed or
 /// `stop` is set; returns how many were acknowledged.
-fn background_load(
+pub(super) fn background_load(
     kafka: &KafkaSettings,
     tag: &str,
     subjects: usize,
