@@ -605,7 +605,7 @@ impl Report<'_> {
         )
         .note(format!(
             "rest_decision: {} single storm events at rest, produced one at a time, until the API refused the subject (after one \
-             warm-up left out): the baseline",
+             warm-up left out): the baseline; their subjects unblock at the same boundary, a handful beside the storm's",
             self.rest.len()
         ))
         .note(format!(
