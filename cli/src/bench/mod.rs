@@ -332,4 +332,20 @@ mod tests {
         }
         assert!(load_fraction("half").unwrap_err().contains("\"half\" is not a number"));
     }
+
+    #[derive(Debug, clap::Parser)]
+    struct Command {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    #[test]
+    fn only_a_section_that_stands_alone_can_run_alone() {
+        use clap::Parser;
+        let only = |value: &str| Command::try_parse_from(["bench", "--only", value]).map(|c| c.bench.only);
+        assert_eq!(only("rollover").unwrap(), Some(Standalone::Rollover));
+        let e = only("pipeline").unwrap_err().to_string();
+        assert!(e.contains("invalid value 'pipeline'") && e.contains("rollover"), "{e}");
+        assert_eq!(Command::try_parse_from(["bench"]).unwrap().bench.only, None);
+    }
 }

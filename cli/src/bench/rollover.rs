@@ -338,8 +338,8 @@ impl Storm {
         self.api.ensure_running()?;
 
         let counting = Counting::of(&samples, boundary, storm.api_visible_at.unwrap_or_else(Utc::now));
-        let report = Report { plan, boundary, block_seconds, rest, storm, unblocks, counting, load_sent, checks, still_blocked };
-        Ok(report.section())
+        let measured = Measured { plan, boundary, block_seconds, rest, storm, unblocks, counting, load_sent, checks, still_blocked };
+        Ok(measured.section())
     }
 
     /// Single storm events at rest, one at a time: produce to `allowed: false` at the API.
@@ -531,7 +531,7 @@ impl Counting {
 }
 
 /// Everything the section measured, made into its report.
-struct Report<'a> {
+struct Measured<'a> {
     plan: &'a Plan,
     boundary: DateTime<Utc>,
     block_seconds: f64,
@@ -547,7 +547,7 @@ struct Report<'a> {
 /// The storm's counting rate must stay at or above this share of the rate before it.
 const COUNTING_FLOOR: f64 = 0.5;
 
-impl Report<'_> {
+impl Measured<'_> {
     fn section(&self) -> Section {
         let seen = delays_after(self.boundary, self.unblocks.iter().map(|u| u.seen_at));
         let published = delays_after(self.boundary, self.unblocks.iter().filter_map(|u| u.published_at));
