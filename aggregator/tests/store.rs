@@ -2,9 +2,9 @@
 //! test and no broker: `Store::commit_batch` refuses a batch whose range does not continue
 //! the stored offset, or that comes from an owner fenced out by a later claim, and such a
 //! refused batch writes nothing (no dedupe record, ledger row, decision, outbox message, and
-//! the stored offset stays).
+//! the stored offset stays); and rolling buckets count beside rows of older versions.
 
-use chrono::{Duration, Utc};
+use chrono::{DateTime, Duration, Utc};
 use serde_json::json;
 use tally_aggregator::plan::{parse_batch, Delivery};
 use tally_aggregator::policy::{Policy, PolicyHandle};
@@ -21,10 +21,13 @@ struct Fixture {
 
 impl Fixture {
     async fn new() -> Fixture {
-        let db = TestDatabase::create("tally_store_test").await.expect("create the test database");
         // The built-in default: a monthly token quota, so a counted event writes a ledger row.
-        let policy = PolicyHandle::new(Policy::builtin());
-        Fixture { db, policy }
+        Fixture::with_policy(Policy::builtin()).await
+    }
+
+    async fn with_policy(policy: Policy) -> Fixture {
+        let db = TestDatabase::create("tally_store_test").await.expect("create the test database");
+        Fixture { db, policy: PolicyHandle::new(policy) }
     }
 
     /// A store as one aggregator instance, `owner`, holds it.
@@ -50,6 +53,37 @@ impl Fixture {
         let range = Range { partition: PARTITION, epoch, start, next: start + events.len() as i64 };
         let parsed = parse_batch(&mut deliveries, now, Duration::days(3));
         store.commit_batch(&[range], parsed, &Default::default(), &self.policy, now, Duration::seconds(1), Finish::Commit).await
+    }
+
+    /// Commits one batch of `payloads` (one delivery each at offsets `start..`) as `store` at
+    /// the instant `now`, with the default lateness window of 35 days.
+    async fn commit_at(&self, store: &Store, epoch: i64, start: i64, payloads: Vec<Vec<u8>>, now: DateTime<Utc>) -> Outcome {
+        let range = Range { partition: PARTITION, epoch, start, next: start + payloads.len() as i64 };
+        let mut deliveries: Vec<Delivery> =
+            payloads.into_iter().zip(start..).map(|(payload, offset)| Delivery::received(PARTITION, offset, Some(payload))).collect();
+        let parsed = parse_batch(&mut deliveries, now, Duration::days(35));
+        store
+            .commit_batch(&[range], parsed, &Default::default(), &self.policy, now, Duration::seconds(1), Finish::Commit)
+            .await
+            .expect("the batch commits")
+    }
+
+    /// Every ledger row, by period and start.
+    async fn stored_rows(&self) -> Vec<StoredRow> {
+        sqlx::query_as("SELECT period, period_start, period_end, used, quota FROM ledgers ORDER BY period, period_start")
+            .fetch_all(&self.db.pool)
+            .await
+            .unwrap()
+    }
+
+    /// The `used` of `subject`'s first quota in its latest decision snapshot.
+    async fn decided_used(&self, subject: &str) -> i64 {
+        let snapshot: serde_json::Value = sqlx::query_scalar("SELECT snapshot::jsonb FROM decisions WHERE subject = $1")
+            .bind(subject)
+            .fetch_one(&self.db.pool)
+            .await
+            .unwrap();
+        snapshot["quotas"][0]["used"].as_i64().expect("a used figure")
     }
 
     /// What the tables hold that a batch commit writes.
@@ -90,6 +124,22 @@ struct Written {
     decisions: i64,
     outbox: i64,
     offset: StoredOffset,
+}
+
+/// A ledger row as the rolling-window tests compare it.
+#[derive(Debug, PartialEq, Eq, sqlx::FromRow)]
+struct StoredRow {
+    period: String,
+    period_start: DateTime<Utc>,
+    period_end: DateTime<Utc>,
+    used: i64,
+    quota: String,
+}
+
+impl StoredRow {
+    fn new(period: &str, period_start: DateTime<Utc>, period_end: DateTime<Utc>, used: i64, quota: &str) -> StoredRow {
+        StoredRow { period: period.to_string(), period_start, period_end, used, quota: quota.to_string() }
+    }
 }
 
 /// Tokens each test event counts.
@@ -154,5 +204,50 @@ async fn a_range_from_a_fenced_owner_is_refused_and_writes_nothing() {
     assert_eq!(outcome.counted, 1);
     let after = f.written().await;
     assert_eq!((after.dedupe_records, after.ledger_used, after.offset.next_offset), (1, TOKENS, 1));
+    f.done().await;
+}
+
+/// One usage event of subject `roller` at `at`.
+fn rolling_event(id: &str, at: DateTime<Utc>, tokens: i64) -> Vec<u8> {
+    json!({"id": id, "subject": "roller", "time": at.to_rfc3339(), "output_tokens": tokens}).to_string().into_bytes()
+}
+
+#[tokio::test]
+async fn one_second_rows_of_older_versions_count_beside_buckets() {
+    let policy = Policy::from_yaml(
+        "default_tier: t\ntimezone: UTC\nquotas:\n  - {name: daily, metric: output_tokens, period: rolling 1d, limit: 1000}\n\
+         tiers:\n  - {name: t, priority: 0, rate_multiplier: 1}\n",
+        "test",
+    )
+    .unwrap();
+    let f = Fixture::with_policy(policy).await;
+    let store = f.store("aggregator-a");
+    let Claim { epoch, .. } = store.claim(PARTITION).await.unwrap();
+    // Rows an older version wrote: one second each, one on a minute boundary.
+    let minute: DateTime<Utc> = "2026-11-22T11:00:00Z".parse().unwrap();
+    for (start, used) in [(minute, 10), (minute + Duration::seconds(7), 20)] {
+        sqlx::query(
+            "INSERT INTO ledgers (subject, metric, scope, period, period_start, period_end, used, quota, limit_value)
+             VALUES ('roller', 'output_tokens', '*', 'rolling 1d', $1, $2, $3, 'daily', 1000)",
+        )
+        .bind(start)
+        .bind(start + Duration::seconds(1))
+        .bind(used)
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+    }
+    let now = minute + Duration::hours(1);
+    f.commit_at(&store, epoch, 0, vec![rolling_event("e", minute + Duration::seconds(40), 5)], now).await;
+
+    // The bucket on the minute continues the old row and ends with the minute.
+    assert_eq!(
+        f.stored_rows().await,
+        [
+            StoredRow::new("rolling 1d", minute, minute + Duration::minutes(1), 15, "daily"),
+            StoredRow::new("rolling 1d", minute + Duration::seconds(7), minute + Duration::seconds(8), 20, "daily"),
+        ]
+    );
+    assert_eq!(f.decided_used("roller").await, 35);
     f.done().await;
 }

@@ -242,8 +242,11 @@ tiers:
     rate_multiplier: 1
 ";
     let t = Tally::start(Some(tiers)).await;
-    let old = Utc::now() - chrono::Duration::days(1) + chrono::Duration::seconds(8);
-    let old = DateTime::from_timestamp(old.timestamp(), 0).unwrap();
+    // A window of one day keeps its usage in one-minute buckets, which leave it a day after
+    // they end. The old event is the last second of the first bucket to leave more than 7
+    // seconds from now (so at most 67 seconds from now).
+    let bucket_end = tally_domain::period::rolling_bucket(Utc::now() - chrono::Duration::days(1) + chrono::Duration::seconds(7), 1).end;
+    let old = bucket_end - chrono::Duration::seconds(1);
     let events = json!([
         {"id": "r-old", "subject": "roller", "time": old.to_rfc3339(), "output_tokens": 80},
         {"id": "r-new", "subject": "roller", "time": Utc::now().to_rfc3339(), "output_tokens": 30},
@@ -253,9 +256,9 @@ tiers:
     assert_eq!(blocked["quotas"][0]["used"], 110);
     assert_eq!(blocked["quotas"][0]["period"], "rolling 1d");
     let resets_at = time(&blocked["quotas"][0]["resets_at"]);
-    assert_eq!(resets_at, old + chrono::Duration::days(1), "unblock when the old usage leaves the window");
+    assert_eq!(resets_at, bucket_end + chrono::Duration::days(1), "unblock when the old usage's bucket leaves the window");
 
-    let unblocked = decision_where(&t, "roller", Duration::from_secs(30), |d| d["allowed"] == true).await;
+    let unblocked = decision_where(&t, "roller", Duration::from_secs(90), |d| d["allowed"] == true).await;
     let at = time(&unblocked["calculated_at"]);
     assert!(at >= resets_at && at - resets_at <= chrono::Duration::seconds(1), "unblocked at {at}, due at {resets_at}");
     assert_eq!(unblocked["quotas"][0]["used"], 30);
