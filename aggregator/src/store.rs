@@ -427,8 +427,8 @@ impl Store {
         Ok(Decided { snapshots: rows.subjects.len(), deferred, headroom })
     }
 
-    /// Fills in the usage and reset instant of every rolling-window quota of `plans`: usage
-    /// is the sum of the buckets
+    /// Fills in the usage and reset instant of every rolling-window quota of `plans`, after
+    /// removing the key's buckets that have left the window: usage is the sum of the buckets
     /// that have not left it (see the rolling buckets of [`tally_domain::period`]); a breached
     /// quota resets at the instant enough of the usage that breached it has left the window,
     /// any other at the instant its oldest bucket leaves.
@@ -447,6 +447,7 @@ impl Store {
         if rolling.is_empty() {
             return Ok(());
         }
+        remove_departed_buckets(tx, &rolling).await?;
         let buckets = read_rolling_buckets(tx, &rolling).await?;
         for p in plans.iter_mut() {
             for (q, (key, resets_at)) in p.resolved.quotas.iter().zip(p.keys.iter_mut()) {
@@ -870,6 +871,31 @@ impl<'a> RollingKeyColumns<'a> {
             earliest_start: keys.iter().map(|k| k.key.period_start - bucket(k.days)).collect(),
         }
     }
+}
+
+/// Deletes the buckets of `keys` that have left the window (end at or before the window
+/// start): nothing reads them again (the API's usage route lists what is there; the
+/// month's reconciliation compares the rows it finds). Rows another transaction holds are
+/// skipped, not waited for (a later decision removes them), so this never blocks or
+/// deadlocks against a batch writing the same subject.
+async fn remove_departed_buckets(tx: &mut Transaction<'_, Postgres>, keys: &[RollingKey<'_>]) -> Result<(), sqlx::Error> {
+    let c = RollingKeyColumns::of(keys);
+    sqlx::query(
+        "DELETE FROM ledgers WHERE (subject, metric, scope, period, period_start) IN (
+             SELECT l.subject, l.metric, l.scope, l.period, l.period_start
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) AS k(subject, metric, scope, period, since)
+             JOIN ledgers l ON l.subject = k.subject AND l.metric = k.metric AND l.scope = k.scope AND l.period = k.period
+                           AND l.period_start < k.since AND l.period_end <= k.since
+             FOR UPDATE OF l SKIP LOCKED)",
+    )
+    .bind(&c.subjects)
+    .bind(&c.metrics)
+    .bind(&c.scopes)
+    .bind(&c.periods)
+    .bind(&c.since)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// A rolling bucket as read back from Postgres.

@@ -2,13 +2,17 @@
 //! test and no broker: `Store::commit_batch` refuses a batch whose range does not continue
 //! the stored offset, or that comes from an owner fenced out by a later claim, and such a
 //! refused batch writes nothing (no dedupe record, ledger row, decision, outbox message, and
-//! the stored offset stays); and rolling buckets count beside rows of older versions.
+//! the stored offset stays); and a rolling quota keeps a bounded number of ledger rows per
+//! key, exact to the token, removing the buckets that left its window as time moves on.
+
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, Utc};
 use serde_json::json;
 use tally_aggregator::plan::{parse_batch, Delivery};
 use tally_aggregator::policy::{Policy, PolicyHandle};
 use tally_aggregator::store::{Claim, Finish, Outcome, Range, Store, StoreError};
+use tally_domain::period::{rolling_bucket, ROLLING_BUCKETS_PER_WINDOW};
 use tally_testkit::TestDatabase;
 
 /// The partition every test commits on.
@@ -66,6 +70,13 @@ impl Fixture {
             .commit_batch(&[range], parsed, &Default::default(), &self.policy, now, Duration::seconds(1), Finish::Commit)
             .await
             .expect("the batch commits")
+    }
+
+    /// The ledger rows of `period`: start -> used.
+    async fn rows_of(&self, period: &str) -> BTreeMap<DateTime<Utc>, i64> {
+        let rows: Vec<(DateTime<Utc>, i64)> =
+            sqlx::query_as("SELECT period_start, used FROM ledgers WHERE period = $1").bind(period).fetch_all(&self.db.pool).await.unwrap();
+        rows.into_iter().collect()
     }
 
     /// Every ledger row, by period and start.
@@ -210,6 +221,51 @@ async fn a_range_from_a_fenced_owner_is_refused_and_writes_nothing() {
 /// One usage event of subject `roller` at `at`.
 fn rolling_event(id: &str, at: DateTime<Utc>, tokens: i64) -> Vec<u8> {
     json!({"id": id, "subject": "roller", "time": at.to_rfc3339(), "output_tokens": tokens}).to_string().into_bytes()
+}
+
+#[tokio::test]
+async fn a_rolling_quota_keeps_bounded_exact_buckets_and_removes_those_that_left() {
+    let policy = Policy::from_yaml(
+        "default_tier: t\ntimezone: UTC\nquotas:\n  - {name: daily, metric: output_tokens, period: rolling 1d, limit: 1000000000}\n\
+         tiers:\n  - {name: t, priority: 0, rate_multiplier: 1}\n",
+        "test",
+    )
+    .unwrap();
+    let f = Fixture::with_policy(policy).await;
+    let store = f.store("aggregator-a");
+    let Claim { epoch, .. } = store.claim(PARTITION).await.unwrap();
+
+    // 6 000 events at distinct seconds over the two days before `now`: the 3 000 or so of the
+    // last day would each be a row with one-second buckets.
+    let now: DateTime<Utc> = "2026-11-22T12:00:30Z".parse().unwrap();
+    let events: Vec<(DateTime<Utc>, i64)> =
+        (0..6_000).map(|i| (now - Duration::days(2) + Duration::seconds(28 * i + 1), i % 7 + 1)).collect();
+    let payloads = events.iter().enumerate().map(|(i, (at, tokens))| rolling_event(&format!("r{i}"), *at, *tokens)).collect();
+    let outcome = f.commit_at(&store, epoch, 0, payloads, now).await;
+    assert_eq!(outcome.counted, 6_000);
+
+    // What must remain: the one-minute buckets that end after the window start, to the token.
+    let window_start = now - Duration::days(1);
+    let mut expected: BTreeMap<DateTime<Utc>, i64> = BTreeMap::new();
+    for (at, tokens) in &events {
+        let bucket = rolling_bucket(*at, 1);
+        if bucket.end > window_start {
+            *expected.entry(bucket.start).or_default() += tokens;
+        }
+    }
+    let rows = f.rows_of("rolling 1d").await;
+    assert!(rows.len() as u64 <= ROLLING_BUCKETS_PER_WINDOW + 1, "{} rows for one rolling key", rows.len());
+    assert_eq!(rows, expected, "the rows that have not left the window, exact to the token; none that left");
+    let in_window: i64 = expected.values().sum();
+    assert_eq!(f.decided_used("roller").await, in_window);
+
+    // A day and a half later one more event: every earlier bucket has left and is removed.
+    let later = now + Duration::hours(36);
+    f.commit_at(&store, epoch, 6_000, vec![rolling_event("late-one", later - Duration::seconds(1), 5)], later).await;
+    let rows = f.rows_of("rolling 1d").await;
+    assert_eq!(rows, BTreeMap::from([(rolling_bucket(later - Duration::seconds(1), 1).start, 5)]));
+    assert_eq!(f.decided_used("roller").await, 5);
+    f.done().await;
 }
 
 #[tokio::test]
