@@ -307,3 +307,51 @@ async fn one_second_rows_of_older_versions_count_beside_buckets() {
     assert_eq!(f.decided_used("roller").await, 35);
     f.done().await;
 }
+
+#[tokio::test]
+async fn the_migration_merges_one_second_rows_into_buckets_and_drops_those_that_left() {
+    let f = Fixture::new().await;
+    let now = Utc::now();
+    let minute = DateTime::from_timestamp(now.timestamp() / 60 * 60, 0).unwrap() - Duration::hours(1);
+    // Rows an older version wrote for `rolling 1d` and `rolling 30d`: three seconds of one
+    // minute, one of a 30-minute bucket, one that left its window, and a month row.
+    let rows = [
+        ("rolling 1d", minute, 10, "old"),
+        ("rolling 1d", minute + Duration::seconds(7), 20, "old"),
+        ("rolling 1d", minute + Duration::seconds(59), 30, "new"),
+        ("rolling 1d", minute - Duration::days(2), 40, "old"),
+        ("rolling 30d", minute + Duration::seconds(61), 50, "old"),
+        ("month", minute - Duration::days(2), 60, "old"),
+    ];
+    for (i, (period, start, used, quota)) in rows.into_iter().enumerate() {
+        let end = if period == "month" { start + Duration::days(30) } else { start + Duration::seconds(1) };
+        sqlx::query(
+            "INSERT INTO ledgers (subject, metric, scope, period, period_start, period_end, used, quota, limit_value, updated_at)
+             VALUES ('roller', 'output_tokens', '*', $1, $2, $3, $4, $5, 1000, now() + make_interval(secs => $6))",
+        )
+        .bind(period)
+        .bind(start)
+        .bind(end)
+        .bind(used)
+        .bind(quota)
+        .bind(i as f64)
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+    }
+    sqlx::raw_sql(include_str!("../../migrations/postgres/0017_rolling_buckets.sql"))
+        .execute(&f.db.pool)
+        .await
+        .expect("the migration runs");
+
+    let thirty = rolling_bucket(minute + Duration::seconds(61), 30);
+    assert_eq!(
+        f.stored_rows().await,
+        [
+            StoredRow::new("month", minute - Duration::days(2), minute + Duration::days(28), 60, "old"),
+            StoredRow::new("rolling 1d", minute, minute + Duration::minutes(1), 60, "new"),
+            StoredRow::new("rolling 30d", thirty.start, thirty.end, 50, "old"),
+        ]
+    );
+    f.done().await;
+}
