@@ -393,10 +393,12 @@ impl Store {
         let mut checks = Vec::new();
         let mut deferred = Deferred::new();
         let mut headroom = Vec::with_capacity(plans.len());
-        for SubjectPlan { subject, api_key, resolved, lines, .. } in plans {
+        for SubjectPlan { subject, api_key, resolved, lines, rolling_drained_at, .. } in plans {
             headroom.push((SubjectKey::of(&subject), headroom::lines_of(&resolved.quotas, &lines)));
             let prev = previous.get(subject.as_str());
-            let mut next_check = plan::next_check_at(&lines, policy.next_change_after(&subject, now));
+            // Also when its rolling usage has all left: deciding it then removes those buckets.
+            let mut next_check =
+                plan::next_check_at(&lines, policy.next_change_after(&subject, now)).into_iter().chain(rolling_drained_at).min();
             let digest = plan::Published::of(&resolved.tier, &lines, now);
             let published = prev.and_then(|p| p.published.as_ref());
             if !plan::should_publish(published, &digest, &lines, refresh) {
@@ -431,7 +433,8 @@ impl Store {
     /// removing the key's buckets that have left the window: usage is the sum of the buckets
     /// that have not left it (see the rolling buckets of [`tally_domain::period`]); a breached
     /// quota resets at the instant enough of the usage that breached it has left the window,
-    /// any other at the instant its oldest bucket leaves.
+    /// any other at the instant its oldest bucket leaves; and notes when the subject's last
+    /// bucket leaves.
     async fn decide_rolling(
         &self,
         tx: &mut Transaction<'_, Postgres>,
@@ -455,6 +458,8 @@ impl Store {
                 let usage = buckets.get(&rolling_id(key)).map(Vec::as_slice).unwrap_or_default();
                 let total = usage.iter().fold(0i64, |sum, b| sum.saturating_add(b.used));
                 used.insert(key.clone(), total);
+                let drained = usage.iter().map(|b| b.leaves_at(days)).max();
+                p.rolling_drained_at = p.rolling_drained_at.max(drained);
                 *resets_at = tally_domain::period::rolling_unblock_at(usage, q.limit, q.burst, days, now)
                     .or_else(|| usage.iter().map(|b| b.leaves_at(days)).min())
                     .unwrap_or(now + Duration::days(days as i64));
@@ -675,13 +680,16 @@ struct SubjectPlan {
     resolved: crate::policy::Resolved,
     keys: Vec<(LedgerKey, DateTime<Utc>)>,
     lines: Vec<QuotaDecision>,
+    /// When the last bucket of its rolling quotas leaves its window (`None` without rolling
+    /// usage): it is decided again then, so an idle subject's buckets are removed too.
+    rolling_drained_at: Option<DateTime<Utc>>,
 }
 
 impl SubjectPlan {
     fn new(subject: &str, api_key: Option<String>, policy: &Policy, now: DateTime<Utc>) -> Self {
         let resolved = policy.resolve_all_scopes(subject, api_key.as_deref(), now);
         let keys = plan::current_keys(subject, &resolved.quotas, resolved.timezone, now);
-        SubjectPlan { subject: subject.to_string(), api_key, resolved, keys, lines: Vec::new() }
+        SubjectPlan { subject: subject.to_string(), api_key, resolved, keys, lines: Vec::new(), rolling_drained_at: None }
     }
 }
 

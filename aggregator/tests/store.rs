@@ -355,3 +355,38 @@ async fn the_migration_merges_one_second_rows_into_buckets_and_drops_those_that_
     );
     f.done().await;
 }
+
+#[tokio::test]
+async fn an_idle_subjects_buckets_are_removed_when_the_last_one_leaves() {
+    let policy = Policy::from_yaml(
+        "default_tier: t\ntimezone: UTC\nquotas:\n  - {name: daily, metric: output_tokens, period: rolling 1d, limit: 1000}\n\
+         tiers:\n  - {name: t, priority: 0, rate_multiplier: 1}\n",
+        "test",
+    )
+    .unwrap();
+    let f = Fixture::with_policy(policy).await;
+    let store = f.store("aggregator-a");
+    let Claim { epoch, .. } = store.claim(PARTITION).await.unwrap();
+    let now: DateTime<Utc> = "2026-11-22T12:00:30Z".parse().unwrap();
+    let times = [now - Duration::hours(3), now - Duration::minutes(2), now - Duration::seconds(1)];
+    let payloads = times.iter().enumerate().map(|(i, at)| rolling_event(&format!("i{i}"), *at, 10)).collect();
+    f.commit_at(&store, epoch, 0, payloads, now).await;
+    assert_eq!(f.rows_of("rolling 1d").await.len(), 3);
+
+    // Not over the limit, yet due again when the last bucket leaves: a day after it ends.
+    let drained = rolling_bucket(now - Duration::seconds(1), 1).end + Duration::days(1);
+    let next_check: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT next_check_at FROM decisions WHERE subject = 'roller'").fetch_one(&f.db.pool).await.unwrap();
+    assert_eq!(next_check, Some(drained));
+
+    // The scheduler leaves it alone until then, and then removes every bucket.
+    assert_eq!(store.run_due_checks(&f.policy, drained - Duration::seconds(1), 100).await.unwrap().0, 0);
+    assert_eq!(f.rows_of("rolling 1d").await.len(), 3);
+    assert_eq!(store.run_due_checks(&f.policy, drained, 100).await.unwrap().0, 1);
+    assert!(f.rows_of("rolling 1d").await.is_empty());
+    assert_eq!(f.decided_used("roller").await, 0);
+    let next_check: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT next_check_at FROM decisions WHERE subject = 'roller'").fetch_one(&f.db.pool).await.unwrap();
+    assert_eq!(next_check, None, "nothing left to wait for");
+    f.done().await;
+}
