@@ -226,14 +226,12 @@ pub fn scope_key(scope: Option<&str>) -> String {
 }
 
 /// The ledger row an event at `at` counts in for `quota`: the period containing it, or for a
-/// rolling window the one-second bucket containing it (a rolling quota's usage is the sum of
-/// the buckets inside the window, so usage leaves the window to the second).
+/// rolling window of `N` days the `N`-minute bucket containing it
+/// ([`tally_domain::period::rolling_bucket`]; a rolling quota's usage is the sum of the
+/// buckets that have not left the window, so a key has at most 1441 of them).
 pub fn ledger_window(quota: &Quota, at: DateTime<Utc>, tz: chrono_tz::Tz) -> Window {
     match quota.period {
-        PeriodSpec::Rolling { .. } => {
-            let start = DateTime::from_timestamp(at.timestamp(), 0).unwrap_or(at);
-            Window { start, end: start + Duration::seconds(1) }
-        }
+        PeriodSpec::Rolling { days } => tally_domain::period::rolling_bucket(at, days),
         _ => quota.window(at, tz),
     }
 }
@@ -381,8 +379,8 @@ impl<'a> Resolutions<'a> {
 }
 
 /// The ledger rows a subject's decision at `now` reads: the current window of each quota.
-/// For a rolling quota the key stands for every bucket after its `period_start` (the window
-/// start) and the reset instant is filled in from the buckets by the caller.
+/// For a rolling quota the key stands for every bucket that ends after its `period_start`
+/// (the window start) and the reset instant is filled in from the buckets by the caller.
 pub fn current_keys(subject: &str, quotas: &[Quota], tz: chrono_tz::Tz, now: DateTime<Utc>) -> Vec<(LedgerKey, DateTime<Utc>)> {
     quotas
         .iter()
@@ -492,21 +490,27 @@ mod tests {
     }
 
     #[test]
-    fn a_rolling_quota_counts_in_one_second_buckets() {
+    fn a_rolling_quota_counts_in_buckets_of_n_minutes_for_n_days() {
         let policy = Policy::from_yaml(
-            "default_tier: t\ntimezone: UTC\nquotas:\n  - {name: week, metric: output_tokens, period: rolling 7d, limit: 10}\ntiers:\n  - {name: t, priority: 0, rate_multiplier: 1}\n",
+            "default_tier: t\ntimezone: UTC\nquotas:\n  - {name: month, metric: output_tokens, period: rolling 30d, limit: 10}\ntiers:\n  - {name: t, priority: 0, rate_multiplier: 1}\n",
             "test",
         )
         .unwrap();
-        let at: DateTime<Utc> = "2026-11-22T11:59:58.700Z".parse().unwrap();
-        let e =
-            tally_domain::event::event_from_value(json!({"id": "a", "subject": "s", "time": at.to_rfc3339(), "output_tokens": 4})).unwrap();
-        let deltas = ledger_deltas(&[&e, &e], &policy);
-        assert_eq!(deltas.len(), 1);
-        let (key, delta) = deltas.iter().next().unwrap();
-        assert_eq!(key.period_start, "2026-11-22T11:59:58Z".parse::<DateTime<Utc>>().unwrap());
-        assert_eq!(key.period, "rolling 7d");
-        assert_eq!((delta.used, delta.period_end - key.period_start), (8, Duration::seconds(1)));
+        let event = |id: &str, at: &str| {
+            tally_domain::event::event_from_value(json!({"id": id, "subject": "s", "time": at, "output_tokens": 4})).unwrap()
+        };
+        // Two events 20 minutes apart share a 30-minute bucket; the third starts the next.
+        let (a, b, c) = (event("a", "2026-11-22T11:00:00Z"), event("b", "2026-11-22T11:20:58.700Z"), event("c", "2026-11-22T11:30:00Z"));
+        let deltas: Vec<_> = ledger_deltas(&[&a, &b, &c], &policy).into_iter().collect();
+        let rows: Vec<_> =
+            deltas.iter().map(|(k, d)| (k.period.as_str(), k.period_start.to_rfc3339(), d.period_end.to_rfc3339(), d.used)).collect();
+        assert_eq!(
+            rows,
+            [
+                ("rolling 30d", "2026-11-22T11:00:00+00:00".to_string(), "2026-11-22T11:30:00+00:00".to_string(), 8),
+                ("rolling 30d", "2026-11-22T11:30:00+00:00".to_string(), "2026-11-22T12:00:00+00:00".to_string(), 4),
+            ]
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use tally_common::postgres;
 use tally_domain::decision::{thresholds_reached, DecisionSnapshot, QuotaDecision};
 use tally_domain::event::UsageEvent;
 use tally_domain::metric::MAX_AMOUNT;
+use tally_domain::period::RollingBucket;
 
 use crate::headroom;
 use crate::keys::{Deferred, SubjectKey, Subjects};
@@ -392,10 +393,12 @@ impl Store {
         let mut checks = Vec::new();
         let mut deferred = Deferred::new();
         let mut headroom = Vec::with_capacity(plans.len());
-        for SubjectPlan { subject, api_key, resolved, lines, .. } in plans {
+        for SubjectPlan { subject, api_key, resolved, lines, rolling_drained_at, .. } in plans {
             headroom.push((SubjectKey::of(&subject), headroom::lines_of(&resolved.quotas, &lines)));
             let prev = previous.get(subject.as_str());
-            let mut next_check = plan::next_check_at(&lines, policy.next_change_after(&subject, now));
+            // Also when its rolling usage has all left: deciding it then removes those buckets.
+            let mut next_check =
+                plan::next_check_at(&lines, policy.next_change_after(&subject, now)).into_iter().chain(rolling_drained_at).min();
             let digest = plan::Published::of(&resolved.tier, &lines, now);
             let published = prev.and_then(|p| p.published.as_ref());
             if !plan::should_publish(published, &digest, &lines, refresh) {
@@ -426,10 +429,12 @@ impl Store {
         Ok(Decided { snapshots: rows.subjects.len(), deferred, headroom })
     }
 
-    /// Fills in the usage and reset instant of every rolling-window quota of `plans`: usage is
-    /// the sum of the one-second buckets inside the window; a breached quota resets at the
-    /// instant enough of the usage that breached it has left the window, any other at the
-    /// instant its oldest usage leaves.
+    /// Fills in the usage and reset instant of every rolling-window quota of `plans`, after
+    /// removing the key's buckets that have left the window: usage is the sum of the buckets
+    /// that have not left it (see the rolling buckets of [`tally_domain::period`]); a breached
+    /// quota resets at the instant enough of the usage that breached it has left the window,
+    /// any other at the instant its oldest bucket leaves; and notes when the subject's last
+    /// bucket leaves.
     async fn decide_rolling(
         &self,
         tx: &mut Transaction<'_, Postgres>,
@@ -437,22 +442,26 @@ impl Store {
         used: &mut HashMap<LedgerKey, i64>,
         now: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
-        let rolling: Vec<&LedgerKey> = plans
+        let rolling: Vec<RollingKey> = plans
             .iter()
-            .flat_map(|p| p.resolved.quotas.iter().zip(p.keys.iter()).filter(|(q, _)| plan::rolling_days(q).is_some()).map(|(_, (k, _))| k))
+            .flat_map(|p| p.resolved.quotas.iter().zip(p.keys.iter()))
+            .filter_map(|(q, (key, _))| plan::rolling_days(q).map(|days| RollingKey { key, days }))
             .collect();
         if rolling.is_empty() {
             return Ok(());
         }
+        remove_departed_buckets(tx, &rolling).await?;
         let buckets = read_rolling_buckets(tx, &rolling).await?;
         for p in plans.iter_mut() {
             for (q, (key, resets_at)) in p.resolved.quotas.iter().zip(p.keys.iter_mut()) {
                 let Some(days) = plan::rolling_days(q) else { continue };
                 let usage = buckets.get(&rolling_id(key)).map(Vec::as_slice).unwrap_or_default();
-                let total = usage.iter().fold(0i64, |sum, (_, n)| sum.saturating_add(*n));
+                let total = usage.iter().fold(0i64, |sum, b| sum.saturating_add(b.used));
                 used.insert(key.clone(), total);
+                let drained = usage.iter().map(|b| b.leaves_at(days)).max();
+                p.rolling_drained_at = p.rolling_drained_at.max(drained);
                 *resets_at = tally_domain::period::rolling_unblock_at(usage, q.limit, q.burst, days, now)
-                    .or_else(|| usage.iter().map(|(t, _)| *t).min().map(|t| t + Duration::days(days as i64)))
+                    .or_else(|| usage.iter().map(|b| b.leaves_at(days)).min())
                     .unwrap_or(now + Duration::days(days as i64));
             }
         }
@@ -671,13 +680,16 @@ struct SubjectPlan {
     resolved: crate::policy::Resolved,
     keys: Vec<(LedgerKey, DateTime<Utc>)>,
     lines: Vec<QuotaDecision>,
+    /// When the last bucket of its rolling quotas leaves its window (`None` without rolling
+    /// usage): it is decided again then, so an idle subject's buckets are removed too.
+    rolling_drained_at: Option<DateTime<Utc>>,
 }
 
 impl SubjectPlan {
     fn new(subject: &str, api_key: Option<String>, policy: &Policy, now: DateTime<Utc>) -> Self {
         let resolved = policy.resolve_all_scopes(subject, api_key.as_deref(), now);
         let keys = plan::current_keys(subject, &resolved.quotas, resolved.timezone, now);
-        SubjectPlan { subject: subject.to_string(), api_key, resolved, keys, lines: Vec::new() }
+        SubjectPlan { subject: subject.to_string(), api_key, resolved, keys, lines: Vec::new(), rolling_drained_at: None }
     }
 }
 
@@ -735,7 +747,9 @@ fn quarantine_overpriced(candidates: &mut Vec<Candidate<'_>>, quarantined: &mut 
 }
 
 /// Adds the deltas to the ledgers with one bulk upsert; returns the `used` of every row it
-/// wrote, as of this transaction.
+/// wrote, as of this transaction. A rolling bucket that lands on a shorter row of an older
+/// version starting at the same instant (one-second rows) extends that row's end to its
+/// own, so the row's usage leaves the window no earlier than its latest event.
 async fn apply_ledger_deltas(
     tx: &mut Transaction<'_, Postgres>,
     deltas: &BTreeMap<LedgerKey, LedgerDelta>,
@@ -758,6 +772,8 @@ async fn apply_ledger_deltas(
                 unnest($6::timestamptz[]), unnest($7::bigint[]), unnest($8::text[]), unnest($9::bigint[])
          ON CONFLICT (subject, metric, scope, period, period_start) DO UPDATE
          SET used = ledgers.used + EXCLUDED.used, quota = EXCLUDED.quota, limit_value = EXCLUDED.limit_value,
+             period_end = CASE WHEN ledgers.period LIKE 'rolling %' THEN greatest(ledgers.period_end, EXCLUDED.period_end)
+                               ELSE ledgers.period_end END,
              updated_at = now()
          RETURNING subject, metric, scope, period, period_start, used",
     )
@@ -832,34 +848,102 @@ fn rolling_id(key: &LedgerKey) -> RollingId {
     (key.subject.clone(), key.metric.clone(), key.scope.clone(), key.period.clone())
 }
 
-/// The one-second buckets of each rolling key: every row of its subject, metric, scope and
-/// period that starts after the key's `period_start` (the window start).
+/// A rolling quota's current key (its `period_start` is the window start) and window length.
+struct RollingKey<'a> {
+    key: &'a LedgerKey,
+    days: u32,
+}
+
+/// The columns of rolling keys as bind arrays: subject, metric, scope, period, the window
+/// start (`since`: a bucket whose end is at or before it has left), and the earliest start
+/// a bucket that has not left may have (`since` minus one bucket; rows of older versions
+/// are shorter), which bounds the primary key scan.
+struct RollingKeyColumns<'a> {
+    subjects: Vec<&'a str>,
+    metrics: Vec<&'a str>,
+    scopes: Vec<&'a str>,
+    periods: Vec<&'a str>,
+    since: Vec<DateTime<Utc>>,
+    earliest_start: Vec<DateTime<Utc>>,
+}
+
+impl<'a> RollingKeyColumns<'a> {
+    fn of(keys: &[RollingKey<'a>]) -> RollingKeyColumns<'a> {
+        let bucket = |days: u32| Duration::seconds(i64::try_from(tally_domain::period::rolling_bucket_seconds(days)).unwrap_or(i64::MAX));
+        RollingKeyColumns {
+            subjects: keys.iter().map(|k| k.key.subject.as_str()).collect(),
+            metrics: keys.iter().map(|k| k.key.metric.as_str()).collect(),
+            scopes: keys.iter().map(|k| k.key.scope.as_str()).collect(),
+            periods: keys.iter().map(|k| k.key.period.as_str()).collect(),
+            since: keys.iter().map(|k| k.key.period_start).collect(),
+            earliest_start: keys.iter().map(|k| k.key.period_start - bucket(k.days)).collect(),
+        }
+    }
+}
+
+/// Deletes the buckets of `keys` that have left the window (end at or before the window
+/// start): nothing reads them again (the API's usage route lists what is there; the
+/// month's reconciliation compares the rows it finds). Rows another transaction holds are
+/// skipped, not waited for (a later decision removes them), so this never blocks or
+/// deadlocks against a batch writing the same subject.
+async fn remove_departed_buckets(tx: &mut Transaction<'_, Postgres>, keys: &[RollingKey<'_>]) -> Result<(), sqlx::Error> {
+    let c = RollingKeyColumns::of(keys);
+    sqlx::query(
+        "DELETE FROM ledgers WHERE (subject, metric, scope, period, period_start) IN (
+             SELECT l.subject, l.metric, l.scope, l.period, l.period_start
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) AS k(subject, metric, scope, period, since)
+             JOIN ledgers l ON l.subject = k.subject AND l.metric = k.metric AND l.scope = k.scope AND l.period = k.period
+                           AND l.period_start < k.since AND l.period_end <= k.since
+             FOR UPDATE OF l SKIP LOCKED)",
+    )
+    .bind(&c.subjects)
+    .bind(&c.metrics)
+    .bind(&c.scopes)
+    .bind(&c.periods)
+    .bind(&c.since)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// A rolling bucket as read back from Postgres.
+#[derive(sqlx::FromRow)]
+struct BucketRow {
+    subject: String,
+    metric: String,
+    scope: String,
+    period: String,
+    period_start: DateTime<Utc>,
+    period_end: DateTime<Utc>,
+    used: i64,
+}
+
+/// The buckets of each rolling key that have not left its window: every row of its subject,
+/// metric, scope and period that ends after the key's `period_start` (the window start).
 async fn read_rolling_buckets(
     tx: &mut Transaction<'_, Postgres>,
-    keys: &[&LedgerKey],
-) -> Result<HashMap<RollingId, Vec<(DateTime<Utc>, i64)>>, sqlx::Error> {
-    let subjects: Vec<&str> = keys.iter().map(|k| k.subject.as_str()).collect();
-    let metrics: Vec<&str> = keys.iter().map(|k| k.metric.as_str()).collect();
-    let scopes: Vec<&str> = keys.iter().map(|k| k.scope.as_str()).collect();
-    let periods: Vec<&str> = keys.iter().map(|k| k.period.as_str()).collect();
-    let since: Vec<DateTime<Utc>> = keys.iter().map(|k| k.period_start).collect();
-    let rows: Vec<LedgerRow> = sqlx::query_as(
-        "SELECT k.subject, k.metric, k.scope, k.period, l.period_start, l.used
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) AS k(subject, metric, scope, period, since)
+    keys: &[RollingKey<'_>],
+) -> Result<HashMap<RollingId, Vec<RollingBucket>>, sqlx::Error> {
+    let c = RollingKeyColumns::of(keys);
+    let rows: Vec<BucketRow> = sqlx::query_as(
+        "SELECT k.subject, k.metric, k.scope, k.period, l.period_start, l.period_end, l.used
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[])
+              AS k(subject, metric, scope, period, since, earliest_start)
          JOIN ledgers l ON l.subject = k.subject AND l.metric = k.metric AND l.scope = k.scope AND l.period = k.period
-                       AND l.period_start > k.since",
+                       AND l.period_start > k.earliest_start AND l.period_end > k.since",
     )
-    .bind(&subjects)
-    .bind(&metrics)
-    .bind(&scopes)
-    .bind(&periods)
-    .bind(&since)
+    .bind(&c.subjects)
+    .bind(&c.metrics)
+    .bind(&c.scopes)
+    .bind(&c.periods)
+    .bind(&c.since)
+    .bind(&c.earliest_start)
     .fetch_all(&mut **tx)
     .await?;
     // Keyed without the window start: Postgres keeps microseconds, the key has nanoseconds.
-    let mut out: HashMap<RollingId, Vec<(DateTime<Utc>, i64)>> = HashMap::new();
-    for LedgerRow { subject, metric, scope, period, period_start, used } in rows {
-        out.entry((subject, metric, scope, period)).or_default().push((period_start, used));
+    let mut out: HashMap<RollingId, Vec<RollingBucket>> = HashMap::new();
+    for BucketRow { subject, metric, scope, period, period_start, period_end, used } in rows {
+        out.entry((subject, metric, scope, period)).or_default().push(RollingBucket { start: period_start, end: period_end, used });
     }
     Ok(out)
 }

@@ -2,13 +2,17 @@
 //! test and no broker: `Store::commit_batch` refuses a batch whose range does not continue
 //! the stored offset, or that comes from an owner fenced out by a later claim, and such a
 //! refused batch writes nothing (no dedupe record, ledger row, decision, outbox message, and
-//! the stored offset stays).
+//! the stored offset stays); and a rolling quota keeps a bounded number of ledger rows per
+//! key, exact to the token, removing the buckets that left its window as time moves on.
 
-use chrono::{Duration, Utc};
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, Utc};
 use serde_json::json;
 use tally_aggregator::plan::{parse_batch, Delivery};
 use tally_aggregator::policy::{Policy, PolicyHandle};
 use tally_aggregator::store::{Claim, Finish, Outcome, Range, Store, StoreError};
+use tally_domain::period::{rolling_bucket, ROLLING_BUCKETS_PER_WINDOW};
 use tally_testkit::TestDatabase;
 
 /// The partition every test commits on.
@@ -21,10 +25,13 @@ struct Fixture {
 
 impl Fixture {
     async fn new() -> Fixture {
-        let db = TestDatabase::create("tally_store_test").await.expect("create the test database");
         // The built-in default: a monthly token quota, so a counted event writes a ledger row.
-        let policy = PolicyHandle::new(Policy::builtin());
-        Fixture { db, policy }
+        Fixture::with_policy(Policy::builtin()).await
+    }
+
+    async fn with_policy(policy: Policy) -> Fixture {
+        let db = TestDatabase::create("tally_store_test").await.expect("create the test database");
+        Fixture { db, policy: PolicyHandle::new(policy) }
     }
 
     /// A store as one aggregator instance, `owner`, holds it.
@@ -50,6 +57,44 @@ impl Fixture {
         let range = Range { partition: PARTITION, epoch, start, next: start + events.len() as i64 };
         let parsed = parse_batch(&mut deliveries, now, Duration::days(3));
         store.commit_batch(&[range], parsed, &Default::default(), &self.policy, now, Duration::seconds(1), Finish::Commit).await
+    }
+
+    /// Commits one batch of `payloads` (one delivery each at offsets `start..`) as `store` at
+    /// the instant `now`, with the default lateness window of 35 days.
+    async fn commit_at(&self, store: &Store, epoch: i64, start: i64, payloads: Vec<Vec<u8>>, now: DateTime<Utc>) -> Outcome {
+        let range = Range { partition: PARTITION, epoch, start, next: start + payloads.len() as i64 };
+        let mut deliveries: Vec<Delivery> =
+            payloads.into_iter().zip(start..).map(|(payload, offset)| Delivery::received(PARTITION, offset, Some(payload))).collect();
+        let parsed = parse_batch(&mut deliveries, now, Duration::days(35));
+        store
+            .commit_batch(&[range], parsed, &Default::default(), &self.policy, now, Duration::seconds(1), Finish::Commit)
+            .await
+            .expect("the batch commits")
+    }
+
+    /// The ledger rows of `period`: start -> used.
+    async fn rows_of(&self, period: &str) -> BTreeMap<DateTime<Utc>, i64> {
+        let rows: Vec<(DateTime<Utc>, i64)> =
+            sqlx::query_as("SELECT period_start, used FROM ledgers WHERE period = $1").bind(period).fetch_all(&self.db.pool).await.unwrap();
+        rows.into_iter().collect()
+    }
+
+    /// Every ledger row, by period and start.
+    async fn stored_rows(&self) -> Vec<StoredRow> {
+        sqlx::query_as("SELECT period, period_start, period_end, used, quota FROM ledgers ORDER BY period, period_start")
+            .fetch_all(&self.db.pool)
+            .await
+            .unwrap()
+    }
+
+    /// The `used` of `subject`'s first quota in its latest decision snapshot.
+    async fn decided_used(&self, subject: &str) -> i64 {
+        let snapshot: serde_json::Value = sqlx::query_scalar("SELECT snapshot::jsonb FROM decisions WHERE subject = $1")
+            .bind(subject)
+            .fetch_one(&self.db.pool)
+            .await
+            .unwrap();
+        snapshot["quotas"][0]["used"].as_i64().expect("a used figure")
     }
 
     /// What the tables hold that a batch commit writes.
@@ -90,6 +135,22 @@ struct Written {
     decisions: i64,
     outbox: i64,
     offset: StoredOffset,
+}
+
+/// A ledger row as the rolling-window tests compare it.
+#[derive(Debug, PartialEq, Eq, sqlx::FromRow)]
+struct StoredRow {
+    period: String,
+    period_start: DateTime<Utc>,
+    period_end: DateTime<Utc>,
+    used: i64,
+    quota: String,
+}
+
+impl StoredRow {
+    fn new(period: &str, period_start: DateTime<Utc>, period_end: DateTime<Utc>, used: i64, quota: &str) -> StoredRow {
+        StoredRow { period: period.to_string(), period_start, period_end, used, quota: quota.to_string() }
+    }
 }
 
 /// Tokens each test event counts.
@@ -154,5 +215,178 @@ async fn a_range_from_a_fenced_owner_is_refused_and_writes_nothing() {
     assert_eq!(outcome.counted, 1);
     let after = f.written().await;
     assert_eq!((after.dedupe_records, after.ledger_used, after.offset.next_offset), (1, TOKENS, 1));
+    f.done().await;
+}
+
+/// One usage event of subject `roller` at `at`.
+fn rolling_event(id: &str, at: DateTime<Utc>, tokens: i64) -> Vec<u8> {
+    json!({"id": id, "subject": "roller", "time": at.to_rfc3339(), "output_tokens": tokens}).to_string().into_bytes()
+}
+
+#[tokio::test]
+async fn a_rolling_quota_keeps_bounded_exact_buckets_and_removes_those_that_left() {
+    let policy = Policy::from_yaml(
+        "default_tier: t\ntimezone: UTC\nquotas:\n  - {name: daily, metric: output_tokens, period: rolling 1d, limit: 1000000000}\n\
+         tiers:\n  - {name: t, priority: 0, rate_multiplier: 1}\n",
+        "test",
+    )
+    .unwrap();
+    let f = Fixture::with_policy(policy).await;
+    let store = f.store("aggregator-a");
+    let Claim { epoch, .. } = store.claim(PARTITION).await.unwrap();
+
+    // 6 000 events at distinct seconds over the two days before `now`: the 3 000 or so of the
+    // last day would each be a row with one-second buckets.
+    let now: DateTime<Utc> = "2026-11-22T12:00:30Z".parse().unwrap();
+    let events: Vec<(DateTime<Utc>, i64)> =
+        (0..6_000).map(|i| (now - Duration::days(2) + Duration::seconds(28 * i + 1), i % 7 + 1)).collect();
+    let payloads = events.iter().enumerate().map(|(i, (at, tokens))| rolling_event(&format!("r{i}"), *at, *tokens)).collect();
+    let outcome = f.commit_at(&store, epoch, 0, payloads, now).await;
+    assert_eq!(outcome.counted, 6_000);
+
+    // What must remain: the one-minute buckets that end after the window start, to the token.
+    let window_start = now - Duration::days(1);
+    let mut expected: BTreeMap<DateTime<Utc>, i64> = BTreeMap::new();
+    for (at, tokens) in &events {
+        let bucket = rolling_bucket(*at, 1);
+        if bucket.end > window_start {
+            *expected.entry(bucket.start).or_default() += tokens;
+        }
+    }
+    let rows = f.rows_of("rolling 1d").await;
+    assert!(rows.len() as u64 <= ROLLING_BUCKETS_PER_WINDOW + 1, "{} rows for one rolling key", rows.len());
+    assert_eq!(rows, expected, "the rows that have not left the window, exact to the token; none that left");
+    let in_window: i64 = expected.values().sum();
+    assert_eq!(f.decided_used("roller").await, in_window);
+
+    // A day and a half later one more event: every earlier bucket has left and is removed.
+    let later = now + Duration::hours(36);
+    f.commit_at(&store, epoch, 6_000, vec![rolling_event("late-one", later - Duration::seconds(1), 5)], later).await;
+    let rows = f.rows_of("rolling 1d").await;
+    assert_eq!(rows, BTreeMap::from([(rolling_bucket(later - Duration::seconds(1), 1).start, 5)]));
+    assert_eq!(f.decided_used("roller").await, 5);
+    f.done().await;
+}
+
+#[tokio::test]
+async fn one_second_rows_of_older_versions_count_beside_buckets() {
+    let policy = Policy::from_yaml(
+        "default_tier: t\ntimezone: UTC\nquotas:\n  - {name: daily, metric: output_tokens, period: rolling 1d, limit: 1000}\n\
+         tiers:\n  - {name: t, priority: 0, rate_multiplier: 1}\n",
+        "test",
+    )
+    .unwrap();
+    let f = Fixture::with_policy(policy).await;
+    let store = f.store("aggregator-a");
+    let Claim { epoch, .. } = store.claim(PARTITION).await.unwrap();
+    // Rows an older version wrote: one second each, one on a minute boundary.
+    let minute: DateTime<Utc> = "2026-11-22T11:00:00Z".parse().unwrap();
+    for (start, used) in [(minute, 10), (minute + Duration::seconds(7), 20)] {
+        sqlx::query(
+            "INSERT INTO ledgers (subject, metric, scope, period, period_start, period_end, used, quota, limit_value)
+             VALUES ('roller', 'output_tokens', '*', 'rolling 1d', $1, $2, $3, 'daily', 1000)",
+        )
+        .bind(start)
+        .bind(start + Duration::seconds(1))
+        .bind(used)
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+    }
+    let now = minute + Duration::hours(1);
+    f.commit_at(&store, epoch, 0, vec![rolling_event("e", minute + Duration::seconds(40), 5)], now).await;
+
+    // The bucket on the minute continues the old row and ends with the minute.
+    assert_eq!(
+        f.stored_rows().await,
+        [
+            StoredRow::new("rolling 1d", minute, minute + Duration::minutes(1), 15, "daily"),
+            StoredRow::new("rolling 1d", minute + Duration::seconds(7), minute + Duration::seconds(8), 20, "daily"),
+        ]
+    );
+    assert_eq!(f.decided_used("roller").await, 35);
+    f.done().await;
+}
+
+#[tokio::test]
+async fn the_migration_merges_one_second_rows_into_buckets_and_drops_those_that_left() {
+    let f = Fixture::new().await;
+    let now = Utc::now();
+    let minute = DateTime::from_timestamp(now.timestamp() / 60 * 60, 0).unwrap() - Duration::hours(1);
+    // Rows an older version wrote for `rolling 1d` and `rolling 30d`: three seconds of one
+    // minute, one of a 30-minute bucket, one that left its window, and a month row.
+    let rows = [
+        ("rolling 1d", minute, 10, "old"),
+        ("rolling 1d", minute + Duration::seconds(7), 20, "old"),
+        ("rolling 1d", minute + Duration::seconds(59), 30, "new"),
+        ("rolling 1d", minute - Duration::days(2), 40, "old"),
+        ("rolling 30d", minute + Duration::seconds(61), 50, "old"),
+        ("month", minute - Duration::days(2), 60, "old"),
+    ];
+    for (i, (period, start, used, quota)) in rows.into_iter().enumerate() {
+        let end = if period == "month" { start + Duration::days(30) } else { start + Duration::seconds(1) };
+        sqlx::query(
+            "INSERT INTO ledgers (subject, metric, scope, period, period_start, period_end, used, quota, limit_value, updated_at)
+             VALUES ('roller', 'output_tokens', '*', $1, $2, $3, $4, $5, 1000, now() + make_interval(secs => $6))",
+        )
+        .bind(period)
+        .bind(start)
+        .bind(end)
+        .bind(used)
+        .bind(quota)
+        .bind(i as f64)
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+    }
+    sqlx::raw_sql(include_str!("../../migrations/postgres/0017_rolling_buckets.sql"))
+        .execute(&f.db.pool)
+        .await
+        .expect("the migration runs");
+
+    let thirty = rolling_bucket(minute + Duration::seconds(61), 30);
+    assert_eq!(
+        f.stored_rows().await,
+        [
+            StoredRow::new("month", minute - Duration::days(2), minute + Duration::days(28), 60, "old"),
+            StoredRow::new("rolling 1d", minute, minute + Duration::minutes(1), 60, "new"),
+            StoredRow::new("rolling 30d", thirty.start, thirty.end, 50, "old"),
+        ]
+    );
+    f.done().await;
+}
+
+#[tokio::test]
+async fn an_idle_subjects_buckets_are_removed_when_the_last_one_leaves() {
+    let policy = Policy::from_yaml(
+        "default_tier: t\ntimezone: UTC\nquotas:\n  - {name: daily, metric: output_tokens, period: rolling 1d, limit: 1000}\n\
+         tiers:\n  - {name: t, priority: 0, rate_multiplier: 1}\n",
+        "test",
+    )
+    .unwrap();
+    let f = Fixture::with_policy(policy).await;
+    let store = f.store("aggregator-a");
+    let Claim { epoch, .. } = store.claim(PARTITION).await.unwrap();
+    let now: DateTime<Utc> = "2026-11-22T12:00:30Z".parse().unwrap();
+    let times = [now - Duration::hours(3), now - Duration::minutes(2), now - Duration::seconds(1)];
+    let payloads = times.iter().enumerate().map(|(i, at)| rolling_event(&format!("i{i}"), *at, 10)).collect();
+    f.commit_at(&store, epoch, 0, payloads, now).await;
+    assert_eq!(f.rows_of("rolling 1d").await.len(), 3);
+
+    // Not over the limit, yet due again when the last bucket leaves: a day after it ends.
+    let drained = rolling_bucket(now - Duration::seconds(1), 1).end + Duration::days(1);
+    let next_check: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT next_check_at FROM decisions WHERE subject = 'roller'").fetch_one(&f.db.pool).await.unwrap();
+    assert_eq!(next_check, Some(drained));
+
+    // The scheduler leaves it alone until then, and then removes every bucket.
+    assert_eq!(store.run_due_checks(&f.policy, drained - Duration::seconds(1), 100).await.unwrap().0, 0);
+    assert_eq!(f.rows_of("rolling 1d").await.len(), 3);
+    assert_eq!(store.run_due_checks(&f.policy, drained, 100).await.unwrap().0, 1);
+    assert!(f.rows_of("rolling 1d").await.is_empty());
+    assert_eq!(f.decided_used("roller").await, 0);
+    let next_check: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT next_check_at FROM decisions WHERE subject = 'roller'").fetch_one(&f.db.pool).await.unwrap();
+    assert_eq!(next_check, None, "nothing left to wait for");
     f.done().await;
 }

@@ -40,6 +40,26 @@
 //!   leaves the window at exactly `t + N days`; [`rolling_unblock_at`] finds when a
 //!   breached subject is allowed again.
 //!
+//! # Rolling buckets
+//!
+//! A rolling window is not stored event by event: its usage is summed in buckets whose
+//! length follows the window, `N` minutes for `N` days ([`rolling_bucket_seconds`]), aligned
+//! to the UTC epoch ([`rolling_bucket`]). One window spans
+//! [`ROLLING_BUCKETS_PER_WINDOW`] = 1440 buckets, so a subject's usage of one rolling quota
+//! takes at most 1441 buckets that have not left the window (plus any dated in the future),
+//! however much traffic it has.
+//!
+//! Contract of a [`RollingBucket`] `[start, end)` in a window of `N` days: its usage counts
+//! from `start` (the earliest any of it may have entered) until `end + N days`, exclusive
+//! (the instant its latest possible usage leaves). So the usage a bucketed window reports
+//! is never less than the exact per-event sum (for usage that is not negative; a
+//! correction lands in the same bucket as the event it reverts), and a breached subject is
+//! never allowed before all of its counted usage has truly left: the unblock instant is
+//! exact to the bucket, never earlier than the per-event instant and, when no usage is
+//! dated after the decision, at most one bucket later. Buckets of any length follow the
+//! same rule, so rows of other lengths (one-second rows of older versions) count
+//! correctly beside them; a bucket of one instant is the exact per-event rule.
+//!
 //! Nothing here reads a clock: callers pass `at`.
 
 use std::fmt;
@@ -517,11 +537,59 @@ fn calendar_window(spec: PeriodSpec, at: DateTime<Utc>, tz: Tz) -> Window {
     Window { start: DateTime::<Utc>::MIN_UTC, end: DateTime::<Utc>::MAX_UTC }
 }
 
-/// The usage counted in a rolling window of `days` at `at`: the sum of amounts with
-/// `at − days < time <= at`.
-pub fn rolling_used(usage: &[(DateTime<Utc>, i64)], days: u32, at: DateTime<Utc>) -> i64 {
-    let start = rolling_start(at, days);
-    usage.iter().filter(|(t, _)| start < *t && *t <= at).fold(0i64, |sum, (_, amount)| sum.saturating_add(*amount))
+/// Seconds of a rolling window's bucket per day of the window: a window of `N` days keeps
+/// its usage in buckets of `N` minutes.
+pub const ROLLING_BUCKET_SECONDS_PER_DAY: u64 = 60;
+/// How many buckets one rolling window spans, whatever its length (`N` days of `N`-minute
+/// buckets). A rolling key holds at most one more than this with usage that has not left.
+pub const ROLLING_BUCKETS_PER_WINDOW: u64 = DAY_SECONDS / ROLLING_BUCKET_SECONDS_PER_DAY;
+
+/// The length of one bucket of a rolling window of `days`: `days` minutes (1440 buckets per
+/// window). A `days` of 0, which no spec holds, is taken as 1.
+pub fn rolling_bucket_seconds(days: u32) -> u64 {
+    u64::from(days.max(1)) * ROLLING_BUCKET_SECONDS_PER_DAY
+}
+
+/// The bucket that usage at `at` is counted in for a rolling window of `days`: the
+/// half-open window of [`rolling_bucket_seconds`] that contains `at`, aligned to the UTC
+/// epoch (as fixed windows are).
+pub fn rolling_bucket(at: DateTime<Utc>, days: u32) -> Window {
+    fixed_window(at, rolling_bucket_seconds(days))
+}
+
+/// Usage of a rolling window summed over a span of time: `used` made at instants in
+/// `[start, end)`, or exactly at `start` when `start == end` (one event, counted exactly).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RollingBucket {
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    pub used: i64,
+}
+
+impl RollingBucket {
+    /// The usage of a single instant `t`: the per-event rule, with no rounding.
+    pub fn instant(t: DateTime<Utc>, used: i64) -> RollingBucket {
+        RollingBucket { start: t, end: t, used }
+    }
+
+    /// When the bucket's usage leaves a window of `days`: `end + days`, when the latest
+    /// usage it may hold has left, never before.
+    pub fn leaves_at(&self, days: u32) -> DateTime<Utc> {
+        add_days_saturating(self.end, days)
+    }
+
+    /// Whether the bucket's usage counts in a window of `days` at `at`: from its `start`
+    /// (the earliest it may have entered) until [`RollingBucket::leaves_at`], exclusive.
+    pub fn counts_at(&self, days: u32, at: DateTime<Utc>) -> bool {
+        self.start <= at && at < self.leaves_at(days)
+    }
+}
+
+/// The usage counted in a rolling window of `days` at `at`: the sum of the buckets that
+/// [count](RollingBucket::counts_at) then. For buckets of single instants this is the
+/// per-event rule, amounts with `at − days < time <= at`.
+pub fn rolling_used(buckets: &[RollingBucket], days: u32, at: DateTime<Utc>) -> i64 {
+    buckets.iter().filter(|b| b.counts_at(days, at)).fold(0i64, |sum, b| sum.saturating_add(b.used))
 }
 
 /// When a subject breached on a rolling window becomes allowed again.
@@ -529,24 +597,28 @@ pub fn rolling_used(usage: &[(DateTime<Utc>, i64)], days: u32, at: DateTime<Utc>
 /// Breached means `used >= limit + burst`, as in [`crate::decision::quota_state`], where
 /// `used` is [`rolling_used`]. Returns `None` when the subject is not breached at `now`;
 /// otherwise the earliest instant `u >= now` at which it is no longer breached, taking
-/// into account usage leaving the window (at `time + days`) and usage dated after `now`
-/// entering it. A limit that nothing can satisfy (`limit + burst <= 0`) gives
-/// `Some(DateTime::<Utc>::MAX_UTC)`: never.
-pub fn rolling_unblock_at(usage: &[(DateTime<Utc>, i64)], limit: i64, burst: i64, days: u32, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+/// into account buckets leaving the window (at [`RollingBucket::leaves_at`]) and buckets
+/// dated after `now` entering it (at their start). A limit that nothing can satisfy
+/// (`limit + burst <= 0`) gives `Some(DateTime::<Utc>::MAX_UTC)`: never.
+///
+/// With buckets of single instants the answer is exact to the event. With the buckets of
+/// [`rolling_bucket`] and usage that is not negative it is never earlier than that, and
+/// when no usage is dated after `now`, at most one bucket later.
+pub fn rolling_unblock_at(buckets: &[RollingBucket], limit: i64, burst: i64, days: u32, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     let cap = limit.saturating_add(burst);
-    let mut used = rolling_used(usage, days, now);
+    let mut used = rolling_used(buckets, days, now);
     if used < cap {
         return None;
     }
-    let start = rolling_start(now, days);
-    // Changes to `used` after `now`: usage leaving (at t + days) and entering (at t).
+    // Changes to `used` after `now`: buckets leaving and entering.
     let mut changes: Vec<(DateTime<Utc>, i64)> = Vec::new();
-    for &(t, amount) in usage {
-        if t > start {
-            changes.push((add_days_saturating(t, days), amount.saturating_neg()));
+    for bucket in buckets {
+        let leaves = bucket.leaves_at(days);
+        if leaves > now {
+            changes.push((leaves, bucket.used.saturating_neg()));
         }
-        if t > now {
-            changes.push((t, amount));
+        if bucket.start > now {
+            changes.push((bucket.start, bucket.used));
         }
     }
     changes.sort();
@@ -842,10 +914,72 @@ mod tests {
         assert_eq!(f.next(&w, la).unwrap().start, utc("2026-02-10T00:01:00Z"));
     }
 
+    /// Buckets of single instants: the per-event rule.
+    fn instants(usage: &[(DateTime<Utc>, i64)]) -> Vec<RollingBucket> {
+        usage.iter().map(|&(t, used)| RollingBucket::instant(t, used)).collect()
+    }
+
+    /// Usage summed in the buckets of [`rolling_bucket`], as the ledger stores it.
+    fn bucketed(usage: &[(DateTime<Utc>, i64)], days: u32) -> Vec<RollingBucket> {
+        let mut buckets: Vec<RollingBucket> = Vec::new();
+        for &(t, used) in usage {
+            let w = rolling_bucket(t, days);
+            match buckets.iter_mut().find(|b| b.start == w.start) {
+                Some(b) => b.used += used,
+                None => buckets.push(RollingBucket { start: w.start, end: w.end, used }),
+            }
+        }
+        buckets
+    }
+
+    #[test]
+    fn rolling_buckets_are_n_minutes_for_n_days() {
+        assert_eq!(rolling_bucket_seconds(1), 60);
+        assert_eq!(rolling_bucket_seconds(30), 1_800);
+        assert_eq!(rolling_bucket_seconds(366), 21_960);
+        assert_eq!(ROLLING_BUCKETS_PER_WINDOW, 1_440);
+        let w = rolling_bucket(utc("2026-03-01T10:17:42Z"), 30);
+        assert_eq!((w.start, w.end), (utc("2026-03-01T10:00:00Z"), utc("2026-03-01T10:30:00Z")));
+        let w = rolling_bucket(utc("2026-03-01T10:00:00Z"), 1);
+        assert_eq!((w.start, w.end), (utc("2026-03-01T10:00:00Z"), utc("2026-03-01T10:01:00Z")));
+        // Seven-minute buckets follow the epoch, not the day.
+        let w = rolling_bucket(utc("2026-03-01T00:00:00Z"), 7);
+        assert_eq!(w.start.timestamp() % 420, 0);
+        assert!(w.start < utc("2026-03-01T00:00:00Z"));
+    }
+
+    #[test]
+    fn a_bucket_counts_from_its_start_until_its_end_plus_the_window() {
+        let b = RollingBucket { start: utc("2026-03-01T10:00:00Z"), end: utc("2026-03-01T10:01:00Z"), used: 5 };
+        assert_eq!(b.leaves_at(1), utc("2026-03-02T10:01:00Z"));
+        assert!(!b.counts_at(1, utc("2026-03-01T09:59:59Z")));
+        assert!(b.counts_at(1, utc("2026-03-01T10:00:00Z")));
+        assert!(b.counts_at(1, utc("2026-03-02T10:00:59Z")));
+        assert!(!b.counts_at(1, utc("2026-03-02T10:01:00Z")));
+        let one = RollingBucket::instant(utc("2026-03-01T10:00:30Z"), 5);
+        assert!(one.counts_at(1, utc("2026-03-02T10:00:29Z")));
+        assert!(!one.counts_at(1, utc("2026-03-02T10:00:30Z")));
+    }
+
+    #[test]
+    fn rolling_unblock_waits_for_the_end_of_the_breaching_bucket() {
+        let t = |s: &str| utc(s);
+        let usage = [(t("2026-03-01T10:00:30Z"), 80), (t("2026-03-01T20:00:00Z"), 30)];
+        let now = t("2026-03-02T00:00:00Z");
+        // Exactly, the 80 leaves at 10:00:30 the next day; its one-minute bucket ends at 10:01.
+        assert_eq!(rolling_unblock_at(&instants(&usage), 100, 0, 1, now), Some(t("2026-03-02T10:00:30Z")));
+        assert_eq!(rolling_unblock_at(&bucketed(&usage, 1), 100, 0, 1, now), Some(t("2026-03-02T10:01:00Z")));
+        assert_eq!(rolling_used(&bucketed(&usage, 1), 1, t("2026-03-02T10:00:59Z")), 110);
+        assert_eq!(rolling_used(&bucketed(&usage, 1), 1, t("2026-03-02T10:01:00Z")), 30);
+        // A one-second row of an older version counts until its own end plus the window.
+        let old_row = [RollingBucket { start: t("2026-03-01T10:00:30Z"), end: t("2026-03-01T10:00:31Z"), used: 80 }];
+        assert_eq!(rolling_unblock_at(&old_row, 50, 0, 1, now), Some(t("2026-03-02T10:00:31Z")));
+    }
+
     #[test]
     fn rolling_unblock_is_when_the_breaching_usage_leaves() {
         let t = |s: &str| utc(s);
-        let usage = vec![(t("2026-03-01T10:00:00Z"), 60), (t("2026-03-03T10:00:00Z"), 50)];
+        let usage = instants(&[(t("2026-03-01T10:00:00Z"), 60), (t("2026-03-03T10:00:00Z"), 50)]);
         // Used 110 >= 100 on the 5th; after the first entry leaves (1st + 7d) used is 50.
         assert_eq!(rolling_unblock_at(&usage, 100, 0, 7, t("2026-03-05T00:00:00Z")), Some(t("2026-03-08T10:00:00Z")));
         // Not breached: none.
@@ -865,13 +999,13 @@ mod tests {
     #[test]
     fn rolling_unblock_counts_future_usage_and_corrections() {
         let t = |s: &str| utc(s);
-        let usage = vec![
+        let usage = instants(&[
             (t("2026-03-01T10:00:00Z"), 100),
             // A future-dated event enters before the first leaves and keeps it breached.
             (t("2026-03-05T00:03:00Z"), 100),
-        ];
+        ]);
         assert_eq!(rolling_unblock_at(&usage, 100, 0, 7, t("2026-03-05T00:00:00Z")), Some(t("2026-03-12T00:03:00Z")));
-        let corrected = vec![(t("2026-03-01T10:00:00Z"), 100), (t("2026-03-05T00:03:00Z"), -100)];
+        let corrected = instants(&[(t("2026-03-01T10:00:00Z"), 100), (t("2026-03-05T00:03:00Z"), -100)]);
         assert_eq!(rolling_unblock_at(&corrected, 100, 0, 7, t("2026-03-05T00:00:00Z")), Some(t("2026-03-05T00:03:00Z")));
     }
 
@@ -973,7 +1107,7 @@ mod tests {
             now_offset in 0i64..20 * 86_400,
         ) {
             let base = utc("2026-01-01T00:00:00Z");
-            let usage: Vec<_> = amounts.iter().map(|(s, a)| (base + Duration::seconds(*s), *a)).collect();
+            let usage = instants(&amounts.iter().map(|(s, a)| (base + Duration::seconds(*s), *a)).collect::<Vec<_>>());
             let now = base + Duration::seconds(now_offset);
             match rolling_unblock_at(&usage, limit, 0, days, now) {
                 None => prop_assert!(rolling_used(&usage, days, now) < limit),
@@ -984,6 +1118,49 @@ mod tests {
                         prop_assert!(rolling_used(&usage, days, u - Duration::seconds(1)) >= limit);
                     }
                 }
+            }
+        }
+
+        #[test]
+        fn a_rolling_bucket_holds_its_instant_and_a_window_spans_1440(at in any_instant(), days in 1u32..=366) {
+            let w = rolling_bucket(at, days);
+            let length = i64::try_from(rolling_bucket_seconds(days)).unwrap();
+            prop_assert!(w.start <= at && at < w.end);
+            prop_assert_eq!(w.duration(), Duration::seconds(length));
+            prop_assert_eq!(w.start.timestamp().rem_euclid(length), 0);
+            prop_assert_eq!(i64::from(days) * 86_400 / length, 1_440);
+        }
+
+        #[test]
+        fn bucketed_usage_unblocks_never_early_and_at_most_one_bucket_late(
+            amounts in proptest::collection::vec((0i64..6 * 86_400, 0i64..50), 0..16),
+            limit in 1i64..200,
+            days in 1u32..4,
+            now_offset in 0i64..6 * 86_400,
+        ) {
+            let base = utc("2026-01-01T00:00:00Z");
+            let now = base + Duration::seconds(now_offset);
+            let usage: Vec<_> = amounts.iter().map(|(s, a)| (base + Duration::seconds(*s), *a)).collect();
+            let exact = rolling_unblock_at(&instants(&usage), limit, 0, days, now);
+            let rounded = rolling_unblock_at(&bucketed(&usage, days), limit, 0, days, now);
+            let bucket = Duration::seconds(i64::try_from(rolling_bucket_seconds(days)).unwrap());
+            let nothing_in_the_future = usage.iter().all(|(t, _)| *t <= now);
+            // Never allowed while the exact rule still blocks.
+            prop_assert!(rolling_used(&bucketed(&usage, days), days, now) >= rolling_used(&instants(&usage), days, now));
+            match (exact, rounded) {
+                (Some(e), Some(r)) => {
+                    prop_assert!(r >= e, "bucketed {r} before exact {e}");
+                    if nothing_in_the_future {
+                        prop_assert!(r <= e + bucket, "bucketed {r} more than a bucket after exact {e}");
+                    }
+                }
+                (Some(e), None) => prop_assert!(false, "allowed at {now} though the exact rule blocks until {e}"),
+                (None, Some(r)) => {
+                    if nothing_in_the_future {
+                        prop_assert!(r <= now + bucket, "bucketed {r} more than a bucket after {now}");
+                    }
+                }
+                (None, None) => {}
             }
         }
     }

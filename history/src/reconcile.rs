@@ -7,7 +7,9 @@
 //!   raw history; calendar windows start at local midnight in the subject's timezone, so a
 //!   row belongs to the month when it starts no earlier than 14 hours before the month's
 //!   first UTC midnight and before its last UTC midnight plus 12 hours, and ends by that
-//!   midnight plus 14 hours (rolling windows are not ledger rows and are skipped);
+//!   midnight plus 14 hours (a rolling quota's buckets are compared like any row while they
+//!   are kept; the aggregator removes those that left their window, so a past month's
+//!   reconciliation compares the ones still there);
 //! - for every subject, the events the ledger accepted with an event time in the UTC month
 //!   are compared with the distinct event ids in history, and history's row count with its
 //!   distinct ids (a duplicate would show there). A counted correction is an accepted event at

@@ -242,8 +242,11 @@ tiers:
     rate_multiplier: 1
 ";
     let t = Tally::start(Some(tiers)).await;
-    let old = Utc::now() - chrono::Duration::days(1) + chrono::Duration::seconds(8);
-    let old = DateTime::from_timestamp(old.timestamp(), 0).unwrap();
+    // A window of one day keeps its usage in one-minute buckets, which leave it a day after
+    // they end. The old event is the last second of the first bucket to leave more than 7
+    // seconds from now (so at most 67 seconds from now).
+    let bucket_end = tally_domain::period::rolling_bucket(Utc::now() - chrono::Duration::days(1) + chrono::Duration::seconds(7), 1).end;
+    let old = bucket_end - chrono::Duration::seconds(1);
     let events = json!([
         {"id": "r-old", "subject": "roller", "time": old.to_rfc3339(), "output_tokens": 80},
         {"id": "r-new", "subject": "roller", "time": Utc::now().to_rfc3339(), "output_tokens": 30},
@@ -253,10 +256,57 @@ tiers:
     assert_eq!(blocked["quotas"][0]["used"], 110);
     assert_eq!(blocked["quotas"][0]["period"], "rolling 1d");
     let resets_at = time(&blocked["quotas"][0]["resets_at"]);
-    assert_eq!(resets_at, old + chrono::Duration::days(1), "unblock when the old usage leaves the window");
+    assert_eq!(resets_at, bucket_end + chrono::Duration::days(1), "unblock when the old usage's bucket leaves the window");
 
-    let unblocked = decision_where(&t, "roller", Duration::from_secs(30), |d| d["allowed"] == true).await;
+    let unblocked = decision_where(&t, "roller", Duration::from_secs(90), |d| d["allowed"] == true).await;
     let at = time(&unblocked["calculated_at"]);
     assert!(at >= resets_at && at - resets_at <= chrono::Duration::seconds(1), "unblocked at {at}, due at {resets_at}");
     assert_eq!(unblocked["quotas"][0]["used"], 30);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolling_window_keeps_a_bounded_number_of_rows_exact_to_the_token() {
+    let tiers = "
+default_tier: basic
+timezone: UTC
+quotas:
+  - name: daily_output
+    metric: output_tokens
+    period: rolling 1d
+    limit: 1000000000
+tiers:
+  - name: basic
+    priority: 0
+    rate_multiplier: 1
+";
+    let t = Tally::start(Some(tiers)).await;
+    // 4 000 events at distinct seconds over the last two days (well inside the lateness
+    // window): those of the last day would be some 2 000 rows with one-second buckets. The
+    // minute around the window start is left out, so which side of it a bucket is on does
+    // not depend on when the batch is counted.
+    let now = Utc::now();
+    let events: Vec<(DateTime<Utc>, i64)> = (0..4_000)
+        .map(|i| (now - chrono::Duration::days(2) + chrono::Duration::seconds(43 * i + 1), i % 9 + 1))
+        .filter(|(at, _)| (*at - (now - chrono::Duration::days(1))).num_seconds().abs() > 120)
+        .collect();
+    let body: Vec<Value> = events
+        .iter()
+        .enumerate()
+        .map(|(i, (at, tokens))| json!({"id": format!("b{i}"), "subject": "bounded", "time": at.to_rfc3339(), "output_tokens": tokens}))
+        .collect();
+    assert_eq!(t.post_events(&Value::Array(body)).await.0, 202);
+    let in_window: i64 = events.iter().filter(|(at, _)| *at > now - chrono::Duration::days(1)).map(|(_, tokens)| tokens).sum();
+    let decided = decision_where(&t, "bounded", Duration::from_secs(60), |d| d["quotas"][0]["used"] == in_window).await;
+    assert_eq!(decided["quotas"][0]["period"], "rolling 1d");
+
+    let pool = t.pg().await;
+    let (rows, used, oldest_end): (i64, Option<i64>, Option<DateTime<Utc>>) = sqlx::query_as(
+        "SELECT count(*), sum(used)::bigint, min(period_end) FROM ledgers WHERE subject = 'bounded' AND period = 'rolling 1d'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(rows as u64 <= tally_domain::period::ROLLING_BUCKETS_PER_WINDOW + 1, "{rows} rows for one rolling key");
+    assert_eq!(used, Some(in_window), "the rows left hold exactly the usage of the window");
+    assert!(oldest_end.unwrap() > now - chrono::Duration::days(1), "a row that left the window is still there: ends {oldest_end:?}");
 }
