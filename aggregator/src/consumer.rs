@@ -360,6 +360,10 @@ pub async fn run(
         let metrics = metrics.clone();
         tally_common::health::serve_probes(settings.listen, clients, move || metrics.registry.render()).await?
     };
+    // Before consuming, so today's dedupe partitions exist; a failure does not stop counting
+    // (a day without its partition goes to the DEFAULT partition until the next run).
+    let _ = crate::partitions::maintain_now(&pool, settings.lateness_days).await;
+    let partition_upkeep = tokio::spawn(crate::partitions::run_periodically(pool.clone(), settings.lateness_days));
     let mut scheduler = tokio::spawn(run_scheduler(store.clone(), policy.clone(), relay_wake.clone(), metrics.clone(), control));
     tracing::info!(group = %settings.group, topic = %kafka.usage_topic, owner = %store.owner, "aggregator consuming");
     let timeout = Duration::from_secs(settings.shutdown_timeout_seconds);
@@ -399,6 +403,7 @@ pub async fn run(
     let _ = tokio::time::timeout(timeout, relay::drain(&pool, &producer)).await;
     health.abort();
     scheduler.abort();
+    partition_upkeep.abort();
     if let Some(failure) = state.stopped_by {
         tracing::error!(error = %failure, "aggregator stopped by a permanent failure");
         let context = "the aggregator stopped on a permanent failure that no event causes";

@@ -2,9 +2,26 @@
 //! in the batch's transaction (see the crate docs).
 //!
 //! # Contract
-//! [`record_event_ids`] inserts a row for every candidate whose id is not recorded yet and
-//! reports, for the others, the fingerprint they were first recorded with. Afterwards every
-//! candidate id is recorded exactly once, whichever statement did it.
+//! [`Recorder::record_event_ids`] inserts a row for every candidate whose key is not recorded
+//! yet and reports, for the others, the fingerprint they were first recorded with. Afterwards
+//! every candidate key is recorded exactly once, whichever statement did it.
+//!
+//! # Keyed by id and day, kept for the lateness window
+//! A record's key is the event id and the UTC day of the event time ([`DedupeKey`],
+//! [`tally_domain::event::event_day`]): `processed_events` is partitioned by that day
+//! (primary key `(event_id, event_day)`), and every insert and lookup names the day, so it
+//! touches that day's partition only, whose size is the day's traffic, not the history's.
+//! A redelivery is the same message, so it has the same time and day and meets its first
+//! copy. Two copies of an id on different days are two events; a copy with other content on
+//! the same day is a conflict (docs/semantics.md).
+//!
+//! No record is needed past its day plus the lateness window: an event older than the window,
+//! or more than [`tally_domain::event::MAX_FUTURE`] ahead, is quarantined before dedupe
+//! ([`crate::plan::parse_batch`]), so it can never meet a record of a day out of the window.
+//! [`crate::partitions`] drops a day's partition whole once the day left the window (with two
+//! days of margin) and makes the partitions of the coming days in advance; a row of a day
+//! without its partition goes to the DEFAULT partition, and moves into the day's partition
+//! when that is made.
 //!
 //! # Two ways to insert
 //! - **Plain** (binary `COPY`), inside a savepoint. It writes each row once, which costs
@@ -17,8 +34,8 @@
 //!   concurrent transaction that then commits, the `COPY` fails with a unique violation and
 //!   the savepoint is rolled back: none of its rows is visible (their dead tuples go at the
 //!   next vacuum).
-//! - **Skipping** (`ON CONFLICT (event_id) DO NOTHING RETURNING event_id`), which inserts the
-//!   new ids and tells them apart from the known ones.
+//! - **Skipping** (`ON CONFLICT (event_id, event_day) DO NOTHING RETURNING ...`), which
+//!   inserts the new keys and tells them apart from the known ones.
 //!
 //! A batch tries the plain insert first and falls back to the skipping one when it fails.
 //! Redeliveries of known ids tend to come in runs (a replay, a gateway retrying), so after a
@@ -30,7 +47,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::postgres::{PgArguments, PgConnection};
 use sqlx::query::Query;
 use sqlx::{Acquire, Postgres, Row, Transaction};
@@ -87,10 +104,25 @@ impl Recorder {
         }
         let rows = DedupeRows::of(candidates, config_version);
         let inserted = rows.bind(sqlx::query(INSERT_SKIPPING_KNOWN)).fetch_all(&mut **tx).await?;
-        let fresh: HashSet<String> = inserted.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?;
-        let known: Vec<&str> = rows.ids.iter().copied().filter(|id| !fresh.contains(*id)).collect();
+        let fresh: HashSet<DedupeKey> =
+            inserted.iter().map(|r| Ok(DedupeKey { id: r.try_get(0)?, day: r.try_get(1)? })).collect::<Result<_, sqlx::Error>>()?;
+        let known: Vec<DedupeKey> = candidates.iter().map(DedupeKey::of).filter(|key| !fresh.contains(key)).collect();
         let seen_before = first_fingerprints(tx, &known).await?;
         Ok(Recorded { fresh: Fresh::Only(fresh), seen_before, fell_back })
+    }
+}
+
+/// What identifies a dedupe record: the event id and the UTC day of the event time. Two
+/// copies of an id are the same event only if they fall on the same day ([`tally_domain::event::event_day`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DedupeKey {
+    pub id: String,
+    pub day: NaiveDate,
+}
+
+impl DedupeKey {
+    pub fn of(c: &Candidate<'_>) -> Self {
+        DedupeKey { id: c.event.id.clone(), day: c.day }
     }
 }
 
@@ -98,28 +130,33 @@ impl Recorder {
 #[derive(Debug, Default)]
 pub struct Recorded {
     fresh: Fresh,
-    /// For each id recorded before this batch, the fingerprint it was recorded with.
-    pub seen_before: HashMap<String, String>,
+    /// For each key recorded before this batch, the fingerprint it was recorded with.
+    pub seen_before: HashMap<DedupeKey, String>,
     /// Whether a plain insert was tried and failed on an id recorded before.
     pub fell_back: bool,
 }
 
 impl Recorded {
-    /// Whether `id` was recorded by this batch (counted now, not seen before).
-    pub fn is_fresh(&self, id: &str) -> bool {
+    /// Whether `c` was recorded by this batch (counted now, not seen before).
+    pub fn is_fresh(&self, c: &Candidate<'_>) -> bool {
         match &self.fresh {
             Fresh::All => true,
-            Fresh::Only(ids) => ids.contains(id),
+            Fresh::Only(keys) => keys.contains(&DedupeKey::of(c)),
         }
+    }
+
+    /// The fingerprint `c`'s id was recorded with on `c`'s day before this batch, if it was.
+    pub fn fingerprint_before(&self, c: &Candidate<'_>) -> Option<&str> {
+        self.seen_before.get(&DedupeKey::of(c)).map(String::as_str)
     }
 }
 
-/// The ids a batch recorded.
+/// The keys a batch recorded.
 #[derive(Debug)]
 enum Fresh {
     /// Every candidate's (the plain insert succeeded).
     All,
-    Only(HashSet<String>),
+    Only(HashSet<DedupeKey>),
 }
 
 impl Default for Fresh {
@@ -133,19 +170,20 @@ impl Default for Fresh {
 macro_rules! dedupe_columns {
     () => {
         "processed_events (event_id, fingerprint, subject, event_time, scope, api_key_sha256, requests,
-                           input_tokens, output_tokens, cached_tokens, cost_micros, corrects, config_version)"
+                           input_tokens, output_tokens, cached_tokens, cost_micros, corrects, config_version, event_day)"
     };
 }
 const COPY_PLAIN: &str = concat!("COPY ", dedupe_columns!(), " FROM STDIN (FORMAT binary)");
-/// `$13` is the configuration version of the whole batch. The arrays are unnested in the
+/// `$13` is the configuration version of the whole batch, `$14` the event days (which key the
+/// conflict together with the id, so a known id is looked for in its day's partition only). The arrays are unnested in the
 /// select list (see "Bulk statements" in the [`crate`] docs).
 const INSERT_SKIPPING_KNOWN: &str = concat!(
     "INSERT INTO ",
     dedupe_columns!(),
     " SELECT unnest($1::text[]), unnest($2::text[]), unnest($3::text[]), unnest($4::timestamptz[]), unnest($5::text[]),
              unnest($6::text[]), unnest($7::bigint[]), unnest($8::bigint[]), unnest($9::bigint[]), unnest($10::bigint[]),
-             unnest($11::bigint[]), unnest($12::text[]), $13::bigint
-      ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+             unnest($11::bigint[]), unnest($12::text[]), $13::bigint, unnest($14::date[])
+      ON CONFLICT (event_id, event_day) DO NOTHING RETURNING event_id, event_day"
 );
 
 /// About how many bytes of `COPY` data are encoded before they are sent: Postgres inserts
@@ -209,6 +247,14 @@ fn copy_row(out: &mut Vec<u8>, c: &Candidate<'_>, config_version: i64) {
     }
     copy_text(out, e.corrects.as_deref());
     copy_bigint(out, config_version);
+    copy_date(out, c.day);
+}
+
+/// A `date` in binary form: days since Postgres' epoch.
+fn copy_date(out: &mut Vec<u8>, day: NaiveDate) {
+    let days = (day - POSTGRES_EPOCH.date_naive()).num_days() as i32;
+    out.extend_from_slice(&4i32.to_be_bytes());
+    out.extend_from_slice(&days.to_be_bytes());
 }
 
 /// A time as a binary `timestamptz`: microseconds since Postgres' epoch, a fraction of a
@@ -239,16 +285,24 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
-/// The fingerprint each of `ids` was recorded with.
-async fn first_fingerprints(tx: &mut Transaction<'_, Postgres>, ids: &[&str]) -> Result<HashMap<String, String>, sqlx::Error> {
-    if ids.is_empty() {
+/// The fingerprint each of `keys` was recorded with. The days are also given as a list of
+/// their own, so Postgres reads only the partitions of those days.
+async fn first_fingerprints(tx: &mut Transaction<'_, Postgres>, keys: &[DedupeKey]) -> Result<HashMap<DedupeKey, String>, sqlx::Error> {
+    if keys.is_empty() {
         return Ok(HashMap::new());
     }
-    let rows: Vec<(String, String)> = sqlx::query_as("SELECT event_id, fingerprint FROM processed_events WHERE event_id = ANY($1)")
-        .bind(ids)
-        .fetch_all(&mut **tx)
-        .await?;
-    Ok(rows.into_iter().collect())
+    let ids: Vec<&str> = keys.iter().map(|k| k.id.as_str()).collect();
+    let days: Vec<NaiveDate> = keys.iter().map(|k| k.day).collect();
+    let rows: Vec<(String, NaiveDate, String)> = sqlx::query_as(
+        "SELECT p.event_id, p.event_day, p.fingerprint
+         FROM processed_events p JOIN unnest($1::text[], $2::date[]) AS k(id, day) ON p.event_id = k.id AND p.event_day = k.day
+         WHERE p.event_day = ANY($2)",
+    )
+    .bind(&ids)
+    .bind(&days)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows.into_iter().map(|(id, day, fingerprint)| (DedupeKey { id, day }, fingerprint)).collect())
 }
 
 /// The columns of a batch's dedupe rows, in the order of the insert's parameters.
@@ -266,6 +320,7 @@ struct DedupeRows<'a> {
     cost_micros: Vec<i64>,
     corrects: Vec<Option<&'a str>>,
     config_version: i64,
+    days: Vec<NaiveDate>,
 }
 
 impl<'a> DedupeRows<'a> {
@@ -285,6 +340,7 @@ impl<'a> DedupeRows<'a> {
             cost_micros: Vec::with_capacity(n),
             corrects: Vec::with_capacity(n),
             config_version,
+            days: Vec::with_capacity(n),
         };
         for c in candidates {
             let (e, amounts) = (&c.event, c.event.amounts());
@@ -300,6 +356,7 @@ impl<'a> DedupeRows<'a> {
             rows.cached_tokens.push(amounts.cached_tokens);
             rows.cost_micros.push(amounts.cost_micros);
             rows.corrects.push(e.corrects.as_deref());
+            rows.days.push(c.day);
         }
         rows
     }
@@ -319,6 +376,7 @@ impl<'a> DedupeRows<'a> {
             .bind(&self.cost_micros)
             .bind(&self.corrects)
             .bind(self.config_version)
+            .bind(&self.days)
     }
 }
 

@@ -4,9 +4,10 @@
 //! Every usage event is counted in the ledgers exactly once, however often the broker
 //! delivers it. The aggregator consumes the usage topic with auto-commit off and, for each
 //! batch, in ONE Postgres transaction:
-//! 1. records each event id with the fingerprint of its canonical form (`processed_events`);
-//!    an id seen before with the same fingerprint is a duplicate and is skipped, with another
-//!    fingerprint a conflict and is quarantined;
+//! 1. records each event id with the fingerprint of its canonical form (`processed_events`,
+//!    kept per UTC day of the event time for the lateness window, [`dedupe`] and
+//!    [`partitions`]); an id seen before on the same day with the same fingerprint is a
+//!    duplicate and is skipped, with another fingerprint a conflict and is quarantined;
 //! 2. applies the ledger deltas of the new events with one bulk statement;
 //! 3. writes changed decision snapshots (with a per-subject version that only grows) and
 //!    quarantined events to the `outbox`;
@@ -48,6 +49,7 @@ pub mod headroom;
 pub mod isolate;
 pub mod keys;
 pub mod lanes;
+pub mod partitions;
 pub mod plan;
 pub mod policy;
 pub mod quarantine;

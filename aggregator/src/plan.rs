@@ -9,12 +9,13 @@ use std::hash::{Hash, Hasher};
 // paid on every event (DESIGN.md beside this file).
 use foldhash::{HashMap, HashMapExt};
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, NaiveDate, Utc};
 use serde::Serialize;
 use tally_domain::decision::{quota_state, remaining, QuotaDecision};
-use tally_domain::event::{parse_event_with_fingerprint, timeliness, EventErrorKind, Timeliness, UsageEvent};
+use tally_domain::event::{event_day, parse_event_with_fingerprint, timeliness, EventErrorKind, Timeliness, UsageEvent};
 use tally_domain::period::{PeriodSpec, Window};
 
+use crate::dedupe::DedupeKey;
 use crate::keys::Fnv1a;
 use crate::policy::{Policy, Quota, Resolved};
 use crate::quarantine::{QuarantineReason, Reason};
@@ -128,6 +129,9 @@ impl Quarantined {
 pub struct Candidate<'a> {
     pub event: UsageEvent,
     pub fingerprint: String,
+    /// The UTC day of the event time, which keys its dedupe record with the id
+    /// ([`tally_domain::event::event_day`]).
+    pub day: NaiveDate,
     pub delivery: &'a Delivery,
 }
 
@@ -150,8 +154,8 @@ pub fn parse_batch(deliveries: &mut [Delivery], now: DateTime<Utc>, lateness: Du
         .collect();
     let deliveries = &*deliveries;
     let mut parsed = Parsed { candidates: Vec::with_capacity(deliveries.len()), ..Parsed::default() };
-    // Event id -> its candidate's index.
-    let mut first_with_id: HashMap<String, usize> = HashMap::with_capacity(deliveries.len());
+    // Dedupe key (event id and day) -> its candidate's index.
+    let mut first_with_id: HashMap<DedupeKey, usize> = HashMap::with_capacity(deliveries.len());
     for (d, result) in deliveries.iter().zip(results) {
         let (event, fingerprint) = match result.map(|r| *r) {
             None => continue,
@@ -182,12 +186,14 @@ pub fn parse_batch(deliveries: &mut [Delivery], now: DateTime<Utc>, lateness: Du
                 continue;
             }
         }
-        match first_with_id.get(&event.id) {
-            Some(&i) if parsed.candidates[i].fingerprint == fingerprint => parsed.duplicates += 1,
+        let key = DedupeKey { id: event.id.clone(), day: event_day(event.time) };
+        match first_with_id.get(&key).copied() {
+            Some(i) if parsed.candidates[i].fingerprint == fingerprint => parsed.duplicates += 1,
             Some(_) => parsed.quarantined.push(conflict(&event.id, d)),
             None => {
-                first_with_id.insert(event.id.clone(), parsed.candidates.len());
-                parsed.candidates.push(Candidate { event, fingerprint, delivery: d });
+                let day = key.day;
+                first_with_id.insert(key, parsed.candidates.len());
+                parsed.candidates.push(Candidate { event, fingerprint, day, delivery: d });
             }
         }
     }

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use foldhash::{HashMap, HashMapExt};
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, NaiveDate, Utc};
 use sqlx::{PgPool, Postgres, Transaction};
 use tally_common::postgres;
 use tally_domain::decision::{thresholds_reached, DecisionSnapshot, QuotaDecision};
@@ -216,10 +216,10 @@ impl Store {
         let recorded = self.recorder.record_event_ids(&mut tx, &candidates, policy.version).await?;
         phases.lap("dedupe");
         let mut outcome = Outcome { duplicates, dedupe_fell_back: recorded.fell_back, ..Outcome::default() };
-        let (new, known): (Vec<&Candidate<'_>>, Vec<&Candidate<'_>>) = candidates.iter().partition(|c| recorded.is_fresh(&c.event.id));
+        let (new, known): (Vec<&Candidate<'_>>, Vec<&Candidate<'_>>) = candidates.iter().partition(|c| recorded.is_fresh(c));
         for c in known {
-            match recorded.seen_before.get(&c.event.id) {
-                Some(fp) if *fp == c.fingerprint => outcome.duplicates += 1,
+            match recorded.fingerprint_before(c) {
+                Some(fp) if fp == c.fingerprint => outcome.duplicates += 1,
                 _ => quarantined.push(plan::conflict(&c.event.id, c.delivery)),
             }
         }
@@ -276,11 +276,22 @@ impl Store {
         let ids: Vec<&str> = corrections.iter().map(|c| c.event.id.as_str()).collect();
         let targets: Vec<&str> = corrections.iter().map(|c| c.event.corrects.as_deref().unwrap_or_default()).collect();
         let subjects: Vec<&str> = corrections.iter().map(|c| c.event.subject.as_str()).collect();
+        // The target is looked for by id in every partition still kept (the correction does
+        // not know its target's day). If the id was counted on several days (two events), the
+        // latest one not yet corrected is reverted. `corrected_by IS NULL` is checked again by
+        // the update itself, so a concurrent correction of the same target that committed
+        // first wins and this one is refused.
         let rows: Vec<RevertedRow> = sqlx::query_as(
-            "UPDATE processed_events t SET corrected_by = c.id
-             FROM UNNEST($1::text[], $2::text[], $3::text[]) AS c(id, target, subject)
-             WHERE t.event_id = c.target AND t.subject = c.subject AND t.corrected_by IS NULL AND t.corrects IS NULL
-               AND t.requests IS NOT NULL
+            "WITH target AS (
+                 SELECT DISTINCT ON (c.id) c.id, t.event_id, t.event_day
+                 FROM UNNEST($1::text[], $2::text[], $3::text[]) AS c(id, target, subject)
+                 JOIN processed_events t ON t.event_id = c.target AND t.subject = c.subject AND t.corrected_by IS NULL
+                                        AND t.corrects IS NULL AND t.requests IS NOT NULL
+                 ORDER BY c.id, t.event_day DESC, t.event_time DESC
+             )
+             UPDATE processed_events t SET corrected_by = c.id
+             FROM target c
+             WHERE t.event_id = c.event_id AND t.event_day = c.event_day AND t.corrected_by IS NULL
              RETURNING c.id AS correction_id, t.event_id, t.subject, t.event_time, t.scope, t.api_key_sha256, t.requests, t.input_tokens,
                        t.output_tokens, t.cached_tokens, t.cost_micros, t.config_version",
         )
@@ -298,7 +309,15 @@ impl Store {
             quarantined.push(Quarantined::new(reason, Some(c.event.id.clone()), c.delivery));
         }
         if !refused.is_empty() {
-            sqlx::query("DELETE FROM processed_events WHERE event_id = ANY($1)").bind(&refused).execute(&mut **tx).await?;
+            let days: Vec<NaiveDate> = corrections.iter().filter(|c| refused.contains(&c.event.id.as_str())).map(|c| c.day).collect();
+            sqlx::query(
+                "DELETE FROM processed_events
+                 WHERE (event_id, event_day) IN (SELECT * FROM unnest($1::text[], $2::date[])) AND event_day = ANY($2)",
+            )
+            .bind(&refused)
+            .bind(&days)
+            .execute(&mut **tx)
+            .await?;
         }
         let mut reverted = Vec::with_capacity(rows.len());
         for row in rows {

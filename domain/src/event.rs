@@ -526,6 +526,18 @@ pub enum Timeliness {
     InFuture,
 }
 
+/// The UTC day of an event time, which keys the event's dedupe record together with its id:
+/// two copies of an id are the same event only if they fall on the same day. It is the day of
+/// the time as Postgres stores it (whole microseconds, a fraction cut toward 2000-01-01, as
+/// sqlx and the aggregator's `COPY` send it), so it always equals
+/// `(event_time AT TIME ZONE 'UTC')::date` of the stored row.
+pub fn event_day(time: DateTime<Utc>) -> chrono::NaiveDate {
+    let postgres_epoch = DateTime::from_timestamp(946_684_800, 0).unwrap_or_default();
+    // Every `DateTime` is less than 2^63 microseconds from 2000.
+    let micros = (time - postgres_epoch).num_microseconds().unwrap_or(i64::MAX);
+    (postgres_epoch + Duration::microseconds(micros)).date_naive()
+}
+
 /// Classifies an event time against `now` and the lateness window.
 pub fn timeliness(time: DateTime<Utc>, now: DateTime<Utc>, lateness: Duration) -> Timeliness {
     if time > now + MAX_FUTURE {
@@ -541,6 +553,18 @@ pub fn timeliness(time: DateTime<Utc>, now: DateTime<Utc>, lateness: Duration) -
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_event_day_is_the_utc_date_of_the_stored_time() {
+        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        let day = |s: &str| s.parse::<chrono::NaiveDate>().unwrap();
+        assert_eq!(event_day(at("2026-12-06T23:59:59.999999999Z")), day("2026-12-06"));
+        assert_eq!(event_day(at("2026-12-07T00:00:00Z")), day("2026-12-07"));
+        assert_eq!(event_day(at("2026-12-07T01:00:00+02:00")), day("2026-12-06"));
+        // Before 2000 a fraction of a microsecond is cut toward 2000, as Postgres keeps it.
+        assert_eq!(event_day(at("1999-12-31T23:59:59.9999995Z")), day("2000-01-01"));
+        assert_eq!(event_day(at("1999-12-31T23:59:59.999999Z")), day("1999-12-31"));
+    }
 
     fn parse(v: Value) -> Result<UsageEvent, EventError> {
         event_from_value(v)

@@ -19,10 +19,10 @@
 //! rules out) is not written and is counted in [`Selection::orphan_corrections`]:
 //! reconciliation then reports the drift.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
-use chrono::{DateTime, Utc};
-use tally_domain::event::{parse_event, UsageEvent};
+use chrono::{DateTime, NaiveDate, Utc};
+use tally_domain::event::{event_day, parse_event, UsageEvent};
 use tally_domain::metric::Amounts;
 
 use crate::sink::Counted;
@@ -125,10 +125,32 @@ pub struct Selection {
     pub orphan_corrections: usize,
 }
 
-/// The ids of the parsable events among `ready` (to look up in `processed_events`).
-pub fn candidate_ids(ready: &[Delivery]) -> Vec<String> {
-    let mut seen = HashSet::new();
-    ready.iter().filter_map(|d| parse_event(d.payload.as_deref()?).ok()).map(|e| e.id).filter(|id| seen.insert(id.clone())).collect()
+/// The ids of the parsable events among `ready` and the UTC days of their times (to look up
+/// in `processed_events`, whose partitions are by that day).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Lookup {
+    pub ids: Vec<String>,
+    pub days: Vec<NaiveDate>,
+}
+
+/// What to look up in `processed_events` for `ready` ([`Lookup`]).
+pub fn candidate_ids(ready: &[Delivery]) -> Lookup {
+    let (mut seen, mut days) = (HashSet::new(), BTreeSet::new());
+    let mut lookup = Lookup::default();
+    for e in ready.iter().filter_map(|d| parse_event(d.payload.as_deref()?).ok()) {
+        days.insert(event_day(e.time));
+        if seen.insert(e.id.clone()) {
+            lookup.ids.push(e.id);
+        }
+    }
+    lookup.days = days.into_iter().collect();
+    lookup
+}
+
+/// How many parsable events among `ready` are of a day before `first_kept`: the ledger's
+/// dedupe records of those days are gone, so whether it counted them cannot be known.
+pub fn past_retention(ready: &[Delivery], first_kept: NaiveDate) -> usize {
+    ready.iter().filter_map(|d| parse_event(d.payload.as_deref()?).ok()).filter(|e| event_day(e.time) < first_kept).count()
 }
 
 /// Keeps exactly the events the ledger counted: parsable, and with the very fingerprint
@@ -232,7 +254,11 @@ mod tests {
             Delivery { partition: 0, offset: 4, payload: Some(b"not json".to_vec()) },
             Delivery { partition: 0, offset: 5, payload: None },
         ];
-        assert_eq!(candidate_ids(&ready), vec!["e1".to_string(), "late".to_string()]);
+        let lookup = candidate_ids(&ready);
+        assert_eq!(lookup.ids, vec!["e1".to_string(), "late".to_string()]);
+        assert_eq!(lookup.days, vec!["2026-11-22".parse::<NaiveDate>().unwrap()]);
+        assert_eq!(past_retention(&ready, "2026-11-22".parse().unwrap()), 0);
+        assert_eq!(past_retention(&ready, "2026-11-23".parse().unwrap()), 4);
         let s = select(&ready, &HashMap::from([("e1".to_string(), Ledgered::plain(fp))]));
         assert_eq!(s.counted.len(), 1);
         assert_eq!(s.counted[0].event.input_tokens, 5);

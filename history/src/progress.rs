@@ -4,11 +4,24 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::PgPool;
 use tally_domain::metric::Amounts;
 
 use crate::plan::{Ledgered, Reverted};
+
+/// The first UTC day whose dedupe records are still kept: the oldest day partition of
+/// `processed_events` (the aggregator drops a day's partition once the day left the lateness
+/// window). `None` when no day partition exists.
+pub async fn first_kept_day(pool: &PgPool) -> Result<Option<NaiveDate>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT min(to_date(substr(c.relname::text, 19), 'YYYYMMDD'))
+         FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = 'processed_events'::regclass AND c.relname::text ~ '^processed_events_p[0-9]{8}$'",
+    )
+    .fetch_one(pool)
+    .await
+}
 
 /// Why progress was not stored.
 #[derive(Debug, thiserror::Error)]
@@ -131,8 +144,9 @@ impl Progress {
 
     /// What `processed_events` holds for each of `ids` the ledger counted: the fingerprint,
     /// and for a counted correction the event it reverted (the row whose `corrected_by` is the
-    /// correction, read in the same query so both come from one snapshot).
-    pub async fn counted(&self, ids: &[&str]) -> Result<HashMap<String, Ledgered>, sqlx::Error> {
+    /// correction, read in the same query so both come from one snapshot). `days` are the UTC
+    /// days of the events' times: only their partitions are read for the ids.
+    pub async fn counted(&self, ids: &[&str], days: &[NaiveDate]) -> Result<HashMap<String, Ledgered>, sqlx::Error> {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
@@ -141,9 +155,10 @@ impl Progress {
                     t.requests, t.input_tokens, t.output_tokens, t.cached_tokens, t.cost_micros
              FROM processed_events c
              LEFT JOIN processed_events t ON c.corrects IS NOT NULL AND t.event_id = c.corrects AND t.corrected_by = c.event_id
-             WHERE c.event_id = ANY($1)",
+             WHERE c.event_id = ANY($1) AND c.event_day = ANY($2)",
         )
         .bind(ids)
+        .bind(days)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(CountedRow::into_entry).collect())

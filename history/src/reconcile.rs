@@ -15,6 +15,13 @@
 //!   distinct ids (a duplicate would show there). A counted correction is an accepted event at
 //!   the time of the event it reverted, where history writes its negated row.
 //!
+//!
+//! The accepted events are the dedupe records, which are kept only for the lateness window
+//! (partitions by UTC day, dropped when the day left it): events are compared only from the
+//! first day still kept ([`Report::events_checked_from`], said in the text report), and a
+//! month or its part before that day is checked on its ledger rows only, never reported as
+//! event drift. A counted correction whose reverted event's record is gone is left out too.
+//!
 //! The report lists every drift with its size; [`Report::ok`] is true only with zero drift.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -114,6 +121,10 @@ pub struct Report {
     pub event_drifts: Vec<EventCheck>,
     pub accepted_events: i64,
     pub history_events: i64,
+    /// Accepted events and history were compared from this instant (the later of the month's
+    /// start and the first day whose dedupe records are still kept) to the month's end.
+    #[serde(default)]
+    pub events_checked_from: DateTime<Utc>,
     pub ok: bool,
 }
 
@@ -131,6 +142,12 @@ impl Report {
             self.accepted_events,
             self.history_events
         );
+        if self.events_checked_from > self.month_start {
+            out.push_str(&format!(
+                "events compared from {} only: dedupe records of earlier days are no longer kept (lateness window)\n",
+                self.events_checked_from.to_rfc3339()
+            ));
+        }
         for d in &self.ledger_drifts {
             out.push_str(&format!(
                 "DRIFT ledger  subject={} quota={} metric={} scope={} period={} start={} ledger={} history={} drift={:+}\n",
@@ -265,14 +282,16 @@ pub async fn reconcile(pool: &PgPool, ch: &Ch, month: Month, subject: Option<&st
         })
         .collect();
 
+    let checked_from = events_checked_from(pool, month).await?;
     let accepted: Vec<(String, i64)> = sqlx::query_as(
         "SELECT p.subject, count(*) FROM processed_events p
          LEFT JOIN processed_events t ON p.corrects IS NOT NULL AND t.event_id = p.corrects AND t.corrected_by = p.event_id
          WHERE COALESCE(t.event_time, p.event_time) >= $1 AND COALESCE(t.event_time, p.event_time) < $2
+           AND (p.corrects IS NULL OR t.event_id IS NOT NULL)
            AND ($3::text IS NULL OR p.subject = $3)
          GROUP BY p.subject",
     )
-    .bind(month.start())
+    .bind(checked_from)
     .bind(month.end())
     .bind(subject)
     .fetch_all(pool)
@@ -283,7 +302,7 @@ pub async fn reconcile(pool: &PgPool, ch: &Ch, month: Month, subject: Option<&st
             "SELECT subject, toInt64(count()) AS rows, toInt64(uniqExact(event_id)) AS ids FROM {} FINAL \
              WHERE time >= toDateTime({}, 'UTC') AND time < toDateTime({}, 'UTC'){subject_filter} GROUP BY subject",
             ch.table("usage_events"),
-            month.start().timestamp(),
+            checked_from.timestamp(),
             month.end().timestamp()
         ))
         .await?;
@@ -324,7 +343,16 @@ pub async fn reconcile(pool: &PgPool, ch: &Ch, month: Month, subject: Option<&st
         event_drifts,
         accepted_events,
         history_events,
+        events_checked_from: checked_from,
     })
+}
+
+/// Where the event comparison of `month` starts: the month's start, or the first UTC day
+/// whose dedupe partition is still kept if that is later (the end of the month if none is).
+async fn events_checked_from(pool: &PgPool, month: Month) -> Result<DateTime<Utc>, sqlx::Error> {
+    let first_kept = crate::progress::first_kept_day(pool).await?;
+    let first_kept = first_kept.map_or(month.end(), |day| day.and_time(chrono::NaiveTime::MIN).and_utc());
+    Ok(first_kept.clamp(month.start(), month.end()))
 }
 
 #[cfg(test)]

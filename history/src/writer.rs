@@ -59,6 +59,7 @@ struct Metrics {
     not_counted: Counter,
     corrections: Counter,
     orphan_corrections: Counter,
+    past_retention: Counter,
     batches: Timing,
     failures: Counter,
     isolated: Counter,
@@ -83,6 +84,11 @@ impl Metrics {
             orphan_corrections: r.counter(
                 "tally_history_corrections_without_target_total",
                 "counted corrections whose reverted event was not found in processed_events (not written)",
+                &[],
+            ),
+            past_retention: r.counter(
+                "tally_history_events_past_retention_total",
+                "events reached after their dedupe records aged out (history lagging past the lateness window; not written)",
                 &[],
             ),
             batches: Timing::new(&r, "tally_history_batch_micros_total", "tally_history_batches_total", "time spent writing batches"),
@@ -433,13 +439,16 @@ impl Loop {
         if gate.ready.is_empty() {
             return wait;
         }
-        let ids = plan::candidate_ids(&gate.ready);
-        let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let counted = match self.progress.counted(&id_refs).await {
+        let lookup = plan::candidate_ids(&gate.ready);
+        let id_refs: Vec<&str> = lookup.ids.iter().map(String::as_str).collect();
+        let counted = match self.progress.counted(&id_refs, &lookup.days).await {
             Ok(c) => c,
             Err(e) => return Err(self.fail(&ready_ranges, Lasting::of_postgres(&e), &format!("failed to read processed_events: {e}"))),
         };
         let mut selection = plan::select(&gate.ready, &counted);
+        if selection.not_counted > 0 {
+            self.report_past_retention(&gate.ready).await;
+        }
         if selection.orphan_corrections > 0 {
             self.metrics.orphan_corrections.add(selection.orphan_corrections as u64);
             tracing::error!(
@@ -507,6 +516,26 @@ impl Loop {
         );
         self.advance(&ready_ranges);
         wait
+    }
+
+    /// Reports, loudly, events this writer reached only after their dedupe records aged out
+    /// (the writer lags more than the lateness window): whether the ledger counted them is no
+    /// longer known, so they are not written, as events the ledger did not count are not.
+    async fn report_past_retention(&self, ready: &[Delivery]) {
+        let first_kept = match crate::progress::first_kept_day(&self.progress.pool).await {
+            Ok(Some(day)) => day,
+            Ok(None) => return,
+            Err(e) => return tracing::warn!(error = %e, "could not read which days' dedupe records are kept"),
+        };
+        let past = plan::past_retention(ready, first_kept);
+        if past > 0 {
+            self.metrics.past_retention.add(past as u64);
+            tracing::error!(
+                events = past,
+                %first_kept,
+                "history lags past the lateness window: events of days whose dedupe records are gone cannot be verified as counted and are not written"
+            );
+        }
     }
 
     /// Logs a failed batch, rewinds its partitions and returns the backoff to wait. A

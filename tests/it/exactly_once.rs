@@ -471,7 +471,7 @@ async fn record_event_ids(
     let mut tx = pool.begin().await.expect("begin");
     let recorded = recorder.record_event_ids(&mut tx, batch, 7).await.expect("record_event_ids");
     tx.commit().await.expect("commit");
-    let fresh = batch.iter().map(|c| recorded.is_fresh(&c.event.id)).collect();
+    let fresh = batch.iter().map(|c| recorded.is_fresh(c)).collect();
     (recorded, fresh)
 }
 
@@ -492,6 +492,7 @@ async fn both_ways_of_recording_event_ids_write_the_same_dedupe_rows() {
             .map(|(i, e)| Candidate {
                 event: tally_domain::event::UsageEvent { id: format!("{prefix}-{i}"), ..e.clone() },
                 fingerprint: format!("fingerprint-{i}"),
+                day: tally_domain::event::event_day(e.time),
                 delivery: &delivery,
             })
             .collect()
@@ -507,7 +508,7 @@ async fn both_ways_of_recording_event_ids_write_the_same_dedupe_rows() {
     let (mixed, fresh) = record_event_ids(&pool, &recorder, &again).await;
     assert!(mixed.fell_back);
     assert_eq!(fresh, [vec![false; samples.len()], vec![true]].concat());
-    let first_fingerprints: BTreeMap<String, String> = mixed.seen_before.into_iter().collect();
+    let first_fingerprints: BTreeMap<String, String> = mixed.seen_before.into_iter().map(|(key, fp)| (key.id, fp)).collect();
     let recorded_first: BTreeMap<String, String> =
         (0..samples.len()).map(|i| (format!("copied-{i}"), format!("fingerprint-{i}"))).collect();
     assert_eq!(first_fingerprints, recorded_first);
@@ -567,6 +568,15 @@ async fn both_ways_of_recording_event_ids_write_the_same_dedupe_rows() {
         .collect();
     assert_eq!(rows("skipped").await, expected, "the skipping way's rows");
     assert_eq!(rows("copied").await, expected, "the plain way's rows");
+    // Both ways key each row by the UTC day of its time as stored (the partition key).
+    let days: Vec<(String, chrono::NaiveDate)> =
+        sqlx::query_as("SELECT event_id, event_day FROM processed_events ORDER BY event_id").fetch_all(&pool).await.expect("read days");
+    let expected_days: Vec<(String, chrono::NaiveDate)> = ["copied", "mixed", "skipped"]
+        .iter()
+        .flat_map(|prefix| samples.iter().enumerate().map(move |(i, e)| (format!("{prefix}-{i}"), as_stored(e.time).date_naive())))
+        .filter(|(id, _)| !id.starts_with("mixed-") || id == "mixed-0")
+        .collect();
+    assert_eq!(days, expected_days);
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_events").fetch_one(&pool).await.expect("count");
     assert_eq!(total, 2 * samples.len() as i64 + 1, "the failed plain attempt left no row behind");
 
@@ -575,6 +585,7 @@ async fn both_ways_of_recording_event_ids_write_the_same_dedupe_rows() {
         .map(|i| Candidate {
             event: tally_domain::event::UsageEvent { id: format!("many-{i}"), input_tokens: i as i64, ..samples[0].clone() },
             fingerprint: format!("fingerprint-many-{i}"),
+            day: tally_domain::event::event_day(samples[0].time),
             delivery: &delivery,
         })
         .collect();
