@@ -167,6 +167,15 @@ fn assert_fenced(result: Result<Outcome, StoreError>, start: i64, epoch: i64) {
     }
 }
 
+/// One tier with one quota: `limit` output tokens in a rolling day.
+fn rolling_daily_policy(limit: i64) -> Policy {
+    let yaml = format!(
+        "default_tier: t\ntimezone: UTC\nquotas:\n  - {{name: daily, metric: output_tokens, period: rolling 1d, limit: {limit}}}\n\
+         tiers:\n  - {{name: t, priority: 0, rate_multiplier: 1}}\n"
+    );
+    Policy::from_yaml(&yaml, "test").expect("a valid rolling policy")
+}
+
 #[tokio::test]
 async fn a_range_that_does_not_continue_the_stored_offset_is_refused_and_writes_nothing() {
     let f = Fixture::new().await;
@@ -225,13 +234,7 @@ fn rolling_event(id: &str, at: DateTime<Utc>, tokens: i64) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_rolling_quota_keeps_bounded_exact_buckets_and_removes_those_that_left() {
-    let policy = Policy::from_yaml(
-        "default_tier: t\ntimezone: UTC\nquotas:\n  - {name: daily, metric: output_tokens, period: rolling 1d, limit: 1000000000}\n\
-         tiers:\n  - {name: t, priority: 0, rate_multiplier: 1}\n",
-        "test",
-    )
-    .unwrap();
-    let f = Fixture::with_policy(policy).await;
+    let f = Fixture::with_policy(rolling_daily_policy(1000000000)).await;
     let store = f.store("aggregator-a");
     let Claim { epoch, .. } = store.claim(PARTITION).await.unwrap();
 
@@ -270,13 +273,7 @@ async fn a_rolling_quota_keeps_bounded_exact_buckets_and_removes_those_that_left
 
 #[tokio::test]
 async fn one_second_rows_of_older_versions_count_beside_buckets() {
-    let policy = Policy::from_yaml(
-        "default_tier: t\ntimezone: UTC\nquotas:\n  - {name: daily, metric: output_tokens, period: rolling 1d, limit: 1000}\n\
-         tiers:\n  - {name: t, priority: 0, rate_multiplier: 1}\n",
-        "test",
-    )
-    .unwrap();
-    let f = Fixture::with_policy(policy).await;
+    let f = Fixture::with_policy(rolling_daily_policy(1000)).await;
     let store = f.store("aggregator-a");
     let Claim { epoch, .. } = store.claim(PARTITION).await.unwrap();
     // Rows an older version wrote: one second each, one on a minute boundary.
@@ -358,13 +355,7 @@ async fn the_migration_merges_one_second_rows_into_buckets_and_drops_those_that_
 
 #[tokio::test]
 async fn an_idle_subjects_buckets_are_removed_when_the_last_one_leaves() {
-    let policy = Policy::from_yaml(
-        "default_tier: t\ntimezone: UTC\nquotas:\n  - {name: daily, metric: output_tokens, period: rolling 1d, limit: 1000}\n\
-         tiers:\n  - {name: t, priority: 0, rate_multiplier: 1}\n",
-        "test",
-    )
-    .unwrap();
-    let f = Fixture::with_policy(policy).await;
+    let f = Fixture::with_policy(rolling_daily_policy(1000)).await;
     let store = f.store("aggregator-a");
     let Claim { epoch, .. } = store.claim(PARTITION).await.unwrap();
     let now: DateTime<Utc> = "2026-11-22T12:00:30Z".parse().unwrap();
