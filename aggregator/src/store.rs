@@ -278,16 +278,20 @@ impl Store {
         let subjects: Vec<&str> = corrections.iter().map(|c| c.event.subject.as_str()).collect();
         // The target is looked for by id in every partition still kept (the correction does
         // not know its target's day). If the id was counted on several days (two events), the
-        // latest one not yet corrected is reverted. `corrected_by IS NULL` is checked again by
-        // the update itself, so a concurrent correction of the same target that committed
-        // first wins and this one is refused.
+        // latest one not yet corrected is reverted. Of several corrections of one target in
+        // this batch, the first in delivery order reverts it and the others are refused: an
+        // UPDATE joined to two source rows would apply one of them unpredictably.
+        // `corrected_by IS NULL` is checked again by the update itself, so a concurrent
+        // correction of the same target that committed first wins and this one is refused.
         let rows: Vec<RevertedRow> = sqlx::query_as(
-            "WITH target AS (
-                 SELECT DISTINCT ON (c.id) c.id, t.event_id, t.event_day
-                 FROM UNNEST($1::text[], $2::text[], $3::text[]) AS c(id, target, subject)
+            "WITH wanted AS (
+                 SELECT DISTINCT ON (c.id) c.id, c.ord, t.event_id, t.event_day
+                 FROM UNNEST($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS c(id, target, subject, ord)
                  JOIN processed_events t ON t.event_id = c.target AND t.subject = c.subject AND t.corrected_by IS NULL
                                         AND t.corrects IS NULL AND t.requests IS NOT NULL
                  ORDER BY c.id, t.event_day DESC, t.event_time DESC
+             ), target AS (
+                 SELECT DISTINCT ON (event_id, event_day) id, event_id, event_day FROM wanted ORDER BY event_id, event_day, ord
              )
              UPDATE processed_events t SET corrected_by = c.id
              FROM target c

@@ -189,6 +189,46 @@ async fn a_correction_reverts_exactly_an_event_counted_days_earlier() {
     f.done().await;
 }
 
+/// A pool on `url` whose sessions plan joins with hashes only.
+async fn hash_joins_only(url: &str) -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::Executor::execute(&mut *conn, "SET enable_nestloop = off; SET enable_mergejoin = off").await.map(|_| ())
+            })
+        })
+        .connect(url)
+        .await
+        .expect("connect with hash joins only")
+}
+
+#[tokio::test]
+async fn of_two_corrections_of_one_event_in_a_batch_the_first_delivered_reverts_it() {
+    let mut f = Fixture::new().await;
+    for round in 0..8 {
+        // Half the rounds with the planner held to hash joins, where the later of two
+        // corrections matching one target comes first and would win an UPDATE ... FROM.
+        if round == 4 {
+            f.store.pool = hash_joins_only(&f.db.settings.database_url).await;
+        }
+        let (target, first, second) = (format!("t{round}"), format!("first-{round}"), format!("second-{round}"));
+        f.commit(&[event(&target, Utc::now(), 100)]).await;
+        let outcome = f.commit(&[correction(&first, &target, Utc::now()), correction(&second, &target, Utc::now())]).await;
+        assert_eq!((outcome.counted, outcome.quarantined), (1, 1), "round {round}");
+        let corrected_by: Option<String> = sqlx::query_scalar("SELECT corrected_by FROM processed_events WHERE event_id = $1")
+            .bind(&target)
+            .fetch_one(&f.db.pool)
+            .await
+            .unwrap();
+        assert_eq!(corrected_by.as_deref(), Some(first.as_str()), "round {round}: the first delivered correction reverts");
+        assert!(f.records_of(&second).await.is_empty(), "round {round}: the refused correction leaves no record");
+        assert_eq!(f.ledger_tokens().await, 0, "round {round}: reverted once, to the token");
+    }
+    f.store.pool.close().await;
+    f.done().await;
+}
+
 #[tokio::test]
 async fn a_correction_of_an_event_whose_record_aged_out_is_quarantined() {
     let mut f = Fixture::new().await;
