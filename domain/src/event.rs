@@ -232,6 +232,7 @@ fn refuse_nul_and_reserved(e: &UsageEvent, data_prefix: &str) -> Result<(), Even
     }
 }
 
+/// The fields of a plain event; the first three are the envelope's in a CloudEvent.
 const PLAIN_FIELDS: &[&str] = &[
     "id",
     "subject",
@@ -248,19 +249,9 @@ const PLAIN_FIELDS: &[&str] = &[
     "attributes",
     "corrects",
 ];
-const DATA_FIELDS: &[&str] = &[
-    "api_key",
-    "api_key_sha256",
-    "scope",
-    "model",
-    "requests",
-    "input_tokens",
-    "output_tokens",
-    "cached_tokens",
-    "cost_micros",
-    "attributes",
-    "corrects",
-];
+/// The fields a CloudEvent's `data` may hold: the plain event's, less the three the envelope
+/// itself carries (`id`, `subject`, `time`).
+const DATA_FIELDS: &[&str] = PLAIN_FIELDS.split_at(3).1;
 const CLOUDEVENT_FIELDS: &[&str] =
     &["specversion", "id", "source", "type", "subject", "time", "data", "data_base64", "datacontenttype", "dataschema"];
 /// Longest CloudEvents extension attribute name (the specification's limit).
