@@ -15,22 +15,7 @@ const ADMIN: &str = "admin-token-black-box-0001";
 const READ: &str = "read-token-black-box-0001";
 const INGEST: &str = "ingest-token-black-box-0001";
 
-const TIERS: &str = "
-default_tier: free
-timezone: UTC
-quotas:
-  - name: monthly_tokens
-    metric: total_tokens
-    period: month
-    limit: 100
-tiers:
-  - name: free
-    priority: 0
-    rate_multiplier: 1
-  - name: pro
-    priority: 10
-    rate_multiplier: 100
-";
+const TIERS: &str = crate::support::fixtures::FREE_AND_PRO;
 
 /// Ingest, aggregator and an API, all with tokens.
 async fn start() -> Tally {

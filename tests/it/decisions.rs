@@ -181,22 +181,7 @@ overrides:
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tier_upgrade_through_config_apply_unblocks_within_a_second() {
-    let base = "
-default_tier: free
-timezone: UTC
-quotas:
-  - name: monthly_tokens
-    metric: total_tokens
-    period: month
-    limit: 100
-tiers:
-  - name: free
-    priority: 0
-    rate_multiplier: 1
-  - name: pro
-    priority: 10
-    rate_multiplier: 100
-";
+    let base = support::fixtures::FREE_AND_PRO;
     let t = Tally::start(Some(base)).await;
     assert_eq!(t.post_events(&event("u1", "upgrader", 150)).await.0, 202);
     decision_where(&t, "upgrader", Duration::from_secs(30), |d| d["allowed"] == false).await;

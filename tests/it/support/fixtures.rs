@@ -32,3 +32,22 @@ tiers:
     priority: 0
     rate_multiplier: 1
 ";
+
+/// Two tiers: `free` (the default) with 100 tokens a month, and `pro` with a hundred times as
+/// many, so moving a subject to `pro` unblocks it.
+pub const FREE_AND_PRO: &str = "
+default_tier: free
+timezone: UTC
+quotas:
+  - name: monthly_tokens
+    metric: total_tokens
+    period: month
+    limit: 100
+tiers:
+  - name: free
+    priority: 0
+    rate_multiplier: 1
+  - name: pro
+    priority: 10
+    rate_multiplier: 100
+";
