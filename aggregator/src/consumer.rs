@@ -68,14 +68,22 @@ use crate::{relay, AggregatorSettings};
 
 /// Most subjects one scheduler transaction decides. Small, because a batch touching one of
 /// them waits for the scheduler's row locks.
-const SCHEDULER_CHUNK: i64 = 500;
+const SCHEDULER_CHUNK: i64 = 1000;
+
+/// The scheduler's longest sleep between ticks.
+const SCHEDULER_TICK: Duration = Duration::from_millis(200);
+
+/// Scheduler transactions that run at once, each on a connection of its own. A rollover
+/// makes every subject that was blocked or warned due at the same instant; one transaction
+/// at a time leaves a core idle while the other waits on Postgres.
+const SCHEDULER_WORKERS: usize = 2;
 
 /// Most deferred usage refreshes folded into one batch.
 const MAX_REFRESHES_PER_BATCH: usize = 2000;
 
 /// Postgres connections the aggregator needs besides one per lane: heartbeats and claims,
-/// the scheduler, the outbox relay, and fast commits.
-const CONNECTIONS_BESIDES_LANES: u32 = 4;
+/// the scheduler's workers, the outbox relay, and fast commits.
+const CONNECTIONS_BESIDES_LANES: u32 = 3 + SCHEDULER_WORKERS as u32;
 
 /// How many full batches a lane's buffer may hold. More than one: while a long commit is in
 /// flight and the next batch is already full, the loop goes on receiving that lane's
@@ -442,8 +450,10 @@ fn control_wake(kafka: &KafkaSettings, health: Arc<ClientHealth>) -> Arc<Notify>
     wake
 }
 
-/// Runs the time-driven scheduler: every 200 ms, or at once on a control message, decides
-/// again the subjects that are due (see [`Store::run_due_checks`]). A transient failure is
+/// Runs the time-driven scheduler: when the earliest subject is due, at least every
+/// [`SCHEDULER_TICK`], and at once on a control message, decides
+/// again the subjects that are due, in [`SCHEDULER_WORKERS`] chunks at a time (see
+/// [`Store::decide_due`]) until fewer are due than a round takes. A transient failure is
 /// tried again at the next tick; a permanent one (the scheduler handles no events, so none
 /// is to blame) ends it, returning the failure for the loop to stop on.
 async fn run_scheduler(
@@ -454,30 +464,53 @@ async fn run_scheduler(
     wake: Arc<Notify>,
 ) -> StoreError {
     loop {
-        loop {
-            match store.run_due_checks(&policy, Utc::now(), SCHEDULER_CHUNK).await {
-                Ok((0, _)) => break,
-                Ok((n, published)) => {
-                    metrics.scheduled_checks.add(n as u64);
-                    metrics.snapshots.add(published as u64);
-                    relay_wake.notify_one();
-                    if n < SCHEDULER_CHUNK as usize {
-                        break;
-                    }
-                }
-                Err(e) if e.is_permanent() => {
-                    tracing::error!(error = %e, "scheduled decisions failed permanently; the aggregator stops");
-                    return e;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "scheduled decisions failed; retrying");
-                    break;
-                }
+        if let Err(e) = decide_all_due(&store, &policy, &relay_wake, &metrics).await {
+            if e.is_permanent() {
+                tracing::error!(error = %e, "scheduled decisions failed permanently; the aggregator stops");
+                return e;
+            }
+            tracing::warn!(error = %e, "scheduled decisions failed; retrying");
+        }
+        let pause = until_next_due(&store).await;
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = wake.notified() => {}
+        }
+    }
+}
+
+/// How long the scheduler sleeps: until the earliest due subject (so a rollover starts at
+/// its boundary, not up to a tick later), at most [`SCHEDULER_TICK`] (configuration
+/// changes and overrides are looked at every tick), at least a millisecond.
+async fn until_next_due(store: &Store) -> Duration {
+    match store.next_due_at().await {
+        Ok(Some(due)) => (due - Utc::now()).to_std().unwrap_or_default().clamp(Duration::from_millis(1), SCHEDULER_TICK),
+        Ok(None) | Err(_) => SCHEDULER_TICK,
+    }
+}
+
+/// One scheduler tick: the configuration step, then rounds of concurrent chunks until a
+/// round finds fewer due subjects than it could take. Each chunk that committed wakes the
+/// relay, so a storm's first unblocks go out while the rest are decided.
+async fn decide_all_due(store: &Store, policy: &PolicyHandle, relay_wake: &Notify, metrics: &Metrics) -> Result<(), StoreError> {
+    store.mark_due_after_config_change(policy, Utc::now()).await?;
+    loop {
+        let now = Utc::now();
+        let chunks = futures::future::join_all((0..SCHEDULER_WORKERS).map(|_| store.decide_due(policy, now, SCHEDULER_CHUNK))).await;
+        let mut full_chunks = 0;
+        for chunk in chunks {
+            let chunk = chunk?;
+            metrics.scheduled_checks.add(chunk.looked_at as u64);
+            metrics.snapshots.add(chunk.published as u64);
+            if chunk.looked_at > 0 {
+                relay_wake.notify_one();
+            }
+            if chunk.looked_at == SCHEDULER_CHUNK as usize {
+                full_chunks += 1;
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            _ = wake.notified() => {}
+        if full_chunks == 0 {
+            return Ok(());
         }
     }
 }

@@ -61,6 +61,9 @@ use std::time::Duration;
 use tally_common::kafka::KafkaSettings;
 use tally_common::postgres::PostgresSettings;
 
+/// The lateness window, in days, when none is given.
+pub const DEFAULT_LATENESS_DAYS: i64 = 35;
+
 /// The aggregator's own settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AggregatorSettings {
@@ -100,7 +103,7 @@ pub struct AggregatorSettings {
     #[arg(long, env = "TALLY_AGGREGATOR_MAX_WAIT_MS", default_value_t = 50)]
     pub max_wait_ms: u64,
     /// Events older than this many days go to quarantine.
-    #[arg(long, env = "TALLY_LATENESS_DAYS", default_value_t = 35)]
+    #[arg(long, env = "TALLY_LATENESS_DAYS", default_value_t = DEFAULT_LATENESS_DAYS)]
     pub lateness_days: i64,
     /// A subject whose quota states did not change gets a fresh snapshot (with its new
     /// usage) at most this often, in milliseconds; the scheduler publishes it when due. A

@@ -491,16 +491,24 @@ impl Store {
         Ok(())
     }
 
-    /// One pass of the time-driven scheduler, run by one instance at a time (an advisory
-    /// lock): after a configuration change every subject is due once; then every subject
-    /// whose `next_check_at` has come (a rollover, an override change, a usage refresh) is
-    /// decided again, and what changed is published.
-    /// Returns how many subjects were looked at and how many snapshots were published.
+    /// One pass of the time-driven scheduler: [`Store::mark_due_after_config_change`], then
+    /// one chunk of [`Store::decide_due`]. Returns how many subjects were looked at and how
+    /// many snapshots were published.
     pub async fn run_due_checks(&self, policy: &PolicyHandle, now: DateTime<Utc>, limit: i64) -> Result<(usize, usize), StoreError> {
+        self.mark_due_after_config_change(policy, now).await?;
+        let chunk = self.decide_due(policy, now, limit).await?;
+        Ok((chunk.looked_at, chunk.published))
+    }
+
+    /// After a configuration change, makes every subject's decision due once. One instance
+    /// does it (an advisory lock; an instance that does not get the lock leaves it to the
+    /// one that has it), in a transaction of its own so the chunks that decide the subjects
+    /// run concurrently.
+    pub async fn mark_due_after_config_change(&self, policy: &PolicyHandle, now: DateTime<Utc>) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)").bind(SCHEDULER_LOCK).fetch_one(&mut *tx).await?;
         if !locked {
-            return Ok((0, 0));
+            return Ok(());
         }
         let policy = policy.sync(&mut tx).await?;
         let evaluated: i64 = sqlx::query_scalar("SELECT config_version FROM scheduler_state WHERE id = 1").fetch_one(&mut *tx).await?;
@@ -509,6 +517,18 @@ impl Store {
             sqlx::query("UPDATE scheduler_state SET config_version = $1 WHERE id = 1").bind(policy.version).execute(&mut *tx).await?;
             tracing::info!(version = policy.version, "configuration changed: every subject's decision is due");
         }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Decides again up to `limit` subjects whose `next_check_at` has come (a rollover, an
+    /// override change, a usage refresh, a configuration change), oldest first, and
+    /// publishes what changed. The subjects' decision rows are locked with `SKIP LOCKED`, so
+    /// several chunks, of one instance or of several, run at once on disjoint subjects.
+    pub async fn decide_due(&self, policy: &PolicyHandle, now: DateTime<Utc>, limit: i64) -> Result<DueChunk, StoreError> {
+        let started = std::time::Instant::now();
+        let mut tx = self.pool.begin().await?;
+        let policy = policy.sync(&mut tx).await?;
         let due: Vec<String> = sqlx::query_scalar(
             "SELECT subject FROM decisions WHERE next_check_at <= $1 ORDER BY next_check_at LIMIT $2 FOR UPDATE SKIP LOCKED",
         )
@@ -516,11 +536,33 @@ impl Store {
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
+        if due.is_empty() {
+            return Ok(DueChunk { looked_at: 0, published: 0 });
+        }
         let subjects: Subjects = due.into_iter().map(|s| (s, None)).collect();
         let decided = self.publish_decisions(&mut tx, &subjects, &HashMap::new(), &policy, now, Duration::zero()).await?;
         tx.commit().await?;
-        Ok((subjects.len(), decided.snapshots))
+        let millis = started.elapsed().as_millis() as u64;
+        tracing::debug!(subjects = subjects.len(), published = decided.snapshots, millis, "due subjects decided");
+        Ok(DueChunk { looked_at: subjects.len(), published: decided.snapshots })
     }
+}
+
+impl Store {
+    /// The earliest `next_check_at` of any subject, if one is set: when the scheduler next
+    /// has work (a configuration change or an override aside).
+    pub async fn next_due_at(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT min(next_check_at) FROM decisions").fetch_one(&self.pool).await?)
+    }
+}
+
+/// What one chunk of due subjects came to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DueChunk {
+    /// Subjects decided again.
+    pub looked_at: usize,
+    /// Snapshots published (subjects whose decision changed).
+    pub published: usize,
 }
 
 /// A reverted event as read back from `processed_events`, with the id of the correction
@@ -590,7 +632,7 @@ impl std::fmt::Display for Phases {
     }
 }
 
-/// Arbitrary constant naming the scheduler's advisory lock.
+/// Arbitrary constant naming the advisory lock of the scheduler's configuration step.
 const SCHEDULER_LOCK: i64 = 0x7a11_5c4e;
 
 /// A subject's stored decision state.

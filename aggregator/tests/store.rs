@@ -381,3 +381,50 @@ async fn an_idle_subjects_buckets_are_removed_when_the_last_one_leaves() {
     assert_eq!(next_check, None, "nothing left to wait for");
     f.done().await;
 }
+
+/// One tier with one quota: one request per 60 s fixed window.
+fn one_request_a_minute_policy() -> Policy {
+    let yaml = "default_tier: t\ntimezone: UTC\nquotas:\n  - {name: minute, metric: requests, period: 60s, limit: 1}\n\
+                tiers:\n  - {name: t, priority: 0, rate_multiplier: 1}\n";
+    Policy::from_yaml(yaml, "test").expect("a valid fixed-window policy")
+}
+
+#[tokio::test]
+async fn concurrent_scheduler_chunks_unblock_every_subject_of_a_rollover_once() {
+    const SUBJECTS: usize = 60;
+    let f = Fixture::with_policy(one_request_a_minute_policy()).await;
+    let store = f.store("a");
+    let Claim { epoch, .. } = store.claim(PARTITION).await.unwrap();
+    let now: DateTime<Utc> = "2026-11-22T12:00:30Z".parse().unwrap();
+    let payloads = (0..SUBJECTS)
+        .map(|i| {
+            json!({"id": format!("e{i}"), "subject": format!("s{i}"), "time": now.to_rfc3339(), "requests": 1}).to_string().into_bytes()
+        })
+        .collect();
+    f.commit_at(&store, epoch, 0, payloads, now).await;
+    let blocked: i64 = sqlx::query_scalar("SELECT count(*) FROM decisions WHERE snapshot::jsonb->>'allowed' = 'false'")
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(blocked, SUBJECTS as i64, "one request blocks each subject for the rest of its minute");
+    let outbox_before: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&f.db.pool).await.unwrap();
+
+    // The boundary: three chunks at once, with room for more subjects than are due.
+    let boundary: DateTime<Utc> = "2026-11-22T12:01:00Z".parse().unwrap();
+    let chunks = futures::future::join_all((0..3).map(|_| store.decide_due(&f.policy, boundary, 25))).await;
+    let looked_at: Vec<usize> = chunks.into_iter().map(|c| c.expect("a chunk commits").looked_at).collect();
+    assert_eq!(looked_at.iter().sum::<usize>(), SUBJECTS, "every due subject in exactly one chunk: {looked_at:?}");
+    assert!(looked_at.iter().all(|&n| n <= 25), "{looked_at:?}");
+
+    let allowed: i64 = sqlx::query_scalar("SELECT count(*) FROM decisions WHERE snapshot::jsonb->>'allowed' = 'true'")
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(allowed, SUBJECTS as i64, "every subject unblocked at the boundary");
+    let versions: Vec<i64> = sqlx::query_scalar("SELECT DISTINCT version FROM decisions").fetch_all(&f.db.pool).await.unwrap();
+    assert_eq!(versions, vec![2], "each subject decided again exactly once");
+    let outbox_after: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&f.db.pool).await.unwrap();
+    assert_eq!(outbox_after - outbox_before, SUBJECTS as i64, "one unblock published per subject");
+    assert_eq!(store.decide_due(&f.policy, boundary, 25).await.unwrap().looked_at, 0, "nothing is due any more");
+    f.done().await;
+}

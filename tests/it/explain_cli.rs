@@ -207,6 +207,6 @@ fn an_aggregator_with_more_lanes_than_its_pool_can_serve_is_refused_before_it_co
         .expect("the tally binary runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("TALLY_AGGREGATOR_LANES=6") && stderr.contains("at least 10"), "{stderr}");
+    assert!(stderr.contains("TALLY_AGGREGATOR_LANES=6") && stderr.contains("at least 11"), "{stderr}");
     assert!(stderr.contains("TALLY_DATABASE_POOL_SIZE is 8"), "{stderr}");
 }
