@@ -5,6 +5,12 @@
 //! passes every value as a server-side query parameter (`{name: Type}`, [`Query::param`]);
 //! rows are typed ([`clickhouse::Row`]) and travel in `RowBinary`, validated against the
 //! table's schema, LZ4-compressed ([`ClickHouseSettings::client`]).
+//!
+//! The crate's `inserter` is not used: it ends an INSERT when a size or a time is reached, so
+//! a batch's rows would be cut into inserts whose boundaries depend on timing, and a replayed
+//! batch would not be the same inserts under the same deduplication tokens. The writer sends
+//! one INSERT per batch ([`Ch::insert`]) and commits its progress after ClickHouse
+//! acknowledged it.
 
 use std::future::Future;
 use std::time::Duration;
