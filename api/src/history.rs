@@ -20,7 +20,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
-use tally_history::ch::Ch;
+use tally_history::client::Ch;
 use tally_history::query::{self, Params, QueryError, SeriesQuery, TopQuery};
 use tally_history::reconcile::{self, Month};
 

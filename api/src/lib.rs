@@ -100,7 +100,7 @@ pub async fn run(
     }
     let refresher = configs.spawn_refresher(pool.clone());
     let producer = tally_common::producing::RebuildingProducer::new(kafka.producer_config(), clients.register("control producer"), None)?;
-    let history = Arc::new(history::HistoryState { ch: tally_history::ch::Ch::new(&clickhouse), pool: pool.clone() });
+    let history = Arc::new(history::HistoryState { ch: tally_history::client::Ch::new(&clickhouse), pool: pool.clone() });
     let state = state::AppState::new(state::Parts {
         view,
         pool: pool.clone(),

@@ -68,7 +68,7 @@ async fn env_with(auth: AuthSettings, stale_policy: StalePolicy, tiers: Option<&
         max_page: 50,
         broker: None,
     });
-    let ch = tally_history::ch::Ch::new(&tally_common::clickhouse::ClickHouseSettings {
+    let ch = tally_history::client::Ch::new(&tally_common::clickhouse::ClickHouseSettings {
         clickhouse_url: "http://127.0.0.1:1".into(),
         clickhouse_database: "none".into(),
     });

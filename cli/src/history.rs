@@ -4,7 +4,7 @@ use anyhow::Context;
 use tally_common::clickhouse::ClickHouseSettings;
 use tally_common::postgres::PostgresSettings;
 use tally_domain::config::Config;
-use tally_history::ch::Ch;
+use tally_history::client::Ch;
 
 /// Postgres pool and ClickHouse handle for an operator command.
 pub async fn connect(postgres: &PostgresSettings, clickhouse: &ClickHouseSettings) -> anyhow::Result<(sqlx::PgPool, Ch)> {

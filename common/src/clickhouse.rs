@@ -1,10 +1,19 @@
-//! ClickHouse settings and DDL.
+//! ClickHouse settings, the client every ClickHouse call goes through, and the DDL.
 //!
-//! The DDL in `migrations/clickhouse` is written for both ClickHouse 18.16 (the local stack)
-//! and current releases; each file is applied in name order over the HTTP interface and
-//! every statement is idempotent (`IF NOT EXISTS`; a backfill inserts only what is missing).
+//! Every call uses the `clickhouse` crate over HTTP: typed rows in `RowBinary` with the
+//! client's schema validation on (`RowBinaryWithNamesAndTypes`: a row type that does not match
+//! its table is refused with the column named), LZ4 compression both ways, values passed as
+//! server-side query parameters (`{name: Type}` in the statement), never spliced into it.
+//!
+//! The DDL in `migrations/clickhouse` is applied in file order, one statement at a time, and
+//! each applied statement is recorded in `tally_migrations` (file, statement index): a
+//! statement runs once per database, and a run cut short resumes at the first statement not
+//! recorded. The files 0001-0003 predate the record and are idempotent on their own (`IF NOT
+//! EXISTS`, a backfill that inserts only what is missing), so a database made before it gets
+//! them replayed once, harmlessly. Statements name tables without a database: they run on a
+//! client bound to the history database.
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 /// Where ClickHouse is.
 #[derive(Debug, Clone, clap::Args)]
@@ -17,11 +26,20 @@ pub struct ClickHouseSettings {
     pub clickhouse_database: String,
 }
 
+/// The DDL files, in the order they apply.
 const DDL: &[(&str, &str)] = &[
     ("0001_usage.sql", include_str!("../../migrations/clickhouse/0001_usage.sql")),
     ("0002_rollups.sql", include_str!("../../migrations/clickhouse/0002_rollups.sql")),
     ("0003_subject_daily.sql", include_str!("../../migrations/clickhouse/0003_subject_daily.sql")),
+    ("0004_current_server.sql", include_str!("../../migrations/clickhouse/0004_current_server.sql")),
 ];
+
+/// The record of applied statements.
+const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS tally_migrations (
+    file       String,
+    statement  UInt32,
+    applied_at DateTime('UTC') DEFAULT now()
+) ENGINE = MergeTree ORDER BY (file, statement)";
 
 /// The statements of a DDL file: `--` comment lines dropped, split on `;`.
 fn statements(text: &str) -> Vec<String> {
@@ -30,32 +48,60 @@ fn statements(text: &str) -> Vec<String> {
 }
 
 impl ClickHouseSettings {
-    async fn execute(&self, client: &reqwest::Client, sql: &str) -> anyhow::Result<()> {
-        let response = client
-            .post(&self.clickhouse_url)
-            .body(sql.to_string())
-            .send()
+    /// A client of the server, not bound to a database.
+    pub fn server_client(&self) -> clickhouse::Client {
+        clickhouse::Client::default()
+            .with_url(self.clickhouse_url.trim_end_matches('/'))
+            .with_compression(clickhouse::Compression::Lz4)
+            .with_validation(true)
+    }
+
+    /// A client bound to the history database: statements name its tables bare.
+    pub fn client(&self) -> clickhouse::Client {
+        self.server_client().with_database(&self.clickhouse_database)
+    }
+
+    /// Creates the history database if it does not exist and applies the DDL statements not
+    /// applied yet (see the module docs).
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        let reach = || format!("failed to reach ClickHouse at {}", self.clickhouse_url);
+        self.server_client()
+            .query("CREATE DATABASE IF NOT EXISTS {db:Identifier}")
+            .param("db", &self.clickhouse_database)
+            .execute()
             .await
-            .with_context(|| format!("failed to reach ClickHouse at {}", self.clickhouse_url))?;
-        let status = response.status();
-        if !status.is_success() {
-            let body = response.text().await.unwrap_or_default();
-            bail!("ClickHouse refused a statement ({status}): {}", body.trim());
+            .with_context(reach)?;
+        let client = self.client();
+        client.query_raw(MIGRATIONS_TABLE).execute().await.context("failed to create tally_migrations")?;
+        let applied: std::collections::HashSet<(String, u32)> =
+            client.query("SELECT file, statement FROM tally_migrations").fetch_all::<(String, u32)>().await?.into_iter().collect();
+        for (file, text) in DDL {
+            for (i, statement) in statements(text).iter().enumerate() {
+                let index = u32::try_from(i).unwrap_or(u32::MAX);
+                if applied.contains(&(file.to_string(), index)) {
+                    continue;
+                }
+                client.query_raw(statement).execute().await.with_context(|| format!("statement {} of {file} failed", i + 1))?;
+                client
+                    .query("INSERT INTO tally_migrations (file, statement) VALUES ({file:String}, {statement:UInt32})")
+                    .param("file", file)
+                    .param("statement", index)
+                    .execute()
+                    .await
+                    .with_context(|| format!("failed to record statement {} of {file}", i + 1))?;
+            }
         }
         Ok(())
     }
 
-    /// Creates the history database and tables if they do not exist.
-    pub async fn migrate(&self) -> anyhow::Result<()> {
-        let client = reqwest::Client::new();
-        self.execute(&client, &format!("CREATE DATABASE IF NOT EXISTS `{}`", self.clickhouse_database)).await?;
-        for (name, text) in DDL {
-            for statement in statements(text) {
-                let sql = statement.replace("{database}", &self.clickhouse_database);
-                self.execute(&client, &sql).await.with_context(|| format!("in {name}"))?;
-            }
-        }
-        Ok(())
+    /// Drops the history database (tests and the bench drop their own).
+    pub async fn drop_database(&self) -> anyhow::Result<()> {
+        self.server_client()
+            .query("DROP DATABASE IF EXISTS {db:Identifier}")
+            .param("db", &self.clickhouse_database)
+            .execute()
+            .await
+            .with_context(|| format!("failed to drop ClickHouse database {}", self.clickhouse_database))
     }
 }
 
@@ -72,7 +118,16 @@ mod tests {
         let (_, text) = super::DDL.iter().find(|(name, _)| *name == "0003_subject_daily.sql").unwrap();
         let statements = super::statements(text);
         assert_eq!(statements.len(), 2);
-        assert!(statements[0].starts_with("CREATE TABLE IF NOT EXISTS `{database}`.usage_subject_daily"));
-        assert!(statements[1].starts_with("INSERT INTO `{database}`.usage_subject_daily") && statements[1].contains("NOT IN"));
+        assert!(statements[0].starts_with("CREATE TABLE IF NOT EXISTS usage_subject_daily"));
+        assert!(statements[1].starts_with("INSERT INTO usage_subject_daily") && statements[1].contains("NOT IN"));
+    }
+
+    #[test]
+    fn no_statement_names_a_database_or_binds_a_placeholder() {
+        for (name, text) in super::DDL {
+            for s in super::statements(text) {
+                assert!(!s.contains("{database}") && !s.contains('`'), "{name}: {s}");
+            }
+        }
     }
 }

@@ -24,7 +24,9 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tally_domain::config::Config;
 
-use crate::ch::{quote, Ch};
+use clickhouse::Row;
+
+use crate::client::Ch;
 use crate::reconcile::{self, Month};
 
 /// Hours after a month's last UTC midnight by which every timezone's month has ended.
@@ -129,18 +131,15 @@ type Window = (DateTime<Utc>, DateTime<Utc>);
 /// The billing window of each subject with usage or a ledger row in `month`.
 async fn windows(pool: &PgPool, ch: &Ch, month: Month) -> anyhow::Result<BTreeMap<String, Window>> {
     let mut windows: BTreeMap<String, Window> = BTreeMap::new();
-    #[derive(Deserialize)]
+    #[derive(Deserialize, Row)]
     struct Subject {
         subject: String,
     }
-    let in_history: Vec<Subject> = ch
-        .select(&format!(
-            "SELECT DISTINCT subject FROM {} FINAL WHERE day >= toDateTime({}, 'UTC') AND day < toDateTime({}, 'UTC')",
-            ch.table("usage_daily"),
-            (month.start() - Duration::days(1)).timestamp(),
-            (month.end() + Duration::days(1)).timestamp()
-        ))
-        .await?;
+    let query = ch
+        .query("SELECT DISTINCT subject FROM usage_daily FINAL WHERE day >= toDateTime({from:Int64}, 'UTC') AND day < toDateTime({to:Int64}, 'UTC')")
+        .param("from", (month.start() - Duration::days(1)).timestamp())
+        .param("to", (month.end() + Duration::days(1)).timestamp());
+    let in_history: Vec<Subject> = ch.fetch_all(query).await?;
     for s in in_history {
         windows.insert(s.subject, (month.start(), month.end()));
     }
@@ -154,7 +153,7 @@ async fn windows(pool: &PgPool, ch: &Ch, month: Month) -> anyhow::Result<BTreeMa
     Ok(windows)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Row)]
 struct ModelSums {
     subject: String,
     model: String,
@@ -171,26 +170,27 @@ pub async fn current_lines(pool: &PgPool, ch: &Ch, config: &Config, month: Month
     let subjects: Vec<(&String, &Window)> = windows.iter().collect();
     let mut lines = Vec::new();
     for chunk in subjects.chunks(100) {
-        let conds: Vec<String> = chunk
-            .iter()
-            .map(|(s, (start, end))| {
-                format!(
-                    "(subject = {} AND time >= toDateTime({}, 'UTC') AND time < toDateTime({}, 'UTC'))",
-                    quote(s),
-                    start.timestamp(),
-                    end.timestamp()
-                )
+        // Each subject's window, its values as parameters `s{i}`, `a{i}`, `b{i}`.
+        let conds: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                format!("(subject = {{s{i}:String}} AND time >= toDateTime({{a{i}:Int64}}, 'UTC') AND time < toDateTime({{b{i}:Int64}}, 'UTC'))")
             })
             .collect();
         let sql = format!(
-            "SELECT subject, model, sum(requests) AS requests, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, \
-             sum(cached_tokens) AS cached_tokens, sum(cost_micros) AS cost_micros FROM {} FINAL WHERE subject IN ({}) AND ({}) \
+            "SELECT subject, toString(model) AS model, sum(requests) AS requests, sum(input_tokens) AS input_tokens, \
+             sum(output_tokens) AS output_tokens, sum(cached_tokens) AS cached_tokens, sum(cost_micros) AS cost_micros \
+             FROM usage_events FINAL WHERE subject IN {{subjects:Array(String)}} AND ({}) \
              GROUP BY subject, model ORDER BY subject, model",
-            ch.table("usage_events"),
-            chunk.iter().map(|(s, _)| quote(s)).collect::<Vec<_>>().join(", "),
             conds.join(" OR ")
         );
-        let sums: Vec<ModelSums> = ch.select(&sql).await?;
+        let mut query = ch.query(&sql).param("subjects", chunk.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>());
+        for (i, (s, (start, end))) in chunk.iter().enumerate() {
+            query = query
+                .param(&format!("s{i}"), s.as_str())
+                .param(&format!("a{i}"), start.timestamp())
+                .param(&format!("b{i}"), end.timestamp());
+        }
+        let sums: Vec<ModelSums> = ch.fetch_all(query).await?;
         for s in sums {
             let Some((start, end)) = windows.get(&s.subject).copied() else { continue };
             lines.extend(lines_for(&s, config, kind, start, end));

@@ -21,7 +21,7 @@
 
 use std::future::Future;
 
-use crate::ch::ChError;
+use crate::client::ChError;
 use crate::sink::{Counted, Written};
 
 /// Writes parts of a batch.
@@ -122,7 +122,7 @@ mod tests {
         async fn write(&mut self, events: &[Counted]) -> Result<Written, ChError> {
             self.writes += 1;
             if self.refuse_all || events.iter().any(|c| self.refused.contains(&c.event.id)) {
-                return Err(ChError::Refused { status: 500, message: "Code: 27. Cannot parse input".to_string() });
+                return Err(ChError::Refused { code: Some(27), message: "Code: 27. Cannot parse input".to_string() });
             }
             Ok(Written { inserted: events.len(), ..Written::default() })
         }
@@ -144,7 +144,7 @@ mod tests {
             attributes: Default::default(),
             corrects: None,
         };
-        (0..n).map(|i| Counted { event: event(i), fingerprint: String::new() }).collect()
+        (0..n).map(|i| Counted::new(event(i), String::new())).collect()
     }
 
     fn fake(refused: &[&str]) -> Fake {

@@ -19,18 +19,24 @@
 //! - The writer's progress lives in Postgres (`history_offsets`, claimed and fenced per
 //!   partition like the aggregator's) and advances only after ClickHouse accepted the raw rows
 //!   and the rollups of the batch ([`sink`]). A crash anywhere before that replays the batch.
-//! - ClickHouse 18.16 has no insert deduplication and a materialized view double counts a
-//!   replayed insert, so every write is idempotent by construction: raw rows are keyed by the
-//!   event (ReplacingMergeTree, and ids already present are not inserted again), rollups are
-//!   recomputed per touched bucket from the raw table and replace the bucket
-//!   (ReplacingMergeTree(version)). Reads use `FINAL`.
+//! - An event is its id and the UTC day of its time, as the ledger's dedupe record keys it:
+//!   the same id on two days is two events, in history and in reconciliation alike.
+//! - Every write is idempotent by construction ([`sink`]): raw rows are keyed by the event
+//!   (ReplacingMergeTree, and events already present are not inserted again), and each
+//!   batch's insert carries a deduplication token derived from its partition/offset ranges
+//!   and its rows, so the same insert sent again stores nothing; rollups are recomputed per
+//!   touched bucket from the raw table and replace the bucket (ReplacingMergeTree(version)),
+//!   never fed by a materialized view (a deduplicated insert still reaches one). Reads use
+//!   `FINAL`. Why this is exact: ARCHITECTURE.md, "history/".
+//! - Every ClickHouse call goes through the `clickhouse` crate ([`client`]): typed rows in
+//!   RowBinary validated against the tables' schema, LZ4, query parameters.
 //!
 //! [`query`] answers dashboards from the rollups where the buckets allow it, [`reconcile`]
 //! proves ledger == history == accepted events per subject, quota and period, and
 //! [`billing`] closes periods and exports billing lines.
 
 pub mod billing;
-pub mod ch;
+pub mod client;
 pub mod isolate;
 pub mod plan;
 pub mod progress;

@@ -25,7 +25,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use tally_domain::event::{event_day, parse_event, UsageEvent};
 use tally_domain::metric::Amounts;
 
-use crate::sink::Counted;
+use crate::sink::{Counted, EventKey};
 
 /// One message as consumed.
 #[derive(Debug, Clone)]
@@ -154,22 +154,23 @@ pub fn past_retention(ready: &[Delivery], first_kept: NaiveDate) -> usize {
 }
 
 /// Keeps exactly the events the ledger counted: parsable, and with the very fingerprint
-/// recorded in `processed_events` for their id. Counted corrections become their negated
-/// rows ([`negated`]).
-pub fn select(ready: &[Delivery], counted: &HashMap<String, Ledgered>) -> Selection {
+/// recorded in `processed_events` for their key (id and UTC day of the event time: the same id
+/// on two days is two events). Counted corrections become their negated rows ([`negated`]).
+pub fn select(ready: &[Delivery], counted: &HashMap<EventKey, Ledgered>) -> Selection {
     let mut s = Selection::default();
-    let mut taken: HashSet<String> = HashSet::new();
+    let mut taken: HashSet<EventKey> = HashSet::new();
     for d in ready {
         let Some(event) = d.payload.as_deref().and_then(|p| parse_event(p).ok()) else {
             s.not_counted += 1;
             continue;
         };
         let fingerprint = event.fingerprint();
-        let Some(ledgered) = counted.get(&event.id).filter(|l| l.fingerprint == fingerprint) else {
+        let key = (event.id.clone(), event_day(event.time));
+        let Some(ledgered) = counted.get(&key).filter(|l| l.fingerprint == fingerprint) else {
             s.not_counted += 1;
             continue;
         };
-        if !taken.insert(event.id.clone()) {
+        if !taken.insert(key) {
             s.duplicates += 1;
             continue;
         }
@@ -178,13 +179,15 @@ pub fn select(ready: &[Delivery], counted: &HashMap<String, Ledgered>) -> Select
             if ledgered.cost_micros.is_some() {
                 event.cost_micros = ledgered.cost_micros;
             }
-            s.counted.push(Counted { event, fingerprint });
+            s.counted.push(Counted::new(event, fingerprint));
             continue;
         }
         match &ledgered.reverts {
             Some(target) => {
                 s.corrections += 1;
-                s.counted.push(Counted { event: negated(&event, target), fingerprint });
+                // Keyed by the correction's own day, as the ledger keyed it; the row sits at
+                // the target's time.
+                s.counted.push(Counted { event: negated(&event, target), fingerprint, day: event_day(event.time) });
             }
             None => s.orphan_corrections += 1,
         }
@@ -192,29 +195,32 @@ pub fn select(ready: &[Delivery], counted: &HashMap<String, Ledgered>) -> Select
     s
 }
 
+/// The key of the event a correction's row reverts: its id, and the day of the row's time
+/// (the target's time).
+fn target_key(c: &Counted) -> Option<EventKey> {
+    Some((c.event.corrects.clone()?, event_day(c.event.time)))
+}
+
 /// The reverted events of the corrections in `counted` whose raw row is not in this batch:
 /// `(subject, time, id)` to look up in ClickHouse for their model.
 pub fn targets_to_look_up(counted: &[Counted]) -> Vec<(String, DateTime<Utc>, String)> {
-    let in_batch: HashSet<&str> = counted.iter().filter(|c| c.event.corrects.is_none()).map(|c| c.event.id.as_str()).collect();
+    let in_batch: HashSet<EventKey> = counted.iter().filter(|c| c.event.corrects.is_none()).map(Counted::key).collect();
     counted
         .iter()
+        .filter(|c| target_key(c).is_some_and(|k| !in_batch.contains(&k)))
         .filter_map(|c| Some((c.event.subject.clone(), c.event.time, c.event.corrects.clone()?)))
-        .filter(|(_, _, target)| !in_batch.contains(target.as_str()))
         .collect()
 }
 
 /// Gives each correction row the model of its target's raw row: from this batch, else from
-/// `stored` (target id -> model of its row already in ClickHouse); without either, the
+/// `stored` (target key -> model of its row already in ClickHouse); without either, the
 /// correction keeps its own model.
-pub fn resolve_models(counted: &mut [Counted], stored: &HashMap<String, String>) {
-    let in_batch: HashMap<String, String> = counted
-        .iter()
-        .filter(|c| c.event.corrects.is_none())
-        .map(|c| (c.event.id.clone(), c.event.model.clone().unwrap_or_default()))
-        .collect();
+pub fn resolve_models(counted: &mut [Counted], stored: &HashMap<EventKey, String>) {
+    let in_batch: HashMap<EventKey, String> =
+        counted.iter().filter(|c| c.event.corrects.is_none()).map(|c| (c.key(), c.event.model.clone().unwrap_or_default())).collect();
     for c in counted.iter_mut() {
-        let Some(target) = c.event.corrects.as_deref() else { continue };
-        if let Some(model) = in_batch.get(target).or_else(|| stored.get(target)) {
+        let Some(target) = target_key(c) else { continue };
+        if let Some(model) = in_batch.get(&target).or_else(|| stored.get(&target)) {
             c.event.model = Some(model.clone());
         }
     }
@@ -227,6 +233,11 @@ mod tests {
 
     fn d(partition: i32, offset: i64, v: serde_json::Value) -> Delivery {
         Delivery { partition, offset, payload: Some(serde_json::to_vec(&v).unwrap()) }
+    }
+
+    /// The key of an event of the tests' day.
+    fn k(id: &str) -> EventKey {
+        (id.to_string(), "2026-11-22".parse().unwrap())
     }
 
     fn ev(id: &str, tokens: i64) -> serde_json::Value {
@@ -259,7 +270,7 @@ mod tests {
         assert_eq!(lookup.days, vec!["2026-11-22".parse::<NaiveDate>().unwrap()]);
         assert_eq!(past_retention(&ready, "2026-11-22".parse().unwrap()), 0);
         assert_eq!(past_retention(&ready, "2026-11-23".parse().unwrap()), 4);
-        let s = select(&ready, &HashMap::from([("e1".to_string(), Ledgered::plain(fp))]));
+        let s = select(&ready, &HashMap::from([(k("e1"), Ledgered::plain(fp))]));
         assert_eq!(s.counted.len(), 1);
         assert_eq!(s.counted[0].event.input_tokens, 5);
         assert_eq!(s.duplicates, 1);
@@ -296,9 +307,9 @@ mod tests {
             d(0, 4, orphan.clone()),
         ];
         let counted = HashMap::from([
-            ("t1".to_string(), Ledgered::plain(fp(&original))),
-            ("c1".to_string(), Ledgered { fingerprint: fp(&correction), cost_micros: Some(0), reverts: Some(target("t1")) }),
-            ("c3".to_string(), Ledgered::plain(fp(&orphan))),
+            (k("t1"), Ledgered::plain(fp(&original))),
+            (k("c1"), Ledgered { fingerprint: fp(&correction), cost_micros: Some(0), reverts: Some(target("t1")) }),
+            (k("c3"), Ledgered::plain(fp(&orphan))),
         ]);
         let mut s = select(&ready, &counted);
         assert_eq!((s.counted.len(), s.corrections, s.duplicates, s.not_counted, s.orphan_corrections), (2, 1, 1, 1, 1));
@@ -318,16 +329,36 @@ mod tests {
     #[test]
     fn a_correction_takes_the_stored_row_model_else_its_own() {
         let correction = json!({"id": "c1", "subject": "a", "time": "2026-11-22T10:00:00Z", "corrects": "t1", "model": "small"});
-        let counted = HashMap::from([(
-            "c1".to_string(),
-            Ledgered { fingerprint: fp(&correction), cost_micros: Some(0), reverts: Some(target("t1")) },
-        )]);
+        let counted =
+            HashMap::from([(k("c1"), Ledgered { fingerprint: fp(&correction), cost_micros: Some(0), reverts: Some(target("t1")) })]);
         let mut s = select(&[d(0, 0, correction.clone())], &counted);
         assert_eq!(targets_to_look_up(&s.counted), vec![("a".to_string(), target("t1").time, "t1".to_string())]);
-        resolve_models(&mut s.counted, &HashMap::from([("t1".to_string(), String::new())]));
+        resolve_models(&mut s.counted, &HashMap::from([(k("t1"), String::new())]));
         assert_eq!(s.counted[0].event.model.as_deref(), Some(""), "a stored row without a model still wins");
         let mut s = select(&[d(0, 0, correction)], &counted);
-        resolve_models(&mut s.counted, &HashMap::from([("other".to_string(), "big".to_string())]));
+        resolve_models(&mut s.counted, &HashMap::from([(k("other"), "big".to_string())]));
         assert_eq!(s.counted[0].event.model.as_deref(), Some("small"));
+    }
+
+    #[test]
+    fn the_same_id_on_two_utc_days_is_two_events() {
+        let day1 = json!({"id": "e1", "subject": "a", "time": "2026-11-22T23:59:59.999Z", "input_tokens": 5});
+        let day2 = json!({"id": "e1", "subject": "a", "time": "2026-11-23T00:00:00Z", "input_tokens": 7});
+        let ready = vec![d(0, 0, day1.clone()), d(0, 1, day2.clone()), d(0, 2, day2.clone())];
+        let lookup = candidate_ids(&ready);
+        assert_eq!(lookup.ids, vec!["e1".to_string()]);
+        assert_eq!(lookup.days.len(), 2);
+        let counted = HashMap::from([
+            (k("e1"), Ledgered::plain(fp(&day1))),
+            (("e1".to_string(), "2026-11-23".parse().unwrap()), Ledgered::plain(fp(&day2))),
+        ]);
+        let s = select(&ready, &counted);
+        assert_eq!((s.counted.len(), s.duplicates, s.not_counted), (2, 1, 0));
+        let keys: Vec<EventKey> = s.counted.iter().map(Counted::key).collect();
+        assert_eq!(keys, vec![k("e1"), ("e1".to_string(), "2026-11-23".parse().unwrap())]);
+        assert_eq!(s.counted[1].event.input_tokens, 7);
+        // Counted on one day only: the other day's event is not history's.
+        let s = select(&ready, &HashMap::from([(k("e1"), Ledgered::plain(fp(&day1)))]));
+        assert_eq!((s.counted.len(), s.not_counted), (1, 2));
     }
 }

@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use tally_domain::metric::Amounts;
 
 use crate::plan::{Ledgered, Reverted};
+use crate::sink::EventKey;
 
 /// The first UTC day whose dedupe records are still kept: the oldest day partition of
 /// `processed_events` (the aggregator drops a day's partition once the day left the lateness
@@ -142,16 +143,17 @@ impl Progress {
         Ok(rows.into_iter().collect())
     }
 
-    /// What `processed_events` holds for each of `ids` the ledger counted: the fingerprint,
-    /// and for a counted correction the event it reverted (the row whose `corrected_by` is the
-    /// correction, read in the same query so both come from one snapshot). `days` are the UTC
-    /// days of the events' times: only their partitions are read for the ids.
-    pub async fn counted(&self, ids: &[&str], days: &[NaiveDate]) -> Result<HashMap<String, Ledgered>, sqlx::Error> {
+    /// What `processed_events` holds for each event among `ids` the ledger counted, by its key
+    /// (id and UTC day, the record's primary key): the fingerprint, and for a counted
+    /// correction the event it reverted (the row whose `corrected_by` is the correction, read
+    /// in the same query so both come from one snapshot). `days` are the UTC days of the
+    /// events' times: only their partitions are read for the ids.
+    pub async fn counted(&self, ids: &[&str], days: &[NaiveDate]) -> Result<HashMap<EventKey, Ledgered>, sqlx::Error> {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
         let rows: Vec<CountedRow> = sqlx::query_as(
-            "SELECT c.event_id, c.fingerprint, c.cost_micros, t.event_id, t.subject, t.event_time, t.scope, t.api_key_sha256,
+            "SELECT c.event_id, c.event_day, c.fingerprint, c.cost_micros, t.event_id, t.subject, t.event_time, t.scope, t.api_key_sha256,
                     t.requests, t.input_tokens, t.output_tokens, t.cached_tokens, t.cost_micros
              FROM processed_events c
              LEFT JOIN processed_events t ON c.corrects IS NOT NULL AND t.event_id = c.corrects AND t.corrected_by = c.event_id
@@ -182,11 +184,13 @@ impl Progress {
     }
 }
 
-/// One row of [`Progress::counted`]: the id, its fingerprint, the cost the ledger counted,
-/// then the reverted event's columns (all `None` unless the id is a counted correction).
+/// One row of [`Progress::counted`]: the id, its day, its fingerprint, the cost the ledger
+/// counted, then the reverted event's columns (all `None` unless the id is a counted
+/// correction).
 #[derive(sqlx::FromRow)]
 struct CountedRow(
     String,
+    NaiveDate,
     String,
     Option<i64>,
     Option<String>,
@@ -202,9 +206,23 @@ struct CountedRow(
 );
 
 impl CountedRow {
-    fn into_entry(self) -> (String, Ledgered) {
-        let CountedRow(id, fingerprint, counted_cost, target, subject, time, scope, api_key_sha256, requests, input, output, cached, cost) =
-            self;
+    fn into_entry(self) -> (EventKey, Ledgered) {
+        let CountedRow(
+            id,
+            day,
+            fingerprint,
+            counted_cost,
+            target,
+            subject,
+            time,
+            scope,
+            api_key_sha256,
+            requests,
+            input,
+            output,
+            cached,
+            cost,
+        ) = self;
         let reverts = match (target, subject, time) {
             (Some(event_id), Some(subject), Some(time)) => Some(Reverted {
                 event_id,
@@ -222,6 +240,6 @@ impl CountedRow {
             }),
             _ => None,
         };
-        (id, Ledgered { fingerprint, cost_micros: counted_cost, reverts })
+        ((id, day), Ledgered { fingerprint, cost_micros: counted_cost, reverts })
     }
 }

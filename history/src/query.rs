@@ -13,8 +13,8 @@
 //!   says which. All three read with `FINAL`, so replays never show. Top-N over whole UTC
 //!   days without a scope or model filter reads the daily totals per subject
 //!   (`usage_subject_daily`, one row per subject and day, kept by the history writer the
-//!   same replay-safe way), also with `FINAL`, and answers `source: daily`: on ClickHouse
-//!   18.16 `FINAL` merges in one thread, so its cost follows the rows it merges.
+//!   same replay-safe way), also with `FINAL`, and answers `source: daily`: `FINAL` merges the
+//!   rows it reads, so its cost follows them.
 //! - Bad input is a [`QueryError`] naming the field; nothing is queried.
 
 use std::collections::{BTreeMap, HashMap};
@@ -25,7 +25,10 @@ use serde::{Deserialize, Serialize};
 use tally_domain::metric::Metric;
 use tally_domain::period::PeriodSpec;
 
-use crate::ch::{quote, Ch, ChError};
+use clickhouse::query::Query;
+use clickhouse::Row;
+
+use crate::client::{Ch, ChError};
 
 pub const MAX_SERIES: usize = 100;
 pub const DEFAULT_SERIES: usize = 10;
@@ -299,24 +302,39 @@ fn metric_expr(m: Metric) -> &'static str {
     }
 }
 
-fn where_clause(column: &str, from: DateTime<Utc>, to: DateTime<Utc>, f: &Filters) -> String {
+/// The WHERE clause of a range and filters over `column`; [`bind_where`] gives the values.
+fn where_clause(column: &str, f: &Filters) -> String {
     let mut w = format!(
-        "{column} >= toDateTime({}, 'UTC') AND {column} < toDateTime({}, 'UTC')",
-        from.timestamp(),
-        // A raw row at 10:00:00.500 has `time` 10:00:00: compare whole seconds, rounding the
-        // end up so that `to` excludes exactly the instants at or after it.
-        to.timestamp() + i64::from(to.timestamp_subsec_nanos() > 0)
+        "{column} >= fromUnixTimestamp64Milli({{from_ms:Int64}}, 'UTC') AND {column} < fromUnixTimestamp64Milli({{to_ms:Int64}}, 'UTC')"
     );
-    if let Some(s) = &f.subject {
-        w.push_str(&format!(" AND subject = {}", quote(s)));
+    if f.subject.is_some() {
+        w.push_str(" AND subject = {subject:String}");
     }
-    if let Some(s) = &f.scope {
-        w.push_str(&format!(" AND scope = {}", quote(s)));
+    if f.scope.is_some() {
+        w.push_str(" AND scope = {scope:String}");
     }
-    if let Some(m) = &f.model {
-        w.push_str(&format!(" AND model = {}", quote(m)));
+    if f.model.is_some() {
+        w.push_str(" AND model = {model:String}");
     }
     w
+}
+
+/// Milliseconds since the epoch, rounded up: raw rows keep milliseconds, so an instant `t`
+/// with a finer part is compared as the first millisecond at or after it (`time >= t` and
+/// `time < t` then hold for exactly the rows they hold for at full precision).
+fn millis_up(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis() + i64::from(!t.timestamp_subsec_nanos().is_multiple_of(1_000_000))
+}
+
+/// The values of [`where_clause`]'s parameters.
+fn bind_where(mut query: Query, from: DateTime<Utc>, to: DateTime<Utc>, f: &Filters) -> Query {
+    query = query.param("from_ms", millis_up(from)).param("to_ms", millis_up(to));
+    for (name, value) in [("subject", &f.subject), ("scope", &f.scope), ("model", &f.model)] {
+        if let Some(v) = value {
+            query = query.param(name, v);
+        }
+    }
+    query
 }
 
 /// One point of a series.
@@ -349,9 +367,9 @@ pub struct SeriesAnswer {
     pub truncated: bool,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Row)]
 struct BucketRow {
-    b: i64,
+    b: u32,
     k: String,
     v: i64,
 }
@@ -360,22 +378,22 @@ struct BucketRow {
 pub async fn series(ch: &Ch, q: &SeriesQuery) -> Result<SeriesAnswer, ChError> {
     let source = q.source();
     let col = source.time_column();
-    let tz = quote(q.timezone.name());
     let bucket = match q.granularity {
-        Granularity::Hour => format!("toUInt32(toStartOfHour({col}, {tz}))"),
-        Granularity::Day => format!("toUInt32(toStartOfDay({col}, {tz}))"),
-        Granularity::Month => format!("toUInt32(toDateTime(toStartOfMonth({col}, {tz}), {tz}))"),
+        Granularity::Hour => format!("toUInt32(toStartOfHour({col}, {{tz:String}}))"),
+        Granularity::Day => format!("toUInt32(toStartOfDay({col}, {{tz:String}}))"),
+        Granularity::Month => format!("toUInt32(toDateTime(toStartOfMonth({col}, {{tz:String}}), {{tz:String}}))"),
     };
     let key = q.group_by.map_or("''", GroupBy::column);
     let sql = format!(
-        "SELECT {bucket} AS b, {key} AS k, sum({m}) AS v FROM {table} FINAL WHERE {w} GROUP BY b, k",
+        "SELECT {bucket} AS b, toString({key}) AS k, sum({m}) AS v FROM {table} FINAL WHERE {w} GROUP BY b, k",
         m = metric_expr(q.metric),
-        table = ch.table(source.table()),
-        w = where_clause(col, q.from, q.to, &q.filters),
+        table = source.table(),
+        w = where_clause(col, &q.filters),
     );
-    let rows: Vec<BucketRow> = ch.select(&sql).await?;
+    let query = bind_where(ch.query(&sql).param("tz", q.timezone.name()), q.from, q.to, &q.filters);
+    let rows: Vec<BucketRow> = ch.fetch_all(query).await?;
     let edges = q.bucket_edges();
-    let (series, truncated) = assemble(&edges, rows.into_iter().map(|r| (r.b, r.k, r.v)), q.group_by.is_some(), q.limit);
+    let (series, truncated) = assemble(&edges, rows.into_iter().map(|r| (i64::from(r.b), r.k, r.v)), q.group_by.is_some(), q.limit);
     Ok(SeriesAnswer {
         metric: q.metric,
         granularity: q.granularity,
@@ -421,7 +439,7 @@ fn assemble(edges: &[DateTime<Utc>], rows: impl Iterator<Item = (i64, String, i6
     (series, truncated)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Row)]
 pub struct TopSubject {
     pub subject: String,
     pub value: i64,
@@ -440,26 +458,24 @@ pub struct TopAnswer {
 /// The subjects with the largest `metric` over the range.
 pub async fn top(ch: &Ch, q: &TopQuery) -> Result<TopAnswer, ChError> {
     let source = source_for(&[q.from, q.to]);
-    let sql = top_sql(q, source, &|name| ch.table(name));
-    let subjects = ch.select(&sql).await?;
+    let query = bind_where(ch.query(&top_sql(q, source)), q.from, q.to, &q.filters).param("limit", q.limit as u64);
+    let subjects = ch.fetch_all(query).await?;
     Ok(TopAnswer { metric: q.metric, from: q.from, to: q.to, filters: q.filters.clone(), source, subjects })
 }
 
 /// The top-N statement. Over whole UTC days without a scope or model filter it reads the
 /// daily totals per subject (one row per subject and day) rather than the daily rollup (one
-/// per subject, day, scope and model): `FINAL` merges every part in one thread on ClickHouse
-/// 18.16, so its cost follows the rows it merges.
-fn top_sql(q: &TopQuery, source: Source, table: &dyn Fn(&str) -> String) -> String {
+/// per subject, day, scope and model): `FINAL` merges the rows it reads, so its cost follows
+/// them.
+fn top_sql(q: &TopQuery, source: Source) -> String {
     let name = match source {
         Source::Daily if q.filters.scope.is_none() && q.filters.model.is_none() => SUBJECT_DAILY,
         _ => source.table(),
     };
     format!(
-        "SELECT subject, sum({m}) AS value FROM {t} FINAL WHERE {w} GROUP BY subject ORDER BY value DESC, subject LIMIT {limit}",
+        "SELECT subject, sum({m}) AS value FROM {name} FINAL WHERE {w} GROUP BY subject ORDER BY value DESC, subject LIMIT {{limit:UInt64}}",
         m = metric_expr(q.metric),
-        t = table(name),
-        w = where_clause(source.time_column(), q.from, q.to, &q.filters),
-        limit = q.limit,
+        w = where_clause(source.time_column(), &q.filters),
     )
 }
 
@@ -514,6 +530,12 @@ mod tests {
     }
 
     #[test]
+    fn instants_are_compared_at_the_raw_rows_millisecond_precision() {
+        assert_eq!(millis_up(t("2026-11-01T00:00:00.250Z")), t("2026-11-01T00:00:00.250Z").timestamp_millis());
+        assert_eq!(millis_up(t("2026-11-01T00:00:00.250000001Z")), t("2026-11-01T00:00:00.251Z").timestamp_millis());
+    }
+
+    #[test]
     fn hour_buckets_in_a_half_hour_zone() {
         let edges = bucket_edges(t("2026-11-01T00:10:00Z"), t("2026-11-01T02:00:00Z"), Granularity::Hour, "Asia/Kolkata".parse().unwrap());
         assert_eq!(edges, vec![t("2026-10-31T23:30:00Z"), t("2026-11-01T00:30:00Z"), t("2026-11-01T01:30:00Z"), t("2026-11-01T02:30:00Z")]);
@@ -521,27 +543,27 @@ mod tests {
 
     #[test]
     fn top_reads_the_subject_totals_when_no_scope_or_model_is_asked_for() {
-        let table = |name: &str| format!("`db`.{name}");
         let top = |p: &[(&str, &str)]| {
             let q = TopQuery::parse(&params(p)).unwrap();
-            top_sql(&q, source_for(&[q.from, q.to]), &table)
+            top_sql(&q, source_for(&[q.from, q.to]))
         };
         let days = top(&[("from", "2026-11-01"), ("to", "2026-12-01"), ("limit", "20"), ("subject", "a")]);
         assert!(
-            days.starts_with(
-                "SELECT subject, sum(input_tokens + output_tokens) AS value FROM `db`.usage_subject_daily FINAL WHERE day >= "
-            ),
+            days.starts_with("SELECT subject, sum(input_tokens + output_tokens) AS value FROM usage_subject_daily FINAL WHERE day >= "),
             "{days}"
         );
-        assert!(days.ends_with("AND subject = 'a' GROUP BY subject ORDER BY value DESC, subject LIMIT 20"), "{days}");
+        assert!(
+            days.ends_with("AND subject = {subject:String} GROUP BY subject ORDER BY value DESC, subject LIMIT {limit:UInt64}"),
+            "{days}"
+        );
         let scoped = top(&[("from", "2026-11-01"), ("to", "2026-12-01"), ("scope", "chat"), ("metric", "requests")]);
-        assert!(scoped.starts_with("SELECT subject, sum(requests) AS value FROM `db`.usage_daily FINAL WHERE day >= "), "{scoped}");
+        assert!(scoped.starts_with("SELECT subject, sum(requests) AS value FROM usage_daily FINAL WHERE day >= "), "{scoped}");
         let by_model = top(&[("from", "2026-11-01"), ("to", "2026-12-01"), ("model", "o3")]);
-        assert!(by_model.contains("FROM `db`.usage_daily FINAL WHERE") && by_model.contains("model = 'o3'"), "{by_model}");
+        assert!(by_model.contains("FROM usage_daily FINAL WHERE") && by_model.contains("model = {model:String}"), "{by_model}");
         let hours = top(&[("from", "2026-11-01T05:00:00Z"), ("to", "2026-11-02T00:00:00Z")]);
-        assert!(hours.contains("FROM `db`.usage_hourly FINAL WHERE hour >= "), "{hours}");
+        assert!(hours.contains("FROM usage_hourly FINAL WHERE hour >= "), "{hours}");
         let raw = top(&[("from", "2026-11-01T05:00:30Z"), ("to", "2026-11-02T00:00:00Z")]);
-        assert!(raw.contains("FROM `db`.usage_events FINAL WHERE time >= "), "{raw}");
+        assert!(raw.contains("FROM usage_events FINAL WHERE time >= "), "{raw}");
     }
 
     #[test]

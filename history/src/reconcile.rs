@@ -11,8 +11,9 @@
 //!   are kept; the aggregator removes those that left their window, so a past month's
 //!   reconciliation compares the ones still there);
 //! - for every subject, the events the ledger accepted with an event time in the UTC month
-//!   are compared with the distinct event ids in history, and history's row count with its
-//!   distinct ids (a duplicate would show there). A counted correction is an accepted event at
+//!   are compared with the distinct events in history, and history's row count with its
+//!   distinct events (a duplicate would show there). An event is its id and the UTC day of
+//!   its time, in history as in the ledger's dedupe record: the same id on two days is two. A counted correction is an accepted event at
 //!   the time of the event it reverted, where history writes its negated row.
 //!
 //!
@@ -30,7 +31,9 @@ use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
-use crate::ch::{quote, Ch};
+use clickhouse::Row;
+
+use crate::client::Ch;
 
 /// A billing period: a calendar month named `YYYY-MM`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,47 +216,58 @@ fn metric_expr(metric: &str) -> Option<&'static str> {
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Row)]
 struct Sums {
-    #[serde(flatten)]
-    values: BTreeMap<String, i64>,
+    values: Vec<i64>,
 }
 
-/// History sums for each ledger row, in the order given (100 rows per ClickHouse query).
+/// Ledger rows per ClickHouse query in [`history_for`].
+const ROWS_PER_QUERY: usize = 100;
+
+/// History sums for each ledger row, in the order given ([`ROWS_PER_QUERY`] rows per query:
+/// one `sumIf` per row, its subject, window and scope passed as parameters `s{i}`, `a{i}`,
+/// `b{i}`, `c{i}`).
 async fn history_for(ch: &Ch, rows: &[LedgerRow]) -> anyhow::Result<Vec<i64>> {
     let mut out = Vec::with_capacity(rows.len());
-    for chunk in rows.chunks(100) {
+    for chunk in rows.chunks(ROWS_PER_QUERY) {
         let subjects: BTreeSet<&String> = chunk.iter().map(|r| &r.subject).collect();
         let min = chunk.iter().map(|r| r.period_start.timestamp()).min().unwrap_or(0);
         let max = chunk.iter().map(|r| r.period_end.timestamp()).max().unwrap_or(0);
         let columns: Vec<String> = chunk
             .iter()
             .enumerate()
-            .map(|(i, LedgerRow { subject, metric, scope, period_start: start, period_end: end, .. })| {
+            .map(|(i, LedgerRow { metric, scope, .. })| {
                 let expr = metric_expr(metric).unwrap_or("0");
-                let scope_cond = if scope == "*" { String::new() } else { format!(" AND scope = {}", quote(scope)) };
+                let scope_cond = if scope == "*" { String::new() } else { format!(" AND scope = {{c{i}:String}}") };
                 format!(
-                    "sumIf({expr}, subject = {} AND time >= toDateTime({}, 'UTC') AND time < toDateTime({}, 'UTC'){scope_cond}) AS c{i}",
-                    quote(subject),
-                    start.timestamp(),
-                    end.timestamp()
+                    "toInt64(sumIf({expr}, subject = {{s{i}:String}} AND time >= toDateTime({{a{i}:Int64}}, 'UTC') \
+                     AND time < toDateTime({{b{i}:Int64}}, 'UTC'){scope_cond}))"
                 )
             })
             .collect();
         let sql = format!(
-            "SELECT {} FROM {} FINAL WHERE subject IN ({}) AND time >= toDateTime({min}, 'UTC') AND time < toDateTime({max}, 'UTC')",
-            columns.join(", "),
-            ch.table("usage_events"),
-            subjects.iter().map(|s| quote(s)).collect::<Vec<_>>().join(", ")
+            "SELECT [{}] AS values FROM usage_events FINAL WHERE subject IN {{subjects:Array(String)}} \
+             AND time >= toDateTime({{min:Int64}}, 'UTC') AND time < toDateTime({{max:Int64}}, 'UTC')",
+            columns.join(", ")
         );
-        let answer: Vec<Sums> = ch.select(&sql).await?;
+        let mut query = ch.query(&sql).param("subjects", &subjects).param("min", min).param("max", max);
+        for (i, r) in chunk.iter().enumerate() {
+            query = query
+                .param(&format!("s{i}"), &r.subject)
+                .param(&format!("a{i}"), r.period_start.timestamp())
+                .param(&format!("b{i}"), r.period_end.timestamp());
+            if r.scope != "*" {
+                query = query.param(&format!("c{i}"), &r.scope);
+            }
+        }
+        let answer: Vec<Sums> = ch.fetch_all(query).await?;
         let values = answer.into_iter().next().map(|s| s.values).unwrap_or_default();
-        out.extend((0..chunk.len()).map(|i| values.get(&format!("c{i}")).copied().unwrap_or(0)));
+        out.extend((0..chunk.len()).map(|i| values.get(i).copied().unwrap_or(0)));
     }
     Ok(out)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Row)]
 struct HistoryCount {
     subject: String,
     rows: i64,
@@ -296,16 +310,19 @@ pub async fn reconcile(pool: &PgPool, ch: &Ch, month: Month, subject: Option<&st
     .bind(subject)
     .fetch_all(pool)
     .await?;
-    let subject_filter = subject.map(|s| format!(" AND subject = {}", quote(s))).unwrap_or_default();
-    let in_history: Vec<HistoryCount> = ch
-        .select(&format!(
-            "SELECT subject, toInt64(count()) AS rows, toInt64(uniqExact(event_id)) AS ids FROM {} FINAL \
-             WHERE time >= toDateTime({}, 'UTC') AND time < toDateTime({}, 'UTC'){subject_filter} GROUP BY subject",
-            ch.table("usage_events"),
-            checked_from.timestamp(),
-            month.end().timestamp()
+    // An event is its id and UTC day, as in the ledger's dedupe record.
+    let subject_filter = if subject.is_some() { " AND subject = {subject:String}" } else { "" };
+    let mut query = ch
+        .query(&format!(
+            "SELECT subject, toInt64(count()) AS rows, toInt64(uniqExact(event_id, event_day)) AS ids FROM usage_events FINAL \
+             WHERE time >= toDateTime({{from:Int64}}, 'UTC') AND time < toDateTime({{to:Int64}}, 'UTC'){subject_filter} GROUP BY subject"
         ))
-        .await?;
+        .param("from", checked_from.timestamp())
+        .param("to", month.end().timestamp());
+    if let Some(s) = subject {
+        query = query.param("subject", s);
+    }
+    let in_history: Vec<HistoryCount> = ch.fetch_all(query).await?;
     let mut by_subject: BTreeMap<String, EventCheck> = BTreeMap::new();
     let blank = |s: &str| EventCheck {
         subject: s.to_string(),

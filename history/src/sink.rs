@@ -1,9 +1,17 @@
 //! ClickHouse side of the history writer: raw rows and rollups, replay-safe.
 //!
+//! An event is identified as the ledger identifies it: by its id and the UTC day of its own
+//! time ([`EventKey`]); the same id on two days is two events.
+//!
 //! [`Sink::write`] takes events the ledger counted and, in this order:
-//! 1. looks up which of their ids already have a raw row and inserts only the others
-//!    (`usage_events`, ReplacingMergeTree keyed by subject, time and id, so even a row
-//!    inserted twice by racing writers is one row under `FINAL`);
+//! 1. looks up which of them already have a raw row and inserts only the others
+//!    (`usage_events`, ReplacingMergeTree keyed by subject, time, id and day, so even a row
+//!    inserted twice by racing writers is one row under `FINAL`), as one INSERT carrying an
+//!    `insert_deduplication_token` derived from the batch's partition/offset ranges and the
+//!    keys of the rows sent: the same insert sent again (its acknowledgement lost, or still
+//!    in flight when the writer was killed and replayed after a restart) stores nothing, and
+//!    two different inserts never share a token (ClickHouse drops the rows of an insert whose
+//!    token it has seen, whatever they are);
 //! 2. recomputes every hourly bucket (subject, UTC hour) the events fall in from the raw
 //!    table under `FINAL`, and inserts the whole bucket with a new version
 //!    (`usage_hourly`, ReplacingMergeTree(version): the new rows replace the old ones);
@@ -18,20 +26,28 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use chrono::{DateTime, Timelike, Utc};
+use chrono::{DateTime, NaiveDate, Timelike, Utc};
+use clickhouse::Row;
 use serde::{Deserialize, Serialize};
-use tally_domain::event::UsageEvent;
+use sha2::{Digest, Sha256};
+use tally_domain::event::{event_day, UsageEvent};
 
-use crate::ch::{quote, Ch, ChError};
+use crate::client::{Ch, ChError};
+
+/// An event as the ledger's dedupe record keys it: its id and the UTC day of its own time.
+pub type EventKey = (String, NaiveDate);
 
 /// One row of `usage_events`, as sent to ClickHouse.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Row)]
 pub struct RawRow {
     pub event_id: String,
+    /// The UTC day of the event's own time (for a correction's row, the correction's day).
+    #[serde(with = "clickhouse::serde::chrono::date")]
+    pub event_day: NaiveDate,
     pub subject: String,
-    /// `YYYY-MM-DD hh:mm:ss` in UTC.
-    pub time: String,
-    pub time_ms: u16,
+    /// `DateTime64(3, 'UTC')`: milliseconds kept.
+    #[serde(with = "clickhouse::serde::chrono::datetime64::millis")]
+    pub time: DateTime<Utc>,
     pub scope: String,
     pub model: String,
     pub api_key_sha256: String,
@@ -41,24 +57,21 @@ pub struct RawRow {
     pub cached_tokens: i64,
     pub cost_micros: i64,
     pub fingerprint: String,
-    pub inserted_at: String,
-}
-
-/// ClickHouse's text form of a UTC DateTime.
-pub fn ch_time(t: DateTime<Utc>) -> String {
-    t.format("%Y-%m-%d %H:%M:%S").to_string()
+    #[serde(with = "clickhouse::serde::chrono::datetime")]
+    pub inserted_at: DateTime<Utc>,
 }
 
 impl RawRow {
-    /// The history row of a counted event. Amounts are exactly what the ledger counted
-    /// ([`UsageEvent::amounts`]): a missing cost counts 0.
-    pub fn from_event(e: &UsageEvent, fingerprint: &str, now: DateTime<Utc>) -> RawRow {
+    /// The history row of a counted event, keyed by `key_day`. Amounts are exactly what the
+    /// ledger counted ([`UsageEvent::amounts`]): a missing cost counts 0.
+    pub fn from_event(e: &UsageEvent, key_day: NaiveDate, fingerprint: &str, now: DateTime<Utc>) -> RawRow {
         let a = e.amounts();
+        let millis = e.time.timestamp_millis();
         RawRow {
             event_id: e.id.clone(),
+            event_day: key_day,
             subject: e.subject.clone(),
-            time: ch_time(e.time),
-            time_ms: (e.time.timestamp_subsec_millis().min(999)) as u16,
+            time: DateTime::from_timestamp_millis(millis).unwrap_or(e.time),
             scope: e.scope.clone(),
             model: e.model.clone().unwrap_or_default(),
             api_key_sha256: e.api_key_sha256.clone().unwrap_or_default(),
@@ -68,7 +81,7 @@ impl RawRow {
             cached_tokens: a.cached_tokens,
             cost_micros: a.cost_micros,
             fingerprint: fingerprint.to_string(),
-            inserted_at: ch_time(now),
+            inserted_at: now.with_nanosecond(0).unwrap_or(now),
         }
     }
 }
@@ -76,8 +89,23 @@ impl RawRow {
 /// A counted event ready to write.
 #[derive(Debug, Clone)]
 pub struct Counted {
+    /// What its row holds (for a counted correction, the negated row: see [`crate::plan`]).
     pub event: UsageEvent,
     pub fingerprint: String,
+    /// The UTC day of the delivered event's own time: with its id, its key in the ledger.
+    pub day: NaiveDate,
+}
+
+impl Counted {
+    /// A counted event as delivered.
+    pub fn new(event: UsageEvent, fingerprint: String) -> Counted {
+        let day = event_day(event.time);
+        Counted { event, fingerprint, day }
+    }
+
+    pub fn key(&self) -> EventKey {
+        (self.event.id.clone(), self.day)
+    }
 }
 
 /// What one [`Sink::write`] did.
@@ -104,9 +132,12 @@ pub struct Sink {
     pub ch: Ch,
 }
 
-/// Ids per query when looking up existing rows (keeps each query well under ClickHouse's
-/// default `max_query_size` of 256 KiB: ids are at most 128 characters).
+/// Events per lookup of existing rows: the keys travel as a query parameter in the URL, and
+/// ids are at most 128 characters, so a lookup stays far below ClickHouse's 1 MiB URL limit.
 const LOOKUP_CHUNK: usize = 500;
+
+/// Buckets per rollup statement.
+const BUCKET_CHUNK: usize = 200;
 
 fn hour_of(t: DateTime<Utc>) -> i64 {
     t.timestamp() - i64::from(t.minute()) * 60 - i64::from(t.second())
@@ -116,34 +147,60 @@ fn day_of(t: DateTime<Utc>) -> i64 {
     t.timestamp().div_euclid(86_400) * 86_400
 }
 
-/// The `(subject, bucket)` tuples of `keys` as a ClickHouse IN list.
-fn tuple_list(keys: &BTreeSet<(String, i64)>) -> String {
-    keys.iter().map(|(s, b)| format!("({}, {b})", quote(s))).collect::<Vec<_>>().join(", ")
+/// The insert deduplication token of `rows` written for the batch `ranges` (its
+/// partition/offset ranges, e.g. `p0:120-180,p3:7-9`): the ranges, then a digest of the rows'
+/// keys in order, so the same rows of the same batch always get the same token and any other
+/// insert another one.
+pub fn dedup_token(ranges: &str, rows: &[RawRow]) -> String {
+    let mut digest = Sha256::new();
+    for r in rows {
+        digest.update(r.event_id.as_bytes());
+        digest.update([0]);
+        digest.update(r.event_day.to_string().as_bytes());
+        digest.update([0]);
+    }
+    format!("tally:{ranges}:{}", hex::encode(&digest.finalize()[..16]))
 }
 
-fn subject_list<'a>(subjects: impl Iterator<Item = &'a String>) -> String {
-    subjects.map(|s| quote(s)).collect::<Vec<_>>().join(", ")
+/// An event key as a query parameter value: the day as `YYYY-MM-DD`.
+fn key_param((id, day): &EventKey) -> (String, String) {
+    (id.clone(), day.to_string())
 }
 
-#[derive(Deserialize)]
-struct Id {
+#[derive(Debug, Deserialize, Row)]
+struct KeyRow {
     event_id: String,
+    #[serde(with = "clickhouse::serde::chrono::date")]
+    event_day: NaiveDate,
+}
+
+#[derive(Debug, Deserialize, Row)]
+struct ModelRow {
+    event_id: String,
+    #[serde(with = "clickhouse::serde::chrono::date")]
+    event_day: NaiveDate,
+    model: String,
 }
 
 impl Sink {
-    /// Writes `events` (all counted by the ledger; one per id) and their rollups. `hook` is
-    /// called after each step; the writer's test failpoints use it.
-    pub async fn write(&self, events: &[Counted], now: DateTime<Utc>, hook: impl Fn(Step)) -> Result<Written, ChError> {
+    /// Writes `events` (all counted by the ledger; one per key) and their rollups. `ranges`
+    /// names the batch's partition/offset ranges (see [`dedup_token`]). `hook` is called after
+    /// each step; the writer's test failpoints use it.
+    pub async fn write(&self, events: &[Counted], ranges: &str, now: DateTime<Utc>, hook: impl Fn(Step)) -> Result<Written, ChError> {
         let mut written = Written::default();
         if events.is_empty() {
             return Ok(written);
         }
-        let present = self.present_ids(events).await?;
-        let rows: Vec<RawRow> =
-            events.iter().filter(|c| !present.contains(&c.event.id)).map(|c| RawRow::from_event(&c.event, &c.fingerprint, now)).collect();
+        let present = self.present_keys(events).await?;
+        let rows: Vec<RawRow> = events
+            .iter()
+            .filter(|c| !present.contains(&c.key()))
+            .map(|c| RawRow::from_event(&c.event, c.day, &c.fingerprint, now))
+            .collect();
         written.already_present = events.len() - rows.len();
         written.inserted = rows.len();
-        self.ch.insert(&self.ch.table("usage_events"), &rows).await?;
+        let token = dedup_token(ranges, &rows);
+        self.ch.insert::<RawRow>("usage_events", &rows, Some(&token)).await?;
         hook(Step::RawInserted);
 
         let hours: BTreeSet<(String, i64)> = events.iter().map(|c| (c.event.subject.clone(), hour_of(c.event.time))).collect();
@@ -158,95 +215,132 @@ impl Sink {
         Ok(written)
     }
 
-    /// The model of each raw row among `targets` (`(subject, time, id)`) already in
-    /// ClickHouse (the rows of events that counted corrections revert).
-    pub async fn raw_models(&self, targets: &[(String, DateTime<Utc>, String)]) -> Result<HashMap<String, String>, ChError> {
-        #[derive(Deserialize)]
-        struct Model {
-            event_id: String,
-            model: String,
-        }
+    /// The model of each raw row among `targets` (`(subject, time, id)` of events that counted
+    /// corrections revert) already in ClickHouse, by the target's key.
+    pub async fn raw_models(&self, targets: &[(String, DateTime<Utc>, String)]) -> Result<HashMap<EventKey, String>, ChError> {
         let mut models = HashMap::new();
         for chunk in targets.chunks(LOOKUP_CHUNK) {
             let subjects: BTreeSet<&String> = chunk.iter().map(|(s, _, _)| s).collect();
-            let min = chunk.iter().map(|(_, t, _)| t.timestamp()).min().unwrap_or(0);
-            let max = chunk.iter().map(|(_, t, _)| t.timestamp()).max().unwrap_or(0);
-            let ids = chunk.iter().map(|(_, _, id)| quote(id)).collect::<Vec<_>>().join(", ");
-            let sql = format!(
-                "SELECT event_id, any(model) AS model FROM {} FINAL WHERE subject IN ({}) AND time >= toDateTime({min}, 'UTC') \
-                 AND time <= toDateTime({max}, 'UTC') AND event_id IN ({ids}) GROUP BY event_id",
-                self.ch.table("usage_events"),
-                subject_list(subjects.into_iter()),
-            );
-            models.extend(self.ch.select::<Model>(&sql).await?.into_iter().map(|r| (r.event_id, r.model)));
+            let (min, max) = time_bounds(chunk.iter().map(|(_, t, _)| *t));
+            let keys: Vec<(String, String)> = chunk.iter().map(|(_, t, id)| key_param(&(id.clone(), event_day(*t)))).collect();
+            let query = self
+                .ch
+                .query(
+                    "SELECT event_id, event_day, any(model) AS model FROM usage_events FINAL \
+                     WHERE subject IN {subjects:Array(String)} \
+                     AND time >= fromUnixTimestamp64Milli({min:Int64}, 'UTC') AND time <= fromUnixTimestamp64Milli({max:Int64}, 'UTC') \
+                     AND (event_id, event_day) IN {keys:Array(Tuple(String, Date))} GROUP BY event_id, event_day",
+                )
+                .param("subjects", subjects)
+                .param("min", min)
+                .param("max", max)
+                .param("keys", keys);
+            let rows: Vec<ModelRow> = self.ch.fetch_all(query).await?;
+            models.extend(rows.into_iter().map(|r| ((r.event_id, r.event_day), r.model)));
         }
         Ok(models)
     }
 
-    /// The ids among `events` that already have a raw row.
-    async fn present_ids(&self, events: &[Counted]) -> Result<HashSet<String>, ChError> {
+    /// The keys among `events` that already have a raw row.
+    async fn present_keys(&self, events: &[Counted]) -> Result<HashSet<EventKey>, ChError> {
         let mut present = HashSet::new();
         for chunk in events.chunks(LOOKUP_CHUNK) {
             let subjects: BTreeSet<&String> = chunk.iter().map(|c| &c.event.subject).collect();
-            let min = chunk.iter().map(|c| c.event.time.timestamp()).min().unwrap_or(0);
-            let max = chunk.iter().map(|c| c.event.time.timestamp()).max().unwrap_or(0);
-            let ids = chunk.iter().map(|c| quote(&c.event.id)).collect::<Vec<_>>().join(", ");
-            let sql = format!(
-                "SELECT DISTINCT event_id FROM {} WHERE subject IN ({}) AND time >= toDateTime({min}, 'UTC') \
-                 AND time <= toDateTime({max}, 'UTC') AND event_id IN ({ids})",
-                self.ch.table("usage_events"),
-                subject_list(subjects.into_iter()),
-            );
-            present.extend(self.ch.select::<Id>(&sql).await?.into_iter().map(|r| r.event_id));
+            let (min, max) = time_bounds(chunk.iter().map(|c| c.event.time));
+            let keys: Vec<(String, String)> = chunk.iter().map(|c| key_param(&c.key())).collect();
+            let query = self
+                .ch
+                .query(
+                    "SELECT DISTINCT event_id, event_day FROM usage_events \
+                     WHERE subject IN {subjects:Array(String)} \
+                     AND time >= fromUnixTimestamp64Milli({min:Int64}, 'UTC') AND time <= fromUnixTimestamp64Milli({max:Int64}, 'UTC') \
+                     AND (event_id, event_day) IN {keys:Array(Tuple(String, Date))}",
+                )
+                .param("subjects", subjects)
+                .param("min", min)
+                .param("max", max)
+                .param("keys", keys);
+            let rows: Vec<KeyRow> = self.ch.fetch_all(query).await?;
+            present.extend(rows.into_iter().map(|r| (r.event_id, r.event_day)));
         }
         Ok(present)
     }
 
     async fn recompute_hours(&self, hours: &BTreeSet<(String, i64)>, version: u64) -> Result<(), ChError> {
-        for chunk in chunks(hours, 200) {
-            let (min, max) = bounds(&chunk, 3600);
-            let sql = format!(
-                "INSERT INTO {hourly} SELECT toStartOfHour(time) AS hour, subject, scope, model, count() AS events, \
-                 sum(requests), sum(input_tokens), sum(output_tokens), sum(cached_tokens), sum(cost_micros), {version} \
-                 FROM {raw} FINAL WHERE subject IN ({subjects}) AND time >= toDateTime({min}, 'UTC') AND time < toDateTime({max}, 'UTC') \
-                 AND (subject, toUInt32(toStartOfHour(time))) IN ({tuples}) GROUP BY hour, subject, scope, model",
-                hourly = self.ch.table("usage_hourly"),
-                raw = self.ch.table("usage_events"),
-                subjects = subject_list(chunk.iter().map(|(s, _)| s)),
-                tuples = tuple_list(&chunk),
-            );
-            self.ch.execute(&sql).await?;
+        for chunk in chunks(hours, BUCKET_CHUNK) {
+            let (from, to) = bounds(&chunk, 3600);
+            let query = self
+                .ch
+                .query(
+                    "INSERT INTO usage_hourly SELECT toStartOfHour(time) AS hour, subject, scope, model, count() AS events, \
+                     sum(requests), sum(input_tokens), sum(output_tokens), sum(cached_tokens), sum(cost_micros), {version:UInt64} \
+                     FROM usage_events FINAL WHERE subject IN {subjects:Array(String)} \
+                     AND time >= toDateTime({from:Int64}, 'UTC') AND time < toDateTime({to:Int64}, 'UTC') \
+                     AND (subject, toUInt32(toStartOfHour(time))) IN {buckets:Array(Tuple(String, UInt32))} \
+                     GROUP BY hour, subject, scope, model",
+                )
+                .param("version", version)
+                .param("subjects", subjects(&chunk))
+                .param("from", from)
+                .param("to", to)
+                .param("buckets", buckets(&chunk));
+            self.ch.execute(query).await?;
         }
         Ok(())
     }
 
     async fn recompute_days(&self, days: &BTreeSet<(String, i64)>, version: u64) -> Result<(), ChError> {
-        for chunk in chunks(days, 200) {
-            let (min, max) = bounds(&chunk, 86_400);
-            let subjects = subject_list(chunk.iter().map(|(s, _)| s));
-            let tuples = tuple_list(&chunk);
-            let sql = format!(
-                "INSERT INTO {daily} SELECT toDateTime(toUInt32(intDiv(toUInt32(hour), 86400) * 86400), 'UTC') AS day, subject, scope, model, \
-                 sum(events), sum(requests), sum(input_tokens), sum(output_tokens), sum(cached_tokens), sum(cost_micros), {version} \
-                 FROM {hourly} FINAL WHERE subject IN ({subjects}) AND hour >= toDateTime({min}, 'UTC') AND hour < toDateTime({max}, 'UTC') \
-                 AND (subject, intDiv(toUInt32(hour), 86400) * 86400) IN ({tuples}) GROUP BY day, subject, scope, model",
-                daily = self.ch.table("usage_daily"),
-                hourly = self.ch.table("usage_hourly"),
-            );
-            self.ch.execute(&sql).await?;
+        for chunk in chunks(days, BUCKET_CHUNK) {
+            let (from, to) = bounds(&chunk, 86_400);
+            let query = self
+                .ch
+                .query(
+                    "INSERT INTO usage_daily SELECT toStartOfDay(hour) AS day, subject, scope, model, sum(events), \
+                     sum(requests), sum(input_tokens), sum(output_tokens), sum(cached_tokens), sum(cost_micros), {version:UInt64} \
+                     FROM usage_hourly FINAL WHERE subject IN {subjects:Array(String)} \
+                     AND hour >= toDateTime({from:Int64}, 'UTC') AND hour < toDateTime({to:Int64}, 'UTC') \
+                     AND (subject, toUInt32(toStartOfDay(hour))) IN {buckets:Array(Tuple(String, UInt32))} \
+                     GROUP BY day, subject, scope, model",
+                )
+                .param("version", version)
+                .param("subjects", subjects(&chunk))
+                .param("from", from)
+                .param("to", to)
+                .param("buckets", buckets(&chunk));
+            self.ch.execute(query).await?;
             // The same buckets' totals over all scopes and models, from the rows just written.
-            let sql = format!(
-                "INSERT INTO {totals} SELECT day, subject, sum(events), sum(requests), sum(input_tokens), sum(output_tokens), \
-                 sum(cached_tokens), sum(cost_micros), {version} \
-                 FROM {daily} FINAL WHERE subject IN ({subjects}) AND day >= toDateTime({min}, 'UTC') AND day < toDateTime({max}, 'UTC') \
-                 AND (subject, toUInt32(day)) IN ({tuples}) GROUP BY day, subject",
-                totals = self.ch.table("usage_subject_daily"),
-                daily = self.ch.table("usage_daily"),
-            );
-            self.ch.execute(&sql).await?;
+            let query = self
+                .ch
+                .query(
+                    "INSERT INTO usage_subject_daily SELECT day, subject, sum(events), sum(requests), sum(input_tokens), \
+                     sum(output_tokens), sum(cached_tokens), sum(cost_micros), {version:UInt64} \
+                     FROM usage_daily FINAL WHERE subject IN {subjects:Array(String)} \
+                     AND day >= toDateTime({from:Int64}, 'UTC') AND day < toDateTime({to:Int64}, 'UTC') \
+                     AND (subject, toUInt32(day)) IN {buckets:Array(Tuple(String, UInt32))} GROUP BY day, subject",
+                )
+                .param("version", version)
+                .param("subjects", subjects(&chunk))
+                .param("from", from)
+                .param("to", to)
+                .param("buckets", buckets(&chunk));
+            self.ch.execute(query).await?;
         }
         Ok(())
     }
+}
+
+/// The smallest and largest of `times`, in milliseconds since the epoch.
+fn time_bounds(times: impl Iterator<Item = DateTime<Utc>>) -> (i64, i64) {
+    times.map(|t| t.timestamp_millis()).fold((i64::MAX, i64::MIN), |(lo, hi), t| (lo.min(t), hi.max(t)))
+}
+
+fn subjects(keys: &BTreeSet<(String, i64)>) -> BTreeSet<&str> {
+    keys.iter().map(|(s, _)| s.as_str()).collect()
+}
+
+/// `(subject, bucket start)` pairs as the `Array(Tuple(String, UInt32))` parameter.
+fn buckets(keys: &BTreeSet<(String, i64)>) -> Vec<(&str, u32)> {
+    keys.iter().map(|(s, b)| (s.as_str(), u32::try_from(*b).unwrap_or(0))).collect()
 }
 
 fn chunks(set: &BTreeSet<(String, i64)>, size: usize) -> Vec<BTreeSet<(String, i64)>> {
@@ -292,9 +386,9 @@ mod tests {
             br#"{"id":"e1","subject":"a","time":"2026-11-22T10:00:01.250Z","input_tokens":5,"output_tokens":7,"model":"m"}"#,
         )
         .unwrap();
-        let row = RawRow::from_event(&e, "fp", "2026-11-22T11:00:00Z".parse().unwrap());
-        assert_eq!(row.time, "2026-11-22 10:00:01");
-        assert_eq!(row.time_ms, 250);
+        let row = RawRow::from_event(&e, event_day(e.time), "fp", "2026-11-22T11:00:00Z".parse().unwrap());
+        assert_eq!(row.time, "2026-11-22T10:00:01.250Z".parse::<DateTime<Utc>>().unwrap());
+        assert_eq!(row.event_day, "2026-11-22".parse::<NaiveDate>().unwrap());
         assert_eq!((row.requests, row.input_tokens, row.output_tokens, row.cost_micros), (1, 5, 7, 0));
         assert_eq!(row.model, "m");
     }

@@ -38,7 +38,7 @@ use tally_common::membership::{Heartbeats, Membership, ShareChange};
 use tally_common::metrics::{Counter, Gauge, Registry, Timing};
 use tally_common::postgres::PostgresSettings;
 
-use crate::ch::{Ch, ChError};
+use crate::client::{Ch, ChError};
 use crate::isolate;
 use crate::plan::{self, Delivery};
 use crate::progress::{IsolatedEvent, Progress, ProgressError, Range};
@@ -116,6 +116,8 @@ fn refused_event() -> Option<String> {
 /// The sink's writes as [`isolate`] tries them, with the test failpoints.
 struct SinkWrites<'a> {
     sink: &'a Sink,
+    /// The batch's partition/offset ranges, for the insert deduplication token.
+    ranges: String,
     crash_at: Option<Step>,
     refuse: Option<&'a str>,
 }
@@ -123,11 +125,11 @@ struct SinkWrites<'a> {
 impl isolate::Writes for SinkWrites<'_> {
     async fn write(&mut self, events: &[Counted]) -> Result<Written, ChError> {
         if let Some(id) = self.refuse.filter(|id| events.iter().any(|c| c.event.id == *id)) {
-            return Err(ChError::Refused { status: 500, message: format!("failpoint: event {id:?} refused (TALLY_HISTORY_REFUSE_EVENT)") });
+            return Err(ChError::Refused { code: None, message: format!("failpoint: event {id:?} refused (TALLY_HISTORY_REFUSE_EVENT)") });
         }
         let crash_at = self.crash_at;
         self.sink
-            .write(events, Utc::now(), |step| {
+            .write(events, &self.ranges, Utc::now(), |step| {
                 if crash_at == Some(step) {
                     tracing::error!(?step, "failpoint: aborting mid-batch");
                     std::process::abort();
@@ -470,7 +472,8 @@ impl Loop {
         };
         plan::resolve_models(&mut selection.counted, &stored_models);
         let crash_at = self.crash_at.filter(|_| !selection.counted.is_empty());
-        let mut writes = SinkWrites { sink: &self.sink, crash_at, refuse: self.refuse.as_deref() };
+        let ranges = ready_ranges.iter().map(|r| format!("p{}:{}-{}", r.partition, r.start, r.next)).collect::<Vec<_>>().join(",");
+        let mut writes = SinkWrites { sink: &self.sink, ranges, crash_at, refuse: self.refuse.as_deref() };
         let outcome = match isolate::write_isolating(&mut writes, &selection.counted).await {
             Ok(outcome) => outcome,
             Err(unwritten) => {
@@ -588,18 +591,18 @@ fn to_delivery(m: &rdkafka::message::BorrowedMessage<'_>) -> Delivery {
 mod tests {
     use super::*;
 
-    fn refused(status: u16) -> ChError {
-        ChError::Refused { status, message: "Code: 60. Unknown table".to_string() }
+    fn refused(code: u32) -> ChError {
+        ChError::Refused { code: Some(code), message: format!("Code: {code}. DB::Exception") }
     }
 
     #[test]
     fn a_refusal_stops_the_writer_only_when_every_part_of_its_batch_met_it() {
         let every_part = |error| isolate::Unwritten { error, not_an_event: true };
         let maybe_an_event = |error| isolate::Unwritten { error, not_an_event: false };
-        assert_eq!(Lasting::of_write(&every_part(refused(404))), Lasting::Permanent);
+        assert_eq!(Lasting::of_write(&every_part(refused(60))), Lasting::Permanent, "unknown table");
         assert_eq!(Lasting::of_write(&every_part(ChError::Decode("x".into()))), Lasting::Permanent);
-        assert_eq!(Lasting::of_write(&every_part(refused(503))), Lasting::Transient, "a server error passes");
-        assert_eq!(Lasting::of_write(&maybe_an_event(refused(400))), Lasting::Transient, "an event alone in its batch waits for company");
+        assert_eq!(Lasting::of_write(&every_part(refused(241))), Lasting::Transient, "a memory limit passes");
+        assert_eq!(Lasting::of_write(&maybe_an_event(refused(27))), Lasting::Transient, "an event alone in its batch waits for company");
     }
 
     #[test]

@@ -1,3 +1,6 @@
+-- Superseded: 0004_current_server.sql renames these tables, copies their rows into the current
+-- schema and drops them. Kept so that every database, old or new, goes through the same steps.
+--
 -- Usage history: one row per event the ledger counted. Written for ClickHouse 18.16 and
 -- current releases alike: no DateTime64 (milliseconds in their own column), no
 -- LowCardinality, no insert deduplication relied upon.
@@ -7,7 +10,7 @@
 -- replayed insert is collapsed by ReplacingMergeTree. The writer also skips ids already
 -- present, so physical duplicates only exist after a crash between insert and progress
 -- commit; every read uses FINAL.
-CREATE TABLE IF NOT EXISTS `{database}`.usage_events (
+CREATE TABLE IF NOT EXISTS usage_events (
     event_id       String,
     subject        String,
     time           DateTime('UTC'),

@@ -1,3 +1,6 @@
+-- Superseded: 0004_current_server.sql renames these tables, copies their rows into the current
+-- schema and drops them. Kept so that every database, old or new, goes through the same steps.
+--
 -- Hourly and daily rollups per subject, scope and model (UTC buckets).
 --
 -- No materialized view: an MV sees every inserted block, replays included, and would double
@@ -5,7 +8,7 @@
 -- (FINAL) after inserting raw rows, and inserts the full bucket with a higher `version`.
 -- ReplacingMergeTree keeps the highest version per key, so a re-insert replaces a bucket
 -- rather than adding to it; reads use FINAL.
-CREATE TABLE IF NOT EXISTS `{database}`.usage_hourly (
+CREATE TABLE IF NOT EXISTS usage_hourly (
     hour           DateTime('UTC'),
     subject        String,
     scope          String,
@@ -21,7 +24,7 @@ CREATE TABLE IF NOT EXISTS `{database}`.usage_hourly (
 PARTITION BY toYYYYMM(hour)
 ORDER BY (subject, hour, scope, model);
 
-CREATE TABLE IF NOT EXISTS `{database}`.usage_daily (
+CREATE TABLE IF NOT EXISTS usage_daily (
     day            DateTime('UTC'),
     subject        String,
     scope          String,

@@ -107,9 +107,11 @@ impl Instance {
     }
 
     async fn drop_clickhouse_database(&self) -> anyhow::Result<()> {
-        let sql = format!("DROP DATABASE IF EXISTS `{}`", self.names.database());
-        reqwest::Client::new().post(&self.servers.clickhouse).body(sql).send().await?.error_for_status()?;
-        Ok(())
+        let settings = tally_common::clickhouse::ClickHouseSettings {
+            clickhouse_url: self.servers.clickhouse.clone(),
+            clickhouse_database: self.names.database(),
+        };
+        settings.drop_database().await
     }
 }
 

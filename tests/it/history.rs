@@ -85,7 +85,8 @@ async fn accepted_events(pool: &sqlx::PgPool) -> i64 {
 async fn assert_history_exact(t: &Tally, expected: i64) {
     let db = t.clickhouse_database();
     let final_rows = t.clickhouse_i64(&format!("SELECT count() FROM `{db}`.usage_events FINAL")).await;
-    let distinct = t.clickhouse_i64(&format!("SELECT uniqExact(event_id) FROM `{db}`.usage_events")).await;
+    // An event is its id and UTC day, as the ledger's dedupe record keys it.
+    let distinct = t.clickhouse_i64(&format!("SELECT uniqExact(event_id, event_day) FROM `{db}`.usage_events")).await;
     let physical = t.clickhouse_i64(&format!("SELECT count() FROM `{db}`.usage_events")).await;
     assert_eq!((final_rows, distinct, physical), (expected, expected, expected), "raw rows (FINAL, distinct ids, physical)");
     let sums = "sum(requests), sum(input_tokens), sum(output_tokens), sum(cached_tokens), sum(cost_micros)";
@@ -702,4 +703,200 @@ async fn a_binary_mode_cloudevent_from_kafka_reaches_history_as_the_ledger_count
     wait_converged(&t, &pool, 1).await;
     assert_eq!(ledger_sum(&pool, &subject, "total_tokens").await, 42, "the ledger counted it");
     assert_eq!(history_sum(&t, &subject, "input_tokens + output_tokens").await, 42, "history holds it too");
+}
+
+/// TIERS with a monthly cost quota too, so reconciliation compares cost ledger rows, to the
+/// micro-dollar, beside the token and request rows.
+const TIERS_WITH_COST: &str = "
+default_tier: basic
+timezone: UTC
+quotas:
+  - name: monthly_tokens
+    metric: total_tokens
+    period: month
+    limit: 100000000
+  - name: monthly_requests
+    metric: requests
+    period: month
+    limit: 100000000
+  - name: monthly_cost
+    metric: cost_micros
+    period: month
+    limit: 100000000000
+tiers:
+  - name: basic
+    priority: 0
+    rate_multiplier: 1
+";
+
+/// `n` events with explicit costs over the last hours, for subjects `c0..c2`.
+fn costed_batch(t: &Tally, prefix: &str, n: usize, now: DateTime<Utc>) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            let mut e = event(
+                &format!("{prefix}-{i}-{}", t.id),
+                &format!("c{}-{}", i % 3, t.id),
+                now - Span::minutes((i % 7) as i64 * 23 + 1),
+                100 + i as i64,
+                3 + (i % 5) as i64,
+                if i % 2 == 0 { "small" } else { "big" },
+            );
+            e["cost_micros"] = json!(1_000 + 17 * i as i64);
+            e
+        })
+        .collect()
+}
+
+/// Per subject: (events, total tokens, cost in micro-dollars) of `events`.
+fn sent_totals(events: &[Value]) -> std::collections::BTreeMap<String, (i64, i64, i64)> {
+    let mut totals = std::collections::BTreeMap::new();
+    for e in events {
+        let entry = totals.entry(e["subject"].as_str().unwrap().to_string()).or_insert((0, 0, 0));
+        entry.0 += 1;
+        entry.1 += e["input_tokens"].as_i64().unwrap() + e["output_tokens"].as_i64().unwrap();
+        entry.2 += e["cost_micros"].as_i64().unwrap_or(0);
+    }
+    totals
+}
+
+/// Per subject: (events, total tokens, cost) in `table` of history, under FINAL (`events`
+/// is the expression counting events in that table).
+async fn history_totals(t: &Tally, table: &str, events: &str) -> std::collections::BTreeMap<String, (i64, i64, i64)> {
+    let db = t.clickhouse_database();
+    let body = t
+        .clickhouse(&format!(
+            "SELECT subject, toInt64({events}), sum(input_tokens + output_tokens), sum(cost_micros) FROM `{db}`.{table} FINAL \
+             GROUP BY subject ORDER BY subject"
+        ))
+        .await;
+    body.lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (f[0].to_string(), (f[1].parse().unwrap(), f[2].parse().unwrap(), f[3].parse().unwrap()))
+        })
+        .collect()
+}
+
+/// Raw rows, the hourly and daily rollups and the daily totals each hold `expected` per
+/// subject, to the event, the token and the micro-dollar.
+async fn assert_totals_everywhere(t: &Tally, expected: &std::collections::BTreeMap<String, (i64, i64, i64)>) {
+    assert_eq!(&history_totals(t, "usage_events", "count()").await, expected, "raw rows");
+    for table in ["usage_hourly", "usage_daily", "usage_subject_daily"] {
+        assert_eq!(&history_totals(t, table, "sum(events)").await, expected, "{table}");
+    }
+}
+
+/// The cost the ledger counted per subject (its dedupe records), in micro-dollars.
+async fn ledger_cost(pool: &sqlx::PgPool, subject: &str) -> i64 {
+    sqlx::query_scalar::<_, Option<i64>>("SELECT sum(cost_micros)::bigint FROM processed_events WHERE subject = $1")
+        .bind(subject)
+        .fetch_one(pool)
+        .await
+        .expect("read processed_events")
+        .unwrap_or(0)
+}
+
+fn assert_reconciled(t: &Tally, times: &[DateTime<Utc>]) {
+    for p in times.iter().map(|t| month_name(*t)) {
+        let (code, out) = reconcile(t, &p);
+        assert_eq!(code, 0, "reconcile found drift in {p}:\n{out}");
+        assert!(out.contains("ok: zero drift"), "{out}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_inserted_again_after_a_kill_between_insert_and_progress_leaves_no_duplicate() {
+    let mut t = Tally::start(Some(TIERS_WITH_COST)).await;
+    let pool = t.pg().await;
+    let now = Utc::now();
+    let events = costed_batch(&t, "kb", 90, now);
+    post_all(&t, &events).await;
+    // The writer dies (abort, as kill -9) right after its ClickHouse writes, raw rows and
+    // rollups, and before its progress commit: the restarted writer writes the batch again.
+    t.spawn_history_writer(&[("TALLY_HISTORY_FAILPOINT", "after-rollups".to_string())]);
+    assert!(
+        wait_for(Duration::from_secs(90), || std::future::ready(t.running("history-writer") == 0)).await,
+        "failpoint did not abort the writer; logs in {}",
+        t.log_dir().display()
+    );
+    assert_eq!(offsets_sum(&pool, "history_offsets", &t.history_group()).await, 0, "progress advanced past the kill");
+    let before = t.clickhouse_i64(&format!("SELECT count() FROM `{}`.usage_events", t.clickhouse_database())).await;
+    assert!(before > 0, "the killed writer inserted nothing");
+    t.kill("history-writer");
+    let url = t.spawn_history_writer(&[]);
+    wait_converged(&t, &pool, 90).await;
+    assert!(t.metric(&url, "tally_history_events_replayed_total").await >= before, "the batch was not written again");
+    assert_history_exact(&t, 90).await;
+    let expected = sent_totals(&events);
+    assert_totals_everywhere(&t, &expected).await;
+    for (subject, (_, tokens, cost)) in &expected {
+        assert_eq!(ledger_sum(&pool, subject, "total_tokens").await, *tokens, "ledger tokens of {subject}");
+        assert_eq!(ledger_cost(&pool, subject).await, *cost, "ledger cost of {subject}");
+    }
+    assert_reconciled(&t, &[now - Span::hours(3), now]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reconcile_after_a_whole_partition_is_replayed_reports_zero_drift() {
+    let mut t = Tally::start(Some(TIERS_WITH_COST)).await;
+    let pool = t.pg().await;
+    t.spawn_history_writer(&[]);
+    let now = Utc::now();
+    let events = costed_batch(&t, "rp", 120, now);
+    post_all(&t, &events).await;
+    wait_converged(&t, &pool, 120).await;
+    assert_reconciled(&t, &[now - Span::hours(3), now]);
+
+    // Forget the writer's progress on the busiest partition: it replays all of it.
+    t.kill("history-writer");
+    let (partition, messages): (i32, i64) = sqlx::query_as(
+        "SELECT partition, next_offset FROM history_offsets WHERE group_id = $1 ORDER BY next_offset DESC, partition LIMIT 1",
+    )
+    .bind(t.history_group())
+    .fetch_one(&pool)
+    .await
+    .expect("read history offsets");
+    assert!(messages > 0);
+    sqlx::query("UPDATE history_offsets SET next_offset = 0 WHERE group_id = $1 AND partition = $2")
+        .bind(t.history_group())
+        .bind(partition)
+        .execute(&pool)
+        .await
+        .expect("rewind the partition");
+    let url = t.spawn_history_writer(&[]);
+    wait_converged(&t, &pool, 120).await;
+    assert_eq!(t.metric(&url, "tally_history_events_replayed_total").await, messages, "the whole partition was replayed");
+    assert_eq!(t.metric(&url, "tally_history_events_written_total").await, 0, "the replay inserted rows again");
+    assert_history_exact(&t, 120).await;
+    assert_totals_everywhere(&t, &sent_totals(&events)).await;
+    assert_reconciled(&t, &[now - Span::hours(3), now]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_event_id_on_two_utc_days_is_two_events_in_history() {
+    let mut t = Tally::start(Some(TIERS_WITH_COST)).await;
+    let pool = t.pg().await;
+    t.spawn_history_writer(&[]);
+    let midnight = Utc::now().date_naive().and_hms_opt(0, 0, 0).unwrap().and_utc();
+    let (before, after) = (midnight - Span::milliseconds(500), midnight + Span::milliseconds(500));
+    let id = format!("twice-{}", t.id);
+    let subject = format!("two-days-{}", t.id);
+    let mut first = event(&id, &subject, before, 40, 2, "small");
+    first["cost_micros"] = json!(700);
+    let mut second = event(&id, &subject, after, 50, 3, "big");
+    second["cost_micros"] = json!(900);
+    // Each delivered twice: the ledger counts each day's event once.
+    post_all(&t, &[first.clone(), second.clone(), first.clone(), second.clone()]).await;
+    wait_converged(&t, &pool, 4).await;
+    assert_eq!(accepted_events(&pool).await, 2, "the ledger counts two events");
+    assert_history_exact(&t, 2).await;
+    let db = t.clickhouse_database();
+    let rows = t
+        .clickhouse(&format!("SELECT event_day, input_tokens FROM `{db}`.usage_events FINAL WHERE event_id = '{id}' ORDER BY event_day"))
+        .await;
+    let expected = format!("{}\t40\n{}\t50\n", before.date_naive(), after.date_naive());
+    assert_eq!(rows, expected, "both days' events in history");
+    assert_totals_everywhere(&t, &sent_totals(&[first, second])).await;
+    assert_eq!(ledger_sum(&pool, &subject, "total_tokens").await, 95);
+    assert_reconciled(&t, &[before, after]);
 }

@@ -7,61 +7,58 @@
 //! per bucket, subject, scope and model) and the daily totals per subject from the daily
 //! rollup. The queries go through the API's history routes, one at a time: a 30-day daily
 //! series for one subject (rotating over subjects) and a top-20 over 30 days. The baseline
-//! is a `SELECT 1` sent straight to ClickHouse's HTTP interface: the floor of any ClickHouse
-//! round trip on this machine.
+//! is a `SELECT 1` sent straight to ClickHouse through the same client the API uses: the
+//! floor of any ClickHouse round trip on this machine.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use chrono::Utc;
+use tally_common::clickhouse::ClickHouseSettings;
 
 use super::report::{Latencies, Section};
 
-async fn clickhouse(http: &reqwest::Client, url: &str, sql: &str) -> anyhow::Result<String> {
-    let r = http.post(url).body(sql.to_string()).send().await.with_context(|| format!("failed to reach ClickHouse at {url}"))?;
-    let status = r.status();
-    let body = r.text().await.unwrap_or_default();
-    if !status.is_success() {
-        bail!("ClickHouse refused a bench statement ({status}): {}", body.trim());
-    }
-    Ok(body)
+async fn execute(ch: &clickhouse::Client, sql: &str) -> anyhow::Result<()> {
+    ch.query(sql).execute().await.with_context(|| format!("ClickHouse refused a bench statement: {sql}"))
 }
 
-/// Fills the run's ClickHouse database with `rows` raw rows and their rollups.
-pub async fn generate(http: &reqwest::Client, url: &str, db: &str, rows: u64, subjects: u64) -> anyhow::Result<(f64, u64, u64)> {
+async fn count(ch: &clickhouse::Client, table: &str) -> anyhow::Result<u64> {
+    Ok(ch.query(&format!("SELECT count() FROM {table}")).fetch_one::<u64>().await?)
+}
+
+/// Fills the run's ClickHouse database (the client's) with `rows` raw rows and their rollups.
+pub async fn generate(ch: &clickhouse::Client, rows: u64, subjects: u64) -> anyhow::Result<(f64, u64, u64)> {
     let started = Instant::now();
     let span = 35 * 86_400u64;
     let base = (Utc::now().timestamp() as u64).saturating_sub(span);
     let raw = format!(
-        "INSERT INTO `{db}`.usage_events
-         SELECT concat('bench-', toString(number)), concat('h', toString(number % {subjects})),
-                toDateTime({base} + intHash32(number) % {span}), toUInt16(number % 1000),
+        "INSERT INTO usage_events (event_id, event_day, subject, time, scope, model, api_key_sha256, requests, input_tokens,
+                                   output_tokens, cached_tokens, cost_micros, fingerprint, inserted_at)
+         SELECT concat('bench-', toString(number)), toDate(t), concat('h', toString(number % {subjects})), t,
                 arrayElement(['chat', 'batch'], (number % 2) + 1),
                 arrayElement(['gpt-4o', 'gpt-4o-mini', 'o3'], (intHash32(number + 1) % 3) + 1),
                 '', toInt64(1), toInt64(100 + number % 900), toInt64(50 + number % 300), toInt64(0),
                 toInt64(number % 5000), '', now()
-         FROM numbers({rows})"
+         FROM (SELECT number, fromUnixTimestamp64Milli(toInt64({base} + intHash32(number) % {span}) * 1000 + number % 1000, 'UTC') AS t
+               FROM numbers({rows}))"
     );
-    clickhouse(http, url, &raw).await?;
+    execute(ch, &raw).await?;
     for (table, bucket) in [("usage_hourly", "toStartOfHour(time)"), ("usage_daily", "toStartOfDay(time)")] {
         let sql = format!(
-            "INSERT INTO `{db}`.{table}
+            "INSERT INTO {table}
              SELECT {bucket} AS b, subject, scope, model, count(), sum(requests), sum(input_tokens),
                     sum(output_tokens), sum(cached_tokens), sum(cost_micros), toUInt64(1)
-             FROM `{db}`.usage_events GROUP BY b, subject, scope, model"
+             FROM usage_events GROUP BY b, subject, scope, model"
         );
-        clickhouse(http, url, &sql).await?;
+        execute(ch, &sql).await?;
     }
-    let totals = format!(
-        "INSERT INTO `{db}`.usage_subject_daily
+    let totals = "INSERT INTO usage_subject_daily
          SELECT day, subject, sum(events), sum(requests), sum(input_tokens), sum(output_tokens),
                 sum(cached_tokens), sum(cost_micros), toUInt64(1)
-         FROM `{db}`.usage_daily GROUP BY day, subject"
-    );
-    clickhouse(http, url, &totals).await?;
-    let count = |t: &str| format!("SELECT count() FROM `{db}`.{t}");
-    let hourly: u64 = clickhouse(http, url, &count("usage_hourly")).await?.trim().parse().unwrap_or(0);
-    let daily: u64 = clickhouse(http, url, &count("usage_daily")).await?.trim().parse().unwrap_or(0);
+         FROM usage_daily GROUP BY day, subject";
+    execute(ch, totals).await?;
+    let hourly = count(ch, "usage_hourly").await?;
+    let daily = count(ch, "usage_daily").await?;
     Ok((started.elapsed().as_secs_f64(), hourly, daily))
 }
 
@@ -86,9 +83,10 @@ pub async fn measure(
     subjects: u64,
     queries: usize,
 ) -> anyhow::Result<Section> {
-    let ch = reqwest::Client::builder().timeout(Duration::from_secs(600)).build()?;
+    let settings = ClickHouseSettings { clickhouse_url: clickhouse_url.to_string(), clickhouse_database: db.to_string() };
+    let ch = settings.client();
     eprintln!("[bench] history: generating {rows} usage rows and their rollups in ClickHouse");
-    let (insert_seconds, hourly, daily) = generate(&ch, clickhouse_url, db, rows, subjects).await?;
+    let (insert_seconds, hourly, daily) = generate(&ch, rows, subjects).await?;
     let today = Utc::now().date_naive();
     let (from, to) = (today - chrono::Duration::days(30), today);
     let series_url = |k: usize| {
@@ -108,9 +106,11 @@ pub async fn measure(
     for _ in 0..queries {
         top.push(timed(http, &top_url).await?);
     }
-    let select1 = format!("{}/?query=SELECT%201", clickhouse_url.trim_end_matches('/'));
+    let server = settings.server_client();
     for _ in 0..queries {
-        floor.push(timed(&ch, &select1).await?);
+        let started = Instant::now();
+        server.query("SELECT 1").fetch_one::<u8>().await.context("SELECT 1 on ClickHouse")?;
+        floor.push(started.elapsed());
     }
     let mut s = Section::default();
     s.figure("raw_rows", rows as f64)

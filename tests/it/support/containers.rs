@@ -8,7 +8,7 @@ use testcontainers_modules::clickhouse::ClickHouse;
 use testcontainers_modules::kafka::apache::{Kafka, KAFKA_PORT};
 use testcontainers_modules::postgres::Postgres;
 use testcontainers_modules::testcontainers::runners::SyncRunner;
-use testcontainers_modules::testcontainers::Container;
+use testcontainers_modules::testcontainers::{Container, ImageExt};
 
 use super::Servers;
 
@@ -21,10 +21,14 @@ struct Started {
 
 static STARTED: OnceLock<Started> = OnceLock::new();
 
+/// The ClickHouse image tag, as in compose.yaml.
+const CLICKHOUSE_TAG: &str = "25.8";
+
 fn start() -> Started {
     let kafka = Kafka::default().start().expect("start the Kafka container");
     let postgres = Postgres::default().start().expect("start the Postgres container");
-    let clickhouse = ClickHouse::default().start().expect("start the ClickHouse container");
+    // The release the project tests (the module's default is 23.3).
+    let clickhouse = ClickHouse::default().with_tag(CLICKHOUSE_TAG).start().expect("start the ClickHouse container");
     let servers = Servers {
         kafka: format!("127.0.0.1:{}", kafka.get_host_port_ipv4(KAFKA_PORT).expect("kafka port")),
         postgres: format!("postgres://postgres:postgres@127.0.0.1:{}/postgres", postgres.get_host_port_ipv4(5432).expect("postgres port")),
