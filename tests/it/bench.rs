@@ -6,10 +6,10 @@ use crate::support;
 
 use serde_json::Value;
 
-const SECTIONS: [&str; 8] = ["broker", "pipeline", "decision_latency", "check", "history", "memory", "ingest", "rollover"];
+const SECTIONS: [&str; 9] = ["broker", "pipeline", "decision_latency", "check", "history", "memory", "ingest", "steady_state", "rollover"];
 
 /// Figures that must be positive in every run (others, such as error counts, may be zero).
-const POSITIVE: [(&str, &str); 22] = [
+const POSITIVE: [(&str, &str); 25] = [
     ("broker", "produce_per_s"),
     ("broker", "consume_per_s"),
     ("broker", "round_trip_p99_ms"),
@@ -30,6 +30,10 @@ const POSITIVE: [(&str, &str); 22] = [
     ("memory", "api_rss_mib"),
     ("ingest", "events_per_s"),
     ("ingest", "request_p99_ms"),
+    // Both counts ran, and the past was on disk while the second one did.
+    ("steady_state", "fresh_events_per_s"),
+    ("steady_state", "steady_events_per_s"),
+    ("steady_state", "dedupe_bytes_at_rest"),
     // Every blocked subject's unblock reached the topic and the API after the boundary,
     // while the background load was counted.
     ("rollover", "unblocks_seen"),
@@ -91,6 +95,10 @@ fn quick_bench_reports_every_section_with_figures_and_ratios() {
         decision.as_object().into_iter().flatten().filter(|(k, _)| k.starts_with("cpu_share_")).filter_map(|(_, v)| v.as_f64()).sum();
     let idle = decision["machine_idle_share"].as_f64().unwrap_or(-1.0);
     assert!((0.0..=1.0).contains(&idle) && shares + idle <= 1.1, "idle {idle}, shares {shares}: {decision}");
+    // The steady state's past is the quick default, and a record takes room on disk.
+    let steady = &report["sections"]["steady_state"]["figures"];
+    assert_eq!(steady["past_dedupe_records"].as_f64(), Some(100_000.0), "{steady}");
+    assert!(steady["dedupe_bytes_per_record"].as_f64().unwrap_or(0.0) > 100.0, "{steady}");
     // The rollover saw every blocked subject unblocked, and the API refuses none of them after.
     let rollover = &report["sections"]["rollover"]["figures"];
     assert_eq!(rollover["unblocks_seen"], rollover["subjects"], "{rollover}");

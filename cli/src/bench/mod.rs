@@ -12,9 +12,9 @@
 //!   too. Everything is on loopback.
 //! - The sections run in this order, so the broker's ceiling is known before anything is set
 //!   against it: broker, pipeline, decision_latency, memory, check, ingest, history,
-//!   rollover. The rollover section runs on a Tally of its own (a second run id, with a tier
-//!   configuration of its own) after the others' services are stopped; `--only rollover`
-//!   runs it alone.
+//!   steady_state, rollover. The last two run on Tallys of their own (other run ids; the
+//!   rollover with a tier configuration of its own) after the others' services are stopped;
+//!   `--only steady-state` and `--only rollover` run one of them alone.
 //! - The report (table on stdout, JSON with `--json`) has per section `figures`, `ratios`
 //!   against a baseline of the same run, `targets` (met or missed) and `notes`. A missed
 //!   target is a finding, not a failure: the exit status is non-zero only when the bench
@@ -28,6 +28,7 @@ mod pipeline;
 mod report;
 mod rollover;
 mod stack;
+mod steady;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -72,7 +73,15 @@ Sections, in the order they run:
 7. ingest: POST /v1/events events/s with batches of 100; ratio to the broker's produce
    rate.
 
-8. rollover: 100k subjects (`--rollover-subjects`; `--quick` fewer) blocked by one event
+8. steady_state: the pipeline count of section 2 on a database holding a month of past
+   (`--past-records` dedupe records spread over the days the lateness window keeps, 100
+   million by default; `--past-subjects` subjects with ledgers and decisions, a million),
+   against the same count on a fresh database; ratio steady / fresh, and the CPU per event
+   of both. Loading 100 million records takes 10 to 20 minutes and about 40 GB of disk;
+   the section checks the room first. Runs on Tallys of its own; `--only steady-state`
+   runs it alone.
+
+9. rollover: 100k subjects (`--rollover-subjects`; `--quick` fewer) blocked by one event
    each in a short fixed window (60 s; quick 10 s), then the boundary: from it until the
    last unblock is visible at the API (GET decision), with p50/p99/max of each subject's
    unblock on the decisions topic, while a background load of other subjects runs
@@ -127,6 +136,15 @@ pub struct BenchArgs {
     /// The rollover section's background load in events/s (default 10000, quick 1000).
     #[arg(long)]
     pub rollover_load: Option<f64>,
+    /// Dedupe records of the past the steady-state section loads (default 100000000, quick
+    /// 100000). About 400 bytes each at rest: 100 million take about 40 GB and 10 to 20
+    /// minutes to load on 2 cores.
+    #[arg(long)]
+    pub past_records: Option<u64>,
+    /// Subjects of the past the steady-state section loads, each with its ledgers and
+    /// decision (default 1000000, quick 2000).
+    #[arg(long)]
+    pub past_subjects: Option<usize>,
     /// Run only this section (only sections that stand alone can be named).
     #[arg(long, value_enum)]
     pub only: Option<Standalone>,
@@ -135,6 +153,7 @@ pub struct BenchArgs {
 /// The sections that can run alone (`--only`): they need no figure of another section.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Standalone {
+    SteadyState,
     Rollover,
 }
 
@@ -146,6 +165,9 @@ fn load_fraction(text: &str) -> Result<f64, String> {
         Err(e) => Err(format!("{text:?} is not a number: {e}")),
     }
 }
+
+/// The lateness window of the bench's aggregators: the services' default.
+const LATENESS_DAYS: i64 = tally_aggregator::DEFAULT_LATENESS_DAYS;
 
 /// The sizes of one run.
 struct Sizes {
@@ -163,6 +185,7 @@ struct Sizes {
     history_rows: u64,
     history_subjects: u64,
     history_queries: usize,
+    steady: steady::Plan,
     rollover: rollover::Plan,
 }
 
@@ -184,6 +207,13 @@ impl Sizes {
             history_rows: args.history_rows.unwrap_or(if q { 100_000 } else { 10_000_000 }),
             history_subjects: if q { 1_000 } else { 10_000 },
             history_queries: if q { 5 } else { 100 },
+            steady: steady::Plan {
+                events: args.events.unwrap_or(if q { 10_000 } else { 600_000 }),
+                subjects: args.subjects.unwrap_or(if q { 1_000 } else { 10_000 }),
+                past_records: args.past_records.unwrap_or(if q { 100_000 } else { 100_000_000 }),
+                past_subjects: args.past_subjects.unwrap_or(if q { 2_000 } else { 1_000_000 }),
+                lateness_days: LATENESS_DAYS,
+            },
             rollover: rollover::Plan {
                 subjects: args.rollover_subjects.unwrap_or(if q { 2_000 } else { 100_000 }),
                 window_seconds: if q { 10 } else { 60 },
@@ -212,9 +242,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     if args.only.is_none() {
         measure_on_one_stack(&args, &sizes, &mut report).await?;
     }
-    // Last, with the other sections' services stopped: it runs a Tally of its own.
-    let servers = rollover::Servers { brokers: &args.brokers, database_url: &args.database_url, clickhouse_url: &args.clickhouse_url };
-    report.add("rollover", rollover::measure(&servers, &sizes.rollover, args.keep).await?);
+    // With the other sections' services stopped: each runs Tallys of its own.
+    if args.only.is_none_or(|only| only == Standalone::SteadyState) {
+        let servers = steady::Servers { brokers: &args.brokers, database_url: &args.database_url, clickhouse_url: &args.clickhouse_url };
+        report.add("steady_state", steady::measure(&servers, &sizes.steady, args.keep).await?);
+    }
+    if args.only.is_none_or(|only| only == Standalone::Rollover) {
+        let servers = rollover::Servers { brokers: &args.brokers, database_url: &args.database_url, clickhouse_url: &args.clickhouse_url };
+        report.add("rollover", rollover::measure(&servers, &sizes.rollover, args.keep).await?);
+    }
     report.seconds = started.elapsed().as_secs_f64();
     print!("{}", report.table());
     if let Some(path) = &args.json {
@@ -344,6 +380,7 @@ mod tests {
         use clap::Parser;
         let only = |value: &str| Command::try_parse_from(["bench", "--only", value]).map(|c| c.bench.only);
         assert_eq!(only("rollover").unwrap(), Some(Standalone::Rollover));
+        assert_eq!(only("steady-state").unwrap(), Some(Standalone::SteadyState));
         let e = only("pipeline").unwrap_err().to_string();
         assert!(e.contains("invalid value 'pipeline'") && e.contains("rollover"), "{e}");
         assert_eq!(Command::try_parse_from(["bench"]).unwrap().bench.only, None);

@@ -146,6 +146,64 @@ pub struct Pipeline {
     pub idle_probes: Vec<String>,
 }
 
+/// One timed count of pre-produced events by a freshly started aggregator.
+#[derive(Debug, Clone)]
+pub struct Timed {
+    pub events: f64,
+    /// Events counted between the first committed batch and the last (the rate's numerator).
+    pub events_timed: f64,
+    pub events_per_s: f64,
+    /// From the aggregator's start to its last commit.
+    pub wall: Duration,
+    /// The aggregator's own counters over its life.
+    pub counted: f64,
+    pub commit_us: f64,
+    pub batches: f64,
+    /// CPU seconds over the aggregator's life: its own, its Postgres backends', and the
+    /// broker's when it is a local tansu process.
+    pub aggregator_cpu: f64,
+    pub postgres_cpu: f64,
+    pub broker_cpu: Option<f64>,
+}
+
+impl Timed {
+    pub fn aggregator_us_per_event(&self) -> f64 {
+        self.aggregator_cpu * 1e6 / self.events
+    }
+
+    pub fn postgres_us_per_event(&self) -> f64 {
+        self.postgres_cpu * 1e6 / self.events
+    }
+
+    /// The figures of a timed count, under their pipeline-section names.
+    pub fn report(&self, s: &mut Section) {
+        let per_batch = |v: f64| if self.batches > 0.0 { v / self.batches } else { 0.0 };
+        let wall = self.wall.as_secs_f64();
+        s.figure("events", self.events)
+            .figure("events_per_s", self.events_per_s)
+            .figure("events_timed", self.events_timed)
+            .figure("wall_seconds_from_process_start", wall)
+            .figure("events_per_s_from_process_start", self.events / wall)
+            .figure("events_counted_metric", self.counted)
+            .figure("batches", self.batches)
+            .figure("events_per_batch", per_batch(self.counted))
+            .figure("commit_ms_per_batch", per_batch(self.commit_us) / 1000.0)
+            .figure("commit_share_of_wall", self.commit_us / 1e6 / wall)
+            .figure("aggregator_cpu_us_per_event", self.aggregator_us_per_event())
+            .figure("postgres_cpu_us_per_event", self.postgres_us_per_event())
+            .figure("cpu_share_of_wall", (self.aggregator_cpu + self.postgres_cpu + self.broker_cpu.unwrap_or(0.0)) / wall);
+        if let Some(broker_cpu) = self.broker_cpu {
+            s.figure("broker_cpu_us_per_event", broker_cpu * 1e6 / self.events);
+        }
+    }
+
+    /// The notes that say how a timed count is measured.
+    pub fn explain(s: &mut Section) {
+        s.note("timed from the first committed batch to the last; consumer_offsets next offsets sum to the events produced")
+            .note("CPU per event from /proc/<pid>/stat over the aggregator's life: the aggregator, its Postgres backends, and the broker when it is a local tansu process (broker_cpu_us_per_event); noise-proof where rates are not");
+    }
+}
+
 impl Pipeline {
     pub async fn new(stack: Stack) -> anyhow::Result<Pipeline> {
         let pool = stack.postgres().connect().await?;
@@ -214,11 +272,29 @@ impl Pipeline {
         for (k, subject) in self.probes.iter().chain(&self.idle_probes).enumerate() {
             messages.push(event(format!("{}-probe-pre-{k}", self.stack.id()), subject.clone(), 0, now, 10));
         }
-        let total = messages.len() as f64;
         let all_subjects = subjects + self.probes.len() + self.idle_probes.len();
-        eprintln!("[bench] pipeline: producing {total} events for {all_subjects} subjects");
-        self.produce(messages).await?;
+        eprintln!("[bench] pipeline: producing {} events for {all_subjects} subjects", messages.len());
+        let timed = self.count_timed(messages).await?;
         self.subjects = all_subjects as u64;
+        let rate = timed.events_per_s;
+        let mut s = Section::default();
+        timed.report(&mut s);
+        s.figure("subjects", self.subjects as f64)
+            .ratio("to_broker_consume", rate, ceiling.consume_per_s)
+            .ratio("to_broker_produce", rate, ceiling.produce_per_s)
+            .target("events_per_s >= 100000", rate >= 100_000.0)
+            .target("events_per_s >= half the broker consume ceiling", rate >= ceiling.consume_per_s / 2.0)
+            .note("three tiers (basic, pro by API key, scale by API key), four quotas each (rate, daily requests, monthly tokens, daily cost)");
+        Timed::explain(&mut s);
+        Ok((s, rate))
+    }
+
+    /// Produces `messages`, then starts an aggregator and times it until it committed them
+    /// all (see the module docs). The aggregator keeps running.
+    pub async fn count_timed(&mut self, messages: Vec<Prepared>) -> anyhow::Result<Timed> {
+        let total = messages.len() as f64;
+        let before = self.consumed().await?;
+        self.produce(messages).await?;
 
         // CPU accounting: the broker (when it is a local tansu process) before the run.
         let brokers = pids_named("tansu");
@@ -230,17 +306,17 @@ impl Pipeline {
         let mut first: Option<(Instant, u64)> = None;
         let deadline = Instant::now() + Duration::from_secs(60) + Duration::from_secs_f64(total / 1000.0);
         let end = loop {
-            let consumed = self.consumed().await?;
+            let consumed = self.consumed().await?.saturating_sub(before);
             let now = Instant::now();
             if consumed > 0 && first.is_none() {
                 first = Some((now, consumed));
             }
-            if consumed >= self.produced {
+            if consumed as f64 >= total {
                 break now;
             }
             self.aggregator_mut()?.ensure_running()?;
             if now > deadline {
-                bail!("the aggregator counted {consumed} of {} events in {:?}", self.produced, spawned.elapsed());
+                bail!("the aggregator counted {consumed} of {total} events in {:?}", spawned.elapsed());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
@@ -248,40 +324,23 @@ impl Pipeline {
         let aggregator_cpu = self.aggregator.as_ref().and_then(Service::pid).map_or(0.0, cpu_seconds);
         let broker_cpu = cpu_seconds_of(&brokers) - broker_cpu_before;
         let postgres_cpu = cpu_seconds_of(&self.backend_pids().await);
-        let (rate, measured) = match first {
+        let (events_per_s, timed) = match first {
             Some((t0, c0)) if (c0 as f64) < total * 0.9 && end > t0 => ((total - c0 as f64) / (end - t0).as_secs_f64(), total - c0 as f64),
             _ => (total / wall.as_secs_f64(), total),
         };
-        let counted = scrape(&self.http, &self.aggregator_addr, "tally_aggregator_events_counted_total").await.unwrap_or(0.0);
-        // Where the time went: the aggregator's own batch commit timing over the whole run.
-        let commit_us = scrape(&self.http, &self.aggregator_addr, "tally_aggregator_batch_micros_total").await.unwrap_or(0.0);
-        let batches = scrape(&self.http, &self.aggregator_addr, "tally_aggregator_batches_total").await.unwrap_or(0.0);
-        let mut s = Section::default();
-        s.figure("events", total)
-            .figure("subjects", self.subjects as f64)
-            .figure("events_per_s", rate)
-            .figure("events_timed", measured)
-            .figure("wall_seconds_from_process_start", wall.as_secs_f64())
-            .figure("events_per_s_from_process_start", total / wall.as_secs_f64())
-            .figure("events_counted_metric", counted)
-            .figure("batches", batches)
-            .figure("events_per_batch", if batches > 0.0 { counted / batches } else { 0.0 })
-            .figure("commit_ms_per_batch", if batches > 0.0 { commit_us / batches / 1000.0 } else { 0.0 })
-            .figure("commit_share_of_wall", commit_us / 1e6 / wall.as_secs_f64())
-            .figure("aggregator_cpu_us_per_event", aggregator_cpu * 1e6 / total)
-            .figure("postgres_cpu_us_per_event", postgres_cpu * 1e6 / total)
-            .figure("cpu_share_of_wall", (aggregator_cpu + postgres_cpu + broker_cpu) / wall.as_secs_f64())
-            .ratio("to_broker_consume", rate, ceiling.consume_per_s)
-            .ratio("to_broker_produce", rate, ceiling.produce_per_s)
-            .target("events_per_s >= 100000", rate >= 100_000.0)
-            .target("events_per_s >= half the broker consume ceiling", rate >= ceiling.consume_per_s / 2.0)
-            .note("three tiers (basic, pro by API key, scale by API key), four quotas each (rate, daily requests, monthly tokens, daily cost)")
-            .note("timed from the first committed batch to the last; consumer_offsets next offsets sum to the events produced")
-            .note("CPU per event from /proc/<pid>/stat over the aggregator's life: the aggregator, its Postgres backends, and the broker when it is a local tansu process (broker_cpu_us_per_event); noise-proof where rates are not");
-        if !brokers.is_empty() {
-            s.figure("broker_cpu_us_per_event", broker_cpu * 1e6 / total);
-        }
-        Ok((s, rate))
+        Ok(Timed {
+            events: total,
+            events_timed: timed,
+            events_per_s,
+            wall,
+            counted: scrape(&self.http, &self.aggregator_addr, "tally_aggregator_events_counted_total").await.unwrap_or(0.0),
+            // Where the time went: the aggregator's own batch commit timing over the whole run.
+            commit_us: scrape(&self.http, &self.aggregator_addr, "tally_aggregator_batch_micros_total").await.unwrap_or(0.0),
+            batches: scrape(&self.http, &self.aggregator_addr, "tally_aggregator_batches_total").await.unwrap_or(0.0),
+            aggregator_cpu,
+            postgres_cpu,
+            broker_cpu: (!brokers.is_empty()).then_some(broker_cpu),
+        })
     }
 
     /// Starts the API and waits until its view holds every subject so far.
