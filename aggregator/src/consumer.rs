@@ -372,6 +372,7 @@ pub async fn run(
     // (a day without its partition goes to the DEFAULT partition until the next run).
     let _ = crate::partitions::maintain_now(&pool, settings.lateness_days).await;
     let partition_upkeep = tokio::spawn(crate::partitions::run_periodically(pool.clone(), settings.lateness_days));
+    let vacuums = tokio::spawn(crate::vacuum::run_periodically(pool.clone()));
     let mut scheduler = tokio::spawn(run_scheduler(store.clone(), policy.clone(), relay_wake.clone(), metrics.clone(), control));
     tracing::info!(group = %settings.group, topic = %kafka.usage_topic, owner = %store.owner, "aggregator consuming");
     let timeout = Duration::from_secs(settings.shutdown_timeout_seconds);
@@ -412,6 +413,7 @@ pub async fn run(
     health.abort();
     scheduler.abort();
     partition_upkeep.abort();
+    vacuums.abort();
     if let Some(failure) = state.stopped_by {
         tracing::error!(error = %failure, "aggregator stopped by a permanent failure");
         let context = "the aggregator stopped on a permanent failure that no event causes";

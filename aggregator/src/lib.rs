@@ -55,6 +55,7 @@ pub mod policy;
 pub mod quarantine;
 pub mod relay;
 pub mod store;
+pub mod vacuum;
 
 use std::time::Duration;
 
