@@ -10,7 +10,13 @@
 //!   - `past_records` dedupe records spread evenly over the days the lateness window keeps
 //!     (today included), written straight into `processed_events` by SQL in one
 //!     transaction per day, on a connection of their own (closed before the timing, so its
-//!     CPU is not counted as the pipeline's), then `ANALYZE`.
+//!     CPU is not counted as the pipeline's), then `ANALYZE`, and a `VACUUM` of what the
+//!     past subjects' own traffic left (relayed snapshots), as the aggregator and autovacuum
+//!     would have done over the month.
+//!
+//! Each count starts right after a `CHECKPOINT`, so neither pays for flushing what came
+//! before it (for the steady one, the gigabytes the load wrote); the checkpoints Postgres
+//! began during each count are reported.
 //!
 //! Both counts use new event ids for the same number of subjects and events, on an
 //! aggregator started for the count, so the ratio steady / fresh isolates what the past
@@ -86,6 +92,8 @@ pub async fn measure(servers: &Servers<'_>, plan: &Plan, keep: bool) -> anyhow::
         .figure("past_records_per_s", past.records as f64 / past.load_seconds.max(1e-9))
         .figure("dedupe_bytes_at_rest", past.dedupe_bytes as f64)
         .figure("dedupe_bytes_per_record", past.dedupe_bytes as f64 / (past.records.max(1)) as f64)
+        .figure("fresh_checkpoints_during_count", fresh.checkpoints_during as f64)
+        .figure("steady_checkpoints_during_count", steady.checkpoints_during as f64)
         .ratio("steady_to_fresh", steady.timed.events_per_s, fresh.timed.events_per_s)
         .ratio(
             "steady_to_fresh_cpu_per_event",
@@ -98,6 +106,7 @@ pub async fn measure(servers: &Servers<'_>, plan: &Plan, keep: bool) -> anyhow::
              each times {} new events over {} subjects on a freshly started aggregator",
             past.records, past.days, past.subjects, plan.events, plan.subjects
         ))
+        .note("after loading, the past is analyzed and vacuumed (outbox, decisions, ledgers) as the aggregator and autovacuum would have over the month; each count starts right after a CHECKPOINT")
         .note("dedupe_bytes_at_rest: pg_total_relation_size of every partition of processed_events (heap, primary key, TOAST) after the load");
     Timed::explain(&mut s);
     Ok(s)
@@ -107,6 +116,8 @@ pub async fn measure(servers: &Servers<'_>, plan: &Plan, keep: bool) -> anyhow::
 struct Run {
     timed: Timed,
     past: Option<Past>,
+    /// Checkpoints Postgres began during the count (timed or requested).
+    checkpoints_during: i64,
 }
 
 /// The past loaded before a count.
@@ -127,11 +138,16 @@ async fn on_own_tally(servers: &Servers<'_>, plan: &Plan, keep: bool, with_past:
         let mut p = Pipeline::new(stack.clone()).await?;
         let past = if with_past { Some(load_past(&mut p, plan).await?) } else { None };
         let messages = pipeline::events(&format!("{}-load", stack.id()), "s", plan.subjects, plan.events);
+        // Both counts start right after a checkpoint, so neither pays for flushing what came
+        // before it (for the steady one, the gigabytes the load wrote).
+        checkpoint(&p.pool).await;
+        let checkpoints_before = checkpoints(&p.pool).await;
         let timed = p.count_timed(messages).await?;
+        let checkpoints_during = checkpoints(&p.pool).await - checkpoints_before;
         if let Some(mut agg) = p.aggregator.take() {
             agg.stop();
         }
-        Ok(Run { timed, past })
+        Ok(Run { timed, past, checkpoints_during })
     }
     .await;
     if !keep {
@@ -139,6 +155,19 @@ async fn on_own_tally(servers: &Servers<'_>, plan: &Plan, keep: bool, with_past:
         let _ = std::fs::remove_dir_all(stack.log_dir());
     }
     outcome
+}
+
+/// Asks Postgres for a checkpoint. Best effort: it needs a superuser or `pg_checkpoint`, and
+/// without one the counts are still measured (the notes say the figures then include it).
+async fn checkpoint(pool: &PgPool) {
+    if let Err(e) = sqlx::query("CHECKPOINT").execute(pool).await {
+        eprintln!("[bench] steady state: CHECKPOINT refused ({e}); the count may pay for flushing what came before it");
+    }
+}
+
+/// Checkpoints the server has begun since its statistics were reset.
+async fn checkpoints(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT (checkpoints_timed + checkpoints_req)::bigint FROM pg_stat_bgwriter").fetch_one(pool).await.unwrap_or(0)
 }
 
 /// Loads the past (see the module docs) and returns its figures.
@@ -183,6 +212,10 @@ async fn load_past(p: &mut Pipeline, plan: &Plan) -> anyhow::Result<Past> {
         bail!("the past holds {loaded} dedupe records, not the {} asked for", plan.past_records);
     }
     sqlx::query("ANALYZE processed_events").execute(&pool).await.context("ANALYZE processed_events failed")?;
+    // What the past's own traffic left to clean up (a million relayed snapshots, ledger
+    // and decision rows written once) is cleaned up as the aggregator and autovacuum would
+    // have over the month, not during the timing.
+    sqlx::query("VACUUM (ANALYZE) outbox, decisions, ledgers").execute(&pool).await.context("VACUUM after the past failed")?;
     let dedupe_bytes: i64 = sqlx::query_scalar(
         "SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0)::bigint FROM pg_inherits WHERE inhparent = 'processed_events'::regclass",
     )
