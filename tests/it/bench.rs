@@ -68,6 +68,10 @@ fn quick_bench_reports_every_section_with_figures_and_ratios() {
         serde_json::from_str(&std::fs::read_to_string(&json_path).expect("read the JSON report")).expect("the report is JSON");
     assert_eq!(report["quick"], true);
     assert!(report["machine"]["cpus"].as_u64().unwrap_or(0) > 0, "machine: {}", report["machine"]);
+    for speed in ["cpu_sha256_mib_per_s", "postgres_sum_ms", "postgres_insert_rows_per_s"] {
+        let v = report["machine"]["calibration"][speed].as_f64().unwrap_or(0.0);
+        assert!(v > 0.0, "the machine's speed {speed} = {v}: {}", report["machine"]);
+    }
     for section in SECTIONS {
         let s = &report["sections"][section];
         let figures = s["figures"].as_object().unwrap_or_else(|| panic!("{section} has no figures: {s}"));

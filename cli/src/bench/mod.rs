@@ -21,6 +21,7 @@
 //!   could not measure.
 
 mod broker;
+mod calibrate;
 mod history;
 mod http;
 mod load;
@@ -239,6 +240,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         sections: Default::default(),
         order: Vec::new(),
     };
+    eprintln!("[bench] calibration: the machine's own speed");
+    report.machine.calibration = calibrate::measure(&args.database_url).await;
     if args.only.is_none() {
         measure_on_one_stack(&args, &sizes, &mut report).await?;
     }
