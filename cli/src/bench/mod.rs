@@ -78,7 +78,7 @@ Sections, in the order they run:
    (`--past-records` dedupe records spread over the days the lateness window keeps, 100
    million by default; `--past-subjects` subjects with ledgers and decisions, a million),
    against the same count on a fresh database; ratio steady / fresh, and the CPU per event
-   of both. Loading 100 million records takes 10 to 20 minutes and about 40 GB of disk;
+   of both. Loading 100 million records takes about 10 minutes and 35 GB of disk;
    the section checks the room first. Runs on Tallys of its own; `--only steady-state`
    runs it alone.
 
@@ -138,8 +138,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub rollover_load: Option<f64>,
     /// Dedupe records of the past the steady-state section loads (default 100000000, quick
-    /// 100000). About 400 bytes each at rest: 100 million take about 40 GB and 10 to 20
-    /// minutes to load on 2 cores.
+    /// 100000). About 350 bytes each at rest: 100 million take about 35 GB (42 GB free are
+    /// asked for) and about 10 minutes to load on 2 cores.
     #[arg(long)]
     pub past_records: Option<u64>,
     /// Subjects of the past the steady-state section loads, each with its ledgers and
