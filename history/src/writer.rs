@@ -360,8 +360,12 @@ impl Loop {
                 batch = self.next_batch() => batch,
             };
             self.maintain_ownership().await;
+            // A full batch says nothing of a partition whose messages may still be queued.
+            let drained = batch.len() < self.settings.max_batch;
             let deliveries = self.accept_in_order(batch);
-            self.seek_back_if_stalled();
+            if drained {
+                self.seek_back_if_stalled();
+            }
             if deliveries.is_empty() {
                 continue;
             }
@@ -462,13 +466,17 @@ impl Loop {
                 accepted.push(d);
             } else if d.offset > *next {
                 self.seek_if_due(d.partition);
+            } else if let Some(o) = self.owned.get_mut(&d.partition).filter(|o| o.awaiting) {
+                // Sought back before `next`: the seek is being served, not stalled.
+                o.sought_at = Some(Instant::now());
             }
         }
         accepted
     }
 
-    /// Seeks further back a partition that brought no message at `next` within
-    /// [`STALL_AFTER`] of being sought there (a hold or a rewind): a broker may answer a
+    /// Seeks further back a partition that brought no message at all within [`STALL_AFTER`]
+    /// of being sought to `next` (a hold or a rewind) or before it, while the consumer had
+    /// nothing more to give (a batch short of the most): a broker may answer a
     /// fetch that starts inside a record batch with nothing at all (tansu 0.6 does), and a
     /// partition with nothing more to come brings no later message that would trigger
     /// another seek. The first seek back goes [`FIRST_STEP_BACK`] messages before `next`,
