@@ -291,13 +291,27 @@ async fn run(stack: &Stack, plan: &Plan, ceiling: &Ceiling) -> anyhow::Result<Se
         .figure("aggregator_cpu_us_per_event", per_event(aggregator_cpu))
         .figure("postgres_cpu_us_per_event", per_event(postgres_cpu))
         .figure("history_rows_exact", exact as f64);
-    let mut phased = 0.0;
+    let mut phases: Vec<(&str, f64)> = Vec::new();
     for phase in PHASES {
         let us = labelled(&writer_metrics, "tally_history_batch_phase_micros_total", "phase", phase);
-        phased += us;
+        phases.push((phase, us));
         s.figure(&format!("history_writer_{phase}_ms_per_batch"), per_batch_ms(us));
     }
-    s.figure("history_writer_other_ms_per_batch", per_batch_ms((batch_us - phased).max(0.0)));
+    let other = (batch_us - phases.iter().map(|(_, us)| us).sum::<f64>()).max(0.0);
+    s.figure("history_writer_other_ms_per_batch", per_batch_ms(other));
+    phases.push(("other", other));
+    phases.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let shares: Vec<String> = phases.iter().map(|(phase, us)| format!("{phase} {:.0}%", 100.0 * us / batch_us.max(1.0))).collect();
+    s.note(format!(
+        "where the writer's time went this run: busy writing batches {:.0}% of its wall; of a batch: {}; CPU per event: writer {:.1} µs, \
+         ClickHouse server {}, aggregator {:.1} µs, Postgres {:.1} µs",
+        100.0 * batch_us / 1e6 / writer_wall.max(1e-9),
+        shares.join(", "),
+        per_event(writer_cpu),
+        clickhouse_cpu.map_or("not measured (not local)".to_string(), |cpu| format!("{:.1} µs", per_event(cpu))),
+        per_event(aggregator_cpu),
+        per_event(postgres_cpu),
+    ));
     if let Some(cpu) = clickhouse_cpu {
         s.figure("clickhouse_cpu_us_per_event", per_event(cpu));
     }
