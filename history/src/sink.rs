@@ -122,6 +122,7 @@ pub struct Written {
 /// Where a failure happened inside [`Sink::write`] (for tests that crash on purpose).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
+    KeysLookedUp,
     RawInserted,
     RollupsWritten,
 }
@@ -192,6 +193,7 @@ impl Sink {
             return Ok(written);
         }
         let present = self.present_keys(events).await?;
+        hook(Step::KeysLookedUp);
         let rows: Vec<RawRow> = events
             .iter()
             .filter(|c| !present.contains(&c.key()))

@@ -21,6 +21,13 @@
 //! come back on every retry: the writer stops, leaves the group, and [`run`] returns the
 //! failure, so the process logs it and exits non-zero. A batch refused by fencing drops the
 //! partition, which is not claimed again for one lease (the other member owns it).
+//!
+//! Held and rewound partitions are sought back to their next offset. A broker that answers
+//! a fetch starting inside a record batch with nothing (tansu 0.6) would leave such a
+//! partition stalled for good once nothing more is produced to it, so a partition that
+//! brings no message at its next offset soon after is sought further back
+//! ([`Loop::seek_back_if_stalled`]). Each batch's time is split by phase in
+//! `tally_history_batch_phase_micros_total`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -45,11 +52,24 @@ use crate::progress::{IsolatedEvent, Progress, ProgressError, Range};
 use crate::sink::{Counted, Sink, Step, Written};
 use crate::WriterSettings;
 
+/// How long a partition sought back may bring no message at its next offset before it is
+/// sought further back (see [`Loop::seek_back_if_stalled`]).
+const STALL_AFTER: Duration = Duration::from_millis(250);
+
+/// The first step back of a stalled partition, in messages: librdkafka's producers put at
+/// most 10000 messages in a record batch (`batch.num.messages`), so one step usually reaches
+/// the start of the batch holding the next offset.
+const FIRST_STEP_BACK: i64 = 10_000;
+
 #[derive(Debug, Clone, Copy)]
 struct Owned {
     epoch: i64,
     next: i64,
     sought_at: Option<Instant>,
+    /// Sought back to `next` (a hold or a rewind) and no message at `next` seen since.
+    awaiting: bool,
+    /// How far before `next` the last seek of a stalled partition went (0: none yet).
+    stepped_back: i64,
 }
 
 struct Metrics {
@@ -67,6 +87,44 @@ struct Metrics {
     held: Counter,
     owned_partitions: Gauge,
     lag: Gauge,
+    phases: Phases,
+}
+
+/// Where a written batch's time goes, phase by phase (`tally_history_batch_phase_micros_total`
+/// by `phase`): the ledger's offsets (`ledger`), the dedupe records (`counted`), the
+/// ClickHouse lookup of rows already present (`lookup`), the raw insert (`insert`), the
+/// rollups (`rollups`) and the stored progress (`progress`). A batch split by [`isolate`]
+/// adds every try's time.
+struct Phases {
+    ledger: Counter,
+    counted: Counter,
+    lookup: Counter,
+    insert: Counter,
+    rollups: Counter,
+    progress: Counter,
+}
+
+impl Phases {
+    fn new(r: &Registry) -> Self {
+        let phase = |name: &str| {
+            r.counter("tally_history_batch_phase_micros_total", "time spent in each phase of writing batches", &[("phase", name)])
+        };
+        Phases {
+            ledger: phase("ledger"),
+            counted: phase("counted"),
+            lookup: phase("lookup"),
+            insert: phase("insert"),
+            rollups: phase("rollups"),
+            progress: phase("progress"),
+        }
+    }
+}
+
+/// Adds the time since `since` to `counter` and restarts the clock.
+fn lap(counter: &Counter, since: &mut Instant) {
+    let now = Instant::now();
+    counter.add((now - *since).as_micros() as u64);
+    *since = now;
 }
 
 impl Metrics {
@@ -102,6 +160,7 @@ impl Metrics {
             held: r.counter("tally_history_waits_for_ledger_total", "batches cut short because the ledger had not reached them", &[]),
             owned_partitions: r.gauge("tally_history_owned_partitions", "partitions this instance owns", &[]),
             lag: r.gauge("tally_history_lag_messages", "messages the ledger consumed that history has not written", &[]),
+            phases: Phases::new(&r),
             registry: r,
         }
     }
@@ -120,6 +179,7 @@ struct SinkWrites<'a> {
     ranges: String,
     crash_at: Option<Step>,
     refuse: Option<&'a str>,
+    phases: &'a Phases,
 }
 
 impl isolate::Writes for SinkWrites<'_> {
@@ -128,8 +188,17 @@ impl isolate::Writes for SinkWrites<'_> {
             return Err(ChError::Refused { code: None, message: format!("failpoint: event {id:?} refused (TALLY_HISTORY_REFUSE_EVENT)") });
         }
         let crash_at = self.crash_at;
+        let (phases, since) = (self.phases, std::sync::Mutex::new(Instant::now()));
         self.sink
             .write(events, &self.ranges, Utc::now(), |step| {
+                if let Ok(mut at) = since.lock() {
+                    let counter = match step {
+                        Step::KeysLookedUp => &phases.lookup,
+                        Step::RawInserted => &phases.insert,
+                        Step::RollupsWritten => &phases.rollups,
+                    };
+                    lap(counter, &mut at);
+                }
                 if crash_at == Some(step) {
                     tracing::error!(?step, "failpoint: aborting mid-batch");
                     std::process::abort();
@@ -291,7 +360,12 @@ impl Loop {
                 batch = self.next_batch() => batch,
             };
             self.maintain_ownership().await;
+            // A full batch says nothing of a partition whose messages may still be queued.
+            let drained = batch.len() < self.settings.max_batch;
             let deliveries = self.accept_in_order(batch);
+            if drained {
+                self.seek_back_if_stalled();
+            }
             if deliveries.is_empty() {
                 continue;
             }
@@ -355,7 +429,10 @@ impl Loop {
             match self.progress.claim(partition).await {
                 Ok(claim) => {
                     tracing::info!(partition, next_offset = claim.next_offset, epoch = claim.epoch, "claimed partition");
-                    self.owned.insert(partition, Owned { epoch: claim.epoch, next: claim.next_offset, sought_at: None });
+                    self.owned.insert(
+                        partition,
+                        Owned { epoch: claim.epoch, next: claim.next_offset, sought_at: None, awaiting: false, stepped_back: 0 },
+                    );
                     return;
                 }
                 Err(e) => {
@@ -369,6 +446,7 @@ impl Loop {
 
     fn seek(&self, partition: i32, owned: &mut Owned) {
         owned.sought_at = Some(Instant::now());
+        owned.awaiting = true;
         if let Err(e) = self.consumer.seek(&self.topic, partition, Offset::Offset(owned.next), Duration::from_secs(1)) {
             tracing::debug!(partition, offset = owned.next, error = %e, "seek not possible yet");
         }
@@ -381,12 +459,47 @@ impl Loop {
             let Some(next) = cursor.get_mut(&d.partition) else { continue };
             if d.offset == *next {
                 *next += 1;
+                if let Some(o) = self.owned.get_mut(&d.partition) {
+                    o.awaiting = false;
+                    o.stepped_back = 0;
+                }
                 accepted.push(d);
             } else if d.offset > *next {
                 self.seek_if_due(d.partition);
+            } else if let Some(o) = self.owned.get_mut(&d.partition).filter(|o| o.awaiting) {
+                // Sought back before `next`: the seek is being served, not stalled.
+                o.sought_at = Some(Instant::now());
             }
         }
         accepted
+    }
+
+    /// Seeks further back a partition that brought no message at all within [`STALL_AFTER`]
+    /// of being sought to `next` (a hold or a rewind) or before it, while the consumer had
+    /// nothing more to give (a batch short of the most): a broker may answer a
+    /// fetch that starts inside a record batch with nothing at all (tansu 0.6 does), and a
+    /// partition with nothing more to come brings no later message that would trigger
+    /// another seek. The first seek back goes [`FIRST_STEP_BACK`] messages before `next`,
+    /// each later one twice as far, down to the partition's start; the messages before
+    /// `next` are passed over as any redelivery is, so this costs a re-read and never
+    /// changes what is written.
+    fn seek_back_if_stalled(&mut self) {
+        let stalled: Vec<i32> = self
+            .owned
+            .iter()
+            .filter(|(_, o)| o.awaiting && o.sought_at.is_none_or(|t| t.elapsed() > STALL_AFTER))
+            .map(|(p, _)| *p)
+            .collect();
+        for partition in stalled {
+            let Some(owned) = self.owned.get_mut(&partition) else { continue };
+            owned.stepped_back = (owned.stepped_back * 2).max(FIRST_STEP_BACK);
+            owned.sought_at = Some(Instant::now());
+            let (next, from) = (owned.next, (owned.next - owned.stepped_back).max(0));
+            tracing::debug!(partition, next, from, "no message at the sought offset; seeking further back");
+            if let Err(e) = self.consumer.seek(&self.topic, partition, Offset::Offset(from), Duration::from_secs(1)) {
+                tracing::debug!(partition, offset = from, error = %e, "seek not possible yet");
+            }
+        }
     }
 
     fn seek_if_due(&mut self, partition: i32) {
@@ -417,12 +530,14 @@ impl Loop {
     /// try is returned.
     async fn process(&mut self, deliveries: Vec<Delivery>) -> Result<(), Duration> {
         let started = Instant::now();
+        let mut phase = started;
         let all = self.ranges(&deliveries);
         let partitions: Vec<i32> = all.iter().map(|r| r.partition).collect();
         let ledger = match self.progress.ledger_offsets(&partitions).await {
             Ok(l) => l,
             Err(e) => return Err(self.fail(&all, Lasting::of_postgres(&e), &format!("failed to read the ledger's progress: {e}"))),
         };
+        lap(&self.metrics.phases.ledger, &mut phase);
         let gate = plan::gate(deliveries, &ledger);
         let ready_ranges = self.ranges(&gate.ready);
         let mut wait = Ok(());
@@ -447,6 +562,7 @@ impl Loop {
             Ok(c) => c,
             Err(e) => return Err(self.fail(&ready_ranges, Lasting::of_postgres(&e), &format!("failed to read processed_events: {e}"))),
         };
+        lap(&self.metrics.phases.counted, &mut phase);
         let mut selection = plan::select(&gate.ready, &counted);
         if selection.not_counted > 0 {
             self.report_past_retention(&gate.ready).await;
@@ -473,7 +589,7 @@ impl Loop {
         plan::resolve_models(&mut selection.counted, &stored_models);
         let crash_at = self.crash_at.filter(|_| !selection.counted.is_empty());
         let ranges = ready_ranges.iter().map(|r| format!("p{}:{}-{}", r.partition, r.start, r.next)).collect::<Vec<_>>().join(",");
-        let mut writes = SinkWrites { sink: &self.sink, ranges, crash_at, refuse: self.refuse.as_deref() };
+        let mut writes = SinkWrites { sink: &self.sink, ranges, crash_at, refuse: self.refuse.as_deref(), phases: &self.metrics.phases };
         let outcome = match isolate::write_isolating(&mut writes, &selection.counted).await {
             Ok(outcome) => outcome,
             Err(unwritten) => {
@@ -487,7 +603,10 @@ impl Loop {
             tracing::error!(event_id = %i.event.id, subject = %i.event.subject, reason = i.reason, "ClickHouse refused this counted event on its own; history goes on without it (history_isolated)");
         }
         let written = outcome.written;
-        match self.progress.advance(&ready_ranges, &isolated).await {
+        let mut phase = Instant::now();
+        let advanced = self.progress.advance(&ready_ranges, &isolated).await;
+        lap(&self.metrics.phases.progress, &mut phase);
+        match advanced {
             Ok(()) => {}
             Err(ProgressError::Fenced { partition, .. }) => {
                 self.metrics.fenced.inc();

@@ -6,10 +6,11 @@ use crate::support;
 
 use serde_json::Value;
 
-const SECTIONS: [&str; 9] = ["broker", "pipeline", "decision_latency", "check", "history", "memory", "ingest", "steady_state", "rollover"];
+const SECTIONS: [&str; 10] =
+    ["broker", "pipeline", "decision_latency", "check", "history", "memory", "ingest", "history_writer", "steady_state", "rollover"];
 
 /// Figures that must be positive in every run (others, such as error counts, may be zero).
-const POSITIVE: [(&str, &str); 25] = [
+const POSITIVE: [(&str, &str); 31] = [
     ("broker", "produce_per_s"),
     ("broker", "consume_per_s"),
     ("broker", "round_trip_p99_ms"),
@@ -30,6 +31,14 @@ const POSITIVE: [(&str, &str); 25] = [
     ("memory", "api_rss_mib"),
     ("ingest", "events_per_s"),
     ("ingest", "request_p99_ms"),
+    // Both processes wrote everything, history trailed the ledger measurably, and the
+    // writer's batches were timed phase by phase.
+    ("history_writer", "history_writer_events_per_s"),
+    ("history_writer", "aggregator_events_per_s"),
+    ("history_writer", "pipeline_events_per_s"),
+    ("history_writer", "history_lag_p99_ms"),
+    ("history_writer", "history_writer_insert_ms_per_batch"),
+    ("history_writer", "history_writer_cpu_us_per_event"),
     // Both counts ran, and the past was on disk while the second one did.
     ("steady_state", "fresh_events_per_s"),
     ("steady_state", "steady_events_per_s"),
@@ -103,6 +112,11 @@ fn quick_bench_reports_every_section_with_figures_and_ratios() {
     let steady = &report["sections"]["steady_state"]["figures"];
     assert_eq!(steady["past_dedupe_records"].as_f64(), Some(100_000.0), "{steady}");
     assert!(steady["dedupe_bytes_per_record"].as_f64().unwrap_or(0.0) > 100.0, "{steady}");
+    // History holds exactly the events produced (the bench fails otherwise), every one of
+    // them inserted by this run's writer.
+    let writer = &report["sections"]["history_writer"]["figures"];
+    assert_eq!(writer["history_rows_exact"].as_f64(), Some(1.0), "{writer}");
+    assert_eq!(writer["history_writer_rows_inserted"], writer["events"], "{writer}");
     // The rollover saw every blocked subject unblocked, and the API refuses none of them after.
     let rollover = &report["sections"]["rollover"]["figures"];
     assert_eq!(rollover["unblocks_seen"], rollover["subjects"], "{rollover}");

@@ -12,9 +12,11 @@
 //!   too. Everything is on loopback.
 //! - The sections run in this order, so the broker's ceiling is known before anything is set
 //!   against it: broker, pipeline, decision_latency, memory, check, ingest, history,
-//!   steady_state, rollover. The last two run on Tallys of their own (other run ids; the
-//!   rollover with a tier configuration of its own) after the others' services are stopped;
-//!   `--only steady-state` and `--only rollover` run one of them alone.
+//!   history_writer, steady_state, rollover. The last three run on Tallys of their own
+//!   (other run ids; the rollover with a tier configuration of its own) after the others'
+//!   services are stopped; `--only history-writer`, `--only steady-state` and `--only
+//!   rollover` run one of them alone (history_writer then measures the broker's ceiling
+//!   itself).
 //! - The report (table on stdout, JSON with `--json`) has per section `figures`, `ratios`
 //!   against a baseline of the same run, `targets` (met or missed) and `notes`. A missed
 //!   target is a finding, not a failure: the exit status is non-zero only when the bench
@@ -23,6 +25,7 @@
 mod broker;
 mod calibrate;
 mod history;
+mod history_writer;
 mod http;
 mod load;
 mod pipeline;
@@ -74,7 +77,17 @@ Sections, in the order they run:
 7. ingest: POST /v1/events events/s with batches of 100; ratio to the broker's produce
    rate.
 
-8. steady_state: the pipeline count of section 2 on a database holding a month of past
+8. history_writer: the history writer's events/s into ClickHouse while the aggregator
+   counts the same pre-produced events (the pipeline section's) at the same time, both
+   started together and each timed from its first to its last committed batch; ratio
+   writer / aggregator. History lag p50/p99 under that load: the age of the oldest message
+   the ledger has committed and history has not, sampled every 20 ms. The whole pipeline
+   (ledger and history both done) as a ratio to the broker's consume rate. CPU per event of
+   the writer, the aggregator, Postgres, ClickHouse and the broker, and the time per phase
+   of a writer batch. Fails if history does not hold exactly the events produced. Runs on
+   a Tally of its own; `--only history-writer` runs it alone (measuring the broker first).
+
+9. steady_state: the pipeline count of section 2 on a database holding a month of past
    (`--past-records` dedupe records spread over the days the lateness window keeps, 100
    million by default; `--past-subjects` subjects with ledgers and decisions, a million),
    against the same count on a fresh database; ratio steady / fresh, and the CPU per event
@@ -82,7 +95,7 @@ Sections, in the order they run:
    the section checks the room first. Runs on Tallys of its own; `--only steady-state`
    runs it alone.
 
-9. rollover: 100k subjects (`--rollover-subjects`; `--quick` fewer) blocked by one event
+10. rollover: 100k subjects (`--rollover-subjects`; `--quick` fewer) blocked by one event
    each in a short fixed window (60 s; quick 10 s), then the boundary: from it until the
    last unblock is visible at the API (GET decision), with p50/p99/max of each subject's
    unblock on the decisions topic, while a background load of other subjects runs
@@ -154,6 +167,7 @@ pub struct BenchArgs {
 /// The sections that can run alone (`--only`): they need no figure of another section.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Standalone {
+    HistoryWriter,
     SteadyState,
     Rollover,
 }
@@ -186,6 +200,7 @@ struct Sizes {
     history_rows: u64,
     history_subjects: u64,
     history_queries: usize,
+    history_writer: history_writer::Plan,
     steady: steady::Plan,
     rollover: rollover::Plan,
 }
@@ -208,6 +223,11 @@ impl Sizes {
             history_rows: args.history_rows.unwrap_or(if q { 100_000 } else { 10_000_000 }),
             history_subjects: if q { 1_000 } else { 10_000 },
             history_queries: if q { 5 } else { 100 },
+            history_writer: history_writer::Plan {
+                events: args.events.unwrap_or(if q { 10_000 } else { 600_000 }),
+                subjects: args.subjects.unwrap_or(if q { 1_000 } else { 10_000 }),
+                broker_messages: if q { 10_000 } else { 200_000 },
+            },
             steady: steady::Plan {
                 events: args.events.unwrap_or(if q { 10_000 } else { 600_000 }),
                 subjects: args.subjects.unwrap_or(if q { 1_000 } else { 10_000 }),
@@ -242,10 +262,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     };
     eprintln!("[bench] calibration: the machine's own speed");
     report.machine.calibration = calibrate::measure(&args.database_url).await;
-    if args.only.is_none() {
-        measure_on_one_stack(&args, &sizes, &mut report).await?;
-    }
+    let ceiling = if args.only.is_none() { Some(measure_on_one_stack(&args, &sizes, &mut report).await?) } else { None };
     // With the other sections' services stopped: each runs Tallys of its own.
+    if args.only.is_none_or(|only| only == Standalone::HistoryWriter) {
+        let servers = steady::Servers { brokers: &args.brokers, database_url: &args.database_url, clickhouse_url: &args.clickhouse_url };
+        report.add("history_writer", history_writer::measure(&servers, &sizes.history_writer, ceiling, args.keep).await?);
+    }
     if args.only.is_none_or(|only| only == Standalone::SteadyState) {
         let servers = steady::Servers { brokers: &args.brokers, database_url: &args.database_url, clickhouse_url: &args.clickhouse_url };
         report.add("steady_state", steady::measure(&servers, &sizes.steady, args.keep).await?);
@@ -264,8 +286,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-/// Every section but rollover, on one Tally set up for the run and removed afterwards.
-async fn measure_on_one_stack(args: &BenchArgs, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
+/// The sections up to history, on one Tally set up for the run and removed afterwards;
+/// returns the broker's ceiling.
+async fn measure_on_one_stack(args: &BenchArgs, sizes: &Sizes, report: &mut Report) -> anyhow::Result<broker::Ceiling> {
     let stack = Stack::new(&args.brokers, &args.database_url, &args.clickhouse_url, &pipeline::tiers_yaml())?;
     let extra = vec![stack.topic("broker"), stack.topic("ingest"), stack.topic("idle-usage"), stack.topic("idle-decisions")];
     eprintln!("[bench] run {} (service logs in {})", stack.id(), stack.log_dir().display());
@@ -277,15 +300,15 @@ async fn measure_on_one_stack(args: &BenchArgs, sizes: &Sizes, report: &mut Repo
     if !args.keep {
         stack.teardown(&stack.all_topics(&extra)).await;
     }
-    outcome?;
+    let ceiling = outcome?;
     if !args.keep {
         // Logs are kept only when something failed (or with --keep).
         let _ = std::fs::remove_dir_all(stack.log_dir());
     }
-    Ok(())
+    Ok(ceiling)
 }
 
-async fn measure(args: &BenchArgs, sizes: &Sizes, stack: &Stack, extra: &[String], report: &mut Report) -> anyhow::Result<()> {
+async fn measure(args: &BenchArgs, sizes: &Sizes, stack: &Stack, extra: &[String], report: &mut Report) -> anyhow::Result<broker::Ceiling> {
     let kafka = stack.kafka();
 
     eprintln!("[bench] broker: {} messages", sizes.broker_messages);
@@ -354,7 +377,7 @@ async fn measure(args: &BenchArgs, sizes: &Sizes, stack: &Stack, extra: &[String
     )
     .await?;
     report.add("history", section);
-    Ok(())
+    Ok(ceiling)
 }
 
 #[cfg(test)]
@@ -384,6 +407,7 @@ mod tests {
         let only = |value: &str| Command::try_parse_from(["bench", "--only", value]).map(|c| c.bench.only);
         assert_eq!(only("rollover").unwrap(), Some(Standalone::Rollover));
         assert_eq!(only("steady-state").unwrap(), Some(Standalone::SteadyState));
+        assert_eq!(only("history-writer").unwrap(), Some(Standalone::HistoryWriter));
         let e = only("pipeline").unwrap_err().to_string();
         assert!(e.contains("invalid value 'pipeline'") && e.contains("rollover"), "{e}");
         assert_eq!(Command::try_parse_from(["bench"]).unwrap().bench.only, None);

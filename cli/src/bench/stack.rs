@@ -272,6 +272,30 @@ pub fn pids_named(comm: &str) -> Vec<u32> {
         .collect()
 }
 
+/// The pid of the process listening on TCP `port` on this machine (read-only look at
+/// /proc: the listening socket's inode in `/proc/net/tcp{,6}`, then the process holding it).
+/// `None` when no local process listens there, or it cannot be seen.
+pub fn listener_pid(port: u16) -> Option<u32> {
+    let inode = ["/proc/net/tcp", "/proc/net/tcp6"].iter().find_map(|table| {
+        let text = std::fs::read_to_string(table).ok()?;
+        text.lines().skip(1).find_map(|line| listening_inode(line, port))
+    })?;
+    let socket = format!("socket:[{inode}]");
+    let dir = std::fs::read_dir("/proc").ok()?;
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()).find(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|fds| fds.filter_map(Result::ok).any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == socket.as_str())))
+            .unwrap_or(false)
+    })
+}
+
+/// The inode of a `/proc/net/tcp` line's socket when it listens (state 0A) on `port`.
+fn listening_inode(line: &str, port: u16) -> Option<u64> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let local_port = u16::from_str_radix(fields.get(1)?.rsplit_once(':')?.1, 16).ok()?;
+    (local_port == port && *fields.get(3)? == "0A").then(|| fields.get(9)?.parse().ok()).flatten()
+}
+
 /// The sum of the values of metric `name` (all label sets) in a Prometheus text page.
 pub fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()
@@ -297,6 +321,19 @@ mod tests {
     fn metric_sums_every_label_set() {
         let text = "# HELP x y\nx_total{a=\"1\"} 3\nx_total{a=\"2\"} 4\nx_total_other 9\n";
         assert_eq!(metric_sum(text, "x_total"), 7.0);
+    }
+
+    #[test]
+    fn a_listening_socket_is_found_by_its_port() {
+        let listen =
+            "   1: 0100007F:46EB 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 987654 1 0000 100 0 0 10 0";
+        assert_eq!(listening_inode(listen, 18155), Some(987654));
+        assert_eq!(listening_inode(listen, 18156), None);
+        let connected = listen.replace(" 0A ", " 01 ");
+        assert_eq!(listening_inode(&connected, 18155), None);
+        // This process's own listener is found.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert_eq!(listener_pid(listener.local_addr().unwrap().port()), Some(std::process::id()));
     }
 
     #[test]
