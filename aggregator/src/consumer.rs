@@ -481,13 +481,16 @@ async fn run_scheduler(
     }
 }
 
-/// How long the scheduler sleeps: until the earliest due subject (so a rollover starts at
-/// its boundary, not up to a tick later), at most [`SCHEDULER_TICK`] (configuration
-/// changes and overrides are looked at every tick), at least a millisecond.
+/// How long the scheduler sleeps: until the earliest subject due later (so a rollover
+/// starts at its boundary, not up to a tick later), at most [`SCHEDULER_TICK`]
+/// (configuration changes and overrides are looked at every tick). A subject still due
+/// after the tick's rounds is one a batch holds locked: it waits for the next tick rather
+/// than making the scheduler spin.
 async fn until_next_due(store: &Store) -> Duration {
+    let now = Utc::now();
     match store.next_due_at().await {
-        Ok(Some(due)) => (due - Utc::now()).to_std().unwrap_or_default().clamp(Duration::from_millis(1), SCHEDULER_TICK),
-        Ok(None) | Err(_) => SCHEDULER_TICK,
+        Ok(Some(due)) if due > now => (due - now).to_std().unwrap_or_default().clamp(Duration::from_millis(1), SCHEDULER_TICK),
+        Ok(_) | Err(_) => SCHEDULER_TICK,
     }
 }
 
