@@ -37,8 +37,7 @@ use sqlx::PgPool;
 use super::broker::{self, Ceiling};
 use super::pipeline;
 use super::report::{Latencies, Section};
-use super::stack::{cpu_seconds, cpu_seconds_of, free_addr, listener_pid, pids_named, Service, Stack};
-use super::steady::Servers;
+use super::stack::{cpu_seconds, cpu_seconds_of, free_addr, listener_pid, pids_named, Service, SharedServers, Stack};
 
 /// The sizes of the section.
 #[derive(Debug, Clone)]
@@ -57,7 +56,7 @@ const PHASES: [&str; 6] = ["ledger", "counted", "lookup", "insert", "rollups", "
 
 /// Measures the section (see the module docs), on a Tally of its own removed afterwards
 /// (unless `keep`). `ceiling` is the broker section's, when it ran.
-pub async fn measure(servers: &Servers<'_>, plan: &Plan, ceiling: Option<Ceiling>, keep: bool) -> anyhow::Result<Section> {
+pub async fn measure(servers: &SharedServers<'_>, plan: &Plan, ceiling: Option<Ceiling>, keep: bool) -> anyhow::Result<Section> {
     let stack = Stack::new(servers.brokers, servers.database_url, servers.clickhouse_url, &pipeline::tiers_yaml())?;
     let extra = if ceiling.is_none() { vec![stack.topic("broker")] } else { Vec::new() };
     eprintln!("[bench] history writer: run {} (service logs in {})", stack.id(), stack.log_dir().display());

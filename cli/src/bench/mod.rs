@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use report::{Machine, Report};
-use stack::{free_addr, Stack};
+use stack::{free_addr, SharedServers, Stack};
 
 /// `tally bench --help`: what each section measures (the long help of the command).
 pub const LONG_ABOUT: &str = "Measure Tally on the local stack: every figure beside a baseline from the same run.
@@ -264,16 +264,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     report.machine.calibration = calibrate::measure(&args.database_url).await;
     let ceiling = if args.only.is_none() { Some(measure_on_one_stack(&args, &sizes, &mut report).await?) } else { None };
     // With the other sections' services stopped: each runs Tallys of its own.
+    let servers = SharedServers { brokers: &args.brokers, database_url: &args.database_url, clickhouse_url: &args.clickhouse_url };
     if args.only.is_none_or(|only| only == Standalone::HistoryWriter) {
-        let servers = steady::Servers { brokers: &args.brokers, database_url: &args.database_url, clickhouse_url: &args.clickhouse_url };
         report.add("history_writer", history_writer::measure(&servers, &sizes.history_writer, ceiling, args.keep).await?);
     }
     if args.only.is_none_or(|only| only == Standalone::SteadyState) {
-        let servers = steady::Servers { brokers: &args.brokers, database_url: &args.database_url, clickhouse_url: &args.clickhouse_url };
         report.add("steady_state", steady::measure(&servers, &sizes.steady, args.keep).await?);
     }
     if args.only.is_none_or(|only| only == Standalone::Rollover) {
-        let servers = rollover::Servers { brokers: &args.brokers, database_url: &args.database_url, clickhouse_url: &args.clickhouse_url };
         report.add("rollover", rollover::measure(&servers, &sizes.rollover, args.keep).await?);
     }
     report.seconds = started.elapsed().as_secs_f64();

@@ -46,7 +46,7 @@ use tally_domain::heartbeat::is_heartbeat_key;
 use super::broker::{self, Prepared};
 use super::pipeline::{self, TIER_KEYS};
 use super::report::{Latencies, Section};
-use super::stack::{free_addr, scrape, Service, Stack};
+use super::stack::{free_addr, scrape, Service, SharedServers, Stack};
 
 /// The raw API key of the storm subjects' events (the configuration holds its SHA-256).
 const STORM_KEY: &str = "bench-key-storm";
@@ -80,13 +80,6 @@ pub struct Plan {
     pub rest_probes: usize,
     /// How long after the boundary the storm may take before the section gives up waiting.
     pub storm_timeout: Duration,
-}
-
-/// The servers the section's Tally runs on.
-pub struct Servers<'a> {
-    pub brokers: &'a str,
-    pub database_url: &'a str,
-    pub clickhouse_url: &'a str,
 }
 
 /// The storm's tier configuration: a storm tier (chosen by [`STORM_KEY`]) with a limit of
@@ -279,7 +272,7 @@ struct Storm {
 }
 
 /// Runs the section on a Tally of its own and removes it afterwards (unless `keep`).
-pub async fn measure(servers: &Servers<'_>, plan: &Plan, keep: bool) -> anyhow::Result<Section> {
+pub async fn measure(servers: &SharedServers<'_>, plan: &Plan, keep: bool) -> anyhow::Result<Section> {
     let stack = Stack::new(servers.brokers, servers.database_url, servers.clickhouse_url, &storm_yaml(plan.window_seconds))?;
     eprintln!("[bench] rollover: run {} (service logs in {})", stack.id(), stack.log_dir().display());
     let outcome = async {

@@ -28,6 +28,15 @@ pub const PARTITIONS: i32 = 4;
 /// Connections in the bench's own Postgres pool.
 const POOL_SIZE: u32 = 4;
 
+/// The shared servers as `tally bench` was given them; a section that runs Tallys of its own
+/// sets them up on these.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedServers<'a> {
+    pub brokers: &'a str,
+    pub database_url: &'a str,
+    pub clickhouse_url: &'a str,
+}
+
 /// The run's Tally (names, servers, the services' environment) and its tokens.
 #[derive(Debug, Clone)]
 pub struct Stack {

@@ -35,7 +35,7 @@ use sqlx::PgPool;
 use super::broker::Prepared;
 use super::pipeline::{self, Pipeline, Timed};
 use super::report::Section;
-use super::stack::Stack;
+use super::stack::{SharedServers, Stack};
 
 /// The sizes of the section.
 #[derive(Debug, Clone)]
@@ -52,13 +52,6 @@ pub struct Plan {
     pub lateness_days: i64,
 }
 
-/// The shared servers (addresses as given to `tally bench`).
-pub struct Servers<'a> {
-    pub brokers: &'a str,
-    pub database_url: &'a str,
-    pub clickhouse_url: &'a str,
-}
-
 /// Bytes of `processed_events` one record of the past takes at rest, for the room check:
 /// 353 measured with 100 million of them, with a margin for the write-ahead log (bounded by
 /// `max_wal_size`) and the free space in pages.
@@ -68,7 +61,7 @@ const BYTES_PER_RECORD_NEEDED: u64 = 420;
 const LOADERS: usize = 2;
 
 /// Measures the section (see the module docs).
-pub async fn measure(servers: &Servers<'_>, plan: &Plan, keep: bool) -> anyhow::Result<Section> {
+pub async fn measure(servers: &SharedServers<'_>, plan: &Plan, keep: bool) -> anyhow::Result<Section> {
     eprintln!("[bench] steady state: fresh database, {} events over {} subjects", plan.events, plan.subjects);
     let fresh = on_own_tally(servers, plan, keep, false).await?;
     eprintln!(
@@ -131,7 +124,7 @@ struct Past {
 
 /// Sets up a Tally of its own, loads the past when `with_past`, times the count, and
 /// removes the Tally (unless `keep`).
-async fn on_own_tally(servers: &Servers<'_>, plan: &Plan, keep: bool, with_past: bool) -> anyhow::Result<Run> {
+async fn on_own_tally(servers: &SharedServers<'_>, plan: &Plan, keep: bool, with_past: bool) -> anyhow::Result<Run> {
     let stack = Stack::new(servers.brokers, servers.database_url, servers.clickhouse_url, &pipeline::tiers_yaml())?;
     let outcome = async {
         stack.setup(&[]).await.context("tally setup for the steady-state section failed")?;
