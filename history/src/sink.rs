@@ -270,64 +270,65 @@ impl Sink {
 
     async fn recompute_hours(&self, hours: &BTreeSet<(String, i64)>, version: u64) -> Result<(), ChError> {
         for chunk in chunks(hours, BUCKET_CHUNK) {
-            let (from, to) = bounds(&chunk, 3600);
-            let query = self
-                .ch
-                .query(
-                    "INSERT INTO usage_hourly SELECT toStartOfHour(time) AS hour, subject, scope, model, count() AS events, \
+            self.recompute_buckets(
+                "INSERT INTO usage_hourly SELECT toStartOfHour(time) AS hour, subject, scope, model, count() AS events, \
                      sum(requests), sum(input_tokens), sum(output_tokens), sum(cached_tokens), sum(cost_micros), {version:UInt64} \
                      FROM usage_events FINAL WHERE subject IN {subjects:Array(String)} \
                      AND time >= toDateTime({from:Int64}, 'UTC') AND time < toDateTime({to:Int64}, 'UTC') \
                      AND (subject, toUInt32(toStartOfHour(time))) IN {buckets:Array(Tuple(String, UInt32))} \
                      GROUP BY hour, subject, scope, model",
-                )
-                .param("version", version)
-                .param("subjects", subjects(&chunk))
-                .param("from", from)
-                .param("to", to)
-                .param("buckets", buckets(&chunk));
-            self.ch.execute(query).await?;
+                &chunk,
+                3600,
+                version,
+            )
+            .await?;
         }
         Ok(())
     }
 
     async fn recompute_days(&self, days: &BTreeSet<(String, i64)>, version: u64) -> Result<(), ChError> {
         for chunk in chunks(days, BUCKET_CHUNK) {
-            let (from, to) = bounds(&chunk, 86_400);
-            let query = self
-                .ch
-                .query(
-                    "INSERT INTO usage_daily SELECT toStartOfDay(hour) AS day, subject, scope, model, sum(events), \
+            self.recompute_buckets(
+                "INSERT INTO usage_daily SELECT toStartOfDay(hour) AS day, subject, scope, model, sum(events), \
                      sum(requests), sum(input_tokens), sum(output_tokens), sum(cached_tokens), sum(cost_micros), {version:UInt64} \
                      FROM usage_hourly FINAL WHERE subject IN {subjects:Array(String)} \
                      AND hour >= toDateTime({from:Int64}, 'UTC') AND hour < toDateTime({to:Int64}, 'UTC') \
                      AND (subject, toUInt32(toStartOfDay(hour))) IN {buckets:Array(Tuple(String, UInt32))} \
                      GROUP BY day, subject, scope, model",
-                )
-                .param("version", version)
-                .param("subjects", subjects(&chunk))
-                .param("from", from)
-                .param("to", to)
-                .param("buckets", buckets(&chunk));
-            self.ch.execute(query).await?;
+                &chunk,
+                86_400,
+                version,
+            )
+            .await?;
             // The same buckets' totals over all scopes and models, from the rows just written.
-            let query = self
-                .ch
-                .query(
-                    "INSERT INTO usage_subject_daily SELECT day, subject, sum(events), sum(requests), sum(input_tokens), \
+            self.recompute_buckets(
+                "INSERT INTO usage_subject_daily SELECT day, subject, sum(events), sum(requests), sum(input_tokens), \
                      sum(output_tokens), sum(cached_tokens), sum(cost_micros), {version:UInt64} \
                      FROM usage_daily FINAL WHERE subject IN {subjects:Array(String)} \
                      AND day >= toDateTime({from:Int64}, 'UTC') AND day < toDateTime({to:Int64}, 'UTC') \
                      AND (subject, toUInt32(day)) IN {buckets:Array(Tuple(String, UInt32))} GROUP BY day, subject",
-                )
-                .param("version", version)
-                .param("subjects", subjects(&chunk))
-                .param("from", from)
-                .param("to", to)
-                .param("buckets", buckets(&chunk));
-            self.ch.execute(query).await?;
+                &chunk,
+                86_400,
+                version,
+            )
+            .await?;
         }
         Ok(())
+    }
+
+    /// Runs one recomputation of `chunk`'s buckets (`width` seconds each): `sql` names the
+    /// parameters `version`, `subjects`, `from`, `to` (the chunk's time bounds) and `buckets`.
+    async fn recompute_buckets(&self, sql: &str, chunk: &BTreeSet<(String, i64)>, width: i64, version: u64) -> Result<(), ChError> {
+        let (from, to) = bounds(chunk, width);
+        let query = self
+            .ch
+            .query(sql)
+            .param("version", version)
+            .param("subjects", subjects(chunk))
+            .param("from", from)
+            .param("to", to)
+            .param("buckets", buckets(chunk));
+        self.ch.execute(query).await
     }
 }
 
