@@ -492,12 +492,16 @@ impl Store {
     }
 
     /// One pass of the time-driven scheduler: [`Store::mark_due_after_config_change`], then
-    /// one chunk of [`Store::decide_due`]. Returns how many subjects were looked at and how
-    /// many snapshots were published.
-    pub async fn run_due_checks(&self, policy: &PolicyHandle, now: DateTime<Utc>, limit: i64) -> Result<(usize, usize), StoreError> {
+    /// one chunk of [`Store::decide_due`].
+    pub async fn run_due_checks(&self, policy: &PolicyHandle, now: DateTime<Utc>, limit: i64) -> Result<DueChunk, StoreError> {
         self.mark_due_after_config_change(policy, now).await?;
-        let chunk = self.decide_due(policy, now, limit).await?;
-        Ok((chunk.looked_at, chunk.published))
+        self.decide_due(policy, now, limit).await
+    }
+
+    /// The earliest `next_check_at` of any subject, if one is set: when the scheduler next
+    /// has work (a configuration change or an override aside).
+    pub async fn next_due_at(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT min(next_check_at) FROM decisions").fetch_one(&self.pool).await?)
     }
 
     /// After a configuration change, makes every subject's decision due once. One instance
@@ -545,14 +549,6 @@ impl Store {
         let millis = started.elapsed().as_millis() as u64;
         tracing::debug!(subjects = subjects.len(), published = decided.snapshots, millis, "due subjects decided");
         Ok(DueChunk { looked_at: subjects.len(), published: decided.snapshots })
-    }
-}
-
-impl Store {
-    /// The earliest `next_check_at` of any subject, if one is set: when the scheduler next
-    /// has work (a configuration change or an override aside).
-    pub async fn next_due_at(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT min(next_check_at) FROM decisions").fetch_one(&self.pool).await?)
     }
 }
 

@@ -371,9 +371,9 @@ async fn an_idle_subjects_buckets_are_removed_when_the_last_one_leaves() {
     assert_eq!(next_check, Some(drained));
 
     // The scheduler leaves it alone until then, and then removes every bucket.
-    assert_eq!(store.run_due_checks(&f.policy, drained - Duration::seconds(1), 100).await.unwrap().0, 0);
+    assert_eq!(store.run_due_checks(&f.policy, drained - Duration::seconds(1), 100).await.unwrap().looked_at, 0);
     assert_eq!(f.rows_of("rolling 1d").await.len(), 3);
-    assert_eq!(store.run_due_checks(&f.policy, drained, 100).await.unwrap().0, 1);
+    assert_eq!(store.run_due_checks(&f.policy, drained, 100).await.unwrap().looked_at, 1);
     assert!(f.rows_of("rolling 1d").await.is_empty());
     assert_eq!(f.decided_used("roller").await, 0);
     let next_check: Option<DateTime<Utc>> =
