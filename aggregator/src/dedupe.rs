@@ -170,7 +170,8 @@ impl Default for Fresh {
 macro_rules! dedupe_columns {
     () => {
         "processed_events (event_id, fingerprint, subject, event_time, scope, api_key_sha256, requests,
-                           input_tokens, output_tokens, cached_tokens, cost_micros, corrects, config_version, event_day)"
+                           input_tokens, output_tokens, cached_tokens, cost_micros, corrects, config_version, event_day,
+                           model, event_group)"
     };
 }
 const COPY_PLAIN: &str = concat!("COPY ", dedupe_columns!(), " FROM STDIN (FORMAT binary)");
@@ -182,7 +183,8 @@ const INSERT_SKIPPING_KNOWN: &str = concat!(
     dedupe_columns!(),
     " SELECT unnest($1::text[]), unnest($2::text[]), unnest($3::text[]), unnest($4::timestamptz[]), unnest($5::text[]),
              unnest($6::text[]), unnest($7::bigint[]), unnest($8::bigint[]), unnest($9::bigint[]), unnest($10::bigint[]),
-             unnest($11::bigint[]), unnest($12::text[]), $13::bigint, unnest($14::date[])
+             unnest($11::bigint[]), unnest($12::text[]), $13::bigint, unnest($14::date[]), unnest($15::text[]),
+             unnest($16::text[])
       ON CONFLICT (event_id, event_day) DO NOTHING RETURNING event_id, event_day"
 );
 
@@ -248,6 +250,8 @@ fn copy_row(out: &mut Vec<u8>, c: &Candidate<'_>, config_version: i64) {
     copy_text(out, e.corrects.as_deref());
     copy_bigint(out, config_version);
     copy_date(out, c.day);
+    copy_text(out, e.model.as_deref());
+    copy_text(out, e.group.as_deref());
 }
 
 /// A `date` in binary form: days since Postgres' epoch.
@@ -321,6 +325,8 @@ struct DedupeRows<'a> {
     corrects: Vec<Option<&'a str>>,
     config_version: i64,
     days: Vec<NaiveDate>,
+    models: Vec<Option<&'a str>>,
+    groups: Vec<Option<&'a str>>,
 }
 
 impl<'a> DedupeRows<'a> {
@@ -341,6 +347,8 @@ impl<'a> DedupeRows<'a> {
             corrects: Vec::with_capacity(n),
             config_version,
             days: Vec::with_capacity(n),
+            models: Vec::with_capacity(n),
+            groups: Vec::with_capacity(n),
         };
         for c in candidates {
             let (e, amounts) = (&c.event, c.event.amounts());
@@ -357,6 +365,8 @@ impl<'a> DedupeRows<'a> {
             rows.cost_micros.push(amounts.cost_micros);
             rows.corrects.push(e.corrects.as_deref());
             rows.days.push(c.day);
+            rows.models.push(e.model.as_deref());
+            rows.groups.push(e.group.as_deref());
         }
         rows
     }
@@ -377,6 +387,8 @@ impl<'a> DedupeRows<'a> {
             .bind(&self.corrects)
             .bind(self.config_version)
             .bind(&self.days)
+            .bind(&self.models)
+            .bind(&self.groups)
     }
 }
 

@@ -11,13 +11,14 @@ use foldhash::{HashMap, HashMapExt};
 
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use serde::Serialize;
+use tally_domain::budget::BudgetFacts;
 use tally_domain::decision::{quota_state, remaining, QuotaDecision};
 use tally_domain::event::{event_day, parse_event_with_fingerprint, timeliness, EventErrorKind, Timeliness, UsageEvent};
 use tally_domain::period::{PeriodSpec, Window};
 
 use crate::dedupe::DedupeKey;
 use crate::keys::Fnv1a;
-use crate::policy::{Policy, Quota, Resolved};
+use crate::policy::{BudgetTarget, Policy, Quota, Resolved};
 use crate::quarantine::{QuarantineReason, Reason};
 
 /// One message as consumed.
@@ -226,11 +227,6 @@ pub struct LedgerDelta {
     pub limit: i64,
 }
 
-/// The scope key of a quota: `*` when it counts every scope.
-pub fn scope_key(scope: Option<&str>) -> String {
-    scope.unwrap_or("*").to_string()
-}
-
 /// The ledger row an event at `at` counts in for `quota`: the period containing it, or for a
 /// rolling window of `N` days the `N`-minute bucket containing it
 /// ([`tally_domain::period::rolling_bucket`]; a rolling quota's usage is the sum of the
@@ -251,7 +247,8 @@ pub fn rolling_days(quota: &Quota) -> Option<u32> {
 }
 
 /// Sums, per ledger row, what the new events add. Each event counts in every quota of its
-/// subject's effective tier (at the event's time) whose scope matches, in the period that
+/// subject's effective tier (at the event's time), and of every budget it meets
+/// ([`tally_domain::budget::budgets_met`]), whose scope and models match, in the period that
 /// contains the event time.
 ///
 /// A batch holds many events of one subject, so resolutions are reused (see
@@ -266,17 +263,18 @@ pub fn ledger_deltas(events: &[&UsageEvent], policy: &Policy) -> BTreeMap<Ledger
     let mut closed: Vec<(usize, usize, RunningSum)> = Vec::new();
     for event in events {
         let at = event.time;
-        let r = resolutions.index_at(&event.subject, event.api_key_sha256.as_deref(), &event.scope, at);
+        let request = Request::of(event);
+        let r = resolutions.index_at(&request, at);
         let amounts = event.amounts();
-        let cached = &mut resolutions.entries[r];
-        for (q, quota) in cached.resolved.quotas.iter().enumerate() {
-            if !quota.counts_scope(&event.scope) {
+        let CachedResolution { subject, resolved, budgets, sums, .. } = &mut resolutions.entries[r];
+        for (q, (target, quota)) in counted(subject, resolved, budgets).enumerate() {
+            if !quota.counts(&event.scope, event.model.as_deref()) {
                 continue;
             }
-            let running = match &mut cached.sums[q] {
+            let running = match &mut sums[q] {
                 Some(running) if running.window.contains(at) => running,
                 slot => {
-                    let fresh = RunningSum { window: ledger_window(quota, at, cached.resolved.timezone), used: 0, latest: at };
+                    let fresh = RunningSum { window: ledger_window(quota, at, target.timezone), used: 0, latest: at };
                     if let Some(done) = slot.replace(fresh) {
                         closed.push((r, q, done));
                     }
@@ -305,12 +303,11 @@ fn merge_rows(resolutions: &Resolutions<'_>, sums: Vec<(usize, usize, RunningSum
     let mut rows: Vec<Ranked> = sums
         .into_iter()
         .map(|(r, q, sum)| {
-            let cached = &resolutions.entries[r];
-            let quota = &cached.resolved.quotas[q];
+            let (target, quota) = resolutions.entries[r].counted().nth(q).expect("a sum is of a counted quota");
             let key = LedgerKey {
-                subject: cached.subject.to_string(),
+                subject: target.subject.to_string(),
                 metric: quota.metric.as_str().to_string(),
-                scope: scope_key(quota.scope.as_deref()),
+                scope: quota.ledger_scope(),
                 period: quota.period.to_string(),
                 period_start: sum.window.start,
             };
@@ -342,22 +339,72 @@ pub struct RunningSum {
     latest: DateTime<Utc>,
 }
 
-/// Resolutions of (subject, API key, scope) reused across a batch. A resolution holds from
-/// the instant it was made until the subject's next override or assignment change
+/// What resolves an event's quotas: who, with which key and group, in which scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Request<'a> {
+    pub subject: &'a str,
+    pub api_key: Option<&'a str>,
+    pub scope: &'a str,
+    /// The group the event names.
+    pub group: Option<&'a str>,
+}
+
+impl<'a> Request<'a> {
+    pub fn of(event: &'a UsageEvent) -> Self {
+        Request { subject: &event.subject, api_key: event.api_key_sha256.as_deref(), scope: &event.scope, group: event.group.as_deref() }
+    }
+
+    /// A request of `subject` with `api_key` in the default scope, naming no group.
+    pub fn plain(subject: &'a str, api_key: Option<&'a str>) -> Self {
+        Request { subject, api_key, scope: "", group: None }
+    }
+}
+
+/// Resolutions of a [`Request`] reused across a batch. A resolution holds from the instant
+/// it was made until the subject's next override or assignment change
 /// ([`Policy::next_change_after`]); an event outside that span is resolved again.
 pub struct Resolutions<'a> {
     policy: &'a Policy,
-    index: HashMap<(&'a str, Option<&'a str>, &'a str), usize>,
+    index: HashMap<Request<'a>, usize>,
     pub entries: Vec<CachedResolution<'a>>,
 }
 
 pub struct CachedResolution<'a> {
     pub subject: &'a str,
     pub resolved: Resolved,
-    /// Per quota, the running sum of the window its latest events fell in.
+    /// The budgets the request meets besides the subject's own quotas.
+    pub budgets: Vec<BudgetTarget>,
+    /// Per quota of [`CachedResolution::counted`], the running sum of the window its latest
+    /// events fell in.
     pub sums: Vec<Option<RunningSum>>,
     from: DateTime<Utc>,
     until: Option<DateTime<Utc>>,
+}
+
+/// Whose ledger a quota counts in: the subject's own or a budget's, and in which timezone.
+#[derive(Debug, Clone, Copy)]
+pub struct Counted<'r> {
+    pub subject: &'r str,
+    pub timezone: chrono_tz::Tz,
+}
+
+impl CachedResolution<'_> {
+    /// Every quota the request counts in, with whose ledger: the subject's own quotas, then
+    /// each budget's. [`CachedResolution::sums`] follows this order.
+    pub fn counted(&self) -> impl Iterator<Item = (Counted<'_>, &Quota)> {
+        counted(self.subject, &self.resolved, &self.budgets)
+    }
+}
+
+/// [`CachedResolution::counted`] of its parts, so its sums can be borrowed beside it.
+fn counted<'r>(subject: &'r str, resolved: &'r Resolved, budgets: &'r [BudgetTarget]) -> impl Iterator<Item = (Counted<'r>, &'r Quota)> {
+    let own = Counted { subject, timezone: resolved.timezone };
+    let own = resolved.quotas.iter().map(move |q| (own, q));
+    let budgets = budgets.iter().flat_map(|b| {
+        let target = Counted { subject: b.subject.as_str(), timezone: b.timezone };
+        b.quotas.iter().map(move |q| (target, q))
+    });
+    own.chain(budgets)
 }
 
 impl<'a> Resolutions<'a> {
@@ -365,21 +412,24 @@ impl<'a> Resolutions<'a> {
         Resolutions { policy, index: HashMap::new(), entries: Vec::new() }
     }
 
-    /// The index in `entries` of the resolution in force at `at`.
-    pub fn index_at(&mut self, subject: &'a str, api_key: Option<&'a str>, scope: &'a str, at: DateTime<Utc>) -> usize {
-        let key = (subject, api_key, scope);
-        if let Some(&i) = self.index.get(&key) {
+    /// The index in `entries` of the resolution of `request` in force at `at`.
+    pub fn index_at(&mut self, request: &Request<'a>, at: DateTime<Utc>) -> usize {
+        if let Some(&i) = self.index.get(request) {
             let e = &self.entries[i];
             if e.from <= at && e.until.is_none_or(|u| at < u) {
                 return i;
             }
         }
-        let resolved = self.policy.resolve(subject, api_key, scope, at);
-        let sums = vec![None; resolved.quotas.len()];
-        let until = self.policy.next_change_after(subject, at);
-        self.entries.push(CachedResolution { subject, resolved, sums, from: at, until });
+        let resolved = self.policy.resolve(request.subject, request.api_key, request.scope, at);
+        let groups: Vec<String> = request.group.map(str::to_string).into_iter().collect();
+        let facts = BudgetFacts { subject: request.subject, api_key_sha256: request.api_key, groups: &groups, tier: &resolved.tier };
+        let budgets = self.policy.budgets_met(&facts);
+        let counted = resolved.quotas.len() + budgets.iter().map(|b| b.quotas.len()).sum::<usize>();
+        let sums = vec![None; counted];
+        let until = self.policy.next_change_after(request.subject, at);
+        self.entries.push(CachedResolution { subject: request.subject, resolved, budgets, sums, from: at, until });
         let i = self.entries.len() - 1;
-        self.index.insert(key, i);
+        self.index.insert(*request, i);
         i
     }
 }
@@ -395,7 +445,7 @@ pub fn current_keys(subject: &str, quotas: &[Quota], tz: chrono_tz::Tz, now: Dat
             let key = LedgerKey {
                 subject: subject.to_string(),
                 metric: q.metric.as_str().to_string(),
-                scope: scope_key(q.scope.as_deref()),
+                scope: q.ledger_scope(),
                 period: q.period.to_string(),
                 period_start: w.start,
             };
@@ -417,6 +467,7 @@ pub fn decide(quotas: &[Quota], keys: &[(LedgerKey, DateTime<Utc>)], used: impl 
                 metric: q.metric,
                 period: q.period.to_string(),
                 scope: q.scope.clone(),
+                models: q.models.clone(),
                 state: quota_state(used, q.limit, q.burst, &q.thresholds),
                 action: q.action.clone(),
                 used,
@@ -581,15 +632,15 @@ mod tests {
         assert_eq!(yesterday[0].period_end, day("2026-11-22T00:00:00Z"));
         // The same quotas, reused: one resolution per span without an override change.
         let mut r = Resolutions::new(&policy);
-        let inside = r.index_at("s", None, "", day("2026-11-22T10:30:00Z"));
+        let inside = r.index_at(&Request::plain("s", None), day("2026-11-22T10:30:00Z"));
         assert_eq!(r.entries[inside].resolved.quotas[0].limit, 500);
-        assert_eq!(r.index_at("s", None, "", day("2026-11-22T10:59:59Z")), inside);
-        let after = r.index_at("s", None, "", day("2026-11-22T11:00:00Z"));
+        assert_eq!(r.index_at(&Request::plain("s", None), day("2026-11-22T10:59:59Z")), inside);
+        let after = r.index_at(&Request::plain("s", None), day("2026-11-22T11:00:00Z"));
         assert_ne!(after, inside);
         assert_eq!(r.entries[after].resolved.quotas[0].limit, 100);
-        let before = r.index_at("s", None, "", day("2026-11-22T09:00:00Z"));
+        let before = r.index_at(&Request::plain("s", None), day("2026-11-22T09:00:00Z"));
         assert_eq!(r.entries[before].resolved.quotas[0].limit, 100);
-        let at_start = r.index_at("s", None, "", day("2026-11-22T10:00:00Z"));
+        let at_start = r.index_at(&Request::plain("s", None), day("2026-11-22T10:00:00Z"));
         assert_eq!(r.entries[at_start].resolved.quotas[0].limit, 500);
     }
 
@@ -621,6 +672,55 @@ mod tests {
             let delta = deltas.values().next().unwrap();
             assert_eq!((delta.used, delta.limit), (3, 1000), "the pro key's resolution comes later in the batch");
         }
+    }
+
+    #[test]
+    fn an_event_counts_in_its_own_quotas_and_in_every_budget_it_meets_once() {
+        let key = tally_domain::event::hash_api_key("sk-1");
+        let policy = Policy::from_yaml(
+            &format!(
+                "default_tier: free\ntimezone: UTC\nquotas:\n  - {{name: daily, metric: total_tokens, period: day, limit: 100}}\n\
+                 tiers:\n  - {{name: free, priority: 0}}\n\
+                 members: {{alice: [eng]}}\n\
+                 budgets:\n\
+                 \x20 - {{group: eng, quotas: [{{name: team, metric: total_tokens, period: month, limit: 1000}}]}}\n\
+                 \x20 - {{group: ops, quotas: [{{name: ops, metric: requests, period: month, limit: 10}}]}}\n\
+                 \x20 - {{api_key: {key}, quotas: [{{name: cap, metric: total_tokens, period: day, limit: 50}}]}}\n\
+                 \x20 - tier: free\n    quotas:\n\
+                 \x20     - {{name: pool, metric: total_tokens, period: day, limit: 10000}}\n\
+                 \x20     - {{name: pool_4o, metric: total_tokens, period: day, limit: 500, models: [gpt-4o]}}\n"
+            ),
+            "test",
+        )
+        .unwrap();
+        let event = |v: serde_json::Value| tally_domain::event::event_from_value(v).unwrap();
+        let at = "2026-11-22T10:00:00Z";
+        let events = [
+            // alice is in eng; her key has a cap; gpt-4o counts in the pool's model budget too.
+            event(json!({"id": "a", "subject": "alice", "time": at, "input_tokens": 3, "api_key": "sk-1", "model": "gpt-4o"})),
+            // bob names ops himself; another model.
+            event(json!({"id": "b", "subject": "bob", "time": at, "input_tokens": 5, "group": "ops", "model": "gpt-4o-mini"})),
+            // carol, no group, no key, no model.
+            event(json!({"id": "c", "subject": "carol", "time": at, "input_tokens": 7})),
+        ];
+        let refs: Vec<&UsageEvent> = events.iter().collect();
+        let rows: Vec<(String, String, String, i64)> =
+            ledger_deltas(&refs, &policy).into_iter().map(|(k, d)| (k.subject, k.metric, k.scope, d.used)).collect();
+        let row = |s: &str, m: &str, scope: &str, used: i64| (s.to_string(), m.to_string(), scope.to_string(), used);
+        let budget = |kind: &str, name: &str| format!("__tally_budget__/{kind}/{name}");
+        assert_eq!(
+            rows,
+            [
+                row(&budget("api_key", &key), "total_tokens", "*", 3),
+                row(&budget("group", "eng"), "total_tokens", "*", 3),
+                row(&budget("group", "ops"), "requests", "*", 1),
+                row(&budget("tier", "free"), "total_tokens", "*", 15),
+                row(&budget("tier", "free"), "total_tokens", "*|models=gpt-4o", 3),
+                row("alice", "total_tokens", "*", 3),
+                row("bob", "total_tokens", "*", 5),
+                row("carol", "total_tokens", "*", 7),
+            ]
+        );
     }
 
     #[test]
@@ -695,6 +795,7 @@ mod tests {
             metric: tally_domain::metric::Metric::TotalTokens,
             period: "month".into(),
             scope: None,
+            models: None,
             state: quota_state(used, limit, 0, &[80]),
             action: Default::default(),
             used,

@@ -16,6 +16,7 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use sqlx::{PgConnection, PgPool};
 use tally_common::config_store::{self, Base, CheckedDocument, StoredVersion};
+use tally_domain::budget::{budget_timezone, budgets_met, BudgetFacts, BudgetOwner, OwnerKind};
 use tally_domain::config::Config;
 use tally_domain::precedence::{next_change_after, resolve, SubjectFacts};
 
@@ -25,10 +26,22 @@ pub use tally_domain::tier::EffectiveQuota as Quota;
 /// The built-in configuration: one default tier with a monthly token budget.
 pub const DEFAULT_CONFIG: &str = config_store::BUILTIN_DOCUMENT;
 
-/// A subject's effective tier and quotas at one instant.
+/// A subject's effective tier and quotas at one instant; or a budget's quotas, when the
+/// subject is a budget subject.
 #[derive(Debug, Clone)]
 pub struct Resolved {
     pub tier: String,
+    pub timezone: Tz,
+    pub quotas: Vec<Quota>,
+    /// The budget whose quotas these are; `None` for a subject's own.
+    pub budget: Option<BudgetOwner>,
+}
+
+/// A budget a request meets: the budget subject its ledger rows are kept under, its
+/// calendar timezone and its quotas.
+#[derive(Debug, Clone)]
+pub struct BudgetTarget {
+    pub subject: String,
     pub timezone: Tz,
     pub quotas: Vec<Quota>,
 }
@@ -68,7 +81,44 @@ impl Policy {
     pub fn resolve(&self, subject: &str, api_key_sha256: Option<&str>, scope: &str, at: DateTime<Utc>) -> Resolved {
         let facts = SubjectFacts { subject, groups: &[], api_key_sha256, scope };
         let r = resolve(&self.config, &facts, at);
-        Resolved { tier: r.tier, timezone: r.timezone, quotas: r.quotas }
+        Resolved { tier: r.tier, timezone: r.timezone, quotas: r.quotas, budget: None }
+    }
+
+    /// The budgets a request meets ([`tally_domain::budget::budgets_met`]): `facts` with the
+    /// group the event names, if any, as its groups.
+    pub fn budgets_met(&self, facts: &BudgetFacts<'_>) -> Vec<BudgetTarget> {
+        if self.config.budgets.is_empty() {
+            return Vec::new();
+        }
+        budgets_met(&self.config, facts)
+            .into_iter()
+            .map(|b| BudgetTarget {
+                subject: b.owner.ledger_subject(),
+                timezone: budget_timezone(&self.config, b),
+                quotas: b.effective_quotas(),
+            })
+            .collect()
+    }
+
+    /// Whether an event may name `group`: the configuration knows it.
+    pub fn knows_group(&self, group: &str) -> bool {
+        self.config.knows_group(group)
+    }
+
+    /// What a decision of `subject` lists: for a budget subject, its budget's quotas (none
+    /// once the budget is removed, which unblocks everyone it blocked); for any other, the
+    /// subject's quotas across scopes ([`Policy::resolve_all_scopes`]).
+    pub fn resolve_for_decision(&self, subject: &str, api_key_sha256: Option<&str>, at: DateTime<Utc>) -> Resolved {
+        let Some(owner) = BudgetOwner::from_ledger_subject(subject) else {
+            return self.resolve_all_scopes(subject, api_key_sha256, at);
+        };
+        let budget = self.config.budget(&owner);
+        Resolved {
+            tier: if owner.kind == OwnerKind::Tier { owner.name.clone() } else { String::new() },
+            timezone: budget.map_or(self.config.timezone, |b| budget_timezone(&self.config, b)),
+            quotas: budget.map(|b| b.effective_quotas()).unwrap_or_default(),
+            budget: Some(owner),
+        }
     }
 
     /// Every quota of the subject at `at`, across scopes: the quotas of the default scope plus

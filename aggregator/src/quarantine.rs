@@ -41,11 +41,14 @@ pub enum QuarantineReason {
     /// The event fails its batch's transaction on its own ([`crate::isolate`]).
     #[serde(rename = "unprocessable")]
     Unprocessable,
+    /// The event names a group the configuration in force does not know.
+    #[serde(rename = "unknown group")]
+    UnknownGroup,
 }
 
 impl QuarantineReason {
     /// Every reason, in the order of the enum.
-    pub const ALL: [QuarantineReason; 8] = [
+    pub const ALL: [QuarantineReason; 9] = [
         QuarantineReason::EmptyMessage,
         QuarantineReason::InvalidEvent,
         QuarantineReason::Overflow,
@@ -54,6 +57,7 @@ impl QuarantineReason {
         QuarantineReason::Conflict,
         QuarantineReason::Correction,
         QuarantineReason::Unprocessable,
+        QuarantineReason::UnknownGroup,
     ];
 
     /// The stable string a record's `reason` starts with.
@@ -67,6 +71,7 @@ impl QuarantineReason {
             QuarantineReason::Conflict => "conflict",
             QuarantineReason::Correction => "correction",
             QuarantineReason::Unprocessable => "unprocessable",
+            QuarantineReason::UnknownGroup => "unknown group",
         }
     }
 
@@ -155,7 +160,10 @@ mod tests {
     #[test]
     fn every_reason_keeps_its_string() {
         let strings: Vec<&str> = QuarantineReason::ALL.iter().map(|r| r.as_str()).collect();
-        assert_eq!(strings, ["empty message", "invalid event", "overflow", "late", "future", "conflict", "correction", "unprocessable"]);
+        assert_eq!(
+            strings,
+            ["empty message", "invalid event", "overflow", "late", "future", "conflict", "correction", "unprocessable", "unknown group"]
+        );
         for r in QuarantineReason::ALL {
             assert_eq!(serde_json::to_value(r).unwrap(), serde_json::Value::from(r.as_str()), "serde of {r:?}");
             assert_eq!(r.to_string(), r.as_str());

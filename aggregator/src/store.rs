@@ -213,6 +213,7 @@ impl Store {
             c.event.cost_micros = policy.cost_micros(&c.event);
         }
         quarantine_overpriced(&mut candidates, &mut quarantined);
+        quarantine_unknown_groups(policy, &mut candidates, &mut quarantined);
         let recorded = self.recorder.record_event_ids(&mut tx, &candidates, policy.version).await?;
         phases.lap("dedupe");
         let mut outcome = Outcome { duplicates, dedupe_fell_back: recorded.fell_back, ..Outcome::default() };
@@ -232,6 +233,7 @@ impl Store {
         phases.lap("ledgers");
         let mut touched = refreshes.clone();
         touched.extend(subjects_of(&counted));
+        touched.extend(budget_subjects(&deltas));
         touched.extend(reverted.iter().map(|e| (e.subject.clone(), e.api_key_sha256.clone())));
         // In chunks, so a large batch does not hold every touched subject's plan and
         // snapshot in memory at once.
@@ -297,7 +299,7 @@ impl Store {
              FROM target c
              WHERE t.event_id = c.event_id AND t.event_day = c.event_day AND t.corrected_by IS NULL
              RETURNING c.id AS correction_id, t.event_id, t.subject, t.event_time, t.scope, t.api_key_sha256, t.requests, t.input_tokens,
-                       t.output_tokens, t.cached_tokens, t.cost_micros, t.config_version",
+                       t.output_tokens, t.cached_tokens, t.cost_micros, t.config_version, t.model, t.event_group",
         )
         .bind(&ids)
         .bind(&targets)
@@ -441,6 +443,7 @@ impl Store {
                 version: prev.map_or(1, |p| p.version + 1),
                 calculated_at: now,
                 tier: resolved.tier,
+                budget: resolved.budget,
                 quotas: lines,
                 subject,
             };
@@ -577,6 +580,8 @@ struct RevertedRow {
     cached_tokens: Option<i64>,
     cost_micros: Option<i64>,
     config_version: Option<i64>,
+    model: Option<String>,
+    event_group: Option<String>,
 }
 
 impl RevertedRow {
@@ -588,7 +593,8 @@ impl RevertedRow {
             time: self.event_time,
             api_key_sha256: self.api_key_sha256,
             scope: self.scope.unwrap_or_default(),
-            model: None,
+            model: self.model,
+            group: self.event_group,
             requests: -self.requests.unwrap_or(0),
             input_tokens: -self.input_tokens.unwrap_or(0),
             output_tokens: -self.output_tokens.unwrap_or(0),
@@ -748,7 +754,7 @@ struct SubjectPlan {
 
 impl SubjectPlan {
     fn new(subject: &str, api_key: Option<String>, policy: &Policy, now: DateTime<Utc>) -> Self {
-        let resolved = policy.resolve_all_scopes(subject, api_key.as_deref(), now);
+        let resolved = policy.resolve_for_decision(subject, api_key.as_deref(), now);
         let keys = plan::current_keys(subject, &resolved.quotas, resolved.timezone, now);
         SubjectPlan { subject: subject.to_string(), api_key, resolved, keys, lines: Vec::new(), rolling_drained_at: None }
     }
@@ -778,6 +784,17 @@ fn chunks(subjects: Subjects, size: usize) -> Vec<Subjects> {
     out
 }
 
+/// The budget subjects whose ledgers `deltas` change, to decide with the batch's subjects.
+fn budget_subjects(deltas: &BTreeMap<LedgerKey, LedgerDelta>) -> Subjects {
+    let mut subjects = Subjects::new();
+    for key in deltas.keys().filter(|k| k.subject.starts_with(tally_domain::budget::BUDGET_SUBJECT_PREFIX)) {
+        if !subjects.contains_key(&key.subject) {
+            subjects.insert(key.subject.clone(), None);
+        }
+    }
+    subjects
+}
+
 /// The subjects of `events`, each with the API key of its latest event (read from the
 /// latest back, so each subject and key is cloned once, not once per event).
 fn subjects_of(events: &[&UsageEvent]) -> Subjects {
@@ -788,6 +805,19 @@ fn subjects_of(events: &[&UsageEvent]) -> Subjects {
         }
     }
     subjects
+}
+
+/// Moves to quarantine, as `unknown group`, every candidate naming a group the policy does
+/// not know: its group's budget cannot count it, and counting it without would undercount
+/// that budget for good.
+fn quarantine_unknown_groups(policy: &Policy, candidates: &mut Vec<Candidate<'_>>, quarantined: &mut Vec<Quarantined>) {
+    candidates.retain(|c| {
+        let Some(group) = c.event.group.as_deref().filter(|g| !policy.knows_group(g)) else { return true };
+        let words = format!("group {group:?} is not a group of configuration version {}", policy.version);
+        let reason = Reason::with_words(QuarantineReason::UnknownGroup, words);
+        quarantined.push(Quarantined::new(reason, Some(c.event.id.clone()), c.delivery));
+        false
+    });
 }
 
 /// Moves to quarantine, as `overflow`, every candidate whose cost priced from the model's

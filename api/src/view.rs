@@ -235,7 +235,15 @@ mod tests {
     use super::*;
 
     fn snap(version: i64, allowed: bool) -> DecisionSnapshot {
-        DecisionSnapshot { subject: "alice".into(), allowed, version, calculated_at: Utc::now(), tier: "default".into(), quotas: vec![] }
+        DecisionSnapshot {
+            subject: "alice".into(),
+            allowed,
+            version,
+            calculated_at: Utc::now(),
+            tier: "default".into(),
+            budget: None,
+            quotas: vec![],
+        }
     }
 
     #[test]

@@ -133,6 +133,7 @@ fn quota(used: i64, limit: i64, action: Action, resets_at: DateTime<Utc>) -> Quo
         metric: Metric::TotalTokens,
         period: "month".into(),
         scope: None,
+        models: None,
         state: tally_domain::decision::quota_state(used, limit, 0, &[80]),
         action,
         used,
@@ -150,6 +151,7 @@ fn snapshot(subject: &str, version: i64, quotas: Vec<QuotaDecision>) -> Decision
         version,
         calculated_at: Utc::now() - Duration::milliseconds(250),
         tier: "free".into(),
+        budget: None,
         quotas,
     }
 }

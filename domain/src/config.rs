@@ -27,6 +27,7 @@
 //!     period: month             # see crate::period for the grammar
 //!     limit: 100000
 //!     scope: chat               # optional: count only usage in this scope
+//!     models: [gpt-4o]          # optional: count only events for these models
 //!     burst: 0                  # optional headroom above the limit (default 0)
 //!     thresholds: [80, 95]      # warning thresholds in percent (default [80])
 //!     action: degrade           # block (default) | degrade | queue | soft
@@ -59,7 +60,27 @@
 //!   - {key_sha256: "<64 hex>", tier: pro, label: acme-prod, subject: acme}  # subject optional
 //! prices:                       # integer micro-dollars per 1 000 000 tokens
 //!   gpt-4o: {input: 2500000, output: 10000000, cached: 1250000}
+//! budgets:                      # beside each subject's own quotas; every budget a
+//!                               # request meets must pass (see crate::budget)
+//!   - group: engineering        # one pooled ledger for all members (configured, or
+//!     timezone: Europe/Berlin   # named by the event's `group`); timezone optional
+//!     quotas:                   # quotas as above; limits taken as written
+//!       - {name: team_month, metric: cost_micros, period: month, limit: 1000000000}
+//!   - api_key: "<64 hex>"       # the key's own cap, on top of its tier
+//!     quotas: [{name: key_day, metric: total_tokens, period: day, limit: 2000000}]
+//!   - tier: free                # one ledger shared by every subject on tier free
+//!     quotas:
+//!       - name: free_gpt4o
+//!         metric: total_tokens
+//!         period: day
+//!         limit: 2000000
+//!         models: [gpt-4o]      # any quota may be narrowed to models
+//!         action: degrade
+//!         fallback_model: gpt-4o-mini
 //! ```
+//!
+//! A group is known when `groups` gives it a tier or a budget names it; `members` and
+//! events may name only known groups.
 //!
 //! Prices are in micro-dollars (1e-6 USD) **per million tokens**, the unit providers
 //! publish, so every real price list is an exact integer ($0.075 / 1M = 75 000). `cached`
@@ -76,6 +97,7 @@ use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_yaml::Value;
 
+use crate::budget::{Budget, BudgetOwner, OwnerKind};
 use crate::decision::Action;
 use crate::metric::Metric;
 use crate::period::PeriodSpec;
@@ -102,6 +124,8 @@ pub struct Config {
     pub api_keys: BTreeMap<String, ApiKey>,
     /// Model name -> price.
     pub prices: BTreeMap<String, ModelPrice>,
+    /// Budgets of API keys, groups and tier pools, by owner.
+    pub budgets: BTreeMap<BudgetOwner, Budget>,
 }
 
 /// An explicit tier for one subject.
@@ -206,6 +230,17 @@ impl Config {
 
     pub fn price(&self, model: &str) -> Option<&ModelPrice> {
         self.prices.get(model)
+    }
+
+    /// The budget of `owner`, if one is configured.
+    pub fn budget(&self, owner: &BudgetOwner) -> Option<&Budget> {
+        self.budgets.get(owner)
+    }
+
+    /// Whether `group` is a group of this configuration: one that grants a tier (`groups`)
+    /// or one that has a budget.
+    pub fn knows_group(&self, group: &str) -> bool {
+        self.groups.contains_key(group) || self.budgets.contains_key(&BudgetOwner::new(OwnerKind::Group, group))
     }
 
     /// Parses and validates a configuration file; see the module docs.
@@ -352,6 +387,8 @@ pub struct ConfigDocument {
     /// Model -> price.
     #[serde(default, deserialize_with = "null_as_empty", skip_serializing_if = "IndexMap::is_empty")]
     pub prices: IndexMap<String, PriceEntry>,
+    #[serde(default, deserialize_with = "null_as_empty", skip_serializing_if = "Vec::is_empty")]
+    pub budgets: Vec<BudgetEntry>,
 }
 
 impl ConfigDocument {
@@ -394,6 +431,8 @@ pub struct QuotaEntry {
     pub limit: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -501,6 +540,48 @@ impl ApiKeyEntry {
     }
 }
 
+/// A budget as written: exactly one owner (`api_key`, `group` or `tier`) and its quotas.
+/// Validation reads its quotas item by item (`Q` is then untyped YAML); a document holds
+/// them typed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetEntry<Q = QuotaEntry> {
+    /// The SHA-256 hex of the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    #[serde(default = "Vec::new")]
+    pub quotas: Vec<Q>,
+}
+
+impl<Q> BudgetEntry<Q> {
+    /// The owner as written: `None` unless exactly one of `api_key`, `group`, `tier` is set.
+    pub fn owner(&self) -> Option<BudgetOwner> {
+        match (&self.api_key, &self.group, &self.tier) {
+            (Some(key), None, None) => Some(BudgetOwner::new(OwnerKind::ApiKey, key.trim().to_ascii_lowercase())),
+            (None, Some(group), None) => Some(BudgetOwner::new(OwnerKind::Group, group.as_str())),
+            (None, None, Some(tier)) => Some(BudgetOwner::new(OwnerKind::Tier, tier.as_str())),
+            _ => None,
+        }
+    }
+
+    /// An entry for `owner` with these quotas and no timezone.
+    pub fn for_owner(owner: &BudgetOwner, quotas: Vec<Q>) -> BudgetEntry<Q> {
+        let name = Some(owner.name.clone());
+        let (api_key, group, tier) = match owner.kind {
+            OwnerKind::ApiKey => (name, None, None),
+            OwnerKind::Group => (None, name, None),
+            OwnerKind::Tier => (None, None, name),
+        };
+        BudgetEntry { api_key, group, tier, timezone: None, quotas }
+    }
+}
+
 /// A model's price as written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -530,6 +611,7 @@ struct RawConfig {
     overrides: Option<Vec<Value>>,
     api_keys: Option<Vec<Value>>,
     prices: Option<Pairs<Value>>,
+    budgets: Option<Vec<Value>>,
 }
 
 /// A YAML mapping kept as ordered pairs, so duplicate keys can be reported instead of
@@ -738,13 +820,56 @@ impl Validator {
         let thresholds = self.thresholds(raw.thresholds.as_deref(), &format!("{path}.thresholds"));
         let action = self.action(raw.action.as_deref(), raw.fallback_model.as_deref(), path);
         if let Some(scope) = &raw.scope {
-            self.non_empty(scope, &format!("{path}.scope"));
+            self.scope_name(scope, &format!("{path}.scope"));
         }
+        let models = raw.models.map(|m| self.models(m, &format!("{path}.models")));
         if self.errors.len() != before {
             return None;
         }
         let (limit, period) = limit_period?;
-        Some(QuotaDef { name: raw.name, metric: metric?, period, limit, scope: raw.scope, burst: burst?, thresholds: thresholds?, action })
+        Some(QuotaDef {
+            name: raw.name,
+            metric: metric?,
+            period,
+            limit,
+            scope: raw.scope,
+            models,
+            burst: burst?,
+            thresholds: thresholds?,
+            action,
+        })
+    }
+
+    /// A configured scope: not empty, and free of `|`, which ends the scope in a ledger row's
+    /// scope key ([`crate::budget::ledger_scope`]).
+    fn scope_name(&mut self, scope: &str, path: &str) -> bool {
+        if !self.non_empty(scope, path) {
+            return false;
+        }
+        if scope.contains('|') {
+            self.err(path, "must not contain `|`");
+            return false;
+        }
+        true
+    }
+
+    /// A quota's models: at least one, each named once, none empty or holding `,` or `|`;
+    /// sorted.
+    fn models(&mut self, mut models: Vec<String>, path: &str) -> Vec<String> {
+        if models.is_empty() {
+            self.err(path, "must name at least one model (leave `models` out to count every model)");
+        }
+        for (i, model) in models.iter().enumerate() {
+            let item = format!("{path}[{i}]");
+            if self.non_empty(model, &item) && model.contains([',', '|']) {
+                self.err(&item, format!("model `{model}` must not contain `,` or `|`"));
+            }
+            if models[..i].contains(model) {
+                self.err(&item, format!("model `{model}` is listed twice"));
+            }
+        }
+        models.sort_unstable();
+        models
     }
 
     fn quotas(&mut self, values: Vec<Value>, list: &str) -> Vec<QuotaDef> {
@@ -766,7 +891,7 @@ impl Validator {
 
     fn explicit(&mut self, value: Value, path: &str, base: &[QuotaDef]) -> Option<ExplicitLimit> {
         let raw: ExplicitLimitEntry = self.item(value, path)?;
-        let scope_ok = self.non_empty(&raw.scope, &format!("{path}.scope"));
+        let scope_ok = self.scope_name(&raw.scope, &format!("{path}.scope"));
         let metric = self.metric(&raw.metric, &format!("{path}.metric"));
         let rate = self.rate(&raw.rate, &format!("{path}.rate"));
         let metric = metric?;
@@ -907,7 +1032,13 @@ impl Validator {
         };
 
         let groups = self.groups(raw.groups.unwrap_or(Pairs(Vec::new())), &tier_names);
-        let members = self.members(raw.members.unwrap_or(Pairs(Vec::new())), &groups);
+        let budgets = self.budgets(raw.budgets.unwrap_or_default(), &tier_names);
+        let known_groups: BTreeSet<&str> = groups
+            .keys()
+            .map(String::as_str)
+            .chain(budgets.keys().filter(|o| o.kind == OwnerKind::Group).map(|o| o.name.as_str()))
+            .collect();
+        let members = self.members(raw.members.unwrap_or(Pairs(Vec::new())), &known_groups);
         let subject_timezones = self.subjects(raw.subjects.unwrap_or(Pairs(Vec::new())));
         let assignments = self.assignments(raw.assignments.unwrap_or_default(), &tier_names);
         let quota_names: BTreeSet<String> =
@@ -916,7 +1047,20 @@ impl Validator {
         let api_keys = self.api_keys(raw.api_keys.unwrap_or_default(), &tier_names);
         let prices = self.prices(raw.prices.unwrap_or(Pairs(Vec::new())));
 
-        Config { default_tier, timezone, quotas, tiers, groups, members, subject_timezones, assignments, overrides, api_keys, prices }
+        Config {
+            default_tier,
+            timezone,
+            quotas,
+            tiers,
+            groups,
+            members,
+            subject_timezones,
+            assignments,
+            overrides,
+            api_keys,
+            prices,
+            budgets,
+        }
     }
 
     fn groups(&mut self, pairs: Pairs<Value>, tiers: &BTreeSet<String>) -> BTreeMap<String, String> {
@@ -935,15 +1079,15 @@ impl Validator {
         out
     }
 
-    fn members(&mut self, pairs: Pairs<Value>, groups: &BTreeMap<String, String>) -> BTreeMap<String, Vec<String>> {
+    fn members(&mut self, pairs: Pairs<Value>, groups: &BTreeSet<&str>) -> BTreeMap<String, Vec<String>> {
         self.unique_keys(&pairs, "members");
         let mut out = BTreeMap::new();
         for (subject, value) in pairs.0 {
             let path = format!("members.{subject}");
             let Some(list) = self.item::<Vec<String>>(value, &path) else { continue };
             for (i, group) in list.iter().enumerate() {
-                if !groups.contains_key(group) {
-                    self.err(&format!("{path}[{i}]"), format!("unknown group `{group}`"));
+                if !groups.contains(group.as_str()) {
+                    self.err(&format!("{path}[{i}]"), format!("unknown group `{group}` (neither in `groups` nor the owner of a budget)"));
                 }
             }
             out.insert(subject, list);
@@ -1081,6 +1225,46 @@ impl Validator {
             out.insert(hash.clone(), ApiKey { key_sha256: hash, tier: raw.tier, label: raw.label, subject: raw.subject });
         }
         out
+    }
+
+    fn budgets(&mut self, values: Vec<Value>, tiers: &BTreeSet<String>) -> BTreeMap<BudgetOwner, Budget> {
+        let mut out = BTreeMap::new();
+        for (i, value) in values.into_iter().enumerate() {
+            let path = item_path("budgets", i);
+            let Some(raw) = self.item::<BudgetEntry<Value>>(value, &path) else { continue };
+            if let Some(budget) = self.budget(raw, &path, tiers) {
+                if out.contains_key(&budget.owner) {
+                    self.err(&path, format!("a second budget for {}: give one budget all of its quotas", budget.owner));
+                    continue;
+                }
+                out.insert(budget.owner.clone(), budget);
+            }
+        }
+        out
+    }
+
+    fn budget(&mut self, raw: BudgetEntry<Value>, path: &str, tiers: &BTreeSet<String>) -> Option<Budget> {
+        let before = self.errors.len();
+        let Some(owner) = raw.owner() else {
+            self.err(path, "needs exactly one owner: `api_key` (the SHA-256 hex of a key), `group` or `tier`");
+            return None;
+        };
+        let owner_path = format!("{path}.{}", owner.kind);
+        match owner.kind {
+            OwnerKind::ApiKey if owner.name.len() != 64 || !owner.name.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                self.err(&owner_path, "must be 64 hex characters: the SHA-256 of the key, never the key")
+            }
+            OwnerKind::Tier => self.tier_ref(&owner.name, tiers, &owner_path),
+            _ => {
+                self.non_empty(&owner.name, &owner_path);
+            }
+        }
+        let timezone = raw.timezone.as_deref().and_then(|tz| self.timezone(tz, &format!("{path}.timezone")));
+        if raw.quotas.is_empty() {
+            self.err(&format!("{path}.quotas"), "must list at least one quota");
+        }
+        let quotas = self.quotas(raw.quotas, &format!("{path}.quotas"));
+        (self.errors.len() == before).then_some(Budget { owner, timezone, quotas })
     }
 
     fn prices(&mut self, pairs: Pairs<Value>) -> BTreeMap<String, ModelPrice> {

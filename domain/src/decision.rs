@@ -83,6 +83,9 @@ pub struct QuotaDecision {
     pub period: String,
     /// The scope the quota applies to; `null` for all scopes.
     pub scope: Option<String>,
+    /// The models the quota counts; absent for every model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
     pub state: QuotaState,
     pub action: Action,
     pub used: i64,
@@ -105,8 +108,13 @@ pub struct DecisionSnapshot {
     /// Grows with every snapshot published for this subject.
     pub version: i64,
     pub calculated_at: DateTime<Utc>,
-    /// The effective tier the quotas came from.
+    /// The effective tier the quotas came from; for a budget, the tier of a tier pool and
+    /// empty for any other budget.
     pub tier: String,
+    /// The budget this snapshot is of, when `subject` is a budget subject
+    /// ([`crate::budget::BudgetOwner::ledger_subject`]); absent for a subject's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<crate::budget::BudgetOwner>,
     pub quotas: Vec<QuotaDecision>,
 }
 
@@ -157,6 +165,7 @@ mod tests {
             metric: Metric::TotalTokens,
             period: "month".into(),
             scope: None,
+            models: None,
             state: QuotaState::Breached,
             action,
             used: 10,

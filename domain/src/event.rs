@@ -54,6 +54,11 @@ pub struct UsageEvent {
     pub scope: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// A group (team, organisation) the request was made for, beside the subject's
+    /// configured ones: its budget counts the event. Sent as `group` or `org`; the
+    /// aggregator quarantines an event naming a group its configuration does not know.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     pub requests: i64,
     pub input_tokens: i64,
     pub output_tokens: i64,
@@ -107,6 +112,7 @@ impl UsageEvent {
             && self.api_key_sha256.as_deref().is_none_or(is_sha256_hex)
             && chars_within(&self.scope, MAX_NAME_CHARS)
             && self.model.as_deref().is_none_or(|m| chars_within(m, MAX_NAME_CHARS))
+            && self.group.as_deref().is_none_or(name_ok)
             && counts.iter().all(|n| (0..=MAX_AMOUNT).contains(n))
             && self.corrects.as_deref().is_none_or(corrects_ok)
             && refuse_nul_and_reserved(self, "").is_ok()
@@ -187,20 +193,18 @@ pub fn event_from_value(value: Value) -> Result<UsageEvent, EventError> {
     Ok(event)
 }
 
-/// The start of the keys of the aggregators' heartbeat records on the decisions topic
-/// (`crate::heartbeat`): no subject may take it, or its decisions would be read as
-/// heartbeats and never block it.
-const RESERVED_SUBJECT_PREFIX: &str = crate::heartbeat::HEARTBEAT_KEY_PREFIX;
+/// The starts of subjects Tally keeps for itself: the keys of the aggregators' heartbeat
+/// records on the decisions topic (`crate::heartbeat`; a subject under it would have its
+/// decisions read as heartbeats and never be blocked) and the budget subjects that hold
+/// budgets' ledgers (`crate::budget`; a subject under it would count into a budget).
+const RESERVED_SUBJECT_PREFIXES: [&str; 2] = [crate::heartbeat::HEARTBEAT_KEY_PREFIX, crate::budget::BUDGET_SUBJECT_PREFIX];
 
 /// Refuses text Postgres cannot store (U+0000 in any string: its `text` and `jsonb` hold no
 /// NUL) and a subject under the reserved heartbeat prefix. Every shape ends here, so ingest
 /// refuses what the aggregator could not count.
 fn refuse_nul_and_reserved(e: &UsageEvent, data_prefix: &str) -> Result<(), EventError> {
-    if e.subject.starts_with(RESERVED_SUBJECT_PREFIX) {
-        return Err(err(
-            "subject",
-            format!("must not start with {RESERVED_SUBJECT_PREFIX:?}, which Tally reserves for its heartbeat records"),
-        ));
+    if let Some(prefix) = RESERVED_SUBJECT_PREFIXES.into_iter().find(|p| e.subject.starts_with(p)) {
+        return Err(err("subject", format!("must not start with {prefix:?}, which Tally reserves for its own records")));
     }
     let nul = |s: &str| s.as_bytes().contains(&0);
     let texts = [
@@ -208,6 +212,7 @@ fn refuse_nul_and_reserved(e: &UsageEvent, data_prefix: &str) -> Result<(), Even
         e.subject.as_str(),
         e.scope.as_str(),
         e.model.as_deref().unwrap_or_default(),
+        e.group.as_deref().unwrap_or_default(),
         e.corrects.as_deref().unwrap_or_default(),
     ];
     if !texts.into_iter().any(nul) && !e.attributes.iter().any(|(k, v)| nul(k) || nul(v)) {
@@ -218,6 +223,7 @@ fn refuse_nul_and_reserved(e: &UsageEvent, data_prefix: &str) -> Result<(), Even
     let named = [("id".to_string(), e.id.as_str()), ("subject".to_string(), e.subject.as_str()), (data("scope"), e.scope.as_str())]
         .into_iter()
         .chain(e.model.as_deref().map(|m| (data("model"), m)))
+        .chain(e.group.as_deref().map(|g| (data("group"), g)))
         .chain(e.corrects.as_deref().map(|c| (data("corrects"), c)));
     let attributes = e.attributes.iter().flat_map(|(k, v)| {
         let field = match k.strip_prefix("ce.") {
@@ -241,6 +247,8 @@ const PLAIN_FIELDS: &[&str] = &[
     "api_key_sha256",
     "scope",
     "model",
+    "group",
+    "org",
     "requests",
     "input_tokens",
     "output_tokens",
@@ -397,6 +405,11 @@ fn build(id: String, subject: String, time: DateTime<Utc>, obj: &Map<String, Val
     };
     let scope = optional_str(obj, "scope", &f("scope"))?.unwrap_or_default();
     let model = optional_str(obj, "model", &f("model"))?;
+    let group = match (optional_str(obj, "group", &f("group"))?, optional_str(obj, "org", &f("org"))?) {
+        (Some(_), Some(_)) => return Err(err(&f("org"), "give group or org, not both")),
+        (Some(g), None) | (None, Some(g)) if g.is_empty() => return Err(err(&f("group"), "must not be empty")),
+        (group, org) => group.or(org),
+    };
     let requests = optional_count(obj, "requests", &f("requests"))?.unwrap_or(1);
     let input_tokens = optional_count(obj, "input_tokens", &f("input_tokens"))?.unwrap_or(0);
     let output_tokens = optional_count(obj, "output_tokens", &f("output_tokens"))?.unwrap_or(0);
@@ -418,6 +431,7 @@ fn build(id: String, subject: String, time: DateTime<Utc>, obj: &Map<String, Val
         api_key_sha256,
         scope,
         model,
+        group,
         requests,
         input_tokens,
         output_tokens,
@@ -856,16 +870,16 @@ mod tests {
 
         /// What the event strategies generate, field by field, in [`UsageEvent`]'s order:
         /// `(id, subject, seconds, nanoseconds, api_key_sha256, scope)`,
-        /// `(model, requests, input, output, cached, cost)`, `(attributes, corrects)`.
+        /// `(model, requests, input, output, cached, cost)`, `(attributes, corrects, group)`.
         pub(crate) type EventParts = (
             (String, String, i64, u32, Option<String>, String),
             (Option<String>, i64, i64, i64, i64, Option<i64>),
-            (BTreeMap<String, String>, Option<String>),
+            (BTreeMap<String, String>, Option<String>, Option<String>),
         );
 
         /// The event of generated parts (the time from seconds and nanoseconds).
         pub(crate) fn event_of_parts(
-            ((id, subject, secs, nanos, key, scope), (model, requests, input, output, cached, cost), (attributes, corrects)): EventParts,
+            ((id, subject, secs, nanos, key, scope), (model, requests, input, output, cached, cost), (attributes, corrects, group)): EventParts,
         ) -> UsageEvent {
             UsageEvent {
                 id,
@@ -874,6 +888,7 @@ mod tests {
                 api_key_sha256: key,
                 scope,
                 model,
+                group,
                 requests,
                 input_tokens: input,
                 output_tokens: output,
@@ -894,8 +909,15 @@ mod tests {
             let secs = prop_oneof![8 => 0i64..4_000_000_000, 1 => -70_000_000_000i64..0, 1 => 250_000_000_000i64..300_000_000_000];
             (
                 (text(130), name.clone(), secs, 0u32..1_000_000_000, hex, name.clone()),
-                (proptest::option::of(name), count.clone(), count.clone(), count.clone(), count.clone(), proptest::option::of(count)),
-                (proptest::collection::btree_map(text(3), text(3), 0..2), proptest::option::of(text(3))),
+                (
+                    proptest::option::of(name.clone()),
+                    count.clone(),
+                    count.clone(),
+                    count.clone(),
+                    count.clone(),
+                    proptest::option::of(count),
+                ),
+                (proptest::collection::btree_map(text(3), text(3), 0..2), proptest::option::of(text(3)), proptest::option::of(name)),
             )
                 .prop_map(event_of_parts)
         }

@@ -8,6 +8,7 @@
 //! **Invariant:** nothing in this crate reads a clock, a file, the network or the
 //! environment. Callers pass the instant (`at`) and the bytes.
 
+pub mod budget;
 pub mod config;
 pub mod decision;
 pub mod event;

@@ -35,6 +35,9 @@ pub struct QuotaDef {
     pub limit: i64,
     /// `None`: counts usage in every scope.
     pub scope: Option<String>,
+    /// `None`: counts usage of every model (and of events naming none); `Some(list)`: only
+    /// events whose `model` is in the list (sorted, distinct, never empty).
+    pub models: Option<Vec<String>>,
     /// Headroom above `limit` before the quota is breached; at least 0.
     pub burst: i64,
     /// Sorted, distinct, each 1..=1000.
@@ -92,6 +95,8 @@ pub struct EffectiveQuota {
     pub burst: i64,
     /// `None`: counts usage in every scope; `Some(s)`: only usage in scope `s`.
     pub scope: Option<String>,
+    /// `None`: counts every model; `Some(list)`: only events naming one of these models.
+    pub models: Option<Vec<String>>,
     pub thresholds: Vec<u32>,
     pub action: Action,
 }
@@ -102,9 +107,33 @@ impl EffectiveQuota {
         self.scope.as_deref().is_none_or(|s| s == scope)
     }
 
+    /// Whether usage of `model` (`None`: the event names no model) counts towards this
+    /// quota.
+    pub fn counts_model(&self, model: Option<&str>) -> bool {
+        counts_model(self.models.as_deref(), model)
+    }
+
+    /// Whether a request in `scope` for `model` counts towards this quota.
+    pub fn counts(&self, scope: &str, model: Option<&str>) -> bool {
+        self.counts_scope(scope) && self.counts_model(model)
+    }
+
+    /// The key of this quota's ledger rows' `scope` column ([`crate::budget::ledger_scope`]).
+    pub fn ledger_scope(&self) -> String {
+        crate::budget::ledger_scope(self.scope.as_deref(), self.models.as_deref())
+    }
+
     /// The period of this quota containing `at`, in the subject's timezone.
     pub fn window(&self, at: DateTime<Utc>, tz: Tz) -> Window {
         self.period.window(at, tz)
+    }
+}
+
+/// Whether usage of `model` counts for a quota narrowed to `models` (`None`: every model).
+pub fn counts_model(models: Option<&[String]>, model: Option<&str>) -> bool {
+    match models {
+        None => true,
+        Some(list) => model.is_some_and(|m| list.iter().any(|l| l == m)),
     }
 }
 
@@ -116,6 +145,7 @@ fn effective(def: &QuotaDef, limit: i64, tier_action: Option<&Action>) -> Effect
         limit,
         burst: def.burst,
         scope: def.scope.clone(),
+        models: def.models.clone(),
         thresholds: def.thresholds.clone(),
         action: def.action.clone().or_else(|| tier_action.cloned()).unwrap_or_default(),
     }
@@ -184,6 +214,7 @@ mod tests {
             period: rate.period,
             limit: rate.limit as i64,
             scope: None,
+            models: None,
             burst: 0,
             thresholds: DEFAULT_THRESHOLDS.to_vec(),
             action: None,

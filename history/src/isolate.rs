@@ -136,6 +136,7 @@ mod tests {
             api_key_sha256: None,
             scope: String::new(),
             model: None,
+            group: None,
             requests: 1,
             input_tokens: 0,
             output_tokens: 0,

@@ -98,6 +98,7 @@ pub fn negated(correction: &UsageEvent, target: &Reverted) -> UsageEvent {
         api_key_sha256: target.api_key_sha256.clone(),
         scope: target.scope.clone(),
         model: correction.model.clone(),
+        group: None,
         requests: -a.requests,
         input_tokens: -a.input_tokens,
         output_tokens: -a.output_tokens,

@@ -430,6 +430,7 @@ fn dedupe_row_samples() -> Vec<tally_domain::event::UsageEvent> {
         api_key_sha256: Some("ab".repeat(32)),
         scope: "chat".into(),
         model: Some("gpt-4o-mini".into()),
+        group: None,
         requests: 1,
         input_tokens: 9_000_000_000_000,
         output_tokens: 100,

@@ -103,6 +103,7 @@ pub fn event(id: String, subject: String, tier: usize, time: DateTime<Utc>, inpu
         api_key_sha256: TIER_KEY_HASHES[tier % 3].clone(),
         scope: "chat".into(),
         model: Some("gpt-4o-mini".into()),
+        group: None,
         requests: 1,
         input_tokens,
         output_tokens: 100,

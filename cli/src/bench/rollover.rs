@@ -122,6 +122,7 @@ fn storm_event(id: String, subject: String, time: DateTime<Utc>) -> Prepared {
         api_key_sha256: Some(hash_api_key(STORM_KEY)),
         scope: "chat".into(),
         model: None,
+        group: None,
         requests: 1,
         input_tokens: 10,
         output_tokens: 10,
@@ -690,6 +691,7 @@ mod tests {
             version: 1,
             calculated_at: Utc::now(),
             tier: "storm".into(),
+            budget: None,
             quotas: Vec::new(),
         };
         let mut seen = Seen::default();

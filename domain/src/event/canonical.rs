@@ -29,6 +29,7 @@ pub(super) fn read(bytes: &[u8]) -> Option<UsageEvent> {
     let api_key_sha256 = c.optional(b",\"api_key_sha256\":", Cursor::string)?;
     let scope = c.field(b",\"scope\":", Cursor::string)?;
     let model = c.optional(b",\"model\":", Cursor::string)?;
+    let group = c.optional(b",\"group\":", Cursor::string)?;
     let requests = c.field(b",\"requests\":", Cursor::integer)?;
     let input_tokens = c.field(b",\"input_tokens\":", Cursor::integer)?;
     let output_tokens = c.field(b",\"output_tokens\":", Cursor::integer)?;
@@ -47,6 +48,7 @@ pub(super) fn read(bytes: &[u8]) -> Option<UsageEvent> {
         api_key_sha256,
         scope,
         model,
+        group,
         requests,
         input_tokens,
         output_tokens,
@@ -211,6 +213,7 @@ mod tests {
             api_key_sha256: None,
             scope: "chat".into(),
             model: Some("gpt-4o-mini".into()),
+            group: None,
             requests: 1,
             input_tokens: 300,
             output_tokens: 100,
@@ -307,7 +310,7 @@ mod tests {
         (
             (text, text, -62_167_219_200i64..253_402_300_800, nanos, proptest::option::of("[0-9a-f]{64}"), text),
             (proptest::option::of(text), count.clone(), count.clone(), count.clone(), count.clone(), proptest::option::of(count)),
-            (proptest::collection::btree_map(text, text, 0..3), proptest::option::of(text)),
+            (proptest::collection::btree_map(text, text, 0..3), proptest::option::of(text), proptest::option::of(text)),
         )
             .prop_map(crate::event::tests::fast_path::event_of_parts)
     }
