@@ -119,9 +119,46 @@ struct Owned {
     next: i64,
     /// The next offset to accept: past the messages buffered or in flight.
     pending: i64,
-    /// When the loop last asked the consumer to seek to `pending`.
+    /// When the loop last asked the consumer to seek to `pending`, or last saw a message
+    /// of the seek being served.
     sought_at: Option<Instant>,
+    /// Sought (assigned, or sought to `pending`) and no message at `pending` seen since.
+    awaiting: bool,
+    /// How far before `pending` the last seek of a stalled partition went (0: none yet).
+    stepped_back: i64,
 }
+
+impl Owned {
+    fn claimed(epoch: i64, next: i64) -> Owned {
+        Owned { epoch, next, pending: next, sought_at: None, awaiting: true, stepped_back: 0 }
+    }
+
+    /// The message at `offset` arrived. A message below `pending` comes from a seek back
+    /// being served: once the one just before `pending` arrived, the consumer stands at
+    /// `pending`.
+    fn arrived(&mut self, offset: i64) {
+        if offset == self.pending || (self.awaiting && offset + 1 == self.pending) {
+            self.awaiting = false;
+            self.stepped_back = 0;
+        } else if self.awaiting && offset < self.pending {
+            self.sought_at = Some(Instant::now());
+        }
+    }
+
+    /// Whether the partition was sought and brought nothing within [`STALL_AFTER`].
+    fn stalled(&self) -> bool {
+        self.awaiting && self.sought_at.is_none_or(|t| t.elapsed() > STALL_AFTER)
+    }
+}
+
+/// How long a sought partition may bring no message before it is sought further back (see
+/// [`Loop::seek_back_if_stalled`]).
+const STALL_AFTER: Duration = Duration::from_millis(250);
+
+/// The first step back of a stalled partition, in messages: librdkafka's producers put at
+/// most 10000 messages in a record batch (`batch.num.messages`), so one step usually reaches
+/// the start of the batch holding `pending`.
+const FIRST_STEP_BACK: i64 = 10_000;
 
 struct Metrics {
     registry: Registry,
@@ -589,6 +626,7 @@ impl Loop {
                 Wake::Timer => {}
             }
             self.maintain_ownership().await;
+            self.seek_back_if_stalled();
         }
         // Commits in flight finish (within the shutdown timeout); buffered messages are left
         // to the next owner, from the stored offsets.
@@ -622,7 +660,8 @@ impl Loop {
     /// away.
     fn wake_at(&self) -> Instant {
         let max_wait = self.settings.max_wait();
-        self.lanes.iter().filter_map(|l| l.wake_at(max_wait)).fold(Instant::now() + IDLE_WAKE, Instant::min)
+        let stall_checks = self.owned.values().filter(|o| o.awaiting).filter_map(|o| o.sought_at).map(|t| t + STALL_AFTER);
+        self.lanes.iter().filter_map(|l| l.wake_at(max_wait)).chain(stall_checks).fold(Instant::now() + IDLE_WAKE, Instant::min)
     }
 
     /// Starts a batch commit, as a task of its own, for every idle lane that is ready.
@@ -692,6 +731,7 @@ impl Loop {
         }
         for o in self.owned.values_mut() {
             o.sought_at = Some(Instant::now());
+            o.awaiting = true;
         }
         self.metrics.owned_partitions.set(self.owned.len() as i64);
     }
@@ -704,7 +744,7 @@ impl Loop {
             match self.committer.store.claim(partition).await {
                 Ok(claim) => {
                     tracing::info!(partition, next_offset = claim.next_offset, epoch = claim.epoch, "claimed partition");
-                    let owned = Owned { epoch: claim.epoch, next: claim.next_offset, pending: claim.next_offset, sought_at: None };
+                    let owned = Owned::claimed(claim.epoch, claim.next_offset);
                     self.owned.insert(partition, owned);
                     let lane = self.lane_of(partition);
                     self.lanes[lane].drop_partitions(&HashSet::from([partition]));
@@ -722,6 +762,7 @@ impl Loop {
 
     fn seek(&self, partition: i32, owned: &mut Owned) {
         owned.sought_at = Some(Instant::now());
+        owned.awaiting = true;
         let topic = &self.committer.store.topic;
         let consumer = &self.consumers[self.lane_of(partition)];
         if let Err(e) = consumer.seek(topic, partition, Offset::Offset(owned.pending), Duration::from_secs(1)) {
@@ -733,6 +774,7 @@ impl Loop {
     /// Lower offsets are buffered, in flight or counted already; a gap triggers a seek back.
     fn accept(&mut self, d: Delivery, key: u64, now: Instant) {
         let Some(owned) = self.owned.get_mut(&d.partition) else { return };
+        owned.arrived(d.offset);
         if d.offset == owned.pending {
             owned.pending += 1;
             let lane = self.lane_of(d.partition);
@@ -766,6 +808,34 @@ impl Loop {
             }
             if taken == before {
                 return;
+            }
+        }
+    }
+
+    /// Seeks further back every partition that was sought (assigned, rewound, or sought over
+    /// a gap) and brought no message within [`STALL_AFTER`]: a broker may answer a fetch
+    /// that starts inside a record batch with nothing at all (tansu 0.6 does), and a
+    /// partition with nothing more to come brings no later message that would trigger
+    /// another seek, so it would stand still for good. The first seek back goes
+    /// [`FIRST_STEP_BACK`] messages before `pending`, each later one twice as far, down to
+    /// the partition's start; the messages before `pending` are passed over as any
+    /// redelivery is, so this costs a re-read and never changes what is counted.
+    fn seek_back_if_stalled(&mut self) {
+        let stalled: Vec<i32> = self.owned.iter().filter(|(_, o)| o.stalled()).map(|(p, _)| *p).collect();
+        for partition in stalled {
+            let consumer = &self.consumers[self.lane_of(partition)];
+            let Some(owned) = self.owned.get_mut(&partition) else { continue };
+            if owned.pending == 0 || owned.stepped_back >= owned.pending {
+                // Nothing before `pending` to step back to: the partition has nothing yet.
+                owned.awaiting = false;
+                continue;
+            }
+            owned.stepped_back = (owned.stepped_back * 2).max(FIRST_STEP_BACK);
+            owned.sought_at = Some(Instant::now());
+            let from = (owned.pending - owned.stepped_back).max(0);
+            tracing::debug!(partition, pending = owned.pending, from, "no message at the sought offset; seeking further back");
+            if let Err(e) = consumer.seek(&self.committer.store.topic, partition, Offset::Offset(from), Duration::from_secs(1)) {
+                tracing::debug!(partition, offset = from, error = %e, "seek not possible yet");
             }
         }
     }

@@ -92,3 +92,36 @@ async fn a_postgres_outage_pauses_consumption_and_it_resumes_with_nothing_lost()
     let counted: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_events").fetch_one(&pool).await.unwrap();
     assert_eq!(counted, 400);
 }
+
+/// A broker may answer a fetch that starts inside a record batch with nothing (tansu 0.6
+/// does), so an aggregator that resumes a partition whose stored offset is inside one must
+/// seek further back, or the partition stands still for good once nothing more arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_resumed_inside_a_record_batch_is_read_to_its_end() {
+    let mut t = Tally::prepare(Some(TIERS));
+    t.spawn("ingest");
+    t.spawn_env("aggregator", &[("TALLY_AGGREGATOR_MAX_BATCH", "1000".to_string())]);
+    t.spawn("api");
+    t.wait_healthy().await;
+    // One subject, one request: 200 messages of one partition, in one record batch.
+    let events: Vec<Value> = (0..200)
+        .map(|i| json!({"id": format!("mid{i}"), "subject": "one", "time": chrono::Utc::now().to_rfc3339(), "input_tokens": 1}))
+        .collect();
+    assert_eq!(t.post_events(&Value::Array(events)).await.0, 202);
+    let pool = t.pg().await;
+    assert!(wait_for(Duration::from_secs(30), || async { t.consumed(&pool).await == 200 }).await);
+    t.kill("aggregator");
+    // The next owner resumes at offset 130, inside the batch: 70 redeliveries to pass over.
+    let moved = sqlx::query("UPDATE consumer_offsets SET next_offset = 130 WHERE group_id = $1 AND next_offset = 200")
+        .bind(&t.group)
+        .execute(&pool)
+        .await
+        .unwrap()
+        .rows_affected();
+    assert_eq!(moved, 1);
+    let url = t.spawn_aggregator();
+    let resumed = wait_for(Duration::from_secs(30), || async { t.consumed(&pool).await == 200 }).await;
+    assert!(resumed, "the partition stood still at {}; logs in {}", t.consumed(&pool).await, t.log_dir().display());
+    assert!(wait_for(Duration::from_secs(10), || async { t.metric(&url, "tally_aggregator_events_duplicate_total").await == 70 }).await);
+    assert_eq!(ledger_total(&pool).await, 200, "nothing counted twice");
+}
