@@ -8,6 +8,7 @@ mod support;
 mod api;
 mod bench;
 mod broker_faults;
+mod budgets;
 mod decisions;
 mod exactly_once;
 mod explain_cli;
