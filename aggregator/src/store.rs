@@ -396,6 +396,7 @@ impl Store {
             return Ok(Decided { snapshots: 0, deferred: Deferred::new(), headroom: Vec::new() });
         }
         let names: Vec<&str> = subjects.keys().map(String::as_str).collect();
+        lock_new_budget_rows(tx, &names).await?;
         let previous = previous_decisions(tx, &names).await?;
         let mut plans: Vec<SubjectPlan> = subjects
             .iter()
@@ -1037,6 +1038,29 @@ async fn read_rolling_buckets(
         out.entry((subject, metric, scope, period)).or_default().push(RollingBucket { start: period_start, end: period_end, used });
     }
     Ok(out)
+}
+
+/// Makes sure every budget subject among `subjects` has a decision row, so that
+/// [`previous_decisions`] locks it. A budget's decision is made by every transaction that
+/// counts in it, across lanes and instances: without a row to lock, two transactions that
+/// decide a new budget at once would both publish version 1, and the view, which never
+/// replaces a version with an equal one, could keep the one that missed the other's usage.
+/// The placeholder (version 0, no digests) never commits as such: the transaction that
+/// inserts it publishes version 1 over it, and a concurrent one waits for that.
+async fn lock_new_budget_rows(tx: &mut Transaction<'_, Postgres>, subjects: &[&str]) -> Result<(), sqlx::Error> {
+    let budgets: Vec<&str> = subjects.iter().copied().filter(|s| s.starts_with(tally_domain::budget::BUDGET_SUBJECT_PREFIX)).collect();
+    if budgets.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO decisions (subject, version, snapshot)
+         SELECT s, 0, 'null'::json FROM unnest($1::text[]) AS s ORDER BY s
+         ON CONFLICT (subject) DO NOTHING",
+    )
+    .bind(&budgets)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// The stored decision state of `subjects`, locked for this transaction.

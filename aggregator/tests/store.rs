@@ -428,3 +428,83 @@ async fn concurrent_scheduler_chunks_unblock_every_subject_of_a_rollover_once() 
     assert_eq!(store.decide_due(&f.policy, boundary, 25).await.unwrap().looked_at, 0, "nothing is due any more");
     f.done().await;
 }
+
+/// Batches of eight partitions (as eight lanes or instances would commit them) all count in
+/// one team at once, starting with no decision for it: every batch commits (no deadlock, no
+/// lost update), the team's ledgers equal the sums of the events to the token, and every
+/// snapshot of the team carries a version of its own, so the view, which keeps the highest
+/// version, holds the decision of the last commit. The team's two quotas count different
+/// models, and each partition sends one model: two batches then share the team's decision
+/// without sharing a ledger row that would order them.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_batches_count_a_shared_budget_exactly_and_version_its_decisions_once_each() {
+    let policy = Policy::from_yaml(
+        "default_tier: free\ntimezone: UTC\nquotas:\n  - {name: monthly, metric: total_tokens, period: month, limit: 1000000000}\n\
+         tiers:\n  - {name: free}\n\
+         budgets:\n\
+         \x20 - group: team\n    quotas:\n\
+         \x20     - {name: team_a, metric: requests, period: day, limit: 1000000000, models: [a]}\n\
+         \x20     - {name: team_b, metric: requests, period: day, limit: 1000000000, models: [b]}\n",
+        "test",
+    )
+    .unwrap();
+    let f = Fixture::with_policy(policy).await;
+    const PARTITIONS: i32 = 8;
+    let model_of = |p: usize| if p.is_multiple_of(2) { "a" } else { "b" };
+    const BATCHES: i64 = 6;
+    const EVENTS: i64 = 25;
+    let stores: Vec<Store> = (0..PARTITIONS).map(|p| f.store(&format!("instance-{p}"))).collect();
+    let mut epochs = Vec::new();
+    for (p, store) in stores.iter().enumerate() {
+        epochs.push(store.claim(p as i32).await.expect("claim").epoch);
+    }
+    let now = Utc::now();
+    let commits = stores.iter().zip(epochs).enumerate().map(|(p, (store, epoch))| {
+        let policy = f.policy.clone();
+        async move {
+            for b in 0..BATCHES {
+                let start = b * EVENTS;
+                let mut deliveries: Vec<Delivery> = (start..start + EVENTS)
+                    .map(|offset| {
+                        let event = json!({"id": format!("p{p}-{offset}"), "subject": format!("s{p}-{}", offset % 5), "time": now.to_rfc3339(),
+                                           "input_tokens": 1 + offset, "group": "team", "model": model_of(p)});
+                        Delivery::received(p as i32, offset, Some(event.to_string().into_bytes()))
+                    })
+                    .collect();
+                let range = Range { partition: p as i32, epoch, start, next: start + EVENTS };
+                let parsed = parse_batch(&mut deliveries, now, Duration::days(3));
+                store
+                    .commit_batch(&[range], parsed, &Default::default(), &policy, Utc::now(), Duration::seconds(1), Finish::Commit)
+                    .await
+                    .expect("a batch sharing budgets with others commits");
+            }
+        }
+    });
+    futures::future::join_all(commits).await;
+    let pool = &f.db.pool;
+    let used = |scope: &'static str| async move {
+        sqlx::query_scalar::<_, i64>("SELECT coalesce(sum(used), 0)::bigint FROM ledgers WHERE subject = $1 AND scope = $2")
+            .bind("__tally_budget__/group/team")
+            .bind(scope)
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    };
+    let per_model = BATCHES * EVENTS * (PARTITIONS as i64 / 2);
+    assert_eq!((used("*|models=a").await, used("*|models=b").await), (per_model, per_model));
+    let tokens: i64 =
+        sqlx::query_scalar("SELECT coalesce(sum(used), 0)::bigint FROM ledgers WHERE subject LIKE 's%'").fetch_one(pool).await.unwrap();
+    assert_eq!(tokens, (0..BATCHES * EVENTS).map(|offset| 1 + offset).sum::<i64>() * PARTITIONS as i64);
+    for budget in ["__tally_budget__/group/team"] {
+        let versions: Vec<i64> =
+            sqlx::query_scalar("SELECT (convert_from(payload, 'UTF8')::jsonb->>'version')::bigint FROM outbox WHERE key = $1 ORDER BY 1")
+                .bind(budget)
+                .fetch_all(pool)
+                .await
+                .unwrap();
+        let distinct: std::collections::BTreeSet<i64> = versions.iter().copied().collect();
+        assert_eq!(distinct.len(), versions.len(), "{budget}: a version published twice: {versions:?}");
+        assert_eq!(versions.first(), Some(&1), "{budget}: {versions:?}");
+    }
+    f.done().await;
+}

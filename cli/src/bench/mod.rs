@@ -12,17 +12,18 @@
 //!   too. Everything is on loopback.
 //! - The sections run in this order, so the broker's ceiling is known before anything is set
 //!   against it: broker, pipeline, decision_latency, memory, check, ingest, history,
-//!   history_writer, steady_state, rollover. The last three run on Tallys of their own
-//!   (other run ids; the rollover with a tier configuration of its own) after the others'
-//!   services are stopped; `--only history-writer`, `--only steady-state` and `--only
-//!   rollover` run one of them alone (history_writer then measures the broker's ceiling
-//!   itself).
+//!   history_writer, budgets, steady_state, rollover. The last four run on Tallys of their
+//!   own (other run ids; budgets and rollover with tier configurations of their own) after
+//!   the others' services are stopped; `--only history-writer`, `--only budgets`, `--only
+//!   steady-state` and `--only rollover` run one of them alone (history_writer and budgets
+//!   then measure the broker's ceiling themselves).
 //! - The report (table on stdout, JSON with `--json`) has per section `figures`, `ratios`
 //!   against a baseline of the same run, `targets` (met or missed) and `notes`. A missed
 //!   target is a finding, not a failure: the exit status is non-zero only when the bench
 //!   could not measure.
 
 mod broker;
+mod budgets;
 mod calibrate;
 mod history;
 mod history_writer;
@@ -101,7 +102,13 @@ Sections, in the order they run:
    unblock on the decisions topic, while a background load of other subjects runs
    (`--rollover-load` events/s); its counted events/s during the storm against before the
    boundary. Ratio to a single event's decision latency at rest in the same section. Runs
-   on a Tally of its own, last; `--only rollover` runs it alone.";
+   on a Tally of its own, last; `--only rollover` runs it alone.
+
+11. budgets: the pipeline count of section 2 where every event meets three budgets beside
+   its subject's own quotas (its API key's, its team's, its tier's pool: pooled rows every
+   batch of every lane updates), against the same count without budgets and against the
+   broker's consume rate. Runs on Tallys of its own, after history_writer; `--only
+   budgets` runs it alone (measuring the broker first).";
 
 /// The command line of `tally bench` (see [`LONG_ABOUT`]).
 #[derive(Debug, clap::Args)]
@@ -168,6 +175,7 @@ pub struct BenchArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Standalone {
     HistoryWriter,
+    Budgets,
     SteadyState,
     Rollover,
 }
@@ -203,6 +211,7 @@ struct Sizes {
     history_writer: history_writer::Plan,
     steady: steady::Plan,
     rollover: rollover::Plan,
+    budgets: budgets::Plan,
 }
 
 impl Sizes {
@@ -234,6 +243,11 @@ impl Sizes {
                 past_records: args.past_records.unwrap_or(if q { 100_000 } else { 100_000_000 }),
                 past_subjects: args.past_subjects.unwrap_or(if q { 2_000 } else { 1_000_000 }),
                 lateness_days: LATENESS_DAYS,
+            },
+            budgets: budgets::Plan {
+                events: args.events.unwrap_or(if q { 10_000 } else { 600_000 }),
+                subjects: args.subjects.unwrap_or(if q { 1_000 } else { 10_000 }),
+                broker_messages: if q { 10_000 } else { 200_000 },
             },
             rollover: rollover::Plan {
                 subjects: args.rollover_subjects.unwrap_or(if q { 2_000 } else { 100_000 }),
@@ -267,6 +281,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let servers = SharedServers { brokers: &args.brokers, database_url: &args.database_url, clickhouse_url: &args.clickhouse_url };
     if args.only.is_none_or(|only| only == Standalone::HistoryWriter) {
         report.add("history_writer", history_writer::measure(&servers, &sizes.history_writer, ceiling, args.keep).await?);
+    }
+    if args.only.is_none_or(|only| only == Standalone::Budgets) {
+        report.add("budgets", budgets::measure(&servers, &sizes.budgets, ceiling, args.keep).await?);
     }
     if args.only.is_none_or(|only| only == Standalone::SteadyState) {
         report.add("steady_state", steady::measure(&servers, &sizes.steady, args.keep).await?);
@@ -406,6 +423,7 @@ mod tests {
         assert_eq!(only("rollover").unwrap(), Some(Standalone::Rollover));
         assert_eq!(only("steady-state").unwrap(), Some(Standalone::SteadyState));
         assert_eq!(only("history-writer").unwrap(), Some(Standalone::HistoryWriter));
+        assert_eq!(only("budgets").unwrap(), Some(Standalone::Budgets));
         let e = only("pipeline").unwrap_err().to_string();
         assert!(e.contains("invalid value 'pipeline'") && e.contains("rollover"), "{e}");
         assert_eq!(Command::try_parse_from(["bench"]).unwrap().bench.only, None);
