@@ -18,6 +18,9 @@ pub struct Usage {
     pub scope: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// A group (team, organisation) the request was made for: its budget counts the event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requests: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -41,6 +44,7 @@ impl Usage {
             api_key: None,
             scope: None,
             model: None,
+            group: None,
             requests: None,
             input_tokens: None,
             output_tokens: None,

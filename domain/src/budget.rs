@@ -336,3 +336,24 @@ mod validation_tests {
         assert!(!config.knows_group("ops"));
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn the_budget_examples_are_valid_and_meet_what_they_say() {
+        let budgets = Config::from_yaml_str(include_str!("../../examples/budgets.yaml")).unwrap_or_else(|e| panic!("{e}"));
+        let ci_key = crate::event::hash_api_key("sk-acme-ci");
+        let facts = BudgetFacts { subject: "alice", api_key_sha256: Some(&ci_key), groups: &[], tier: "free" };
+        let owners: Vec<String> = budgets_met(&budgets, &facts).iter().map(|b| b.owner.to_string()).collect();
+        assert_eq!(owners, [format!("api_key {ci_key}"), "group acme".into(), "group acme-research".into(), "tier free".into()]);
+        let shared = Config::from_yaml_str(include_str!("../../examples/shared-bucket.yaml")).unwrap_or_else(|e| panic!("{e}"));
+        let pool = |tier: &str| {
+            let facts = BudgetFacts { subject: "ann", api_key_sha256: None, groups: &[], tier };
+            budgets_met(&shared, &facts).len()
+        };
+        assert_eq!((pool("free"), pool("pro")), (1, 0), "only free shares the bucket");
+    }
+}
