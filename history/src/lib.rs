@@ -36,6 +36,7 @@
 //! [`billing`] closes periods and exports billing lines.
 
 pub mod billing;
+pub mod budgets;
 pub mod client;
 pub mod isolate;
 pub mod plan;
