@@ -11,7 +11,7 @@ use foldhash::{HashMap, HashMapExt};
 
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use serde::Serialize;
-use tally_domain::budget::BudgetFacts;
+use tally_domain::budget::EventFacts;
 use tally_domain::decision::{quota_state, remaining, QuotaDecision};
 use tally_domain::event::{event_day, parse_event_with_fingerprint, timeliness, EventErrorKind, Timeliness, UsageEvent};
 use tally_domain::period::{PeriodSpec, Window};
@@ -248,7 +248,7 @@ pub fn rolling_days(quota: &Quota) -> Option<u32> {
 
 /// Sums, per ledger row, what the new events add. Each event counts in every quota of its
 /// subject's effective tier (at the event's time), and of every budget it meets
-/// ([`tally_domain::budget::budgets_met`]), whose scope and models match, in the period that
+/// ([`tally_domain::budget::event_budgets`]), whose scope and models match, in the period that
 /// contains the event time.
 ///
 /// A batch holds many events of one subject, so resolutions are reused (see
@@ -421,9 +421,8 @@ impl<'a> Resolutions<'a> {
             }
         }
         let resolved = self.policy.resolve(request.subject, request.api_key, request.scope, at);
-        let groups: Vec<String> = request.group.map(str::to_string).into_iter().collect();
-        let facts = BudgetFacts { subject: request.subject, api_key_sha256: request.api_key, groups: &groups, tier: &resolved.tier };
-        let budgets = self.policy.budgets_met(&facts);
+        let facts = EventFacts { subject: request.subject, api_key_sha256: request.api_key, group: request.group };
+        let budgets = self.policy.budgets_met(&facts, at);
         let counted = resolved.quotas.len() + budgets.iter().map(|b| b.quotas.len()).sum::<usize>();
         let sums = vec![None; counted];
         let until = self.policy.next_change_after(request.subject, at);

@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use sqlx::{PgConnection, PgPool};
 use tally_common::config_store::{self, Base, CheckedDocument, StoredVersion};
-use tally_domain::budget::{budget_timezone, budgets_met, BudgetFacts, BudgetOwner, OwnerKind};
+use tally_domain::budget::{budget_timezone, event_budgets, BudgetOwner, EventFacts, OwnerKind};
 use tally_domain::config::Config;
 use tally_domain::precedence::{next_change_after, resolve, SubjectFacts};
 
@@ -84,13 +84,13 @@ impl Policy {
         Resolved { tier: r.tier, timezone: r.timezone, quotas: r.quotas, budget: None }
     }
 
-    /// The budgets a request meets ([`tally_domain::budget::budgets_met`]): `facts` with the
-    /// group the event names, if any, as its groups.
-    pub fn budgets_met(&self, facts: &BudgetFacts<'_>) -> Vec<BudgetTarget> {
+    /// The budgets an event at `at` meets ([`tally_domain::budget::event_budgets`], the rule
+    /// the history writer records on each raw row).
+    pub fn budgets_met(&self, facts: &EventFacts<'_>, at: DateTime<Utc>) -> Vec<BudgetTarget> {
         if self.config.budgets.is_empty() {
             return Vec::new();
         }
-        budgets_met(&self.config, facts)
+        event_budgets(&self.config, facts, at)
             .into_iter()
             .map(|b| BudgetTarget {
                 subject: b.owner.ledger_subject(),

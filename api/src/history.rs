@@ -1,11 +1,14 @@
 //! Usage history routes, answered from ClickHouse (see `tally_history::query` for the
 //! contract: ranges, buckets, limits, which rollup answers):
 //!
-//! - `GET /v1/history/series?metric=&from=&to=&granularity=hour|day|month&tz=&subject=&scope=&model=&group_by=model|scope|subject&limit=`
+//! - `GET /v1/history/series?metric=&from=&to=&granularity=hour|day|month&tz=&subject=&scope=&model=&api_key_sha256=&budget=&group_by=model|scope|subject|api_key|budget&limit=`
+//!   (`budget=group:eng`: the events that met that budget; `group_by=budget`: one series per
+//!   budget, by owner)
 //! - `GET /v1/subjects/{subject}/history?...`: the same for one subject
-//! - `GET /v1/history/top?metric=&from=&to=&scope=&model=&limit=`: top-N subjects
-//! - `GET /v1/reconcile?period=YYYY-MM&subject=`: the reconciliation report; 200 with
-//!   `"ok": true` only with zero drift, else 409 with the same report
+//! - `GET /v1/history/top?metric=&from=&to=&scope=&model=&api_key_sha256=&budget=&limit=`: top-N subjects
+//! - `GET /v1/reconcile?period=YYYY-MM&subject=&budget=`: the reconciliation report (every
+//!   subject's and budget's ledger rows; or one subject's; or one budget's, `budget=group:eng`);
+//!   200 with `"ok": true` only with zero drift, else 409 with the same report
 //!
 //! Bad input is a 400 `{"error", "field"}`; an unavailable ClickHouse or Postgres a 503 with a
 //! generic message (the cause is logged, never sent).
@@ -20,9 +23,10 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
+use tally_domain::budget::BudgetOwner;
 use tally_history::client::Ch;
 use tally_history::query::{self, Params, QueryError, SeriesQuery, TopQuery};
-use tally_history::reconcile::{self, Month};
+use tally_history::reconcile::{self, Month, Only};
 
 pub struct HistoryState {
     pub ch: Ch,
@@ -110,6 +114,7 @@ async fn top(State(state): State<Arc<HistoryState>>, q: Result<Query<Params>, Qu
 struct ReconcileParams {
     period: Option<String>,
     subject: Option<String>,
+    budget: Option<String>,
 }
 
 async fn reconcile_period(State(state): State<Arc<HistoryState>>, q: Result<Query<ReconcileParams>, QueryRejection>) -> Response {
@@ -124,7 +129,21 @@ async fn reconcile_period(State(state): State<Arc<HistoryState>>, q: Result<Quer
         Ok(m) => m,
         Err(message) => return bad_request(QueryError { field: "period", message }),
     };
-    match reconcile::reconcile(&state.pool, &state.ch, month, p.subject.as_deref()).await {
+    let budget = match p.budget.as_deref().map(|spec| (spec, BudgetOwner::parse_spec(spec))) {
+        None => None,
+        Some((_, Some(owner))) => Some(owner),
+        Some((spec, None)) => {
+            let message = format!("{spec:?} names no budget owner: expected group:<name>, api_key:<sha256 hex> or tier:<name>");
+            return bad_request(QueryError { field: "budget", message });
+        }
+    };
+    let only = match (&budget, p.subject.as_deref()) {
+        (Some(_), Some(_)) => return bad_request(QueryError { field: "budget", message: "give subject or budget, not both".into() }),
+        (Some(owner), None) => Only::Budget(owner),
+        (None, Some(subject)) => Only::Subject(subject),
+        (None, None) => Only::All,
+    };
+    match reconcile::reconcile_only(&state.pool, &state.ch, month, only).await {
         Ok(report) => {
             let status = if report.ok { StatusCode::OK } else { StatusCode::CONFLICT };
             (status, Json(report)).into_response()

@@ -41,10 +41,11 @@ pub async fn run(args: ClosePeriodArgs) -> anyhow::Result<()> {
     let options = billing::CloseOptions { grace_hours: args.grace_hours, force: args.force, closed_by: args.closed_by.clone() };
     let closed = billing::close(&pool, &ch, &config, month, &options, chrono::Utc::now()).await?;
     println!(
-        "closed {}: {} lines, {} micro-dollars; reconciliation {}",
+        "closed {}: {} lines, {} micro-dollars, {} budget lines; reconciliation {}",
         closed.period,
         closed.lines,
         closed.total_cost_micros,
+        closed.budget_lines,
         if closed.reconciliation.ok { "ok" } else { "had drift (forced)" }
     );
     Ok(())

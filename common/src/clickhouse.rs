@@ -32,6 +32,7 @@ const DDL: &[(&str, &str)] = &[
     ("0002_rollups.sql", include_str!("../../migrations/clickhouse/0002_rollups.sql")),
     ("0003_subject_daily.sql", include_str!("../../migrations/clickhouse/0003_subject_daily.sql")),
     ("0004_current_server.sql", include_str!("../../migrations/clickhouse/0004_current_server.sql")),
+    ("0005_budgets.sql", include_str!("../../migrations/clickhouse/0005_budgets.sql")),
 ];
 
 /// The record of applied statements.

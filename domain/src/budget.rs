@@ -4,10 +4,12 @@
 //!
 //! # Contract
 //! - A usage event counts in its subject's own quotas ([`crate::precedence::resolve`]) and in
-//!   every quota of every budget it *meets* ([`budgets_met`]): the budget of its API key, the
-//!   budgets of its subject's configured groups and of the group the event names, and the
-//!   pool of its subject's effective tier. Within a budget, a quota counts the event when its
-//!   scope and models match ([`crate::tier::EffectiveQuota::counts`]).
+//!   every quota of every budget it *meets* ([`budgets_met`]; for an event,
+//!   [`event_budgets`]): the budget of its API key, the budgets of its subject's configured
+//!   groups and of the group the event names, and the pool of its subject's effective tier.
+//!   Within a budget, a quota counts the event when its scope and models match
+//!   ([`crate::tier::EffectiveQuota::counts`]; the ledgers an event counts in:
+//!   [`ledgers_counted`]).
 //! - A budget's ledger rows and decision belong to a *budget subject*, a reserved name
 //!   ([`BudgetOwner::ledger_subject`], `__tally_budget__/<kind>/<name>`) that no event's
 //!   subject may take ([`is_reserved_subject`]), so a budget's ledger can never be confused
@@ -19,6 +21,7 @@
 
 use std::fmt;
 
+use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
@@ -82,6 +85,20 @@ impl BudgetOwner {
     /// The subject its ledger rows and decisions are kept under.
     pub fn ledger_subject(&self) -> String {
         format!("{BUDGET_SUBJECT_PREFIX}{}/{}", self.kind, self.name)
+    }
+
+    /// The owner as queries and exports name it: `<kind>:<name>` (`group:eng`,
+    /// `api_key:<64 hex>`, `tier:pro`).
+    pub fn spec(&self) -> String {
+        format!("{}:{}", self.kind, self.name)
+    }
+
+    /// The owner named `<kind>:<name>` ([`BudgetOwner::spec`]); `None` when the kind is
+    /// unknown or the name empty.
+    pub fn parse_spec(text: &str) -> Option<BudgetOwner> {
+        let (kind, name) = text.split_once(':')?;
+        let kind = OwnerKind::parse(kind)?;
+        (!name.is_empty()).then(|| BudgetOwner { kind, name: name.to_string() })
     }
 
     /// The owner whose budget subject `subject` is; `None` for any other subject.
@@ -161,6 +178,62 @@ pub fn budgets_met<'a>(config: &'a crate::config::Config, facts: &BudgetFacts<'_
     }
     met.extend(config.budget(&BudgetOwner::new(OwnerKind::Tier, facts.tier)));
     met
+}
+
+/// What of a usage event decides which budgets it met: its subject, the SHA-256 hex of its API
+/// key and the group it names. The event's dedupe record keeps each of them
+/// (`processed_events`), so a correction reverts, and history records, the budgets the count
+/// met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EventFacts<'a> {
+    pub subject: &'a str,
+    pub api_key_sha256: Option<&'a str>,
+    /// The group the event names (`group` or `org`).
+    pub group: Option<&'a str>,
+}
+
+/// The budgets an event at `at` met under `config`: [`budgets_met`] with the subject's
+/// effective tier at `at` ([`crate::precedence::effective_tier`] of the subject and API key;
+/// the event's group names a budget, never a tier) and the group the event names. The
+/// aggregator counts with it and the history writer records what it returns on each raw
+/// row, so the ledger and history cannot disagree about which budgets an event met.
+pub fn event_budgets<'a>(config: &'a crate::config::Config, facts: &EventFacts<'_>, at: DateTime<Utc>) -> Vec<&'a Budget> {
+    if config.budgets.is_empty() {
+        return Vec::new();
+    }
+    let subject = crate::precedence::SubjectFacts { subject: facts.subject, groups: &[], api_key_sha256: facts.api_key_sha256, scope: "" };
+    let tier = crate::precedence::effective_tier(config, &subject, at);
+    let groups: Vec<String> = facts.group.map(str::to_string).into_iter().collect();
+    budgets_met(config, &BudgetFacts { subject: facts.subject, api_key_sha256: facts.api_key_sha256, groups: &groups, tier: &tier })
+}
+
+/// The name of one budget ledger: the key of its ledger rows without the period start
+/// (budget subject, metric, scope key as [`ledger_scope`] writes it, period), as the JSON
+/// array of the four, so that two keys never share a name whatever their parts hold. A raw
+/// history row lists the names of the budget ledgers its event counted in
+/// ([`ledgers_counted`]); reconciliation finds the events of a ledger row by the row's name
+/// and window.
+pub fn ledger_name(subject: &str, metric: &str, scope_key: &str, period: &str) -> String {
+    serde_json::Value::from(vec![subject, metric, scope_key, period]).to_string()
+}
+
+/// The names ([`ledger_name`]) of the ledgers of `budgets` that an event in `scope` for
+/// `model` counts in: every quota whose scope and models match it
+/// ([`EffectiveQuota::counts`], as the aggregator counts), each name once, sorted.
+pub fn ledgers_counted(budgets: &[&Budget], scope: &str, model: Option<&str>) -> Vec<String> {
+    let mut names: Vec<String> = budgets
+        .iter()
+        .flat_map(|b| {
+            let subject = b.owner.ledger_subject();
+            b.effective_quotas()
+                .into_iter()
+                .filter(|q| q.counts(scope, model))
+                .map(move |q| ledger_name(&subject, q.metric.as_str(), &q.ledger_scope(), &q.period.to_string()))
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
 }
 
 /// The timezone of a budget's calendar periods: its own, else its tier's (a tier pool), else
@@ -255,6 +328,80 @@ mod tests {
         assert_eq!(owners(facts), ["group eng", "group research"], "the event's groups, once each, sorted; no pool for free");
         let facts = BudgetFacts { subject: "bob", api_key_sha256: None, groups: &["eng".to_string()], tier: "free" };
         assert_eq!(owners(facts), ["group eng"], "a group met twice counts once");
+    }
+
+    #[test]
+    fn an_owner_spec_reads_back() {
+        let owner = BudgetOwner::new(OwnerKind::Group, "eng:platform");
+        assert_eq!(owner.spec(), "group:eng:platform");
+        assert_eq!(BudgetOwner::parse_spec(&owner.spec()), Some(owner));
+        assert_eq!(BudgetOwner::parse_spec("tier:pro"), Some(BudgetOwner::new(OwnerKind::Tier, "pro")));
+        for bad in ["team:eng", "group:", "group", ""] {
+            assert_eq!(BudgetOwner::parse_spec(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_events_budgets_follow_its_tier_at_its_time_and_the_group_it_names() {
+        let key = crate::event::hash_api_key("sk-team");
+        let config = Config::from_yaml_str(&format!(
+            "default_tier: free\n\
+             tiers:\n  - {{name: free}}\n  - {{name: pro, priority: 10}}\n\
+             groups: {{staff: pro}}\n\
+             members: {{alice: [eng]}}\n\
+             assignments:\n  - {{subject: carol, tier: pro, expires_at: 2026-11-15T00:00:00Z}}\n\
+             api_keys:\n  - {{key_sha256: \"{key}\", tier: pro}}\n\
+             budgets:\n\
+             \x20 - group: eng\n    quotas: [{{name: team, metric: total_tokens, period: month, limit: 1000}}]\n\
+             \x20 - tier: pro\n    quotas: [{{name: pool, metric: requests, period: day, limit: 10}}]\n"
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let owners = |facts: EventFacts, at: &str| {
+            event_budgets(&config, &facts, at.parse().unwrap()).iter().map(|b| b.owner.spec()).collect::<Vec<_>>()
+        };
+        let carol = EventFacts { subject: "carol", api_key_sha256: None, group: None };
+        assert_eq!(owners(carol, "2026-11-14T23:59:59Z"), ["tier:pro"], "assigned pro until the 15th");
+        assert!(owners(carol, "2026-11-15T00:00:00Z").is_empty(), "free from the 15th: no pool");
+        let with_key = EventFacts { subject: "dave", api_key_sha256: Some(&key), group: Some("eng") };
+        assert_eq!(owners(with_key, "2026-11-20T00:00:00Z"), ["group:eng", "tier:pro"], "the key's tier, the event's group");
+        // A group named by the event gives no tier: `staff` grants pro to members only.
+        let named = EventFacts { subject: "erin", api_key_sha256: None, group: Some("staff") };
+        assert!(owners(named, "2026-11-20T00:00:00Z").is_empty());
+        let alice = EventFacts { subject: "alice", api_key_sha256: None, group: None };
+        assert_eq!(owners(alice, "2026-11-20T00:00:00Z"), ["group:eng"]);
+    }
+
+    #[test]
+    fn an_event_counts_in_the_ledgers_whose_scope_and_models_match_once_each() {
+        let config = Config::from_yaml_str(
+            "default_tier: free\ntiers:\n  - {name: free}\n\
+             budgets:\n\
+             \x20 - group: eng\n    quotas:\n\
+             \x20     - {name: all, metric: total_tokens, period: month, limit: 1000}\n\
+             \x20     - {name: gpt, metric: total_tokens, period: month, limit: 500, models: [gpt-4o, o1]}\n\
+             \x20     - {name: chat, metric: requests, period: day, limit: 5, scope: chat}\n\
+             \x20     - {name: all_again, metric: total_tokens, period: month, limit: 2000, action: soft}\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let eng = config.budget(&BudgetOwner::new(OwnerKind::Group, "eng")).unwrap();
+        let subject = "__tally_budget__/group/eng";
+        let all = ledger_name(subject, "total_tokens", "*", "month");
+        let gpt = ledger_name(subject, "total_tokens", "*|models=gpt-4o,o1", "month");
+        let chat = ledger_name(subject, "requests", "chat", "day");
+        assert_eq!(all, r#"["__tally_budget__/group/eng","total_tokens","*","month"]"#);
+        let mut expected = vec![all.clone(), gpt, chat];
+        expected.sort();
+        assert_eq!(ledgers_counted(&[eng], "chat", Some("o1")), expected);
+        assert_eq!(ledgers_counted(&[eng], "batch", Some("o1")).len(), 2);
+        assert_eq!(
+            ledgers_counted(&[eng], "batch", Some("gpt-4o-mini")),
+            std::slice::from_ref(&all),
+            "another model: only the unnarrowed quota"
+        );
+        assert_eq!(ledgers_counted(&[eng], "batch", None), [all]);
+        assert!(ledgers_counted(&[], "chat", Some("o1")).is_empty());
+        // Names never collide, whatever the parts hold.
+        assert_ne!(ledger_name("a\",\"b", "c", "d", "e"), ledger_name("a", "b\",\"c", "d", "e"));
     }
 
     #[test]

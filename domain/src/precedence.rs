@@ -120,6 +120,12 @@ pub fn resolve(config: &Config, facts: &SubjectFacts, at: DateTime<Utc>) -> Reso
     }
 }
 
+/// The subject's effective tier at `at`: the tier part of [`resolve`] (an assignment, else its
+/// groups', else its API key's, else the default). It does not depend on the scope.
+pub fn effective_tier(config: &Config, facts: &SubjectFacts, at: DateTime<Utc>) -> String {
+    pick_tier(config, facts, at).0
+}
+
 fn pick_tier(config: &Config, facts: &SubjectFacts, at: DateTime<Utc>) -> (String, Level) {
     let assigned = config.assignments.iter().find(|a| a.subject == facts.subject && a.active_at(at) && config.tier(&a.tier).is_some());
     if let Some(a) = assigned {

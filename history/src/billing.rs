@@ -16,12 +16,22 @@
 //! - Every export checks its totals per subject against the ledger's `month` rows over all
 //!   scopes (`total_tokens` = input + output); [`Export::ledger_mismatches`] lists any
 //!   difference.
+//! - Budgets get lines of their own beside the subjects' ([`Export::budget_lines`]): a
+//!   budget line is (budget owner, model, metric) over the events that met the budget (an
+//!   API key's, a group's, i.e. a team's, or a tier pool's; the raw rows' `budgets`, as the
+//!   ledger counted them), within the budget's billing window: its `month` ledger row over
+//!   all scopes and models (local midnight in the budget's timezone), or the UTC month. They
+//!   are priced, frozen, adjusted and checked against that ledger row the same way, per
+//!   owner ([`Export::budget_totals`]); a member's usage is in its subject's lines and in
+//!   each of its budgets' lines. Frozen, a budget line's subject is its budget subject
+//!   (`__tally_budget__/<kind>/<name>`, which no subject can take).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
+use tally_domain::budget::BudgetOwner;
 use tally_domain::config::Config;
 
 use clickhouse::Row;
@@ -56,6 +66,10 @@ impl Kind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Line {
     pub kind: Kind,
+    /// For a budget's line, its owner (`group:eng`, `api_key:<hex>`, `tier:pro`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<String>,
+    /// The subject billed; for a budget's line, its budget subject.
     pub subject: String,
     pub model: String,
     pub metric: String,
@@ -67,9 +81,12 @@ pub struct Line {
     pub cost_micros: i64,
 }
 
-/// A subject's totals compared with one of its ledger rows.
+/// A subject's or budget's totals compared with one of its ledger rows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mismatch {
+    /// For a budget's ledger row, its owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<String>,
     pub subject: String,
     pub metric: String,
     pub ledger: i64,
@@ -83,35 +100,53 @@ pub struct Export {
     pub status: String,
     pub closed_at: Option<DateTime<Utc>>,
     pub currency: &'static str,
+    /// The subjects' lines.
     pub lines: Vec<Line>,
     /// Per subject and metric: the quantity over every line (closed + adjustments).
     pub totals: BTreeMap<String, BTreeMap<String, i64>>,
+    /// The cost of the subjects' lines.
     pub total_cost_micros: i64,
+    /// The budgets' lines (see the module docs).
+    #[serde(default)]
+    pub budget_lines: Vec<Line>,
+    /// Per budget owner (`group:eng`) and metric: the quantity over every budget line.
+    #[serde(default)]
+    pub budget_totals: BTreeMap<String, BTreeMap<String, i64>>,
     pub ledger_rows_compared: usize,
     pub ledger_mismatches: Vec<Mismatch>,
 }
 
 impl Export {
+    /// The subjects' lines as CSV.
     pub fn to_csv(&self) -> String {
-        let mut out =
-            String::from("period,kind,subject,model,metric,window_start,window_end,quantity,unit_price_per_million,cost_micros\n");
-        for l in &self.lines {
-            out.push_str(&format!(
-                "{},{},{},{},{},{},{},{},{},{}\n",
-                self.period,
-                l.kind.as_str(),
-                csv_field(&l.subject),
-                csv_field(&l.model),
-                l.metric,
-                l.window_start.to_rfc3339(),
-                l.window_end.to_rfc3339(),
-                l.quantity,
-                l.unit_price_per_million.map(|p| p.to_string()).unwrap_or_default(),
-                l.cost_micros
-            ));
-        }
-        out
+        csv("subject", &self.period, &self.lines, |l| &l.subject)
     }
+
+    /// The budgets' lines as CSV, each named by its owner (`group:eng`).
+    pub fn to_budget_csv(&self) -> String {
+        csv("budget", &self.period, &self.budget_lines, |l| l.budget.as_deref().unwrap_or_default())
+    }
+}
+
+/// `lines` as CSV, the third column (`who`) given by `name`.
+fn csv(who: &str, period: &str, lines: &[Line], name: impl Fn(&Line) -> &str) -> String {
+    let mut out = format!("period,kind,{who},model,metric,window_start,window_end,quantity,unit_price_per_million,cost_micros\n");
+    for l in lines {
+        out.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{},{}\n",
+            period,
+            l.kind.as_str(),
+            csv_field(name(l)),
+            csv_field(&l.model),
+            l.metric,
+            l.window_start.to_rfc3339(),
+            l.window_end.to_rfc3339(),
+            l.quantity,
+            l.unit_price_per_million.map(|p| p.to_string()).unwrap_or_default(),
+            l.cost_micros
+        ));
+    }
+    out
 }
 
 /// A CSV field, quoted when it holds a comma, quote or line break. A leading `=`, `+`, `-`
@@ -128,9 +163,17 @@ fn csv_field(s: &str) -> String {
 /// A billing window: start inclusive, end exclusive.
 type Window = (DateTime<Utc>, DateTime<Utc>);
 
-/// The billing window of each subject with usage or a ledger row in `month`.
-async fn windows(pool: &PgPool, ch: &Ch, month: Month) -> anyhow::Result<BTreeMap<String, Window>> {
-    let mut windows: BTreeMap<String, Window> = BTreeMap::new();
+/// The billing windows of a month: each subject's and each budget's (by budget subject),
+/// for those with usage or a ledger row in it.
+#[derive(Debug, Default)]
+struct Windows {
+    subjects: BTreeMap<String, Window>,
+    budgets: BTreeMap<String, Window>,
+}
+
+/// The billing windows of `month` (see the module docs).
+async fn windows(pool: &PgPool, ch: &Ch, month: Month) -> anyhow::Result<Windows> {
+    let mut windows = Windows::default();
     #[derive(Deserialize, Row)]
     struct Subject {
         subject: String,
@@ -141,13 +184,26 @@ async fn windows(pool: &PgPool, ch: &Ch, month: Month) -> anyhow::Result<BTreeMa
         .param("to", (month.end() + Duration::days(1)).timestamp());
     let in_history: Vec<Subject> = ch.fetch_all(query).await?;
     for s in in_history {
-        windows.insert(s.subject, (month.start(), month.end()));
+        windows.subjects.insert(s.subject, (month.start(), month.end()));
+    }
+    // The budgets met: a row's budgets are the same in any copy of it, so no FINAL.
+    let query = ch
+        .query(
+            "SELECT DISTINCT arrayJoin(budgets) AS subject FROM usage_events \
+             WHERE time >= toDateTime({from:Int64}, 'UTC') AND time < toDateTime({to:Int64}, 'UTC')",
+        )
+        .param("from", (month.start() - Duration::days(1)).timestamp())
+        .param("to", (month.end() + Duration::days(1)).timestamp());
+    let budgets: Vec<Subject> = ch.fetch_all(query).await?;
+    for b in budgets {
+        windows.budgets.insert(b.subject, (month.start(), month.end()));
     }
     for reconcile::LedgerRow { subject, scope, period, period_start: start, period_end: end, .. } in
         reconcile::ledger_rows(pool, month, None).await?
     {
         if scope == "*" && period == "month" {
-            windows.insert(subject, (start, end));
+            let side = if reconcile::is_budget_subject(&subject) { &mut windows.budgets } else { &mut windows.subjects };
+            side.insert(subject, (start, end));
         }
     }
     Ok(windows)
@@ -164,34 +220,13 @@ struct ModelSums {
     cost_micros: i64,
 }
 
-/// The current billing lines of `month` from history, priced with `config`.
+/// The current billing lines of `month` from history, priced with `config`: the subjects'
+/// lines, then the budgets'.
 pub async fn current_lines(pool: &PgPool, ch: &Ch, config: &Config, month: Month, kind: Kind) -> anyhow::Result<Vec<Line>> {
     let windows = windows(pool, ch, month).await?;
-    let subjects: Vec<(&String, &Window)> = windows.iter().collect();
     let mut lines = Vec::new();
-    for chunk in subjects.chunks(100) {
-        // Each subject's window, its values as parameters `s{i}`, `a{i}`, `b{i}`.
-        let conds: Vec<String> = (0..chunk.len())
-            .map(|i| {
-                format!("(subject = {{s{i}:String}} AND time >= toDateTime({{a{i}:Int64}}, 'UTC') AND time < toDateTime({{b{i}:Int64}}, 'UTC'))")
-            })
-            .collect();
-        let sql = format!(
-            "SELECT subject, toString(model) AS model, sum(requests) AS requests, sum(input_tokens) AS input_tokens, \
-             sum(output_tokens) AS output_tokens, sum(cached_tokens) AS cached_tokens, sum(cost_micros) AS cost_micros \
-             FROM usage_events FINAL WHERE subject IN {{subjects:Array(String)}} AND ({}) \
-             GROUP BY subject, model ORDER BY subject, model",
-            conds.join(" OR ")
-        );
-        let mut query = ch.query(&sql).param("subjects", chunk.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>());
-        for (i, (s, (start, end))) in chunk.iter().enumerate() {
-            query = query
-                .param(&format!("s{i}"), s.as_str())
-                .param(&format!("a{i}"), start.timestamp())
-                .param(&format!("b{i}"), end.timestamp());
-        }
-        let sums: Vec<ModelSums> = ch.fetch_all(query).await?;
-        for s in sums {
+    for (budgets, windows) in [(false, &windows.subjects), (true, &windows.budgets)] {
+        for s in sums_in_windows(ch, windows, budgets).await? {
             let Some((start, end)) = windows.get(&s.subject).copied() else { continue };
             lines.extend(lines_for(&s, config, kind, start, end));
         }
@@ -199,9 +234,50 @@ pub async fn current_lines(pool: &PgPool, ch: &Ch, config: &Config, month: Month
     Ok(lines)
 }
 
+/// The sums per model of each subject within its window; with `budgets`, of each budget
+/// subject over the rows that met its budget.
+async fn sums_in_windows(ch: &Ch, windows: &BTreeMap<String, Window>, budgets: bool) -> anyhow::Result<Vec<ModelSums>> {
+    let (who, from) =
+        if budgets { ("budget", "usage_events FINAL ARRAY JOIN budgets AS budget") } else { ("subject", "usage_events FINAL") };
+    let entries: Vec<(&String, &Window)> = windows.iter().collect();
+    let mut sums = Vec::new();
+    for chunk in entries.chunks(100) {
+        // Each one's window, its values as parameters `s{i}`, `a{i}`, `b{i}`.
+        let conds: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                format!(
+                    "({who} = {{s{i}:String}} AND time >= toDateTime({{a{i}:Int64}}, 'UTC') AND time < toDateTime({{b{i}:Int64}}, 'UTC'))"
+                )
+            })
+            .collect();
+        let sql = format!(
+            "SELECT {who} AS subject, toString(model) AS model, sum(requests) AS requests, sum(input_tokens) AS input_tokens, \
+             sum(output_tokens) AS output_tokens, sum(cached_tokens) AS cached_tokens, sum(cost_micros) AS cost_micros \
+             FROM {from} WHERE {who} IN {{subjects:Array(String)}} \
+             AND time >= toDateTime({{min:Int64}}, 'UTC') AND time < toDateTime({{max:Int64}}, 'UTC') AND ({}) \
+             GROUP BY subject, model ORDER BY subject, model",
+            conds.join(" OR ")
+        );
+        let min = chunk.iter().map(|(_, (start, _))| start.timestamp()).min().unwrap_or(0);
+        let max = chunk.iter().map(|(_, (_, end))| end.timestamp()).max().unwrap_or(0);
+        let mut query =
+            ch.query(&sql).param("subjects", chunk.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>()).param("min", min).param("max", max);
+        for (i, (s, (start, end))) in chunk.iter().enumerate() {
+            query = query
+                .param(&format!("s{i}"), s.as_str())
+                .param(&format!("a{i}"), start.timestamp())
+                .param(&format!("b{i}"), end.timestamp());
+        }
+        sums.extend(ch.fetch_all::<ModelSums>(query).await?);
+    }
+    Ok(sums)
+}
+
 fn lines_for(s: &ModelSums, config: &Config, kind: Kind, start: DateTime<Utc>, end: DateTime<Utc>) -> Vec<Line> {
+    let budget = BudgetOwner::from_ledger_subject(&s.subject).map(|o| o.spec());
     let line = |metric: &str, quantity: i64, price: Option<u64>, cost: i64| Line {
         kind,
+        budget: budget.clone(),
         subject: s.subject.clone(),
         model: s.model.clone(),
         metric: metric.to_string(),
@@ -259,6 +335,7 @@ pub async fn export(pool: &PgPool, ch: &Ch, config: &Config, month: Month, allow
                 .into_iter()
                 .map(|(subject, model, metric, window_start, window_end, quantity, unit_price_per_million, cost_micros)| Line {
                     kind: Kind::Closed,
+                    budget: BudgetOwner::from_ledger_subject(&subject).map(|o| o.spec()),
                     subject,
                     model,
                     metric,
@@ -275,14 +352,9 @@ pub async fn export(pool: &PgPool, ch: &Ch, config: &Config, month: Month, allow
             all
         }
     };
-    let mut totals: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
-    for l in &lines {
-        *totals.entry(l.subject.clone()).or_default().entry(l.metric.clone()).or_default() += l.quantity;
-    }
-    for t in totals.values_mut() {
-        let total = t.get("input_tokens").copied().unwrap_or(0) + t.get("output_tokens").copied().unwrap_or(0);
-        t.insert("total_tokens".to_string(), total);
-    }
+    let (budget_lines, lines): (Vec<Line>, Vec<Line>) = lines.into_iter().partition(|l| l.budget.is_some());
+    let totals = totals_of(&lines, |l| &l.subject);
+    let budget_totals = totals_of(&budget_lines, |l| l.budget.as_deref().unwrap_or_default());
     let mut compared = 0;
     let mut mismatches = Vec::new();
     for reconcile::LedgerRow { subject, metric, scope, period, used, .. } in reconcile::ledger_rows(pool, month, None).await? {
@@ -290,9 +362,14 @@ pub async fn export(pool: &PgPool, ch: &Ch, config: &Config, month: Month, allow
             continue;
         }
         compared += 1;
-        let exported = totals.get(&subject).and_then(|t| t.get(&metric)).copied().unwrap_or(0);
+        let budget = BudgetOwner::from_ledger_subject(&subject).map(|o| o.spec());
+        let exported = match &budget {
+            Some(owner) => budget_totals.get(owner),
+            None => totals.get(&subject),
+        };
+        let exported = exported.and_then(|t| t.get(&metric)).copied().unwrap_or(0);
         if exported != used {
-            mismatches.push(Mismatch { subject, metric, ledger: used, export: exported });
+            mismatches.push(Mismatch { budget, subject, metric, ledger: used, export: exported });
         }
     }
     Ok(Export {
@@ -303,9 +380,24 @@ pub async fn export(pool: &PgPool, ch: &Ch, config: &Config, month: Month, allow
         total_cost_micros: lines.iter().map(|l| l.cost_micros).sum(),
         lines,
         totals,
+        budget_lines,
+        budget_totals,
         ledger_rows_compared: compared,
         ledger_mismatches: mismatches,
     })
+}
+
+/// Per `who` and metric, the quantity over `lines`, with `total_tokens` (input + output).
+fn totals_of(lines: &[Line], who: impl Fn(&Line) -> &str) -> BTreeMap<String, BTreeMap<String, i64>> {
+    let mut totals: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    for l in lines {
+        *totals.entry(who(l).to_string()).or_default().entry(l.metric.clone()).or_default() += l.quantity;
+    }
+    for t in totals.values_mut() {
+        let total = t.get("input_tokens").copied().unwrap_or(0) + t.get("output_tokens").copied().unwrap_or(0);
+        t.insert("total_tokens".to_string(), total);
+    }
+    totals
 }
 
 /// Current minus frozen, per (subject, model, metric), for the lines that changed. Costs are
@@ -340,8 +432,11 @@ pub fn adjustments(frozen: &[Line], current: &[Line]) -> Vec<Line> {
 #[derive(Debug, Clone, Serialize)]
 pub struct Closed {
     pub period: String,
+    /// The subjects' lines frozen, and their cost.
     pub lines: usize,
     pub total_cost_micros: i64,
+    /// The budgets' lines frozen beside them (the same usage, seen per budget).
+    pub budget_lines: usize,
     pub reconciliation: reconcile::Report,
 }
 
@@ -411,10 +506,12 @@ pub async fn close(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
+    let subjects = || lines.iter().filter(|l| l.budget.is_none());
     Ok(Closed {
         period: month.name(),
-        lines: lines.len(),
-        total_cost_micros: lines.iter().map(|l| l.cost_micros).sum(),
+        lines: subjects().count(),
+        total_cost_micros: subjects().map(|l| l.cost_micros).sum(),
+        budget_lines: lines.len() - subjects().count(),
         reconciliation: report,
     })
 }
@@ -427,6 +524,7 @@ mod tests {
         let t: DateTime<Utc> = "2026-11-01T00:00:00Z".parse().unwrap();
         Line {
             kind: Kind::Closed,
+            budget: None,
             subject: "a".into(),
             model: "m".into(),
             metric: metric.into(),

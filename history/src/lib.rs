@@ -16,6 +16,9 @@
 //! - A counted correction is written as one row holding the NEGATED amounts of the event it
 //!   reverted, in that event's subject, time, scope, API key and (when its row is known)
 //!   model, so raw sums and rollups net out exactly as the ledger did (see [`plan`]).
+//! - Each raw row carries the budgets its event met and the budget ledgers it counted in,
+//!   computed with the aggregator's own rule under the configuration version the ledger
+//!   counted it under ([`budgets`]); a correction's row carries its target's.
 //! - The writer's progress lives in Postgres (`history_offsets`, claimed and fenced per
 //!   partition like the aggregator's) and advances only after ClickHouse accepted the raw rows
 //!   and the rollups of the batch ([`sink`]). A crash anywhere before that replays the batch.
@@ -31,11 +34,13 @@
 //! - Every ClickHouse call goes through the `clickhouse` crate ([`client`]): typed rows in
 //!   RowBinary validated against the tables' schema, LZ4, query parameters.
 //!
-//! [`query`] answers dashboards from the rollups where the buckets allow it, [`reconcile`]
-//! proves ledger == history == accepted events per subject, quota and period, and
-//! [`billing`] closes periods and exports billing lines.
+//! [`query`] answers dashboards from the rollups where the buckets allow it (and from the
+//! raw rows per API key or budget), [`reconcile`] proves ledger == history == accepted events
+//! per subject, quota and period, and every budget ledger row == the raw rows that counted in
+//! it, and [`billing`] closes periods and exports billing lines per subject and per budget.
 
 pub mod billing;
+pub mod budgets;
 pub mod client;
 pub mod isolate;
 pub mod plan;

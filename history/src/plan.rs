@@ -9,11 +9,14 @@
 //! out, so raw sums and rollups converge to the ledger:
 //! - `event_id`, `fingerprint`: the correction's own;
 //! - amounts: the target's amounts as the ledger recorded them, negated;
-//! - `subject`, `time`, `scope`, `api_key_sha256`: the target's (the ledger reverts in the
-//!   target's periods and scope, so the row lands in the target's buckets);
-//! - `model` (not stored in `processed_events`): the target's raw history row's model when
-//!   that row exists (in this batch or already in ClickHouse), so the row nets out in the
-//!   target's rollup key; else the correction's own `model`; else empty.
+//! - `subject`, `time`, `scope`, `api_key_sha256`, `event_group`: the target's (the ledger
+//!   reverts in the target's periods and scope, so the row lands in the target's buckets);
+//! - `model`: the target's raw history row's model when that row exists (in this batch or
+//!   already in ClickHouse), so the row nets out in the target's rollup key; else the
+//!   correction's own `model`; else empty. (The dedupe record keeps the model only since
+//!   budgets came, so the raw row is what older targets have.)
+//! - `config_version`, `budgets`, `budget_ledgers`: the target's, from its dedupe record's
+//!   version, model and group, which is what the ledger reverted ([`crate::budgets`]).
 //!
 //! A counted correction whose target row cannot be found (which the aggregator's transaction
 //! rules out) is not written and is counted in [`Selection::orphan_corrections`]:
@@ -25,6 +28,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use tally_domain::event::{event_day, parse_event, UsageEvent};
 use tally_domain::metric::Amounts;
 
+use crate::budgets::{Basis, Budgets};
 use crate::sink::{Counted, EventKey};
 
 /// One message as consumed.
@@ -68,6 +72,12 @@ pub struct Reverted {
     pub scope: String,
     pub api_key_sha256: Option<String>,
     pub amounts: Amounts,
+    /// The configuration version it was counted under (0: the built-in default).
+    pub config_version: i64,
+    /// Its model and the group it named, as its dedupe record keeps them (`None` in a record
+    /// made before they were kept).
+    pub model: Option<String>,
+    pub group: Option<String>,
 }
 
 /// What `processed_events` says about a counted id.
@@ -77,13 +87,15 @@ pub struct Ledgered {
     /// The cost the ledger counted: as sent, or priced from the model when the event had
     /// none. History stores this one, so it agrees with the ledger.
     pub cost_micros: Option<i64>,
+    /// The configuration version it was counted under (0: the built-in default).
+    pub config_version: i64,
     /// For a counted correction: the event it reverted (`corrected_by` = the correction).
     pub reverts: Option<Reverted>,
 }
 
 impl Ledgered {
     pub fn plain(fingerprint: impl Into<String>) -> Ledgered {
-        Ledgered { fingerprint: fingerprint.into(), cost_micros: None, reverts: None }
+        Ledgered { fingerprint: fingerprint.into(), cost_micros: None, config_version: 0, reverts: None }
     }
 }
 
@@ -98,7 +110,7 @@ pub fn negated(correction: &UsageEvent, target: &Reverted) -> UsageEvent {
         api_key_sha256: target.api_key_sha256.clone(),
         scope: target.scope.clone(),
         model: correction.model.clone(),
-        group: None,
+        group: target.group.clone(),
         requests: -a.requests,
         input_tokens: -a.input_tokens,
         output_tokens: -a.output_tokens,
@@ -180,15 +192,20 @@ pub fn select(ready: &[Delivery], counted: &HashMap<EventKey, Ledgered>) -> Sele
             if ledgered.cost_micros.is_some() {
                 event.cost_micros = ledgered.cost_micros;
             }
-            s.counted.push(Counted::new(event, fingerprint));
+            let mut counted = Counted::new(event, fingerprint);
+            counted.basis.version = ledgered.config_version;
+            s.counted.push(counted);
             continue;
         }
         match &ledgered.reverts {
             Some(target) => {
                 s.corrections += 1;
                 // Keyed by the correction's own day, as the ledger keyed it; the row sits at
-                // the target's time.
-                s.counted.push(Counted { event: negated(&event, target), fingerprint, day: event_day(event.time) });
+                // the target's time, and its budgets are the target's as the ledger reverted
+                // them.
+                let basis = Basis { version: target.config_version, model: target.model.clone() };
+                let day = event_day(event.time);
+                s.counted.push(Counted { event: negated(&event, target), fingerprint, day, basis, budgets: Budgets::default() });
             }
             None => s.orphan_corrections += 1,
         }
@@ -290,6 +307,9 @@ mod tests {
             scope: "chat".to_string(),
             api_key_sha256: Some("k".to_string()),
             amounts: Amounts { requests: 1, input_tokens: 40, output_tokens: 2, cached_tokens: 3, cost_micros: 77 },
+            config_version: 3,
+            model: Some("big".to_string()),
+            group: Some("eng".to_string()),
         }
     }
 
@@ -308,8 +328,8 @@ mod tests {
             d(0, 4, orphan.clone()),
         ];
         let counted = HashMap::from([
-            (k("t1"), Ledgered::plain(fp(&original))),
-            (k("c1"), Ledgered { fingerprint: fp(&correction), cost_micros: Some(0), reverts: Some(target("t1")) }),
+            (k("t1"), Ledgered { config_version: 3, ..Ledgered::plain(fp(&original)) }),
+            (k("c1"), Ledgered { fingerprint: fp(&correction), cost_micros: Some(0), config_version: 5, reverts: Some(target("t1")) }),
             (k("c3"), Ledgered::plain(fp(&orphan))),
         ]);
         let mut s = select(&ready, &counted);
@@ -321,6 +341,10 @@ mod tests {
         assert_eq!((row.scope.as_str(), row.api_key_sha256.as_deref()), ("chat", Some("k")));
         assert_eq!(row.amounts(), Amounts { requests: -1, input_tokens: -40, output_tokens: -2, cached_tokens: -3, cost_micros: -77 });
         assert_eq!(row.model.as_deref(), Some("small"), "the correction's own model until resolved");
+        // Its budgets follow the target's record, as the ledger reverted it.
+        assert_eq!(row.group.as_deref(), Some("eng"));
+        assert_eq!(s.counted[1].basis, Basis { version: 3, model: Some("big".to_string()) });
+        assert_eq!(s.counted[0].basis, Basis { version: 3, model: Some("big".to_string()) }, "a plain event: its record's version");
         // The target is in the batch: nothing to look up, and its model wins.
         assert!(targets_to_look_up(&s.counted).is_empty());
         resolve_models(&mut s.counted, &HashMap::new());
@@ -330,8 +354,10 @@ mod tests {
     #[test]
     fn a_correction_takes_the_stored_row_model_else_its_own() {
         let correction = json!({"id": "c1", "subject": "a", "time": "2026-11-22T10:00:00Z", "corrects": "t1", "model": "small"});
-        let counted =
-            HashMap::from([(k("c1"), Ledgered { fingerprint: fp(&correction), cost_micros: Some(0), reverts: Some(target("t1")) })]);
+        let counted = HashMap::from([(
+            k("c1"),
+            Ledgered { fingerprint: fp(&correction), cost_micros: Some(0), config_version: 5, reverts: Some(target("t1")) },
+        )]);
         let mut s = select(&[d(0, 0, correction.clone())], &counted);
         assert_eq!(targets_to_look_up(&s.counted), vec![("a".to_string(), target("t1").time, "t1".to_string())]);
         resolve_models(&mut s.counted, &HashMap::from([(k("t1"), String::new())]));

@@ -144,8 +144,8 @@ impl Progress {
     }
 
     /// What `processed_events` holds for each event among `ids` the ledger counted, by its key
-    /// (id and UTC day, the record's primary key): the fingerprint, and for a counted
-    /// correction the event it reverted (the row whose `corrected_by` is the correction, read
+    /// (id and UTC day, the record's primary key): the fingerprint, the configuration version
+    /// it was counted under, and for a counted correction the event it reverted (the row whose `corrected_by` is the correction, read
     /// in the same query so both come from one snapshot). `days` are the UTC days of the
     /// events' times: only their partitions are read for the ids.
     pub async fn counted(&self, ids: &[&str], days: &[NaiveDate]) -> Result<HashMap<EventKey, Ledgered>, sqlx::Error> {
@@ -153,8 +153,10 @@ impl Progress {
             return Ok(HashMap::new());
         }
         let rows: Vec<CountedRow> = sqlx::query_as(
-            "SELECT c.event_id, c.event_day, c.fingerprint, c.cost_micros, t.event_id, t.subject, t.event_time, t.scope, t.api_key_sha256,
-                    t.requests, t.input_tokens, t.output_tokens, t.cached_tokens, t.cost_micros
+            "SELECT c.event_id AS id, c.event_day AS day, c.fingerprint, c.cost_micros AS counted_cost, c.config_version,
+                    t.event_id AS target, t.subject, t.event_time AS time, t.scope, t.api_key_sha256, t.requests,
+                    t.input_tokens AS input, t.output_tokens AS output, t.cached_tokens AS cached, t.cost_micros AS cost,
+                    t.config_version AS target_config_version, t.model, t.event_group
              FROM processed_events c
              LEFT JOIN processed_events t ON c.corrects IS NOT NULL AND t.event_id = c.corrects AND t.corrected_by = c.event_id
              WHERE c.event_id = ANY($1) AND c.event_day = ANY($2)",
@@ -185,61 +187,56 @@ impl Progress {
 }
 
 /// One row of [`Progress::counted`]: the id, its day, its fingerprint, the cost the ledger
-/// counted, then the reverted event's columns (all `None` unless the id is a counted
-/// correction).
+/// counted and the configuration version it counted under, then the reverted event's columns
+/// (all `None` unless the id is a counted correction).
 #[derive(sqlx::FromRow)]
-struct CountedRow(
-    String,
-    NaiveDate,
-    String,
-    Option<i64>,
-    Option<String>,
-    Option<String>,
-    Option<DateTime<Utc>>,
-    Option<String>,
-    Option<String>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-);
+struct CountedRow {
+    id: String,
+    day: NaiveDate,
+    fingerprint: String,
+    counted_cost: Option<i64>,
+    config_version: Option<i64>,
+    target: Option<String>,
+    subject: Option<String>,
+    time: Option<DateTime<Utc>>,
+    scope: Option<String>,
+    api_key_sha256: Option<String>,
+    requests: Option<i64>,
+    input: Option<i64>,
+    output: Option<i64>,
+    cached: Option<i64>,
+    cost: Option<i64>,
+    target_config_version: Option<i64>,
+    model: Option<String>,
+    event_group: Option<String>,
+}
 
 impl CountedRow {
     fn into_entry(self) -> (EventKey, Ledgered) {
-        let CountedRow(
-            id,
-            day,
-            fingerprint,
-            counted_cost,
-            target,
-            subject,
-            time,
-            scope,
-            api_key_sha256,
-            requests,
-            input,
-            output,
-            cached,
-            cost,
-        ) = self;
-        let reverts = match (target, subject, time) {
+        let r = self;
+        let reverts = match (r.target, r.subject, r.time) {
             (Some(event_id), Some(subject), Some(time)) => Some(Reverted {
                 event_id,
                 subject,
                 time,
-                scope: scope.unwrap_or_default(),
-                api_key_sha256,
+                scope: r.scope.unwrap_or_default(),
+                api_key_sha256: r.api_key_sha256,
                 amounts: Amounts {
-                    requests: requests.unwrap_or(0),
-                    input_tokens: input.unwrap_or(0),
-                    output_tokens: output.unwrap_or(0),
-                    cached_tokens: cached.unwrap_or(0),
-                    cost_micros: cost.unwrap_or(0),
+                    requests: r.requests.unwrap_or(0),
+                    input_tokens: r.input.unwrap_or(0),
+                    output_tokens: r.output.unwrap_or(0),
+                    cached_tokens: r.cached.unwrap_or(0),
+                    cost_micros: r.cost.unwrap_or(0),
                 },
+                // As the aggregator reads them back to revert (0: the built-in default).
+                config_version: r.target_config_version.unwrap_or(0),
+                model: r.model,
+                group: r.event_group,
             }),
             _ => None,
         };
-        ((id, day), Ledgered { fingerprint, cost_micros: counted_cost, reverts })
+        let ledgered =
+            Ledgered { fingerprint: r.fingerprint, cost_micros: r.counted_cost, config_version: r.config_version.unwrap_or(0), reverts };
+        ((r.id, r.day), ledgered)
     }
 }

@@ -15,6 +15,12 @@
 //!   (`usage_subject_daily`, one row per subject and day, kept by the history writer the
 //!   same replay-safe way), also with `FINAL`, and answers `source: daily`: `FINAL` merges the
 //!   rows it reads, so its cost follows them.
+//! - Usage by API key and by budget: the filters `api_key_sha256` (the key's SHA-256 hex) and
+//!   `budget` (a budget owner, `group:eng`, `api_key:<hex>`, `tier:pro`: the events that met
+//!   its budget, as the ledger counted them), and the groupings `group_by=api_key` and
+//!   `group_by=budget` (one series per budget met; an event in two budgets is in both, one
+//!   in none in no series) read the raw rows, which alone carry them (their bloom filter
+//!   indexes skip the granules without the key or budget asked for); `source` says `raw`.
 //! - Bad input is a [`QueryError`] naming the field; nothing is queried.
 
 use std::collections::{BTreeMap, HashMap};
@@ -22,6 +28,7 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::{DateTime, Duration, NaiveDate, Offset, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
+use tally_domain::budget::BudgetOwner;
 use tally_domain::metric::Metric;
 use tally_domain::period::PeriodSpec;
 
@@ -74,11 +81,15 @@ impl Granularity {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum GroupBy {
     Model,
     Scope,
     Subject,
+    /// The API key's SHA-256 hex (`""`: events without a key).
+    ApiKey,
+    /// Each budget the event met, named by its owner (`group:eng`).
+    Budget,
 }
 
 impl GroupBy {
@@ -87,7 +98,14 @@ impl GroupBy {
             GroupBy::Model => "model",
             GroupBy::Scope => "scope",
             GroupBy::Subject => "subject",
+            GroupBy::ApiKey => "api_key_sha256",
+            GroupBy::Budget => "budget",
         }
+    }
+
+    /// Whether only the raw rows hold its column.
+    fn needs_raw(self) -> bool {
+        matches!(self, GroupBy::ApiKey | GroupBy::Budget)
     }
 }
 
@@ -123,6 +141,27 @@ pub struct Filters {
     pub subject: Option<String>,
     pub scope: Option<String>,
     pub model: Option<String>,
+    /// The SHA-256 hex of an API key (lowercase).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key_sha256: Option<String>,
+    /// A budget owner (`group:eng`): only the events that met its budget.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "owner_spec")]
+    pub budget: Option<BudgetOwner>,
+}
+
+/// A budget owner as its spec (`group:eng`).
+fn owner_spec<S: serde::Serializer>(owner: &Option<BudgetOwner>, s: S) -> Result<S::Ok, S::Error> {
+    match owner {
+        Some(o) => s.serialize_str(&o.spec()),
+        None => s.serialize_none(),
+    }
+}
+
+impl Filters {
+    /// Whether only the raw rows hold what these filters read.
+    fn need_raw(&self) -> bool {
+        self.api_key_sha256.is_some() || self.budget.is_some()
+    }
 }
 
 /// A validated time-series query.
@@ -159,6 +198,8 @@ pub struct Params {
     pub subject: Option<String>,
     pub scope: Option<String>,
     pub model: Option<String>,
+    pub api_key_sha256: Option<String>,
+    pub budget: Option<String>,
     pub group_by: Option<String>,
     pub limit: Option<String>,
 }
@@ -201,8 +242,24 @@ fn parse_common(p: &Params, tz: Tz, max_range: Duration) -> Result<(Metric, Date
         Some(s) if s.chars().count() > 256 => Err(bad(field, "longer than 256 characters")),
         other => Ok(other.clone()),
     };
-    let filters =
-        Filters { subject: nonempty("subject", &p.subject)?, scope: nonempty("scope", &p.scope)?, model: nonempty("model", &p.model)? };
+    let api_key_sha256 = match p.api_key_sha256.as_deref() {
+        None => None,
+        Some(k) if k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit()) => Some(k.to_ascii_lowercase()),
+        Some(_) => return Err(bad("api_key_sha256", "must be the 64 hex characters of the key's SHA-256, never the key")),
+    };
+    let budget = match p.budget.as_deref() {
+        None => None,
+        Some(spec) => Some(BudgetOwner::parse_spec(spec).filter(|_| spec.chars().count() <= 256).ok_or_else(|| {
+            bad("budget", format!("{spec:?} names no budget owner: expected group:<name>, api_key:<sha256 hex> or tier:<name>"))
+        })?),
+    };
+    let filters = Filters {
+        subject: nonempty("subject", &p.subject)?,
+        scope: nonempty("scope", &p.scope)?,
+        model: nonempty("model", &p.model)?,
+        api_key_sha256,
+        budget,
+    };
     Ok((metric, from, to, filters))
 }
 
@@ -219,7 +276,11 @@ impl SeriesQuery {
             Some("model") => Some(GroupBy::Model),
             Some("scope") => Some(GroupBy::Scope),
             Some("subject") => Some(GroupBy::Subject),
-            Some(other) => return Err(bad("group_by", format!("unknown grouping {other:?}: expected model, scope or subject"))),
+            Some("api_key") => Some(GroupBy::ApiKey),
+            Some("budget") => Some(GroupBy::Budget),
+            Some(other) => {
+                return Err(bad("group_by", format!("unknown grouping {other:?}: expected model, scope, subject, api_key or budget")))
+            }
         };
         let limit = parse_limit(p.limit.as_deref(), DEFAULT_SERIES, MAX_SERIES)?;
         Ok(SeriesQuery { metric, from, to, granularity, timezone, filters, group_by, limit })
@@ -230,8 +291,12 @@ impl SeriesQuery {
         bucket_edges(self.from, self.to, self.granularity, self.timezone)
     }
 
-    /// The cheapest table whose buckets tile these query buckets exactly.
+    /// The cheapest table whose buckets tile these query buckets exactly and that holds what
+    /// the filters and grouping read.
     pub fn source(&self) -> Source {
+        if self.filters.need_raw() || self.group_by.is_some_and(GroupBy::needs_raw) {
+            return Source::Raw;
+        }
         let mut edges = self.bucket_edges();
         edges[0] = self.from;
         if let Some(last) = edges.last_mut() {
@@ -246,6 +311,15 @@ impl TopQuery {
         let (metric, from, to, filters) = parse_common(p, Tz::UTC, Duration::days(366))?;
         let limit = parse_limit(p.limit.as_deref(), DEFAULT_TOP, MAX_TOP)?;
         Ok(TopQuery { metric, from, to, filters, limit })
+    }
+
+    /// The cheapest table whose buckets tile the range and that holds what the filters read.
+    pub fn source(&self) -> Source {
+        if self.filters.need_raw() {
+            Source::Raw
+        } else {
+            source_for(&[self.from, self.to])
+        }
     }
 }
 
@@ -302,6 +376,15 @@ fn metric_expr(m: Metric) -> &'static str {
     }
 }
 
+/// The rows a query reads: `table` under `FINAL`, and with one row per budget met (as
+/// `budget`) when grouped by budget.
+fn from_clause(table: &str, group_by: Option<GroupBy>) -> String {
+    match group_by {
+        Some(GroupBy::Budget) => format!("{table} FINAL ARRAY JOIN budgets AS budget"),
+        _ => format!("{table} FINAL"),
+    }
+}
+
 /// The WHERE clause of a range and filters over `column`; [`bind_where`] gives the values.
 fn where_clause(column: &str, f: &Filters) -> String {
     let mut w = format!(
@@ -316,6 +399,12 @@ fn where_clause(column: &str, f: &Filters) -> String {
     if f.model.is_some() {
         w.push_str(" AND model = {model:String}");
     }
+    if f.api_key_sha256.is_some() {
+        w.push_str(" AND api_key_sha256 = {api_key:String}");
+    }
+    if f.budget.is_some() {
+        w.push_str(" AND has(budgets, {budget:String})");
+    }
     w
 }
 
@@ -329,10 +418,13 @@ fn millis_up(t: DateTime<Utc>) -> i64 {
 /// The values of [`where_clause`]'s parameters.
 fn bind_where(mut query: Query, from: DateTime<Utc>, to: DateTime<Utc>, f: &Filters) -> Query {
     query = query.param("from_ms", millis_up(from)).param("to_ms", millis_up(to));
-    for (name, value) in [("subject", &f.subject), ("scope", &f.scope), ("model", &f.model)] {
+    for (name, value) in [("subject", &f.subject), ("scope", &f.scope), ("model", &f.model), ("api_key", &f.api_key_sha256)] {
         if let Some(v) = value {
             query = query.param(name, v);
         }
+    }
+    if let Some(owner) = &f.budget {
+        query = query.param("budget", owner.ledger_subject());
     }
     query
 }
@@ -346,7 +438,8 @@ pub struct Point {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Series {
-    /// The model, scope or subject of this series; `null` without grouping.
+    /// The model, scope, subject, API key hash or budget owner (`group:eng`) of this series;
+    /// `null` without grouping.
     pub key: Option<String>,
     pub total: i64,
     pub points: Vec<Point>,
@@ -385,15 +478,20 @@ pub async fn series(ch: &Ch, q: &SeriesQuery) -> Result<SeriesAnswer, ChError> {
     };
     let key = q.group_by.map_or("''", GroupBy::column);
     let sql = format!(
-        "SELECT {bucket} AS b, toString({key}) AS k, sum({m}) AS v FROM {table} FINAL WHERE {w} GROUP BY b, k",
+        "SELECT {bucket} AS b, toString({key}) AS k, sum({m}) AS v FROM {from} WHERE {w} GROUP BY b, k",
         m = metric_expr(q.metric),
-        table = source.table(),
+        from = from_clause(source.table(), q.group_by),
         w = where_clause(col, &q.filters),
     );
     let query = bind_where(ch.query(&sql).param("tz", q.timezone.name()), q.from, q.to, &q.filters);
     let rows: Vec<BucketRow> = ch.fetch_all(query).await?;
     let edges = q.bucket_edges();
-    let (series, truncated) = assemble(&edges, rows.into_iter().map(|r| (i64::from(r.b), r.k, r.v)), q.group_by.is_some(), q.limit);
+    let by_budget = q.group_by == Some(GroupBy::Budget);
+    let rows = rows.into_iter().map(|r| {
+        let key = if by_budget { BudgetOwner::from_ledger_subject(&r.k).map_or(r.k, |o| o.spec()) } else { r.k };
+        (i64::from(r.b), key, r.v)
+    });
+    let (series, truncated) = assemble(&edges, rows, q.group_by.is_some(), q.limit);
     Ok(SeriesAnswer {
         metric: q.metric,
         granularity: q.granularity,
@@ -457,7 +555,7 @@ pub struct TopAnswer {
 
 /// The subjects with the largest `metric` over the range.
 pub async fn top(ch: &Ch, q: &TopQuery) -> Result<TopAnswer, ChError> {
-    let source = source_for(&[q.from, q.to]);
+    let source = q.source();
     let query = bind_where(ch.query(&top_sql(q, source)), q.from, q.to, &q.filters).param("limit", q.limit as u64);
     let subjects = ch.fetch_all(query).await?;
     Ok(TopAnswer { metric: q.metric, from: q.from, to: q.to, filters: q.filters.clone(), source, subjects })
@@ -564,6 +662,37 @@ mod tests {
         assert!(hours.contains("FROM usage_hourly FINAL WHERE hour >= "), "{hours}");
         let raw = top(&[("from", "2026-11-01T05:00:30Z"), ("to", "2026-11-02T00:00:00Z")]);
         assert!(raw.contains("FROM usage_events FINAL WHERE time >= "), "{raw}");
+    }
+
+    #[test]
+    fn usage_by_api_key_and_budget_reads_the_raw_rows() {
+        let key = "AB".repeat(32);
+        let base = [("from", "2026-11-01"), ("to", "2026-12-01")];
+        let with = |extra: &[(&str, &str)]| params(&[&base[..], extra].concat());
+        let q = SeriesQuery::parse(&with(&[("budget", "group:eng"), ("group_by", "model")])).unwrap();
+        assert_eq!(q.filters.budget, Some(BudgetOwner::new(tally_domain::budget::OwnerKind::Group, "eng")));
+        assert_eq!(q.source(), Source::Raw, "only raw rows carry budgets");
+        assert_eq!(SeriesQuery::parse(&with(&[("group_by", "model")])).unwrap().source(), Source::Daily);
+        let by_key = SeriesQuery::parse(&with(&[("api_key_sha256", &key)])).unwrap();
+        assert_eq!(by_key.filters.api_key_sha256, Some(key.to_ascii_lowercase()), "hex compared in lower case");
+        assert_eq!(by_key.source(), Source::Raw);
+        let by_budget = SeriesQuery::parse(&with(&[("group_by", "budget")])).unwrap();
+        assert_eq!((by_budget.group_by, by_budget.source()), (Some(GroupBy::Budget), Source::Raw));
+        assert_eq!(from_clause("usage_events", by_budget.group_by), "usage_events FINAL ARRAY JOIN budgets AS budget");
+        assert_eq!(SeriesQuery::parse(&with(&[("group_by", "api_key")])).unwrap().source(), Source::Raw);
+        let w = where_clause("time", &by_key.filters);
+        assert!(w.ends_with(" AND api_key_sha256 = {api_key:String}"), "{w}");
+        assert!(where_clause("time", &q.filters).ends_with(" AND has(budgets, {budget:String})"));
+        let answer = serde_json::to_value(&q.filters).unwrap();
+        assert_eq!(answer["budget"], "group:eng", "an answer names the budget as asked");
+        let top = TopQuery::parse(&with(&[("budget", "tier:pro")])).unwrap();
+        assert_eq!(top.source(), Source::Raw);
+        assert!(top_sql(&top, top.source()).contains("FROM usage_events FINAL WHERE time >= "));
+        assert_eq!(TopQuery::parse(&with(&[])).unwrap().source(), Source::Daily);
+        let err = |p: &[(&str, &str)]| SeriesQuery::parse(&with(p)).unwrap_err().field;
+        assert_eq!(err(&[("api_key_sha256", "sk-live-123")]), "api_key_sha256");
+        assert_eq!(err(&[("budget", "team:eng")]), "budget");
+        assert_eq!(err(&[("budget", "group:")]), "budget");
     }
 
     #[test]

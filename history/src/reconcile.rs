@@ -10,6 +10,14 @@
 //!   midnight plus 14 hours (a rolling quota's buckets are compared like any row while they
 //!   are kept; the aggregator removes those that left their window, so a past month's
 //!   reconciliation compares the ones still there);
+//! - every ledger row of a budget (a budget subject's, `__tally_budget__/<kind>/<name>`) is
+//!   compared with the sum of its metric over the raw rows that counted in that very ledger
+//!   (their `budget_ledgers` name it: budget subject, metric, scope key with its models,
+//!   period; see `tally_domain::budget::ledger_name`) within the row's window. The writer
+//!   computed those names with the aggregator's own rule under the configuration version
+//!   each event was counted under, so the sum is exactly the events the ledger row counted,
+//!   even when the budget's quotas, members or tiers changed within the period. Drift is
+//!   reported per budget owner ([`Report::budget_drifts`]);
 //! - for every subject, the events the ledger accepted with an event time in the UTC month
 //!   are compared with the distinct events in history, and history's row count with its
 //!   distinct events (a duplicate would show there). An event is its id and the UTC day of
@@ -32,8 +40,14 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
 use clickhouse::Row;
+use tally_domain::budget::{ledger_name, BudgetOwner, BUDGET_SUBJECT_PREFIX};
 
 use crate::client::Ch;
+
+/// Whether `subject` is a budget subject: its ledger rows are a budget's.
+pub fn is_budget_subject(subject: &str) -> bool {
+    subject.starts_with(BUDGET_SUBJECT_PREFIX)
+}
 
 /// A billing period: a calendar month named `YYYY-MM`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,9 +94,24 @@ impl Month {
 const EAST: i64 = 14;
 const WEST: i64 = 12;
 
+/// What to reconcile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Only<'a> {
+    /// Every ledger row, every subject's events.
+    All,
+    /// One subject's ledger rows and events.
+    Subject(&'a str),
+    /// One budget's ledger rows.
+    Budget(&'a BudgetOwner),
+}
+
 /// One ledger row compared with history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerCheck {
+    /// For a budget's row, its owner (`group:eng`, `api_key:<hex>`, `tier:pro`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<String>,
+    /// The row's subject: for a budget's row, its budget subject.
     pub subject: String,
     pub quota: String,
     pub metric: String,
@@ -116,10 +145,22 @@ pub struct Report {
     pub month_start: DateTime<Utc>,
     pub month_end: DateTime<Utc>,
     pub subject: Option<String>,
+    /// The budget reconciled alone (`group:eng`), if one was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<String>,
+    /// Subjects' ledger rows compared.
     pub ledger_rows: usize,
     pub subjects: usize,
-    /// Ledger rows whose history differs.
+    /// Subjects' ledger rows whose history differs.
     pub ledger_drifts: Vec<LedgerCheck>,
+    /// Budgets' ledger rows compared, and the budgets they belong to.
+    #[serde(default)]
+    pub budget_ledger_rows: usize,
+    #[serde(default)]
+    pub budgets: usize,
+    /// Budgets' ledger rows whose history differs, by owner.
+    #[serde(default)]
+    pub budget_drifts: Vec<LedgerCheck>,
     /// Subjects whose accepted events and history differ, or with duplicates in history.
     pub event_drifts: Vec<EventCheck>,
     pub accepted_events: i64,
@@ -135,15 +176,19 @@ impl Report {
     /// A human summary: one line per drift, then the verdict.
     pub fn to_text(&self) -> String {
         let mut out = format!(
-            "reconciliation of {} ({} .. {}){}: {} ledger rows, {} subjects, {} accepted events, {} in history\n",
+            "reconciliation of {} ({} .. {}){}{}: {} ledger rows, {} subjects, {} accepted events, {} in history, \
+             {} budget ledger rows of {} budgets\n",
             self.period,
             self.month_start.to_rfc3339(),
             self.month_end.to_rfc3339(),
             self.subject.as_ref().map(|s| format!(" for subject {s}")).unwrap_or_default(),
+            self.budget.as_ref().map(|b| format!(" for budget {b}")).unwrap_or_default(),
             self.ledger_rows,
             self.subjects,
             self.accepted_events,
-            self.history_events
+            self.history_events,
+            self.budget_ledger_rows,
+            self.budgets,
         );
         if self.events_checked_from > self.month_start {
             out.push_str(&format!(
@@ -155,6 +200,20 @@ impl Report {
             out.push_str(&format!(
                 "DRIFT ledger  subject={} quota={} metric={} scope={} period={} start={} ledger={} history={} drift={:+}\n",
                 d.subject,
+                d.quota,
+                d.metric,
+                d.scope,
+                d.period,
+                d.period_start.to_rfc3339(),
+                d.ledger,
+                d.history,
+                d.drift
+            ));
+        }
+        for d in &self.budget_drifts {
+            out.push_str(&format!(
+                "DRIFT budget  owner={} quota={} metric={} scope={} period={} start={} ledger={} history={} drift={:+}\n",
+                d.budget.as_deref().unwrap_or_default(),
                 d.quota,
                 d.metric,
                 d.scope,
@@ -274,15 +333,13 @@ struct HistoryCount {
     ids: i64,
 }
 
-/// Reconciles `month` (optionally one subject).
-pub async fn reconcile(pool: &PgPool, ch: &Ch, month: Month, subject: Option<&str>) -> anyhow::Result<Report> {
-    let rows = ledger_rows(pool, month, subject).await?;
-    let history = history_for(ch, &rows).await?;
-    let ledger_drifts: Vec<LedgerCheck> = rows
-        .iter()
+/// The rows of `rows` whose history differs, as checks.
+fn drifts(rows: &[LedgerRow], history: Vec<i64>) -> Vec<LedgerCheck> {
+    rows.iter()
         .zip(history)
         .filter(|(r, h)| r.used != *h)
         .map(|(r, h)| LedgerCheck {
+            budget: BudgetOwner::from_ledger_subject(&r.subject).map(|o| o.spec()),
             subject: r.subject.clone(),
             quota: r.quota.clone(),
             metric: r.metric.clone(),
@@ -294,7 +351,97 @@ pub async fn reconcile(pool: &PgPool, ch: &Ch, month: Month, subject: Option<&st
             history: h,
             drift: h - r.used,
         })
-        .collect();
+        .collect()
+}
+
+/// History sums for each budget ledger row, in the order given: the metric summed over the
+/// raw rows that name the row's ledger in `budget_ledgers`, within its window
+/// ([`ROWS_PER_QUERY`] rows per query, parameters `n{i}`, `a{i}`, `b{i}`). Rows come sorted
+/// by ledger and start, so a query's rows are few ledgers over a short span.
+async fn budget_history_for(ch: &Ch, rows: &[LedgerRow]) -> anyhow::Result<Vec<i64>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(ROWS_PER_QUERY) {
+        let names: Vec<String> = chunk.iter().map(|r| ledger_name(&r.subject, &r.metric, &r.scope, &r.period)).collect();
+        let distinct: BTreeSet<&String> = names.iter().collect();
+        let min = chunk.iter().map(|r| r.period_start.timestamp()).min().unwrap_or(0);
+        let max = chunk.iter().map(|r| r.period_end.timestamp()).max().unwrap_or(0);
+        let columns: Vec<String> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let expr = metric_expr(&r.metric).unwrap_or("0");
+                format!(
+                    "toInt64(sumIf({expr}, has(budget_ledgers, {{n{i}:String}}) AND time >= toDateTime({{a{i}:Int64}}, 'UTC') \
+                     AND time < toDateTime({{b{i}:Int64}}, 'UTC')))"
+                )
+            })
+            .collect();
+        let sql = format!(
+            "SELECT [{}] AS values FROM usage_events FINAL WHERE hasAny(budget_ledgers, {{names:Array(String)}}) \
+             AND time >= toDateTime({{min:Int64}}, 'UTC') AND time < toDateTime({{max:Int64}}, 'UTC')",
+            columns.join(", ")
+        );
+        let mut query = ch.query(&sql).param("names", &distinct).param("min", min).param("max", max);
+        for (i, (r, name)) in chunk.iter().zip(&names).enumerate() {
+            query = query
+                .param(&format!("n{i}"), name)
+                .param(&format!("a{i}"), r.period_start.timestamp())
+                .param(&format!("b{i}"), r.period_end.timestamp());
+        }
+        let answer: Vec<Sums> = ch.fetch_all(query).await?;
+        let values = answer.into_iter().next().map(|s| s.values).unwrap_or_default();
+        out.extend((0..chunk.len()).map(|i| values.get(i).copied().unwrap_or(0)));
+    }
+    Ok(out)
+}
+
+/// Reconciles `month` (optionally one subject).
+pub async fn reconcile(pool: &PgPool, ch: &Ch, month: Month, subject: Option<&str>) -> anyhow::Result<Report> {
+    reconcile_only(pool, ch, month, subject.map_or(Only::All, Only::Subject)).await
+}
+
+/// Reconciles `month`: everything, one subject or one budget ([`Only`]).
+pub async fn reconcile_only(pool: &PgPool, ch: &Ch, month: Month, only: Only<'_>) -> anyhow::Result<Report> {
+    let budget_subject = match only {
+        Only::Budget(owner) => Some(owner.ledger_subject()),
+        _ => None,
+    };
+    let row_filter = match only {
+        Only::All => None,
+        Only::Subject(s) => Some(s),
+        Only::Budget(_) => budget_subject.as_deref(),
+    };
+    let (budget_rows, rows): (Vec<LedgerRow>, Vec<LedgerRow>) =
+        ledger_rows(pool, month, row_filter).await?.into_iter().partition(|r| is_budget_subject(&r.subject));
+    let history = history_for(ch, &rows).await?;
+    let ledger_drifts = drifts(&rows, history);
+    let budget_history = budget_history_for(ch, &budget_rows).await?;
+    let budget_drifts = drifts(&budget_rows, budget_history);
+    let budgets = budget_rows.iter().map(|r| r.subject.as_str()).collect::<BTreeSet<_>>().len();
+    let subject = match only {
+        Only::Subject(s) => Some(s),
+        Only::All => None,
+        Only::Budget(owner) => {
+            return Ok(Report {
+                period: month.name(),
+                month_start: month.start(),
+                month_end: month.end(),
+                subject: None,
+                budget: Some(owner.spec()),
+                ledger_rows: 0,
+                subjects: 0,
+                ledger_drifts: Vec::new(),
+                budget_ledger_rows: budget_rows.len(),
+                budgets,
+                ok: budget_drifts.is_empty(),
+                budget_drifts,
+                event_drifts: Vec::new(),
+                accepted_events: 0,
+                history_events: 0,
+                events_checked_from: month.end(),
+            });
+        }
+    };
 
     let checked_from = events_checked_from(pool, month).await?;
     let accepted: Vec<(String, i64)> = sqlx::query_as(
@@ -353,10 +500,14 @@ pub async fn reconcile(pool: &PgPool, ch: &Ch, month: Month, subject: Option<&st
         month_start: month.start(),
         month_end: month.end(),
         subject: subject.map(str::to_string),
+        budget: None,
         ledger_rows: rows.len(),
         subjects,
-        ok: ledger_drifts.is_empty() && event_drifts.is_empty(),
+        ok: ledger_drifts.is_empty() && event_drifts.is_empty() && budget_drifts.is_empty(),
         ledger_drifts,
+        budget_ledger_rows: budget_rows.len(),
+        budgets,
+        budget_drifts,
         event_drifts,
         accepted_events,
         history_events,

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tally_domain::event::{event_day, UsageEvent};
 
+use crate::budgets::{Basis, Budgets};
 use crate::client::{Ch, ChError};
 
 /// An event as the ledger's dedupe record keys it: its id and the UTC day of its own time.
@@ -51,6 +52,14 @@ pub struct RawRow {
     pub scope: String,
     pub model: String,
     pub api_key_sha256: String,
+    /// The group the event named (for a correction's row, its target's); empty for none.
+    pub event_group: String,
+    /// The configuration version the ledger counted it under, which its budgets follow from.
+    pub config_version: i64,
+    /// The budget subjects it met ([`crate::budgets`]).
+    pub budgets: Vec<String>,
+    /// The names of the budget ledgers it counted in ([`tally_domain::budget::ledger_name`]).
+    pub budget_ledgers: Vec<String>,
     pub requests: i64,
     pub input_tokens: i64,
     pub output_tokens: i64,
@@ -62,8 +71,19 @@ pub struct RawRow {
 }
 
 impl RawRow {
-    /// The history row of a counted event, keyed by `key_day`. Amounts are exactly what the
-    /// ledger counted ([`UsageEvent::amounts`]): a missing cost counts 0.
+    /// The history row of a counted event with its budgets.
+    pub fn from_counted(c: &Counted, now: DateTime<Utc>) -> RawRow {
+        RawRow {
+            config_version: c.basis.version,
+            budgets: c.budgets.subjects.clone(),
+            budget_ledgers: c.budgets.ledgers.clone(),
+            ..RawRow::from_event(&c.event, c.day, &c.fingerprint, now)
+        }
+    }
+
+    /// The history row of a counted event, keyed by `key_day`, without budgets (counted under
+    /// version 0). Amounts are exactly what the ledger counted ([`UsageEvent::amounts`]): a
+    /// missing cost counts 0.
     pub fn from_event(e: &UsageEvent, key_day: NaiveDate, fingerprint: &str, now: DateTime<Utc>) -> RawRow {
         let a = e.amounts();
         let millis = e.time.timestamp_millis();
@@ -75,6 +95,10 @@ impl RawRow {
             scope: e.scope.clone(),
             model: e.model.clone().unwrap_or_default(),
             api_key_sha256: e.api_key_sha256.clone().unwrap_or_default(),
+            event_group: e.group.clone().unwrap_or_default(),
+            config_version: 0,
+            budgets: Vec::new(),
+            budget_ledgers: Vec::new(),
             requests: a.requests,
             input_tokens: a.input_tokens,
             output_tokens: a.output_tokens,
@@ -94,13 +118,18 @@ pub struct Counted {
     pub fingerprint: String,
     /// The UTC day of the delivered event's own time: with its id, its key in the ledger.
     pub day: NaiveDate,
+    /// What its budgets follow from besides `event` ([`crate::budgets`]).
+    pub basis: Basis,
+    /// Its budgets; none until [`crate::budgets::assign`] gives them.
+    pub budgets: Budgets,
 }
 
 impl Counted {
-    /// A counted event as delivered.
+    /// A counted event as delivered, counted under configuration version 0.
     pub fn new(event: UsageEvent, fingerprint: String) -> Counted {
         let day = event_day(event.time);
-        Counted { event, fingerprint, day }
+        let basis = Basis { version: 0, model: event.model.clone() };
+        Counted { event, fingerprint, day, basis, budgets: Budgets::default() }
     }
 
     pub fn key(&self) -> EventKey {
@@ -194,11 +223,7 @@ impl Sink {
         }
         let present = self.present_keys(events).await?;
         hook(Step::KeysLookedUp);
-        let rows: Vec<RawRow> = events
-            .iter()
-            .filter(|c| !present.contains(&c.key()))
-            .map(|c| RawRow::from_event(&c.event, c.day, &c.fingerprint, now))
-            .collect();
+        let rows: Vec<RawRow> = events.iter().filter(|c| !present.contains(&c.key())).map(|c| RawRow::from_counted(c, now)).collect();
         written.already_present = events.len() - rows.len();
         written.inserted = rows.len();
         let token = dedup_token(ranges, &rows);

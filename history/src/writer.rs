@@ -11,9 +11,11 @@
 //! partition again within one lease; a clean shutdown leaves the group at once.
 //!
 //! For each batch the loop keeps the run of messages continuing exactly from the stored
-//! offset, holds back what the ledger has not decided on yet, writes the counted events (and
-//! counted corrections, as negated rows: see [`plan`]) with [`Sink::write`], and only then
-//! advances its offsets. A transient failure (ClickHouse or Postgres unreachable, a
+//! offset, holds back what the ledger has not decided on yet, gives each counted event its
+//! budgets under the configuration version it was counted under ([`budgets`]; a version
+//! that is not stored or no longer validates is a permanent failure), writes the counted
+//! events (and counted corrections, as negated rows: see [`plan`]) with [`Sink::write`], and
+//! only then advances its offsets. A transient failure (ClickHouse or Postgres unreachable, a
 //! ClickHouse server error, a serialization failure) rewinds the batch's partitions to the
 //! stored offsets and retries with a backoff. A permanent failure that no event causes (a
 //! ClickHouse or Postgres refusal that every part of the batch meets, a schema that does
@@ -45,6 +47,7 @@ use tally_common::membership::{Heartbeats, Membership, ShareChange};
 use tally_common::metrics::{Counter, Gauge, Registry, Timing};
 use tally_common::postgres::PostgresSettings;
 
+use crate::budgets::{self, ConfigVersions, VersionError};
 use crate::client::{Ch, ChError};
 use crate::isolate;
 use crate::plan::{self, Delivery};
@@ -225,6 +228,8 @@ struct Loop {
     heartbeats: Heartbeats,
     progress: Progress,
     sink: Sink,
+    /// The configuration versions events were counted under, loaded once each.
+    versions: ConfigVersions,
     owned: HashMap<i32, Owned>,
     metrics: Arc<Metrics>,
     backoff: Duration,
@@ -316,6 +321,7 @@ pub async fn run(
         heartbeats: Heartbeats::new(membership.clone()),
         progress,
         sink: Sink { ch: Ch::new(&clickhouse) },
+        versions: ConfigVersions::default(),
         owned: HashMap::new(),
         metrics,
         backoff: Duration::ZERO,
@@ -587,6 +593,17 @@ impl Loop {
             }
         };
         plan::resolve_models(&mut selection.counted, &stored_models);
+        if let Err(e) = self.versions.load(&self.progress.pool, selection.counted.iter().map(|c| c.basis.version)).await {
+            let lasting = match &e {
+                VersionError::Database { source, .. } => Lasting::of_postgres(source),
+                VersionError::Unusable { .. } => Lasting::Permanent,
+            };
+            return Err(self.fail(&ready_ranges, lasting, &format!("cannot tell the events' budgets: {e}")));
+        }
+        if let Err(version) = budgets::assign(&mut selection.counted, &self.versions) {
+            let what = format!("configuration version {version} was not loaded");
+            return Err(self.fail(&ready_ranges, Lasting::Permanent, &what));
+        }
         let crash_at = self.crash_at.filter(|_| !selection.counted.is_empty());
         let ranges = ready_ranges.iter().map(|r| format!("p{}:{}-{}", r.partition, r.start, r.next)).collect::<Vec<_>>().join(",");
         let mut writes = SinkWrites { sink: &self.sink, ranges, crash_at, refuse: self.refuse.as_deref(), phases: &self.metrics.phases };

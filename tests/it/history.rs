@@ -10,6 +10,7 @@ use chrono::{DateTime, Datelike, Duration as Span, TimeZone, Utc};
 use futures::FutureExt;
 use serde_json::{json, Value};
 use support::{free_port, wait_for, Tally, TcpSwitch};
+use tally_domain::event::hash_api_key;
 
 const TIERS: &str = "
 default_tier: basic
@@ -899,4 +900,310 @@ async fn the_same_event_id_on_two_utc_days_is_two_events_in_history() {
     assert_totals_everywhere(&t, &sent_totals(&[first, second])).await;
     assert_eq!(ledger_sum(&pool, &subject, "total_tokens").await, 95);
     assert_reconciled(&t, &[before, after]);
+}
+
+/// A configuration with a budget of each kind, a model-narrowed quota and a budget in another
+/// timezone: `eng` pools alice and bob (members) and any event naming it; `research` is
+/// reached only by events naming it and counts chat requests per hour; the key `sk-capped`
+/// has a daily cap in Asia/Kolkata; the tier pool `pro` pools bob (group `staff`) and every
+/// subject on the key `sk-pro` that no group puts elsewhere.
+fn budget_tiers() -> String {
+    let (capped, pro) = (hash_api_key("sk-capped"), hash_api_key("sk-pro"));
+    format!(
+        "
+default_tier: basic
+timezone: UTC
+quotas:
+  - {{name: monthly_tokens, metric: total_tokens, period: month, limit: 100000000}}
+tiers:
+  - {{name: basic, priority: 0}}
+  - {{name: pro, priority: 10}}
+groups: {{staff: pro}}
+members: {{alice: [eng], bob: [eng, staff]}}
+api_keys:
+  - {{key_sha256: \"{pro}\", tier: pro}}
+prices:
+  small: {{input: 150000, output: 600000}}
+  big: {{input: 2500000, output: 10000000}}
+budgets:
+  - group: eng
+    quotas:
+      - {{name: team_month, metric: total_tokens, period: month, limit: 1000000000}}
+      - {{name: team_big, metric: total_tokens, period: day, limit: 1000000000, models: [big]}}
+  - group: research
+    quotas:
+      - {{name: research_chat, metric: requests, period: hour, limit: 1000000, scope: chat}}
+  - api_key: \"{capped}\"
+    timezone: Asia/Kolkata
+    quotas:
+      - {{name: key_day, metric: total_tokens, period: day, limit: 1000000000}}
+  - tier: pro
+    quotas:
+      - {{name: pool_month, metric: total_tokens, period: month, limit: 1000000000}}
+      - {{name: pool_big_output, metric: output_tokens, period: month, limit: 1000000000, models: [big]}}
+"
+    )
+}
+
+/// `n` events over the last `n` minutes, varying subject, API key, named group, model and
+/// scope, so that each budget is met by some and passed over by others.
+fn budget_batch(n: usize, now: DateTime<Utc>) -> Vec<Value> {
+    let subjects = ["alice", "bob", "carol", "dave"];
+    let keys = [None, Some("sk-capped"), Some("sk-pro")];
+    let groups = [None, Some("research"), Some("eng")];
+    let models = [Some("small"), Some("big"), None];
+    (0..n)
+        .map(|i| {
+            let scope = ["chat", "batch"][(i / 2) % 2];
+            let mut e = json!({"id": format!("bud-{i}"), "subject": subjects[i % 4],
+                               "time": (now - Span::minutes(1 + i as i64)).to_rfc3339(),
+                               "scope": scope, "input_tokens": 100 + i, "output_tokens": 7 + i % 5});
+            if let Some(key) = keys[(i / 4) % 3] {
+                e["api_key_sha256"] = json!(hash_api_key(key));
+            }
+            if let Some(group) = groups[(i / 12) % 3] {
+                e["group"] = json!(group);
+            }
+            if let Some(model) = models[(i / 3) % 3] {
+                e["model"] = json!(model);
+            }
+            e
+        })
+        .collect()
+}
+
+fn tokens(e: &Value) -> i64 {
+    e["input_tokens"].as_i64().unwrap() + e["output_tokens"].as_i64().unwrap()
+}
+
+/// Which budgets an event of [`budget_batch`] meets under [`budget_tiers`], by owner.
+fn budget_owners(e: &Value) -> Vec<String> {
+    let (subject, key) = (e["subject"].as_str().unwrap(), e["api_key_sha256"].as_str());
+    let mut owners = Vec::new();
+    if key == Some(hash_api_key("sk-capped").as_str()) {
+        owners.push(format!("api_key:{}", hash_api_key("sk-capped")));
+    }
+    if matches!(subject, "alice" | "bob") || e["group"] == "eng" {
+        owners.push("group:eng".to_string());
+    }
+    if e["group"] == "research" {
+        owners.push("group:research".to_string());
+    }
+    // bob's group gives pro; without a group tier, the key sk-pro does.
+    if subject == "bob" || key == Some(hash_api_key("sk-pro").as_str()) {
+        owners.push("tier:pro".to_string());
+    }
+    owners
+}
+
+/// The months a reconciliation or export of events of the last hour must cover.
+fn periods_of_last_hour(now: DateTime<Utc>) -> Vec<String> {
+    let mut periods = vec![month_name(now - Span::minutes(61)), month_name(now)];
+    periods.dedup();
+    periods
+}
+
+/// The sum of `used` of the ledger rows of `subject`, `metric` and `scope` over every period.
+async fn ledger_total(pool: &sqlx::PgPool, subject: &str, metric: &str, scope: &str) -> i64 {
+    sqlx::query_scalar::<_, Option<i64>>("SELECT sum(used)::bigint FROM ledgers WHERE subject = $1 AND metric = $2 AND scope = $3")
+        .bind(subject)
+        .bind(metric)
+        .bind(scope)
+        .fetch_one(pool)
+        .await
+        .expect("read ledgers")
+        .unwrap_or(0)
+}
+
+fn reconcile_json(t: &Tally, args: &[&str]) -> (i32, Value) {
+    let out = t.command(&[&["reconcile", "--format", "json"], args].concat()).output().expect("run tally reconcile");
+    let report =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not a JSON report ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.code().unwrap_or(-1), report)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn budget_ledgers_reconcile_with_history_to_the_token_and_export_per_team() {
+    let config = budget_tiers();
+    let mut t = Tally::start(Some(&config)).await;
+    let pool = t.pg().await;
+    t.spawn_history_writer(&[]);
+    let now = Utc::now();
+    let events = budget_batch(48, now);
+    post_all(&t, &events).await;
+    // Redelivered (duplicates), and one event reverted: bob's, on the capped key, for `big`,
+    // so its correction must leave the team's, the key's, the pool's and both model-narrowed
+    // ledgers.
+    post_all(&t, &events[..10]).await;
+    let target = events[5].clone();
+    assert_eq!((target["subject"].as_str(), target["model"].as_str()), (Some("bob"), Some("big")));
+    let fix = json!({"id": "bud-fix", "subject": "bob", "time": now.to_rfc3339(), "corrects": "bud-5", "model": "small"});
+    post_all(&t, std::slice::from_ref(&fix)).await;
+    wait_converged(&t, &pool, 59).await;
+    assert_eq!(accepted_events(&pool).await, 49, "48 events and one correction");
+
+    let counted: Vec<&Value> = events.iter().filter(|e| e["id"] != "bud-5").collect();
+    let sum = |owner: &str, f: &dyn Fn(&Value) -> i64| -> i64 {
+        counted.iter().filter(|e| budget_owners(e).iter().any(|o| o == owner)).map(|e| f(e)).sum()
+    };
+    let big = |f: fn(&Value) -> i64| move |e: &Value| if e["model"] == "big" { f(e) } else { 0 };
+    let capped = format!("api_key:{}", hash_api_key("sk-capped"));
+    let expected: Vec<(&str, i64)> = vec![
+        ("group:eng", sum("group:eng", &tokens)),
+        ("group:research", sum("group:research", &tokens)),
+        (capped.as_str(), sum(&capped, &tokens)),
+        ("tier:pro", sum("tier:pro", &tokens)),
+    ];
+    assert!(expected.iter().all(|(_, n)| *n > 0), "every budget is met: {expected:?}");
+
+    // The ledger counted exactly that, quota by quota (the aggregator's side).
+    let subject = |owner: &str| {
+        let (kind, name) = owner.split_once(':').unwrap();
+        format!("__tally_budget__/{kind}/{name}")
+    };
+    let chat_requests = |e: &Value| i64::from(e["scope"] == "chat");
+    let output = |e: &Value| e["output_tokens"].as_i64().unwrap();
+    let ledgers = [
+        ("group:eng", "total_tokens", "*", sum("group:eng", &tokens)),
+        ("group:eng", "total_tokens", "*|models=big", sum("group:eng", &big(tokens))),
+        ("group:research", "requests", "chat", sum("group:research", &chat_requests)),
+        (capped.as_str(), "total_tokens", "*", sum(&capped, &tokens)),
+        ("tier:pro", "total_tokens", "*", sum("tier:pro", &tokens)),
+        ("tier:pro", "output_tokens", "*|models=big", sum("tier:pro", &big(output))),
+    ];
+    for (owner, metric, scope, want) in ledgers {
+        assert_eq!(ledger_total(&pool, &subject(owner), metric, scope).await, want, "ledger of {owner} {metric} {scope}");
+    }
+
+    // Reconciliation proves every budget ledger row equals the raw rows that counted in it.
+    let periods = periods_of_last_hour(now);
+    let mut compared = 0;
+    for p in &periods {
+        let (code, report) = reconcile_json(&t, &["--period", p]);
+        assert_eq!(code, 0, "drift in {p}: {report:#}");
+        assert_eq!(report["budget_drifts"], json!([]));
+        compared += report["budget_ledger_rows"].as_u64().unwrap();
+        let (code, one) = reconcile_json(&t, &["--period", p, "--budget", "group:eng"]);
+        assert_eq!((code, &one["budget"]), (0, &json!("group:eng")), "{one:#}");
+    }
+    // eng: a month row, a big-model row per day; research: a row per hour; the key: a row per
+    // Kolkata day; pro: two month rows.
+    assert!(compared >= 6, "budget ledger rows compared: {compared}");
+
+    // The correction's row carries its target's budgets.
+    let db = t.clickhouse_database();
+    let budgets_of = |id: &str| format!("SELECT arraySort(budgets) FROM `{db}`.usage_events FINAL WHERE event_id = '{id}'");
+    let target_budgets = t.clickhouse(&budgets_of("bud-5")).await;
+    assert!(target_budgets.contains("__tally_budget__/group/eng") && target_budgets.contains("__tally_budget__/tier/pro"));
+    assert_eq!(t.clickhouse(&budgets_of("bud-fix")).await, target_budgets);
+
+    // Export: lines per budget, totals per owner equal to what its members sent.
+    let mut exported: std::collections::BTreeMap<String, i64> = Default::default();
+    for p in &periods {
+        let out = t.command(&["export", "--period", p, "--preview", "--format", "json"]).output().unwrap();
+        assert!(out.status.success(), "export of {p}: {}", String::from_utf8_lossy(&out.stderr));
+        let export: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(export["ledger_mismatches"], json!([]), "{p}");
+        for (owner, totals) in export["budget_totals"].as_object().unwrap() {
+            *exported.entry(owner.clone()).or_default() += totals["total_tokens"].as_i64().unwrap();
+        }
+        let subject_cost: i64 = export["lines"].as_array().unwrap().iter().map(|l| l["cost_micros"].as_i64().unwrap()).sum();
+        assert_eq!(export["total_cost_micros"].as_i64(), Some(subject_cost), "the subjects' cost, budgets apart");
+        let csv =
+            String::from_utf8(t.command(&["export", "--period", p, "--preview", "--lines", "budgets"]).output().unwrap().stdout).unwrap();
+        assert!(csv.starts_with("period,kind,budget,model,metric,"), "{csv}");
+        let eng_csv: i64 = csv
+            .lines()
+            .filter(|l| l.split(',').nth(2) == Some("group:eng") && matches!(l.split(',').nth(4), Some("input_tokens" | "output_tokens")))
+            .map(|l| l.split(',').nth(7).unwrap().parse::<i64>().unwrap())
+            .sum();
+        assert_eq!(Some(eng_csv), export["budget_totals"]["group:eng"]["total_tokens"].as_i64().or(Some(0)));
+    }
+    let want: std::collections::BTreeMap<String, i64> = expected.iter().map(|(o, n)| (o.to_string(), *n)).collect();
+    assert_eq!(exported, want, "export per budget");
+
+    // History API: usage by budget, by key, by model.
+    let today = now.date_naive();
+    let range = format!("from={}&to={}", today - Span::days(1), today + Span::days(1));
+    let api = &t;
+    let series = |query: String| {
+        let url = format!("{}/v1/history/series?metric=total_tokens&granularity=day&{range}&{query}", api.api_url);
+        async move {
+            let (status, body) = api.get(&url).await;
+            assert_eq!(status, 200, "{body}");
+            body
+        }
+    };
+    let body = series("group_by=budget".into()).await;
+    assert_eq!(body["source"], "raw");
+    let by_budget: std::collections::BTreeMap<String, i64> =
+        body["series"].as_array().unwrap().iter().map(|s| (s["key"].as_str().unwrap().to_string(), s["total"].as_i64().unwrap())).collect();
+    assert_eq!(by_budget, want, "series per budget");
+    for (owner, n) in &expected {
+        let body = series(format!("budget={owner}")).await;
+        assert_eq!(body["series"][0]["total"].as_i64(), Some(*n), "{owner}: {body}");
+    }
+    let eng_by_model = series("budget=group:eng&group_by=model".into()).await;
+    let eng_big = eng_by_model["series"].as_array().unwrap().iter().find(|s| s["key"] == "big").map(|s| s["total"].as_i64().unwrap());
+    assert_eq!(eng_big, Some(sum("group:eng", &big(tokens))), "{eng_by_model}");
+    let key = hash_api_key("sk-capped");
+    let by_key = series(format!("api_key_sha256={key}")).await;
+    assert_eq!(by_key["series"][0]["total"].as_i64(), Some(sum(&capped, &tokens)));
+    let keys = series("group_by=api_key".into()).await;
+    let capped_series = keys["series"].as_array().unwrap().iter().find(|s| s["key"] == key.as_str()).map(|s| s["total"].as_i64());
+    assert_eq!(capped_series, Some(Some(sum(&capped, &tokens))));
+    let (status, top) = t.get(&format!("{}/v1/history/top?metric=total_tokens&{range}&budget=group:eng&limit=10", t.api_url)).await;
+    assert_eq!(status, 200, "{top}");
+    let top_total: i64 = top["subjects"].as_array().unwrap().iter().map(|s| s["value"].as_i64().unwrap()).sum();
+    assert_eq!(top_total, sum("group:eng", &tokens));
+    let (status, refused) = t.get(&format!("{}/v1/history/series?{range}&budget=team:eng", t.api_url)).await;
+    assert_eq!((status, refused["field"].as_str()), (400, Some("budget")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raw_row_lost_from_history_shows_as_drift_of_each_budget_it_counted_in() {
+    let config = budget_tiers();
+    let mut t = Tally::start(Some(&config)).await;
+    let pool = t.pg().await;
+    t.spawn_history_writer(&[]);
+    let now = Utc::now();
+    let events = budget_batch(24, now);
+    post_all(&t, &events).await;
+    wait_converged(&t, &pool, 24).await;
+    let periods = periods_of_last_hour(now);
+    for p in &periods {
+        let (code, report) = reconcile_json(&t, &["--period", p]);
+        assert_eq!(code, 0, "drift before the loss in {p}: {report:#}");
+    }
+    // alice's event on the capped key: in eng and in the key's budget, not in the pool.
+    let lost = &events[4];
+    assert_eq!((lost["subject"].as_str(), lost["api_key_sha256"].as_str()), (Some("alice"), Some(hash_api_key("sk-capped").as_str())));
+    t.clickhouse(&format!(
+        "ALTER TABLE `{}`.usage_events DELETE WHERE event_id = 'bud-4' SETTINGS mutations_sync = 2",
+        t.clickhouse_database()
+    ))
+    .await;
+    let period = month_name(now - Span::minutes(5));
+    let (code, out) = reconcile(&t, &period);
+    assert_eq!(code, 2, "the lost row went unnoticed:\n{out}");
+    let drift = format!("drift={:+}", -tokens(lost));
+    let line = |owner: &str| out.lines().find(|l| l.starts_with(&format!("DRIFT budget  owner={owner} "))).map(str::to_string);
+    let eng = line("group:eng").unwrap_or_else(|| panic!("no drift for group:eng:\n{out}"));
+    assert!(eng.contains("quota=team_month metric=total_tokens scope=* period=month") && eng.ends_with(&drift), "{eng}");
+    let key = line(&format!("api_key:{}", hash_api_key("sk-capped"))).unwrap_or_else(|| panic!("no drift for the key:\n{out}"));
+    assert!(key.contains("quota=key_day") && key.ends_with(&drift), "{key}");
+    assert_eq!(line("tier:pro"), None, "the pool never counted it:\n{out}");
+    assert!(out.contains("DRIFT ledger  subject=alice "), "{out}");
+    // One budget alone: eng drifts, the pool does not; the API says the same.
+    let (code, eng) = reconcile_json(&t, &["--period", &period, "--budget", "group:eng"]);
+    assert_eq!((code, &eng["ok"]), (2, &json!(false)), "{eng:#}");
+    assert_eq!(eng["budget_drifts"][0]["drift"].as_i64(), Some(-tokens(lost)));
+    assert_eq!(eng["ledger_drifts"], json!([]), "a budget's reconciliation compares its own rows only");
+    let (code, pool_report) = reconcile_json(&t, &["--period", &period, "--budget", "tier:pro"]);
+    assert_eq!(code, 0, "{pool_report:#}");
+    let (status, body) = t.get(&format!("{}/v1/reconcile?period={period}&budget=group:eng", t.api_url)).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["budget_drifts"][0]["budget"], "group:eng");
+    let (status, body) = t.get(&format!("{}/v1/reconcile?period={period}&budget=group", t.api_url)).await;
+    assert_eq!((status, body["field"].as_str()), (400, Some("budget")));
 }
