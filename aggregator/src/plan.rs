@@ -266,9 +266,9 @@ pub fn ledger_deltas(events: &[&UsageEvent], policy: &Policy) -> BTreeMap<Ledger
         let request = Request::of(event);
         let r = resolutions.index_at(&request, at);
         let amounts = event.amounts();
-        let CachedResolution { subject, resolved, budgets, sums, .. } = &mut resolutions.entries[r];
+        let CachedResolution { subject, resolved, budgets, sums, shares_row, .. } = &mut resolutions.entries[r];
         for (q, (target, quota)) in counted(subject, resolved, budgets).enumerate() {
-            if !quota.counts(&event.scope, event.model.as_deref()) {
+            if shares_row[q] || !quota.counts(&event.scope, event.model.as_deref()) {
                 continue;
             }
             let running = match &mut sums[q] {
@@ -377,6 +377,10 @@ pub struct CachedResolution<'a> {
     /// Per quota of [`CachedResolution::counted`], the running sum of the window its latest
     /// events fell in.
     pub sums: Vec<Option<RunningSum>>,
+    /// Per quota of [`CachedResolution::counted`], whether an earlier one counts in the same
+    /// ledger rows (same owner, metric, scope key and period: a soft and a hard cap of one
+    /// budget, say): an event adds to such rows once, through the first.
+    shares_row: Vec<bool>,
     from: DateTime<Utc>,
     until: Option<DateTime<Utc>>,
 }
@@ -394,6 +398,12 @@ impl CachedResolution<'_> {
     pub fn counted(&self) -> impl Iterator<Item = (Counted<'_>, &Quota)> {
         counted(self.subject, &self.resolved, &self.budgets)
     }
+}
+
+/// For each of `quotas`, whether an earlier one counts in the same ledger rows.
+fn rows_shared<'q>(quotas: impl Iterator<Item = (Counted<'q>, &'q Quota)>) -> Vec<bool> {
+    let mut seen = std::collections::HashSet::new();
+    quotas.map(|(target, q)| !seen.insert((target.subject, q.metric, q.ledger_scope(), q.period.to_string()))).collect()
 }
 
 /// [`CachedResolution::counted`] of its parts, so its sums can be borrowed beside it.
@@ -423,10 +433,10 @@ impl<'a> Resolutions<'a> {
         let resolved = self.policy.resolve(request.subject, request.api_key, request.scope, at);
         let facts = EventFacts { subject: request.subject, api_key_sha256: request.api_key, group: request.group };
         let budgets = self.policy.budgets_met(&facts, at);
-        let counted = resolved.quotas.len() + budgets.iter().map(|b| b.quotas.len()).sum::<usize>();
-        let sums = vec![None; counted];
+        let shares_row = rows_shared(counted(request.subject, &resolved, &budgets));
+        let sums = vec![None; shares_row.len()];
         let until = self.policy.next_change_after(request.subject, at);
-        self.entries.push(CachedResolution { subject: request.subject, resolved, budgets, sums, from: at, until });
+        self.entries.push(CachedResolution { subject: request.subject, resolved, budgets, sums, shares_row, from: at, until });
         let i = self.entries.len() - 1;
         self.index.insert(*request, i);
         i
@@ -720,6 +730,26 @@ mod tests {
                 row("carol", "total_tokens", "*", 7),
             ]
         );
+    }
+
+    #[test]
+    fn two_quotas_that_share_a_ledger_row_count_an_event_in_it_once() {
+        // A soft and a hard cap of one budget, and a subject tier quota beside a base one, each
+        // pair on the same metric, scope and period.
+        let policy = Policy::from_yaml(
+            "default_tier: t\ntimezone: UTC\nquotas:\n  - {name: daily, metric: total_tokens, period: day, limit: 100}\n\
+             tiers:\n  - name: t\n    quotas: [{name: daily_warn, metric: total_tokens, period: day, limit: 50, action: soft}]\n\
+             budgets:\n  - tier: t\n    quotas:\n\
+             \x20     - {name: soft_cap, metric: total_tokens, period: day, limit: 1000, action: soft}\n\
+             \x20     - {name: hard_cap, metric: total_tokens, period: day, limit: 2000}\n",
+            "test",
+        )
+        .unwrap();
+        let event =
+            tally_domain::event::event_from_value(json!({"id": "a", "subject": "s", "time": "2026-11-22T10:00:00Z", "input_tokens": 10}))
+                .unwrap();
+        let rows: Vec<(String, i64)> = ledger_deltas(&[&event], &policy).into_iter().map(|(k, d)| (k.subject, d.used)).collect();
+        assert_eq!(rows, [("__tally_budget__/tier/t".to_string(), 10), ("s".to_string(), 10)]);
     }
 
     #[test]
