@@ -9,7 +9,7 @@ use axum::Router;
 
 use crate::auth::{guard, Role};
 use crate::state::AppState;
-use crate::{admin, check, openapi, probes, subjects};
+use crate::{admin, budgets, check, openapi, probes, subjects};
 
 /// One route: method, path (axum syntax), role and handler.
 pub struct RouteSpec {
@@ -35,6 +35,8 @@ pub fn routes() -> Vec<RouteSpec> {
         r("POST", "/v1/check", Read, post(check::check)),
         r("GET", "/v1/subjects/{subject}/decision", Read, get(subjects::decision)),
         r("GET", "/v1/subjects/{subject}/usage", Read, get(subjects::usage)),
+        r("GET", "/v1/subjects/{subject}/budgets", Read, get(budgets::subject_budgets)),
+        r("GET", "/v1/budgets/{kind}/{name}/decision", Read, get(budgets::decision)),
         r("GET", "/v1/admin/config", Admin, get(a::config_show)),
         r("GET", "/v1/admin/tiers", Admin, get(a::tiers_list)),
         r("POST", "/v1/admin/tiers", Admin, post(a::tier_create)),

@@ -159,7 +159,7 @@ fn snapshot(subject: &str, version: i64, quotas: Vec<QuotaDecision>) -> Decision
 // ---- OpenAPI and access ----
 
 fn concrete(path: &str) -> String {
-    path.replace("{subject}", "alice").replace("{name}", "free").replace("{group}", "g").replace("{id}", "x")
+    path.replace("{subject}", "alice").replace("{name}", "free").replace("{group}", "g").replace("{id}", "x").replace("{kind}", "group")
 }
 
 #[tokio::test]
@@ -392,6 +392,9 @@ async fn check_input_errors_name_the_field() {
     let cases = [
         (json!({}), StatusCode::BAD_REQUEST, "subject"),
         (json!({"subject": ""}), StatusCode::BAD_REQUEST, "subject"),
+        (json!({"subject": "__tally_budget__/group/eng"}), StatusCode::BAD_REQUEST, "subject"),
+        (json!({"subject": "a", "groups": "eng"}), StatusCode::BAD_REQUEST, "groups"),
+        (json!({"subject": "a", "groups": ["nobody"]}), StatusCode::BAD_REQUEST, "groups[0]"),
         (json!({"subject": "a", "estimated_tokens": -1}), StatusCode::BAD_REQUEST, "estimated_tokens"),
         (json!({"subject": "a", "estimated_cost_micros": -1}), StatusCode::BAD_REQUEST, "estimated_cost_micros"),
         (json!({"subject": "a", "scope": "x".repeat(300)}), StatusCode::BAD_REQUEST, "scope"),
@@ -888,5 +891,212 @@ async fn before_the_view_caught_up_the_newer_of_view_and_database_answers() {
     let a: Value = serde_json::from_slice(&axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap()).unwrap();
     assert_eq!((a["allowed"].as_bool(), a["version"].as_i64(), a["source"].as_str()), (Some(false), Some(3), Some("database")), "{a}");
     assert_eq!(a["stale"], false);
+    e.done().await;
+}
+
+// ---- budgets ----
+
+/// Alice and bob are on team eng (a budget-only group); every free subject shares the free
+/// pool, whose gpt-4o quota degrades; alice's two keys are bound to her, one with a cap.
+fn budgets_config() -> String {
+    let (capped, free_key) = (tally_domain::event::hash_api_key("sk-alice-capped"), tally_domain::event::hash_api_key("sk-alice-free"));
+    format!(
+        "{TIERS}members: {{alice: [eng], bob: [eng]}}
+api_keys:
+  - {{key_sha256: {capped}, tier: free, subject: alice}}
+  - {{key_sha256: {free_key}, tier: free, subject: alice}}
+budgets:
+  - group: eng
+    quotas: [{{name: team_month, metric: cost_micros, period: month, limit: 1000000}}]
+  - api_key: {capped}
+    quotas: [{{name: key_day, metric: total_tokens, period: day, limit: 500}}]
+  - tier: free
+    timezone: Europe/Paris
+    quotas:
+      - {{name: free_gpt4o, metric: total_tokens, period: day, limit: 2000, models: [gpt-4o], action: degrade, fallback_model: gpt-4o-mini}}
+"
+    )
+}
+
+fn budget_snapshot(owner: &tally_domain::budget::BudgetOwner, version: i64, quotas: Vec<QuotaDecision>) -> DecisionSnapshot {
+    let mut s = snapshot(&owner.ledger_subject(), version, quotas);
+    s.budget = Some(owner.clone());
+    s.tier = if owner.kind == tally_domain::budget::OwnerKind::Tier { owner.name.clone() } else { String::new() };
+    s
+}
+
+fn named(mut q: QuotaDecision, name: &str, metric: Metric, models: Option<&[&str]>) -> QuotaDecision {
+    q.quota = name.into();
+    q.metric = metric;
+    q.models = models.map(|m| m.iter().map(|s| s.to_string()).collect());
+    q
+}
+
+#[tokio::test]
+async fn check_meets_every_budget_and_the_strictest_decides() {
+    use tally_domain::budget::{BudgetOwner, OwnerKind};
+    let e =
+        env_with(AuthSettings { admin: Some(Token::new(ADMIN)), read: None, no_auth: false }, StalePolicy::Open, Some(&budgets_config()))
+            .await;
+    let month_end = Utc::now() + Duration::days(3);
+    let eng = BudgetOwner::new(OwnerKind::Group, "eng");
+    let capped = BudgetOwner::new(OwnerKind::ApiKey, tally_domain::event::hash_api_key("sk-alice-capped"));
+    let pool = BudgetOwner::new(OwnerKind::Tier, "free");
+
+    // No budget has a decision yet: each counts as unused, with its configured limits.
+    let (s, h, a) = e.check(json!({"subject": "alice", "api_key": "sk-alice-capped", "model": "gpt-4o"})).await;
+    assert_eq!((s, a["allowed"].as_bool()), (StatusCode::OK, Some(true)), "{a}");
+    let met: Vec<(&str, &str, &str)> = a["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["kind"].as_str().unwrap(), b["name"].as_str().unwrap(), b["source"].as_str().unwrap()))
+        .collect();
+    assert_eq!(met, [("api_key", capped.name.as_str(), "policy"), ("group", "eng", "policy"), ("tier", "free", "policy")]);
+    assert_eq!(a["budgets"][1]["quota"]["limit"], 1_000_000);
+    assert_eq!(a["quota"]["quota"], "monthly_tokens", "the subject's own 1000 tokens are the smallest share left: {a}");
+    assert!(a["quota"]["budget"].is_null());
+    assert!(h.get("x-tally-budget").is_none(), "absent for the subject's own");
+
+    // The team's month is spent: every member is blocked, the team named as the reason.
+    let spent = named(quota(1_000_000, 1_000_000, Action::Block, month_end), "team_month", Metric::CostMicros, None);
+    e.state.view.offer(budget_snapshot(&eng, 4, vec![spent]));
+    for subject in ["alice", "bob"] {
+        let (_, h, a) = e.check(json!({"subject": subject})).await;
+        assert_eq!((a["allowed"].as_bool(), a["reason"].as_str()), (Some(false), Some("quota_breached")), "{subject}: {a}");
+        assert_eq!(a["quota"]["budget"], json!({"kind": "group", "name": "eng"}), "{a}");
+        assert_eq!(a["quota"]["quota"], "team_month");
+        assert_eq!(h["x-tally-budget"], "group eng");
+        assert_eq!(h["x-ratelimit-limit"], "1000000");
+        assert!(h.contains_key("retry-after"));
+        let team = a["budgets"].as_array().unwrap().iter().find(|b| b["kind"] == "group").unwrap();
+        assert_eq!((team["allowed"].as_bool(), team["version"].as_i64(), team["source"].as_str()), (Some(false), Some(4), Some("view")));
+    }
+    // Carol is no member, unless her request is made for the team.
+    let (_, _, a) = e.check(json!({"subject": "carol"})).await;
+    assert_eq!(a["allowed"], true, "{a}");
+    let (_, _, a) = e.check(json!({"subject": "carol", "groups": ["eng"]})).await;
+    assert_eq!((a["allowed"].as_bool(), a["quota"]["budget"]["name"].as_str()), (Some(false), Some("eng")), "{a}");
+    let (s, _, err) = e.check(json!({"subject": "carol", "groups": ["eng", "ops"]})).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("groups[1]")), "{err}");
+    e.state.view.offer(budget_snapshot(&eng, 5, vec![]));
+
+    // A key over its cap blocks that key only.
+    let key_spent = named(quota(500, 500, Action::Block, month_end), "key_day", Metric::TotalTokens, None);
+    e.state.view.offer(budget_snapshot(&capped, 1, vec![key_spent]));
+    let (_, h, a) = e.check(json!({"api_key": "sk-alice-capped"})).await;
+    assert_eq!((a["subject"].as_str(), a["allowed"].as_bool()), (Some("alice"), Some(false)), "{a}");
+    assert_eq!(a["quota"]["budget"]["kind"], "api_key");
+    assert_eq!(h["x-tally-budget"], format!("api_key {}", capped.name).as_str());
+    let (_, _, a) = e.check(json!({"api_key": "sk-alice-free"})).await;
+    assert_eq!(a["allowed"], true, "alice's other key still passes: {a}");
+
+    // A model over its budget degrades that model only, naming the fallback.
+    let degrade = Action::Degrade { fallback_model: "gpt-4o-mini".into() };
+    let model_spent = named(quota(2000, 2000, degrade, month_end), "free_gpt4o", Metric::TotalTokens, Some(&["gpt-4o"]));
+    e.state.view.offer(budget_snapshot(&pool, 1, vec![model_spent]));
+    let (_, h, a) = e.check(json!({"subject": "dora", "model": "gpt-4o"})).await;
+    assert_eq!(
+        (a["allowed"].as_bool(), a["reason"].as_str(), a["model"].as_str()),
+        (Some(true), Some("degraded"), Some("gpt-4o-mini")),
+        "{a}"
+    );
+    assert_eq!(a["action"]["fallback_model"], "gpt-4o-mini");
+    assert_eq!(a["quota"]["models"], json!(["gpt-4o"]));
+    assert_eq!(h["x-tally-budget"], "tier free");
+    let (_, h, a) = e.check(json!({"subject": "dora", "model": "gpt-4o-mini"})).await;
+    assert_eq!((a["allowed"].as_bool(), a["reason"].as_str(), a["model"].as_str()), (Some(true), Some("ok"), Some("gpt-4o-mini")), "{a}");
+    assert!(h.get("x-tally-budget").is_none(), "{a}");
+    assert!(a["budgets"][0]["quota"].is_null(), "the pool's only quota is for another model: {a}");
+    // A pro subject is not in the free pool.
+    e.state.view.offer(DecisionSnapshot { tier: "pro".into(), ..snapshot("paul", 1, vec![]) });
+    let (_, _, a) = e.check(json!({"subject": "paul", "model": "gpt-4o"})).await;
+    assert_eq!((a["allowed"].as_bool(), a["budgets"].as_array().map(Vec::len)), (Some(true), Some(0)), "{a}");
+    e.done().await;
+}
+
+#[tokio::test]
+async fn before_the_view_caught_up_a_budgets_decision_comes_from_postgres_too() {
+    use tally_domain::budget::{BudgetOwner, OwnerKind};
+    let e = env_with(AuthSettings::default(), StalePolicy::Closed, Some(&budgets_config())).await;
+    let eng = BudgetOwner::new(OwnerKind::Group, "eng");
+    let spent = named(quota(1_000_000, 1_000_000, Action::Block, Utc::now() + Duration::days(3)), "team_month", Metric::CostMicros, None);
+    let stored = budget_snapshot(&eng, 6, vec![spent]);
+    sqlx::query("INSERT INTO decisions (subject, version, snapshot) VALUES ($1, 6, $2)")
+        .bind(eng.ledger_subject())
+        .bind(sqlx::types::Json(&stored))
+        .execute(&e.state.pool)
+        .await
+        .unwrap();
+    let view = Arc::new(DecisionView::default());
+    view.offer(budget_snapshot(&eng, 5, vec![]));
+    let state = AppState::new(Parts {
+        view,
+        pool: e.state.pool.clone(),
+        configs: e.state.configs.clone(),
+        announcer: None,
+        check: CheckSettings { max_staleness: Duration::seconds(10), stale_policy: StalePolicy::Closed },
+        auth: AuthSettings::default(),
+        max_page: 10,
+        broker: None,
+    });
+    let app = tally_api::app(state, None, 4096);
+    let r = app
+        .oneshot(Request::post("/v1/check").header("content-type", "application/json").body(Body::from(r#"{"subject":"bob"}"#)).unwrap())
+        .await
+        .unwrap();
+    let a: Value = serde_json::from_slice(&axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap()).unwrap();
+    assert_eq!(
+        (a["allowed"].as_bool(), a["reason"].as_str(), a["stale"].as_bool()),
+        (Some(false), Some("quota_breached"), Some(false)),
+        "{a}"
+    );
+    let team = &a["budgets"][0];
+    assert_eq!((team["version"].as_i64(), team["source"].as_str()), (Some(6), Some("database")), "the newer, stored decision: {a}");
+    assert_eq!(a["quota"]["budget"]["name"], "eng");
+    e.done().await;
+}
+
+#[tokio::test]
+async fn budget_decisions_and_the_budgets_a_subject_meets() {
+    use tally_domain::budget::{BudgetOwner, OwnerKind};
+    let e =
+        env_with(AuthSettings { admin: Some(Token::new(ADMIN)), read: None, no_auth: false }, StalePolicy::Open, Some(&budgets_config()))
+            .await;
+    let eng = BudgetOwner::new(OwnerKind::Group, "eng");
+    let (s, _, err) = e.send("GET", "/v1/budgets/group/eng/decision", None, None).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::NOT_FOUND, Some("name")), "{err}");
+    assert!(err["error"].as_str().unwrap().contains("group eng"), "{err}");
+    let (s, _, err) = e.send("GET", "/v1/budgets/team/eng/decision", None, None).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("kind")), "{err}");
+    let resets = Utc::now() + Duration::days(3);
+    e.state.view.offer(budget_snapshot(
+        &eng,
+        9,
+        vec![named(quota(10, 100, Action::Block, resets), "team_month", Metric::CostMicros, None)],
+    ));
+    let (s, h, d) = e.send("GET", "/v1/budgets/group/eng/decision", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(h["etag"], "W/\"9\"");
+    assert_eq!(
+        (d["subject"].as_str(), d["budget"]["name"].as_str(), d["source"].as_str()),
+        (Some(eng.ledger_subject().as_str()), Some("eng"), Some("view"))
+    );
+    // An API key's budget by the key's id, as the admin API names keys.
+    let capped = tally_domain::event::hash_api_key("sk-alice-capped");
+    let key = BudgetOwner::new(OwnerKind::ApiKey, capped.clone());
+    e.state.view.offer(budget_snapshot(&key, 2, vec![]));
+    let (s, _, d) = e.send("GET", &format!("/v1/budgets/api_key/{}/decision", tally_api::keys::key_id(&capped)), None, None).await;
+    assert_eq!((s, d["version"].as_i64()), (StatusCode::OK, Some(2)), "{d}");
+
+    let (s, _, b) = e.send("GET", "/v1/subjects/alice/budgets", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b["tier"], "free");
+    let listed: Vec<(&str, Option<i64>)> =
+        b["budgets"].as_array().unwrap().iter().map(|x| (x["kind"].as_str().unwrap(), x["decision"]["version"].as_i64())).collect();
+    assert_eq!(listed, [("api_key", Some(2)), ("group", Some(9)), ("tier", None)], "{b}");
+    assert_eq!(b["budgets"][0]["name"], capped.as_str());
+    let (_, _, b) = e.send("GET", "/v1/subjects/carol/budgets", None, None).await;
+    assert_eq!(b["budgets"].as_array().unwrap().len(), 1, "only the free pool: {b}");
     e.done().await;
 }
