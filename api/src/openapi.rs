@@ -132,7 +132,11 @@ pub fn document() -> Value {
                     "starts_at": {"type": "string", "format": "date-time"}, "expires_at": {"type": "string", "format": "date-time"},
                     "reason": {"type": "string"}, "created_by": {"type": "string"}}},
                 "ApiKeyRequest": {"type": "object", "required": ["tier"], "properties": {
-                    "tier": {"type": "string"}, "subject": {"type": "string"}, "label": {"type": "string"}}}
+                    "tier": {"type": "string"}, "subject": {"type": "string"}, "label": {"type": "string"}}},
+                "Budget": {"type": "object", "required": ["quotas"], "additionalProperties": false, "properties": {
+                    "timezone": {"type": "string", "description": "IANA timezone of calendar periods (default: a tier pool's tier's, else the configuration's)"},
+                    "quotas": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["name", "metric"],
+                        "description": "a quota as in the YAML configuration (rate, or period and limit; scope, models, burst, thresholds, action, fallback_model); limits are taken as written"}}}}
             }
         },
         "paths": {
@@ -185,7 +189,12 @@ pub fn document() -> Value {
                 "post": op("create an API key; the key is in this answer only", admin, &[], Some("ApiKeyRequest"), &created)},
             "/v1/admin/api-keys/{id}": {
                 "get": op("one API key", admin, &["id"], None, &bad),
-                "delete": op("revoke an API key", admin, &["id"], None, &bad)}
+                "delete": op("revoke an API key", admin, &["id"], None, &bad)},
+            "/v1/admin/budgets": {"get": op("list budgets (API keys', groups', tier pools')", admin, &page, None, &bad)},
+            "/v1/admin/budgets/{kind}/{name}": {
+                "get": op("one budget; kind is api_key, group or tier, an API key's name its SHA-256 hex or its id", admin, &["kind", "name"], None, &bad),
+                "put": op("create or replace a budget", admin, &["kind", "name"], Some("Budget"), &bad),
+                "delete": op("delete a budget", admin, &["kind", "name"], None, &bad)}
         }
     });
     for (name, schema) in check_schemas().as_object().into_iter().flatten() {

@@ -62,6 +62,10 @@ pub fn routes() -> Vec<RouteSpec> {
         r("POST", "/v1/admin/api-keys", Admin, post(a::key_create)),
         r("GET", "/v1/admin/api-keys/{id}", Admin, get(a::key_get)),
         r("DELETE", "/v1/admin/api-keys/{id}", Admin, delete(a::key_delete)),
+        r("GET", "/v1/admin/budgets", Admin, get(a::budgets_list)),
+        r("GET", "/v1/admin/budgets/{kind}/{name}", Admin, get(a::budget_get)),
+        r("PUT", "/v1/admin/budgets/{kind}/{name}", Admin, put(a::budget_put)),
+        r("DELETE", "/v1/admin/budgets/{kind}/{name}", Admin, delete(a::budget_delete)),
     ]
 }
 

@@ -1100,3 +1100,118 @@ async fn budget_decisions_and_the_budgets_a_subject_meets() {
     assert_eq!(b["budgets"].as_array().unwrap().len(), 1, "only the free pool: {b}");
     e.done().await;
 }
+
+#[tokio::test]
+async fn admin_budgets_are_edited_through_the_configuration() {
+    let e = env().await;
+    let before = e.versions().await;
+    let month = json!({"name": "team_month", "metric": "cost_micros", "period": "month", "limit": 1_000_000});
+    let cases = [
+        ("/v1/admin/budgets/team/eng", json!({"quotas": [month]}), "kind"),
+        ("/v1/admin/budgets/group/eng", json!({"quotas": []}), "quotas"),
+        ("/v1/admin/budgets/group/eng", json!({}), "quotas"),
+        ("/v1/admin/budgets/group/eng", json!({"quotas": [month], "colour": 1}), "colour"),
+        (
+            "/v1/admin/budgets/group/eng",
+            json!({"quotas": [{"name": "q", "metric": "requests", "period": "month", "limit": -1}]}),
+            "quotas[0].limit",
+        ),
+        (
+            "/v1/admin/budgets/group/eng",
+            json!({"quotas": [{"name": "q", "metric": "requests", "rate": "1/m", "models": []}]}),
+            "quotas[0].models",
+        ),
+        ("/v1/admin/budgets/group/eng", json!({"timezone": "Mars/Base", "quotas": [month]}), "timezone"),
+        ("/v1/admin/budgets/tier/gold", json!({"quotas": [month]}), "name"),
+        ("/v1/admin/budgets/api_key/sk-plaintext", json!({"quotas": [month]}), "name"),
+    ];
+    for (path, body, field) in cases {
+        let (s, err) = e.admin("PUT", path, Some(body.clone())).await;
+        assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some(field)), "{path} {body}: {err}");
+    }
+    assert_eq!(e.versions().await, before, "nothing invalid was written");
+
+    let (s, put) = e.admin("PUT", "/v1/admin/budgets/group/eng", Some(json!({"timezone": "Europe/Berlin", "quotas": [month]}))).await;
+    assert_eq!(s, StatusCode::OK, "{put}");
+    assert_eq!((put["budget"]["kind"].as_str(), put["budget"]["name"].as_str()), (Some("group"), Some("eng")));
+    let doc = e.document().await;
+    assert!(doc.contains("budgets:\n- group: eng\n  timezone: Europe/Berlin\n"), "{doc}");
+    let config = e.state.configs.current();
+    assert!(config.config.knows_group("eng"), "the check sees the new budget at once");
+    // A team without a tier takes members.
+    let (s, _) = e.admin("PUT", "/v1/admin/groups/eng/members/alice", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, m) = e.admin("GET", "/v1/admin/groups/eng/members", None).await;
+    assert_eq!((s, &m["items"]), (StatusCode::OK, &json!([{"subject": "alice"}])));
+
+    // An API key's budget, by the key's id; a tier pool.
+    let (_, created) = e.admin("POST", "/v1/admin/api-keys", Some(json!({"tier": "pro", "subject": "acme"}))).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let sha = tally_domain::event::hash_api_key(created["key"].as_str().unwrap());
+    let cap = json!({"quotas": [{"name": "key_day", "metric": "total_tokens", "period": "day", "limit": 500}]});
+    let (s, put) = e.admin("PUT", &format!("/v1/admin/budgets/api_key/{id}"), Some(cap)).await;
+    assert_eq!(
+        (s, put["budget"]["name"].as_str(), put["budget"]["key_id"].as_str()),
+        (StatusCode::OK, Some(sha.as_str()), Some(id.as_str())),
+        "{put}"
+    );
+    let pool = json!({"quotas": [{"name": "pool", "metric": "total_tokens", "period": "day", "limit": 10000, "models": ["gpt-4o"], "action": "degrade", "fallback_model": "gpt-4o-mini"}]});
+    let (s, _) = e.admin("PUT", "/v1/admin/budgets/tier/pro", Some(pool)).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, l) = e.admin("GET", "/v1/admin/budgets", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let keys: Vec<String> =
+        l["items"].as_array().unwrap().iter().map(|b| format!("{}/{}", b["kind"].as_str().unwrap(), b["name"].as_str().unwrap())).collect();
+    assert_eq!(keys, [format!("api_key/{sha}"), "group/eng".into(), "tier/pro".into()]);
+    let (_, p1) = e.admin("GET", "/v1/admin/budgets?limit=1", None).await;
+    assert_eq!(p1["next_cursor"], format!("api_key/{sha}").as_str());
+    let (s, g) = e.admin("GET", &format!("/v1/admin/budgets/api_key/{}", sha.to_ascii_uppercase()), None).await;
+    assert_eq!((s, g["quotas"][0]["limit"].as_i64()), (StatusCode::OK, Some(500)), "{g}");
+    let (s, g) = e.admin("GET", "/v1/admin/budgets/tier/pro", None).await;
+    assert_eq!((s, g["quotas"][0]["models"].clone()), (StatusCode::OK, json!(["gpt-4o"])));
+
+    // Replacing keeps one budget per owner.
+    let (s, _) = e.admin("PUT", "/v1/admin/budgets/tier/pro", Some(json!({"quotas": [month]}))).await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, g) = e.admin("GET", "/v1/admin/budgets/tier/pro", None).await;
+    assert_eq!(g["quotas"][0]["name"], "team_month");
+    assert_eq!(e.state.configs.current().config.budgets.len(), 3);
+
+    // The team's budget cannot go while it has members and no tier; then it can.
+    let (s, err) = e.admin("DELETE", "/v1/admin/budgets/group/eng", None).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{err}");
+    assert!(err["field"].as_str().unwrap().starts_with("members.alice"), "{err}");
+    let (s, _) = e.admin("DELETE", "/v1/admin/groups/eng/members/alice", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, d) = e.admin("DELETE", "/v1/admin/budgets/group/eng", None).await;
+    assert_eq!((s, d["deleted"].as_str()), (StatusCode::OK, Some("group eng")), "{d}");
+    for (method, path) in [
+        ("GET", "/v1/admin/budgets/group/eng"),
+        ("DELETE", "/v1/admin/budgets/group/eng"),
+        ("GET", "/v1/admin/budgets/api_key/key_0000000000000000"),
+    ] {
+        let (s, err) = e.admin(method, path, None).await;
+        assert_eq!((s, err["field"].as_str()), (StatusCode::NOT_FOUND, Some("name")), "{method} {path}: {err}");
+    }
+    let (s, err) = e.admin("GET", "/v1/admin/budgets/org/eng", None).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("kind")));
+    e.done().await;
+}
+
+#[tokio::test]
+async fn deleting_a_groups_tier_keeps_the_members_of_a_team_with_a_budget() {
+    let e = env().await;
+    let (s, _) = e.admin("PUT", "/v1/admin/groups/eng", Some(json!({"tier": "pro"}))).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = e.admin("PUT", "/v1/admin/groups/eng/members/alice", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let quotas = json!({"quotas": [{"name": "team_month", "metric": "cost_micros", "period": "month", "limit": 5}]});
+    let (s, _) = e.admin("PUT", "/v1/admin/budgets/group/eng", Some(quotas)).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, d) = e.admin("DELETE", "/v1/admin/groups/eng", None).await;
+    assert_eq!((s, &d["members_removed"]), (StatusCode::OK, &json!([])), "{d}");
+    let config = e.state.configs.current();
+    assert_eq!(config.config.members["alice"], ["eng"], "alice is still on the team");
+    assert!(config.config.groups.is_empty());
+    e.done().await;
+}
