@@ -1,4 +1,4 @@
-//! The admin API: tiers, groups and members, assignments, overrides and API keys.
+//! The admin API: tiers, groups and members, assignments, overrides, API keys and budgets.
 //!
 //! Contract:
 //! - Every change goes through [`crate::configs::Editor::edit`]: one change to the latest
@@ -20,6 +20,13 @@
 //! - API keys are generated here and returned once; the configuration keeps their SHA-256.
 //!   Revoking removes the key from the configuration (checks refuse it from the next
 //!   version on) and records `revoked_at` in `api_key_usage`.
+//! - A group is a group of the configuration when it is mapped to a tier (`groups`) or has a
+//!   budget; members may be added to either. Deleting a group's tier mapping removes its
+//!   memberships only when no budget keeps the group.
+//! - Budgets are named by owner kind (`api_key`, `group`, `tier`; another is a 400 naming
+//!   `kind`) and name ([`crate::budgets`]: an API key's by the SHA-256 hex of the key or the
+//!   key's id). `PUT` takes `{"timezone"?, "quotas": [...]}` (quotas as the configuration
+//!   writes them) and creates or replaces the owner's one budget; a tier pool needs the tier.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -35,10 +42,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json_;
 use sha2::{Digest, Sha256};
 use tally_common::config_store;
-use tally_domain::config::{ApiKeyEntry, AssignmentEntry, ConfigDocument, OverrideEntry, TierEntry};
+use tally_domain::budget::{BudgetOwner, OwnerKind};
+use tally_domain::config::{ApiKeyEntry, AssignmentEntry, BudgetEntry, ConfigDocument, OverrideEntry, QuotaEntry, TierEntry};
 use tally_domain::event::hash_api_key;
 use tally_domain::rate::Rate;
 
+use crate::budgets::{owner_kind, owner_of};
 use crate::configs::read_document;
 use crate::error::{AppError, JsonBody};
 use crate::keys;
@@ -274,6 +283,12 @@ fn no_group(group: &str) -> AppError {
     AppError::not_found("group", format!("no group named {group:?}"))
 }
 
+/// Whether `group` is a group of `document`: one mapped to a tier or one with a budget.
+fn knows_group(document: &ConfigDocument, group: &str) -> bool {
+    let owner = BudgetOwner::new(OwnerKind::Group, group);
+    document.groups.contains_key(group) || budget_index(document, &owner).is_some()
+}
+
 /// The subjects whose groups include `group`.
 fn members_of<'a>(document: &'a ConfigDocument, group: &'a str) -> impl Iterator<Item = &'a String> + 'a {
     document.members.iter().filter(move |(_, groups)| groups.iter().any(|g| g == group)).map(|(subject, _)| subject)
@@ -329,6 +344,10 @@ pub async fn group_delete(State(state): State<Arc<AppState>>, Path(group): Path<
             if document.groups.shift_remove(&group).is_none() {
                 return Err(no_group(&group));
             }
+            // A group with a budget stays a group (a team), members and all.
+            if knows_group(document, &group) {
+                return Ok(Vec::new());
+            }
             // Its memberships go with it, and a subject left in no group is no member.
             let mut removed: Vec<String> = members_of(document, &group).cloned().collect();
             for groups in document.members.values_mut() {
@@ -345,7 +364,7 @@ pub async fn group_delete(State(state): State<Arc<AppState>>, Path(group): Path<
 pub async fn members_list(State(state): State<Arc<AppState>>, Path(group): Path<String>, q: Q) -> Answer {
     let p = params(q)?;
     let document = latest(&state).await?;
-    if !document.groups.contains_key(&group) {
+    if !knows_group(&document, &group) {
         return Err(no_group(&group));
     }
     let items = members_of(&document, &group).map(|s| Keyed::new(s.clone(), Member { subject: s.clone() })).collect();
@@ -358,7 +377,7 @@ pub async fn member_put(State(state): State<Arc<AppState>>, Path((group, subject
     let edited = state
         .editor
         .edit("admin api: add member", &prefix, |document| {
-            if !document.groups.contains_key(&group) {
+            if !knows_group(document, &group) {
                 return Err(no_group(&group));
             }
             let groups = document.members.entry(subject.clone()).or_default();
@@ -672,6 +691,122 @@ pub async fn override_delete(State(state): State<Arc<AppState>>, Path(id): Path<
         })
         .await?;
     answer(StatusCode::OK, Deleted { deleted: id, version: edited.version })
+}
+
+// ---- budgets ----
+
+/// A budget as the admin API shows it.
+#[derive(Serialize)]
+struct BudgetShown {
+    kind: OwnerKind,
+    /// A group's or a tier's name, or the SHA-256 hex of an API key.
+    name: String,
+    /// For an API key's budget: the key's id, as the key routes name it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timezone: Option<String>,
+    quotas: Vec<QuotaEntry>,
+}
+
+impl BudgetShown {
+    fn new(owner: BudgetOwner, entry: BudgetEntry) -> BudgetShown {
+        let key_id = (owner.kind == OwnerKind::ApiKey).then(|| keys::key_id(&owner.name));
+        BudgetShown { kind: owner.kind, name: owner.name, key_id, timezone: entry.timezone, quotas: entry.quotas }
+    }
+}
+
+#[derive(Serialize)]
+struct BudgetChanged {
+    budget: BudgetShown,
+    version: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetBody {
+    /// Calendar periods' timezone (default: a tier pool's tier's, else the configuration's).
+    timezone: Option<String>,
+    quotas: Vec<QuotaEntry>,
+}
+
+/// The budget of `owner` in `document`, by position.
+fn budget_index(document: &ConfigDocument, owner: &BudgetOwner) -> Option<usize> {
+    document.budgets.iter().position(|b| b.owner().as_ref() == Some(owner))
+}
+
+/// The owner named by a path, against `document`'s keys (an API key may be named by its id).
+fn budget_owner(document: &ConfigDocument, kind: OwnerKind, name: &str) -> Result<BudgetOwner, AppError> {
+    let hashes: Vec<String> = document.api_keys.iter().map(normalized_sha).collect();
+    owner_of(kind, name, hashes.iter().map(String::as_str))
+}
+
+fn no_budget(owner: &BudgetOwner) -> AppError {
+    AppError::not_found("name", format!("no budget for {owner}"))
+}
+
+pub async fn budgets_list(State(state): State<Arc<AppState>>, q: Q) -> Answer {
+    let p = params(q)?;
+    let document = latest(&state).await?;
+    // Keyed by `kind/name`, which validation keeps distinct.
+    let budgets: BTreeMap<String, BudgetShown> = document
+        .budgets
+        .into_iter()
+        .filter_map(|b| b.owner().map(|owner| (format!("{}/{}", owner.kind, owner.name), BudgetShown::new(owner, b))))
+        .collect();
+    page(budgets.into_iter().map(|(key, b)| Keyed::new(key, b)).collect(), &p, state.max_page)
+}
+
+pub async fn budget_get(State(state): State<Arc<AppState>>, Path((kind, name)): Path<(String, String)>) -> Answer {
+    let kind = owner_kind(&kind)?;
+    let mut document = latest(&state).await?;
+    let owner = budget_owner(&document, kind, &name)?;
+    match budget_index(&document, &owner) {
+        Some(i) => answer(StatusCode::OK, BudgetShown::new(owner, document.budgets.swap_remove(i))),
+        None => Err(no_budget(&owner)),
+    }
+}
+
+pub async fn budget_put(
+    State(state): State<Arc<AppState>>,
+    Path((kind, name)): Path<(String, String)>,
+    JsonBody(body): JsonBody<BudgetBody>,
+) -> Answer {
+    let kind = owner_kind(&kind)?;
+    if body.quotas.is_empty() {
+        return Err(AppError::bad("quotas", "must list at least one quota"));
+    }
+    let edited = state
+        .editor
+        .edit("admin api: put budget", "budgets", |document| {
+            let owner = budget_owner(document, kind, &name)?;
+            if kind == OwnerKind::Tier && document.tier(&owner.name).is_none() {
+                return Err(AppError::bad("name", format!("no tier named {:?}", owner.name)));
+            }
+            let mut entry = BudgetEntry::for_owner(&owner, body.quotas.clone());
+            entry.timezone = body.timezone.clone();
+            match budget_index(document, &owner) {
+                Some(i) => document.budgets[i] = entry.clone(),
+                None => document.budgets.push(entry.clone()),
+            }
+            Ok(BudgetShown::new(owner, entry))
+        })
+        .await?;
+    answer(StatusCode::OK, BudgetChanged { budget: edited.value, version: edited.version })
+}
+
+pub async fn budget_delete(State(state): State<Arc<AppState>>, Path((kind, name)): Path<(String, String)>) -> Answer {
+    let kind = owner_kind(&kind)?;
+    let edited = state
+        .editor
+        .edit("admin api: delete budget", "budgets", |document| {
+            let owner = budget_owner(document, kind, &name)?;
+            let i = budget_index(document, &owner).ok_or_else(|| no_budget(&owner))?;
+            document.budgets.remove(i);
+            Ok(owner)
+        })
+        .await?;
+    answer(StatusCode::OK, Deleted { deleted: edited.value.to_string(), version: edited.version })
 }
 
 // ---- API keys ----

@@ -8,7 +8,9 @@
 //!   the version and answers 304 to a matching `If-None-Match`.
 //! - `POST /v1/check` ([`check`]) answers from the view and the cached configuration with no
 //!   database round trip while the view is fresh; a staleness bound and a fail-open or
-//!   fail-closed policy apply when it is not, and the answer says so.
+//!   fail-closed policy apply when it is not, and the answer says so. Every budget the
+//!   request meets (its API key's, its groups', its tier's pool) must pass too; their
+//!   decisions are in the view under their budget subjects ([`budgets`] reads them).
 //! - The admin API ([`admin`]) edits the tier configuration in Postgres, the same versioned
 //!   documents `tally config apply` writes, and announces each version on the control topic.
 //! - Ledgers are read from Postgres; the API never writes them.
@@ -24,6 +26,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod budgets;
 pub mod check;
 pub mod configs;
 pub mod error;

@@ -41,6 +41,12 @@ fn op(summary: &str, security: Option<&str>, params: &[&str], body: Option<&str>
     o
 }
 
+/// Gives an operation's 200 answer the schema `schema`.
+fn with_answer(mut op: Value, schema: &str) -> Value {
+    op["responses"]["200"]["content"]["application/json"]["schema"] = json!({"$ref": format!("#/components/schemas/{schema}")});
+    op
+}
+
 /// Adds what every `/v1/` operation can answer: 503 when a dependency is down.
 fn with_unavailable(mut doc: Value) -> Value {
     let answer = json!({"description": "a dependency (Postgres, ClickHouse or the broker) is unavailable",
@@ -56,6 +62,37 @@ fn with_unavailable(mut doc: Value) -> Value {
     doc
 }
 
+/// The schemas of the check's answer (apart, to keep each `json!` within the macro's
+/// recursion limit).
+fn check_schemas() -> Value {
+    json!({
+        "BudgetOwner": {"type": "object", "required": ["kind", "name"], "properties": {
+            "kind": {"type": "string", "enum": ["api_key", "group", "tier"]},
+            "name": {"type": "string", "description": "a group's or a tier's name, or the SHA-256 hex of an API key"}}},
+        "QuotaLine": {"type": "object", "properties": {
+            "quota": {"type": "string"}, "metric": {"type": "string"}, "scope": {"type": "string", "nullable": true},
+            "models": {"type": "array", "items": {"type": "string"}}, "used": {"type": "integer"}, "limit": {"type": "integer"},
+            "remaining": {"type": "integer"}, "resets_at": {"type": "string", "format": "date-time"},
+            "budget": {"allOf": [{"$ref": "#/components/schemas/BudgetOwner"}], "nullable": true,
+                "description": "the budget the quota belongs to; null for the subject's own"}}},
+        "CheckAnswer": {"type": "object", "description": "X-RateLimit-* and Retry-After describe `quota`; X-Tally-Budget names its budget (absent for the subject's own)", "properties": {
+            "allowed": {"type": "boolean"}, "subject": {"type": "string"}, "tier": {"type": "string"},
+            "action": {"type": "object", "nullable": true}, "model": {"type": "string"}, "reason": {"type": "string"},
+            "quota": {"allOf": [{"$ref": "#/components/schemas/QuotaLine"}], "nullable": true,
+                "description": "the deciding quota over the subject's and every budget's: the strictest against the request, else the smallest share left"},
+            "retry_at": {"type": "string", "format": "date-time"}, "retry_after_seconds": {"type": "integer"},
+            "version": {"type": "integer"}, "decision_age_ms": {"type": "integer", "nullable": true},
+            "source": {"type": "string", "enum": ["view", "database", "policy"]},
+            "budgets": {"type": "array", "description": "every budget the request meets, with what it alone says", "items": {"type": "object", "properties": {
+                "kind": {"type": "string"}, "name": {"type": "string"}, "allowed": {"type": "boolean"},
+                "action": {"type": "object", "nullable": true}, "reason": {"type": "string"},
+                "quota": {"allOf": [{"$ref": "#/components/schemas/QuotaLine"}], "nullable": true},
+                "version": {"type": "integer"}, "decision_age_ms": {"type": "integer", "nullable": true},
+                "source": {"type": "string", "enum": ["view", "database", "policy"]}}}},
+            "stale": {"type": "boolean"}, "staleness_ms": {"type": "integer", "nullable": true}, "stale_policy": {"type": "string"}}}
+    })
+}
+
 /// The document. Besides each operation's statuses, every path answers an unlisted method
 /// with 405 (and `Allow`), and an unknown path is a 404, both with the `Error` body.
 pub fn document() -> Value {
@@ -65,7 +102,7 @@ pub fn document() -> Value {
     let ok = [("200", "ok")];
     let bad = [("200", "ok"), ("400", "bad input"), ("404", "not found"), ("409", "conflicts with the configuration")];
     let created = [("201", "created"), ("400", "bad input"), ("409", "conflicts with the configuration")];
-    with_unavailable(json!({
+    let mut doc = json!({
         "openapi": "3.0.3",
         "info": {"title": "Tally API", "version": env!("CARGO_PKG_VERSION"),
                  "description": "Quota checks, decisions, usage, history and the admin API of Tally. Every refusal is JSON {\"error\", \"field\"}: a body field that is wrong is named by its path (400); an unknown path is a 404 (field `path`), a method a path does not take a 405 (field `method`, with `Allow`). Request bodies may be sent with Content-Encoding gzip, deflate or br."},
@@ -80,7 +117,10 @@ pub fn document() -> Value {
                     "field": {"type": "string", "description": "what was wrong: a body field by its path (`quotas[0].limit`), `body`, a parameter, a header (`authorization`, `content-type`, `content-encoding`), `path` or `method`"}}},
                 "CheckRequest": {"type": "object", "additionalProperties": false, "properties": {
                     "subject": {"type": "string"}, "api_key": {"type": "string"}, "scope": {"type": "string"},
-                    "model": {"type": "string"}, "estimated_tokens": {"type": "integer", "minimum": 0},
+                    "model": {"type": "string", "description": "quotas narrowed to models apply only to a request naming one of them"},
+                    "groups": {"type": "array", "maxItems": 64, "items": {"type": "string"},
+                        "description": "groups the request is made for, beside the subject's configured ones; their budgets apply too. An unknown group is a 400 naming groups[i]"},
+                    "estimated_tokens": {"type": "integer", "minimum": 0},
                     "estimated_cost_micros": {"type": "integer", "minimum": 0}}},
                 "Tier": {"type": "object", "required": ["name"], "description": "a tier as in the YAML configuration (domain/src/config.rs)"},
                 "Group": {"type": "object", "required": ["tier"], "properties": {"tier": {"type": "string"}}},
@@ -92,7 +132,11 @@ pub fn document() -> Value {
                     "starts_at": {"type": "string", "format": "date-time"}, "expires_at": {"type": "string", "format": "date-time"},
                     "reason": {"type": "string"}, "created_by": {"type": "string"}}},
                 "ApiKeyRequest": {"type": "object", "required": ["tier"], "properties": {
-                    "tier": {"type": "string"}, "subject": {"type": "string"}, "label": {"type": "string"}}}
+                    "tier": {"type": "string"}, "subject": {"type": "string"}, "label": {"type": "string"}}},
+                "Budget": {"type": "object", "required": ["quotas"], "additionalProperties": false, "properties": {
+                    "timezone": {"type": "string", "description": "IANA timezone of calendar periods (default: a tier pool's tier's, else the configuration's)"},
+                    "quotas": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["name", "metric"],
+                        "description": "a quota as in the YAML configuration (rate, or period and limit; scope, models, burst, thresholds, action, fallback_model); limits are taken as written"}}}}
             }
         },
         "paths": {
@@ -100,10 +144,13 @@ pub fn document() -> Value {
             "/readyz": {"get": op("readiness: Postgres, broker, Kafka clients connected, decision view caught up", None, &[], None, &[("200", "ready"), ("503", "not ready")])},
             "/metrics": {"get": op("Prometheus metrics", None, &[], None, &ok)},
             "/openapi.json": {"get": op("this document", None, &[], None, &ok)},
-            "/v1/check": {"post": op("may this subject make this request now? (X-RateLimit-*, Retry-After headers)", read, &[], Some("CheckRequest"),
-                &[("200", "the answer, allowed or not"), ("400", "bad input"), ("403", "unknown or revoked API key")])},
+            "/v1/check": {"post": with_answer(op("may this subject make this request now? Every budget it meets must pass too (X-RateLimit-*, Retry-After, X-Tally-Budget headers)", read, &[], Some("CheckRequest"),
+                &[("200", "the answer, allowed or not"), ("400", "bad input"), ("403", "unknown or revoked API key")]), "CheckAnswer")},
             "/v1/subjects/{subject}/decision": {"get": op("the latest decision snapshot (ETag / If-None-Match)", read, &["subject"], None,
                 &[("200", "the snapshot"), ("304", "not modified"), ("404", "no decision yet")])},
+            "/v1/subjects/{subject}/budgets": {"get": op("every budget the subject's requests meet by configuration (bound API keys', groups', its tier's pool), each with its decision or null", read, &["subject"], None, &ok)},
+            "/v1/budgets/{kind}/{name}/decision": {"get": op("a budget's latest decision snapshot (ETag / If-None-Match); an API key's budget is named by the key's SHA-256 hex or its id", read, &["kind", "name"], None,
+                &[("200", "the snapshot"), ("304", "not modified"), ("400", "bad kind or name"), ("404", "no decision yet")])},
             "/v1/subjects/{subject}/usage": {"get": op("ledger rows", read, &["subject", "?limit"], None, &[("200", "ok"), ("400", "bad input")])},
             "/v1/subjects/{subject}/history": {"get": op("usage history of one subject", read, &["subject", "?metric", "?from", "?to", "?granularity", "?tz", "?scope", "?model", "?api_key_sha256", "?budget", "?group_by", "?limit"], None, &[("200", "ok"), ("400", "bad input")])},
             "/v1/history/series": {"get": op("usage history series", read, &["?metric", "?from", "?to", "?granularity", "?tz", "?subject", "?scope", "?model", "?api_key_sha256", "?budget", "?group_by", "?limit"], None, &[("200", "ok"), ("400", "bad input")])},
@@ -142,9 +189,18 @@ pub fn document() -> Value {
                 "post": op("create an API key; the key is in this answer only", admin, &[], Some("ApiKeyRequest"), &created)},
             "/v1/admin/api-keys/{id}": {
                 "get": op("one API key", admin, &["id"], None, &bad),
-                "delete": op("revoke an API key", admin, &["id"], None, &bad)}
+                "delete": op("revoke an API key", admin, &["id"], None, &bad)},
+            "/v1/admin/budgets": {"get": op("list budgets (API keys', groups', tier pools')", admin, &page, None, &bad)},
+            "/v1/admin/budgets/{kind}/{name}": {
+                "get": op("one budget; kind is api_key, group or tier, an API key's name its SHA-256 hex or its id", admin, &["kind", "name"], None, &bad),
+                "put": op("create or replace a budget", admin, &["kind", "name"], Some("Budget"), &bad),
+                "delete": op("delete a budget", admin, &["kind", "name"], None, &bad)}
         }
-    }))
+    });
+    for (name, schema) in check_schemas().as_object().into_iter().flatten() {
+        doc["components"]["schemas"][name] = schema.clone();
+    }
+    with_unavailable(doc)
 }
 
 pub async fn serve() -> Json<Value> {

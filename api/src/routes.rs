@@ -9,7 +9,7 @@ use axum::Router;
 
 use crate::auth::{guard, Role};
 use crate::state::AppState;
-use crate::{admin, check, openapi, probes, subjects};
+use crate::{admin, budgets, check, openapi, probes, subjects};
 
 /// One route: method, path (axum syntax), role and handler.
 pub struct RouteSpec {
@@ -35,6 +35,8 @@ pub fn routes() -> Vec<RouteSpec> {
         r("POST", "/v1/check", Read, post(check::check)),
         r("GET", "/v1/subjects/{subject}/decision", Read, get(subjects::decision)),
         r("GET", "/v1/subjects/{subject}/usage", Read, get(subjects::usage)),
+        r("GET", "/v1/subjects/{subject}/budgets", Read, get(budgets::subject_budgets)),
+        r("GET", "/v1/budgets/{kind}/{name}/decision", Read, get(budgets::decision)),
         r("GET", "/v1/admin/config", Admin, get(a::config_show)),
         r("GET", "/v1/admin/tiers", Admin, get(a::tiers_list)),
         r("POST", "/v1/admin/tiers", Admin, post(a::tier_create)),
@@ -60,6 +62,10 @@ pub fn routes() -> Vec<RouteSpec> {
         r("POST", "/v1/admin/api-keys", Admin, post(a::key_create)),
         r("GET", "/v1/admin/api-keys/{id}", Admin, get(a::key_get)),
         r("DELETE", "/v1/admin/api-keys/{id}", Admin, delete(a::key_delete)),
+        r("GET", "/v1/admin/budgets", Admin, get(a::budgets_list)),
+        r("GET", "/v1/admin/budgets/{kind}/{name}", Admin, get(a::budget_get)),
+        r("PUT", "/v1/admin/budgets/{kind}/{name}", Admin, put(a::budget_put)),
+        r("DELETE", "/v1/admin/budgets/{kind}/{name}", Admin, delete(a::budget_delete)),
     ]
 }
 

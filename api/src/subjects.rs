@@ -15,14 +15,15 @@ use crate::error::AppError;
 use crate::paging::page_limit;
 use crate::state::AppState;
 
+/// A decision snapshot as the API answers it: the snapshot with its age and source.
 #[derive(Serialize)]
-struct DecisionAnswer<'a> {
+pub(crate) struct DecisionAnswer<'a> {
     #[serde(flatten)]
-    snapshot: &'a DecisionSnapshot,
+    pub snapshot: &'a DecisionSnapshot,
     /// Milliseconds between the snapshot's calculation and this answer.
-    age_ms: i64,
+    pub age_ms: i64,
     /// `view` (the in-memory view) or `database` (the Postgres fallback).
-    source: &'static str,
+    pub source: &'static str,
 }
 
 /// The stored decision of `subject` in Postgres.
@@ -37,13 +38,25 @@ pub(crate) async fn stored_decision(state: &AppState, subject: &str) -> Result<O
 }
 
 /// A subject's latest decision and where it came from.
-struct FoundDecision {
-    snapshot: Arc<DecisionSnapshot>,
+pub(crate) struct FoundDecision {
+    pub snapshot: Arc<DecisionSnapshot>,
     /// `view` or `database`.
-    source: &'static str,
+    pub source: &'static str,
 }
 
-async fn latest_decision(state: &AppState, subject: &str) -> Result<Option<FoundDecision>, sqlx::Error> {
+impl FoundDecision {
+    pub fn answer(&self, now: DateTime<Utc>) -> DecisionAnswer<'_> {
+        DecisionAnswer {
+            snapshot: &self.snapshot,
+            age_ms: (now - self.snapshot.calculated_at).num_milliseconds().max(0),
+            source: self.source,
+        }
+    }
+}
+
+/// The latest decision of `subject` (a subject or a budget subject): the view's, else the
+/// one stored in Postgres.
+pub(crate) async fn latest_decision(state: &AppState, subject: &str) -> Result<Option<FoundDecision>, sqlx::Error> {
     if let Some(snapshot) = state.view.get(subject) {
         state.metrics.decisions_from_view.inc();
         return Ok(Some(FoundDecision { snapshot, source: "view" }));
@@ -60,20 +73,28 @@ fn none_match(header: &str, etag: &str) -> bool {
 /// `GET /v1/subjects/{subject}/decision`, with a weak ETag of the snapshot's version: the
 /// body's `age_ms` changes with time, the decision only with a new version.
 pub async fn decision(State(state): State<Arc<AppState>>, Path(subject): Path<String>, headers: HeaderMap) -> Result<Response, AppError> {
-    let Some(FoundDecision { snapshot, source }) = latest_decision(&state, &subject).await? else {
-        return Err(AppError::not_found("subject", format!("no decision for subject {subject:?} yet")));
+    let missing = || AppError::not_found("subject", format!("no decision for subject {subject:?} yet"));
+    decision_response(&state, &subject, &headers, missing).await
+}
+
+/// The latest decision of `subject` (a subject or a budget subject) with its weak ETag, or
+/// 304 for a matching `If-None-Match`, or `missing()` when it has none.
+pub(crate) async fn decision_response(
+    state: &AppState,
+    subject: &str,
+    headers: &HeaderMap,
+    missing: impl FnOnce() -> AppError,
+) -> Result<Response, AppError> {
+    let Some(found) = latest_decision(state, subject).await? else {
+        return Err(missing());
     };
-    let etag = format!("W/\"{}\"", snapshot.version);
+    let etag = format!("W/\"{}\"", found.snapshot.version);
     let etag_value = HeaderValue::from_str(&etag).map_err(|e| AppError::unavailable("encoder", e))?;
     let inm = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok());
     if inm.is_some_and(|h| none_match(h, &etag)) {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response());
     }
-    let age_ms = (Utc::now() - snapshot.calculated_at).num_milliseconds().max(0);
-    Ok((
-        [(header::ETAG, etag_value), (header::CACHE_CONTROL, HeaderValue::from_static("no-cache"))],
-        Json(DecisionAnswer { snapshot: &snapshot, age_ms, source }),
-    )
+    Ok(([(header::ETAG, etag_value), (header::CACHE_CONTROL, HeaderValue::from_static("no-cache"))], Json(found.answer(Utc::now())))
         .into_response())
 }
 

@@ -159,7 +159,7 @@ fn snapshot(subject: &str, version: i64, quotas: Vec<QuotaDecision>) -> Decision
 // ---- OpenAPI and access ----
 
 fn concrete(path: &str) -> String {
-    path.replace("{subject}", "alice").replace("{name}", "free").replace("{group}", "g").replace("{id}", "x")
+    path.replace("{subject}", "alice").replace("{name}", "free").replace("{group}", "g").replace("{id}", "x").replace("{kind}", "group")
 }
 
 #[tokio::test]
@@ -392,6 +392,9 @@ async fn check_input_errors_name_the_field() {
     let cases = [
         (json!({}), StatusCode::BAD_REQUEST, "subject"),
         (json!({"subject": ""}), StatusCode::BAD_REQUEST, "subject"),
+        (json!({"subject": "__tally_budget__/group/eng"}), StatusCode::BAD_REQUEST, "subject"),
+        (json!({"subject": "a", "groups": "eng"}), StatusCode::BAD_REQUEST, "groups"),
+        (json!({"subject": "a", "groups": ["nobody"]}), StatusCode::BAD_REQUEST, "groups[0]"),
         (json!({"subject": "a", "estimated_tokens": -1}), StatusCode::BAD_REQUEST, "estimated_tokens"),
         (json!({"subject": "a", "estimated_cost_micros": -1}), StatusCode::BAD_REQUEST, "estimated_cost_micros"),
         (json!({"subject": "a", "scope": "x".repeat(300)}), StatusCode::BAD_REQUEST, "scope"),
@@ -888,5 +891,327 @@ async fn before_the_view_caught_up_the_newer_of_view_and_database_answers() {
     let a: Value = serde_json::from_slice(&axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap()).unwrap();
     assert_eq!((a["allowed"].as_bool(), a["version"].as_i64(), a["source"].as_str()), (Some(false), Some(3), Some("database")), "{a}");
     assert_eq!(a["stale"], false);
+    e.done().await;
+}
+
+// ---- budgets ----
+
+/// Alice and bob are on team eng (a budget-only group); every free subject shares the free
+/// pool, whose gpt-4o quota degrades; alice's two keys are bound to her, one with a cap.
+fn budgets_config() -> String {
+    let (capped, free_key) = (tally_domain::event::hash_api_key("sk-alice-capped"), tally_domain::event::hash_api_key("sk-alice-free"));
+    format!(
+        "{TIERS}members: {{alice: [eng], bob: [eng]}}
+api_keys:
+  - {{key_sha256: {capped}, tier: free, subject: alice}}
+  - {{key_sha256: {free_key}, tier: free, subject: alice}}
+budgets:
+  - group: eng
+    quotas: [{{name: team_month, metric: cost_micros, period: month, limit: 1000000}}]
+  - api_key: {capped}
+    quotas: [{{name: key_day, metric: total_tokens, period: day, limit: 500}}]
+  - tier: free
+    timezone: Europe/Paris
+    quotas:
+      - {{name: free_gpt4o, metric: total_tokens, period: day, limit: 2000, models: [gpt-4o], action: degrade, fallback_model: gpt-4o-mini}}
+"
+    )
+}
+
+fn budget_snapshot(owner: &tally_domain::budget::BudgetOwner, version: i64, quotas: Vec<QuotaDecision>) -> DecisionSnapshot {
+    let mut s = snapshot(&owner.ledger_subject(), version, quotas);
+    s.budget = Some(owner.clone());
+    s.tier = if owner.kind == tally_domain::budget::OwnerKind::Tier { owner.name.clone() } else { String::new() };
+    s
+}
+
+fn named(mut q: QuotaDecision, name: &str, metric: Metric, models: Option<&[&str]>) -> QuotaDecision {
+    q.quota = name.into();
+    q.metric = metric;
+    q.models = models.map(|m| m.iter().map(|s| s.to_string()).collect());
+    q
+}
+
+#[tokio::test]
+async fn check_meets_every_budget_and_the_strictest_decides() {
+    use tally_domain::budget::{BudgetOwner, OwnerKind};
+    let e =
+        env_with(AuthSettings { admin: Some(Token::new(ADMIN)), read: None, no_auth: false }, StalePolicy::Open, Some(&budgets_config()))
+            .await;
+    let month_end = Utc::now() + Duration::days(3);
+    let eng = BudgetOwner::new(OwnerKind::Group, "eng");
+    let capped = BudgetOwner::new(OwnerKind::ApiKey, tally_domain::event::hash_api_key("sk-alice-capped"));
+    let pool = BudgetOwner::new(OwnerKind::Tier, "free");
+
+    // No budget has a decision yet: each counts as unused, with its configured limits.
+    let (s, h, a) = e.check(json!({"subject": "alice", "api_key": "sk-alice-capped", "model": "gpt-4o"})).await;
+    assert_eq!((s, a["allowed"].as_bool()), (StatusCode::OK, Some(true)), "{a}");
+    let met: Vec<(&str, &str, &str)> = a["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["kind"].as_str().unwrap(), b["name"].as_str().unwrap(), b["source"].as_str().unwrap()))
+        .collect();
+    assert_eq!(met, [("api_key", capped.name.as_str(), "policy"), ("group", "eng", "policy"), ("tier", "free", "policy")]);
+    assert_eq!(a["budgets"][1]["quota"]["limit"], 1_000_000);
+    assert_eq!(a["quota"]["quota"], "monthly_tokens", "the subject's own 1000 tokens are the smallest share left: {a}");
+    assert!(a["quota"]["budget"].is_null());
+    assert!(h.get("x-tally-budget").is_none(), "absent for the subject's own");
+
+    // The team's month is spent: every member is blocked, the team named as the reason.
+    let spent = named(quota(1_000_000, 1_000_000, Action::Block, month_end), "team_month", Metric::CostMicros, None);
+    e.state.view.offer(budget_snapshot(&eng, 4, vec![spent]));
+    for subject in ["alice", "bob"] {
+        let (_, h, a) = e.check(json!({"subject": subject})).await;
+        assert_eq!((a["allowed"].as_bool(), a["reason"].as_str()), (Some(false), Some("quota_breached")), "{subject}: {a}");
+        assert_eq!(a["quota"]["budget"], json!({"kind": "group", "name": "eng"}), "{a}");
+        assert_eq!(a["quota"]["quota"], "team_month");
+        assert_eq!(h["x-tally-budget"], "group eng");
+        assert_eq!(h["x-ratelimit-limit"], "1000000");
+        assert!(h.contains_key("retry-after"));
+        let team = a["budgets"].as_array().unwrap().iter().find(|b| b["kind"] == "group").unwrap();
+        assert_eq!((team["allowed"].as_bool(), team["version"].as_i64(), team["source"].as_str()), (Some(false), Some(4), Some("view")));
+    }
+    // Carol is no member, unless her request is made for the team.
+    let (_, _, a) = e.check(json!({"subject": "carol"})).await;
+    assert_eq!(a["allowed"], true, "{a}");
+    let (_, _, a) = e.check(json!({"subject": "carol", "groups": ["eng"]})).await;
+    assert_eq!((a["allowed"].as_bool(), a["quota"]["budget"]["name"].as_str()), (Some(false), Some("eng")), "{a}");
+    let (s, _, err) = e.check(json!({"subject": "carol", "groups": ["eng", "ops"]})).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("groups[1]")), "{err}");
+    e.state.view.offer(budget_snapshot(&eng, 5, vec![]));
+
+    // A key over its cap blocks that key only.
+    let key_spent = named(quota(500, 500, Action::Block, month_end), "key_day", Metric::TotalTokens, None);
+    e.state.view.offer(budget_snapshot(&capped, 1, vec![key_spent]));
+    let (_, h, a) = e.check(json!({"api_key": "sk-alice-capped"})).await;
+    assert_eq!((a["subject"].as_str(), a["allowed"].as_bool()), (Some("alice"), Some(false)), "{a}");
+    assert_eq!(a["quota"]["budget"]["kind"], "api_key");
+    assert_eq!(h["x-tally-budget"], format!("api_key {}", capped.name).as_str());
+    let (_, _, a) = e.check(json!({"api_key": "sk-alice-free"})).await;
+    assert_eq!(a["allowed"], true, "alice's other key still passes: {a}");
+
+    // A model over its budget degrades that model only, naming the fallback.
+    let degrade = Action::Degrade { fallback_model: "gpt-4o-mini".into() };
+    let model_spent = named(quota(2000, 2000, degrade, month_end), "free_gpt4o", Metric::TotalTokens, Some(&["gpt-4o"]));
+    e.state.view.offer(budget_snapshot(&pool, 1, vec![model_spent]));
+    let (_, h, a) = e.check(json!({"subject": "dora", "model": "gpt-4o"})).await;
+    assert_eq!(
+        (a["allowed"].as_bool(), a["reason"].as_str(), a["model"].as_str()),
+        (Some(true), Some("degraded"), Some("gpt-4o-mini")),
+        "{a}"
+    );
+    assert_eq!(a["action"]["fallback_model"], "gpt-4o-mini");
+    assert_eq!(a["quota"]["models"], json!(["gpt-4o"]));
+    assert_eq!(h["x-tally-budget"], "tier free");
+    let (_, h, a) = e.check(json!({"subject": "dora", "model": "gpt-4o-mini"})).await;
+    assert_eq!((a["allowed"].as_bool(), a["reason"].as_str(), a["model"].as_str()), (Some(true), Some("ok"), Some("gpt-4o-mini")), "{a}");
+    assert!(h.get("x-tally-budget").is_none(), "{a}");
+    assert!(a["budgets"][0]["quota"].is_null(), "the pool's only quota is for another model: {a}");
+    // A pro subject is not in the free pool.
+    e.state.view.offer(DecisionSnapshot { tier: "pro".into(), ..snapshot("paul", 1, vec![]) });
+    let (_, _, a) = e.check(json!({"subject": "paul", "model": "gpt-4o"})).await;
+    assert_eq!((a["allowed"].as_bool(), a["budgets"].as_array().map(Vec::len)), (Some(true), Some(0)), "{a}");
+    e.done().await;
+}
+
+#[tokio::test]
+async fn before_the_view_caught_up_a_budgets_decision_comes_from_postgres_too() {
+    use tally_domain::budget::{BudgetOwner, OwnerKind};
+    let e = env_with(AuthSettings::default(), StalePolicy::Closed, Some(&budgets_config())).await;
+    let eng = BudgetOwner::new(OwnerKind::Group, "eng");
+    let spent = named(quota(1_000_000, 1_000_000, Action::Block, Utc::now() + Duration::days(3)), "team_month", Metric::CostMicros, None);
+    let stored = budget_snapshot(&eng, 6, vec![spent]);
+    sqlx::query("INSERT INTO decisions (subject, version, snapshot) VALUES ($1, 6, $2)")
+        .bind(eng.ledger_subject())
+        .bind(sqlx::types::Json(&stored))
+        .execute(&e.state.pool)
+        .await
+        .unwrap();
+    let view = Arc::new(DecisionView::default());
+    view.offer(budget_snapshot(&eng, 5, vec![]));
+    let state = AppState::new(Parts {
+        view,
+        pool: e.state.pool.clone(),
+        configs: e.state.configs.clone(),
+        announcer: None,
+        check: CheckSettings { max_staleness: Duration::seconds(10), stale_policy: StalePolicy::Closed },
+        auth: AuthSettings::default(),
+        max_page: 10,
+        broker: None,
+    });
+    let app = tally_api::app(state, None, 4096);
+    let r = app
+        .oneshot(Request::post("/v1/check").header("content-type", "application/json").body(Body::from(r#"{"subject":"bob"}"#)).unwrap())
+        .await
+        .unwrap();
+    let a: Value = serde_json::from_slice(&axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap()).unwrap();
+    assert_eq!(
+        (a["allowed"].as_bool(), a["reason"].as_str(), a["stale"].as_bool()),
+        (Some(false), Some("quota_breached"), Some(false)),
+        "{a}"
+    );
+    let team = &a["budgets"][0];
+    assert_eq!((team["version"].as_i64(), team["source"].as_str()), (Some(6), Some("database")), "the newer, stored decision: {a}");
+    assert_eq!(a["quota"]["budget"]["name"], "eng");
+    e.done().await;
+}
+
+#[tokio::test]
+async fn budget_decisions_and_the_budgets_a_subject_meets() {
+    use tally_domain::budget::{BudgetOwner, OwnerKind};
+    let e =
+        env_with(AuthSettings { admin: Some(Token::new(ADMIN)), read: None, no_auth: false }, StalePolicy::Open, Some(&budgets_config()))
+            .await;
+    let eng = BudgetOwner::new(OwnerKind::Group, "eng");
+    let (s, _, err) = e.send("GET", "/v1/budgets/group/eng/decision", None, None).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::NOT_FOUND, Some("name")), "{err}");
+    assert!(err["error"].as_str().unwrap().contains("group eng"), "{err}");
+    let (s, _, err) = e.send("GET", "/v1/budgets/team/eng/decision", None, None).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("kind")), "{err}");
+    let resets = Utc::now() + Duration::days(3);
+    e.state.view.offer(budget_snapshot(
+        &eng,
+        9,
+        vec![named(quota(10, 100, Action::Block, resets), "team_month", Metric::CostMicros, None)],
+    ));
+    let (s, h, d) = e.send("GET", "/v1/budgets/group/eng/decision", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(h["etag"], "W/\"9\"");
+    assert_eq!(
+        (d["subject"].as_str(), d["budget"]["name"].as_str(), d["source"].as_str()),
+        (Some(eng.ledger_subject().as_str()), Some("eng"), Some("view"))
+    );
+    // An API key's budget by the key's id, as the admin API names keys.
+    let capped = tally_domain::event::hash_api_key("sk-alice-capped");
+    let key = BudgetOwner::new(OwnerKind::ApiKey, capped.clone());
+    e.state.view.offer(budget_snapshot(&key, 2, vec![]));
+    let (s, _, d) = e.send("GET", &format!("/v1/budgets/api_key/{}/decision", tally_api::keys::key_id(&capped)), None, None).await;
+    assert_eq!((s, d["version"].as_i64()), (StatusCode::OK, Some(2)), "{d}");
+
+    let (s, _, b) = e.send("GET", "/v1/subjects/alice/budgets", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b["tier"], "free");
+    let listed: Vec<(&str, Option<i64>)> =
+        b["budgets"].as_array().unwrap().iter().map(|x| (x["kind"].as_str().unwrap(), x["decision"]["version"].as_i64())).collect();
+    assert_eq!(listed, [("api_key", Some(2)), ("group", Some(9)), ("tier", None)], "{b}");
+    assert_eq!(b["budgets"][0]["name"], capped.as_str());
+    let (_, _, b) = e.send("GET", "/v1/subjects/carol/budgets", None, None).await;
+    assert_eq!(b["budgets"].as_array().unwrap().len(), 1, "only the free pool: {b}");
+    e.done().await;
+}
+
+#[tokio::test]
+async fn admin_budgets_are_edited_through_the_configuration() {
+    let e = env().await;
+    let before = e.versions().await;
+    let month = json!({"name": "team_month", "metric": "cost_micros", "period": "month", "limit": 1_000_000});
+    let cases = [
+        ("/v1/admin/budgets/team/eng", json!({"quotas": [month]}), "kind"),
+        ("/v1/admin/budgets/group/eng", json!({"quotas": []}), "quotas"),
+        ("/v1/admin/budgets/group/eng", json!({}), "quotas"),
+        ("/v1/admin/budgets/group/eng", json!({"quotas": [month], "colour": 1}), "colour"),
+        (
+            "/v1/admin/budgets/group/eng",
+            json!({"quotas": [{"name": "q", "metric": "requests", "period": "month", "limit": -1}]}),
+            "quotas[0].limit",
+        ),
+        (
+            "/v1/admin/budgets/group/eng",
+            json!({"quotas": [{"name": "q", "metric": "requests", "rate": "1/m", "models": []}]}),
+            "quotas[0].models",
+        ),
+        ("/v1/admin/budgets/group/eng", json!({"timezone": "Mars/Base", "quotas": [month]}), "timezone"),
+        ("/v1/admin/budgets/tier/gold", json!({"quotas": [month]}), "name"),
+        ("/v1/admin/budgets/api_key/sk-plaintext", json!({"quotas": [month]}), "name"),
+    ];
+    for (path, body, field) in cases {
+        let (s, err) = e.admin("PUT", path, Some(body.clone())).await;
+        assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some(field)), "{path} {body}: {err}");
+    }
+    assert_eq!(e.versions().await, before, "nothing invalid was written");
+
+    let (s, put) = e.admin("PUT", "/v1/admin/budgets/group/eng", Some(json!({"timezone": "Europe/Berlin", "quotas": [month]}))).await;
+    assert_eq!(s, StatusCode::OK, "{put}");
+    assert_eq!((put["budget"]["kind"].as_str(), put["budget"]["name"].as_str()), (Some("group"), Some("eng")));
+    let doc = e.document().await;
+    assert!(doc.contains("budgets:\n- group: eng\n  timezone: Europe/Berlin\n"), "{doc}");
+    let config = e.state.configs.current();
+    assert!(config.config.knows_group("eng"), "the check sees the new budget at once");
+    // A team without a tier takes members.
+    let (s, _) = e.admin("PUT", "/v1/admin/groups/eng/members/alice", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, m) = e.admin("GET", "/v1/admin/groups/eng/members", None).await;
+    assert_eq!((s, &m["items"]), (StatusCode::OK, &json!([{"subject": "alice"}])));
+
+    // An API key's budget, by the key's id; a tier pool.
+    let (_, created) = e.admin("POST", "/v1/admin/api-keys", Some(json!({"tier": "pro", "subject": "acme"}))).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let sha = tally_domain::event::hash_api_key(created["key"].as_str().unwrap());
+    let cap = json!({"quotas": [{"name": "key_day", "metric": "total_tokens", "period": "day", "limit": 500}]});
+    let (s, put) = e.admin("PUT", &format!("/v1/admin/budgets/api_key/{id}"), Some(cap)).await;
+    assert_eq!(
+        (s, put["budget"]["name"].as_str(), put["budget"]["key_id"].as_str()),
+        (StatusCode::OK, Some(sha.as_str()), Some(id.as_str())),
+        "{put}"
+    );
+    let pool = json!({"quotas": [{"name": "pool", "metric": "total_tokens", "period": "day", "limit": 10000, "models": ["gpt-4o"], "action": "degrade", "fallback_model": "gpt-4o-mini"}]});
+    let (s, _) = e.admin("PUT", "/v1/admin/budgets/tier/pro", Some(pool)).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, l) = e.admin("GET", "/v1/admin/budgets", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let keys: Vec<String> =
+        l["items"].as_array().unwrap().iter().map(|b| format!("{}/{}", b["kind"].as_str().unwrap(), b["name"].as_str().unwrap())).collect();
+    assert_eq!(keys, [format!("api_key/{sha}"), "group/eng".into(), "tier/pro".into()]);
+    let (_, p1) = e.admin("GET", "/v1/admin/budgets?limit=1", None).await;
+    assert_eq!(p1["next_cursor"], format!("api_key/{sha}").as_str());
+    let (s, g) = e.admin("GET", &format!("/v1/admin/budgets/api_key/{}", sha.to_ascii_uppercase()), None).await;
+    assert_eq!((s, g["quotas"][0]["limit"].as_i64()), (StatusCode::OK, Some(500)), "{g}");
+    let (s, g) = e.admin("GET", "/v1/admin/budgets/tier/pro", None).await;
+    assert_eq!((s, g["quotas"][0]["models"].clone()), (StatusCode::OK, json!(["gpt-4o"])));
+
+    // Replacing keeps one budget per owner.
+    let (s, _) = e.admin("PUT", "/v1/admin/budgets/tier/pro", Some(json!({"quotas": [month]}))).await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, g) = e.admin("GET", "/v1/admin/budgets/tier/pro", None).await;
+    assert_eq!(g["quotas"][0]["name"], "team_month");
+    assert_eq!(e.state.configs.current().config.budgets.len(), 3);
+
+    // The team's budget cannot go while it has members and no tier; then it can.
+    let (s, err) = e.admin("DELETE", "/v1/admin/budgets/group/eng", None).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{err}");
+    assert!(err["field"].as_str().unwrap().starts_with("members.alice"), "{err}");
+    let (s, _) = e.admin("DELETE", "/v1/admin/groups/eng/members/alice", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, d) = e.admin("DELETE", "/v1/admin/budgets/group/eng", None).await;
+    assert_eq!((s, d["deleted"].as_str()), (StatusCode::OK, Some("group eng")), "{d}");
+    for (method, path) in [
+        ("GET", "/v1/admin/budgets/group/eng"),
+        ("DELETE", "/v1/admin/budgets/group/eng"),
+        ("GET", "/v1/admin/budgets/api_key/key_0000000000000000"),
+    ] {
+        let (s, err) = e.admin(method, path, None).await;
+        assert_eq!((s, err["field"].as_str()), (StatusCode::NOT_FOUND, Some("name")), "{method} {path}: {err}");
+    }
+    let (s, err) = e.admin("GET", "/v1/admin/budgets/org/eng", None).await;
+    assert_eq!((s, err["field"].as_str()), (StatusCode::BAD_REQUEST, Some("kind")));
+    e.done().await;
+}
+
+#[tokio::test]
+async fn deleting_a_groups_tier_keeps_the_members_of_a_team_with_a_budget() {
+    let e = env().await;
+    let (s, _) = e.admin("PUT", "/v1/admin/groups/eng", Some(json!({"tier": "pro"}))).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = e.admin("PUT", "/v1/admin/groups/eng/members/alice", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let quotas = json!({"quotas": [{"name": "team_month", "metric": "cost_micros", "period": "month", "limit": 5}]});
+    let (s, _) = e.admin("PUT", "/v1/admin/budgets/group/eng", Some(quotas)).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, d) = e.admin("DELETE", "/v1/admin/groups/eng", None).await;
+    assert_eq!((s, &d["members_removed"]), (StatusCode::OK, &json!([])), "{d}");
+    let config = e.state.configs.current();
+    assert_eq!(config.config.members["alice"], ["eng"], "alice is still on the team");
+    assert!(config.config.groups.is_empty());
     e.done().await;
 }

@@ -7,8 +7,11 @@
 //!   prints `{"limit", "window_seconds"}` after applying the tier: the explicit rate for
 //!   `--scope` if given, else the limit × multiplier (nearest, ties to even, at least 1).
 //! - `tally explain subject <ID> --config <FILE> [--at <RFC3339>] [--group <G>]...
-//!   [--api-key <K>] [--scope <S>]` prints the effective tier, the precedence level that
-//!   decided it and the effective quotas with their current windows.
+//!   [--api-key <K> | --api-key-sha256 <HEX>] [--scope <S>]` prints the effective tier, the
+//!   precedence level that decided it, the effective quotas with their current windows, and
+//!   every budget a request of the subject with that key and those groups would meet (its
+//!   key's, its groups', its tier's pool), each with its timezone and quotas (limits, models,
+//!   current windows).
 //!
 //! Each prints one JSON object on stdout. Bad input gives a one-line error on stderr and
 //! exit code 2 ([`ExplainError::EXIT_CODE`]). `tally validate-config FILE` prints a
@@ -23,6 +26,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, SecondsFormat, Utc};
 use chrono_tz::Tz;
 use serde_json::{json, Value};
+use tally_domain::budget::{budget_timezone, budgets_met, Budget, BudgetFacts, OwnerKind};
 use tally_domain::config::{Config, ConfigErrors, OverrideLimit};
 use tally_domain::decision::Action;
 use tally_domain::event::hash_api_key;
@@ -78,8 +82,12 @@ pub enum ExplainCommand {
         #[arg(long = "group", value_name = "G")]
         groups: Vec<String>,
         /// The API key the request came with (hashed before lookup, never printed).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "api_key_sha256")]
         api_key: Option<String>,
+        /// The SHA-256 hex of the API key the request came with, as the configuration
+        /// names keys.
+        #[arg(long, value_name = "HEX")]
+        api_key_sha256: Option<String>,
         /// The request's scope.
         #[arg(long, default_value = "")]
         scope: String,
@@ -148,12 +156,17 @@ pub fn run_explain(cmd: ExplainCommand) -> Result<Value, ExplainError> {
     match cmd {
         ExplainCommand::Period { period, at, tz, anchor_day } => explain_period(&period, &at, &tz, anchor_day),
         ExplainCommand::Rate { rate, multiplier, explicit, scope } => explain_rate(&rate, multiplier, &explicit, scope.as_deref()),
-        ExplainCommand::Subject { id, config, at, groups, api_key, scope } => {
+        ExplainCommand::Subject { id, config, at, groups, api_key, api_key_sha256, scope } => {
             let at = match at {
                 Some(text) => parse_at(&text)?,
                 None => Utc::now(),
             };
-            explain_subject(&id, &config, at, &groups, api_key.as_deref(), &scope)
+            let key_hash = match (api_key, api_key_sha256) {
+                (Some(key), _) => Some(hash_api_key(&key)),
+                (None, Some(hex)) => Some(parse_key_hash(&hex)?),
+                (None, None) => None,
+            };
+            explain_subject(&id, &config, at, &groups, key_hash.as_deref(), &scope)
         }
     }
 }
@@ -190,6 +203,14 @@ fn parse_at(text: &str) -> Result<DateTime<Utc>, ExplainError> {
 fn parse_tz(text: &str) -> Result<Tz, ExplainError> {
     text.parse::<Tz>()
         .map_err(|_| ExplainError::arg("--tz", format!("unknown timezone `{text}`: expected an IANA name such as Europe/London")))
+}
+
+fn parse_key_hash(text: &str) -> Result<String, ExplainError> {
+    let hex = text.trim().to_ascii_lowercase();
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ExplainError::arg("--api-key-sha256", "must be 64 hex characters: the SHA-256 of the key, never the key"));
+    }
+    Ok(hex)
 }
 
 fn rfc3339(t: DateTime<Utc>) -> String {
@@ -257,10 +278,35 @@ fn quota_json(q: &EffectiveQuota, at: DateTime<Utc>, tz: Tz) -> Value {
         "limit": q.limit,
         "burst": q.burst,
         "scope": q.scope,
+        "models": q.models,
         "thresholds": q.thresholds,
         "action": serde_json::to_value(&q.action).unwrap_or(Value::Null),
         "window": { "start": rfc3339(w.start), "end": rfc3339(w.end) },
     })
+}
+
+/// A budget as `explain subject` shows it: its owner, timezone and quotas with their
+/// current windows.
+fn budget_json(config: &Config, budget: &Budget, at: DateTime<Utc>) -> Value {
+    let tz = budget_timezone(config, budget);
+    let mut owner = json!({ "kind": budget.owner.kind.as_str(), "name": budget.owner.name });
+    match budget.owner.kind {
+        OwnerKind::ApiKey => {
+            if let Some(key) = config.api_keys.get(&budget.owner.name) {
+                owner["label"] = json!(key.label);
+            }
+        }
+        OwnerKind::Group => {
+            let members: Vec<&str> =
+                config.members.iter().filter(|(_, gs)| gs.contains(&budget.owner.name)).map(|(s, _)| s.as_str()).collect();
+            owner["members"] = json!(members);
+        }
+        OwnerKind::Tier => {}
+    }
+    owner["ledger_subject"] = json!(budget.owner.ledger_subject());
+    owner["timezone"] = json!(tz.name());
+    owner["quotas"] = budget.effective_quotas().iter().map(|q| quota_json(q, at, tz)).collect();
+    owner
 }
 
 fn explain_subject(
@@ -268,16 +314,17 @@ fn explain_subject(
     config_path: &Path,
     at: DateTime<Utc>,
     groups: &[String],
-    api_key: Option<&str>,
+    key_hash: Option<&str>,
     scope: &str,
 ) -> Result<Value, ExplainError> {
     if id.trim().is_empty() {
         return Err(ExplainError::arg("<ID>", "the subject id must not be empty"));
     }
     let config = load_config(config_path)?;
-    let key_hash = api_key.map(hash_api_key);
-    let facts = SubjectFacts { subject: id, groups, api_key_sha256: key_hash.as_deref(), scope };
+    let facts = SubjectFacts { subject: id, groups, api_key_sha256: key_hash, scope };
     let r = resolve(&config, &facts, at);
+    let budget_facts = BudgetFacts { subject: id, api_key_sha256: key_hash, groups, tier: &r.tier };
+    let budgets: Vec<Value> = budgets_met(&config, &budget_facts).into_iter().map(|b| budget_json(&config, b, at)).collect();
     let overrides: Vec<Value> = r
         .overrides
         .iter()
@@ -302,6 +349,7 @@ fn explain_subject(
         "timezone": r.timezone.name(),
         "quotas": r.quotas.iter().map(|q| quota_json(q, at, r.timezone)).collect::<Vec<_>>(),
         "overrides": overrides,
+        "budgets": budgets,
         "next_change_at": next_change_after(&config, id, at).map(rfc3339),
     }))
 }
@@ -350,6 +398,9 @@ fn quota_line(q: &EffectiveQuota) -> String {
     }
     if let Some(scope) = &q.scope {
         let _ = write!(line, " scope {scope}");
+    }
+    if let Some(models) = &q.models {
+        let _ = write!(line, " models {}", models.join(","));
     }
     let thresholds: Vec<String> = q.thresholds.iter().map(|t| format!("{t}%")).collect();
     let _ = write!(line, " warn at {}", thresholds.join(","));
@@ -422,6 +473,35 @@ fn summary(config: &Config, name: &str) -> String {
             let _ = writeln!(out, "  sha256 {}… -> {}{label}", &k.key_sha256[..12.min(k.key_sha256.len())], k.tier);
         }
     }
+    if !config.budgets.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nbudgets ({}), beside each subject's own quotas; every budget a request meets must pass:",
+            config.budgets.len()
+        );
+        for budget in config.budgets.values() {
+            let tz = budget_timezone(config, budget).name();
+            let name = &budget.owner.name;
+            let whom = match budget.owner.kind {
+                OwnerKind::ApiKey => {
+                    let key = config.api_keys.get(name);
+                    let label = key.and_then(|k| k.label.as_deref()).map(|l| format!(" ({l})")).unwrap_or_default();
+                    let bound = key.and_then(|k| k.subject.as_deref()).map(|s| format!(", subject {s}")).unwrap_or_default();
+                    format!("api key sha256 {}…{label}: the key's own cap{bound}", &name[..12.min(name.len())])
+                }
+                OwnerKind::Group => {
+                    let members: Vec<&str> = config.members.iter().filter(|(_, gs)| gs.contains(name)).map(|(s, _)| s.as_str()).collect();
+                    let members = if members.is_empty() { "-".to_string() } else { members.join(", ") };
+                    format!("group {name}: one pool for its members ({members}) and requests naming it")
+                }
+                OwnerKind::Tier => format!("tier {name}: one pool for every subject on tier {name}"),
+            };
+            let _ = writeln!(out, "  {whom}; timezone {tz}");
+            for q in budget.effective_quotas() {
+                let _ = writeln!(out, "    {}", quota_line(&q));
+            }
+        }
+    }
     if !config.prices.is_empty() {
         let models: Vec<&str> = config.prices.keys().map(String::as_str).collect();
         let _ = writeln!(out, "\nprices (micro-dollars per 1M tokens) for: {}", models.join(", "));
@@ -465,6 +545,128 @@ mod tests {
             errors: Config::from_yaml_str("default_tier: x\ntiers: []\n").unwrap_err(),
         };
         assert!(!invalid.to_string().contains('\n'), "{invalid}");
+    }
+
+    /// Team eng pools alice's and bob's month; alice's capped key has its own cap; every
+    /// free subject shares a gpt-4o pool in Paris time.
+    fn budgets_yaml() -> String {
+        let key = hash_api_key("sk-capped");
+        format!(
+            "default_tier: free\n\
+             quotas: [{{name: monthly_tokens, metric: total_tokens, period: month, limit: 1000}}]\n\
+             tiers: [{{name: free, timezone: Europe/Paris}}, {{name: pro}}]\n\
+             groups: {{vip: pro}}\n\
+             members: {{alice: [eng], bob: [eng], vera: [vip]}}\n\
+             api_keys: [{{key_sha256: {key}, tier: free, label: alice-laptop, subject: alice}}]\n\
+             budgets:\n\
+             \x20 - group: eng\n    timezone: America/New_York\n    quotas: [{{name: team_month, metric: cost_micros, period: month, limit: 1000000}}]\n\
+             \x20 - api_key: {key}\n    quotas: [{{name: key_day, metric: total_tokens, period: day, limit: 500}}]\n\
+             \x20 - tier: free\n    quotas:\n      - {{name: free_gpt4o, metric: total_tokens, period: day, limit: 2000, models: [gpt-4o], action: degrade, fallback_model: gpt-4o-mini}}\n"
+        )
+    }
+
+    fn with_config<T>(yaml: &str, f: impl FnOnce(&Path) -> T) -> T {
+        let path = std::env::temp_dir().join(format!("tally-explain-{}.yaml", uuid::Uuid::new_v4()));
+        std::fs::write(&path, yaml).unwrap();
+        let out = f(&path);
+        let _ = std::fs::remove_file(&path);
+        out
+    }
+
+    fn owners(v: &Value) -> Vec<String> {
+        v["budgets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| format!("{} {}", b["kind"].as_str().unwrap(), b["name"].as_str().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn explain_subject_lists_every_budget_a_request_meets() {
+        let at: DateTime<Utc> = "2026-11-22T10:00:00Z".parse().unwrap();
+        let key = hash_api_key("sk-capped");
+        with_config(&budgets_yaml(), |path| {
+            let alice = explain_subject("alice", path, at, &[], Some(&key), "").unwrap();
+            assert_eq!(owners(&alice), [format!("api_key {key}"), "group eng".into(), "tier free".into()]);
+            let team = &alice["budgets"][1];
+            assert_eq!(team["timezone"], "America/New_York");
+            assert_eq!(team["members"], json!(["alice", "bob"]));
+            assert_eq!(team["ledger_subject"], "__tally_budget__/group/eng");
+            let month = &team["quotas"][0];
+            assert_eq!((month["name"].as_str(), month["limit"].as_i64()), (Some("team_month"), Some(1_000_000)));
+            assert_eq!(month["window"]["end"], "2026-12-01T05:00:00Z", "the budget's own timezone");
+            assert_eq!(alice["budgets"][0]["label"], "alice-laptop");
+            let pool = &alice["budgets"][2];
+            assert_eq!(pool["timezone"], "Europe/Paris", "a pool takes its tier's timezone");
+            assert_eq!(pool["quotas"][0]["models"], json!(["gpt-4o"]));
+            assert_eq!(pool["quotas"][0]["action"], json!({"type": "degrade", "fallback_model": "gpt-4o-mini"}));
+            assert_eq!(pool["quotas"][0]["window"]["end"], "2026-11-22T23:00:00Z");
+
+            // Without the key, only the team and the pool; a request naming a group meets its budget.
+            assert_eq!(owners(&explain_subject("alice", path, at, &[], None, "").unwrap()), ["group eng", "tier free"]);
+            assert_eq!(owners(&explain_subject("carol", path, at, &["eng".into()], None, "").unwrap()), ["group eng", "tier free"]);
+            // A pro subject is in no pool.
+            let vera = explain_subject("vera", path, at, &[], None, "").unwrap();
+            assert_eq!((vera["tier"].as_str(), owners(&vera)), (Some("pro"), Vec::<String>::new()));
+        });
+    }
+
+    #[test]
+    fn a_key_is_named_by_itself_or_by_its_hash() {
+        let key = hash_api_key("sk-capped");
+        let yaml = budgets_yaml();
+        let run = |api_key: Option<&str>, api_key_sha256: Option<String>| {
+            with_config(&yaml, |path| {
+                run_explain(ExplainCommand::Subject {
+                    id: "alice".into(),
+                    config: path.to_path_buf(),
+                    at: Some("2026-11-22T10:00:00Z".into()),
+                    groups: vec![],
+                    api_key: api_key.map(str::to_string),
+                    api_key_sha256,
+                    scope: String::new(),
+                })
+            })
+        };
+        let by_key = run(Some("sk-capped"), None).unwrap();
+        let by_hash = run(None, Some(key.to_ascii_uppercase())).unwrap();
+        assert_eq!(owners(&by_key), owners(&by_hash));
+        assert_eq!(owners(&by_hash)[0], format!("api_key {key}"));
+        let e = run(None, Some("sk-capped".into())).unwrap_err();
+        assert!(e.to_string().starts_with("--api-key-sha256:"), "{e}");
+    }
+
+    #[test]
+    fn a_key_and_its_hash_are_not_given_together() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            explain: ExplainCommand,
+        }
+        fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+            [&["tally", "subject", "alice", "--config", "c.yaml"], extra].concat()
+        }
+        let hex = hash_api_key("k");
+        let parsed = Cli::try_parse_from(args(&["--api-key-sha256", &hex, "--group", "eng"])).unwrap();
+        assert!(matches!(parsed.explain, ExplainCommand::Subject { api_key_sha256: Some(h), groups, .. } if h == hex && groups == ["eng"]));
+        let e = Cli::try_parse_from(args(&["--api-key", "k", "--api-key-sha256", &hex])).err().unwrap();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn validate_report_summarises_budgets() {
+        let summary = validate_report(&budgets_yaml(), "budgets.yaml").unwrap();
+        assert!(summary.contains("budgets (3)"), "{summary}");
+        assert!(
+            summary.contains("group eng: one pool for its members (alice, bob) and requests naming it; timezone America/New_York"),
+            "{summary}"
+        );
+        assert!(summary.contains("(alice-laptop): the key's own cap, subject alice; timezone UTC"), "{summary}");
+        assert!(summary.contains("tier free: one pool for every subject on tier free; timezone Europe/Paris"), "{summary}");
+        assert!(summary.contains("models gpt-4o") && summary.contains("degrade to gpt-4o-mini"), "{summary}");
+        assert!(!validate_report(EXAMPLE, "tiers.yaml").unwrap().contains("budgets ("), "no section without budgets");
     }
 
     #[test]

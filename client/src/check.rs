@@ -18,6 +18,10 @@ pub struct CheckRequest {
     pub scope: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// Groups the request is made for, beside the subject's configured ones: their budgets
+    /// apply too.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub estimated_tokens: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -30,6 +34,13 @@ impl CheckRequest {
     }
 }
 
+/// The owner of a budget: `kind` (`api_key`, `group`, `tier`) and `name`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct BudgetOwner {
+    pub kind: String,
+    pub name: String,
+}
+
 /// The quota an answer is about.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct CheckQuota {
@@ -38,6 +49,9 @@ pub struct CheckQuota {
     pub remaining: i64,
     pub used: i64,
     pub resets_at: DateTime<Utc>,
+    /// The budget the quota belongs to; `None` for the subject's own.
+    #[serde(default)]
+    pub budget: Option<BudgetOwner>,
 }
 
 /// The answer of `POST /v1/check` (see the API's documentation for every field).
@@ -151,7 +165,8 @@ impl Checker {
             (Some(s), Some(k)) => format!("sk:{s}:{k}"),
             (None, None) => return None,
         };
-        Some((who, format!("{}|{}", req.scope.as_deref().unwrap_or(""), req.model.as_deref().unwrap_or(""))))
+        let (scope, model) = (req.scope.as_deref().unwrap_or(""), req.model.as_deref().unwrap_or(""));
+        Some((who, format!("{scope}|{model}|{}", req.groups.join(","))))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
@@ -197,7 +212,7 @@ mod tests {
             action: None,
             model: None,
             reason: "ok".into(),
-            quota: Some(CheckQuota { quota: "q".into(), limit: 10, remaining: 5, used: 5, resets_at }),
+            quota: Some(CheckQuota { quota: "q".into(), limit: 10, remaining: 5, used: 5, resets_at, budget: None }),
             retry_at: None,
             retry_after_seconds: None,
             version,
@@ -233,6 +248,21 @@ mod tests {
         assert_eq!(kept.version, 5);
         assert_eq!(c.get(&k, now).unwrap().version, 5);
         assert_eq!(c.put(k.clone(), answer(6, later), now, ttl, 10).version, 6);
+    }
+
+    #[test]
+    fn answers_for_other_models_or_groups_are_kept_apart() {
+        let mut r = CheckRequest::subject("a");
+        r.model = Some("gpt-4o".into());
+        let for_model = Checker::key(&r);
+        r.model = Some("gpt-4o-mini".into());
+        assert_ne!(Checker::key(&r), for_model);
+        let alone = Checker::key(&r);
+        r.groups = vec!["eng".into()];
+        assert_ne!(Checker::key(&r), alone, "a group's budget may decide");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["groups"], serde_json::json!(["eng"]));
+        assert!(serde_json::to_value(CheckRequest::subject("a")).unwrap().get("groups").is_none());
     }
 
     #[test]

@@ -21,7 +21,7 @@ mod ingest;
 #[cfg(feature = "kafka")]
 mod kafka;
 
-pub use check::{CheckAnswer, CheckQuota, CheckRequest, Checker};
+pub use check::{BudgetOwner, CheckAnswer, CheckQuota, CheckRequest, Checker};
 pub use ingest::{IngestClient, Retry, Usage};
 #[cfg(feature = "kafka")]
 pub use kafka::KafkaSender;
