@@ -62,6 +62,29 @@ async fn at_start_of_window(window: i64, room: i64) {
     }
 }
 
+/// `POST /v1/check` with `body`: the answer and the header naming the deciding budget.
+async fn check(t: &Tally, body: Value) -> (Value, Option<String>) {
+    let response = reqwest::Client::new().post(format!("{}/v1/check", t.api_url)).json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 200, "{body}");
+    let budget = response.headers().get("x-tally-budget").and_then(|v| v.to_str().ok()).map(str::to_string);
+    (response.json().await.unwrap(), budget)
+}
+
+/// Polls the check until `pred` holds; returns that answer.
+async fn check_until(t: &Tally, body: Value, timeout: Duration, pred: impl Fn(&Value) -> bool) -> (Value, Option<String>) {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last = Value::Null;
+    while std::time::Instant::now() < deadline {
+        let (answer, budget) = check(t, body.clone()).await;
+        if pred(&answer) {
+            return (answer, budget);
+        }
+        last = answer;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no check answer for {body} matched; last: {last}; logs in {}", t.log_dir().display());
+}
+
 async fn ledger_used(pool: &sqlx::PgPool, subject: &str, scope: &str) -> i64 {
     sqlx::query_scalar("SELECT coalesce(sum(used), 0)::bigint FROM ledgers WHERE subject = $1 AND scope = $2")
         .bind(subject)
@@ -113,16 +136,26 @@ async fn a_team_over_its_budget_is_blocked_as_one_and_unblocked_by_its_rollover(
     assert!(decided <= chrono::Duration::seconds(1), "the team was blocked {decided} after the event was sent");
     assert_eq!(blocked["quotas"][0]["used"], 1100);
     assert_eq!(blocked["quotas"][0]["state"], "breached");
-    // Each member's own quota is far from its limit: only the team blocks them.
+    // Each member's own quota is far from its limit: only the team blocks them, and the
+    // check says so for each of them.
     for member in ["alice", "bob", "carol"] {
         let own = snapshot_where(&t, member, Duration::from_secs(10), |_| true).await;
         assert_eq!(own["allowed"], true, "{member}: {own}");
+        let (answer, header) = check_until(&t, json!({"subject": member}), Duration::from_secs(5), |a| a["allowed"] == false).await;
+        assert_eq!(answer["quota"]["budget"], json!({"kind": "group", "name": "eng"}), "{member}: {answer}");
+        assert_eq!(header.as_deref(), Some("group eng"));
     }
+    let (outsider, _) = check(&t, json!({"subject": "dan"})).await;
+    assert_eq!(outsider["allowed"], true, "a subject outside the team: {outsider}");
     // The team's window rolls over: unblocked with no traffic, within a second.
     let resets_at = time(&blocked["quotas"][0]["resets_at"]);
     let unblocked = snapshot_where(&t, &team, Duration::from_secs(40), |s| s["allowed"] == true && s["quotas"][0]["used"] == 0).await;
     let at = time(&unblocked["calculated_at"]);
     assert!(at >= resets_at && at - resets_at <= chrono::Duration::seconds(1), "unblocked at {at}; the window ended at {resets_at}");
+    for member in ["alice", "bob", "carol"] {
+        let (answer, _) = check_until(&t, json!({"subject": member}), Duration::from_secs(5), |a| a["allowed"] == true).await;
+        assert_eq!(answer["reason"], "ok", "{member}: {answer}");
+    }
     // Counted once each, in the members' rows and in the team's.
     let pool = t.pg().await;
     assert_eq!(ledger_used(&pool, &team, "*").await, 1100);
@@ -164,6 +197,11 @@ budgets:
     assert_eq!(own["allowed"], true);
     let snapshots = latest_snapshots(&t).await;
     assert!(!snapshots.contains_key(&budget_subject(OwnerKind::ApiKey, &other)), "the other key has no budget");
+    let (denied, header) = check_until(&t, json!({"api_key": "sk-capped"}), Duration::from_secs(5), |a| a["allowed"] == false).await;
+    assert_eq!(denied["quota"]["budget"]["kind"], "api_key", "{denied}");
+    assert_eq!(header, Some(format!("api_key {capped}")));
+    let (allowed, _) = check(&t, json!({"api_key": "sk-other"})).await;
+    assert_eq!((allowed["allowed"].clone(), allowed["subject"].clone()), (json!(true), json!("dave")), "{allowed}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -193,6 +231,11 @@ tiers:
     assert_eq!(d["quotas"][1]["action"], json!({"type": "degrade", "fallback_model": "gpt-4o-mini"}));
     assert_eq!(d["quotas"][0]["used"], 5550, "every model counts in the unnarrowed quota");
     assert_eq!(d["allowed"], true, "a degrade breach refuses nothing");
+    let (degraded, _) =
+        check_until(&t, json!({"subject": "erin", "model": "gpt-4o"}), Duration::from_secs(5), |a| a["reason"] == "degraded").await;
+    assert_eq!((degraded["allowed"].clone(), degraded["model"].clone()), (json!(true), json!("gpt-4o-mini")), "{degraded}");
+    let (other_model, _) = check(&t, json!({"subject": "erin", "model": "gpt-4o-mini"})).await;
+    assert_eq!((other_model["reason"].clone(), other_model["model"].clone()), (json!("ok"), json!("gpt-4o-mini")), "{other_model}");
     let pool = t.pg().await;
     assert_eq!(ledger_used(&pool, "erin", "*|models=gpt-4o").await, 550);
     assert_eq!(ledger_used(&pool, "erin", "*").await, 5550);
@@ -344,8 +387,10 @@ async fn the_shared_bucket_example_lets_everyone_on_a_tier_share_one_budget() {
     let blocked = snapshot_where(&t, &pool_subject, Duration::from_secs(20), |s| s["allowed"] == false).await;
     assert_eq!(blocked["quotas"][0]["used"], 10);
     assert_eq!(blocked["tier"], "free");
-    for user in ["ann", "ben", "cat"] {
-        let own = snapshot_where(&t, user, Duration::from_secs(10), |_| true).await;
-        assert_eq!(own["allowed"], true, "{user} is within their own quota: {own}");
+    for user in ["ann", "ben", "cat", "dora"] {
+        let (answer, header) = check_until(&t, json!({"subject": user}), Duration::from_secs(5), |a| a["allowed"] == false).await;
+        assert_eq!(header.as_deref(), Some("tier free"), "{user}: {answer}");
     }
+    let (pro, _) = check(&t, json!({"subject": "paula"})).await;
+    assert_eq!(pro["allowed"], true, "paula is on pro, outside the free pool: {pro}");
 }
