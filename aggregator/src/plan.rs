@@ -12,7 +12,7 @@ use foldhash::{HashMap, HashMapExt};
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use serde::Serialize;
 use tally_domain::budget::EventFacts;
-use tally_domain::decision::{quota_state, remaining, QuotaDecision};
+use tally_domain::decision::QuotaDecision;
 use tally_domain::event::{event_day, parse_event_with_fingerprint, timeliness, EventErrorKind, Timeliness, UsageEvent};
 use tally_domain::period::{PeriodSpec, Window};
 
@@ -373,7 +373,7 @@ pub struct CachedResolution<'a> {
     pub subject: &'a str,
     pub resolved: Resolved,
     /// The budgets the request meets besides the subject's own quotas.
-    pub budgets: Vec<BudgetTarget>,
+    pub budgets: Vec<std::sync::Arc<BudgetTarget>>,
     /// Per quota of [`CachedResolution::counted`], the running sum of the window its latest
     /// events fell in.
     pub sums: Vec<Option<RunningSum>>,
@@ -400,14 +400,23 @@ impl CachedResolution<'_> {
     }
 }
 
-/// For each of `quotas`, whether an earlier one counts in the same ledger rows.
+/// For each of `quotas`, whether an earlier one counts in the same ledger rows (same owner,
+/// metric, scope, models and period). Compared in place: a resolution has a handful of
+/// quotas, and a batch makes thousands of resolutions.
 fn rows_shared<'q>(quotas: impl Iterator<Item = (Counted<'q>, &'q Quota)>) -> Vec<bool> {
-    let mut seen = std::collections::HashSet::new();
-    quotas.map(|(target, q)| !seen.insert((target.subject, q.metric, q.ledger_scope(), q.period.to_string()))).collect()
+    let quotas: Vec<(Counted<'q>, &'q Quota)> = quotas.collect();
+    let same_rows = |(a, p): &(Counted<'q>, &Quota), (b, q): &(Counted<'q>, &Quota)| {
+        a.subject == b.subject && p.metric == q.metric && p.scope == q.scope && p.models == q.models && p.period == q.period
+    };
+    quotas.iter().enumerate().map(|(i, this)| quotas[..i].iter().any(|earlier| same_rows(earlier, this))).collect()
 }
 
 /// [`CachedResolution::counted`] of its parts, so its sums can be borrowed beside it.
-fn counted<'r>(subject: &'r str, resolved: &'r Resolved, budgets: &'r [BudgetTarget]) -> impl Iterator<Item = (Counted<'r>, &'r Quota)> {
+fn counted<'r>(
+    subject: &'r str,
+    resolved: &'r Resolved,
+    budgets: &'r [std::sync::Arc<BudgetTarget>],
+) -> impl Iterator<Item = (Counted<'r>, &'r Quota)> {
     let own = Counted { subject, timezone: resolved.timezone };
     let own = resolved.quotas.iter().map(move |q| (own, q));
     let budgets = budgets.iter().flat_map(|b| {
@@ -466,27 +475,7 @@ pub fn current_keys(subject: &str, quotas: &[Quota], tz: chrono_tz::Tz, now: Dat
 /// The decision lines for a subject given the usage of each current ledger row (0 for a row
 /// that does not exist).
 pub fn decide(quotas: &[Quota], keys: &[(LedgerKey, DateTime<Utc>)], used: impl Fn(&LedgerKey) -> i64) -> Vec<QuotaDecision> {
-    quotas
-        .iter()
-        .zip(keys)
-        .map(|(q, (key, resets_at))| {
-            let used = used(key);
-            QuotaDecision {
-                quota: q.name.clone(),
-                metric: q.metric,
-                period: q.period.to_string(),
-                scope: q.scope.clone(),
-                models: q.models.clone(),
-                state: quota_state(used, q.limit, q.burst, &q.thresholds),
-                action: q.action.clone(),
-                used,
-                limit: q.limit,
-                remaining: remaining(used, q.limit, q.burst),
-                resets_at: *resets_at,
-                fired: Vec::new(),
-            }
-        })
-        .collect()
+    quotas.iter().zip(keys).map(|(q, (key, resets_at))| q.decision_line(used(key), *resets_at)).collect()
 }
 
 /// When a subject's decision must be looked at again with no new traffic: the end of the
@@ -825,7 +814,7 @@ mod tests {
             period: "month".into(),
             scope: None,
             models: None,
-            state: quota_state(used, limit, 0, &[80]),
+            state: tally_domain::decision::quota_state(used, limit, 0, &[80]),
             action: Default::default(),
             used,
             limit,

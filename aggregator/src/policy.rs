@@ -53,6 +53,9 @@ pub struct Policy {
     /// The scopes the configuration names anywhere, worked out once: every decision of
     /// every subject lists the quotas of each ([`Policy::resolve_all_scopes`]).
     named_scopes: Vec<String>,
+    /// Every budget as the ledger path counts it, made once: a batch resolves thousands of
+    /// subjects, and each shares these rather than copying the budget's quotas.
+    budget_targets: HashMap<BudgetOwner, Arc<BudgetTarget>>,
     /// The stored version it came from; 0 for the built-in default.
     pub version: i64,
 }
@@ -61,7 +64,16 @@ impl Policy {
     pub fn from_yaml(text: &str, origin: &str) -> anyhow::Result<Policy> {
         let config = Config::from_yaml_str(text).map_err(|e| anyhow::anyhow!("invalid tier configuration {origin}:\n{e}"))?;
         let named_scopes = named_scopes(&config);
-        Ok(Policy { config, named_scopes, version: 0 })
+        let budget_targets = config
+            .budgets
+            .values()
+            .map(|b| {
+                let target =
+                    BudgetTarget { subject: b.owner.ledger_subject(), timezone: budget_timezone(&config, b), quotas: b.effective_quotas() };
+                (b.owner.clone(), Arc::new(target))
+            })
+            .collect();
+        Ok(Policy { config, named_scopes, budget_targets, version: 0 })
     }
 
     /// The policy of a stored version.
@@ -86,18 +98,11 @@ impl Policy {
 
     /// The budgets an event at `at` meets ([`tally_domain::budget::event_budgets`], the rule
     /// the history writer records on each raw row).
-    pub fn budgets_met(&self, facts: &EventFacts<'_>, at: DateTime<Utc>) -> Vec<BudgetTarget> {
+    pub fn budgets_met(&self, facts: &EventFacts<'_>, at: DateTime<Utc>) -> Vec<Arc<BudgetTarget>> {
         if self.config.budgets.is_empty() {
             return Vec::new();
         }
-        event_budgets(&self.config, facts, at)
-            .into_iter()
-            .map(|b| BudgetTarget {
-                subject: b.owner.ledger_subject(),
-                timezone: budget_timezone(&self.config, b),
-                quotas: b.effective_quotas(),
-            })
-            .collect()
+        event_budgets(&self.config, facts, at).into_iter().filter_map(|b| self.budget_targets.get(&b.owner).cloned()).collect()
     }
 
     /// Whether an event may name `group`: the configuration knows it.

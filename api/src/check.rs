@@ -291,20 +291,7 @@ pub fn evaluate(ledgers: &[Lines<'_>], ask: &Ask<'_>, now: DateTime<Utc>) -> Ver
 
 /// A quota's line with nothing used, resetting at `resets_at`.
 fn unused_line(q: &EffectiveQuota, resets_at: DateTime<Utc>) -> QuotaDecision {
-    QuotaDecision {
-        quota: q.name.clone(),
-        metric: q.metric,
-        period: q.period.to_string(),
-        scope: q.scope.clone(),
-        models: q.models.clone(),
-        state: QuotaState::Ok,
-        action: q.action.clone(),
-        used: 0,
-        limit: q.limit,
-        remaining: q.limit.saturating_add(q.burst),
-        resets_at,
-        fired: vec![],
-    }
+    q.decision_line(0, resets_at)
 }
 
 /// What the configuration in force says of a subject with no decision.

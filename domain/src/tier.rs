@@ -17,7 +17,7 @@
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 
-use crate::decision::Action;
+use crate::decision::{quota_state, remaining, Action, QuotaDecision};
 use crate::metric::Metric;
 use crate::period::{PeriodSpec, Window};
 use crate::rate::{apply_tier, Rate};
@@ -121,6 +121,25 @@ impl EffectiveQuota {
     /// The key of this quota's ledger rows' `scope` column ([`crate::budget::ledger_scope`]).
     pub fn ledger_scope(&self) -> String {
         crate::budget::ledger_scope(self.scope.as_deref(), self.models.as_deref())
+    }
+
+    /// This quota's line in a decision, with `used` counted in the period that resets at
+    /// `resets_at` (nothing fired yet).
+    pub fn decision_line(&self, used: i64, resets_at: DateTime<Utc>) -> QuotaDecision {
+        QuotaDecision {
+            quota: self.name.clone(),
+            metric: self.metric,
+            period: self.period.to_string(),
+            scope: self.scope.clone(),
+            models: self.models.clone(),
+            state: quota_state(used, self.limit, self.burst, &self.thresholds),
+            action: self.action.clone(),
+            used,
+            limit: self.limit,
+            remaining: remaining(used, self.limit, self.burst),
+            resets_at,
+            fired: Vec::new(),
+        }
     }
 
     /// The period of this quota containing `at`, in the subject's timezone.
