@@ -197,32 +197,10 @@ impl Report {
             ));
         }
         for d in &self.ledger_drifts {
-            out.push_str(&format!(
-                "DRIFT ledger  subject={} quota={} metric={} scope={} period={} start={} ledger={} history={} drift={:+}\n",
-                d.subject,
-                d.quota,
-                d.metric,
-                d.scope,
-                d.period,
-                d.period_start.to_rfc3339(),
-                d.ledger,
-                d.history,
-                d.drift
-            ));
+            out.push_str(&ledger_drift_line("ledger  subject", &d.subject, d));
         }
         for d in &self.budget_drifts {
-            out.push_str(&format!(
-                "DRIFT budget  owner={} quota={} metric={} scope={} period={} start={} ledger={} history={} drift={:+}\n",
-                d.budget.as_deref().unwrap_or_default(),
-                d.quota,
-                d.metric,
-                d.scope,
-                d.period,
-                d.period_start.to_rfc3339(),
-                d.ledger,
-                d.history,
-                d.drift
-            ));
+            out.push_str(&ledger_drift_line("budget  owner", d.budget.as_deref().unwrap_or_default(), d));
         }
         for d in &self.event_drifts {
             out.push_str(&format!(
@@ -246,6 +224,21 @@ pub struct LedgerRow {
     pub period_end: DateTime<Utc>,
     pub used: i64,
     pub quota: String,
+}
+
+/// One `DRIFT` line of a ledger row, its owner named by `who` (`ledger  subject`, `budget  owner`).
+fn ledger_drift_line(who: &str, owner: &str, d: &LedgerCheck) -> String {
+    format!(
+        "DRIFT {who}={owner} quota={} metric={} scope={} period={} start={} ledger={} history={} drift={:+}\n",
+        d.quota,
+        d.metric,
+        d.scope,
+        d.period,
+        d.period_start.to_rfc3339(),
+        d.ledger,
+        d.history,
+        d.drift
+    )
 }
 
 /// The ledger rows of `month` (see the module docs), optionally for one subject.
