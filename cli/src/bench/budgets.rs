@@ -15,8 +15,8 @@
 //! are far above what the count sends, so the figures are of counting, not of blocking.
 
 use anyhow::Context;
-use chrono::{DateTime, Utc};
-use tally_domain::event::{hash_api_key, UsageEvent};
+use chrono::Utc;
+use tally_domain::event::hash_api_key;
 
 use super::broker::{self, Ceiling, Prepared};
 use super::pipeline::{self, Pipeline, Timed, TIER_KEYS};
@@ -168,30 +168,10 @@ fn budgeted_events(tag: &str, subjects: usize, count: usize) -> Vec<Prepared> {
         .map(|i| {
             let s = i % subjects.max(1);
             let time = now - chrono::Duration::milliseconds((i % 1000) as i64);
-            budgeted_event(format!("{tag}-{i}"), format!("s{s}"), &keys[s % 3], &teams[s % TEAMS], time)
+            let (key, team) = (Some(keys[s % 3].clone()), Some(teams[s % TEAMS].clone()));
+            pipeline::event_with(format!("{tag}-{i}"), format!("s{s}"), key, team, time, 300)
         })
         .collect()
-}
-
-fn budgeted_event(id: String, subject: String, key: &str, team: &str, time: DateTime<Utc>) -> Prepared {
-    let e = UsageEvent {
-        id,
-        subject,
-        time,
-        api_key_sha256: Some(key.to_string()),
-        scope: "chat".into(),
-        model: Some("gpt-4o-mini".into()),
-        group: Some(team.to_string()),
-        requests: 1,
-        input_tokens: 300,
-        output_tokens: 100,
-        cached_tokens: 0,
-        cost_micros: None,
-        attributes: Default::default(),
-        corrects: None,
-    };
-    let bytes = e.to_canonical_json();
-    (e.subject, bytes)
 }
 
 #[cfg(test)]

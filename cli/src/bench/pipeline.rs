@@ -96,14 +96,27 @@ static TIER_KEY_HASHES: std::sync::LazyLock<[Option<String>; 3]> = std::sync::La
 
 /// One usage event in canonical form, keyed by subject. `tier` picks the API key.
 pub fn event(id: String, subject: String, tier: usize, time: DateTime<Utc>, input_tokens: i64) -> Prepared {
+    event_with(id, subject, TIER_KEY_HASHES[tier % 3].clone(), None, time, input_tokens)
+}
+
+/// One usage event in canonical form as [`event`] makes it, with the given API key hash and
+/// group.
+pub fn event_with(
+    id: String,
+    subject: String,
+    api_key_sha256: Option<String>,
+    group: Option<String>,
+    time: DateTime<Utc>,
+    input_tokens: i64,
+) -> Prepared {
     let e = UsageEvent {
         id,
         subject,
         time,
-        api_key_sha256: TIER_KEY_HASHES[tier % 3].clone(),
+        api_key_sha256,
         scope: "chat".into(),
         model: Some("gpt-4o-mini".into()),
-        group: None,
+        group,
         requests: 1,
         input_tokens,
         output_tokens: 100,
