@@ -441,7 +441,7 @@ impl<'a> Resolutions<'a> {
         }
         let resolved = self.policy.resolve(request.subject, request.api_key, request.scope, at);
         let facts = EventFacts { subject: request.subject, api_key_sha256: request.api_key, group: request.group };
-        let budgets = self.policy.budgets_met(&facts, at);
+        let budgets = self.policy.budgets_met(&facts, &resolved.tier);
         let shares_row = rows_shared(counted(request.subject, &resolved, &budgets));
         let sums = vec![None; shares_row.len()];
         let until = self.policy.next_change_after(request.subject, at);

@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use sqlx::{PgConnection, PgPool};
 use tally_common::config_store::{self, Base, CheckedDocument, StoredVersion};
-use tally_domain::budget::{budget_timezone, event_budgets, BudgetOwner, EventFacts, OwnerKind};
+use tally_domain::budget::{budget_timezone, event_budgets_on_tier, BudgetOwner, EventFacts, OwnerKind};
 use tally_domain::config::Config;
 use tally_domain::precedence::{next_change_after, resolve, SubjectFacts};
 
@@ -96,13 +96,11 @@ impl Policy {
         Resolved { tier: r.tier, timezone: r.timezone, quotas: r.quotas, budget: None }
     }
 
-    /// The budgets an event at `at` meets ([`tally_domain::budget::event_budgets`], the rule
-    /// the history writer records on each raw row).
-    pub fn budgets_met(&self, facts: &EventFacts<'_>, at: DateTime<Utc>) -> Vec<Arc<BudgetTarget>> {
-        if self.config.budgets.is_empty() {
-            return Vec::new();
-        }
-        event_budgets(&self.config, facts, at).into_iter().filter_map(|b| self.budget_targets.get(&b.owner).cloned()).collect()
+    /// The budgets an event meets, its subject's effective tier at the event's time being
+    /// `tier` ([`tally_domain::budget::event_budgets_on_tier`]: the rule the history writer
+    /// records on each raw row, with the tier [`Policy::resolve`] already found).
+    pub fn budgets_met(&self, facts: &EventFacts<'_>, tier: &str) -> Vec<Arc<BudgetTarget>> {
+        event_budgets_on_tier(&self.config, facts, tier).into_iter().filter_map(|b| self.budget_targets.get(&b.owner).cloned()).collect()
     }
 
     /// Whether an event may name `group`: the configuration knows it.

@@ -202,9 +202,18 @@ pub fn event_budgets<'a>(config: &'a crate::config::Config, facts: &EventFacts<'
         return Vec::new();
     }
     let subject = crate::precedence::SubjectFacts { subject: facts.subject, groups: &[], api_key_sha256: facts.api_key_sha256, scope: "" };
-    let tier = crate::precedence::effective_tier(config, &subject, at);
+    event_budgets_on_tier(config, facts, &crate::precedence::effective_tier(config, &subject, at))
+}
+
+/// [`event_budgets`] for a caller that resolved the subject's effective tier at the event's
+/// time already (the aggregator's resolution of the event's quotas): the same rule, without
+/// resolving the tier a second time.
+pub fn event_budgets_on_tier<'a>(config: &'a crate::config::Config, facts: &EventFacts<'_>, tier: &str) -> Vec<&'a Budget> {
+    if config.budgets.is_empty() {
+        return Vec::new();
+    }
     let groups: Vec<String> = facts.group.map(str::to_string).into_iter().collect();
-    budgets_met(config, &BudgetFacts { subject: facts.subject, api_key_sha256: facts.api_key_sha256, groups: &groups, tier: &tier })
+    budgets_met(config, &BudgetFacts { subject: facts.subject, api_key_sha256: facts.api_key_sha256, groups: &groups, tier })
 }
 
 /// The name of one budget ledger: the key of its ledger rows without the period start
