@@ -59,7 +59,7 @@ use tally_domain::config::Config;
 use tally_domain::decision::{Action, DecisionSnapshot, QuotaDecision, QuotaState};
 use tally_domain::event::hash_api_key;
 use tally_domain::metric::Metric;
-use tally_domain::precedence::{resolve, EffectiveQuota, SubjectFacts};
+use tally_domain::precedence::{resolve, SubjectFacts};
 use tally_domain::tier::counts_model;
 
 use crate::error::{AppError, JsonBody};
@@ -289,11 +289,6 @@ pub fn evaluate(ledgers: &[Lines<'_>], ask: &Ask<'_>, now: DateTime<Utc>) -> Ver
     Verdict { allowed: true, action: None, reason: "ok", quota: tightest.map(|s| s.line()), retry_at: None }
 }
 
-/// A quota's line with nothing used, resetting at `resets_at`.
-fn unused_line(q: &EffectiveQuota, resets_at: DateTime<Utc>) -> QuotaDecision {
-    q.decision_line(0, resets_at)
-}
-
 /// What the configuration in force says of a subject with no decision.
 struct PolicyLines {
     tier: String,
@@ -305,14 +300,14 @@ struct PolicyLines {
 fn policy_lines(config: &Config, subject: &str, key_sha: Option<&str>, scope: &str, now: DateTime<Utc>) -> PolicyLines {
     let facts = SubjectFacts { subject, groups: &[], api_key_sha256: key_sha, scope };
     let r = resolve(config, &facts, now);
-    let lines = r.quotas.iter().map(|q| unused_line(q, r.resets_at(q, now))).collect();
+    let lines = r.quotas.iter().map(|q| q.decision_line(0, r.resets_at(q, now))).collect();
     PolicyLines { tier: r.tier.clone(), lines }
 }
 
 /// The lines a budget with no decision would have: its quotas, unused.
 pub fn budget_policy_lines(config: &Config, budget: &Budget, now: DateTime<Utc>) -> Vec<QuotaDecision> {
     let tz = budget_timezone(config, budget);
-    budget.effective_quotas().iter().map(|q| unused_line(q, q.period.resets_at(now, tz))).collect()
+    budget.effective_quotas().iter().map(|q| q.decision_line(0, q.period.resets_at(now, tz))).collect()
 }
 
 fn non_negative(v: Option<i64>, field: &str) -> Result<i64, AppError> {
